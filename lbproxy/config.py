@@ -1,0 +1,345 @@
+"""The balancer's configuration: a TOML file read into frozen values.
+
+Why a module of its own: every other part takes plain values, so the only
+place that knows about files, keys and defaults is here, and every mistake an
+operator can make is reported in one shape -- ``file: key: reason`` -- before
+anything starts.  ``etc/lbproxy.toml`` is the commented example; the reference
+is ``docs/configuration.md``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+
+MODES = ("translate", "transparent")
+SCHEDULERS = ("round_robin", "weighted_round_robin", "least_loaded", "maglev")
+KEY_KINDS = ("hoa", "iid", "spi", "src")
+DEAD_BACKEND_POLICIES = ("reassign", "keep")
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used, naming the file, the key and the reason."""
+
+    def __init__(self, path: str, key: str, reason: str) -> None:
+        super().__init__(f"{path}: {key}: {reason}")
+        self.path = path
+        self.key = key
+        self.reason = reason
+
+
+@attrs.frozen
+class BackendConfig:
+    """One backend server (or home agent, claim 11) behind the virtual addresses."""
+
+    name: str
+    address: ipaddress.IPv6Address
+    weight: int = 1
+    health: str = "none"  # none | tcp | http
+    health_port: int = 0
+    health_path: str = "/"
+
+
+@attrs.frozen
+class PeerConfig:
+    """A notification peer: a home agent (claim 5) or a terminal's own agent (claim 6)."""
+
+    name: str
+    kind: str  # "homeagent" | "terminal"
+    endpoint: str  # Twisted client endpoint string, e.g. "tcp:host=2001:db8::1:port=7440"
+    identity: str  # DNS-ID the peer's certificate must carry
+    prefixes: tuple[ipaddress.IPv6Network, ...] = ()  # home prefixes it may speak for
+    home: ipaddress.IPv6Address | None = None  # a terminal's own home address
+
+
+@attrs.frozen
+class NotifyConfig:
+    """TLS material and limits for the care-of address notification clients."""
+
+    enabled: bool = False
+    ca: str = ""
+    certificate: str = ""
+    key: str = ""
+    max_subscriptions: int = 10000
+    peers: tuple[PeerConfig, ...] = ()
+
+
+@attrs.frozen
+class HealthConfig:
+    """Health-check timing shared by every backend that asks for a check."""
+
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    dead_backend: str = "reassign"
+
+
+@attrs.frozen
+class Config:
+    """The whole configuration of one balancer process."""
+
+    path: str
+    virtual_addresses: tuple[ipaddress.IPv6Address, ...]
+    ports: tuple[int, ...]
+    client_interface: str
+    server_interface: str
+    backends: tuple[BackendConfig, ...]
+    mode: str = "translate"
+    key_chain: tuple[str, ...] = KEY_KINDS
+    any_interface_id: bool = False
+    scheduler: str = "maglev"
+    lifetime: float = 300.0
+    max_entries: int = 1_000_000
+    sweep_interval: float = 1.0
+    batch: int = 256
+    health: HealthConfig = HealthConfig()
+    notify: NotifyConfig = NotifyConfig()
+    manhole_endpoint: str = ""
+    manhole_authorized_keys: str = ""
+    manhole_host_key: str = ""
+    control_socket: str = ""
+    metrics_endpoint: str = ""
+    persistence_path: str = ""
+    persistence_interval: float = 60.0
+
+
+class _Section:
+    """Typed access to one TOML table, reporting errors with the dotted key."""
+
+    def __init__(
+        self, path: str, prefix: str, data: Mapping[str, Any], known: Sequence[str] | None = None
+    ) -> None:
+        self.path = path
+        self.prefix = prefix
+        self.data = data
+        if known is not None:
+            for name in data:
+                if name not in known:
+                    reason = f"unknown key (known: {', '.join(known)})"
+                    raise ConfigError(path, self.key(name), reason)
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def fail(self, name: str, reason: str) -> ConfigError:
+        return ConfigError(self.path, self.key(name), reason)
+
+    def get(self, name: str, kind: type[T], default: T | None = None) -> T:
+        if name not in self.data:
+            if default is None:
+                raise self.fail(name, "missing (required)")
+            return default
+        value = self.data[name]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise self.fail(name, f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        return value
+
+    def number(self, name: str, default: float, minimum: float, maximum: float) -> float:
+        value = self.get(name, float, default)
+        if not minimum <= value <= maximum:
+            raise self.fail(name, f"{value} is outside {minimum}..{maximum}")
+        return value
+
+    def integer(self, name: str, default: int, minimum: int, maximum: int) -> int:
+        value = self.get(name, int, default)
+        if not minimum <= value <= maximum:
+            raise self.fail(name, f"{value} is outside {minimum}..{maximum}")
+        return value
+
+    def choice(self, name: str, default: str, choices: Sequence[str]) -> str:
+        value = self.get(name, str, default)
+        if value not in choices:
+            raise self.fail(name, f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    def convert(self, name: str, value: Any, parse: Callable[[Any], T]) -> T:
+        try:
+            return parse(value)
+        except (ValueError, TypeError) as e:
+            raise self.fail(name, str(e)) from None
+
+    def address(self, name: str, value: Any) -> ipaddress.IPv6Address:
+        if not isinstance(value, str):
+            raise self.fail(name, f"expected an IPv6 address string, got {value!r}")
+        return self.convert(name, value, ipaddress.IPv6Address)
+
+    def network(self, name: str, value: Any) -> ipaddress.IPv6Network:
+        if not isinstance(value, str):
+            raise self.fail(name, f"expected an IPv6 prefix string, got {value!r}")
+        return self.convert(name, value, ipaddress.IPv6Network)
+
+    def table(self, name: str) -> _Section:
+        value = self.data.get(name, {})
+        if not isinstance(value, dict):
+            raise self.fail(name, f"expected a table, got {value!r}")
+        return _Section(self.path, self.key(name), value)
+
+    def tables(self, name: str) -> list[_Section]:
+        value = self.data.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.fail(name, "expected an array of tables ([[...]])")
+        return [_Section(self.path, f"{self.key(name)}[{i}]", v) for i, v in enumerate(value)]
+
+
+def _checked(section: _Section, known: Sequence[str]) -> _Section:
+    return _Section(section.path, section.prefix, section.data, known)
+
+
+def _backend(s: _Section) -> BackendConfig:
+    s = _checked(s, ("name", "address", "weight", "health", "health_port", "health_path"))
+    return BackendConfig(
+        name=s.get("name", str),
+        address=s.address("address", s.get("address", str)),
+        weight=s.integer("weight", 1, 0, 1000),
+        health=s.choice("health", "none", ("none", "tcp", "http")),
+        health_port=s.integer("health_port", 0, 0, 65535),
+        health_path=s.get("health_path", str, "/"),
+    )
+
+
+def _peer(s: _Section) -> PeerConfig:
+    s = _checked(s, ("name", "kind", "endpoint", "identity", "prefixes", "home"))
+    kind = s.choice("kind", "homeagent", ("homeagent", "terminal"))
+    prefixes = tuple(s.network("prefixes", p) for p in s.get("prefixes", list, []))
+    home = s.address("home", s.data["home"]) if "home" in s.data else None
+    if kind == "homeagent" and not prefixes:
+        raise s.fail("prefixes", "a home agent needs at least one home prefix it may speak for")
+    if kind == "terminal" and home is None:
+        raise s.fail("home", "a terminal peer needs its home address")
+    return PeerConfig(
+        name=s.get("name", str),
+        kind=kind,
+        endpoint=s.get("endpoint", str),
+        identity=s.get("identity", str),
+        prefixes=prefixes,
+        home=home,
+    )
+
+
+def parse_config(text: str, path: str = "<config>") -> Config:
+    """Parse configuration text; raise `ConfigError` naming file, key and reason."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "(syntax)", str(e)) from None
+    top = _Section(
+        path,
+        "",
+        data,
+        (
+            "balancer", "virtual", "interfaces", "backend", "health", "notify",
+            "manhole", "control", "metrics", "persistence",
+        ),
+    )
+    bal = _checked(
+        top.table("balancer"),
+        ("mode", "key_chain", "any_interface_id", "scheduler", "lifetime", "max_entries",
+         "sweep_interval", "batch"),
+    )
+    chain = tuple(bal.get("key_chain", list, list(KEY_KINDS)))
+    for kind in chain:
+        if kind not in KEY_KINDS:
+            raise bal.fail("key_chain", f"{kind!r} is not one of {', '.join(KEY_KINDS)}")
+    if not chain or len(set(chain)) != len(chain):
+        raise bal.fail("key_chain", "must name each strategy at most once, and at least one")
+
+    virt = _checked(top.table("virtual"), ("addresses", "ports"))
+    vips = tuple(virt.address("addresses", a) for a in virt.get("addresses", list))
+    if not vips:
+        raise virt.fail("addresses", "at least one virtual address is required")
+    ports = tuple(virt.get("ports", list, []))
+    for p in ports:
+        if not isinstance(p, int) or not 0 < p < 65536:
+            raise virt.fail("ports", f"{p!r} is not a port number")
+
+    ifaces = _checked(top.table("interfaces"), ("client", "server"))
+    backends = tuple(_backend(b) for b in top.tables("backend"))
+    if not backends:
+        raise top.fail("backend", "at least one [[backend]] is required")
+    names = [b.name for b in backends]
+    for b in backends:
+        if names.count(b.name) > 1:
+            raise top.fail("backend", f"backend name {b.name!r} is used twice")
+
+    health_s = _checked(
+        top.table("health"), ("interval", "timeout", "rise", "fall", "dead_backend")
+    )
+    health = HealthConfig(
+        interval=health_s.number("interval", 2.0, 0.05, 3600),
+        timeout=health_s.number("timeout", 1.0, 0.01, 600),
+        rise=health_s.integer("rise", 2, 1, 100),
+        fall=health_s.integer("fall", 3, 1, 100),
+        dead_backend=health_s.choice("dead_backend", "reassign", DEAD_BACKEND_POLICIES),
+    )
+
+    notify_s = _checked(
+        top.table("notify"), ("enabled", "ca", "certificate", "key", "max_subscriptions", "peer")
+    )
+    notify = NotifyConfig(
+        enabled=notify_s.get("enabled", bool, False),
+        ca=notify_s.get("ca", str, ""),
+        certificate=notify_s.get("certificate", str, ""),
+        key=notify_s.get("key", str, ""),
+        max_subscriptions=notify_s.integer("max_subscriptions", 10000, 1, 10_000_000),
+        peers=tuple(_peer(p) for p in notify_s.tables("peer")),
+    )
+    if notify.enabled:
+        for name in ("ca", "certificate", "key"):
+            if not getattr(notify, name):
+                raise notify_s.fail(name, "required when notifications are enabled")
+
+    manhole = _checked(top.table("manhole"), ("endpoint", "authorized_keys", "host_key"))
+    control = _checked(top.table("control"), ("socket",))
+    metrics = _checked(top.table("metrics"), ("endpoint",))
+    persist = _checked(top.table("persistence"), ("path", "interval"))
+    manhole_endpoint = manhole.get("endpoint", str, "")
+    if manhole_endpoint and not manhole.get("authorized_keys", str, ""):
+        raise manhole.fail("authorized_keys", "required when the manhole is enabled (key-only)")
+
+    return Config(
+        path=path,
+        virtual_addresses=vips,
+        ports=ports,
+        client_interface=ifaces.get("client", str),
+        server_interface=ifaces.get("server", str),
+        backends=backends,
+        mode=bal.choice("mode", "translate", MODES),
+        key_chain=chain,
+        any_interface_id=bal.get("any_interface_id", bool, False),
+        scheduler=bal.choice("scheduler", "maglev", SCHEDULERS),
+        lifetime=bal.number("lifetime", 300.0, 1.0, 86400.0 * 7),
+        max_entries=bal.integer("max_entries", 1_000_000, 1, 100_000_000),
+        sweep_interval=bal.number("sweep_interval", 1.0, 0.01, 60.0),
+        batch=bal.integer("batch", 256, 1, 65536),
+        health=health,
+        notify=notify,
+        manhole_endpoint=manhole_endpoint,
+        manhole_authorized_keys=manhole.get("authorized_keys", str, ""),
+        manhole_host_key=manhole.get("host_key", str, ""),
+        control_socket=control.get("socket", str, ""),
+        metrics_endpoint=metrics.get("endpoint", str, ""),
+        persistence_path=persist.get("path", str, ""),
+        persistence_interval=persist.number("interval", 60.0, 1.0, 86400.0),
+    )
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and parse a configuration file; unreadable files are a `ConfigError` too."""
+    name = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(name, "(file)", e.strerror or str(e)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(name, "(file)", f"not UTF-8 text: {e}") from None
+    return parse_config(text, name)

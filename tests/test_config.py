@@ -1,0 +1,114 @@
+"""Tests for lbproxy.config: the example file loads, and every mistake names file, key, reason."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from lbproxy.config import ConfigError, load_config, parse_config
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "lbproxy.toml"
+
+MINIMAL = """
+[virtual]
+addresses = ["2001:db8:5::80"]
+[interfaces]
+client = "eth0"
+server = "eth1"
+[[backend]]
+name = "a"
+address = "2001:db8:b0::11"
+"""
+
+
+class ExampleTests(SynchronousTestCase):
+    def test_example_loads(self) -> None:
+        """The shipped, commented example is a valid configuration."""
+        config = load_config(EXAMPLE)
+        self.assertEqual([b.name for b in config.backends], ["srv1", "srv2", "srv3"])
+        self.assertEqual(config.virtual_addresses, (ipaddress.IPv6Address("2001:db8:5::80"),))
+        self.assertEqual(config.key_chain, ("hoa", "iid", "spi", "src"))
+
+    def test_defaults(self) -> None:
+        """A minimal file gets the documented defaults."""
+        config = parse_config(MINIMAL, "min.toml")
+        self.assertEqual(config.mode, "translate")
+        self.assertEqual(config.scheduler, "maglev")
+        self.assertEqual(config.lifetime, 300.0)
+        self.assertEqual(config.backends[0].weight, 1)
+        self.assertFalse(config.notify.enabled)
+
+
+class ErrorTests(SynchronousTestCase):
+    def assertRefused(self, text: str, key: str, reason_part: str) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            parse_config(text, "bad.toml")
+        e = caught.exception
+        self.assertEqual((e.path, e.key), ("bad.toml", key), str(e))
+        self.assertIn(reason_part, e.reason)
+        self.assertTrue(str(e).startswith(f"bad.toml: {key}: "))
+
+    def test_syntax(self) -> None:
+        """A TOML syntax error is reported against the file."""
+        self.assertRefused("[virtual\n", "(syntax)", "line 1")
+
+    def test_bad_address(self) -> None:
+        """A malformed backend address names the backend's index and key."""
+        self.assertRefused(MINIMAL.replace("2001:db8:b0::11", "2001:db8::zz"),
+                           "backend[0].address", "2001:db8::zz")
+
+    def test_unknown_key(self) -> None:
+        """A misspelt key is refused rather than silently ignored."""
+        self.assertRefused(MINIMAL + "[balancer]\nlifetmie = 3\n", "balancer.lifetmie", "unknown")
+
+    def test_wrong_type(self) -> None:
+        """A value of the wrong type says what was expected."""
+        self.assertRefused(MINIMAL + "[balancer]\nlifetime = 'long'\n", "balancer.lifetime",
+                           "expected float")
+
+    def test_out_of_range(self) -> None:
+        """Numbers outside their range are refused."""
+        self.assertRefused(MINIMAL + "[balancer]\nlifetime = 0\n", "balancer.lifetime", "outside")
+
+    def test_bad_choice(self) -> None:
+        """An unknown mode lists the valid ones."""
+        self.assertRefused(MINIMAL + "[balancer]\nmode = 'dsr'\n", "balancer.mode", "translate")
+
+    def test_bad_key_kind(self) -> None:
+        """An unknown key strategy is named."""
+        self.assertRefused(MINIMAL + "[balancer]\nkey_chain = ['hoa', 'mac']\n",
+                           "balancer.key_chain", "'mac'")
+
+    def test_missing_required(self) -> None:
+        """Required keys are named when missing."""
+        self.assertRefused(MINIMAL.replace('client = "eth0"\n', ""), "interfaces.client",
+                           "missing")
+
+    def test_no_backends(self) -> None:
+        """A balancer with nothing to balance to is refused."""
+        text = MINIMAL.split("[[backend]]")[0]
+        self.assertRefused(text, "backend", "at least one")
+
+    def test_duplicate_backend(self) -> None:
+        """Backend names are unique (operators address backends by name)."""
+        self.assertRefused(MINIMAL + MINIMAL.split("\n[[backend]]")[1].join(["\n[[backend]]", ""]),
+                           "backend", "used twice")
+
+    def test_notify_requires_tls(self) -> None:
+        """Notifications cannot be enabled without TLS material."""
+        self.assertRefused(MINIMAL + "[notify]\nenabled = true\n", "notify.ca", "required")
+
+    def test_homeagent_peer_needs_prefixes(self) -> None:
+        """A home agent peer must be limited to home prefixes."""
+        text = MINIMAL + (
+            "[[notify.peer]]\nname='ha'\nendpoint='tcp:host=::1:port=1'\nidentity='ha'\n"
+        )
+        self.assertRefused(text, "notify.peer[0].prefixes", "home prefix")
+
+    def test_missing_file(self) -> None:
+        """An unreadable file is a ConfigError naming the file."""
+        with self.assertRaises(ConfigError) as caught:
+            load_config("/nonexistent/lbproxy.toml")
+        self.assertIn("/nonexistent/lbproxy.toml", str(caught.exception))
