@@ -1,0 +1,121 @@
+"""The Internet checksum (RFC 1071), the IPv6 pseudo-header, and RFC 1624 updates.
+
+Why this module exists: every rewrite lbproxy does (a new destination, a new
+source, a removed option) changes what the TCP, UDP, ICMPv6 and Mobility Header
+checksums cover, and the forwarder must keep them valid without re-reading the
+whole payload for every packet.
+
+Theory of operation
+-------------------
+The Internet checksum is the one's complement of the one's complement sum of
+the data taken as big-endian 16-bit words.  One's complement addition of
+16-bit words is addition modulo 0xFFFF (2**16 is congruent to 1), so the sum of
+a whole buffer is ``int.from_bytes(buffer, "big") % 0xFFFF``: one C-level
+conversion and one C-level division, much faster in CPython than a Python loop
+over words.  One's complement has two zeros, 0x0000 and 0xFFFF; an
+end-around-carry sum of data that is not all zero is never 0x0000, so
+``_fold`` maps a remainder of zero to 0xFFFF unless the data was all zero.
+With that rule, a checksum computed from scratch and one updated with
+:func:`update16` are bit-for-bit the same (RFC 1624 section 3, equation 3,
+which avoids the "-0" result of equation 2).
+
+Conventions used by every function here:
+
+* a *sum* is a folded 16-bit one's complement sum (not complemented);
+* a *checksum* is what goes into a header field: the complement of a sum;
+* a buffer of odd length is padded with a zero byte at its end (RFC 1071).
+
+UDP over IPv6 sends a computed checksum of 0x0000 as 0xFFFF (RFC 8200 section
+8.1); that is the caller's job (see :func:`udp_field`), because TCP, ICMPv6 and
+the Mobility Header do not do it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "checksum",
+    "ones_sum",
+    "pseudo_header_sum",
+    "udp_field",
+    "update16",
+    "update_sum",
+]
+
+_MASK = 0xFFFF
+
+
+def _fold(value: int) -> int:
+    """Reduce a non-negative integer to its one's complement 16-bit sum.
+
+    Zero stays zero only for a zero input: anything else lands in 1..0xFFFF,
+    as an end-around-carry adder would produce.
+    """
+    folded = value % _MASK
+    if folded == 0 and value:
+        return _MASK
+    return folded
+
+
+def ones_sum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
+    """Return the one's complement sum of ``data`` (big-endian words) plus ``initial``.
+
+    ``initial`` is another sum (for example :func:`pseudo_header_sum`) to
+    carry in.  Odd-length data is padded with one zero byte, as RFC 1071 says.
+    """
+    value = int.from_bytes(data, "big")
+    if len(data) & 1:
+        value <<= 8
+    return _fold(value + initial)
+
+
+def checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
+    """Return the RFC 1071 checksum of ``data`` with the sum ``initial`` carried in.
+
+    To fill a checksum field: zero the field, then store
+    ``checksum(l4_bytes, pseudo_header_sum(...))``.  To verify: the same call
+    over the bytes *with* the field returns 0 for a correct packet.
+    """
+    return _MASK - ones_sum(data, initial)
+
+
+def pseudo_header_sum(src: bytes | bytearray, dst: bytes | bytearray, length: int, nh: int) -> int:
+    """Return the sum of the IPv6 pseudo-header (RFC 8200 section 8.1).
+
+    ``src`` and ``dst`` are 16-byte addresses; mind that with a Home Address
+    option the source is the home address, and with a Routing Header the
+    destination is the final one (RFC 6275 sections 6.3 and 6.4).  ``length``
+    is the upper-layer packet length and ``nh`` the upper-layer protocol.
+    """
+    value = int.from_bytes(src, "big") + int.from_bytes(dst, "big") + length + nh
+    return _fold(value)
+
+
+def update_sum(field: int, old_sum: int, new_sum: int) -> int:
+    """Return a checksum field updated for covered data whose sum went old -> new.
+
+    RFC 1624 equation 3, ``HC' = ~(~HC + ~m + m')``, where ``m`` and ``m'``
+    are sums (of any number of words) of what was replaced and what replaced
+    it.  The result is canonical: equal to a checksum computed from scratch.
+    """
+    total = (_MASK - field) + (_MASK - old_sum) + new_sum
+    folded = total % _MASK
+    if folded == 0:
+        # The true sum covers a pseudo-header that is never all zero, so it
+        # is the 0xFFFF representation, as a from-scratch computation gives.
+        folded = _MASK
+    return _MASK - folded
+
+
+def update16(csum: int, old: bytes | bytearray, new: bytes | bytearray) -> int:
+    """Return checksum field ``csum`` updated for ``old`` bytes replaced by ``new``.
+
+    ``old`` and ``new`` have the same even length and start at an even offset
+    of the checksummed data, such as a 16-byte address (8 words).  RFC 1624
+    equation 3.
+    """
+    return update_sum(csum, _fold(int.from_bytes(old, "big")), _fold(int.from_bytes(new, "big")))
+
+
+def udp_field(csum: int) -> int:
+    """Return the value to transmit for a computed UDP checksum: 0 is sent as 0xFFFF."""
+    return csum or _MASK
