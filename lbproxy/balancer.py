@@ -1,0 +1,394 @@
+"""One packet's journey through the core: bytes in, rewritten bytes (or a counted drop) out.
+
+Why this exists: the edges (raw sockets, twistd, the manhole, lbproxyctl) should not know
+how a decision is made, and the decision should be testable without sockets.  `Balancer`
+is that decision, as a pure object driven by bytes and an injected clock:
+
+Inbound (terminal -> backend)::
+
+    parse(buf) -> PacketView            malformed: counted by reason, dropped
+    destination in the virtual set?     no: counted "not-virtual", dropped
+    non-first fragment?                 follow its first fragment's backend
+    KeyChain.key_for(buf, view)         first strategy that yields a key wins
+    StickyTable.lookup(key)             hit: lifetime refreshed (claim 10)
+        miss: scheduler.choose(...)     insert (refused when the table is full)
+    nat.translate / nat.transparent     rewrite, checksums kept valid
+
+Outbound (backend reply -> terminal): the balancer is the backends' gateway (IPVS NAT
+style); a reply from a backend gets the virtual address as its source and goes to the
+terminal -- to its care-of address with a Type 2 Routing Header only when the binding was
+confirmed by an authenticated notification (DESIGN.md section 6), otherwise towards the
+home address.
+
+Nothing here raises for bad input: every refusal is a counted reason.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+
+from lbproxy import nat
+from lbproxy.keys import Key, KeyChain
+from lbproxy.selection import Backend, IScheduler
+from lbproxy.table import Binding, StickyTable
+from lbproxy.wire.view import MalformedPacket, PacketView, parse
+
+__all__ = ["Balancer", "Counters", "TraceResult", "Verdict"]
+
+#: How long a first fragment's decision is remembered for its later fragments (RFC 8200
+#: section 4.5 gives reassembly 60 seconds).
+FRAGMENT_TIMEOUT = 60.0
+#: At most this many fragmented datagrams are tracked at once; the oldest is forgotten.
+MAX_FRAGMENT_FLOWS = 65536
+
+_ICMPV6 = 58
+_ICMPV6_ERRORS = frozenset((1, 2, 3, 4))
+
+
+class Verdict(enum.Enum):
+    """What happened to a packet (for trace output)."""
+
+    FORWARD = "forward"
+    DROP = "drop"
+
+
+class Counters:
+    """Plain counters read by metrics, the manhole and lbproxyctl.
+
+    Drops are counted by reason name (the malformed reasons of the view plus the
+    balancer's own: ``not-virtual``, ``port``, ``no-backend``, ``table-full``,
+    ``fragment-unknown``, ``not-from-backend``, ``hop-limit``, ``rewrite``).
+    """
+
+    def __init__(self) -> None:
+        self.packets_in = 0
+        self.packets_out = 0
+        self.replies_in = 0
+        self.replies_out = 0
+        self.dropped: Counter[str] = Counter()
+        self.hits: Counter[str] = Counter()
+        self.misses: Counter[str] = Counter()
+        self.backend_packets: Counter[str] = Counter()
+        self.reassigned = 0
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-ready snapshot."""
+        return {
+            "packets_in": self.packets_in,
+            "packets_out": self.packets_out,
+            "replies_in": self.replies_in,
+            "replies_out": self.replies_out,
+            "dropped": dict(self.dropped),
+            "hits": dict(self.hits),
+            "misses": dict(self.misses),
+            "backend_packets": dict(self.backend_packets),
+            "reassigned": self.reassigned,
+        }
+
+
+@attrs.frozen
+class TraceResult:
+    """What the balancer would do with a packet, computed without side effects."""
+
+    strategy: str | None
+    key: Key | None
+    backend: Backend | None
+    hit: bool
+    reason: str | None
+
+    @property
+    def verdict(self) -> Verdict:
+        return Verdict.FORWARD if self.backend is not None else Verdict.DROP
+
+
+class Balancer:
+    """The balancer's decisions over bytes: inbound, outbound, and operator actions."""
+
+    def __init__(
+        self,
+        *,
+        chain: KeyChain,
+        table: StickyTable,
+        scheduler: IScheduler,
+        backends: Sequence[Backend],
+        virtual_addresses: Iterable[ipaddress.IPv6Address],
+        clock: IReactorTime,
+        mode: str = "translate",
+        ports: Iterable[int] = (),
+        reassign_dead: bool = True,
+    ) -> None:
+        if mode not in ("translate", "transparent"):
+            raise ValueError(f"unknown forwarding mode {mode!r}")
+        self.chain = chain
+        self.table = table
+        self.scheduler = scheduler
+        self.clock = clock
+        self.mode = mode
+        self.reassign_dead = reassign_dead
+        self.counters = Counters()
+        self.vips = tuple(virtual_addresses)
+        self._vips = frozenset(a.packed for a in self.vips)
+        self._first_vip = self.vips[0].packed
+        self.ports = frozenset(ports)
+        self.backends: dict[str, Backend] = {}
+        self._by_address: dict[bytes, Backend] = {}
+        self._down: set[str] = set()
+        # home address (16 bytes) -> confirmed care-of address (16 bytes); bounded like
+        # the table, oldest first out.
+        self._confirmed: dict[bytes, bytes] = {}
+        # home or source address -> the virtual address it last used (only needed with
+        # several virtual addresses); bounded the same way.
+        self._vip_of: dict[bytes, bytes] = {}
+        # (source, destination, fragment id) -> (backend, deadline)
+        self._fragments: dict[bytes, tuple[Backend, float]] = {}
+        #: Called with (home address or None, source address) on a terminal's first
+        #: packet, so notification subscriptions can follow (claims 5 and 6).
+        self.terminal_seen: Callable[[bytes | None, bytes], None] | None = None
+        self.set_backends(backends)
+
+    # -- configuration ---------------------------------------------------------------
+
+    def set_backends(self, backends: Sequence[Backend]) -> None:
+        """Install a new backend list (reload, drain, weight change); bindings stay."""
+        self.backends = {b.name: b for b in backends}
+        self._by_address = {b.packed: b for b in backends}
+        self._down &= set(self.backends)
+        self._reschedule()
+
+    def set_backend_up(self, name: str, up: bool) -> None:
+        """Health checks report here; a down backend gets no new bindings."""
+        if name not in self.backends:
+            raise KeyError(name)
+        before = name in self._down
+        if up:
+            self._down.discard(name)
+        else:
+            self._down.add(name)
+        if before != (name in self._down):
+            self._reschedule()
+
+    def is_up(self, name: str) -> bool:
+        return name not in self._down
+
+    def _reschedule(self) -> None:
+        self.scheduler.set_backends(
+            [b for b in self.backends.values() if b.name not in self._down]
+        )
+
+    def drain(self, backend_name: str) -> None:
+        """Weight 0: existing bindings stay, no new ones are made."""
+        backend = self.backends[backend_name]
+        self.set_backends(
+            [attrs.evolve(b, weight=0) if b is backend else b for b in self.backends.values()]
+        )
+
+    def confirm(self, home: bytes, care_of: bytes) -> None:
+        """An authenticated notification confirmed this care-of address (return path)."""
+        self._remember(self._confirmed, home, care_of)
+
+    def unconfirm(self, home: bytes) -> None:
+        """The binding ended: replies go towards the home address again."""
+        self._confirmed.pop(home, None)
+
+    def confirmed_care_of(self, home: bytes) -> bytes | None:
+        return self._confirmed.get(home)
+
+    def _remember(self, mapping: dict[bytes, bytes], key: bytes, value: bytes) -> None:
+        if key not in mapping and len(mapping) >= self.table.max_entries:
+            del mapping[next(iter(mapping))]
+        mapping[key] = value
+
+    # -- operator actions ----------------------------------------------------------
+
+    def move(self, key: Key, backend_name: str) -> Binding:
+        """Bind `key` to the named backend now (replacing any binding)."""
+        backend = self.backends[backend_name]
+        old = self.table.remove(key)
+        binding = self.table.insert(key, backend, care_of=old.care_of if old else None)
+        if binding is None:
+            raise RuntimeError("the table is full")
+        return binding
+
+    def forget(self, key: Key) -> Binding | None:
+        """Drop the binding for `key`; its next packet is scheduled afresh."""
+        return self.table.remove(key)
+
+    def sweep(self) -> int:
+        """Expire due bindings and stale fragment flows; returns bindings expired."""
+        now = self.clock.seconds()
+        if self._fragments:
+            for k in [k for k, (_, deadline) in self._fragments.items() if deadline <= now]:
+                del self._fragments[k]
+        return self.table.expire(now)
+
+    # -- the data path -------------------------------------------------------------
+
+    def _drop(self, reason: str) -> None:
+        self.counters.dropped[reason] += 1
+
+    def _classify(
+        self, buf: bytes | bytearray, view: PacketView
+    ) -> tuple[Key | None, str | None]:
+        found = self.chain.key_for(buf, view)
+        if found is None:
+            return None, None
+        key, strategy = found
+        return key, strategy.kind
+
+    def _choose(self, key: Key) -> Backend | None:
+        return self.scheduler.choose(key, self.table.load())
+
+    def inbound(self, buf: bytearray) -> bytearray | None:
+        """A packet from a terminal to a virtual address: rewritten for its backend, or None."""
+        counters = self.counters
+        counters.packets_in += 1
+        try:
+            view = parse(buf)
+        except MalformedPacket as e:
+            self._drop(e.reason.value)
+            return None
+        dst = bytes(buf[24:40])
+        if dst not in self._vips:
+            self._drop("not-virtual")
+            return None
+        if self.ports and view.dport >= 0 and view.dport not in self.ports:
+            self._drop("port")
+            return None
+
+        if view.frag >= 0 and view.frag_offset != 0:
+            backend = self._fragment_backend(buf, view)
+            if backend is None:
+                self._drop("fragment-unknown")
+                return None
+        else:
+            backend = self._backend_for(buf, view)
+            if backend is None:
+                return None
+            if view.frag >= 0 and view.frag_more:
+                self._remember_fragment(buf, view, backend)
+
+        if len(self.vips) > 1:
+            home = bytes(buf[view.hoa : view.hoa + 16]) if view.hoa >= 0 else bytes(buf[8:24])
+            self._remember(self._vip_of, home, dst)
+
+        if self.mode == "translate":
+            out = nat.translate(buf, view, backend.packed)
+        else:
+            out = nat.transparent(buf, view, backend.packed)
+        if out is None:
+            self._drop("hop-limit")
+            return None
+        counters.packets_out += 1
+        counters.backend_packets[backend.name] += 1
+        return out
+
+    def _backend_for(self, buf: bytearray, view: PacketView) -> Backend | None:
+        key, kind = self._classify(buf, view)
+        if key is None or kind is None:
+            self._drop("no-key")
+            return None
+        table = self.table
+        binding = table.lookup(key)
+        if binding is not None:
+            backend = binding.backend
+            if backend.name in self._down and self.reassign_dead:
+                replacement = self._choose(key)
+                if replacement is None:
+                    self._drop("no-backend")
+                    return None
+                binding = self.move(key, replacement.name)
+                self.counters.reassigned += 1
+                backend = replacement
+            self.counters.hits[kind] += 1
+        else:
+            self.counters.misses[kind] += 1
+            backend = self._choose(key)
+            if backend is None:
+                self._drop("no-backend")
+                return None
+            binding = table.insert(key, backend)
+            if binding is None:
+                self._drop("table-full")
+                return None
+            if self.terminal_seen is not None:
+                home = bytes(buf[view.hoa : view.hoa + 16]) if view.hoa >= 0 else None
+                self.terminal_seen(home, bytes(buf[8:24]))
+        if view.hoa >= 0:
+            binding.care_of = bytes(buf[8:24])
+        return backend
+
+    def _fragment_id(self, buf: bytearray, view: PacketView) -> bytes:
+        return bytes(buf[8:40]) + view.frag_id.to_bytes(4, "big")
+
+    def _remember_fragment(self, buf: bytearray, view: PacketView, backend: Backend) -> None:
+        fragments = self._fragments
+        if len(fragments) >= MAX_FRAGMENT_FLOWS:
+            del fragments[next(iter(fragments))]
+        fragments[self._fragment_id(buf, view)] = (
+            backend,
+            self.clock.seconds() + FRAGMENT_TIMEOUT,
+        )
+
+    def _fragment_backend(self, buf: bytearray, view: PacketView) -> Backend | None:
+        found = self._fragments.get(self._fragment_id(buf, view))
+        if found is None:
+            return None
+        backend, deadline = found
+        if deadline <= self.clock.seconds():
+            return None
+        return self.backends.get(backend.name, backend)
+
+    def outbound(self, buf: bytearray) -> bytearray | None:
+        """A backend's reply: source := virtual address, towards the terminal; or None."""
+        counters = self.counters
+        counters.replies_in += 1
+        try:
+            view = parse(buf)
+        except MalformedPacket as e:
+            self._drop(e.reason.value)
+            return None
+        if bytes(buf[8:24]) not in self._by_address:
+            self._drop("not-from-backend")
+            return None
+        home = bytes(buf[24:40])
+        if view.rh2 >= 0:
+            home = bytes(buf[view.rh2 : view.rh2 + 16])
+        vip = self._vip_of.get(home, self._first_vip) if len(self.vips) > 1 else self._first_vip
+        if self.mode == "translate":
+            care_of = self._confirmed.get(home)
+            if view.proto == _ICMPV6 and buf[view.l4] in _ICMPV6_ERRORS:
+                out = nat.icmp_error_reply(buf, view, vip, care_of, home)
+            else:
+                out = nat.reply(buf, view, vip, care_of, home)
+        else:
+            out = nat.transparent_reply(buf, view, vip)
+        if out is None:
+            self._drop("rewrite")
+            return None
+        counters.replies_out += 1
+        return out
+
+    def trace(self, buf: bytes) -> TraceResult:
+        """Which strategy, key and backend this packet would get; nothing is changed."""
+        try:
+            view = parse(buf)
+        except MalformedPacket as e:
+            return TraceResult(None, None, None, False, e.reason.value)
+        if bytes(buf[24:40]) not in self._vips:
+            return TraceResult(None, None, None, False, "not-virtual")
+        key, kind = self._classify(buf, view)
+        if key is None:
+            return TraceResult(None, None, None, False, "no-key")
+        binding = self.table.get(key)
+        if binding is not None and not (
+            binding.backend.name in self._down and self.reassign_dead
+        ):
+            return TraceResult(kind, key, binding.backend, True, None)
+        backend = self._choose(key)
+        return TraceResult(kind, key, backend, False, None if backend else "no-backend")
