@@ -1,0 +1,253 @@
+"""Prometheus metrics read from the live balancer on every scrape.
+
+The data path keeps plain integer counters (``Balancer.counters``, the
+table's ``stats``, the notification service's counters) because a Python
+per-packet ``Counter.inc()`` would cost more than the work it measures.  This
+module turns them into Prometheus metric families *at scrape time* with a
+custom collector, so counting stays free and the numbers are always current.
+
+Objects the collector reads may be missing (no notification service
+configured, no health checks): their metrics are simply absent.
+
+The page is rendered in the reactor thread, not through
+``prometheus_client.twisted.MetricsResource``: that one runs the collector
+in a thread pool, where iterating the sticky table would race the reactor
+thread that mutates it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+from twisted.application import strports
+from twisted.application.service import IService
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from lbproxy.control import Control
+
+PREFIX = "lbproxy"
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, int | float):
+        return float(value)
+    return None
+
+
+class BalancerCollector:
+    """A prometheus_client collector over one balancer and its helpers.
+
+    ``control`` gives the balancer, table, backends and health; ``notify``
+    is any object with ``accepted`` (an int, or a mapping of kind to count)
+    and ``refused`` or ``counts`` (a mapping of reason to count, enum keys
+    allowed), such as ``notify.policy.RefusalCounters``; ``peer_states``
+    returns the state of each notification peer connection, by peer name;
+    ``subscriptions`` is iterable over subscriptions with a ``confirmed`` flag
+    (``notify.subscriptions.Subscriptions``).
+    """
+
+    def __init__(
+        self,
+        control: Control,
+        notify: object | None = None,
+        peer_states: Callable[[], Mapping[str, object]] | None = None,
+        subscriptions: Iterable[object] | None = None,
+    ) -> None:
+        self.control = control
+        self.notify = notify
+        self.peer_states = peer_states
+        self.subscriptions = subscriptions
+
+    def describe(self) -> list[Metric]:
+        """Nothing up front: metrics depend on what the objects hold at scrape."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """Build every metric family from the live objects."""
+        yield from self._packets()
+        yield from self._table()
+        yield from self._backends()
+        yield from self._notifications()
+        yield from self._subscriptions()
+
+    def _packets(self) -> Iterator[Metric]:
+        stats = self.control.stats()
+        yield CounterMetricFamily(
+            f"{PREFIX}_packets_in", "Packets received from terminals.", stats["packets_in"]
+        )
+        for name, help_text in (
+            ("packets_out", "Packets forwarded to backends."),
+            ("replies_in", "Backend replies received."),
+            ("replies_out", "Backend replies forwarded to terminals."),
+            ("reassigned", "Bindings moved off a backend that went down."),
+        ):
+            yield CounterMetricFamily(f"{PREFIX}_{name}", help_text, stats[name])
+        dropped = CounterMetricFamily(
+            f"{PREFIX}_packets_dropped", "Packets dropped, by reason.", labels=["reason"]
+        )
+        for reason, count in sorted(stats["dropped"].items()):
+            dropped.add_metric([reason], count)
+        yield dropped
+        for name, help_text in (
+            ("hits", "Sticky-table hits, by key kind."),
+            ("misses", "Sticky-table misses (new bindings scheduled), by key kind."),
+        ):
+            family = CounterMetricFamily(f"{PREFIX}_{name}", help_text, labels=["kind"])
+            for kind, count in sorted(stats[name].items()):
+                family.add_metric([kind], count)
+            yield family
+
+    def _table(self) -> Iterator[Metric]:
+        table = self.control.stats()["table"]
+        yield GaugeMetricFamily(
+            f"{PREFIX}_table_bindings", "Bindings in the sticky table.", table["size"]
+        )
+        for name, help_text in (
+            ("inserts", "Bindings inserted."),
+            ("expirations", "Bindings whose lifetime ran out."),
+            ("evictions", "Bindings evicted to make room."),
+            ("refusals", "Inserts refused because the table was full."),
+        ):
+            yield CounterMetricFamily(f"{PREFIX}_table_{name}", help_text, table[name])
+
+    def _backends(self) -> Iterator[Metric]:
+        backends = self.control.backends()
+        bindings = GaugeMetricFamily(
+            f"{PREFIX}_backend_bindings", "Live bindings per backend.", labels=["backend"]
+        )
+        packets = CounterMetricFamily(
+            f"{PREFIX}_backend_packets",
+            "Packets forwarded per backend.",
+            labels=["backend"],
+        )
+        weight = GaugeMetricFamily(
+            f"{PREFIX}_backend_weight", "Configured weight (0 = drained).", labels=["backend"]
+        )
+        up = GaugeMetricFamily(
+            f"{PREFIX}_backend_up", "1 up, 0 down by health checks.", labels=["backend"]
+        )
+        for backend in backends:
+            name = backend["name"]
+            bindings.add_metric([name], backend["bindings"])
+            packets.add_metric([name], backend["packets"])
+            weight.add_metric([name], backend["weight"])
+            if backend["state"] in ("up", "down"):
+                up.add_metric([name], 1 if backend["state"] == "up" else 0)
+        yield from (bindings, packets, weight, up)
+
+    def _notifications(self) -> Iterator[Metric]:
+        if self.notify is None:
+            return
+        accepted: Any = getattr(self.notify, "accepted", None)
+        refused: Any = getattr(self.notify, "refused", None)
+        if refused is None:
+            refused = getattr(self.notify, "counts", None)  # notify.policy.RefusalCounters
+        yield _labelled(
+            f"{PREFIX}_notifications_accepted",
+            "Care-of address notifications accepted.",
+            "kind",
+            accepted,
+        )
+        yield _labelled(
+            f"{PREFIX}_notifications_refused",
+            "Connections, subscriptions and notifications refused, by reason.",
+            "reason",
+            refused,
+        )
+
+    def _subscriptions(self) -> Iterator[Metric]:
+        if self.peer_states is not None:
+            family = GaugeMetricFamily(
+                f"{PREFIX}_peer_state",
+                "1 for the state each notification peer connection is in.",
+                labels=["peer", "state"],
+            )
+            for peer, state in sorted(self.peer_states().items()):
+                family.add_metric([str(peer), str(getattr(state, "value", state))], 1)
+            yield family
+        if self.subscriptions is not None:
+            totals = {"confirmed": 0, "pending": 0}
+            for subscription in self.subscriptions:
+                state = "confirmed" if getattr(subscription, "confirmed", False) else "pending"
+                totals[state] += 1
+            family = GaugeMetricFamily(
+                f"{PREFIX}_subscriptions",
+                "Care-of address subscriptions, confirmed by the agent or pending.",
+                labels=["state"],
+            )
+            for state, number in totals.items():
+                family.add_metric([state], number)
+            yield family
+
+
+def _labelled(name: str, help_text: str, label: str, value: Any) -> Metric:
+    """A counter family from an int (label "all") or a mapping (enum keys allowed)."""
+    family = CounterMetricFamily(name, help_text, labels=[label])
+    if isinstance(value, Mapping):
+        for key, count in sorted(
+            ((str(getattr(k, "value", k)), v) for k, v in value.items())
+        ):
+            family.add_metric([key], float(count))
+    elif (number := _number(value)) is not None:
+        family.add_metric(["all"], number)
+    return family
+
+
+class MetricsPage(Resource):
+    """The exposition page, rendered in the reactor thread."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        """Encode the registry in the format the scraper accepts."""
+        accept = request.getHeader("accept")
+        encoder, content_type = choose_encoder(accept or "")
+        output: bytes = encoder(self.registry)
+        request.setHeader(b"Content-Type", content_type.encode("ascii"))
+        return output
+
+
+def make_registry(collector: BalancerCollector) -> CollectorRegistry:
+    """A registry holding only ``collector`` (no process-global state)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+def make_site(registry: CollectorRegistry) -> Site:
+    """A site serving ``/metrics``."""
+    root = Resource()
+    root.putChild(b"metrics", MetricsPage(registry))
+    return Site(root)
+
+
+def make_metrics_service(
+    endpoint: str,
+    control: Control,
+    reactor: Any = None,
+    notify: object | None = None,
+    peer_states: Callable[[], Mapping[str, object]] | None = None,
+    subscriptions: Iterable[object] | None = None,
+) -> IService:
+    """Serve the balancer's metrics at ``/metrics`` on the strports ``endpoint``.
+
+    ``endpoint`` is e.g. ``tcp6:9100:interface=\\:\\:1``.
+    """
+    registry = make_registry(BalancerCollector(control, notify, peer_states, subscriptions))
+    service: IService = strports.service(endpoint, make_site(registry), reactor=reactor)
+    return service

@@ -1,0 +1,348 @@
+"""Saving the sticky table to a file and restoring it, so a restart loses no binding.
+
+A restart or an upgrade would otherwise send every terminal through the
+scheduler again, and with a changed backend list many would land elsewhere and
+lose their sessions.  So the table is written out periodically and on shutdown,
+and read back on start.
+
+Theory of operation:
+
+* The file is JSON lines: a header ``{"format": "lbproxy-table", "version": 1,
+  "saved_at": T, "count": N}`` then one object per binding: key text
+  (``Key.__str__``), backend *name*, seconds of lifetime ``left`` at ``T``,
+  packets, care-of address, confirmed.  Backends are saved by name so that a
+  restart with a changed address or weight still finds them.
+* Writing is atomic: a temporary file in the same directory, flushed and
+  fsynced, then ``os.replace`` over the old one.  A crash mid-write leaves
+  the previous file intact.  The file is mode 0600: it lists terminals.
+* On restore each binding's lifetime is ``left - (now - saved_at)``: the time
+  the balancer was down counts, so what would have expired stays expired.
+  Bindings to backends that no longer exist are dropped and counted.
+* A file that cannot be read (bad JSON, wrong format or version, wrong count)
+  is refused with one clear log message, moved aside as ``<file>.corrupt-<T>``
+  for inspection, and the balancer starts with an empty table.  It never
+  crashes the service.
+
+``saved_at`` and ``now`` are the table clock's seconds (``reactor.seconds()``,
+wall-clock time, in production; a ``task.Clock`` in tests).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
+    from lbproxy.selection import Backend
+    from lbproxy.table import StickyTable
+
+FORMAT = "lbproxy-table"
+VERSION = 1
+
+log = Logger()
+
+
+class CorruptTableFile(ValueError):  # noqa: N818 - names the file, not an error of ours
+    """The saved table cannot be read; ``str()`` names the file, line and reason."""
+
+
+@attrs.frozen
+class SavedBinding:
+    """One binding as written to and read from the file."""
+
+    key: str
+    backend: str
+    left: float
+    packets: int = 0
+    care_of: bytes | None = None
+    confirmed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of one line."""
+        return {
+            "key": self.key,
+            "backend": self.backend,
+            "left": round(self.left, 3),
+            "packets": self.packets,
+            "care_of": None
+            if self.care_of is None
+            else str(ipaddress.IPv6Address(self.care_of)),
+            "confirmed": self.confirmed,
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> SavedBinding:
+        """Parse one line's object; raise ``ValueError`` when it is not one."""
+        if not isinstance(obj, dict):
+            raise ValueError("not a JSON object")
+        key, backend, left = obj.get("key"), obj.get("backend"), obj.get("left")
+        packets, care_of = obj.get("packets", 0), obj.get("care_of")
+        confirmed = obj.get("confirmed", False)
+        if not isinstance(key, str) or not isinstance(backend, str):
+            raise ValueError("key and backend must be strings")
+        if not isinstance(left, int | float) or isinstance(left, bool):
+            raise ValueError("left must be a number")
+        if not isinstance(packets, int) or isinstance(packets, bool) or packets < 0:
+            raise ValueError("packets must be a non-negative integer")
+        if not isinstance(confirmed, bool):
+            raise ValueError("confirmed must be true or false")
+        packed = None
+        if care_of is not None:
+            if not isinstance(care_of, str):
+                raise ValueError("care_of must be an address")
+            packed = ipaddress.IPv6Address(care_of).packed
+        return cls(key, backend, float(left), packets, packed, confirmed)
+
+
+@attrs.frozen
+class RestoreResult:
+    """What a restore did: counts, and the reason when the file was refused."""
+
+    restored: int = 0
+    expired: int = 0
+    unknown_backend: int = 0
+    refused: int = 0  # bad keys, or the table refused the insert
+    error: str | None = None
+    moved_to: str | None = None
+
+
+def snapshot(table: StickyTable, now: float) -> list[SavedBinding]:
+    """The live bindings of ``table`` as values, lifetimes relative to ``now``."""
+    out = []
+    for key, binding in table:
+        left = binding.expires - now
+        if left <= 0:
+            continue
+        out.append(
+            SavedBinding(
+                key=str(key),
+                backend=binding.backend.name,
+                left=left,
+                packets=binding.packets,
+                care_of=None if binding.care_of is None else bytes(binding.care_of),
+                confirmed=bool(binding.confirmed),
+            )
+        )
+    return out
+
+
+def _lines(saved: list[SavedBinding], now: float) -> Iterator[str]:
+    header = {"format": FORMAT, "version": VERSION, "saved_at": now, "count": len(saved)}
+    yield json.dumps(header) + "\n"
+    for entry in saved:
+        yield json.dumps(entry.to_json(), separators=(",", ":")) + "\n"
+
+
+def save(table: StickyTable, path: str, now: float) -> int:
+    """Write ``table`` to ``path`` atomically; return the number of bindings saved."""
+    saved = snapshot(table, now)
+    directory = os.path.dirname(os.path.abspath(path))
+    temporary = f"{path}.tmp.{os.getpid()}"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.writelines(_lines(saved, now))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return len(saved)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return len(saved)
+
+
+def read(path: str) -> tuple[float, list[SavedBinding]]:
+    """Read a saved table: ``(saved_at, bindings)``; raise ``CorruptTableFile``."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as exc:
+        raise CorruptTableFile(f"{path}: not UTF-8 text ({exc.reason})") from None
+    lines = text.splitlines()
+    if not lines:
+        raise CorruptTableFile(f"{path}: empty file, no header")
+    try:
+        header = json.loads(lines[0])
+    except ValueError as exc:
+        raise CorruptTableFile(f"{path}:1: header is not JSON ({exc})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise CorruptTableFile(f"{path}:1: not an lbproxy table file")
+    if header.get("version") != VERSION:
+        raise CorruptTableFile(
+            f"{path}:1: version {header.get('version')!r} not supported (want {VERSION})"
+        )
+    saved_at, count = header.get("saved_at"), header.get("count")
+    if not isinstance(saved_at, int | float) or not isinstance(count, int):
+        raise CorruptTableFile(f"{path}:1: header lacks saved_at or count")
+    entries = []
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            entries.append(SavedBinding.from_json(json.loads(line)))
+        except ValueError as exc:
+            raise CorruptTableFile(f"{path}:{number}: {exc}") from None
+    if len(entries) != count:
+        raise CorruptTableFile(
+            f"{path}: header says {count} bindings, file has {len(entries)} (truncated?)"
+        )
+    return float(saved_at), entries
+
+
+def restore(
+    table: StickyTable,
+    backends: Mapping[str, Backend],
+    saved_at: float,
+    entries: list[SavedBinding],
+    now: float,
+) -> RestoreResult:
+    """Put ``entries`` saved at ``saved_at`` back into ``table`` at time ``now``."""
+    from lbproxy.keys import Key
+
+    elapsed = max(0.0, now - saved_at)
+    restored = expired = unknown = refused = 0
+    for entry in entries:
+        left = entry.left - elapsed
+        if left <= 0:
+            expired += 1
+            continue
+        backend = backends.get(entry.backend)
+        if backend is None:
+            unknown += 1
+            continue
+        try:
+            key = Key.parse(entry.key)
+        except ValueError:
+            refused += 1
+            continue
+        binding = table.insert(key, backend, care_of=entry.care_of)
+        if binding is None:
+            refused += 1
+            continue
+        binding.packets = entry.packets
+        binding.confirmed = entry.confirmed
+        binding.expires = min(binding.expires, now + left)
+        restored += 1
+    return RestoreResult(restored, expired, unknown, refused)
+
+
+def load(
+    table: StickyTable, path: str, backends: Mapping[str, Backend], now: float
+) -> RestoreResult:
+    """Restore ``table`` from ``path`` if it exists, refusing a corrupt file.
+
+    A corrupt file is renamed to ``<path>.corrupt-<now>`` and the table is
+    left empty; the result's ``error`` says why.  Never raises for a bad file.
+    """
+    if not os.path.exists(path):
+        return RestoreResult()
+    try:
+        saved_at, entries = read(path)
+    except (CorruptTableFile, OSError) as exc:
+        aside = f"{path}.corrupt-{int(now)}"
+        try:
+            os.replace(path, aside)
+        except OSError:
+            aside = None  # type: ignore[assignment]
+        return RestoreResult(error=str(exc), moved_to=aside)
+    return restore(table, backends, saved_at, entries, now)
+
+
+class TablePersistence(Service):
+    """Restore the table on start, save it every ``interval`` seconds and on stop.
+
+    Add it to the service tree *before* the packet reader so the table is
+    restored before the first packet is looked up.
+    """
+
+    name = "persistence"
+
+    def __init__(
+        self,
+        table: StickyTable,
+        path: str,
+        backends: Callable[[], Mapping[str, Backend]],
+        clock: IReactorTime,
+        interval: float = 60.0,
+    ) -> None:
+        self.table = table
+        self.path = path
+        self.backends = backends
+        self.clock = clock
+        self.interval = interval
+        self.last_restore: RestoreResult | None = None
+        self._loop: LoopingCall | None = None
+
+    def startService(self) -> None:
+        """Restore, then start the periodic save."""
+        super().startService()
+        result = load(self.table, self.path, self.backends(), self.clock.seconds())
+        self.last_restore = result
+        if result.error is not None:
+            log.error(
+                "Refused the saved table ({error}); starting with an empty table. "
+                "The file was kept aside as {aside}.",
+                error=result.error,
+                aside=result.moved_to,
+            )
+        else:
+            log.info(
+                "Restored {restored} bindings from {path} ({expired} expired, "
+                "{unknown} for unknown backends, {refused} refused).",
+                restored=result.restored,
+                path=self.path,
+                expired=result.expired,
+                unknown=result.unknown_backend,
+                refused=result.refused,
+            )
+        if self.interval > 0:
+            self._loop = LoopingCall(self.save)
+            self._loop.clock = self.clock
+            self._loop.start(self.interval, now=False).addErrback(
+                lambda f: log.failure("Periodic table save stopped", f)
+            )
+
+    def save(self) -> int:
+        """Save now; log and swallow I/O errors (the next save will retry)."""
+        try:
+            return save(self.table, self.path, self.clock.seconds())
+        except OSError as exc:
+            log.error("Could not save the table to {path}: {exc}", path=self.path, exc=exc)
+            return 0
+
+    def stopService(self) -> None:
+        """Stop the periodic save and save one last time."""
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        count = self.save()
+        log.info("Saved {count} bindings to {path}.", count=count, path=self.path)
+        super().stopService()
+
+
+def make_persistence_service(
+    table: StickyTable,
+    path: str,
+    backends: Callable[[], Mapping[str, Backend]],
+    clock: IReactorTime,
+    interval: float = 60.0,
+) -> TablePersistence:
+    """The service that keeps ``table`` in ``path`` across restarts."""
+    return TablePersistence(table, path, backends, clock, interval)
