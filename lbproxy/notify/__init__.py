@@ -1,0 +1,13 @@
+"""Care-of address notifications between the balancer and home agents or terminals.
+
+The patent's second embodiment keys the table on the care-of address and keeps a terminal on
+its backend because the balancer is *told* when that address changes: by the terminal's home
+agent (claims 5, 12) or by the terminal itself (claims 6, 13).  A notification moves traffic,
+so it travels over mutually authenticated TLS and is checked against what the peer may speak
+for.  The protocol is specified in ``docs/notify.md``.
+
+Pure modules: ``machine`` (per-peer state machine), ``policy`` (sequence numbers,
+entitlements, refusal counters), ``subscriptions`` (bounded registry), ``cache`` (an agent's
+binding cache).  Edges: ``commands`` (AMP vocabulary), ``tls``, ``client`` (balancer side),
+``agent`` (agent side), ``router`` (``terminal_seen``), ``adapter`` (table and balancer).
+"""

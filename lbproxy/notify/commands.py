@@ -1,0 +1,146 @@
+"""The notification protocol's vocabulary: AMP commands and errors (docs/notify.md).
+
+Declarative, as AMP intends: each command lists its arguments, response and errors, and
+nothing here knows who sends it or what the answer does.  Addresses travel as 16 raw octets;
+an empty string means "none" (no care-of address known), and a sequence number of -1 means
+"no binding known".  Who sends what: the balancer sends Subscribe, Unsubscribe and
+GetSnapshot to an agent; the agent sends BindingChanged and BindingSnapshot to the balancer.
+"""
+
+from __future__ import annotations
+
+# ruff: noqa: N818 - the error names are the protocol's (docs/notify.md)
+from twisted.protocols import amp
+
+from lbproxy.notify.policy import Refusal
+
+NO_SEQ = -1  # "no binding known"
+
+
+class NotificationError(Exception):
+    """Base of the errors a peer answers with; ``refusal`` says which."""
+
+    refusal = Refusal.PROTOCOL
+
+
+class NotEntitled(NotificationError):
+    """The address is outside what the peer may speak for (or subscribe to)."""
+
+    refusal = Refusal.NOT_ENTITLED
+
+
+class Stale(NotificationError):
+    """The sequence number is not newer than the last accepted one (RFC 6275 §9.5.1)."""
+
+    refusal = Refusal.STALE
+
+
+class TooManySubscriptions(NotificationError):
+    """The subscription limit is reached."""
+
+    refusal = Refusal.TOO_MANY_SUBSCRIPTIONS
+
+
+class NotSubscribed(NotificationError):
+    """Nobody subscribed to that address (or that subscription id) on this connection."""
+
+    refusal = Refusal.NOT_SUBSCRIBED
+
+
+class UnknownBinding(NotificationError):
+    """The agent has no binding for that care-of address."""
+
+    refusal = Refusal.UNKNOWN_BINDING
+
+
+class BadArgument(NotificationError):
+    """An address is not 16 octets, a kind is unknown, a number out of range."""
+
+    refusal = Refusal.BAD_ARGUMENT
+
+
+class OutOfOrder(NotificationError):
+    """The message is not allowed in the connection's state (see machine.TRANSITIONS)."""
+
+    refusal = Refusal.PROTOCOL
+
+
+ERRORS: dict[type[Exception], bytes] = {
+    NotEntitled: b"NOT_ENTITLED",
+    Stale: b"STALE",
+    TooManySubscriptions: b"TOO_MANY_SUBSCRIPTIONS",
+    NotSubscribed: b"NOT_SUBSCRIBED",
+    UnknownBinding: b"UNKNOWN_BINDING",
+    BadArgument: b"BAD_ARGUMENT",
+    OutOfOrder: b"OUT_OF_ORDER",
+}
+
+BY_REFUSAL: dict[Refusal, type[NotificationError]] = {
+    e.refusal: e
+    for e in (NotEntitled, Stale, TooManySubscriptions, NotSubscribed, UnknownBinding,
+              BadArgument, OutOfOrder)
+}
+
+
+def error_for(refusal: Refusal) -> NotificationError:
+    """The AMP error to answer a refusal with."""
+    return BY_REFUSAL.get(refusal, OutOfOrder)()
+
+
+BINDING = [
+    (b"home", amp.String()),
+    (b"care_of", amp.String()),
+    (b"seq", amp.Integer()),
+    (b"lifetime", amp.Integer()),
+]
+
+
+class Subscribe(amp.Command):
+    """Balancer -> agent: tell me about the terminal at ``address`` (a home or care-of
+    address, ``kind`` "hoa" or "coa"), on each change and/or every ``interval`` seconds.
+    The answer carries the agent's current binding, if any."""
+
+    arguments = [
+        (b"address", amp.String()),
+        (b"kind", amp.Unicode()),
+        (b"on_change", amp.Boolean()),
+        (b"interval", amp.Integer()),
+    ]
+    response = [(b"sub_id", amp.Integer()), *BINDING]
+    errors = ERRORS
+
+
+class Unsubscribe(amp.Command):
+    """Balancer -> agent: stop subscription ``sub_id``."""
+
+    arguments = [(b"sub_id", amp.Integer())]
+    errors = ERRORS
+
+
+class GetSnapshot(amp.Command):
+    """Balancer -> agent: the current bindings of everything this connection subscribed to
+    (claim 12/13, "on request")."""
+
+    response = [(b"bindings", amp.AmpList(BINDING))]
+    errors = ERRORS
+
+
+class BindingChanged(amp.Command):
+    """Agent -> balancer: the terminal with home address ``home`` moved (claim 9's trigger)."""
+
+    arguments = [
+        (b"home", amp.String()),
+        (b"old_care_of", amp.String()),
+        (b"new_care_of", amp.String()),
+        (b"seq", amp.Integer()),
+        (b"lifetime", amp.Integer()),
+    ]
+    errors = ERRORS
+
+
+class BindingSnapshot(amp.Command):
+    """Agent -> balancer: current bindings, sent periodically (claim 12/13, "periodically")."""
+
+    arguments = [(b"bindings", amp.AmpList(BINDING))]
+    response = [(b"accepted", amp.Integer()), (b"refused", amp.Integer())]
+    errors = ERRORS

@@ -1,0 +1,53 @@
+"""Where validated notifications go: the ``IBindingListener`` seam, and a recording fake.
+
+The notification machinery decides *whether* to believe a peer; what a believed change does
+to forwarding is the balancer's business.  This interface is the seam between the two: the
+balancer's adapter (``adapter.TableListener``) implements it over the sticky table and
+``Balancer.confirm``; tests use :class:`RecordingListener`.
+"""
+
+from __future__ import annotations
+
+import attrs
+from zope.interface import Interface, implementer
+
+
+class IBindingListener(Interface):
+    """Receives care-of address changes that passed every check (authenticated, entitled,
+    fresh)."""
+
+    def binding_changed(
+        home: bytes,  # noqa: N805 - zope.interface methods have no self
+        old_care_of: bytes | None,
+        new_care_of: bytes,
+        seq: int,
+        lifetime: int,
+    ) -> None:
+        """The terminal with home address ``home`` moved from ``old_care_of`` (``None``: not
+        known to us) to ``new_care_of`` (the home address itself when it came home);
+        ``lifetime`` is in seconds, 0 meaning the binding was deleted."""
+
+
+@attrs.frozen
+class BindingChange:
+    """One recorded ``binding_changed`` call."""
+
+    home: bytes
+    old_care_of: bytes | None
+    new_care_of: bytes
+    seq: int
+    lifetime: int
+
+
+@implementer(IBindingListener)
+class RecordingListener:
+    """A listener that records the changes it is given (for tests and benchmarks)."""
+
+    def __init__(self) -> None:
+        self.changes: list[BindingChange] = []
+
+    def binding_changed(
+        self, home: bytes, old_care_of: bytes | None, new_care_of: bytes, seq: int, lifetime: int
+    ) -> None:
+        """Record the change."""
+        self.changes.append(BindingChange(home, old_care_of, new_care_of, seq, lifetime))
