@@ -4,6 +4,7 @@ refusal counters."""
 from __future__ import annotations
 
 import ipaddress
+from typing import cast
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -80,7 +81,7 @@ class CounterTests(SynchronousTestCase):
         from twisted.logger import ILogObserver, globalLogPublisher
 
         events: list[dict[str, object]] = []
-        observer = ILogObserver(events.append)
+        observer = cast(ILogObserver, events.append)
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
         c = RefusalCounters()
