@@ -20,10 +20,13 @@ Theory of operation
   the handler gets a fresh ``bytearray`` holding exactly the packet; it owns
   it (may keep it, mutate it in place, or pass it on).  That is one small
   copy per packet, which the core needs anyway because it rewrites in place.
-* Outgoing packets (the copies AF_PACKET sees of what this host sends out of
-  the interface, ``PACKET_OUTGOING``) never reach the handler.  The Linux
-  system asks the kernel not to queue them (``PACKET_IGNORE_OUTGOING``) and
-  falls back to ``recvfrom_into`` + a ``pkttype`` check on old kernels.
+* Outgoing packets (``PACKET_OUTGOING``, what this host itself sends out of
+  the interface, e.g. our own forwarded replies) never reach the handler.
+  Linux hands copies of outgoing packets only to ``ETH_P_ALL`` packet sockets
+  (``dev_queue_xmit_nit``); ours is bound to ``ETH_P_IPV6``, so the kernel
+  never queues them and no per-packet ``recvfrom_into`` address tuple is
+  needed to skip them.  ``PACKET_IGNORE_OUTGOING`` is set as well (Linux
+  >= 4.20) so that this stays true if the binding ever changes.
 * An optional classic BPF filter (``SO_ATTACH_FILTER``) lets the kernel drop
   every packet whose destination is not one of the given addresses (the
   virtual addresses) before Python sees it.
@@ -74,7 +77,6 @@ _PACKET_IGNORE_OUTGOING = 23  # Linux >= 4.20
 _SO_ATTACH_FILTER = 26
 _SO_RCVBUFFORCE = 33
 _CLONE_NEWNET = 0x40000000
-_PACKET_OUTGOING = 4
 
 # Classic BPF opcodes (linux/filter.h).
 _BPF_LD_W_ABS = 0x20  # BPF_LD | BPF_W | BPF_ABS
@@ -205,7 +207,6 @@ class LinuxPacketSystem:
     def __init__(self, namespace: str | None = None) -> None:
         self.namespace = namespace
         self._sockets: dict[int, socket.socket] = {}
-        self._skips_outgoing: set[int] = set()
 
     def open_reader(
         self,
@@ -224,12 +225,8 @@ class LinuxPacketSystem:
                     sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, receive_buffer)
                 except PermissionError:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-            try:
+            with contextlib.suppress(OSError):  # Linux < 4.20: ETH_P_IPV6 suffices
                 sock.setsockopt(_SOL_PACKET, _PACKET_IGNORE_OUTGOING, 1)
-            except OSError:  # pragma: no cover - kernels before 4.20
-                skip_in_python = True
-            else:
-                skip_in_python = False
             if destinations:
                 self._attach(sock, destinations)
             sock.bind((interface, ETH_P_IPV6))
@@ -239,8 +236,6 @@ class LinuxPacketSystem:
             raise
         fd = sock.fileno()
         self._sockets[fd] = sock
-        if skip_in_python:  # pragma: no cover
-            self._skips_outgoing.add(fd)
         return fd
 
     def attach_filter(self, fd: int, destinations: Sequence[bytes]) -> None:
@@ -261,14 +256,8 @@ class LinuxPacketSystem:
         sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
 
     def receive(self, fd: int, buffer: bytearray) -> int:
-        sock = self._sockets[fd]
-        if fd not in self._skips_outgoing:
-            # MSG_TRUNC: a packet socket then returns the packet's real length.
-            return sock.recv_into(buffer, 0, socket.MSG_TRUNC)
-        while True:  # pragma: no cover - kernels before 4.20
-            length, address = sock.recvfrom_into(buffer, 0, socket.MSG_TRUNC)
-            if address[2] != _PACKET_OUTGOING:
-                return length
+        # MSG_TRUNC: a packet socket then returns the packet's real length.
+        return self._sockets[fd].recv_into(buffer, 0, socket.MSG_TRUNC)
 
     def open_sender(self) -> int:
         with _network_namespace(self.namespace):
@@ -283,7 +272,6 @@ class LinuxPacketSystem:
         return self._sockets[fd].sendto(packet, (destination, 0))
 
     def close(self, fd: int) -> None:
-        self._skips_outgoing.discard(fd)
         self._sockets.pop(fd).close()
 
 
