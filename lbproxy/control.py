@@ -148,8 +148,10 @@ class Control:
         clock: IReactorTime | None = None,
         backend_state: Callable[[str], str] | None = None,
         reload: Callable[[], object] | None = None,
+        parse_key: Callable[[str], Key] | None = None,
     ) -> None:
         self.balancer = balancer
+        self.parse_key = parse_key
         self.clock: IReactorTime = clock if clock is not None else balancer.clock
         self.backend_state = backend_state
         self.reload_callable = reload
@@ -224,10 +226,13 @@ class Control:
     def _key(self, key: Key | str) -> Key:
         if not isinstance(key, str):
             return key
-        from lbproxy.keys import Key
+        parse_key = self.parse_key
+        if parse_key is None:
+            from lbproxy.keys import Key
 
+            parse_key = Key.parse
         try:
-            return Key.parse(key)
+            return parse_key(key)
         except ValueError as exc:
             raise OperatorError(f"bad key {key!r}: {exc}") from None
 

@@ -19,7 +19,7 @@ type runs between packets, so keep it short.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from twisted.application import strports
 from twisted.application.service import IService
@@ -32,6 +32,7 @@ from twisted.conch.checkers import (
 from twisted.conch.insults import insults
 from twisted.conch.ssh import keys
 from twisted.cred import portal
+from twisted.cred.portal import IRealm
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -97,9 +98,9 @@ def make_manhole_factory(
     def chained_protocol() -> insults.ServerProtocol:
         return insults.ServerProtocol(manhole.ColoredManhole, namespace())
 
-    realm.chainedProtocolFactory = chained_protocol
+    realm.chainedProtocolFactory = chained_protocol  # type: ignore[assignment]
     checker = SSHPublicKeyChecker(AuthorizedKeysFile(authorized_keys_path))
-    factory = manhole_ssh.ConchFactory(portal.Portal(realm, [checker]))
+    factory = manhole_ssh.ConchFactory(portal.Portal(cast(IRealm, realm), [checker]))
     host_key = keys.Key.fromFile(host_key_path)
     if host_key.isPublic():
         raise ValueError(f"{host_key_path} holds a public key; the host key must be private")

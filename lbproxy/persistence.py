@@ -43,6 +43,7 @@ from twisted.logger import Logger
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
+    from lbproxy.keys import Key
     from lbproxy.selection import Backend
     from lbproxy.table import StickyTable
 
@@ -212,9 +213,16 @@ def restore(
     saved_at: float,
     entries: list[SavedBinding],
     now: float,
+    parse_key: Callable[[str], Key] | None = None,
 ) -> RestoreResult:
-    """Put ``entries`` saved at ``saved_at`` back into ``table`` at time ``now``."""
-    from lbproxy.keys import Key
+    """Put ``entries`` saved at ``saved_at`` back into ``table`` at time ``now``.
+
+    ``parse_key`` turns saved key text into a key (default ``Key.parse``).
+    """
+    if parse_key is None:
+        from lbproxy.keys import Key
+
+        parse_key = Key.parse
 
     elapsed = max(0.0, now - saved_at)
     restored = expired = unknown = refused = 0
@@ -228,7 +236,7 @@ def restore(
             unknown += 1
             continue
         try:
-            key = Key.parse(entry.key)
+            key = parse_key(entry.key)
         except ValueError:
             refused += 1
             continue
@@ -244,7 +252,11 @@ def restore(
 
 
 def load(
-    table: StickyTable, path: str, backends: Mapping[str, Backend], now: float
+    table: StickyTable,
+    path: str,
+    backends: Mapping[str, Backend],
+    now: float,
+    parse_key: Callable[[str], Key] | None = None,
 ) -> RestoreResult:
     """Restore ``table`` from ``path`` if it exists, refusing a corrupt file.
 
@@ -262,7 +274,7 @@ def load(
         except OSError:
             aside = None  # type: ignore[assignment]
         return RestoreResult(error=str(exc), moved_to=aside)
-    return restore(table, backends, saved_at, entries, now)
+    return restore(table, backends, saved_at, entries, now, parse_key)
 
 
 class TablePersistence(Service):
@@ -281,7 +293,9 @@ class TablePersistence(Service):
         backends: Callable[[], Mapping[str, Backend]],
         clock: IReactorTime,
         interval: float = 60.0,
+        parse_key: Callable[[str], Key] | None = None,
     ) -> None:
+        self.parse_key = parse_key
         self.table = table
         self.path = path
         self.backends = backends
@@ -293,7 +307,9 @@ class TablePersistence(Service):
     def startService(self) -> None:
         """Restore, then start the periodic save."""
         super().startService()
-        result = load(self.table, self.path, self.backends(), self.clock.seconds())
+        result = load(
+            self.table, self.path, self.backends(), self.clock.seconds(), self.parse_key
+        )
         self.last_restore = result
         if result.error is not None:
             log.error(
