@@ -226,7 +226,9 @@ def restore(
 
     elapsed = max(0.0, now - saved_at)
     restored = expired = unknown = refused = 0
-    for entry in entries:
+    # Shortest-lived first: a table that files new entries in a FIFO by expiry
+    # (lbproxy.table's probation) keeps that order.
+    for entry in sorted(entries, key=lambda e: e.left):
         left = entry.left - elapsed
         if left <= 0:
             expired += 1
@@ -244,6 +246,10 @@ def restore(
         if binding is None:
             refused += 1
             continue
+        if entry.packets > 1:
+            # It had seen more than its first packet: established, as it was before
+            # the restart (lookup promotes it, so a flood of new keys cannot evict it).
+            binding = table.lookup(key, now) or binding
         binding.packets = entry.packets
         binding.confirmed = entry.confirmed
         binding.expires = min(binding.expires, now + left)

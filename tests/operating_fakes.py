@@ -89,9 +89,9 @@ class StickyTable:
         self.entries: dict[Key, Binding] = {}
         self.stats = Stats()
 
-    def lookup(self, key: Key) -> Binding | None:
+    def lookup(self, key: Key, now: float | None = None) -> Binding | None:
         binding = self.entries.get(key)
-        now = self.clock.seconds()
+        now = self.clock.seconds() if now is None else now
         if binding is None or binding.expires <= now:
             self.stats.misses += 1
             return None

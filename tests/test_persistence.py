@@ -233,3 +233,42 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(errors, [])
         service.stopService()
         self.assertEqual(persistence.read(path)[1], [])
+
+
+class RealTableTests(SynchronousTestCase):
+    """The same round trip through lbproxy.table.StickyTable and lbproxy.keys.Key."""
+
+    def test_restore_into_the_real_table(self) -> None:
+        """Bindings come back with their backend, lifetime left and state; an entry that
+        had seen several packets comes back established (not evictable by a flood)."""
+        from lbproxy.keys import Key as RealKey
+        from lbproxy.selection import Backend as RealBackend
+        from lbproxy.table import StickyTable as RealTable
+
+        b1 = RealBackend("b1", "2001:db8:100::1")
+        b2 = RealBackend("b2", "2001:db8:100::2")
+        clock = Clock()
+        table = RealTable(clock, lifetime=100.0, max_entries=4)
+        busy = RealKey.parse("hoa 2001:db8:1::1")
+        table.insert(busy, b1)
+        table.lookup(busy)
+        table.lookup(busy)
+        clock.advance(50)
+        table.insert(RealKey.parse("iid 0211:22ff:fe33:4455"), b2)
+        path = self.mktemp()
+        self.assertEqual(persistence.save(table, path, clock.seconds()), 2)
+
+        clock.advance(30)
+        fresh = RealTable(clock, lifetime=100.0, max_entries=4)
+        result = persistence.load(fresh, path, {"b1": b1, "b2": b2}, clock.seconds())
+        self.assertEqual((result.restored, result.expired, result.error), (2, 0, None))
+        restored = fresh.get(busy)
+        assert restored is not None
+        self.assertEqual((restored.backend, restored.packets), (b1, 3))
+        self.assertTrue(restored.established)
+        self.assertAlmostEqual(restored.expires - clock.seconds(), 20.0, places=1)
+        for n in range(10):  # a flood of one-packet identities
+            fresh.insert(RealKey.parse(f"src 2001:db8:66::{n + 1:x}"), b2)
+        self.assertIsNotNone(fresh.get(busy))  # established: never evicted by the flood
+        clock.advance(21)
+        self.assertIsNone(fresh.get(busy))  # expired on time, not a full lifetime later
