@@ -164,14 +164,14 @@ class Key(bytes):
 
     __slots__ = ()
 
-    def __new__(cls, kind: str, value: bytes) -> Key:
+    def __new__(cls, kind: str, value: bytes | bytearray | memoryview) -> Key:
         spec = _KINDS_BY_NAME.get(kind)
         if spec is None:
             raise ValueError(f"unknown key kind {kind!r}")
-        value = bytes(value)
-        if len(value) != spec.length:
-            raise ValueError(f"a {kind} key is {spec.length} bytes, not {len(value)}")
-        return bytes.__new__(cls, spec.prefix + value)
+        data = bytes(value)
+        if len(data) != spec.length:
+            raise ValueError(f"a {kind} key is {spec.length} bytes, not {len(data)}")
+        return bytes.__new__(cls, spec.prefix + data)
 
     @property
     def kind(self) -> str:

@@ -1,0 +1,273 @@
+"""Tests for lbproxy.keys: the Key value, the four strategies and the KeyChain.
+
+Packets are built with scapy (an independent oracle for where the fields sit) and read
+through the real header-chain view, as the data path does.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from hypothesis import given
+from hypothesis import strategies as st
+from scapy.layers.inet import UDP
+from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
+from scapy.layers.ipsec import ESP
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from lbproxy import keys
+from lbproxy.keys import (
+    HomeAddressStrategy,
+    IKeyStrategy,
+    InterfaceIdStrategy,
+    Key,
+    KeyChain,
+    SourceAddressStrategy,
+    SpiStrategy,
+)
+from lbproxy.wire.view import PacketView, parse
+
+EUI64_SRC = "2001:db8:2::211:22ff:fe33:4455"  # u bit set, ff fe in the middle
+PRIVACY_SRC = "2001:db8:2::8c1e:51a7:d3f0:2b6a"
+HOME = "2001:db8:1::16"
+VIP = "2001:db8::100"
+
+addresses = st.binary(min_size=16, max_size=16).map(
+    lambda b: str(ipaddress.IPv6Address(b))
+)
+
+
+def packet(src: str = EUI64_SRC, hoa: str | None = None, spi: int | None = None) -> bytes:
+    """An IPv6 packet to the virtual address, optionally with an HAO and/or ESP."""
+    p = IPv6(src=src, dst=VIP)
+    if hoa is not None:
+        p = p / IPv6ExtHdrDestOpt(options=[HAO(hoa=hoa)])
+    if spi is not None:
+        p = p / ESP(spi=spi, seq=1, data=b"\x00" * 16)
+    else:
+        p = p / UDP(sport=4000, dport=53) / (b"q" * 8)
+    return bytes(p)
+
+
+def viewed(buf: bytes) -> tuple[bytes, PacketView]:
+    return buf, parse(buf)
+
+
+def addr(text: str) -> bytes:
+    return ipaddress.IPv6Address(text).packed
+
+
+class KeyTests(SynchronousTestCase):
+    def test_text_forms(self) -> None:
+        """Each built-in kind prints in the operator's form given by the contract."""
+        self.assertEqual(str(Key("hoa", addr("2001:db8:1::16"))), "hoa 2001:db8:1::16")
+        self.assertEqual(
+            str(Key("iid", bytes.fromhex("021122fffe334455"))), "iid 0211:22ff:fe33:4455"
+        )
+        self.assertEqual(str(Key("spi", (0xDA).to_bytes(4, "big"))), "spi 0x000000da")
+        self.assertEqual(str(Key("src", addr("2001:db8::1"))), "src 2001:db8::1")
+
+    @given(
+        st.sampled_from([("hoa", 16), ("iid", 8), ("spi", 4), ("src", 16)]).flatmap(
+            lambda kl: st.tuples(st.just(kl[0]), st.binary(min_size=kl[1], max_size=kl[1]))
+        )
+    )
+    def test_parse_inverts_str(self, kind_value: tuple[str, bytes]) -> None:
+        """Key.parse(str(k)) gives back an equal key with the same kind and value."""
+        kind, value = kind_value
+        k = Key(kind, value)
+        back = Key.parse(str(k))
+        self.assertEqual(back, k)
+        self.assertEqual(hash(back), hash(k))
+        self.assertEqual((back.kind, back.value), (kind, value))
+
+    def test_parse_lenient_forms(self) -> None:
+        """Operators may type short SPIs and IID groups; they mean the same key."""
+        self.assertEqual(Key.parse("spi 218"), Key("spi", b"\x00\x00\x00\xda"))
+        self.assertEqual(
+            Key.parse(" iid 211:22ff:fe33:4455 "), Key("iid", bytes.fromhex("021122fffe334455"))
+        )
+
+    def test_parse_errors(self) -> None:
+        """Bad text raises ValueError naming the problem, never another exception."""
+        for text in ["", "hoa", "foo 1", "hoa not-an-address", "iid 1:2:3", "spi 0x1ffffffff",
+                     "spi xyz", "src 10.0.0.1"]:
+            with self.assertRaises(ValueError, msg=text):
+                Key.parse(text)
+
+    def test_equality_by_kind_and_value(self) -> None:
+        """Keys are equal exactly when kind and value are: the same 16 bytes as a home
+        address and as a source address are different identities."""
+        a = addr(HOME)
+        self.assertEqual(Key("hoa", a), Key("hoa", bytearray(a)))
+        self.assertNotEqual(Key("hoa", a), Key("src", a))
+        self.assertEqual(len({Key("hoa", a), Key("hoa", a), Key("src", a)}), 2)
+
+    def test_value_length_checked(self) -> None:
+        """A value of the wrong length for its kind, or an unknown kind, is refused."""
+        with self.assertRaises(ValueError):
+            Key("hoa", b"\x00" * 8)
+        with self.assertRaises(ValueError):
+            Key("nope", b"\x00" * 16)
+
+
+class StrategyTests(SynchronousTestCase):
+    def test_interfaces(self) -> None:
+        """Every built-in strategy provides IKeyStrategy with its kind name."""
+        for strategy, kind in [
+            (HomeAddressStrategy(), "hoa"),
+            (InterfaceIdStrategy(), "iid"),
+            (SpiStrategy(), "spi"),
+            (SourceAddressStrategy(), "src"),
+        ]:
+            self.assertTrue(verifyObject(IKeyStrategy, strategy))
+            self.assertEqual(strategy.kind, kind)
+
+    @given(addresses, addresses)
+    def test_home_address_agrees_with_scapy(self, src: str, home: str) -> None:
+        """The hoa key is the HAO's home address, as scapy put it there."""
+        buf, view = viewed(packet(src=src, hoa=home))
+        self.assertEqual(HomeAddressStrategy().key_for(buf, view), Key("hoa", addr(home)))
+
+    def test_home_address_absent(self) -> None:
+        """Without an HAO the hoa strategy yields nothing."""
+        self.assertIsNone(HomeAddressStrategy().key_for(*viewed(packet())))
+
+    def test_interface_id_universal_eui64(self) -> None:
+        """A universal EUI-64 source yields its low 64 bits as the iid key."""
+        key = InterfaceIdStrategy().key_for(*viewed(packet(src=EUI64_SRC)))
+        self.assertEqual(key, Key.parse("iid 0211:22ff:fe33:4455"))
+
+    def test_interface_id_same_across_prefixes(self) -> None:
+        """The iid key does not change when the terminal moves to another prefix."""
+        a = InterfaceIdStrategy().key_for(*viewed(packet(src="2001:db8:2::211:22ff:fe33:4455")))
+        b = InterfaceIdStrategy().key_for(*viewed(packet(src="2001:db8:7::211:22ff:fe33:4455")))
+        self.assertIsNotNone(a)
+        self.assertEqual(a, b)
+
+    def test_interface_id_refuses_unstable_ids(self) -> None:
+        """By default a privacy ID, an EUI-64 with the u bit clear, or ff fe elsewhere
+        yields no iid key (DESIGN.md section 4)."""
+        strategy = InterfaceIdStrategy()
+        for src in [PRIVACY_SRC, "2001:db8:2::11:22ff:fe33:4455", "2001:db8:2::2ff:fe00:0:1"]:
+            self.assertIsNone(strategy.key_for(*viewed(packet(src=src))), src)
+
+    def test_interface_id_accept_any(self) -> None:
+        """With accept_any, any source's interface ID is the key."""
+        key = InterfaceIdStrategy(accept_any=True).key_for(*viewed(packet(src=PRIVACY_SRC)))
+        self.assertEqual(key, Key("iid", addr(PRIVACY_SRC)[8:]))
+
+    @given(st.integers(min_value=0, max_value=2**32 - 1))
+    def test_spi_agrees_with_scapy(self, spi: int) -> None:
+        """The spi key is the ESP header's SPI, as scapy put it there."""
+        buf, view = viewed(packet(spi=spi))
+        key = SpiStrategy().key_for(buf, view)
+        self.assertEqual(key, Key("spi", spi.to_bytes(4, "big")))
+        self.assertEqual(str(key), f"spi 0x{spi:08x}")
+
+    def test_spi_absent(self) -> None:
+        """Without ESP the spi strategy yields nothing."""
+        self.assertIsNone(SpiStrategy().key_for(*viewed(packet())))
+
+    @given(addresses)
+    def test_source_address(self, src: str) -> None:
+        """The src strategy always yields the source address."""
+        self.assertEqual(
+            SourceAddressStrategy().key_for(*viewed(packet(src=src))), Key("src", addr(src))
+        )
+
+    def test_buffer_types(self) -> None:
+        """bytes, bytearray and memoryview buffers give the same keys (the raw socket
+        hands the data path bytearrays)."""
+        raw = packet(src=EUI64_SRC, hoa=HOME, spi=7)
+        view = parse(raw)
+        strategies = [HomeAddressStrategy(), InterfaceIdStrategy(), SpiStrategy(),
+                      SourceAddressStrategy()]
+        expected = [s.key_for(raw, view) for s in strategies]
+        self.assertNotIn(None, expected)
+        for buf in (bytearray(raw), memoryview(raw)):
+            got = [s.key_for(buf, view) for s in strategies]
+            self.assertEqual(got, expected)
+            self.assertTrue(all(type(k) is Key for k in got))
+
+
+class KeyChainTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.chain = KeyChain.from_names(["hoa", "iid", "spi", "src"])
+
+    def kind_of(self, buf: bytes) -> str:
+        found = self.chain.key_for(*viewed(buf))
+        assert found is not None
+        key, strategy = found
+        self.assertEqual(key.kind, strategy.kind)
+        return key.kind
+
+    def test_first_strategy_wins(self) -> None:
+        """The chain returns the key of the first strategy that yields one."""
+        self.assertEqual(self.kind_of(packet(src=EUI64_SRC, hoa=HOME, spi=9)), "hoa")
+        self.assertEqual(self.kind_of(packet(src=EUI64_SRC, spi=9)), "iid")
+        self.assertEqual(self.kind_of(packet(src=PRIVACY_SRC, spi=9)), "spi")
+        self.assertEqual(self.kind_of(packet(src=PRIVACY_SRC)), "src")
+
+    def test_order_is_configurable(self) -> None:
+        """The configured order, not a fixed one, decides."""
+        chain = KeyChain.from_names(["spi", "src"])
+        found = chain.key_for(*viewed(packet(src=EUI64_SRC, hoa=HOME, spi=9)))
+        assert found is not None
+        self.assertEqual(found[0], Key("spi", (9).to_bytes(4, "big")))
+
+    def test_nothing_found(self) -> None:
+        """A chain without a fallback can find nothing: None."""
+        chain = KeyChain.from_names(["hoa", "spi"])
+        self.assertIsNone(chain.key_for(*viewed(packet())))
+
+    def test_from_names_options(self) -> None:
+        """any_interface_id reaches the iid strategy."""
+        chain = KeyChain.from_names(["iid", "src"], any_interface_id=True)
+        found = chain.key_for(*viewed(packet(src=PRIVACY_SRC)))
+        assert found is not None
+        self.assertEqual(found[0].kind, "iid")
+
+    def test_from_names_errors(self) -> None:
+        """Unknown names, repeated names, stray options and empty chains are refused with
+        a message naming the culprit."""
+        with self.assertRaises(ValueError) as e:
+            KeyChain.from_names(["hoa", "mac"])
+        self.assertIn("'mac'", str(e.exception))
+        with self.assertRaises(ValueError) as e:
+            KeyChain.from_names(["src", "src"])
+        self.assertIn("'src'", str(e.exception))
+        with self.assertRaises(ValueError) as e:
+            KeyChain.from_names(["hoa"], any_interface_id=True)
+        self.assertIn("'any_interface_id'", str(e.exception))
+        with self.assertRaises(ValueError):
+            KeyChain.from_names([])
+
+    def test_plugin_strategy(self) -> None:
+        """A new kind and strategy plug in through the registries, without touching
+        KeyChain: here a key on the flow label."""
+        kind = keys.register_kind("flow-test", 3)
+        self.addCleanup(lambda: (keys._KINDS_BY_NAME.pop(kind.name),
+                                 keys._KINDS_BY_CODE.pop(kind.code)))
+
+        @implementer(IKeyStrategy)
+        class FlowLabelStrategy:
+            kind = "flow-test"
+
+            def key_for(self, buf: bytes | bytearray | memoryview, view: PacketView) -> Key | None:
+                label = bytes([buf[1] & 0x0F]) + bytes(buf[2:4])
+                return Key("flow-test", label) if any(label) else None
+
+        keys.register_strategy("flow-test", FlowLabelStrategy)
+        self.addCleanup(keys._STRATEGIES.pop, "flow-test")
+        self.assertIn("flow-test", keys.known_strategies())
+        chain = KeyChain.from_names(["flow-test", "src"])
+        buf = bytes(IPv6(src=PRIVACY_SRC, dst=VIP, fl=0xABCDE) / UDP() / b"x")
+        found = chain.key_for(*viewed(buf))
+        assert found is not None
+        self.assertEqual(str(found[0]), "flow-test 0abcde")
+        self.assertEqual(Key.parse("flow-test 0abcde"), found[0])
+        with self.assertRaises(ValueError):
+            keys.register_strategy("flow-test", FlowLabelStrategy)
