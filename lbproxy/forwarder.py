@@ -1,0 +1,136 @@
+"""The forwarding service: raw-socket ports on both sides, the Balancer in between.
+
+Why this exists: it is the one place that joins the edges to the core, so the data flow
+reads in one screen::
+
+    client interface --PacketReader--> Balancer.inbound  --PacketWriter--> backend
+    server interface --PacketReader--> Balancer.outbound --PacketWriter--> terminal
+
+and it owns the life cycle twistd expects: sockets are opened as root in
+``privilegedStartService``, reading starts in ``startService``, and a `LoopingCall` on the
+injected clock sweeps expired bindings.
+
+The server-side reader sees every packet on the backends' link, including traffic to the
+balancer host itself (health-check answers, neighbour discovery).  Only packets whose
+destination is neither one of this host's addresses, nor link-local, nor multicast are
+replies to forward; the rest are left to the kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorFDSet, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from lbproxy.balancer import Balancer
+from lbproxy.rawsocket import IPacketSystem, PacketReader, PacketWriter
+
+__all__ = ["ForwarderService", "local_addresses"]
+
+_log = Logger()
+
+
+def local_addresses(proc_path: str = "/proc/net/if_inet6") -> set[bytes]:
+    """This network namespace's own IPv6 addresses (16-byte packed), from procfs."""
+    found: set[bytes] = set()
+    try:
+        text = Path(proc_path).read_text()
+    except OSError:
+        return found
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and len(fields[0]) == 32:
+            found.add(bytes.fromhex(fields[0]))
+    return found
+
+
+class ForwarderService(Service):
+    """Reads both links, asks the Balancer, writes the results."""
+
+    def __init__(
+        self,
+        balancer: Balancer,
+        system: IPacketSystem,
+        reactor: IReactorFDSet,
+        clock: IReactorTime,
+        *,
+        client_interface: str,
+        server_interface: str,
+        batch: int = 256,
+        sweep_interval: float = 1.0,
+        own_addresses: Iterable[bytes] | None = None,
+    ) -> None:
+        self.balancer = balancer
+        self.clock = clock
+        self.sweep_interval = sweep_interval
+        self._own = set(own_addresses) if own_addresses is not None else None
+        self.writer = PacketWriter(system)
+        self.client = PacketReader(
+            system,
+            reactor,
+            client_interface,
+            self._from_terminal,
+            destinations=[a.packed for a in balancer.vips],
+            batch=batch,
+        )
+        self.server = PacketReader(system, reactor, server_interface, self._from_backend,
+                                   batch=batch)
+        self.ignored = 0
+        self._sweeper = LoopingCall(self._sweep)
+        self._sweeper.clock = clock
+
+    def privilegedStartService(self) -> None:
+        """Open the raw sockets (needs root or CAP_NET_RAW)."""
+        super().privilegedStartService()
+        if self._own is None:
+            self._own = local_addresses()
+        self.writer.open()
+        self.client.open()
+        self.server.open()
+
+    def startService(self) -> None:
+        super().startService()
+        if self.writer.fileno() < 0:  # started without privilegedStartService (tests)
+            self.privilegedStartService()
+        self.client.startReading()
+        self.server.startReading()
+        self._sweeper.start(self.sweep_interval, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._sweeper.running:
+            self._sweeper.stop()
+        for reader in (self.client, self.server):
+            reader.stopReading()
+            reader.close()
+        self.writer.close()
+
+    def _sweep(self) -> None:
+        try:
+            self.balancer.sweep()
+        except Exception:  # never let a sweep bug stop the sweeper or reach the reactor
+            _log.failure("expiry sweep failed")
+
+    def _from_terminal(self, packet: bytearray) -> None:
+        out = self.balancer.inbound(packet)
+        if out is not None:
+            self.writer.send(out)
+
+    def _from_backend(self, packet: bytearray) -> None:
+        if len(packet) < 40:
+            self.ignored += 1
+            return
+        first = packet[24]
+        if first == 0xFF or (first == 0xFE and packet[25] & 0xC0 == 0x80):
+            self.ignored += 1  # multicast or link-local: neighbour discovery and friends
+            return
+        if self._own is not None and bytes(packet[24:40]) in self._own:
+            self.ignored += 1  # addressed to this host (health checks): the kernel's
+            return
+        out = self.balancer.outbound(packet)
+        if out is not None:
+            self.writer.send(out)
