@@ -1,0 +1,266 @@
+"""Tests for lbproxy.ctl: the UNIX-socket runtime API and the lbproxyctl client."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import stat
+import tempfile
+from typing import Any
+
+from twisted.internet import defer, reactor, threads
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from lbproxy import ctl
+from lbproxy.control import Control
+from tests.operating_fakes import Key, packet, populated
+
+REACTOR: Any = reactor
+
+
+class Run:
+    """The outcome of one lbproxyctl invocation."""
+
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+class ServerTests(TestCase):
+    """A real server on a real socket, the real client in a thread."""
+
+    timeout = 30
+
+    def setUp(self) -> Any:
+        self.balancer, self.clock = populated()
+        self.reloads: list[str] = []
+
+        def reload() -> str:
+            self.reloads.append("reload")
+            if len(self.reloads) > 1:
+                raise ValueError("lbproxy.toml: backends.b3.address: not an IPv6 address")
+            return "2 backends"
+
+        fake: Any = self.balancer
+        parse_key: Any = Key.parse
+        self.control = Control(fake, self.clock, reload=reload, parse_key=parse_key)
+        # A short path: UNIX socket paths are limited to 107 bytes.
+        parent = tempfile.mkdtemp(prefix="lbop-ctl-")
+        self.addCleanup(shutil.rmtree, parent, True)
+        os.chmod(parent, 0o755)  # the permission test's user must reach the 0700 directory
+        self.directory = os.path.join(parent, "run")
+        self.path = os.path.join(self.directory, "ctl.sock")
+        self.service = ctl.make_ctl_service(self.path, self.control, REACTOR)
+        self.service.privilegedStartService()
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+
+    def run_ctl(self, *argv: str, stdin: str = "") -> defer.Deferred[Run]:
+        def call() -> Run:
+            out, err = io.StringIO(), io.StringIO()
+            code = ctl.main(
+                ["--socket", self.path, *argv], out, err, io.StringIO(stdin)
+            )
+            return Run(code, out.getvalue(), err.getvalue())
+
+        return threads.deferToThread(call)
+
+    def test_socket_and_directory_are_owner_only(self) -> None:
+        """The socket is mode 0600 in a 0700 directory."""
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        self.assertTrue(stat.S_ISSOCK(os.stat(self.path).st_mode))
+        self.assertEqual(stat.S_IMODE(os.stat(self.directory).st_mode), 0o700)
+
+    @defer.inlineCallbacks
+    def test_show(self) -> Any:
+        """show prints the aligned table; --json gives rows and total; filters apply."""
+        run = yield self.run_ctl("show")
+        self.assertEqual(run.code, 0, run.err)
+        lines = run.out.splitlines()
+        self.assertEqual(lines[0].split()[:3], ["kind", "key", "backend"])
+        self.assertIn("src 2001:db8:2::12", run.out)
+        self.assertEqual(lines[-1], "(3 bindings)")
+        run = yield self.run_ctl("--json", "show", "--backend", "b2", "--limit", "1")
+        result = run.json()
+        self.assertEqual(result["total"], 2)
+        self.assertEqual(len(result["rows"]), 1)
+        self.assertEqual(result["rows"][0]["backend"], "b2")
+        self.assertEqual(
+            set(result["rows"][0]),
+            {"kind", "key", "backend", "left", "packets", "care_of", "confirmed"},
+        )
+        run = yield self.run_ctl("--json", "show", "aa::12")
+        self.assertEqual([r["care_of"] for r in run.json()["rows"]], ["2001:db8:aa::12"])
+
+    @defer.inlineCallbacks
+    def test_trace(self) -> Any:
+        """trace takes hex (argument or stdin) and answers strategy, key, backend, hit."""
+        raw = packet("2001:db8:1::10").hex()
+        run = yield self.run_ctl("trace", raw)
+        self.assertEqual(run.code, 0, run.err)
+        self.assertIn("key: src 2001:db8:1::10", run.out)
+        self.assertIn("hit: True", run.out)
+        run = yield self.run_ctl("--json", "trace", "-", stdin=raw + "\n")
+        self.assertEqual(run.json()["key"], "src 2001:db8:1::10")
+        run = yield self.run_ctl("trace", "not-hex")
+        self.assertEqual(run.code, 1)
+        self.assertIn("not a hex packet", run.err)
+
+    @defer.inlineCallbacks
+    def test_move_and_forget(self) -> Any:
+        """move rebinds (key given as two words or one), forget removes, both in JSON too."""
+        run = yield self.run_ctl("move", "src", "2001:db8:1::10", "b1")
+        self.assertEqual((run.code, run.out), (0, "src 2001:db8:1::10 -> b1\n"), run.err)
+        binding = self.balancer.table.get(Key.parse("src 2001:db8:1::10"))
+        assert binding is not None
+        self.assertEqual(binding.backend.name, "b1")
+        run = yield self.run_ctl("--json", "move", "src 2001:db8:1::10", "b2")
+        self.assertEqual(run.json()["backend"], "b2")
+        run = yield self.run_ctl("move", "src 2001:db8:1::10", "b7")
+        self.assertEqual(run.code, 1)
+        self.assertIn("unknown backend 'b7'", run.err)
+        run = yield self.run_ctl("forget", "src", "2001:db8:1::10")
+        self.assertEqual(run.out, "forgot src 2001:db8:1::10\n")
+        self.assertIsNone(self.balancer.table.get(Key.parse("src 2001:db8:1::10")))
+        run = yield self.run_ctl("--json", "forget", "src 2001:db8:1::10")
+        self.assertIsNone(run.json())
+        run = yield self.run_ctl("forget", "src 2001:db8:1::10")
+        self.assertEqual(run.out, "no such binding\n")
+
+    @defer.inlineCallbacks
+    def test_drain_backends_stats(self) -> Any:
+        """drain sets weight 0 keeping bindings; backends and stats report it."""
+        run = yield self.run_ctl("drain", "b2")
+        self.assertEqual(run.code, 0, run.err)
+        self.assertIn("b2 drained: weight 0, 2 existing bindings stay", run.out)
+        run = yield self.run_ctl("--json", "backends")
+        by_name = {b["name"]: b for b in run.json()}
+        self.assertEqual(by_name["b2"]["weight"], 0)
+        self.assertEqual(by_name["b2"]["bindings"], 2)
+        self.assertEqual(by_name["b1"]["address"], "2001:db8:100::1")
+        run = yield self.run_ctl("backends")
+        self.assertEqual(run.out.split("\n")[0].split(), [
+            "name", "address", "weight", "state", "bindings", "packets"])
+        run = yield self.run_ctl("--json", "stats")
+        self.assertEqual(run.json()["packets_in"], 3)
+        self.assertEqual(run.json()["table"]["size"], 3)
+        run = yield self.run_ctl("stats")
+        self.assertIn("packets_in 3\n", run.out)
+        self.assertIn("misses.src 3\n", run.out)
+
+    @defer.inlineCallbacks
+    def test_reload(self) -> Any:
+        """reload calls the service's callable; its refusal comes back as a clear error."""
+        run = yield self.run_ctl("reload")
+        self.assertEqual((run.code, run.out), (0, "reloaded: 2 backends\n"))
+        run = yield self.run_ctl("--json", "reload")
+        self.assertEqual(run.code, 1)
+        self.assertIn("backends.b3.address", run.err)
+        self.assertEqual(self.reloads, ["reload", "reload"])
+
+    @defer.inlineCallbacks
+    def test_unknown_command(self) -> Any:
+        """The client rejects an unknown command; the server too, naming the known ones."""
+        run = yield self.run_ctl("explode")
+        self.assertEqual(run.code, 2)
+        self.assertIn("invalid choice", run.err)
+        answer = yield threads.deferToThread(
+            self.raw, b'{"command": "explode"}\n{"nonsense\n{"command": "stats"}\n'
+        )
+        lines = [json.loads(line) for line in answer.splitlines()]
+        self.assertEqual(lines[0]["ok"], False)
+        self.assertIn("unknown command 'explode'", lines[0]["error"])
+        self.assertIn("show", lines[0]["error"])
+        self.assertEqual(lines[1], {"ok": False, "error": "request is not JSON"})
+        self.assertEqual(lines[2]["ok"], True)
+
+    def raw(self, data: bytes) -> str:
+        """Send raw bytes, read three answer lines."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(self.path)
+            sock.sendall(data)
+            buf = b""
+            while buf.count(b"\n") < 3:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        return buf.decode()
+
+    @defer.inlineCallbacks
+    def test_permission_denied_for_other_users(self) -> Any:
+        """A non-root user (nobody) cannot reach the socket and is told so clearly."""
+        if os.geteuid() != 0:
+            raise self.failureException("run as root: the test switches to user nobody")
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: become nobody, try the socket, report, exit at once
+            try:
+                os.close(read_end)
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                try:
+                    ctl.request(self.path, "stats", {}, timeout=5)
+                    message = "connected"
+                except ctl.ClientError as exc:
+                    message = str(exc)
+                os.write(write_end, message.encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+
+        def collect() -> str:
+            with os.fdopen(read_end, "rb") as handle:
+                data = handle.read()
+            os.waitpid(pid, 0)
+            return data.decode()
+
+        message = yield threads.deferToThread(collect)
+        self.assertIn("permission denied", message)
+        self.assertIn(self.path, message)
+
+
+class ClientErrorTests(SynchronousTestCase):
+    def test_missing_socket(self) -> None:
+        """No socket: exit 2 and a message saying so and naming the path."""
+        out, err = io.StringIO(), io.StringIO()
+        path = os.path.abspath(self.mktemp())
+        code = ctl.main(["--socket", path, "stats"], out, err)
+        self.assertEqual(code, 2)
+        self.assertIn(f"no control socket at {path}", err.getvalue())
+        self.assertEqual(out.getvalue(), "")
+
+    def test_stale_socket(self) -> None:
+        """A socket file nobody listens on: exit 2, 'stale socket'."""
+        path = os.path.abspath(self.mktemp())
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+        sock.close()
+        err = io.StringIO()
+        self.assertEqual(ctl.main(["--socket", path, "stats"], io.StringIO(), err), 2)
+        self.assertIn("stale socket", err.getvalue())
+
+    def test_usage_errors(self) -> None:
+        """Missing arguments are usage errors (exit 2) reported on the given stream."""
+        err = io.StringIO()
+        self.assertEqual(ctl.main(["move", "b1"], io.StringIO(), err), 2)
+        self.assertIn("usage: lbproxyctl", err.getvalue())
+
+    def test_directory_writable_by_others_is_refused(self) -> None:
+        """The server will not listen in a directory others could write to."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        os.chmod(directory, 0o777)
+        self.assertRaises(
+            OSError, ctl.prepare_socket_directory, os.path.join(directory, "s")
+        )
+        os.chmod(directory, 0o750)
+        ctl.prepare_socket_directory(os.path.join(directory, "s"))
+        self.assertEqual(stat.S_IMODE(os.stat(directory).st_mode), 0o700)
