@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import socket
 import struct
@@ -122,6 +123,13 @@ class IPacketSystem(Interface):
         Raises ``BlockingIOError`` when no packet is queued.
         """
 
+    def receiver(fd: int) -> Callable[[bytearray], int]:  # noqa: N805
+        """Return a callable doing ``receive(fd, buffer)``, for the per-packet loop.
+
+        The port looks it up once per socket, so the real system can hand out
+        the socket's own C method: no Python frame per packet.
+        """
+
     def open_sender() -> int:
         """Open a non-blocking socket that sends whole IPv6 packets.
 
@@ -134,6 +142,13 @@ class IPacketSystem(Interface):
 
         Returns the number of bytes sent.  ``BlockingIOError`` / ``ENOBUFS``
         mean the kernel's queue is full.
+        """
+
+    def sender(fd: int) -> Callable[[bytes | bytearray | memoryview, tuple[str, int]], int]:  # noqa: N805
+        """Return a callable doing ``send(fd, packet, address[0])``, for the per-packet loop.
+
+        ``address`` is ``(destination text, 0)``, the form ``socket.sendto``
+        takes, so that callers can cache it per destination.
         """
 
     def close(fd: int) -> None:  # noqa: N805
@@ -259,6 +274,9 @@ class LinuxPacketSystem:
         # MSG_TRUNC: a packet socket then returns the packet's real length.
         return self._sockets[fd].recv_into(buffer, 0, socket.MSG_TRUNC)
 
+    def receiver(self, fd: int) -> Callable[[bytearray], int]:
+        return functools.partial(self._sockets[fd].recv_into, nbytes=0, flags=socket.MSG_TRUNC)
+
     def open_sender(self) -> int:
         with _network_namespace(self.namespace):
             # IPPROTO_RAW on AF_INET6 implies IPV6_HDRINCL: we send the header.
@@ -271,6 +289,9 @@ class LinuxPacketSystem:
     def send(self, fd: int, packet: bytes | bytearray | memoryview, destination: str) -> int:
         return self._sockets[fd].sendto(packet, (destination, 0))
 
+    def sender(self, fd: int) -> Callable[[bytes | bytearray | memoryview, tuple[str, int]], int]:
+        return self._sockets[fd].sendto
+
     def close(self, fd: int) -> None:
         self._sockets.pop(fd).close()
 
@@ -278,6 +299,14 @@ class LinuxPacketSystem:
 def _should_log(count: int) -> bool:
     """True for the 1st, 2nd, 4th, 8th... occurrence: a bounded log under a flood."""
     return count & (count - 1) == 0
+
+
+def _closed_receiver(buffer: bytearray) -> int:
+    raise OSError(errno.EBADF, "the reader is closed")
+
+
+def _closed_sender(packet: bytes | bytearray | memoryview, address: tuple[str, int]) -> int:
+    raise OSError(errno.EBADF, "the writer is closed")
 
 
 class ReaderStats:
@@ -335,6 +364,7 @@ class PacketReader:
         self.stats = ReaderStats()
         self._buffer = bytearray(max_packet)
         self._fd = -1
+        self._receive: Callable[[bytearray], int] = _closed_receiver
         self._reading = False
 
     # Life cycle -----------------------------------------------------------
@@ -345,6 +375,7 @@ class PacketReader:
             self._fd = self.system.open_reader(
                 self.interface, self.destinations, self.receive_buffer
             )
+            self._receive = self.system.receiver(self._fd)
 
     def set_destinations(self, destinations: Sequence[bytes]) -> None:
         """Change the destination filter (``()``: every IPv6 packet), e.g. on reload."""
@@ -371,6 +402,7 @@ class PacketReader:
         self.stopReading()
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
+            self._receive = _closed_receiver
             self.system.close(fd)
 
     @property
@@ -394,15 +426,14 @@ class PacketReader:
         """Drain up to ``batch`` packets; count everything, raise nothing."""
         stats = self.stats
         stats.wakeups += 1
-        receive = self.system.receive
+        receive = self._receive
         handle = self.handle
-        fd = self._fd
         buffer = self._buffer
         size = len(buffer)
         received = oversize = 0
         try:
             for _ in range(self.batch):
-                length = receive(fd, buffer)
+                length = receive(buffer)
                 if length > size:
                     oversize += 1
                     continue
@@ -471,17 +502,21 @@ class PacketWriter:
         self.system = system
         self.stats = WriterStats()
         self._fd = -1
-        self._names: dict[bytes, str] = {}
+        self._send: Callable[[bytes | bytearray | memoryview, tuple[str, int]], int]
+        self._send = _closed_sender
+        self._addresses: dict[bytes, tuple[str, int]] = {}
 
     def open(self) -> None:
         """Open the sending socket (privileged)."""
         if self._fd < 0:
             self._fd = self.system.open_sender()
+            self._send = self.system.sender(self._fd)
 
     def close(self) -> None:
         """Close the socket.  Safe to call twice."""
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
+            self._send = _closed_sender
             self.system.close(fd)
 
     def fileno(self) -> int:
@@ -496,15 +531,18 @@ class PacketWriter:
         """
         if destination is None:
             packed = bytes(packet[24:40])
-            destination = self._names.get(packed)
-            if destination is None:
+            address = self._addresses.get(packed)
+            if address is None:
                 if len(packed) != 16:
                     return self._drop("EINVAL", "not an IPv6 packet")
-                if len(self._names) >= self.cache_size:
-                    self._names.clear()
-                destination = self._names[packed] = socket.inet_ntop(socket.AF_INET6, packed)
+                if len(self._addresses) >= self.cache_size:
+                    self._addresses.clear()
+                address = (socket.inet_ntop(socket.AF_INET6, packed), 0)
+                self._addresses[packed] = address
+        else:
+            address = (destination, 0)
         try:
-            self.system.send(self._fd, packet, destination)
+            self._send(packet, address)
         except OSError as e:
             name = errno.errorcode.get(e.errno or 0, str(e.errno))
             return self._drop(name, e)

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import ipaddress
 import os
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import attrs
 from zope.interface import implementer
@@ -195,6 +196,10 @@ class MemoryPacketSystem:
         buffer[:copied] = packet[:copied]
         return len(packet)
 
+    def receiver(self, fd: int) -> Callable[[bytearray], int]:
+        self._socket(fd, reader=True)
+        return functools.partial(self.receive, fd)
+
     def open_sender(self) -> int:
         self._check("open_sender")
         return self._allocate(_MemorySocket(None, ()))
@@ -215,6 +220,14 @@ class MemoryPacketSystem:
             raise OSError(errno.EMSGSIZE, os.strerror(errno.EMSGSIZE))
         self.sent.append(SentPacket(data, destination, interface))
         return len(data)
+
+    def sender(self, fd: int) -> Callable[[bytes | bytearray | memoryview, tuple[str, int]], int]:
+        self._socket(fd, reader=False)
+
+        def send(packet: bytes | bytearray | memoryview, address: tuple[str, int]) -> int:
+            return self.send(fd, packet, address[0])
+
+        return send
 
     def close(self, fd: int) -> None:
         self._check("close")

@@ -397,12 +397,14 @@ class MemoryPacketSystemTests(SynchronousTestCase):
     def test_unexpected_exception_contained(self) -> None:
         """Even a non-OSError from the system is counted and logged, not raised."""
 
-        def broken(fd: int, buffer: bytearray) -> int:
+        def broken(buffer: bytearray) -> int:
             raise RuntimeError("broken system")
 
-        self.system.receive = broken  # type: ignore[method-assign]
-        self.port.doRead()
-        assert self.port.stats.errors == 1
+        self.system.receiver = lambda fd: broken  # type: ignore[method-assign]
+        port = PacketReader(self.system, MemoryReactor(), "eth0", _ignore)
+        port.open()
+        port.doRead()
+        assert port.stats.errors == 1
         assert len(self.flushLoggedErrors(RuntimeError)) == 1
 
     def test_full_queue_send_dropped(self) -> None:
