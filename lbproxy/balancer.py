@@ -47,8 +47,6 @@ FRAGMENT_TIMEOUT = 60.0
 #: At most this many fragmented datagrams are tracked at once; the oldest is forgotten.
 MAX_FRAGMENT_FLOWS = 65536
 
-_ICMPV6 = 58
-_ICMPV6_ERRORS = frozenset((1, 2, 3, 4))
 
 
 class Verdict(enum.Enum):
@@ -63,7 +61,8 @@ class Counters:
 
     Drops are counted by reason name (the malformed reasons of the view plus the
     balancer's own: ``not-virtual``, ``port``, ``no-backend``, ``table-full``,
-    ``fragment-unknown``, ``not-from-backend``, ``hop-limit``, ``rewrite``).
+    ``fragment-unknown``, ``not-from-backend``, and the rewrites' ``hop-limit`` and
+    ``routing-header``).
     """
 
     def __init__(self) -> None:
@@ -209,7 +208,8 @@ class Balancer:
     def move(self, key: Key, backend_name: str) -> Binding:
         """Bind `key` to the named backend now (replacing any binding)."""
         backend = self.backends[backend_name]
-        old = self.table.remove(key)
+        old = self.table.get(key)
+        # Inserting over an entry replaces it and keeps it established.
         binding = self.table.insert(key, backend, care_of=old.care_of if old else None)
         if binding is None:
             raise RuntimeError("the table is full")
@@ -281,8 +281,8 @@ class Balancer:
             out = nat.translate(buf, view, backend.packed)
         else:
             out = nat.transparent(buf, view, backend.packed)
-        if out is None:
-            self._drop("hop-limit")
+        if isinstance(out, nat.Drop):
+            self._drop(out.value)
             return None
         counters.packets_out += 1
         counters.backend_packets[backend.name] += 1
@@ -308,10 +308,11 @@ class Balancer:
             self.counters.hits[kind] += 1
         else:
             self.counters.misses[kind] += 1
-            backend = self._choose(key)
-            if backend is None:
+            chosen = self._choose(key)
+            if chosen is None:
                 self._drop("no-backend")
                 return None
+            backend = chosen
             binding = table.insert(key, backend)
             if binding is None:
                 self._drop("table-full")
@@ -360,16 +361,9 @@ class Balancer:
         if view.rh2 >= 0:
             home = bytes(buf[view.rh2 : view.rh2 + 16])
         vip = self._vip_of.get(home, self._first_vip) if len(self.vips) > 1 else self._first_vip
-        if self.mode == "translate":
-            care_of = self._confirmed.get(home)
-            if view.proto == _ICMPV6 and buf[view.l4] in _ICMPV6_ERRORS:
-                out = nat.icmp_error_reply(buf, view, vip, care_of, home)
-            else:
-                out = nat.reply(buf, view, vip, care_of, home)
-        else:
-            out = nat.transparent_reply(buf, view, vip)
-        if out is None:
-            self._drop("rewrite")
+        out = nat.reply(buf, view, vip, self._confirmed.get(home), home)
+        if isinstance(out, nat.Drop):
+            self._drop(out.value)
             return None
         counters.replies_out += 1
         return out

@@ -1,0 +1,249 @@
+"""Tests for lbproxy.balancer: one packet's journey through the pure core.
+
+Packets are built with scapy and the results are re-dissected by scapy, so the core is
+checked against an independent implementation, not against itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from scapy.layers.inet import TCP, UDP
+from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrRouting
+from scapy.layers.ipsec import ESP
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from lbproxy.balancer import Balancer
+from lbproxy.keys import Key, KeyChain
+from lbproxy.selection import Backend, scheduler_from_name
+from lbproxy.table import StickyTable
+
+VIP = "2001:db8:5::80"
+HOA = "2001:db8:100::1001"
+COA1 = "2001:db8:a1::1001"
+COA2 = "2001:db8:a2::1001"
+BACKENDS = [
+    Backend(name=f"srv{i}", address=ipaddress.IPv6Address(f"2001:db8:b0::1{i}"))
+    for i in (1, 2, 3)
+]
+
+
+def mobile(coa: str, hoa: str = HOA, sport: int = 40000, payload: bytes = b"hello") -> bytearray:
+    """A UDP packet from a moving terminal: source = CoA, HAO = home address."""
+    pkt = IPv6(src=coa, dst=VIP) / IPv6ExtHdrDestOpt(options=[HAO(hoa=hoa)]) / UDP(
+        sport=sport, dport=80
+    ) / payload
+    return bytearray(bytes(pkt))
+
+
+def checksum_ok(data: bytes) -> bool:
+    """scapy's own verdict: rebuild the L4 checksum and compare."""
+    pkt = IPv6(data)
+    for layer in (TCP, UDP):
+        if layer in pkt:
+            l4 = pkt[layer]
+            got = l4.chksum
+            del l4.chksum
+            return bool(IPv6(bytes(pkt))[layer].chksum == got)
+    raise AssertionError("no L4")
+
+
+def make(mode: str = "translate", scheduler: str = "maglev", max_entries: int = 1000,
+         chain: tuple[str, ...] = ("hoa", "iid", "spi", "src")) -> tuple[Balancer, Clock]:
+    clock = Clock()
+    balancer = Balancer(
+        chain=KeyChain.from_names(chain),
+        table=StickyTable(clock, 300.0, max_entries),
+        scheduler=scheduler_from_name(scheduler),
+        backends=BACKENDS,
+        virtual_addresses=[ipaddress.IPv6Address(VIP)],
+        clock=clock,
+        mode=mode,
+    )
+    return balancer, clock
+
+
+class InboundTests(SynchronousTestCase):
+    def test_translate_moves_keep_backend(self) -> None:
+        """A terminal moving between care-of addresses stays on one backend (claims 1, 2)."""
+        balancer, clock = make()
+        seen = set()
+        for coa in (COA1, COA2, COA1):
+            out = balancer.inbound(mobile(coa))
+            assert out is not None
+            pkt = IPv6(bytes(out))
+            self.assertEqual(pkt.src, HOA)
+            self.assertNotIn(IPv6ExtHdrDestOpt, pkt)
+            self.assertTrue(checksum_ok(bytes(out)))
+            self.assertEqual(bytes(pkt[UDP].payload), b"hello")
+            seen.add(pkt.dst)
+            clock.advance(1)
+        self.assertEqual(len(seen), 1)
+        self.assertIn(seen.pop(), {str(b.address) for b in BACKENDS})
+        self.assertEqual(balancer.counters.misses["hoa"], 1)
+        self.assertEqual(balancer.counters.hits["hoa"], 2)
+        binding = balancer.table.get(Key("hoa", ipaddress.IPv6Address(HOA).packed))
+        assert binding is not None
+        self.assertEqual(binding.care_of, ipaddress.IPv6Address(COA1).packed)
+
+    def test_transparent_keeps_hao(self) -> None:
+        """Transparent mode rewrites only the destination; the HAO reaches the backend."""
+        balancer, _ = make(mode="transparent")
+        out = balancer.inbound(mobile(COA1))
+        assert out is not None
+        pkt = IPv6(bytes(out))
+        self.assertEqual(pkt.src, COA1)
+        self.assertEqual(pkt[HAO].hoa, HOA)
+        self.assertIn(pkt.dst, {str(b.address) for b in BACKENDS})
+
+    def test_not_virtual(self) -> None:
+        """Packets to other destinations are counted and dropped."""
+        balancer, _ = make()
+        pkt = bytearray(bytes(IPv6(src=COA1, dst="2001:db8:5::81") / UDP()))
+        self.assertIsNone(balancer.inbound(pkt))
+        self.assertEqual(balancer.counters.dropped["not-virtual"], 1)
+
+    def test_malformed_counted_others_unaffected(self) -> None:
+        """Malformed packets are dropped by reason; a good flow around them is untouched."""
+        balancer, _ = make()
+        first = balancer.inbound(mobile(COA1))
+        assert first is not None
+        backend = IPv6(bytes(first)).dst
+        two_haos = IPv6(src=COA1, dst=VIP) / IPv6ExtHdrDestOpt(
+            options=[HAO(hoa=HOA), HAO(hoa="2001:db8:100::9")]
+        ) / UDP()
+        for bad in (b"\x60" + b"\x00" * 10, bytes(two_haos), bytes(mobile(COA1))[:50], b"junk"):
+            self.assertIsNone(balancer.inbound(bytearray(bad)))
+        self.assertEqual(sum(balancer.counters.dropped.values()), 4)
+        self.assertGreaterEqual(balancer.counters.dropped["duplicate-hao"], 1)
+        again = balancer.inbound(mobile(COA2))
+        assert again is not None
+        self.assertEqual(IPv6(bytes(again)).dst, backend)
+
+    def test_fragments_follow_first(self) -> None:
+        """A non-first fragment goes where its first fragment went."""
+        balancer, _ = make(scheduler="round_robin", chain=("src",))
+        src = "2001:db8:a1::77"
+        head = IPv6(src=src, dst=VIP) / IPv6ExtHdrFragment(id=7, m=1, offset=0) / UDP(
+            sport=1, dport=80) / (b"x" * 16)
+        tail = IPv6(src=src, dst=VIP) / IPv6ExtHdrFragment(id=7, m=0, offset=3, nh=17) / (
+            b"y" * 8)
+        out1 = balancer.inbound(bytearray(bytes(head)))
+        # another terminal in between moves the round robin on
+        balancer.inbound(bytearray(bytes(IPv6(src="2001:db8:a1::78", dst=VIP) / UDP())))
+        out2 = balancer.inbound(bytearray(bytes(tail)))
+        assert out1 is not None and out2 is not None
+        self.assertEqual(IPv6(bytes(out1)).dst, IPv6(bytes(out2)).dst)
+        orphan = IPv6(src=src, dst=VIP) / IPv6ExtHdrFragment(id=8, m=0, offset=3, nh=17) / b"z"
+        self.assertIsNone(balancer.inbound(bytearray(bytes(orphan))))
+        self.assertEqual(balancer.counters.dropped["fragment-unknown"], 1)
+
+    def test_esp_key(self) -> None:
+        """An ESP packet is keyed by its SPI (claim 4) whatever its source."""
+        balancer, _ = make(chain=("hoa", "spi", "src"))
+        outs = set()
+        for src in (COA1, COA2):
+            pkt = IPv6(src=src, dst=VIP) / ESP(spi=0xDA, seq=1, data=b"\x00" * 16)
+            out = balancer.inbound(bytearray(bytes(pkt)))
+            assert out is not None
+            outs.add(IPv6(bytes(out)).dst)
+        self.assertEqual(len(outs), 1)
+        self.assertEqual(balancer.counters.hits["spi"], 1)
+
+    def test_terminal_seen_once(self) -> None:
+        """The first packet of a terminal is reported (claim 5's trigger), later ones not."""
+        balancer, _ = make()
+        seen: list[tuple[bytes | None, bytes]] = []
+        balancer.terminal_seen = lambda home, src: seen.append((home, src))
+        balancer.inbound(mobile(COA1))
+        balancer.inbound(mobile(COA2))
+        self.assertEqual(seen, [(ipaddress.IPv6Address(HOA).packed,
+                                 ipaddress.IPv6Address(COA1).packed)])
+
+
+class OperatorTests(SynchronousTestCase):
+    def test_drain_keeps_existing(self) -> None:
+        """A drained backend keeps its bindings and gets no new ones."""
+        balancer, _ = make(scheduler="round_robin")
+        out = balancer.inbound(mobile(COA1))
+        assert out is not None
+        name = next(b.name for b in BACKENDS if str(b.address) == IPv6(bytes(out)).dst)
+        balancer.drain(name)
+        again = balancer.inbound(mobile(COA2))
+        assert again is not None
+        self.assertEqual(IPv6(bytes(again)).dst, IPv6(bytes(out)).dst)
+        for i in range(20):
+            o = balancer.inbound(mobile(COA1, hoa=f"2001:db8:100::{i + 1:x}"))
+            assert o is not None
+            self.assertNotEqual(IPv6(bytes(o)).dst, IPv6(bytes(out)).dst)
+
+    def test_dead_backend_reassigned(self) -> None:
+        """With the reassign policy a binding on a down backend moves on its next packet."""
+        balancer, _ = make()
+        out = balancer.inbound(mobile(COA1))
+        assert out is not None
+        name = next(b.name for b in BACKENDS if str(b.address) == IPv6(bytes(out)).dst)
+        balancer.set_backend_up(name, False)
+        again = balancer.inbound(mobile(COA1))
+        assert again is not None
+        self.assertNotEqual(IPv6(bytes(again)).dst, IPv6(bytes(out)).dst)
+        self.assertEqual(balancer.counters.reassigned, 1)
+
+    def test_trace_has_no_side_effects(self) -> None:
+        """trace() says what would happen and changes nothing."""
+        balancer, _ = make()
+        result = balancer.trace(bytes(mobile(COA1)))
+        self.assertEqual(result.strategy, "hoa")
+        self.assertEqual(str(result.key), f"hoa {HOA}")
+        self.assertFalse(result.hit)
+        self.assertEqual(len(balancer.table), 0)
+        out = balancer.inbound(mobile(COA1))
+        assert out is not None and result.backend is not None
+        self.assertEqual(IPv6(bytes(out)).dst, str(result.backend.address))
+        self.assertTrue(balancer.trace(bytes(mobile(COA2))).hit)
+
+    def test_move_and_forget(self) -> None:
+        """move() rebinds a key to a named backend; forget() removes it."""
+        balancer, _ = make()
+        key = Key("hoa", ipaddress.IPv6Address(HOA).packed)
+        balancer.move(key, "srv3")
+        out = balancer.inbound(mobile(COA1))
+        assert out is not None
+        self.assertEqual(IPv6(bytes(out)).dst, "2001:db8:b0::13")
+        self.assertIsNotNone(balancer.forget(key))
+        self.assertNotIn(key, balancer.table)
+
+
+class OutboundTests(SynchronousTestCase):
+    def reply(self, backend: str = "2001:db8:b0::11") -> bytearray:
+        pkt = IPv6(src=backend, dst=HOA) / TCP(sport=80, dport=40000, flags="A") / b"data"
+        return bytearray(bytes(pkt))
+
+    def test_unconfirmed_goes_home(self) -> None:
+        """Without a confirmed binding the reply goes towards the home address."""
+        balancer, _ = make()
+        out = balancer.outbound(self.reply())
+        assert out is not None
+        pkt = IPv6(bytes(out))
+        self.assertEqual((pkt.src, pkt.dst), (VIP, HOA))
+        self.assertNotIn(IPv6ExtHdrRouting, pkt)
+        self.assertTrue(checksum_ok(bytes(out)))
+
+    def test_confirmed_goes_to_care_of(self) -> None:
+        """A confirmed binding gets a Type 2 Routing Header to the care-of address."""
+        balancer, _ = make()
+        balancer.confirm(ipaddress.IPv6Address(HOA).packed, ipaddress.IPv6Address(COA2).packed)
+        out = balancer.outbound(self.reply())
+        assert out is not None
+        pkt = IPv6(bytes(out))
+        self.assertEqual((pkt.src, pkt.dst), (VIP, COA2))
+        self.assertEqual(pkt[IPv6ExtHdrRouting].type, 2)
+        self.assertEqual(pkt[IPv6ExtHdrRouting].addresses, [HOA])
+        self.assertEqual(bytes(pkt[TCP].payload), b"data")
+
+    def test_not_from_backend(self) -> None:
+        """Only backends' packets are rewritten."""
+        balancer, _ = make()
+        self.assertIsNone(balancer.outbound(self.reply(backend="2001:db8:b0::99")))
+        self.assertEqual(balancer.counters.dropped["not-from-backend"], 1)
