@@ -1,0 +1,209 @@
+"""Tests for lbproxy.metrics: a real scrape, parsed with prometheus_client, shows counters move."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from scapy.layers.inet import UDP
+from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
+from twisted.internet import defer, reactor, task
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, readBody
+
+from lbproxy.balancer import Balancer
+from lbproxy.control import Control
+from lbproxy.keys import KeyChain
+from lbproxy.metrics import (
+    BalancerCollector,
+    make_metrics_service,
+    make_registry,
+    make_site,
+)
+from lbproxy.notify.policy import Refusal, RefusalCounters
+from lbproxy.selection import Backend, RoundRobin
+from lbproxy.table import StickyTable
+
+REACTOR: Any = reactor
+VIP = "2001:db8:ff::1"
+
+
+def real_balancer(clock: task.Clock) -> Balancer:
+    return Balancer(
+        chain=KeyChain.from_names(["hoa", "src"]),
+        table=StickyTable(clock, lifetime=30.0, max_entries=100),
+        scheduler=RoundRobin(),
+        backends=[Backend("b1", "2001:db8:100::1"), Backend("b2", "2001:db8:100::2")],
+        virtual_addresses=[ipaddress.IPv6Address(VIP)],
+        clock=clock,
+    )
+
+
+def hao_packet(home: str, care_of: str) -> bytearray:
+    """A UDP packet from a mobile terminal: source = care-of, HAO = home address."""
+    pkt = (
+        IPv6(src=care_of, dst=VIP)
+        / IPv6ExtHdrDestOpt(options=[HAO(hoa=home)])
+        / UDP(sport=4000, dport=53)
+        / b"hello"
+    )
+    return bytearray(bytes(pkt))
+
+
+def plain_packet(source: str) -> bytearray:
+    return bytearray(bytes(IPv6(src=source, dst=VIP) / UDP(sport=4000, dport=53) / b"x"))
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a scrape, by (name, sorted labels)."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+class Subscription:
+    def __init__(self, confirmed: bool) -> None:
+        self.confirmed = confirmed
+
+
+class CollectorTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.balancer = real_balancer(self.clock)
+        self.control = Control(self.balancer)
+
+    def scrape(self, collector: BalancerCollector) -> dict[Any, float]:
+        from prometheus_client.exposition import generate_latest
+
+        return samples(generate_latest(make_registry(collector)).decode())
+
+    def test_counters_move(self) -> None:
+        """Packets in/out, hits and misses per kind, drops by reason, table size and
+        per-backend figures follow the traffic between two scrapes."""
+        collector = BalancerCollector(self.control)
+        before = self.scrape(collector)
+        self.assertEqual(before[("lbproxy_packets_in_total", ())], 0)
+        self.assertEqual(before[("lbproxy_table_bindings", ())], 0)
+
+        self.balancer.inbound(hao_packet("2001:db8:1::1", "2001:db8:aa::1"))
+        self.balancer.inbound(hao_packet("2001:db8:1::1", "2001:db8:bb::1"))  # moved: hit
+        self.balancer.inbound(plain_packet("2001:db8:2::2"))
+        self.balancer.inbound(bytearray(b"\x60garbage"))
+        after = self.scrape(collector)
+        self.assertEqual(after[("lbproxy_packets_in_total", ())], 4)
+        self.assertEqual(after[("lbproxy_packets_out_total", ())], 3)
+        self.assertEqual(after[("lbproxy_hits_total", (("kind", "hoa"),))], 1)
+        self.assertEqual(after[("lbproxy_misses_total", (("kind", "hoa"),))], 1)
+        self.assertEqual(after[("lbproxy_misses_total", (("kind", "src"),))], 1)
+        dropped = {k: v for k, v in after.items() if k[0] == "lbproxy_packets_dropped_total"}
+        self.assertEqual(sum(dropped.values()), 1)
+        self.assertEqual(after[("lbproxy_table_bindings", ())], 2)
+        self.assertEqual(after[("lbproxy_table_inserts_total", ())], 2)
+        per_backend = {
+            dict(k[1])["backend"]: v
+            for k, v in after.items()
+            if k[0] == "lbproxy_backend_bindings"
+        }
+        self.assertEqual(per_backend, {"b1": 1, "b2": 1})
+        packets = sum(v for k, v in after.items() if k[0] == "lbproxy_backend_packets_total")
+        self.assertEqual(packets, 3)
+        self.assertEqual(after[("lbproxy_backend_up", (("backend", "b1"),))], 1)
+
+        self.clock.advance(31)
+        self.balancer.sweep()
+        expired = self.scrape(collector)
+        self.assertEqual(expired[("lbproxy_table_expirations_total", ())], 2)
+        self.assertEqual(expired[("lbproxy_table_bindings", ())], 0)
+
+    def test_health_and_drain_show(self) -> None:
+        """A backend marked down shows up=0; a drained one weight 0."""
+        self.balancer.set_backend_up("b2", False)
+        self.balancer.drain("b1")
+        now = self.scrape(BalancerCollector(self.control))
+        self.assertEqual(now[("lbproxy_backend_up", (("backend", "b2"),))], 0)
+        self.assertEqual(now[("lbproxy_backend_weight", (("backend", "b1"),))], 0)
+        self.assertEqual(now[("lbproxy_backend_weight", (("backend", "b2"),))], 1)
+
+    def test_notifications_and_subscriptions(self) -> None:
+        """Notification counters (RefusalCounters) and subscription states are exported;
+        absent objects just leave their metrics out."""
+        refusals = RefusalCounters()
+        collector = BalancerCollector(
+            self.control,
+            notify=refusals,
+            peer_states=lambda: {"ha1": "SUBSCRIBED", "ha2": "DISCONNECTED"},
+            subscriptions=[Subscription(True), Subscription(True), Subscription(False)],
+        )
+        refusals.accepted += 5
+        refusals.refuse(Refusal.STALE, "ha1")
+        refusals.refuse(Refusal.STALE, "ha1")
+        refusals.refuse(Refusal.NOT_ENTITLED, "ha2")
+        now = self.scrape(collector)
+        self.assertEqual(now[("lbproxy_notifications_accepted_total", (("kind", "all"),))], 5)
+        self.assertEqual(
+            now[("lbproxy_notifications_refused_total", (("reason", "stale"),))], 2
+        )
+        self.assertEqual(
+            now[("lbproxy_notifications_refused_total", (("reason", "not_entitled"),))], 1
+        )
+        self.assertEqual(
+            now[("lbproxy_peer_state", (("peer", "ha1"), ("state", "SUBSCRIBED")))], 1
+        )
+        self.assertEqual(now[("lbproxy_subscriptions", (("state", "confirmed"),))], 2)
+        self.assertEqual(now[("lbproxy_subscriptions", (("state", "pending"),))], 1)
+        bare = self.scrape(BalancerCollector(self.control))
+        self.assertFalse([k for k in bare if "notifications" in k[0] or "peer" in k[0]])
+
+
+class ScrapeTests(TestCase):
+    """Scrapes over HTTP, as Prometheus does."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.balancer = real_balancer(self.clock)
+        self.control = Control(self.balancer)
+
+    @defer.inlineCallbacks
+    def get(self, port: int) -> Any:
+        agent = Agent(REACTOR)
+        response = yield agent.request(b"GET", f"http://[::1]:{port}/metrics".encode())
+        self.assertEqual(response.code, 200)
+        body = yield readBody(response)
+        return body.decode()
+
+    @defer.inlineCallbacks
+    def test_http_scrape_shows_counters_moving(self) -> Any:
+        """Two scrapes of /metrics over HTTP, parsed by prometheus_client, differ by the
+        packets sent in between."""
+        site = make_site(make_registry(BalancerCollector(self.control)))
+        port = REACTOR.listenTCP(0, site, interface="::1")
+        self.addCleanup(port.stopListening)
+        first = samples((yield self.get(port.getHost().port)))
+        for n in range(10):
+            self.balancer.inbound(hao_packet(f"2001:db8:1::{n + 1:x}", "2001:db8:aa::1"))
+        second = samples((yield self.get(port.getHost().port)))
+        self.assertEqual(
+            second[("lbproxy_packets_in_total", ())] - first[("lbproxy_packets_in_total", ())],
+            10,
+        )
+        self.assertEqual(second[("lbproxy_misses_total", (("kind", "hoa"),))], 10)
+        self.assertEqual(second[("lbproxy_table_bindings", ())], 10)
+
+    @defer.inlineCallbacks
+    def test_service_listens_on_its_endpoint(self) -> Any:
+        """make_metrics_service serves /metrics on the configured strports endpoint."""
+        probe = socket.socket(socket.AF_INET6)
+        probe.bind(("::1", 0))
+        number = probe.getsockname()[1]
+        probe.close()
+        service = make_metrics_service(rf"tcp6:{number}:interface=\:\:1", self.control, REACTOR)
+        service.startService()
+        self.addCleanup(service.stopService)
+        text = yield self.get(number)
+        self.assertIn("lbproxy_packets_in_total 0.0", text)
