@@ -131,10 +131,7 @@ class Balancer:
         self.mode = mode
         self.reassign_dead = reassign_dead
         self.counters = Counters()
-        self.vips = tuple(virtual_addresses)
-        self._vips = frozenset(a.packed for a in self.vips)
-        self._first_vip = self.vips[0].packed
-        self.ports = frozenset(ports)
+        self.set_virtual_addresses(virtual_addresses, ports)
         self.backends: dict[str, Backend] = {}
         self._by_address: dict[bytes, Backend] = {}
         self._down: set[str] = set()
@@ -152,6 +149,18 @@ class Balancer:
         self.set_backends(backends)
 
     # -- configuration ---------------------------------------------------------------
+
+    def set_virtual_addresses(
+        self, virtual_addresses: Iterable[ipaddress.IPv6Address], ports: Iterable[int] = ()
+    ) -> None:
+        """The addresses (and ports; empty = all) this balancer answers for."""
+        vips = tuple(virtual_addresses)
+        if not vips:
+            raise ValueError("at least one virtual address is required")
+        self.vips = vips
+        self._vips = frozenset(a.packed for a in vips)
+        self._first_vip = vips[0].packed
+        self.ports = frozenset(ports)
 
     def set_backends(self, backends: Sequence[Backend]) -> None:
         """Install a new backend list (reload, drain, weight change); bindings stay."""

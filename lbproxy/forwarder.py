@@ -99,6 +99,12 @@ class ForwarderService(Service):
         self.client.startReading()
         self.server.startReading()
         self._sweeper.start(self.sweep_interval, now=False)
+        _log.info(
+            "lbproxy forwarding: {client} -> Balancer({mode}) -> {server}",
+            client=self.client.interface,
+            server=self.server.interface,
+            mode=self.balancer.mode,
+        )
 
     def stopService(self) -> None:
         super().stopService()

@@ -7,13 +7,17 @@ before anything starts, with one line naming the file, the key and the reason.  
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 from twisted.application.service import IServiceCollection, MultiService
+from twisted.logger import Logger
 from twisted.python import usage
 
 from lbproxy.balancer import Balancer
 from lbproxy.config import Config, ConfigError, load_config
+from lbproxy.control import Control
+from lbproxy.ctl import make_ctl_service
 from lbproxy.forwarder import ForwarderService
 from lbproxy.keys import KeyChain
 from lbproxy.rawsocket import LinuxPacketSystem
@@ -21,6 +25,8 @@ from lbproxy.selection import Backend, scheduler_from_name
 from lbproxy.table import StickyTable
 
 __all__ = ["BalancerService", "Options", "build_balancer", "makeService"]
+
+_log = Logger()
 
 
 class Options(usage.Options):
@@ -64,8 +70,9 @@ class BalancerService(MultiService):
     all act on the same ones the data path uses.
     """
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, install_sighup: bool = True) -> None:
         super().__init__()
+        self.install_sighup = install_sighup
         self.config = config
         self.reactor = reactor
         self.balancer = build_balancer(config, reactor)
@@ -80,6 +87,55 @@ class BalancerService(MultiService):
             sweep_interval=config.sweep_interval,
         )
         self.forwarder.setServiceParent(self)
+        self.control = Control(self.balancer, reload=self.reload)
+        if config.control_socket:
+            make_ctl_service(config.control_socket, self.control, reactor).setServiceParent(self)
+
+    def reload(self) -> str:
+        """Apply the configuration file again without losing the table.
+
+        Backends, weights, key chain, scheduler, virtual addresses and ports change in
+        place; an invalid file raises `ConfigError` and the running configuration stays.
+        Interfaces, mode and table sizing need a restart and are reported, not applied.
+        """
+        new = load_config(self.config.path)
+        balancer = self.balancer
+        fresh = build_balancer(new, self.reactor)
+        balancer.chain = fresh.chain
+        balancer.scheduler = fresh.scheduler
+        balancer.set_virtual_addresses(new.virtual_addresses, new.ports)
+        self.forwarder.client.set_destinations([a.packed for a in new.virtual_addresses])
+        balancer.reassign_dead = fresh.reassign_dead
+        balancer.set_backends(backends_from(new))
+        restart = [
+            name
+            for name in ("client_interface", "server_interface", "mode", "lifetime",
+                         "max_entries", "batch")
+            if getattr(new, name) != getattr(self.config, name)
+        ]
+        self.config = new
+        if restart:
+            return "applied; needs a restart to change: " + ", ".join(restart)
+        return "applied"
+
+
+    def startService(self) -> None:
+        super().startService()
+        if self.install_sighup:
+            signal.signal(signal.SIGHUP, self._sighup)
+
+    def _sighup(self, signum: int, frame: object) -> None:
+        self.reactor.callFromThread(self._reload_logged)
+
+    def _reload_logged(self) -> None:
+        try:
+            outcome = self.reload()
+        except ConfigError as e:
+            _log.error("reload refused, the running configuration stays: {error}", error=e)
+        except Exception:
+            _log.failure("reload failed, the running configuration stays")
+        else:
+            _log.info("reload: {outcome}", outcome=outcome)
 
 
 def makeService(options: Options) -> IServiceCollection:
