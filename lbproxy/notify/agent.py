@@ -1,0 +1,274 @@
+"""The agent's side of the notification protocol: an AMP-over-TLS server over a binding cache.
+
+Shared by the home-agent agent (claim 12) and the terminal agent (claim 13): both hold a
+:class:`~lbproxy.notify.cache.BindingCache`, may speak for some home addresses only, and
+serve balancers from an allowed list.  Each accepted balancer connection is an
+:class:`AgentSession` (one :class:`~lbproxy.notify.machine.PeerMachine`); it answers
+Subscribe / Unsubscribe / GetSnapshot, sends BindingChanged on every cache change a
+subscription asked for ("on change"), and BindingSnapshot every ``interval`` seconds a
+subscription asked for ("periodically").
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from lbproxy.notify import commands as c
+from lbproxy.notify.cache import BindingCache, CacheChange, CachedBinding
+from lbproxy.notify.machine import PeerInput, PeerMachine, PeerState, ProtocolViolation
+from lbproxy.notify.policy import IEntitlement, Refusal, RefusalCounters
+from lbproxy.notify.tls import TlsMaterial, peer_dns_id, server_factory
+
+log = Logger()
+MAX_INTERVAL = 86_400
+
+
+@attrs.define
+class AgentSubscription:
+    """What one balancer asked to hear about one home address."""
+
+    sub_id: int
+    home: bytes
+    on_change: bool
+    interval: int
+
+
+def _entry(binding: CachedBinding) -> dict[str, Any]:
+    return {
+        "home": binding.home,
+        "care_of": binding.care_of,
+        "seq": binding.seq,
+        "lifetime": binding.lifetime,
+    }
+
+
+@implementer(IHandshakeListener)
+class AgentSession(amp.AMP):
+    """One balancer's connection to this agent."""
+
+    def __init__(self, agent: NotificationAgent) -> None:
+        super().__init__()
+        self.agent = agent
+        self.machine = PeerMachine()
+        self.balancer = "?"  # the verified identity once known
+        self.subscriptions: dict[int, AgentSubscription] = {}
+        self._by_home: dict[bytes, int] = {}
+        self._timers: dict[int, LoopingCall] = {}
+
+    # -- connection ---------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.machine.feed(PeerInput.TCP_CONNECTED)
+        peer = self.transport.getPeer() if self.transport is not None else None
+        self.balancer = str(getattr(peer, "host", "?"))
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up with a CA-signed client certificate: is it an allowed balancer?"""
+        connection = self.transport.getHandle()  # type: ignore[union-attr]
+        name = peer_dns_id(connection, self.agent.balancers)
+        if name is None:
+            self.agent.counters.refuse(
+                Refusal.WRONG_IDENTITY, self.balancer, "client is not an allowed balancer"
+            )
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        self.balancer = name
+        self.machine.feed(PeerInput.HANDSHAKE_DONE)
+        self.agent.sessions.add(self)
+        log.info("notify agent: balancer {name} connected", name=name)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        super().connectionLost(reason)
+        if self.machine.state is PeerState.CONNECTING:
+            self.agent.counters.refuse(
+                Refusal.TLS_FAILED, self.balancer, reason.getErrorMessage()
+            )
+        self.agent.sessions.discard(self)
+        for timer in self._timers.values():
+            if timer.running:
+                timer.stop()
+        self._timers.clear()
+        if self.machine.allows(PeerInput.CONNECTION_LOST):
+            self.machine.feed(PeerInput.CONNECTION_LOST)
+
+    def _require(self, *states: PeerState) -> None:
+        if self.machine.state not in states:
+            self.agent.counters.refuse(
+                Refusal.PROTOCOL, self.balancer, f"command in {self.machine.state.value}"
+            )
+            raise c.OutOfOrder()
+
+    def _refuse(self, reason: Refusal, detail: str) -> c.NotificationError:
+        self.agent.counters.refuse(reason, self.balancer, detail)
+        return c.error_for(reason)
+
+    # -- commands from the balancer -----------------------------------------------------
+
+    @c.Subscribe.responder
+    def subscribe(
+        self, address: bytes, kind: str, on_change: bool, interval: int
+    ) -> dict[str, Any]:
+        """Start following one terminal for this balancer."""
+        self._require(PeerState.HANDSHAKEN, PeerState.SUBSCRIBED)
+        if len(address) != 16 or kind not in ("hoa", "coa") or not 0 <= interval <= MAX_INTERVAL:
+            raise self._refuse(Refusal.BAD_ARGUMENT, f"Subscribe {kind} {interval}")
+        text = str(ipaddress.IPv6Address(address))
+        binding: CachedBinding | None
+        if kind == "hoa":
+            if not self.agent.entitlement.allows(address):
+                raise self._refuse(Refusal.NOT_ENTITLED, f"Subscribe hoa {text}")
+            home = address
+            binding = self.agent.cache.get(home)
+        else:
+            binding = self.agent.cache.by_care_of(address)
+            if binding is None:
+                raise self._refuse(Refusal.UNKNOWN_BINDING, f"Subscribe coa {text}")
+            home = binding.home
+        sub_id = self._by_home.get(home)
+        if sub_id is None:
+            if len(self.subscriptions) >= self.agent.max_subscriptions:
+                raise self._refuse(Refusal.TOO_MANY_SUBSCRIPTIONS, f"Subscribe {text}")
+            self.agent.next_id += 1
+            sub_id = self.agent.next_id
+            self._by_home[home] = sub_id
+        old = self.subscriptions.get(sub_id)
+        self.subscriptions[sub_id] = AgentSubscription(sub_id, home, on_change, interval)
+        if old is not None and old.interval != interval:
+            self._retime(old.interval)
+        self._retime(interval)
+        self.machine.feed(PeerInput.SUBSCRIBE_OK)
+        if binding is None:
+            return {"sub_id": sub_id, "home": home, "care_of": b"", "seq": c.NO_SEQ,
+                    "lifetime": 0}
+        return {"sub_id": sub_id, **_entry(binding)}
+
+    @c.Unsubscribe.responder
+    def unsubscribe(self, sub_id: int) -> dict[str, Any]:
+        """Stop one subscription."""
+        self._require(PeerState.HANDSHAKEN, PeerState.SUBSCRIBED)
+        sub = self.subscriptions.pop(sub_id, None)
+        if sub is None:
+            raise self._refuse(Refusal.NOT_SUBSCRIBED, f"Unsubscribe {sub_id}")
+        del self._by_home[sub.home]
+        self._retime(sub.interval)
+        if not self.subscriptions:
+            self.machine.feed(PeerInput.LAST_UNSUBSCRIBED)
+        return {}
+
+    @c.GetSnapshot.responder
+    def get_snapshot(self) -> dict[str, Any]:
+        """The current bindings of everything this balancer subscribed to."""
+        self._require(PeerState.HANDSHAKEN, PeerState.SUBSCRIBED)
+        return {"bindings": self._bindings(self.subscriptions.values())}
+
+    # -- notifications to the balancer --------------------------------------------------
+
+    def _bindings(self, subs: Any) -> list[dict[str, Any]]:
+        found = (self.agent.cache.get(s.home) for s in subs)
+        return [_entry(b) for b in found if b is not None]
+
+    def _retime(self, interval: int) -> None:
+        """Keep one timer per distinct interval that some subscription asked for."""
+        if interval <= 0:
+            return
+        wanted = any(s.interval == interval for s in self.subscriptions.values())
+        timer = self._timers.get(interval)
+        if wanted and timer is None:
+            timer = LoopingCall(self._periodic, interval)
+            timer.clock = self.agent.clock
+            self._timers[interval] = timer
+            timer.start(interval, now=False)
+        elif not wanted and timer is not None:
+            del self._timers[interval]
+            if timer.running:
+                timer.stop()
+
+    def _periodic(self, interval: int) -> None:
+        subs = [s for s in self.subscriptions.values() if s.interval == interval]
+        bindings = self._bindings(subs)
+        if bindings and self.machine.allows(PeerInput.SNAPSHOT):
+            self.machine.feed(PeerInput.SNAPSHOT)
+            d = self.callRemote(c.BindingSnapshot, bindings=bindings)
+            d.addErrback(self._remote_refused, "BindingSnapshot")
+
+    def cache_changed(self, change: CacheChange) -> None:
+        """Tell the balancer, if it subscribed to this terminal on change."""
+        sub_id = self._by_home.get(change.home)
+        if sub_id is None or not self.subscriptions[sub_id].on_change:
+            return
+        try:
+            self.machine.feed(PeerInput.NOTIFICATION)
+        except ProtocolViolation:
+            return
+        d = self.callRemote(
+            c.BindingChanged,
+            home=change.home,
+            old_care_of=change.old_care_of or b"",
+            new_care_of=change.new_care_of,
+            seq=change.seq,
+            lifetime=change.lifetime,
+        )
+        d.addErrback(self._remote_refused, "BindingChanged")
+
+    def _remote_refused(self, failure: Failure, what: str) -> None:
+        error = failure.check(*c.ERRORS)
+        if error is None:
+            return  # connection gone; the balancer resubscribes and gets the current state
+        self.agent.remote_refusals[error.__name__] = (
+            self.agent.remote_refusals.get(error.__name__, 0) + 1
+        )
+        log.warn(
+            "notify agent: {balancer} refused {what}: {error}",
+            balancer=self.balancer,
+            what=what,
+            error=error.__name__,
+        )
+
+
+class NotificationAgent:
+    """The state every session of one agent shares: cache, entitlement, allowed balancers."""
+
+    def __init__(
+        self,
+        cache: BindingCache,
+        entitlement: IEntitlement,
+        balancers: Sequence[str],
+        clock: IReactorTime,
+        max_subscriptions: int = 100_000,
+        counters: RefusalCounters | None = None,
+    ) -> None:
+        self.cache = cache
+        self.entitlement = entitlement
+        self.balancers = tuple(balancers)
+        self.clock = clock
+        self.max_subscriptions = max_subscriptions
+        self.counters = counters if counters is not None else RefusalCounters()
+        self.sessions: set[AgentSession] = set()
+        self.remote_refusals: dict[str, int] = {}  # what balancers refused of ours
+        self.next_id = 0
+        cache.observers.append(self._changed)
+
+    def _changed(self, change: CacheChange) -> None:
+        for session in list(self.sessions):
+            session.cache_changed(change)
+
+    def factory(self) -> Factory:
+        """A plain factory of sessions (tests; production uses :meth:`tls_factory`)."""
+        return Factory.forProtocol(lambda: AgentSession(self))
+
+    def tls_factory(self, material: TlsMaterial) -> TLSMemoryBIOFactory:
+        """Sessions behind server TLS that requires a CA-signed client certificate."""
+        return server_factory(material, self.factory())
