@@ -230,13 +230,14 @@ class StickyTable:
         """Bind `key` to `backend` (its first packet counted); None if refused (full).
 
         A new key starts probationary.  Inserting over an existing entry replaces it
-        (never refused, and an established entry's replacement stays established).
+        (never refused, and a live established entry's replacement stays established).
         """
         if now is None:
             now = self.clock.seconds()
         old = self._entries.get(key)
         if old is not None:
-            established = old.established
+            # An expired entry, not yet swept, is replaced like an absent one.
+            established = old.established and old.expires > now
             self._drop(old)
         else:
             established = False

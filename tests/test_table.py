@@ -1,0 +1,495 @@
+"""Tests for lbproxy.table: lifetimes, expiry cost, rekey (T231-T235), the bound."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import ipaddress
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from lbproxy.keys import Key
+from lbproxy.selection import Backend
+from lbproxy.table import StickyTable
+
+LIFETIME = 30.0
+A = Backend("a", ipaddress.IPv6Address("2001:db8:ffff::a"))
+B = Backend("b", ipaddress.IPv6Address("2001:db8:ffff::b"))
+C = Backend("c", ipaddress.IPv6Address("2001:db8:ffff::c"))
+
+
+def src(i: int) -> Key:
+    """The source-address key of care-of address number i."""
+    return Key("src", (0x2001_0DB8_0002 << 80 | i).to_bytes(16, "big"))
+
+
+def hoa(i: int) -> Key:
+    return Key("hoa", (0x2001_0DB8_0001 << 80 | i).to_bytes(16, "big"))
+
+
+class TableTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.table = StickyTable(self.clock, LIFETIME, max_entries=1000)
+
+    def tearDown(self) -> None:
+        # The table is pure: it never schedules anything.
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def established(self, key: Key, backend: Backend = A) -> None:
+        """Insert `key` and give it its second packet."""
+        self.assertIsNotNone(self.table.insert(key, backend))
+        self.assertIsNotNone(self.table.lookup(key))
+
+
+class LifetimeTests(TableTestCase):
+    def test_hit_and_miss(self) -> None:
+        """A known key is a hit (counted, packet counted), an unknown one a miss."""
+        self.assertIsNone(self.table.lookup(src(1)))
+        binding = self.table.insert(src(1), A)
+        assert binding is not None
+        self.assertIs(self.table.lookup(src(1)), binding)
+        self.assertEqual((binding.backend, binding.packets), (A, 2))
+        self.assertEqual((self.table.stats.hits, self.table.stats.misses), (1, 1))
+
+    def test_entry_expires_after_lifetime(self) -> None:
+        """An entry nothing uses is invalid once its lifetime has passed (claim 10)."""
+        self.table.insert(src(1), A)
+        self.clock.advance(LIFETIME - 1)
+        self.assertIsNotNone(self.table.get(src(1)))
+        self.clock.advance(1)
+        self.assertIsNone(self.table.get(src(1)))
+        self.assertIsNone(self.table.lookup(src(1)))
+        self.assertNotIn(src(1), self.table)
+
+    def test_hit_refreshes_lifetime(self) -> None:
+        """Every packet that uses an entry starts its lifetime again (claim 10)."""
+        self.table.insert(src(1), A)
+        for _ in range(5):
+            self.clock.advance(LIFETIME - 1)
+            self.assertIsNotNone(self.table.lookup(src(1)))
+            self.assertEqual(self.table.expire(), 0)
+        self.clock.advance(LIFETIME - 1)
+        self.assertEqual(len(self.table), 1)
+        self.clock.advance(1)
+        self.assertEqual(self.table.expire(), 1)
+        self.assertEqual(len(self.table), 0)
+
+    def test_get_does_not_refresh(self) -> None:
+        """Operators' get() neither refreshes nor counts."""
+        self.table.insert(src(1), A)
+        self.clock.advance(LIFETIME - 1)
+        binding = self.table.get(src(1))
+        assert binding is not None
+        self.assertEqual((binding.expires, binding.packets), (LIFETIME, 1))
+        self.assertEqual(self.table.stats.hits, 0)
+
+    def test_expiry_is_never_early(self) -> None:
+        """With clock readings off the rounding grid, an entry still lives at least
+        its lifetime, and at most one resolution step more."""
+        self.clock.advance(0.3)
+        binding = self.table.insert(src(1), A)
+        assert binding is not None
+        self.assertGreaterEqual(binding.expires, 0.3 + LIFETIME)
+        self.assertLessEqual(binding.expires, 0.3 + LIFETIME + self.table.resolution)
+
+    def test_expire_removes_only_due(self) -> None:
+        """expire() removes exactly the entries whose lifetime ended, both new and
+        established ones, and keeps the load counts right."""
+        self.table.insert(src(1), A)
+        self.established(src(2), B)
+        self.clock.advance(10)
+        self.table.insert(src(3), A)
+        self.established(src(4), B)
+        self.clock.advance(LIFETIME - 10)
+        self.assertEqual(self.table.expire(), 2)
+        self.assertEqual(sorted(k for k, _ in self.table), sorted([src(3), src(4)]))
+        self.assertEqual(dict(self.table.load()), {A: 1, B: 1})
+        self.clock.advance(10)
+        self.assertEqual(self.table.expire(), 2)
+        self.assertEqual(dict(self.table.load()), {})
+        self.assertEqual(self.table.stats.expirations, 4)
+
+    def test_lookup_of_expired_entry_removes_it(self) -> None:
+        """An expired entry met by lookup is removed (a miss), so the caller can
+        schedule the key afresh; its load is released at once."""
+        self.table.insert(src(1), A)
+        self.clock.advance(LIFETIME)
+        self.assertIsNone(self.table.lookup(src(1)))
+        self.assertEqual(len(self.table), 0)
+        self.assertEqual(dict(self.table.load()), {})
+        self.assertEqual(self.table.expire(), 0)
+
+
+class SweepCostTests(TableTestCase):
+    def test_nothing_due_touches_nothing(self) -> None:
+        """A sweep with many live entries and none due examines no live entry (only
+        the one stale filing at the FIFO's head, left by a promotion, is dropped)."""
+        for i in range(500):
+            self.table.insert(src(i), A)
+        for i in range(0, 500, 2):
+            self.table.lookup(src(i))
+        self.clock.advance(LIFETIME / 2)
+        self.assertEqual(self.table.expire(), 0)
+        self.assertEqual(self.table.stats.swept, 1)
+        self.assertEqual(self.table.expire(), 0)
+        self.assertEqual(self.table.stats.swept, 1)
+
+    def test_work_follows_what_is_due(self) -> None:
+        """Expiring k entries out of many examines about k filings, not the table."""
+        self.table = StickyTable(self.clock, LIFETIME, max_entries=2000)
+        for i in range(1000):
+            self.established(src(i))
+        self.clock.advance(5)
+        for i in range(1000, 1010):
+            self.established(src(i))
+        self.clock.advance(LIFETIME - 5)
+        # The first 1000 are due now; then only the 10 late ones.
+        self.assertEqual(self.table.expire(), 1000)
+        before = self.table.stats.swept
+        self.clock.advance(5)
+        self.assertEqual(self.table.expire(), 10)
+        self.assertLessEqual(self.table.stats.swept - before, 20)
+
+    def test_refreshed_entry_refiled_once(self) -> None:
+        """A busy established entry is examined once when its first deadline comes,
+        refiled, and kept; it is not examined on every sweep."""
+        self.established(src(1))
+        for _ in range(int(LIFETIME) + 5):
+            self.clock.advance(1)
+            self.table.lookup(src(1))
+            self.table.expire()
+        self.assertIn(src(1), self.table)
+        self.assertLessEqual(self.table.stats.swept, 2)
+
+    def test_established_removed_within_grain(self) -> None:
+        """An established entry whose lifetime ended off the grain is swept at the
+        latest one sweep_grain later."""
+        self.clock.advance(0.25)
+        self.established(src(1))
+        self.clock.advance(LIFETIME)
+        removed = self.table.expire()
+        self.clock.advance(self.table.sweep_grain)
+        removed += self.table.expire()
+        self.assertEqual(removed, 1)
+        self.assertEqual(len(self.table), 0)
+
+
+class RekeyTests(TableTestCase):
+    """Fig. 14B: a notification says care-of address `old` became `new`."""
+
+    def test_new_entry_copies_backend(self) -> None:
+        """T231-T234: no entry for the new address: one is made with the old entry's
+        backend, established; the old entry is left untouched."""
+        self.established(src(1), B)
+        old = self.table.get(src(1))
+        assert old is not None
+        old_expires = old.expires
+        self.clock.advance(10)
+        new = self.table.rekey(src(1), src(2), care_of=src(2).value, confirmed=True)
+        assert new is not None
+        self.assertEqual((new.backend, new.packets, new.confirmed), (B, 0, True))
+        self.assertEqual(new.care_of, src(2).value)
+        self.assertTrue(new.established)
+        self.assertEqual(new.expires, 10 + LIFETIME)
+        self.assertEqual(old.expires, old_expires)
+        self.assertEqual(dict(self.table.load()), {B: 2})
+        self.assertEqual(len(self.table), 2)
+
+    def test_old_entry_lives_out_its_lifetime(self) -> None:
+        """After a move the old address keeps its entry until its own lifetime ends,
+        then it goes and the new one stays."""
+        self.established(src(1), B)
+        self.clock.advance(10)
+        self.table.rekey(src(1), src(2))
+        self.clock.advance(LIFETIME - 10)
+        self.table.expire()
+        self.assertNotIn(src(1), self.table)
+        self.assertIn(src(2), self.table)
+        self.assertEqual(dict(self.table.load()), {B: 1})
+
+    def test_return_to_address_with_entry(self) -> None:
+        """T235: back at an address whose entry still lives: no new entry; that one
+        is refreshed and follows the terminal's backend."""
+        self.established(src(1), B)
+        self.clock.advance(5)
+        self.table.rekey(src(1), src(2), confirmed=True)
+        self.clock.advance(5)
+        entries = len(self.table)
+        back = self.table.rekey(src(2), src(1), care_of=src(1).value, confirmed=True)
+        assert back is not None
+        self.assertIs(back, self.table.get(src(1)))
+        self.assertEqual(len(self.table), entries)
+        self.assertEqual(back.expires, 10 + LIFETIME)
+        self.assertEqual((back.backend, back.care_of, back.confirmed), (B, src(1).value, True))
+        self.assertEqual(self.table.stats.inserts, 1)
+
+    def test_return_repoints_to_current_backend(self) -> None:
+        """T235 when the still-living entry points elsewhere (e.g. the terminal was moved
+        by an operator meanwhile): it is repointed to the old key's backend, and the
+        load counts follow."""
+        self.table.insert(src(1), A)
+        self.established(src(2), C)
+        self.assertEqual(dict(self.table.load()), {A: 1, C: 1})
+        back = self.table.rekey(src(2), src(1))
+        assert back is not None
+        self.assertEqual(back.backend, C)
+        self.assertTrue(back.established)
+        self.assertEqual(dict(self.table.load()), {C: 2})
+
+    def test_unknown_old_key(self) -> None:
+        """T232 with no entry for the old address: nothing to copy, nothing made."""
+        self.assertIsNone(self.table.rekey(src(1), src(2)))
+        self.table.insert(src(3), A)
+        self.clock.advance(LIFETIME)
+        self.assertIsNone(self.table.rekey(src(3), src(4)))
+        self.assertNotIn(src(4), self.table)
+
+    def test_expired_new_entry_replaced(self) -> None:
+        """An expired, unswept entry for the new address does not count as T235: a
+        fresh entry with the right backend replaces it."""
+        self.table.insert(src(2), A)
+        self.clock.advance(LIFETIME)
+        self.established(src(1), B)
+        new = self.table.rekey(src(1), src(2))
+        assert new is not None
+        self.assertEqual((new.backend, new.expires), (B, 2 * LIFETIME))
+        self.assertEqual(dict(self.table.load()), {B: 2})
+
+    def test_same_key(self) -> None:
+        """rekey(k, k) just refreshes k."""
+        self.table.insert(src(1), A)
+        self.clock.advance(10)
+        binding = self.table.rekey(src(1), src(1), confirmed=True)
+        assert binding is not None
+        self.assertEqual((binding.expires, binding.confirmed, len(self.table)),
+                         (10 + LIFETIME, True, 1))
+
+    def test_home_address_key(self) -> None:
+        """A notification can also point a home-address key at a new care-of address:
+        rekey(old, old) records the care-of and its confirmation."""
+        self.established(hoa(1), B)
+        binding = self.table.rekey(hoa(1), hoa(1), care_of=src(9).value, confirmed=True)
+        assert binding is not None
+        self.assertEqual((binding.care_of, binding.confirmed), (src(9).value, True))
+
+
+class BoundTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.table = StickyTable(self.clock, LIFETIME, max_entries=100)
+
+    def fill_established(self, n: int) -> None:
+        for i in range(n):
+            self.table.insert(src(i), A if i % 2 else B)
+            self.table.lookup(src(i))
+
+    def test_flood_does_not_evict_established(self) -> None:
+        """A flood of one-packet keys never displaces established bindings; it only
+        evicts other one-packet entries, and the table stays within its bound."""
+        self.fill_established(60)
+        for i in range(1000, 11000):
+            self.table.insert(hoa(i), C)
+            self.assertLessEqual(len(self.table), 100)
+        for i in range(60):
+            binding = self.table.get(src(i))
+            assert binding is not None
+            self.assertEqual(binding.backend, A if i % 2 else B)
+        self.assertEqual(self.table.stats.evictions, 10000 - 40)
+        self.assertEqual(self.table.stats.refusals, 0)
+        self.assertEqual(dict(self.table.load()), {A: 30, B: 30, C: 40})
+
+    def test_oldest_probationary_evicted_first(self) -> None:
+        """When full, the probationary entry inserted first is the one evicted."""
+        self.fill_established(50)
+        for i in range(50):
+            self.table.insert(hoa(i), C)
+        self.table.insert(hoa(99), C)
+        self.assertNotIn(hoa(0), self.table)
+        self.assertIn(hoa(1), self.table)
+        self.assertIn(hoa(99), self.table)
+
+    def test_second_packet_protects(self) -> None:
+        """A probationary entry that sees a second packet is no longer evictable."""
+        for i in range(100):
+            self.table.insert(hoa(i), C)
+        self.table.lookup(hoa(0))
+        self.table.insert(hoa(500), C)
+        self.assertIn(hoa(0), self.table)
+        self.assertNotIn(hoa(1), self.table)
+
+    def test_full_of_established_refuses(self) -> None:
+        """With every entry established and live, an insert is refused and counted,
+        and nothing is evicted."""
+        self.fill_established(100)
+        self.assertIsNone(self.table.insert(hoa(1), C))
+        self.assertIsNone(self.table.rekey(src(1), hoa(2)))
+        self.assertEqual((self.table.stats.refusals, self.table.stats.evictions), (2, 0))
+        self.assertEqual(len(self.table), 100)
+
+    def test_due_entries_make_room_first(self) -> None:
+        """When full, entries whose lifetime ended are swept before anything live
+        is evicted or refused."""
+        self.fill_established(100)
+        self.clock.advance(LIFETIME)
+        binding = self.table.insert(hoa(1), C)
+        self.assertIsNotNone(binding)
+        self.assertEqual(self.table.stats.evictions, 0)
+        self.assertEqual(len(self.table), 1)
+
+    def test_replacing_is_never_refused(self) -> None:
+        """Inserting over an existing key replaces it even when full, and an
+        established entry's replacement stays established."""
+        self.fill_established(100)
+        binding = self.table.insert(src(3), C)
+        assert binding is not None
+        self.assertEqual((binding.backend, binding.packets), (C, 1))
+        self.assertTrue(binding.established)
+        self.assertEqual(self.table.load()[C], 1)
+
+
+@dataclasses.dataclass
+class Entry:
+    backend: Backend
+    expires: float
+    established: bool
+    order: int
+
+
+class TableModel(RuleBasedStateMachine):
+    """The table against a plain-dict model of the documented semantics.
+
+    Times are whole seconds and the lifetime is whole, so the rounding of expiry times
+    and the one-second wheel grain never blur the model's exact deadlines.
+    """
+
+    MAX = 4
+    LIFE = 5
+    KEYS = [src(i) for i in range(7)]
+    BACKENDS = [A, B, C]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+        self.table = StickyTable(self.clock, self.LIFE, self.MAX)
+        self.model: dict[Key, Entry] = {}
+        self.order = 0
+
+    @property
+    def now(self) -> float:
+        return self.clock.seconds()
+
+    def _model_expire(self) -> int:
+        due = [k for k, e in self.model.items() if e.expires <= self.now]
+        for k in due:
+            del self.model[k]
+        return len(due)
+
+    def _model_room(self) -> bool:
+        """Room for one more: if full, sweep what is due, else evict the oldest
+        probationary entry."""
+        if len(self.model) < self.MAX:
+            return True
+        self._model_expire()
+        if len(self.model) < self.MAX:
+            return True
+        probation = [(e.order, k) for k, e in self.model.items() if not e.established]
+        if not probation:
+            return False
+        del self.model[min(probation)[1]]
+        return True
+
+    def _live(self, key: Key) -> Entry | None:
+        entry = self.model.get(key)
+        return entry if entry is not None and entry.expires > self.now else None
+
+    @rule(key=st.sampled_from(KEYS), backend=st.sampled_from(BACKENDS))
+    def insert(self, key: Key, backend: Backend) -> None:
+        binding = self.table.insert(key, backend)
+        old = self.model.pop(key, None)
+        if old is None and not self._model_room():
+            assert binding is None
+            return
+        assert binding is not None and binding.backend == backend
+        self.order += 1
+        established = old is not None and old.expires > self.now and old.established
+        self.model[key] = Entry(backend, self.now + self.LIFE, established, self.order)
+
+    @rule(key=st.sampled_from(KEYS))
+    def lookup(self, key: Key) -> None:
+        binding = self.table.lookup(key)
+        entry = self._live(key)
+        if entry is None:
+            self.model.pop(key, None)
+            assert binding is None
+        else:
+            assert binding is not None and binding.backend == entry.backend
+            entry.expires = self.now + self.LIFE
+            entry.established = True
+
+    @rule(old=st.sampled_from(KEYS), new=st.sampled_from(KEYS))
+    def rekey(self, old: Key, new: Key) -> None:
+        binding = self.table.rekey(old, new)
+        source = self._live(old)
+        if source is None:
+            assert binding is None
+            return
+        target = self._live(new)
+        if target is not None:
+            target.backend = source.backend
+            target.expires = self.now + self.LIFE
+            target.established = True
+        else:
+            self.model.pop(new, None)
+            if not self._model_room():
+                assert binding is None
+                return
+            self.model[new] = Entry(source.backend, self.now + self.LIFE, True, 0)
+        assert binding is not None and binding.backend == source.backend
+
+    @rule(key=st.sampled_from(KEYS))
+    def remove(self, key: Key) -> None:
+        binding = self.table.remove(key)
+        entry = self.model.pop(key, None)
+        assert (binding is None) == (entry is None)
+
+    @rule(seconds=st.sampled_from([1, 2, 4, 5, 6]))
+    def advance(self, seconds: int) -> None:
+        self.clock.advance(seconds)
+
+    @rule()
+    def expire(self) -> None:
+        assert self.table.expire() == self._model_expire()
+
+    @invariant()
+    def same_entries(self) -> None:
+        want = {k: (e.backend, e.expires, e.established) for k, e in self.model.items()}
+        got = {k: (b.backend, b.expires, b.established) for k, b in self.table}
+        assert got == want, (got, want)
+
+    @invariant()
+    def load_counts_consistent(self) -> None:
+        counts = collections.Counter(b.backend for _, b in self.table)
+        assert dict(self.table.load()) == dict(counts)
+        assert len(self.table) <= self.MAX
+
+
+class TableModelTests(SynchronousTestCase):
+    def test_against_model(self) -> None:
+        """Random sequences of inserts, lookups, rekeys, removals, clock steps and
+        sweeps leave the table equal to the model: same keys, backends, expiry times
+        and segments, load counts that match the entries, and never more than the
+        bound."""
+        run_state_machine_as_test(
+            TableModel,
+            settings=settings(max_examples=300, stateful_step_count=40, deadline=None),
+        )
