@@ -60,7 +60,7 @@ from lbproxy.control import (
     format_stats,
 )
 
-DEFAULT_SOCKET = "/run/lbproxy/ctl.sock"
+DEFAULT_SOCKET = "/run/lbproxy/control.sock"
 MAX_LINE = 1 << 20
 
 log = Logger()
