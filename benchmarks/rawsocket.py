@@ -20,6 +20,10 @@ which counts them on its interface.  Modes:
   calls ``PacketWriter.send`` (the destination read from the packet);
 * ``port+filter``: the same with the BPF destination filter attached.
 
+Figures: packets/s offered by the generator, arriving at the balancer,
+forwarded to the sink; packets per reactor wake-up; and the forwarder's CPU
+time per forwarded packet (the least noisy figure on a shared machine).
+
 Run: ``sudo .venv/bin/python benchmarks/rawsocket.py [--duration 3] [--repeat 2]``.
 """
 
@@ -148,6 +152,7 @@ def role_forward(namespace: str, mode: str) -> None:
         view = memoryview(buffer)
         count = 0
         print("ready", flush=True)
+        cpu = time.process_time()
         try:
             while True:
                 n = reader.recv_into(buffer)
@@ -155,7 +160,7 @@ def role_forward(namespace: str, mode: str) -> None:
                 count += 1
         except KeyboardInterrupt:
             pass
-        print(json.dumps({"forwarded": count}))
+        print(json.dumps({"forwarded": count, "cpu": time.process_time() - cpu}))
         return
 
     from twisted.internet import epollreactor
@@ -175,7 +180,13 @@ def role_forward(namespace: str, mode: str) -> None:
     )
     reader_port.open()
     reader_port.startReading()
-    reactor.callWhenRunning(print, "ready", flush=True)
+    started: list[float] = []
+
+    def ready() -> None:
+        print("ready", flush=True)
+        started.append(time.process_time())
+
+    reactor.callWhenRunning(ready)
     reactor.run()  # SIGINT stops it
     stats = reader_port.stats
     print(
@@ -185,6 +196,7 @@ def role_forward(namespace: str, mode: str) -> None:
                 "send_drops": writer_port.stats.dropped,
                 "received": stats.received,
                 "wakeups": stats.wakeups,
+                "cpu": time.process_time() - started[0],
             }
         )
     )
@@ -228,6 +240,8 @@ def run_mode(mode: str, duration: float) -> dict[str, float]:
     arrived = (after[1]["rx"] - before[1]["rx"]) / elapsed
     forwarded = (after[2]["rx"] - before[2]["rx"]) / elapsed
     figures = {"offered": offered, "arrived": arrived, "forwarded": forwarded}
+    if result["forwarded"]:
+        figures["cpu_us"] = result["cpu"] / result["forwarded"] * 1e6
     if result.get("wakeups"):
         figures["per_wakeup"] = result["received"] / result["wakeups"]
     return figures
@@ -254,14 +268,15 @@ def main() -> None:
     try:
         print(f"raw-socket port, {len(packet())}-byte HAO/UDP packets, {args.duration:.0f} s runs")
         print(f"{'mode':<12} {'offered/s':>10} {'arrived/s':>10} {'forwarded/s':>12} "
-              f"{'of arrived':>10} {'pkts/wakeup':>11}")  # fmt: skip
+              f"{'of arrived':>10} {'pkts/wakeup':>11} {'cpu us/pkt':>10}")  # fmt: skip
         for _ in range(args.repeat):
             for mode in MODES:
                 f = run_mode(mode, args.duration)
                 share = f["forwarded"] / f["arrived"] if f["arrived"] else 0.0
                 wake = f"{f['per_wakeup']:.1f}" if "per_wakeup" in f else "-"
+                cpu = f"{f['cpu_us']:.2f}" if "cpu_us" in f else "-"
                 print(f"{mode:<12} {f['offered']:>10,.0f} {f['arrived']:>10,.0f} "
-                      f"{f['forwarded']:>12,.0f} {share:>10.1%} {wake:>11}")  # fmt: skip
+                      f"{f['forwarded']:>12,.0f} {share:>10.1%} {wake:>11} {cpu:>10}")  # fmt: skip
     finally:
         teardown()
 
