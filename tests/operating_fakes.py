@@ -1,28 +1,21 @@
-"""Small stand-ins for the core (keys, table, selection, balancer) used by the operating tests.
+"""Helpers for the operating tests (control, ctl, manhole, metrics, persistence).
 
-They implement the parts of docs/contracts.md that the operator modules
-(control, ctl, manhole, metrics, persistence) read, so those modules can be
-tested before, and independently of, the real core.  ``real_core_available()``
-says whether the real modules are importable; tests that can use them do.
+``real_populated()`` builds the real Balancer with a few terminals bound, for the
+tests of the operator's verbs.  ``Key``, ``Backend`` and ``StickyTable`` are
+minimal contract stand-ins (docs/contracts.md) that let the persistence tests
+pin exact lifetimes without the real table's rounding; tests/test_persistence.py
+runs the same round trip through the real table as well.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import ipaddress
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from typing import Any
 
 import attrs
 from twisted.internet.task import Clock
-
-
-def real_core_available() -> bool:
-    """True once lbproxy.keys, .table and .selection exist."""
-    return all(
-        importlib.util.find_spec(f"lbproxy.{name}") is not None
-        for name in ("keys", "table", "selection")
-    )
 
 
 @attrs.frozen
@@ -141,122 +134,56 @@ class StickyTable:
         return key in self.entries
 
 
-class Counters:
-    def __init__(self) -> None:
-        self.packets_in = 0
-        self.packets_out = 0
-        self.dropped: Counter[str] = Counter()
-        self.hits: Counter[str] = Counter()
-        self.misses: Counter[str] = Counter()
-        self.backend_packets: Counter[str] = Counter()
-
-
-@attrs.frozen
-class TraceResult:
-    strategy: str | None
-    key: Key | None
-    backend: Backend | None
-    hit: bool
-    reason: str | None
-
-
-class Balancer:
-    """Keys a packet on its source address (bytes 8..24); enough for the operator tests."""
-
-    def __init__(self, backends: Sequence[Backend], clock: Clock, lifetime: float = 300.0):
-        self.clock = clock
-        self.table = StickyTable(clock, lifetime, 1000)
-        self.chain = "src"
-        self.counters = Counters()
-        self.backends = {b.name: b for b in backends}
-        self._down: set[str] = set()
-        self._next = 0
-
-    def is_up(self, name: str) -> bool:
-        return name not in self._down
-
-    def set_backend_up(self, name: str, up: bool) -> None:
-        (self._down.discard if up else self._down.add)(name)
-
-    def _choose(self) -> Backend | None:
-        usable = [b for b in self.backends.values() if b.weight and b.name not in self._down]
-        if not usable:
-            return None
-        self._next += 1
-        return usable[self._next % len(usable)]
-
-    def inbound(self, buf: bytes) -> bytes | None:
-        self.counters.packets_in += 1
-        if len(buf) < 40:
-            self.counters.dropped["truncated"] += 1
-            return None
-        key = Key("src", bytes(buf[8:24]))
-        binding = self.table.lookup(key)
-        if binding is None:
-            self.counters.misses["src"] += 1
-            backend = self._choose()
-            if backend is None:
-                self.counters.dropped["no-backend"] += 1
-                return None
-            binding = self.table.insert(key, backend)
-            assert binding is not None
-        else:
-            self.counters.hits["src"] += 1
-        self.counters.packets_out += 1
-        self.counters.backend_packets[binding.backend.name] += 1
-        return buf
-
-    def trace(self, buf: bytes) -> TraceResult:
-        if len(buf) < 40:
-            return TraceResult(None, None, None, False, "truncated")
-        key = Key("src", bytes(buf[8:24]))
-        binding = self.table.get(key)
-        if binding is not None:
-            return TraceResult("src", key, binding.backend, True, None)
-        return TraceResult("src", key, None, False, "would schedule")
-
-    def move(self, key: Key, backend_name: str) -> Binding:
-        backend = self.backends[backend_name]
-        old = self.table.remove(key)
-        binding = self.table.insert(key, backend, care_of=old.care_of if old else None)
-        assert binding is not None
-        return binding
-
-    def forget(self, key: Key) -> Binding | None:
-        return self.table.remove(key)
-
-    def drain(self, name: str) -> None:
-        self.backends = {
-            n: attrs.evolve(b, weight=0) if n == name else b for n, b in self.backends.items()
-        }
-
-
-def packet(source: str, destination: str = "2001:db8:ff::1", payload: bytes = b"") -> bytes:
-    """A bare IPv6 header (next header 59, no next header) with ``payload``."""
-    header = bytes([0x60, 0, 0, 0]) + len(payload).to_bytes(2, "big") + bytes([59, 64])
-    return (
-        header
-        + ipaddress.IPv6Address(source).packed
-        + ipaddress.IPv6Address(destination).packed
-        + payload
-    )
-
-
 BACKENDS = (
     Backend("b1", ipaddress.IPv6Address("2001:db8:100::1")),
     Backend("b2", ipaddress.IPv6Address("2001:db8:100::2")),
 )
 
 
-def populated(clock: Clock | None = None) -> tuple[Balancer, Clock]:
-    """A balancer with two backends and three bindings (one with a confirmed care-of)."""
+# -- the real core, for tests that can use it ----------------------------------------
+
+VIP = "2001:db8:ff::1"
+
+
+def real_packet(source: str, home: str | None = None) -> bytearray:
+    """A UDP packet to the virtual address, with a home address option if ``home``."""
+    from scapy.layers.inet import UDP
+    from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
+
+    pkt = IPv6(src=source, dst=VIP)
+    if home is not None:
+        pkt = pkt / IPv6ExtHdrDestOpt(options=[HAO(hoa=home)])
+    return bytearray(bytes(pkt / UDP(sport=4000, dport=53) / b"x"))
+
+
+def real_populated(clock: Clock | None = None) -> tuple[Any, Clock]:
+    """The real Balancer (round robin over b1, b2, lifetime 300 s) after three terminals:
+    src ::10 -> b1, src ::11 -> b2, src ::12 -> b1 (its care-of confirmed)."""
+    from lbproxy.balancer import Balancer as RealBalancer
+    from lbproxy.keys import KeyChain
+    from lbproxy.selection import Backend as RealBackend
+    from lbproxy.selection import RoundRobin
+    from lbproxy.table import StickyTable as RealTable
+
     clock = clock or Clock()
-    balancer = Balancer(BACKENDS, clock)
+    balancer = RealBalancer(
+        chain=KeyChain.from_names(["hoa", "src"]),
+        table=RealTable(clock, lifetime=300.0, max_entries=1000),
+        scheduler=RoundRobin(),
+        backends=[RealBackend(b.name, b.address) for b in BACKENDS],
+        virtual_addresses=[ipaddress.IPv6Address(VIP)],
+        clock=clock,
+    )
     for source in ("2001:db8:1::10", "2001:db8:1::11", "2001:db8:2::12"):
-        balancer.inbound(packet(source))
-    key = Key.parse("src 2001:db8:2::12")
-    binding = balancer.table.get(key)
+        assert balancer.inbound(real_packet(source)) is not None
+    binding = balancer.table.get(real_key("src 2001:db8:2::12"))
     assert binding is not None
     binding.care_of = ipaddress.IPv6Address("2001:db8:aa::12").packed
     binding.confirmed = True
     return balancer, clock
+
+
+def real_key(text: str) -> Any:
+    from lbproxy.keys import Key as RealKey
+
+    return RealKey.parse(text)
