@@ -171,6 +171,27 @@ class HTTPProbe:
         return d
 
 
+def make_probe(
+    kind: str,
+    reactor: Any,
+    address: str,
+    port: int,
+    timeout: float,
+    path: str = "/",
+) -> IHealthProbe | None:
+    """The probe a backend's configuration asks for (``health = "none" | "tcp" | "http"``).
+
+    ``None`` for ``"none"``: that backend is not checked and stays up.
+    """
+    if kind == "none":
+        return None
+    if kind == "tcp":
+        return TCPProbe(reactor, address, port, timeout)
+    if kind == "http":
+        return HTTPProbe(reactor, address, port, timeout, path=path)
+    raise ValueError(f"unknown health check {kind!r} (known: none, tcp, http)")
+
+
 class HealthMonitor(Service):
     """Probe each backend on a schedule and report state changes.
 

@@ -20,6 +20,7 @@ from lbproxy.health import (
     IHealthProbe,
     TCPProbe,
     make_health_service,
+    make_probe,
 )
 
 # Typed Any: the global reactor provides more interfaces than its declared type.
@@ -169,6 +170,18 @@ class MonitorTests(SynchronousTestCase):
         clock.advance(1)
         self.assertEqual(probe.started, 2)
         monitor.stopService()
+
+
+class MakeProbeTests(SynchronousTestCase):
+    def test_kinds(self) -> None:
+        """Configuration names map to the probe kinds; 'none' means unchecked."""
+        self.assertIsNone(make_probe("none", REACTOR, "2001:db8::1", 80, 1.0))
+        tcp = make_probe("tcp", REACTOR, "2001:db8::1", 80, 1.0)
+        self.assertIsInstance(tcp, TCPProbe)
+        http = make_probe("http", REACTOR, "2001:db8::1", 8080, 1.0, path="/health")
+        assert isinstance(http, HTTPProbe)
+        self.assertEqual(http.url, "http://[2001:db8::1]:8080/health")
+        self.assertRaises(ValueError, make_probe, "icmp", REACTOR, "2001:db8::1", 80, 1.0)
 
 
 class _Accept(Protocol):
