@@ -1,0 +1,99 @@
+"""``twistd lbproxy-homeagent``: publishes a home agent's binding changes (claim 12).
+
+Runs beside a home agent.  It learns bindings from the Binding Updates and Acknowledgements
+on the home link (``observer.LinkObserver`` over ``link.LinkReader``) and from home-agent
+software that pushes them (``command``), keeps them in a ``BindingCache``, and serves
+balancers over the notification protocol (``lbproxy.notify.agent``): on request (Subscribe,
+GetSnapshot), on change (BindingChanged) and periodically (BindingSnapshot).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
+from twisted.python import usage
+
+from lbproxy.agents.command import command_factory
+from lbproxy.agents.config import HomeAgentConfig, load_homeagent
+from lbproxy.agents.link import LinkReader
+from lbproxy.agents.observer import LinkObserver
+from lbproxy.notify.agent import NotificationAgent
+from lbproxy.notify.cache import BindingCache
+from lbproxy.notify.policy import PrefixEntitlement
+from lbproxy.notify.tls import TlsMaterial
+
+
+class Options(usage.Options):
+    """Command-line options of ``twistd lbproxy-homeagent``."""
+
+    optParameters = [
+        ["config", "c", "/etc/lbproxy/homeagent.toml", "Path to the configuration file."],
+    ]
+
+
+class LinkService(Service):
+    """Opens the link socket as root (privilegedStartService), reads while running."""
+
+    def __init__(self, reader: LinkReader) -> None:
+        self.reader = reader
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self.reader.open()
+
+    def startService(self) -> None:
+        super().startService()
+        self.reader.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.reader.stop()
+
+
+class HomeAgentService(MultiService):
+    """Everything one home-agent agent runs; its parts are attributes for tests/operators."""
+
+    def __init__(self, config: HomeAgentConfig, reactor: Any, material: TlsMaterial) -> None:
+        super().__init__()
+        self.config = config
+        self.entitlement = PrefixEntitlement(config.prefixes)
+        self.cache = BindingCache(config.max_bindings)
+        self.agent = NotificationAgent(
+            self.cache,
+            self.entitlement,
+            config.common.balancers,
+            reactor,
+            config.common.max_subscriptions,
+        )
+        self.listening = StreamServerEndpointService(
+            serverFromString(reactor, config.common.listen), self.agent.tls_factory(material)
+        )
+        self.listening.setServiceParent(self)
+        self.observer = LinkObserver(
+            self.cache, self.entitlement, reactor, config.require_ack, config.ack_timeout
+        )
+        self.link: LinkService | None = None
+        if config.interface:
+            self.link = LinkService(LinkReader(reactor, config.interface, self.observer.frame))
+            self.link.setServiceParent(self)
+        if config.command_socket:
+            endpoint = UNIXServerEndpoint(reactor, config.command_socket, mode=0o600)
+            StreamServerEndpointService(
+                endpoint, command_factory(self.cache, self.entitlement, reactor)
+            ).setServiceParent(self)
+        expiry = TimerService(1.0, lambda: self.cache.expire(reactor.seconds()))
+        expiry.clock = reactor
+        expiry.setServiceParent(self)
+
+
+def makeService(options: Options) -> HomeAgentService:
+    """Build the agent from its configuration file (errors name file, key and reason)."""
+    from twisted.internet import reactor
+
+    config = load_homeagent(options["config"])
+    common = config.common
+    material = TlsMaterial.from_files(common.ca, common.certificate, common.key)
+    return HomeAgentService(config, reactor, material)
