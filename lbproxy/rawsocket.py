@@ -75,6 +75,7 @@ DEFAULT_BATCH = 256
 # Linux constants that the socket module does not export.
 _SOL_PACKET = 263
 _PACKET_IGNORE_OUTGOING = 23  # Linux >= 4.20
+_PACKET_STATISTICS = 6
 _SO_ATTACH_FILTER = 26
 _SO_RCVBUFFORCE = 33
 _CLONE_NEWNET = 0x40000000
@@ -122,6 +123,9 @@ class IPacketSystem(Interface):
         Packets this host sent out of the interface are never returned.
         Raises ``BlockingIOError`` when no packet is queued.
         """
+
+    def dropped(fd: int) -> int:  # noqa: N805
+        """Packets the kernel dropped for reader ``fd`` (queue full) since the last call."""
 
     def receiver(fd: int) -> Callable[[bytearray], int]:  # noqa: N805
         """Return a callable doing ``receive(fd, buffer)``, for the per-packet loop.
@@ -274,6 +278,11 @@ class LinuxPacketSystem:
         # MSG_TRUNC: a packet socket then returns the packet's real length.
         return self._sockets[fd].recv_into(buffer, 0, socket.MSG_TRUNC)
 
+    def dropped(self, fd: int) -> int:
+        # struct tpacket_stats {tp_packets, tp_drops}; reading resets both.
+        stats = self._sockets[fd].getsockopt(_SOL_PACKET, _PACKET_STATISTICS, 8)
+        return int(struct.unpack("II", stats)[1])
+
     def receiver(self, fd: int) -> Callable[[bytearray], int]:
         return functools.partial(self._sockets[fd].recv_into, nbytes=0, flags=socket.MSG_TRUNC)
 
@@ -312,7 +321,7 @@ def _closed_sender(packet: bytes | bytearray | memoryview, address: tuple[str, i
 class ReaderStats:
     """Counters of one :class:`PacketReader`, read by metrics and the manhole."""
 
-    __slots__ = ("errors", "handler_errors", "oversize", "received", "wakeups")
+    __slots__ = ("errors", "handler_errors", "kernel_drops", "oversize", "received", "wakeups")
 
     def __init__(self) -> None:
         #: Times the reactor woke the reader.
@@ -325,6 +334,9 @@ class ReaderStats:
         self.errors = 0
         #: Packets whose handler raised.
         self.handler_errors = 0
+        #: Packets the kernel dropped because the queue was full (as of the
+        #: last :meth:`PacketReader.update_stats`).
+        self.kernel_drops = 0
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)}" for name in sorted(self.__slots__))
@@ -401,9 +413,21 @@ class PacketReader:
         """Stop reading and close the socket.  Safe to call twice."""
         self.stopReading()
         if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                self.update_stats()
             fd, self._fd = self._fd, -1
             self._receive = _closed_receiver
             self.system.close(fd)
+
+    def update_stats(self) -> ReaderStats:
+        """Fetch the kernel's drop count into ``stats.kernel_drops``; return the stats.
+
+        One system call: metrics and the manhole call it when they read the
+        counters, not the packet loop.
+        """
+        if self._fd >= 0:
+            self.stats.kernel_drops += self.system.dropped(self._fd)
+        return self.stats
 
     @property
     def reading(self) -> bool:

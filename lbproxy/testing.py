@@ -47,10 +47,12 @@ class SentPacket:
 class _MemorySocket:
     """State of one fake socket: a packet queue for readers."""
 
-    __slots__ = ("destinations", "errors", "interface", "queue", "reader")
+    __slots__ = ("destinations", "drops", "errors", "interface", "limit", "queue", "reader")
 
-    def __init__(self, interface: str | None, destinations: Sequence[bytes]) -> None:
+    def __init__(self, interface: str | None, destinations: Sequence[bytes], limit: int) -> None:
         self.reader = interface is not None
+        self.limit = limit
+        self.drops = 0
         self.interface = interface or ""
         self.destinations = frozenset(destinations)
         self.queue: collections.deque[bytes] = collections.deque()
@@ -67,8 +69,11 @@ class MemoryPacketSystem:
       covers fails with ``ENETUNREACH``.  By default everything is routed
       through the first interface.
     * :meth:`inject` delivers a packet to every reader open on an interface
-      (subject to its destination filter and ``queue_limit``, past which the
-      packet is dropped and counted in ``overflows``, like a full kernel queue).
+      (subject to its destination filter and queue bound, past which the
+      packet is dropped and counted, like a full kernel queue).  The bound is
+      ``receive_buffer // 1024`` packets when the reader asked for a
+      ``receive_buffer`` (the kernel charges about a kilobyte per small
+      packet), else ``queue_limit``.
     * :attr:`sent` lists every packet sent; :meth:`fail` injects errors.
 
     Descriptors are small fake numbers, not real files: use it with
@@ -125,7 +130,8 @@ class MemoryPacketSystem:
                 continue
             if sock.destinations and data[24:40] not in sock.destinations:
                 continue
-            if len(sock.queue) >= self.queue_limit:
+            if len(sock.queue) >= sock.limit:
+                sock.drops += 1
                 self.overflows += 1
                 continue
             sock.queue.append(data)
@@ -176,7 +182,9 @@ class MemoryPacketSystem:
         if interface not in self.interfaces:
             raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
         _check_destinations(destinations)
-        return self._allocate(_MemorySocket(interface, destinations))
+        # Like the kernel's byte budget, roughly: ~1 KB of queue per small packet.
+        limit = receive_buffer // 1024 if receive_buffer > 0 else self.queue_limit
+        return self._allocate(_MemorySocket(interface, destinations, max(1, limit)))
 
     def attach_filter(self, fd: int, destinations: Sequence[bytes]) -> None:
         self._check("attach_filter")
@@ -196,13 +204,18 @@ class MemoryPacketSystem:
         buffer[:copied] = packet[:copied]
         return len(packet)
 
+    def dropped(self, fd: int) -> int:
+        sock = self._socket(fd, reader=True)
+        drops, sock.drops = sock.drops, 0
+        return drops
+
     def receiver(self, fd: int) -> Callable[[bytearray], int]:
         self._socket(fd, reader=True)
         return functools.partial(self.receive, fd)
 
     def open_sender(self) -> int:
         self._check("open_sender")
-        return self._allocate(_MemorySocket(None, ()))
+        return self._allocate(_MemorySocket(None, (), 0))
 
     def send(self, fd: int, packet: bytes | bytearray | memoryview, destination: str) -> int:
         self._check("send")

@@ -39,6 +39,7 @@ FAR = "2001:db8:7a::2"  # the peer
 VIRTUAL1 = "2001:db8:7b::10"  # routed by the peer through the balancer
 VIRTUAL2 = "2001:db8:7b::20"
 UNROUTED = "2001:db8:dead::1"  # no route on the balancer's side
+FENCE = "2001:db8:7b::ff"  # marks the end of a delivery (real harness)
 PREFIX = "lbrs"
 INTERFACE = "lbrsa"
 
@@ -110,13 +111,13 @@ class PacketSystemContractMixin(_MixinBase):
     ) -> tuple[PacketReader, list[bytearray], MemoryReactor]:
         received: list[bytearray] = []
         memory = MemoryReactor()
+        kwargs.setdefault("receive_buffer", 1 << 22)
         port = PacketReader(
             self.system,
             memory,
             INTERFACE,
             received.append,
             destinations=[packed(d) for d in destinations],
-            receive_buffer=1 << 22,
             **kwargs,
         )
         port.open()
@@ -227,6 +228,22 @@ class PacketSystemContractMixin(_MixinBase):
         assert port.stats.oversize == 1
         assert port.stats.received == 1
 
+    def test_kernel_drops_counted(self) -> None:
+        """A burst larger than the queue: every packet is either read or counted dropped."""
+        port, received, _ = self.reader([VIRTUAL1], batch=1000)
+        small, _, _ = self.reader([VIRTUAL1], batch=1000, receive_buffer=32 * 1024)
+        small.handle = _ignore
+        self.deliver([to(VIRTUAL1, i) for i in range(300)])
+        self.settle()
+        port.doRead()
+        small.doRead()
+        assert port.update_stats().kernel_drops == 0
+        assert len(received) == 300
+        stats = small.update_stats()
+        assert stats.kernel_drops > 0, stats
+        assert stats.received + stats.kernel_drops == 300, stats
+        assert small.update_stats().kernel_drops == stats.kernel_drops  # not counted twice
+
     def test_send_reaches_peer(self) -> None:
         """A sent packet leaves on the link intact, routed by its destination."""
         port = self.writer()
@@ -286,8 +303,7 @@ class PacketSystemContractMixin(_MixinBase):
     def test_link_down_counted(self) -> None:
         """A link going down is a counted receive error; reading resumes when it is back."""
         port, received, memory = self.reader([VIRTUAL1])
-        self.link_down()
-        self.settle()
+        self.link_down()  # the kernel flags the socket before `ip` returns
         port.doRead()
         assert port.stats.errors == 1
         assert port in memory.getReaders()
@@ -347,13 +363,32 @@ class LinuxContractTests(PacketSystemContractMixin, SynchronousTestCase):
         self.addCleanup(self.far.close, self.far_sender)
         self.far_reader = self.far.open_reader(self.pair.far_interface, [packed(FAR)])
         self.addCleanup(self.far.close, self.far_reader)
+        self.fence = self.system.open_reader(INTERFACE, [packed(FENCE)])
+        self.addCleanup(self.system.close, self.fence)
+        self.fences = 0
 
     def deliver(self, packets: Sequence[bytes]) -> None:
         for packet in packets:
             self.far.send(self.far_sender, packet, socket.inet_ntop(socket.AF_INET6, packet[24:40]))
 
     def settle(self) -> None:
-        time.sleep(0.02)
+        """Send a fence packet and wait for it on a reader of its own.
+
+        One link, one queue, in order: once the fence has reached its
+        reader, every packet sent before it has reached the reader under test.
+        """
+        self.fences += 1
+        self.deliver([to(FENCE, self.fences)])
+        buffer = bytearray(2048)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            select.select([self.fence], [], [], 0.05)
+            try:
+                self.system.receive(self.fence, buffer)
+                return
+            except OSError:  # nothing yet, or ENETDOWN once after a link went down
+                continue
+        raise AssertionError("the fence packet did not arrive within 5 s")
 
     def peer_received(self, count: int) -> list[bytes]:
         got: list[bytes] = []
@@ -450,6 +485,7 @@ class MemoryPacketSystemTests(SynchronousTestCase):
         fd = self.port.fileno()
         self.port.close()
         assert fd not in self.system.open_descriptors
+        assert self.port.fileno() == -1
         with self.assertRaises(OSError) as caught:
             self.system.close(fd)
         assert caught.exception.errno == errno.EBADF
