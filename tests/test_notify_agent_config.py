@@ -1,0 +1,71 @@
+"""Tests for lbproxy.agents.config: the agents' TOML files, errors naming file/key/reason."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from lbproxy.agents.config import load_homeagent, load_terminal, parse_homeagent, parse_terminal
+from lbproxy.config import ConfigError
+
+ETC = Path(__file__).resolve().parent.parent / "etc"
+COMMON = """
+[agent]
+balancers = ["lb1.test"]
+[tls]
+ca = "ca.pem"
+certificate = "a.pem"
+key = "a.key"
+"""
+
+
+class ConfigTests(SynchronousTestCase):
+    """The shipped examples load; mistakes are named precisely."""
+
+    def test_examples_load(self) -> None:
+        """etc/homeagent.toml and etc/terminal.toml are valid."""
+        ha = load_homeagent(ETC / "homeagent.toml")
+        self.assertEqual([str(p) for p in ha.prefixes], ["2001:db8:100::/64"])
+        self.assertTrue(ha.require_ack)
+        t = load_terminal(ETC / "terminal.toml")
+        self.assertEqual(str(t.home), "2001:db8:100::16")
+        self.assertEqual(t.common.balancers, ("lb1.example.net",))
+
+    def assertError(self, text: str, key: str, terminal: bool = False) -> ConfigError:
+        parse = parse_terminal if terminal else parse_homeagent
+        exc = self.assertRaises(ConfigError, parse, tomllib.loads(text), "x.toml")
+        self.assertEqual((exc.path, exc.key), ("x.toml", key))
+        self.assertTrue(exc.reason)
+        return exc
+
+    def test_missing_prefixes(self) -> None:
+        """A home-agent agent without prefixes is refused."""
+        self.assertError(COMMON + "[homeagent]\n", "homeagent.prefixes")
+
+    def test_bad_prefix(self) -> None:
+        """A malformed prefix names the key and the reason."""
+        exc = self.assertError(COMMON + '[homeagent]\nprefixes = ["nope"]\n',
+                               "homeagent.prefixes")
+        self.assertIn("nope", exc.reason)
+
+    def test_unknown_key(self) -> None:
+        """Typos are refused, not ignored."""
+        self.assertError(COMMON + '[homeagent]\nprefixes = ["2001:db8::/64"]\nrequire_ak = 1\n',
+                         "homeagent.require_ak")
+
+    def test_missing_tls(self) -> None:
+        """TLS material is required."""
+        text = '[agent]\nbalancers = ["b"]\n[homeagent]\nprefixes = ["2001:db8::/64"]\n'
+        self.assertError(text, "tls.ca")
+
+    def test_terminal_home_outside_prefix(self) -> None:
+        """A home prefix that does not contain the home address is refused."""
+        text = COMMON + '[terminal]\nhome = "2001:db8:1::16"\nhome_prefix = "2001:db8:2::/64"\n'
+        self.assertError(text, "terminal.home_prefix", terminal=True)
+
+    def test_missing_file(self) -> None:
+        """An unreadable file is a ConfigError naming it."""
+        exc = self.assertRaises(ConfigError, load_terminal, "/nonexistent/t.toml")
+        self.assertEqual(exc.key, "(file)")
