@@ -261,3 +261,25 @@ class MalformedTests(SynchronousTestCase):
         data[-1] ^= 1
         exc = self.assertRaises(m.MalformedMobility, m.parse, bytes(data), HOA.packed, HA.packed)
         self.assertIs(exc.reason, m.MobilityReason.BAD_CHECKSUM)
+
+
+class PacketTests(SynchronousTestCase):
+    """Whole BU/BA packets, checked by scapy."""
+
+    def test_bu_packet(self) -> None:
+        """scapy reads our BU packet's HAO, BU fields and a valid checksum."""
+        pkt = IPv6(m.bu_packet(COA.packed, HA.packed, HOA.packed, m.BindingUpdate(5, 3)))
+        self.assertEqual(pkt[HAO].hoa, str(HOA))
+        self.assertEqual((pkt[MIP6MH_BU].seq, pkt[MIP6MH_BU].mhtime), (5, 3))
+        wire = pkt[MIP6MH_BU].cksum
+        pkt[IPv6ExtHdrDestOpt].options = [pkt[HAO]]  # scapy pitfall: drop the PadN first
+        del pkt[MIP6MH_BU].cksum
+        self.assertEqual(IPv6(bytes(pkt))[MIP6MH_BU].cksum, wire)
+
+    def test_ba_packet(self) -> None:
+        """scapy reads our BA packet's Type 2 RH and BA fields."""
+        raw = m.ba_packet(HA.packed, COA.packed, HOA.packed, m.BindingAck(0, 5, 3))
+        pkt = IPv6(raw)
+        self.assertEqual(pkt[IPv6ExtHdrRouting].addresses, [str(HOA)])
+        self.assertEqual((pkt[MIP6MH_BA].seq, pkt[MIP6MH_BA].status), (5, 0))
+        self.assertEqual(m.parse(raw[64:], HA.packed, HOA.packed), m.BindingAck(0, 5, 3))

@@ -315,3 +315,24 @@ def build(message: MobilityMessage, src: bytes | None = None, dst: bytes | None 
     if src is not None and dst is not None:
         struct.pack_into("!H", out, 4, mh_checksum(src, dst, out))
     return bytes(out)
+
+
+def bu_packet(care_of: bytes, home_agent: bytes, hoa: bytes, message: BindingUpdate) -> bytes:
+    """A whole IPv6 packet carrying ``message`` as a mobile node sends it (RFC 6275 §11.7.1):
+    from the care-of address to the home agent, with a Home Address option."""
+    mh = build(message, hoa, home_agent)
+    # Destination Options with the HAO at 8n+6: NH | 2 | PadN(2) | C9 10 <HoA> (24 octets).
+    dest = bytes((MH_PROTO, 2, 1, 2, 0, 0, 0xC9, 16)) + hoa
+    return _ipv6(care_of, home_agent, 60, dest + mh)
+
+
+def ba_packet(home_agent: bytes, care_of: bytes, hoa: bytes, message: BindingAck) -> bytes:
+    """A whole IPv6 packet carrying ``message`` as a home agent sends it (RFC 6275 §10.3.1):
+    to the care-of address, with a Type 2 Routing Header holding the home address."""
+    mh = build(message, home_agent, hoa)
+    rh2 = bytes((MH_PROTO, 2, 2, 1, 0, 0, 0, 0)) + hoa
+    return _ipv6(home_agent, care_of, 43, rh2 + mh)
+
+
+def _ipv6(src: bytes, dst: bytes, nh: int, payload: bytes) -> bytes:
+    return struct.pack("!IHBB", 6 << 28, len(payload), nh, 64) + src + dst + payload
