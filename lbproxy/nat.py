@@ -45,12 +45,15 @@ from __future__ import annotations
 import enum
 from typing import Final
 
-from lbproxy.wire.checksum import ones_sum, update16, update_sum
+from lbproxy.wire.checksum import checksum, ones_sum, pseudo_header_sum, update16, update_sum
 from lbproxy.wire.view import PacketView
 
 __all__ = [
     "ICMPV6_ERROR_LIMIT",
+    "ICMPV6_MIN_MTU",
     "Drop",
+    "error_to_backend",
+    "quoted_addresses",
     "reply",
     "reply_to_terminal",
     "translate",
@@ -61,13 +64,18 @@ __all__ = [
 #: when the return path adds a Type 2 Routing Header the quote is shortened.
 ICMPV6_ERROR_LIMIT: Final = 1280
 
+#: The IPv6 minimum link MTU (RFC 8200 section 5): no Packet Too Big goes below it.
+ICMPV6_MIN_MTU: Final = 1280
+
 #: Offset of the checksum field inside each upper-layer header we fix:
 #: TCP (RFC 9293), UDP (RFC 768), ICMPv6 (RFC 4443), Mobility Header (RFC 6275 6.1.1).
 _CSUM_AT: Final = {6: 16, 17: 6, 58: 2, 135: 4}
 
 _UDP: Final = 17
 _ICMPV6: Final = 58
-_RH2_HEAD: Final = b"\x02\x02\x01\x00\x00\x00\x00"  # Hdr Ext Len 2, Type 2, Segs Left 1
+#: A Type 2 Routing Header template (RFC 6275 section 6.4): Next Header and the home
+#: address are filled in; Hdr Ext Len 2, Routing Type 2, Segments Left 1, reserved 0.
+_RH2: Final = b"\x00\x02\x02\x01" + bytes(20)
 
 
 class Drop(enum.Enum):
@@ -77,6 +85,10 @@ class Drop(enum.Enum):
     HOP_LIMIT = "hop-limit"
     #: A Routing Header with segments left: the destination is a waypoint, not us.
     ROUTING_HEADER = "routing-header"
+    #: error_to_backend() was given something that is not an ICMPv6 error with a quote.
+    NOT_AN_ERROR = "not-an-icmp-error"
+    #: error_to_backend() found the ICMPv6 checksum wrong before rewriting.
+    BAD_CHECKSUM = "bad-checksum"
 
 
 def transparent(buf: bytearray, view: PacketView, backend: bytes) -> bytearray | Drop:
@@ -164,6 +176,99 @@ def reply(
 
 #: The name docs/contracts.md uses for :func:`reply`.
 reply_to_terminal = reply
+
+
+def quoted_addresses(buf: bytes | bytearray, view: PacketView) -> tuple[bytes, bytes] | None:
+    """The quoted packet's source and final destination in an ICMPv6 error, or None.
+
+    For a Type 2 Routing Header in the quote the final destination is its home
+    address.  The balancer uses this to find which binding an error arriving at
+    the virtual address (about one of our replies) belongs to.  None when the
+    packet is not an ICMPv6 error or its quote is shorter than an IPv6 header.
+    """
+    icmp = view.l4
+    quote = icmp + 8
+    if view.proto != _ICMPV6 or buf[icmp] >= 128 or view.frag != -1 or quote + 40 > view.end:
+        return None
+    final = quote + 24
+    if buf[quote + 6] == 43 and quote + 64 <= view.end and buf[quote + 42] == 2:
+        final = quote + 48
+    return bytes(buf[quote + 8:quote + 24]), bytes(buf[final:final + 16])
+
+
+def error_to_backend(
+    buf: bytearray, view: PacketView, backend: bytes, added_rh2: bool = True
+) -> bytearray | Drop:
+    """Pass an ICMPv6 error about one of our replies on to the backend that sent it.
+
+    A router between the balancer and the terminal reports a problem with a
+    reply (source: the virtual address) to the virtual address.  The backend
+    must see it as about the packet *it* sent: outer destination := backend;
+    in the quote, source := backend and, when we had inserted a Type 2 Routing
+    Header, that header is taken out again and the destination is the home
+    address.  Because that header made our packet 24 bytes longer than the
+    backend's, a Packet Too Big MTU is lowered by 24 (not below 1280, RFC 8200
+    section 5).  The ICMPv6 checksum is verified first (a bad one is dropped:
+    :attr:`Drop.BAD_CHECKSUM`), then recomputed: errors are rare and their
+    layout changes here.
+
+    ``added_rh2`` says whether the balancer inserts Type 2 Routing Headers on
+    this path (translate mode, :func:`reply` with a care-of address).  In
+    transparent mode the backend put the header there itself: pass False and
+    the quote keeps it, and the MTU, unchanged.
+    """
+    icmp = view.l4
+    end = view.end
+    if quoted_addresses(buf, view) is None:
+        return Drop.NOT_AN_ERROR
+    hop = buf[7]
+    if hop <= 1:
+        return Drop.HOP_LIMIT
+    if view.rh != -1 and buf[view.rh + 3]:
+        return Drop.ROUTING_HEADER
+    if checksum(memoryview(buf)[icmp:end], _icmp_pseudo(buf, view, end - icmp)):
+        return Drop.BAD_CHECKSUM
+    if len(buf) != end:
+        del buf[end:]
+    buf[7] = hop - 1
+    buf[24:40] = backend
+    quote = icmp + 8
+    inner, proto = _quoted_l4_checksum(buf, quote, end)
+    old_src = buf[quote + 8:quote + 24]
+    buf[quote + 8:quote + 24] = backend
+    if inner != -1:
+        before = buf[inner] << 8 | buf[inner + 1]
+        if not (proto == _UDP and before == 0):
+            after = update16(before, old_src, backend)
+            if proto == _UDP and after == 0:
+                after = 0xFFFF
+            buf[inner] = after >> 8
+            buf[inner + 1] = after & 0xFF
+    if added_rh2 and buf[quote + 6] == 43 and quote + 64 <= len(buf) and buf[quote + 42] == 2:
+        buf[quote + 24:quote + 40] = buf[quote + 48:quote + 64]
+        buf[quote + 6] = buf[quote + 40]
+        del buf[quote + 40:quote + 64]
+        inner_length = max(0, (buf[quote + 4] << 8 | buf[quote + 5]) - 24)
+        buf[quote + 4] = (inner_length >> 8) & 0xFF
+        buf[quote + 5] = inner_length & 0xFF
+        length = len(buf) - 40
+        buf[4] = length >> 8
+        buf[5] = length & 0xFF
+        if buf[icmp] == 2:  # Packet Too Big (RFC 4443 section 3.2)
+            mtu = max(ICMPV6_MIN_MTU, int.from_bytes(buf[icmp + 4:icmp + 8], "big") - 24)
+            buf[icmp + 4:icmp + 8] = mtu.to_bytes(4, "big")
+    buf[icmp + 2:icmp + 4] = b"\x00\x00"
+    length = len(buf) - icmp
+    csum = checksum(memoryview(buf)[icmp:], _icmp_pseudo(buf, view, length))
+    buf[icmp + 2] = csum >> 8
+    buf[icmp + 3] = csum & 0xFF
+    return buf
+
+
+def _icmp_pseudo(buf: bytearray, view: PacketView, length: int) -> int:
+    """Pseudo-header sum of an ICMPv6 message: real source, final destination."""
+    dst = buf[view.rh2:view.rh2 + 16] if view.rh2 != -1 else buf[24:40]
+    return pseudo_header_sum(buf[8:24], dst, length, _ICMPV6)
 
 
 def _forward_checks(buf: bytearray, view: PacketView) -> Drop | None:
@@ -286,7 +391,9 @@ def _insert_rh2(buf: bytearray, care_of: bytes) -> None:
     else:
         prev = 6
         at = 40
-    buf[at:at] = bytes((buf[prev],)) + _RH2_HEAD + buf[24:40]
+    buf[at:at] = _RH2
+    buf[at] = buf[prev]
+    buf[at + 8:at + 24] = buf[24:40]
     buf[prev] = 43
     buf[24:40] = care_of
     length = (buf[4] << 8 | buf[5]) + 24

@@ -645,3 +645,84 @@ class ICMPErrorTests(ChecksumAssertions, SynchronousTestCase):
                 self.assertEqual(out[72 + 24:72 + 40], packed(VIP))
             else:
                 self.assertEqual(out[72:], received[:size])
+
+
+class ErrorToBackendTests(ChecksumAssertions, SynchronousTestCase):
+    """error_to_backend(): an error about one of our replies goes back to its backend."""
+
+    def _our_reply(self, size: int, care_of: str | None = COA) -> tuple[bytes, bytes]:
+        """(the backend's reply, what the balancer sent towards the terminal)."""
+        sent = from_backend(TCP(sport=80, dport=5000, flags="A") / Raw(b"d" * size))
+        out = rewrite(nat.reply, sent, packed(VIP), care_of and packed(care_of), packed(HOA))
+        return sent, out
+
+    def _error(self, about: bytes, icmp: Packet, limit: int = 1280) -> bytes:
+        """A router's ICMPv6 error to the virtual address quoting ``about``."""
+        return bytes(IPv6(src="2001:db8:99::1", dst=VIP) / icmp / about[:limit - 48])
+
+    def _backend_view(self, sent: bytes) -> bytes:
+        """The backend's reply as the quote should show it (we decremented the Hop Limit)."""
+        return sent[:7] + bytes([sent[7] - 1]) + sent[8:]
+
+    def test_packet_too_big_about_rh2_reply(self) -> None:
+        """PTB: RH2 gone from the quote, quote = the backend's packet, MTU lowered by 24."""
+        sent, ours = self._our_reply(1400)
+        error = self._error(ours, ICMPv6PacketTooBig(mtu=1400))
+        buf = bytearray(error)
+        self.assertEqual(nat.quoted_addresses(buf, parse(buf)), (packed(VIP), packed(HOA)))
+        out = rewrite(nat.error_to_backend, error, packed(BACKEND))
+        pkt = IPv6(out)
+        self.assertEqual((pkt.src, pkt.dst, pkt.hlim), ("2001:db8:99::1", BACKEND, 63))
+        self.assertEqual(pkt[ICMPv6PacketTooBig].mtu, 1376)
+        self.assertEqual(pkt.plen, len(out) - 40)
+        quote = out[48:]
+        self.assertEqual(len(quote), 1280 - 48 - 24)
+        self.assertEqual(quote, self._backend_view(sent)[:len(quote)])
+        self.assertChecksumRight(out)
+
+    def test_mtu_not_below_minimum(self) -> None:
+        """A lowered MTU stops at 1280, the IPv6 minimum."""
+        _sent, ours = self._our_reply(1400)
+        out = rewrite(nat.error_to_backend, self._error(ours, ICMPv6PacketTooBig(mtu=1290)),
+                      packed(BACKEND))
+        self.assertEqual(IPv6(out)[ICMPv6PacketTooBig].mtu, 1280)
+        self.assertChecksumRight(out)
+
+    def test_whole_quote_checksum(self) -> None:
+        """A complete quote is byte-identical to what the backend sent, checksum included."""
+        sent, ours = self._our_reply(30)
+        out = rewrite(nat.error_to_backend, self._error(ours, ICMPv6DestUnreach(code=3)),
+                      packed(BACKEND))
+        self.assertEqual(out[48:], self._backend_view(sent))
+        self.assertChecksumRight(out[48:])
+        self.assertChecksumRight(out)
+
+    def test_reply_without_rh2(self) -> None:
+        """Without an RH2 in the quote only the quoted source changes; the MTU stays."""
+        sent, ours = self._our_reply(1400, care_of=None)
+        out = rewrite(nat.error_to_backend, self._error(ours, ICMPv6PacketTooBig(mtu=1400)),
+                      packed(BACKEND))
+        self.assertEqual(IPv6(out)[ICMPv6PacketTooBig].mtu, 1400)
+        self.assertEqual(out[48:], self._backend_view(sent)[:1280 - 48])
+        self.assertChecksumRight(out)
+
+    def test_transparent_keeps_backend_rh2(self) -> None:
+        """added_rh2=False: the backend's own RH2 and the MTU are left alone."""
+        _sent, ours = self._our_reply(1400)
+        out = rewrite(nat.error_to_backend, self._error(ours, ICMPv6PacketTooBig(mtu=1400)),
+                      packed(BACKEND), False)
+        pkt = IPv6(out)
+        self.assertEqual(pkt[ICMPv6PacketTooBig].mtu, 1400)
+        self.assertEqual(out[48 + 40:48 + 64], ours[40:64])
+        self.assertEqual(out[48 + 8:48 + 24], packed(BACKEND))
+        self.assertChecksumRight(out)
+
+    def test_refusals(self) -> None:
+        """Not an error, or a wrong ICMPv6 checksum: dropped with a reason, buffer untouched."""
+        echo = from_backend(ICMPv6EchoRequest(), dst=VIP)
+        bad = bytearray(self._error(self._our_reply(20)[1], ICMPv6DestUnreach()))
+        bad[-1] ^= 1
+        for raw, reason in ((echo, nat.Drop.NOT_AN_ERROR), (bytes(bad), nat.Drop.BAD_CHECKSUM)):
+            buf = bytearray(raw)
+            self.assertIs(nat.error_to_backend(buf, parse(buf), packed(BACKEND)), reason)
+            self.assertEqual(bytes(buf), raw)

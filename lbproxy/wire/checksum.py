@@ -113,7 +113,10 @@ def update16(csum: int, old: bytes | bytearray, new: bytes | bytearray) -> int:
     of the checksummed data, such as a 16-byte address (8 words).  RFC 1624
     equation 3.
     """
-    return update_sum(csum, _fold(int.from_bytes(old, "big")), _fold(int.from_bytes(new, "big")))
+    # ~HC + ~m + m' is congruent to (0xFFFF - HC) - m + m' modulo 0xFFFF; Python's %
+    # of a negative number is non-negative, so one expression does it (hot path).
+    folded = (_MASK - csum + int.from_bytes(new, "big") - int.from_bytes(old, "big")) % _MASK
+    return _MASK - (folded or _MASK)
 
 
 def udp_field(csum: int) -> int:
