@@ -48,10 +48,16 @@ def backends_from(config: Config) -> list[Backend]:
     return [Backend(name=b.name, address=b.address, weight=b.weight) for b in config.backends]
 
 
+def key_chain_from(config: Config) -> KeyChain:
+    """The configured KeyChain (the iid strategy takes the any_interface_id option)."""
+    options = {"any_interface_id": config.any_interface_id} if "iid" in config.key_chain else {}
+    return KeyChain.from_names(config.key_chain, **options)
+
+
 def build_balancer(config: Config, clock: Any) -> Balancer:
     """The pure core for a configuration: key chain, table, scheduler, balancer."""
     return Balancer(
-        chain=KeyChain.from_names(config.key_chain, any_interface_id=config.any_interface_id),
+        chain=key_chain_from(config),
         table=StickyTable(clock, config.lifetime, config.max_entries),
         scheduler=scheduler_from_name(config.scheduler),
         backends=backends_from(config),
