@@ -49,13 +49,19 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Final
 
+from lbproxy.keys import Key
+
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
-    from lbproxy.keys import Key
     from lbproxy.selection import Backend
 
 __all__ = ["Binding", "StickyTable", "TableStats"]
+
+
+def _as_key(data: bytes) -> Key:
+    """The Key whose bytes are `data` (no checks: `data` came from a Key)."""
+    return bytes.__new__(Key, data)
 
 
 class _Probation:
@@ -75,16 +81,16 @@ class Binding:
     rounded up, to the table's resolution); ``packets`` counts the packets that used the
     entry; ``care_of`` is the last care-of address seen (16 bytes) and ``confirmed`` says
     an authenticated notification vouched for it (only then may replies go to it).
-    ``key`` is the table key it is filed under.  Change ``backend`` only through
+    ``key`` is the key it is filed under.  Change ``backend`` only through
     :meth:`StickyTable.insert` or :meth:`StickyTable.rekey`, which keep the load counts.
     """
 
-    __slots__ = ("_where", "backend", "care_of", "confirmed", "created", "expires", "key",
+    __slots__ = ("_key", "_where", "backend", "care_of", "confirmed", "created", "expires",
                  "packets")
 
     def __init__(
         self,
-        key: Key,
+        key: bytes,
         backend: Backend,
         created: float,
         expires: float,
@@ -92,7 +98,7 @@ class Binding:
         care_of: bytes | None = None,
         confirmed: bool = False,
     ) -> None:
-        self.key = key
+        self._key = key  # the table's plain-bytes copy of the Key (see StickyTable)
         self.backend = backend
         self.created = created
         self.expires = expires
@@ -100,6 +106,11 @@ class Binding:
         self.care_of = care_of
         self.confirmed = confirmed
         self._where: object = None
+
+    @property
+    def key(self) -> Key:
+        """The key this binding is filed under."""
+        return _as_key(self._key)
 
     @property
     def established(self) -> bool:
@@ -171,7 +182,7 @@ class StickyTable:
         self.resolution: Final = resolution
         self.sweep_grain: Final = sweep_grain
         self.stats = TableStats()
-        self._entries: dict[Key, Binding] = {}
+        self._entries: dict[bytes, Binding] = {}
         self._load: dict[Backend, int] = {}
         self._probation: deque[Binding] = deque()
         self._wheel: dict[int, list[Binding]] = {}
@@ -251,6 +262,44 @@ class StickyTable:
             self._probation.append(b)
             b._where = _PROBATION
         self.stats.inserts += 1
+        return b
+
+    def restore(
+        self,
+        key: Key,
+        backend: Backend,
+        expires: float,
+        packets: int = 1,
+        care_of: bytes | None = None,
+        confirmed: bool = False,
+        established: bool = False,
+        now: float | None = None,
+    ) -> Binding | None:
+        """Put back a saved binding (persistence across a restart) with its own expiry.
+
+        `expires` is clamped to ``now + lifetime``; a binding already expired is not
+        restored (None).  Otherwise like :meth:`insert` (replaces, may evict, None when
+        refused), but the binding keeps its segment and counters.  Restore
+        probationary bindings in order of increasing `expires`, so the FIFO stays
+        ordered by expiry.
+        """
+        if now is None:
+            now = self.clock.seconds()
+        if expires <= now:
+            return None
+        old = self._entries.get(key)
+        if old is not None:
+            self._drop(old)
+        elif len(self._entries) >= self.max_entries and not self._make_room(now):
+            self.stats.refusals += 1
+            return None
+        b = self._add(key, backend, now, packets, care_of, confirmed)
+        b.expires = min(expires, b.expires)
+        if established:
+            self._file(b)
+        else:
+            self._probation.append(b)
+            b._where = _PROBATION
         return b
 
     def rekey(
@@ -367,11 +416,11 @@ class StickyTable:
 
     def __iter__(self) -> Iterator[tuple[Key, Binding]]:
         """(key, binding) for every entry held, from a snapshot (safe to mutate)."""
-        return iter(list(self._entries.items()))
+        return iter([(_as_key(k), b) for k, b in self._entries.items()])
 
     def __contains__(self, key: object) -> bool:
         """True if `key` has a live entry."""
-        b = self._entries.get(key)  # type: ignore[call-overload]
+        b = self._entries.get(key) if isinstance(key, bytes) else None
         return b is not None and b.expires > self.clock.seconds()
 
     def __repr__(self) -> str:
@@ -396,8 +445,12 @@ class StickyTable:
     ) -> Binding:
         if now > self._q_end:
             self._requantize(now)
-        b = Binding(key, backend, self._q_now, self._q_expires, packets, care_of, confirmed)
-        self._entries[key] = b
+        # Stored under a plain-bytes copy: equal to the Key and with the same hash (a Key
+        # is a bytes subclass that overrides neither), so Key lookups find it, and it
+        # is 16 bytes smaller than a Key (plain bytes are not tracked by the GC).
+        k = bytes(key)
+        b = Binding(k, backend, self._q_now, self._q_expires, packets, care_of, confirmed)
+        self._entries[k] = b
         self._count(backend, 1)
         return b
 
@@ -409,7 +462,7 @@ class StickyTable:
             del self._load[backend]
 
     def _drop(self, b: Binding) -> None:
-        del self._entries[b.key]
+        del self._entries[b._key]
         self._count(b.backend, -1)
         b._where = None
 

@@ -130,6 +130,37 @@ class LifetimeTests(TableTestCase):
         self.assertEqual(self.table.expire(), 0)
 
 
+class RestoreTests(TableTestCase):
+    def test_restore_keeps_expiry_and_segment(self) -> None:
+        """A restored binding keeps its remaining lifetime, counters and segment, is
+        swept when that ends, and iteration yields Key objects."""
+        self.clock.advance(100)
+        b1 = self.table.restore(src(1), A, expires=110, packets=7, established=True,
+                                care_of=src(1).value, confirmed=True)
+        b2 = self.table.restore(src(2), B, expires=120)
+        assert b1 is not None and b2 is not None
+        self.assertEqual((b1.expires, b1.packets, b1.established, b1.confirmed),
+                         (110, 7, True, True))
+        self.assertEqual((b2.expires, b2.established), (120, False))
+        self.assertEqual(dict(self.table.load()), {A: 1, B: 1})
+        for key, binding in self.table:
+            self.assertIs(type(key), Key)
+            self.assertEqual(binding.key, key)
+        self.clock.advance(10)
+        self.assertEqual(self.table.expire(), 1)
+        self.clock.advance(10)
+        self.assertEqual(self.table.expire(), 1)
+
+    def test_restore_clamps_and_skips_expired(self) -> None:
+        """An already expired saved binding is not restored; one longer than the
+        lifetime is cut to it."""
+        self.clock.advance(100)
+        self.assertIsNone(self.table.restore(src(1), A, expires=100))
+        b = self.table.restore(src(2), A, expires=100 + 10 * LIFETIME)
+        assert b is not None
+        self.assertEqual(b.expires, 100 + LIFETIME)
+
+
 class SweepCostTests(TableTestCase):
     def test_nothing_due_touches_nothing(self) -> None:
         """A sweep with many live entries and none due examines no live entry (only
