@@ -376,3 +376,30 @@ class ReconnectTests(TestCase):
         yield wait_until(lambda: len(h.listener.changes) == 2)
         self.assertEqual(h.listener.changes[1], BindingChange(HOME, COA1, COA2, 2, 40))
         self.assertEqual(notifier.counters.total(), 0)
+
+
+class FromConfigTests(TestCase):
+    """Notifier.from_config builds one client per configured peer."""
+
+    def test_from_config(self) -> None:
+        """Peers from lbproxy.config become clients with the right entitlements."""
+        from lbproxy.config import NotifyConfig, PeerConfig
+
+        directory = self.mktemp()
+        ca, cert, key = CA.write(directory, "lb1", BALANCER)
+        config = NotifyConfig(
+            enabled=True, ca=ca, certificate=cert, key=key, max_subscriptions=7,
+            peers=(
+                PeerConfig("ha1", "homeagent", "tcp:host=127.0.0.1:port=1", "ha1.test",
+                           prefixes=(ipaddress.IPv6Network("2001:db8:1::/64"),)),
+                PeerConfig("t1", "terminal", "tcp:host=127.0.0.1:port=2", "t1.test",
+                           home=ipaddress.IPv6Address("2001:db8:1::16")),
+            ),
+        )
+        notifier = Notifier.from_config(config, reactor, RecordingListener())
+        self.assertEqual(sorted(notifier.clients), ["ha1", "t1"])
+        self.assertEqual(notifier.subscriptions.max_entries, 7)
+        self.assertEqual(notifier.peers_for(HOME, home=True), [notifier.clients["t1"]])
+        self.assertEqual(notifier.peers_for(a("2001:db8:1::17"), home=True),
+                         [notifier.clients["ha1"]])
+        self.assertEqual(notifier.peers_for(COA1, home=False), [notifier.clients["ha1"]])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
@@ -66,6 +67,20 @@ class Notifier(MultiService):
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = clock
         self.sweep_interval = sweep_interval
+
+    @classmethod
+    def from_config(
+        cls, config: Any, reactor: Any, listener: IBindingListener, **options: Any
+    ) -> Notifier:
+        """From an ``lbproxy.config.NotifyConfig`` (peers' endpoints are Twisted client
+        endpoint strings; TLS is added here, so they are plain ``tcp:`` endpoints)."""
+        from twisted.internet.endpoints import clientFromString
+
+        material = TlsMaterial.from_files(config.ca, config.certificate, config.key)
+        peers = [(Peer.from_config(p), clientFromString(reactor, p.endpoint))
+                 for p in config.peers]
+        return cls(peers, material, listener, reactor,
+                   max_subscriptions=config.max_subscriptions, **options)
 
     def startService(self) -> None:
         super().startService()
