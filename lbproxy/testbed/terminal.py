@@ -350,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     reactor: Any = _reactor
 
     tun_fd = open_tun(args.tun)
-    routes = [str(addresses.VIP_PREFIX), "default"]
+    routes = [str(addresses.VIP_PREFIX), "::/0"]
     subprocess.run(["ip", "-batch", "-"], check=True, text=True,
                    input="\n".join(tun_commands(args.tun, args.count, args.mtu, routes)) + "\n")
     links = {}
