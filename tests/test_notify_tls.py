@@ -307,7 +307,9 @@ class RefusalTests(TestCase):
             notifier.terminal_seen(ipaddress.IPv6Address(base + i).packed, home=True)
         self.assertEqual(len(notifier.subscriptions), 50)
         self.assertEqual(notifier.counters[Refusal.TOO_MANY_SUBSCRIPTIONS], 950)
-        yield wait_until(lambda: len(h.session().subscriptions) == 50)
+        assert h.agent is not None
+        agent = h.agent
+        yield wait_until(lambda: bool(agent.sessions) and len(h.session().subscriptions) == 50)
 
 
 class TerminalPeerTests(TestCase):
