@@ -402,6 +402,24 @@ def capture(bed: TestBed, role: str, ifname: str) -> Iterator[Capture]:
         sock.close()
 
 
+class HostCheckTests(SynchronousTestCase):
+    def test_not_root_is_a_clear_error(self) -> None:
+        """Without root, check_host (hence start) raises BedUnavailableError saying so."""
+        self.patch(netns.os, "geteuid", lambda: 1000)
+        exc = self.assertRaises(BedUnavailableError, netns.check_host)
+        self.assertIn("root", str(exc))
+        bed = TestBed(terminals=1, backends=1)
+        self.assertRaises(BedUnavailableError, bed.start)
+        self.assertFalse(bed.started)
+
+    def test_missing_tool_is_named(self) -> None:
+        """A missing command is named in the reason."""
+        self.patch(netns.os, "geteuid", lambda: 0)
+        self.patch(netns.shutil, "which", lambda tool: None if tool == "nft" else "/bin/x")
+        exc = self.assertRaises(BedUnavailableError, netns.check_host)
+        self.assertIn("nft", str(exc))
+
+
 class TestBedLifecycleTests(TestCase):
     timeout = 120
 

@@ -163,8 +163,12 @@ class TestBed:
         for stream in self._files:
             stream.close()
         self._files.clear()
+        failures = []
         for role in reversed(self._created):
-            netns.delete(f"{self.name}-{role}")
+            try:
+                netns.delete(f"{self.name}-{role}")
+            except netns.CommandError as exc:
+                failures.append(str(exc))
         self._created.clear()
         if self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -172,6 +176,8 @@ class TestBed:
         if self.started:
             atexit.unregister(self.stop)
             self.started = False
+        if failures:
+            raise netns.CommandError("; ".join(failures))
 
     def __enter__(self) -> TestBed:
         return self.start()

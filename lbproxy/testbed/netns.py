@@ -12,6 +12,7 @@ import ctypes.util
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -73,10 +74,20 @@ def exists(netns: str) -> bool:
     return os.path.exists(f"/run/netns/{netns}")
 
 
-def delete(netns: str) -> None:
-    """Delete ``netns`` if it exists (its veth ends and TUN devices go with it)."""
-    if exists(netns):
+def delete(netns: str, attempts: int = 10) -> None:
+    """Delete ``netns`` if it exists (its veth ends and TUN devices go with it).
+
+    Retried briefly: the namespace file stays busy while a process that
+    ``ip netns exec`` started there is still exiting.
+    """
+    for attempt in range(attempts):
+        if not exists(netns):
+            return
         run(["ip", "netns", "del", netns], check=False)
+        if attempt:
+            time.sleep(0.1)
+    if exists(netns):
+        raise CommandError(f"could not delete network namespace {netns}")
 
 
 def _setns(fd: int) -> None:
