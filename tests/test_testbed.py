@@ -434,8 +434,8 @@ class TestBedLifecycleTests(TestCase):
         names = bed.namespaces()
         self.assertEqual(len(names), 8)
         self.assertTrue(all(name.startswith("lbtb") for name in names))
-        processes = [p for _, p in bed._processes]
-        self.assertEqual(len(processes), 5)
+        processes = list(bed.processes().values())
+        self.assertEqual(sorted(bed.processes()), ["b1", "b2", "b3", "ha", "term"])
         self.assertTrue(all(p.poll() is None for p in processes))
         self.assertEqual([t["registered"] for t in bed.terminal_status()], [True] * 3)
         bed.stop()

@@ -402,6 +402,10 @@ class TestBed:
         self._processes.append((name, process))
         return process
 
+    def processes(self) -> dict[str, subprocess.Popen[bytes]]:
+        """The programs the bed has spawned and not yet stopped, by name."""
+        return dict(self._processes)
+
     def stdout(self, name: str) -> str:
         """What the spawned program ``name`` wrote on stdout so far."""
         return _read(self.path(f"{name}.out"))

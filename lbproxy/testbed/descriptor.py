@@ -10,7 +10,7 @@ import os
 import socket
 from collections.abc import Callable
 
-from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -74,8 +74,3 @@ def packet_socket_reader(sock: socket.socket) -> Callable[[], bytes | None]:
                 return data
 
     return read
-
-
-def add_reader(reactor: IReactorFDSet, reader: PacketReader) -> None:
-    """Start watching ``reader``."""
-    reactor.addReader(reader)
