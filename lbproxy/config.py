@@ -305,6 +305,8 @@ def parse_config(text: str, path: str = "<config>") -> Config:
     manhole_endpoint = manhole.get("endpoint", str, "")
     if manhole_endpoint and not manhole.get("authorized_keys", str, ""):
         raise manhole.fail("authorized_keys", "required when the manhole is enabled (key-only)")
+    if manhole_endpoint and not manhole.get("host_key", str, ""):
+        raise manhole.fail("host_key", "required when the manhole is enabled")
 
     return Config(
         path=path,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from twisted.application.service import IServiceCollection, MultiService
+from twisted.application.service import IServiceCollection, MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -19,8 +19,14 @@ from lbproxy.config import Config, ConfigError, load_config
 from lbproxy.control import Control
 from lbproxy.ctl import make_ctl_service
 from lbproxy.forwarder import ForwarderService
+from lbproxy.health import make_health_service, make_probe
 from lbproxy.keys import KeyChain
-from lbproxy.rawsocket import LinuxPacketSystem
+from lbproxy.manhole import make_manhole_service
+from lbproxy.metrics import make_metrics_service
+from lbproxy.notify.adapter import TableListener
+from lbproxy.notify.router import Notifier
+from lbproxy.persistence import make_persistence_service
+from lbproxy.rawsocket import IPacketSystem, LinuxPacketSystem
 from lbproxy.selection import Backend, scheduler_from_name
 from lbproxy.table import StickyTable
 
@@ -76,15 +82,31 @@ class BalancerService(MultiService):
     all act on the same ones the data path uses.
     """
 
-    def __init__(self, config: Config, reactor: Any, install_sighup: bool = True) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        install_sighup: bool = True,
+        system: IPacketSystem | None = None,
+    ) -> None:
         super().__init__()
         self.install_sighup = install_sighup
         self.config = config
         self.reactor = reactor
         self.balancer = build_balancer(config, reactor)
+        # Persistence first: the table is restored before the first packet and saved
+        # after the forwarder has stopped.
+        if config.persistence_path:
+            make_persistence_service(
+                self.balancer.table,
+                config.persistence_path,
+                lambda: self.balancer.backends,
+                reactor,
+                config.persistence_interval,
+            ).setServiceParent(self)
         self.forwarder = ForwarderService(
             self.balancer,
-            LinuxPacketSystem(),
+            system if system is not None else LinuxPacketSystem(),
             reactor,
             reactor,
             client_interface=config.client_interface,
@@ -93,9 +115,70 @@ class BalancerService(MultiService):
             sweep_interval=config.sweep_interval,
         )
         self.forwarder.setServiceParent(self)
+        self.notifier: Notifier | None = None
+        if config.notify.enabled:
+            self.notifier = Notifier.from_config(
+                config.notify, reactor, TableListener(self.balancer.table, self.balancer)
+            )
+            self.notifier.setServiceParent(self)
+            self.balancer.terminal_seen = self._terminal_seen
+        self.health = self._health_service(config)
         self.control = Control(self.balancer, reload=self.reload)
         if config.control_socket:
             make_ctl_service(config.control_socket, self.control, reactor).setServiceParent(self)
+        if config.manhole_endpoint:
+            make_manhole_service(
+                self.control,
+                config.manhole_host_key,
+                config.manhole_authorized_keys,
+                config.manhole_endpoint,
+                reactor,
+            ).setServiceParent(self)
+        if config.metrics_endpoint:
+            notifier = self.notifier
+            make_metrics_service(
+                config.metrics_endpoint,
+                self.control,
+                reactor,
+                notify=notifier.counters if notifier else None,
+                peer_states=(
+                    (lambda: {n: c.machine.state for n, c in notifier.clients.items()})
+                    if notifier
+                    else None
+                ),
+                subscriptions=notifier.subscriptions if notifier else None,
+            ).setServiceParent(self)
+
+    def _terminal_seen(self, home: bytes | None, source: bytes) -> None:
+        """A terminal's first packet: subscribe to its care-of address changes (claims 5, 6)."""
+        if self.notifier is None:
+            return
+        if home is not None:
+            self.notifier.terminal_seen(home, home=True)
+        else:
+            self.notifier.terminal_seen(source, home=False)
+
+    def _health_service(self, config: Config) -> Service | None:
+        """Health checks for the backends that ask for one; they mark backends up/down."""
+        probes = {}
+        for b in config.backends:
+            probe = make_probe(b.health, self.reactor, str(b.address), b.health_port,
+                               config.health.timeout, b.health_path)
+            if probe is not None:
+                probes[b.name] = probe
+        if not probes:
+            return None
+        service = make_health_service(
+            probes,
+            self.reactor,
+            self.balancer.set_backend_up,
+            interval=config.health.interval,
+            timeout=config.health.timeout,
+            rise=config.health.rise,
+            fall=config.health.fall,
+        )
+        service.setServiceParent(self)
+        return service
 
     def reload(self) -> str:
         """Apply the configuration file again without losing the table.

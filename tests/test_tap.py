@@ -1,0 +1,110 @@
+"""Tests for lbproxy.tap: twistd options, the service tree, forwarding through it, reload."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from scapy.layers.inet import UDP
+from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from lbproxy.config import ConfigError, load_config
+from lbproxy.keys import Key
+from lbproxy.tap import BalancerService, Options
+from lbproxy.testing import MemoryPacketSystem
+
+CONFIG = """
+[balancer]
+key_chain = ["hoa", "src"]
+[virtual]
+addresses = ["2001:db8:5::80"]
+[interfaces]
+client = "lbc"
+server = "lbs"
+{backends}
+"""
+BACKEND = '[[backend]]\nname = "{name}"\naddress = "2001:db8:b0::{n}"\n'
+
+
+def backends(*names: str) -> str:
+    return "".join(BACKEND.format(name=name, n=10 + i) for i, name in enumerate(names))
+
+
+def mobile(hoa: str) -> bytes:
+    return bytes(IPv6(src="2001:db8:a1::9", dst="2001:db8:5::80")
+                 / IPv6ExtHdrDestOpt(options=[HAO(hoa=hoa)]) / UDP(dport=80) / b"x")
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_bad_config_refuses_to_start(self) -> None:
+        """A bad file stops twistd at option parsing with file, key and reason."""
+        path = self.mktemp()
+        Path(path).write_text(CONFIG.format(backends=backends("a")).replace("lbc", "") +
+                              "[balancer2]\n")
+        options = Options()
+        with self.assertRaises(usage.UsageError) as caught:
+            options.parseOptions(["--config", path])
+        self.assertIn(path, str(caught.exception))
+        self.assertIn("balancer2", str(caught.exception))
+
+    def test_missing_file(self) -> None:
+        """A missing file is refused with its name."""
+        with self.assertRaises(usage.UsageError) as caught:
+            Options().parseOptions(["--config", "/nonexistent.toml"])
+        self.assertIn("/nonexistent.toml", str(caught.exception))
+
+
+class ServiceTests(SynchronousTestCase):
+    def make(self, text: str) -> tuple[BalancerService, MemoryPacketSystem, str]:
+        path = self.mktemp()
+        Path(path).write_text(text)
+        system = MemoryPacketSystem(interfaces=("lbc", "lbs"))
+        service = BalancerService(load_config(path), MemoryReactorClock(),
+                                  install_sighup=False, system=system)
+        return service, system, path
+
+    def test_forwards_through_fake_system(self) -> None:
+        """The service tree reads the client link and sends the rewritten packet."""
+        service, system, _ = self.make(CONFIG.format(backends=backends("a", "b")))
+        service.privilegedStartService()
+        service.startService()
+        self.addCleanup(service.stopService)
+        system.inject("lbc", mobile("2001:db8:100::1"))
+        service.forwarder.client.doRead()
+        self.assertEqual(len(system.sent), 1)
+        sent = system.sent[0]
+        out = IPv6(sent.packet)
+        self.assertEqual(sent.destination, out.dst)
+        self.assertEqual(out.src, "2001:db8:100::1")
+        self.assertIn(out.dst, ("2001:db8:b0::10", "2001:db8:b0::11"))
+
+    def test_reload_keeps_table(self) -> None:
+        """Reload applies a new backend list; bindings to surviving backends stay, and an
+        invalid file is refused with the old configuration still in force."""
+        service, _, path = self.make(CONFIG.format(backends=backends("a", "b")))
+        balancer = service.balancer
+        keys = [Key("hoa", ipaddress.IPv6Address(f"2001:db8:100::{i}").packed)
+                for i in range(1, 40)]
+        for i, key in enumerate(keys):
+            balancer.move(key, "a" if i % 2 else "b")
+        Path(path).write_text(CONFIG.format(backends=backends("a", "c")))
+        self.assertEqual(service.reload(), "applied")
+        self.assertEqual(sorted(balancer.backends), ["a", "c"])
+        for i, key in enumerate(keys):
+            binding = balancer.table.get(key)
+            assert binding is not None
+            self.assertEqual(binding.backend.name, "a" if i % 2 else "b")
+        Path(path).write_text(CONFIG.format(backends=backends("a")).replace("hoa", "mac"))
+        with self.assertRaises(ConfigError):
+            service.reload()
+        self.assertEqual(sorted(balancer.backends), ["a", "c"])
+        self.assertEqual(service.config.backends[1].name, "c")
+
+    def test_reload_reports_restart_needed(self) -> None:
+        """Changes that need a restart are named, not silently ignored."""
+        service, _, path = self.make(CONFIG.format(backends=backends("a")))
+        Path(path).write_text(CONFIG.format(backends=backends("a")).replace("lbs", "eth9"))
+        self.assertIn("server_interface", service.reload())
