@@ -26,6 +26,10 @@ again.  Bytes past ``view.end`` (link-layer padding) are cut off.
   care-of address a Type 2 Routing Header is inserted and the packet is sent
   to the care-of address.  An ICMPv6 error also has its quoted packet turned
   back into what the terminal sent, so path MTU discovery works end to end.
+* :func:`error_to_backend`: the other way round, an ICMPv6 error about one of
+  our replies (sent to the virtual address) goes to the backend, its quote
+  turned back into what the backend sent (:func:`quoted_addresses` finds the
+  binding).
 
 Checksums: the pseudo-header (RFC 8200 section 8.1) uses the home address as
 source when an HAO is present and the final destination (the RH2 address) as
@@ -297,7 +301,8 @@ def _fix_l4(buf: bytearray, view: PacketView, old: bytes | bytearray, new: bytes
 
     Nothing to do for a non-first fragment (proto 44), ESP, or unknown
     protocols.  A UDP checksum of 0 (none; invalid over IPv6 but seen) is left
-    alone; a computed 0 is sent as 0xFFFF.
+    alone; a computed 0 is sent as 0xFFFF.  The arithmetic is
+    :func:`lbproxy.wire.checksum.update16`, inlined: this runs for every packet.
     """
     proto = view.proto
     at = _CSUM_AT.get(proto)
@@ -305,12 +310,12 @@ def _fix_l4(buf: bytearray, view: PacketView, old: bytes | bytearray, new: bytes
         return
     pos = view.l4 + at
     csum = buf[pos] << 8 | buf[pos + 1]
-    if proto == _UDP:
-        if not csum:
-            return
-        csum = update16(csum, old, new) or 0xFFFF
-    else:
-        csum = update16(csum, old, new)
+    if proto == _UDP and not csum:
+        return
+    folded = (0xFFFF - csum + int.from_bytes(new, "big") - int.from_bytes(old, "big")) % 0xFFFF
+    csum = 0xFFFF - (folded or 0xFFFF)
+    if proto == _UDP and not csum:
+        csum = 0xFFFF
     buf[pos] = csum >> 8
     buf[pos + 1] = csum & 0xFF
 
