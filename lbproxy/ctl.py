@@ -112,9 +112,20 @@ def _drain(control: Control, args: Mapping[str, Any]) -> Any:
 
 
 def _reload(control: Control, args: Mapping[str, Any]) -> Any:
-    return maybeDeferred(control.reload).addCallback(
-        lambda result: None if result is None else str(result)
-    )
+    def refused(failure: Failure) -> Failure:
+        # The operator sees the answer; the log must say it too (as for SIGHUP).
+        if failure.check(ValueError):
+            log.error(
+                "reload refused, the running configuration stays: {error}",
+                error=failure.value,
+            )
+        return failure
+
+    def applied(result: object) -> str | None:
+        log.info("reload (lbproxyctl): {outcome}", outcome=result)
+        return None if result is None else str(result)
+
+    return maybeDeferred(control.reload).addCallbacks(applied, refused)
 
 
 COMMANDS: dict[str, Callable[[Control, Mapping[str, Any]], Any]] = {
