@@ -21,7 +21,15 @@ this program plays the mobile node's part for the kernel's own sockets:
   to its home agent, retransmitted (1 s, 2 s, 4 s) until acknowledged.
 
 Control (JSON lines on a UNIX socket, see :mod:`lbproxy.testbed.control`):
-``status``, ``move {terminal, link, wait=true}``, ``register``.
+``status``, ``move {terminal, link, wait=true}``, ``register``, ``track_addresses``.
+
+Kernel care-of addresses.  The bed puts every terminal's care-of address on every
+access link on the kernel's ``acc*`` interfaces, so the kernel's view never changes
+when a terminal moves.  ``track_addresses`` switches to what a real mobile node's
+kernel shows: from then on only each terminal's *current* care-of address is there,
+and a move adds the new one and then deletes the old one (before the Binding Update
+goes out), so a program watching netlink address events -- the terminal agent,
+``twistd lbproxy-terminal`` -- sees each move.
 
 Run inside the terminal namespace::
 
@@ -32,6 +40,7 @@ Run inside the terminal namespace::
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import os
 import socket
@@ -56,6 +65,7 @@ IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 RETRANSMIT = (1.0, 2.0, 4.0)  # RFC 6275 §11.8: INITIAL_BINDACK_TIMEOUT doubling
 DEFAULT_LIFETIME = 900  # units of 4 s: one hour
+IFA_F_NODAD = 0x02
 
 
 @attrs.define
@@ -202,6 +212,7 @@ class Emulator:
         self.lifetime = lifetime
         self._retries: dict[int, IDelayedCall] = {}
         self._waiters: dict[int, list[Deferred[Message]]] = {}
+        self.kernel: KernelAddresses | None = None  # set by ``track_addresses``
 
     def start(self) -> None:
         self.reactor.addReader(PacketReader(self.tun_fd, tun_reader(self.tun_fd),
@@ -252,7 +263,22 @@ class Emulator:
     def register(self, index: int, link: int | None = None) -> None:
         """Send a Binding Update (moving first if ``link`` is given), with retransmissions."""
         self._cancel_retry(index)
+        terminal = self.nodes.terminals[index]
+        if self.kernel is not None and link is not None and link != terminal.link:
+            self.kernel.move(terminal.care_of(), terminal.link, terminal.care_of(link), link)
         self._transmit(index, link, 0)
+
+    def track_addresses(self) -> Message:
+        """Keep only each terminal's current care-of address on the kernel's interfaces."""
+        if self.kernel is None:
+            self.kernel = KernelAddresses()
+        for terminal in self.nodes.terminals.values():
+            for link in self.links:
+                if link == terminal.link:
+                    self.kernel.add(terminal.care_of(link), link)
+                else:
+                    self.kernel.remove(terminal.care_of(link), link)
+        return {"ok": True}
 
     def _transmit(self, index: int, link: int | None, attempt: int) -> None:
         if attempt == 0:
@@ -295,7 +321,45 @@ class Emulator:
             for index in self.nodes.terminals:
                 self.register(index)
             return {"ok": True}
+        if op == "track_addresses":
+            return self.track_addresses()
         return {"ok": False, "error": f"unknown op {op!r}"}
+
+
+class KernelAddresses:
+    """Adds and deletes care-of addresses on the ``acc<k>`` interfaces (netlink)."""
+
+    def __init__(self) -> None:
+        from pyroute2 import IPRoute
+
+        self.ipr = IPRoute()
+        self._index: dict[int, int] = {}
+
+    def _ifindex(self, link: int) -> int:
+        if link not in self._index:
+            self._index[link] = self.ipr.link_lookup(ifname=f"acc{link}")[0]
+        return self._index[link]
+
+    def _change(self, command: str, address: bytes, link: int) -> None:
+        from pyroute2 import NetlinkError
+
+        try:
+            self.ipr.addr(command, index=self._ifindex(link), address=str(IPv6Address(address)),
+                          prefixlen=64, flags=IFA_F_NODAD)
+        except NetlinkError as exc:
+            if exc.code not in (errno.EEXIST, errno.EADDRNOTAVAIL, errno.ENOENT):
+                raise
+
+    def add(self, address: bytes, link: int) -> None:
+        self._change("add", address, link)
+
+    def remove(self, address: bytes, link: int) -> None:
+        self._change("del", address, link)
+
+    def move(self, old: bytes, old_link: int, new: bytes, new_link: int) -> None:
+        """The new address first, then the old one goes: never a moment without one."""
+        self.add(new, new_link)
+        self.remove(old, old_link)
 
 
 def open_tun(name: str) -> int:
