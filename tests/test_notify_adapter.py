@@ -77,3 +77,14 @@ class TableListenerTests(SynchronousTestCase):
         self.assertEqual(len(self.table), 0)
         self.assertEqual(self.listener.applied, 0)
         self.assertEqual(self.balancer.confirmed, [(HOME, COA2)])
+
+    def test_first_answer_confirms_existing_entry(self) -> None:
+        """The agent's first answer names the CoA already in use (old == new): that
+        source-address entry is marked confirmed in place, no entry is added."""
+        self.table.insert(Key("src", COA1), self.backend)
+        self.listener.binding_changed(HOME, COA1, COA1, 1, 40)
+        b = self.table.get(Key("src", COA1))
+        assert b is not None
+        self.assertEqual((b.care_of, b.confirmed, len(self.table)), (COA1, True, 1))
+        self.assertEqual(self.listener.applied, 1)
+        self.assertEqual(self.balancer.confirmed, [(HOME, COA1)])

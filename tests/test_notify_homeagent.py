@@ -177,7 +177,8 @@ class HomeLinkTests(TestCase):
         path = [COAS[1], COAS[2], COAS[0], COAS[1], COAS[0]]
         for seq, coa in enumerate(path, start=2):
             move(seq, coa)
-            yield wait_until(lambda seq=seq: listener.applied >= seq - 1)  # type: ignore[misc]
+            # the Subscribe answer confirmed CoA1 (applied 1); each move applies one more
+            yield wait_until(lambda seq=seq: listener.applied >= seq)  # type: ignore[misc]
             entry = table.get(Key("src", coa))
             assert entry is not None
             self.assertEqual(entry.backend, backend)

@@ -404,4 +404,5 @@ class FromConfigTests(TestCase):
         self.assertEqual(notifier.peers_for(HOME, home=True), [notifier.clients["t1"]])
         self.assertEqual(notifier.peers_for(a("2001:db8:1::17"), home=True),
                          [notifier.clients["ha1"]])
-        self.assertEqual(notifier.peers_for(COA1, home=False), [notifier.clients["ha1"]])
+        self.assertEqual(notifier.peers_for(COA1, home=False),
+                         [notifier.clients["ha1"], notifier.clients["t1"]])

@@ -5,7 +5,9 @@ leads to CoA1's backend and leave CoA1's entry to live out its lifetime -- exact
 ``StickyTable.rekey(Key("src", old), Key("src", new))``.  The change is also authenticated,
 so the balancer may now send return traffic to the new address: ``Balancer.confirm``.
 A terminal keyed on its home address (HAO) keeps its entry; rekeying that entry onto itself
-records the confirmed care-of address on it.
+records the confirmed care-of address on it.  Likewise an entry that already exists under the
+notified care-of address (the agent's answer to a Subscribe names the address the terminal is
+using) is marked confirmed in place.
 """
 
 from __future__ import annotations
@@ -43,11 +45,15 @@ class TableListener:
     ) -> None:
         """Rekey the source-address entry, confirm the home-address entry, confirm the CoA."""
         moved = None
+        new_key = Key("src", new_care_of)
         if old_care_of is not None and old_care_of != new_care_of:
             moved = self.table.rekey(
-                Key("src", old_care_of), Key("src", new_care_of), care_of=new_care_of,
-                confirmed=True,
+                Key("src", old_care_of), new_key, care_of=new_care_of, confirmed=True
             )
+        if moved is None:
+            # No move to make (the agent's first answer, or the old entry is gone): an
+            # entry the terminal already has under this care-of address is now confirmed.
+            moved = self.table.rekey(new_key, new_key, care_of=new_care_of, confirmed=True)
         hoa = self.table.rekey(
             Key("hoa", home), Key("hoa", home), care_of=new_care_of, confirmed=True
         )

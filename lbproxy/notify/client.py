@@ -3,7 +3,8 @@
 One :class:`NotificationClient` per configured peer (a home agent or a terminal's agent)
 keeps one connection up with ``ClientService`` (exponential back-off, injected clock).  When
 TLS is up and the peer's identity checked, it (re)sends every subscription the registry holds
-for that peer, so a restarted agent learns again what the balancer follows.  What the peer
+for that peer, so a restarted agent learns again what the balancer follows (by home address
+once that is known, so an agent that lost its observations keeps the subscription).  What the peer
 then says is handed to the :class:`~lbproxy.notify.gate.Gate`; what the gate refuses is
 answered with the matching AMP error.  Forwarding does not wait for any of this: while a peer
 is down the table keeps its entries and only confirmations stop.
@@ -249,10 +250,15 @@ class NotificationClient(Service):
         """Send Subscribe for ``sub`` now if connected (else on the next connection)."""
         if not self.connected or self.protocol is None:
             return None
+        # Once the home address is known, follow the terminal by it: a care-of address is
+        # what the terminal gives up when it moves, and an agent that restarted (and lost
+        # what it had observed) answers UNKNOWN_BINDING for it, but still accepts -- and then
+        # reports on -- a home address it is entitled to.
+        address, kind = (sub.address, sub.kind) if sub.home is None else (sub.home, "hoa")
         d = self.protocol.callRemote(
             c.Subscribe,
-            address=sub.address,
-            kind=sub.kind,
+            address=address,
+            kind=kind,
             on_change=True,
             interval=self.interval,
         )

@@ -4,10 +4,11 @@ On a terminal's first packet the balancer asks to be told when its care-of addre
 (claims 5, 6).  With a home address (from a Home Address option) the peer is the terminal's
 own agent if one is configured for that home address (claim 6), else the home agent whose
 home prefix contains it (claim 5).  With only a care-of address (key = source address, the
-patent's second embodiment) there is no prefix to go by, so every home agent is asked; those
-without a binding for it answer UNKNOWN_BINDING and the subscription is dropped.  Either way
-the bounded :class:`~lbproxy.notify.subscriptions.Subscriptions` registry decides whether a
-new subscription may open at all.
+patent's second embodiment) there is no prefix to go by, so every home agent and every
+terminal agent is asked; those without a binding for it answer UNKNOWN_BINDING and the
+subscription is dropped.  Either way the bounded
+:class:`~lbproxy.notify.subscriptions.Subscriptions` registry decides whether a new
+subscription may open at all.
 """
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ class Notifier(MultiService):
             if own is not None:
                 return [own]
             return [c for c, e in self._home_agents if e.allows(address)]
-        return [c for c, _ in self._home_agents]
+        # Only the care-of address is known: every home agent may hold its binding, and so
+        # may every terminal agent (claim 6); those without it answer UNKNOWN_BINDING.
+        return [c for c, _ in self._home_agents] + list(self._terminals.values())
 
     def terminal_seen(self, address: bytes, home: bool = False) -> int:
         """A terminal's first packet: subscribe to its changes.  ``address`` is its home
