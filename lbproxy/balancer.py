@@ -306,7 +306,11 @@ class Balancer:
         binding = table.lookup(key)
         if binding is not None:
             backend = binding.backend
-            if backend.name in self._down and self.reassign_dead:
+            if backend.name not in self.backends or (
+                backend.name in self._down and self.reassign_dead
+            ):
+                # Down (with the reassign policy), or removed by a reload: a removed
+                # backend's replies would be refused (not-from-backend), so always move.
                 replacement = self._choose(key)
                 if replacement is None:
                     self._drop("no-backend")
@@ -390,7 +394,8 @@ class Balancer:
             return TraceResult(None, None, None, False, "no-key")
         binding = self.table.get(key)
         if binding is not None and not (
-            binding.backend.name in self._down and self.reassign_dead
+            binding.backend.name not in self.backends
+            or (binding.backend.name in self._down and self.reassign_dead)
         ):
             return TraceResult(kind, key, binding.backend, True, None)
         backend = self._choose(key)
