@@ -334,7 +334,8 @@ class HealthAndDrainTests(OperatingBedTestCase):
 class ReloadTests(OperatingBedTestCase):
     def test_reload_keeps_surviving_bindings_and_refuses_broken_file(self) -> None:
         """Must-show 5: a reload that removes b3 keeps every binding to b1 and b2 and their
-        live TCP sessions; new terminals go to b1/b2 only.  A broken file is refused with
+        live TCP sessions; new terminals go to b1/b2 only, and so do b3's terminals on
+        their next connection.  A broken file is refused with
         a message naming the file, key and reason (``lbproxyctl reload`` exits 1; the log
         says it too, also for SIGHUP) and the running configuration stays."""
         lb = self.balancer(operating_config(self.bed))
@@ -360,6 +361,14 @@ class ReloadTests(OperatingBedTestCase):
         self.assertLessEqual({s.backend for s in newcomers.values()}, {"b1", "b2"})
         for s in newcomers.values():
             s.echo()
+        # The terminals that were on b3 are moved on their next connection (b3's replies
+        # would no longer be accepted from a backend that is not configured).
+        orphans = sorted(i for i, s in sessions.items() if s.backend == "b3")
+        moved = self.open(orphans)
+        for s in moved.values():
+            self.assertIn(s.backend, ("b1", "b2"))
+            s.echo()
+        self.assertEqual(lb.ctl("stats")["reassigned"], len(orphans))
 
         # A broken file: refused, reported, and nothing changes.
         good = self.table()
