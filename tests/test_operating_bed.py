@@ -419,9 +419,7 @@ class PersistenceTests(OperatingBedTestCase):
         before = self.table()
 
         lb.stop()
-        self.assertIn("Saved 6 bindings", lb.log())
         restarted = self.balancer(config, name="lbproxy-again")
-        self.assertIn("Restored 6 bindings", restarted.log())
         self.assertEqual(self.table(), before)
         for s in sessions.values():
             s.echo()  # the same TCP sessions, through the new process
@@ -431,6 +429,8 @@ class PersistenceTests(OperatingBedTestCase):
             self.assertEqual(self.bed.served_by(str(addresses.home_address(i))), [placed[i]])
         stats = restarted.ctl("stats")
         self.assertEqual(stats["misses"], {})  # no terminal went through the scheduler
+        self.assertIn("Saved 6 bindings", lb.log())
+        self.assertIn("Restored 6 bindings", restarted.log())
 
 
 class HomeAgentPoolTests(OperatingBedTestCase):
