@@ -176,8 +176,11 @@ _ipv6_header = struct.Struct("!B3xHB").unpack_from  # version byte, payload leng
 _two_u16 = struct.Struct("!HH").unpack_from  # TCP/UDP source and destination ports
 _u32 = struct.Struct("!I").unpack_from  # ESP SPI
 _fragment = struct.Struct("!2xHI").unpack_from  # offset/flags word, identification
-#: Destination Options bytes 2..7 in the usual HAO layout: PadN of 2 zeros, HAO type, 16.
-_PADN2_HAO: Final = b"\x01\x02\x00\x00\xc9\x10"
+#: Destination Options bytes 1..7 in the usual HAO layout: Hdr Ext Len 2 (24 bytes),
+#: PadN of 2 zeros, HAO type, option length 16 (DESIGN.md section 4).
+_CANONICAL_HAO_HEADER: Final = b"\x02\x01\x02\x00\x00\xc9\x10"
+#: The walk's turns: MAX_EXTENSION_HEADERS extension headers and the header that ends it.
+_HEADER_BUDGET: Final = (None,) * (MAX_EXTENSION_HEADERS + 1)
 
 
 def _truncated(what: str, off: int, end: int) -> MalformedPacket:
@@ -218,11 +221,11 @@ def parse(buf: bytes | bytearray | memoryview) -> PacketView:
     v.esp = v.spi = v.ah = v.mh = v.mh_type = v.sport = v.dport = -1
     hoa = rh = frag = -1
     late = False  # a Fragment or AH header was seen: an HAO from here on is misplaced
-    count = 0
+    hao_free = True  # neither an HAO nor a Fragment/AH header seen yet
     prev = 6
     off = 40
 
-    while True:
+    for _ in _HEADER_BUDGET:  # one turn per extension header, plus the last one
         if nh == 17 or nh == 6:  # UDP, TCP
             if off + (8 if nh == 17 else 20) > end:
                 raise _truncated("UDP header" if nh == 17 else "TCP header", off, end)
@@ -230,25 +233,26 @@ def parse(buf: bytes | bytearray | memoryview) -> PacketView:
             break
 
         if nh == 60 or nh == 0:  # Destination Options, Hop-by-Hop
-            if off + 2 > end:
-                raise _truncated("options header", off, end)
-            hend = off + ((buf[off + 1] + 1) << 3)
-            if hend > end:
-                raise _truncated("options header", off, end)
             if (
                 nh == 60
-                and hend - off == 24
-                and buf[off + 2 : off + 8] == _PADN2_HAO
-                and hoa == -1
-                and not late
+                and hao_free
+                and buf[off + 1 : off + 8] == _CANONICAL_HAO_HEADER
+                and off + 24 <= end
             ):
                 # The usual layout (RFC 6275 section 6.3 alignment 8n+6): PadN(2), HAO.
+                hend = off + 24
                 v.hao_opt = off + 6
                 v.hoa = hoa = off + 8
                 v.hao_hdr = off
                 v.hao_hdr_len = 24
                 v.hao_prev_nh = prev
+                hao_free = False
             else:
+                if off + 2 > end:
+                    raise _truncated("options header", off, end)
+                hend = off + ((buf[off + 1] + 1) << 3)
+                if hend > end:
+                    raise _truncated("options header", off, end)
                 if nh == 0 and off != 40:
                     raise MalformedPacket(
                         Reason.BAD_EXTENSION_ORDER, f"Hop-by-Hop header at offset {off}, not 40"
@@ -297,6 +301,7 @@ def parse(buf: bytes | bytearray | memoryview) -> PacketView:
                         v.hao_hdr = off
                         v.hao_hdr_len = hend - off
                         v.hao_prev_nh = prev
+                        hao_free = False
                     i = j
             prev = off
             nh = buf[off]
@@ -321,6 +326,7 @@ def parse(buf: bytes | bytearray | memoryview) -> PacketView:
             v.frag_offset = fo >> 3
             v.frag_more = bool(fo & 1)
             late = True
+            hao_free = False
             prev = off
             off += 8
             if fo >> 3:
@@ -362,6 +368,7 @@ def parse(buf: bytes | bytearray | memoryview) -> PacketView:
                 raise _truncated("Authentication Header", off, end)
             v.ah = off
             late = True
+            hao_free = False
             prev = off
             nh = buf[off]
             off = hend
@@ -379,11 +386,10 @@ def parse(buf: bytes | bytearray | memoryview) -> PacketView:
                 raise _truncated("ICMPv6 header", off, end)
             break
 
-        count += 1
-        if count > MAX_EXTENSION_HEADERS:
-            raise MalformedPacket(
-                Reason.TOO_MANY_HEADERS, f"more than {MAX_EXTENSION_HEADERS} extension headers"
-            )
+    else:
+        raise MalformedPacket(
+            Reason.TOO_MANY_HEADERS, f"more than {MAX_EXTENSION_HEADERS} extension headers"
+        )
 
     v.proto = nh
     v.l4 = off
