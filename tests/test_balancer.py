@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import TCP, UDP
 from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrRouting
 from scapy.layers.ipsec import ESP
@@ -247,3 +249,113 @@ class OutboundTests(SynchronousTestCase):
         balancer, _ = make()
         self.assertIsNone(balancer.outbound(self.reply(backend="2001:db8:b0::99")))
         self.assertEqual(balancer.counters.dropped["not-from-backend"], 1)
+
+
+def _raw_mobile(
+    proto: int, hoa: bytes, coa: bytes, hop: int, dport: int, csum: int, payload: bytes
+) -> bytearray:
+    """The fast path's shape, built by hand: IPv6, PadN(2)+HAO, UDP or TCP.
+
+    By hand because the checksum field is chosen by the test (0, or anything): the
+    fast path must treat every value exactly as the general path does.
+    """
+    if proto == 17:
+        l4 = bytearray(
+            (40000).to_bytes(2, "big") + dport.to_bytes(2, "big")
+            + (8 + len(payload)).to_bytes(2, "big") + csum.to_bytes(2, "big")
+        )
+    else:
+        l4 = bytearray(
+            (40000).to_bytes(2, "big") + dport.to_bytes(2, "big") + bytes(8)
+            + b"\x50\x10\xff\xff" + csum.to_bytes(2, "big") + bytes(2)
+        )
+    dest = bytes([proto, 2, 1, 2, 0, 0, 0xC9, 16]) + hoa
+    body = dest + l4 + payload
+    header = bytes([0x60, 0, 0, 0]) + len(body).to_bytes(2, "big") + bytes([60, hop])
+    return bytearray(header + coa + ipaddress.IPv6Address(VIP).packed + body)
+
+
+class FastPathTests(SynchronousTestCase):
+    """`Balancer.inbound`'s fast path (the usual HAO/UDP/TCP shape) must be invisible:
+    same bytes out, same counters, same table as the general path."""
+
+    def pair(self, **kw: object) -> tuple[Balancer, Balancer]:
+        fast, _ = make(**kw)  # type: ignore[arg-type]
+        slow, _ = make(**kw)  # type: ignore[arg-type]
+        slow.fast_path = False
+        return fast, slow
+
+    def assert_same(self, fast: Balancer, slow: Balancer) -> None:
+        self.assertEqual(fast.counters.as_dict(), slow.counters.as_dict())
+        self.assertEqual(
+            [(k, b.backend, b.care_of, b.packets) for k, b in fast.table],
+            [(k, b.backend, b.care_of, b.packets) for k, b in slow.table],
+        )
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        mode=st.sampled_from(["translate", "transparent"]),
+        packets=st.lists(
+            st.tuples(
+                st.sampled_from([6, 17]),
+                st.integers(0, 3),  # terminal
+                st.integers(0, 2),  # care-of address
+                st.sampled_from([0, 1, 2, 64, 255]),  # hop limit
+                st.sampled_from([80, 5353]),
+                st.integers(0, 0xFFFF),  # checksum field
+                st.binary(max_size=24),
+            ),
+            min_size=1,
+            max_size=12,
+        ),
+        ports=st.sampled_from([(), (80,)]),
+    )
+    def test_same_as_general_path(
+        self, mode: str, packets: list[tuple[int, int, int, int, int, int, bytes]],
+        ports: tuple[int, ...],
+    ) -> None:
+        """Any sequence of usual-shape packets: identical output, counters and table."""
+        fast, slow = self.pair(mode=mode, scheduler="round_robin")  # cheap to build
+        for b in (fast, slow):
+            b.set_virtual_addresses([ipaddress.IPv6Address(VIP)], ports)
+        for proto, t, c, hop, dport, csum, payload in packets:
+            hoa = ipaddress.IPv6Address(f"2001:db8:100::{t + 1}").packed
+            coa = ipaddress.IPv6Address(f"2001:db8:a{c + 1}::{t + 1}").packed
+            raw = _raw_mobile(proto, hoa, coa, hop, dport, csum, payload)
+            out_fast = fast.inbound(bytearray(raw))
+            out_slow = slow.inbound(bytearray(raw))
+            self.assertEqual(out_fast, out_slow)
+        self.assert_same(fast, slow)
+
+    def test_valid_checksum_stays_valid(self) -> None:
+        """On the fast path a correct UDP or TCP checksum is still correct (scapy's view)."""
+        balancer, _ = make()
+        balancer.inbound(mobile(COA1))  # the binding exists from now on
+
+        def general(buf: bytearray) -> None:
+            raise AssertionError("took the general path")
+
+        balancer._inbound = general  # type: ignore[method-assign]
+        for layer in (UDP(sport=1, dport=80), TCP(sport=1, dport=80)):
+            pkt = IPv6(src=COA2, dst=VIP) / IPv6ExtHdrDestOpt(options=[HAO(hoa=HOA)]) / layer
+            out = balancer.inbound(bytearray(bytes(pkt / b"payload")))
+            assert out is not None
+            self.assertTrue(checksum_ok(bytes(out)))
+        self.assertEqual(balancer.counters.hits["hoa"], 2)
+
+    def test_other_shapes_take_general_path(self) -> None:
+        """Several virtual addresses, a down backend, a fragment: still the same results."""
+        fast, slow = self.pair()
+        two = [ipaddress.IPv6Address(VIP), ipaddress.IPv6Address("2001:db8:5::81")]
+        for b in (fast, slow):
+            b.set_virtual_addresses(two)
+        for coa in (COA1, COA2):
+            self.assertEqual(fast.inbound(mobile(coa)), slow.inbound(mobile(coa)))
+        for b in (fast, slow):
+            b.set_virtual_addresses(two[:1])
+            b.set_backend_up("srv1", False)
+            b.set_backend_up("srv2", False)
+        for coa in (COA1, COA2):
+            self.assertEqual(fast.inbound(mobile(coa)), slow.inbound(mobile(coa)))
+        self.assert_same(fast, slow)
+        self.assertEqual(fast.counters.reassigned, slow.counters.reassigned)
