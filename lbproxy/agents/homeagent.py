@@ -14,6 +14,7 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
+from twisted.logger import Logger
 from twisted.python import usage
 
 from lbproxy.agents.command import command_factory
@@ -24,6 +25,8 @@ from lbproxy.notify.agent import NotificationAgent
 from lbproxy.notify.cache import BindingCache
 from lbproxy.notify.policy import PrefixEntitlement
 from lbproxy.notify.tls import TlsMaterial
+
+log = Logger()
 
 
 class Options(usage.Options):
@@ -47,6 +50,7 @@ class LinkService(Service):
     def startService(self) -> None:
         super().startService()
         self.reader.start()
+        log.info("home-agent agent: observing {interface}", interface=self.reader.interface)
 
     def stopService(self) -> None:
         super().stopService()
@@ -68,17 +72,19 @@ class HomeAgentService(MultiService):
             reactor,
             config.common.max_subscriptions,
         )
-        self.listening = StreamServerEndpointService(
-            serverFromString(reactor, config.common.listen), self.agent.tls_factory(material)
-        )
-        self.listening.setServiceParent(self)
         self.observer = LinkObserver(
             self.cache, self.entitlement, reactor, config.require_ack, config.ack_timeout
         )
+        # Observe before accepting balancers: a balancer that (re)subscribes must not
+        # miss a Binding Update that crosses the link while we are still starting.
         self.link: LinkService | None = None
         if config.interface:
             self.link = LinkService(LinkReader(reactor, config.interface, self.observer.frame))
             self.link.setServiceParent(self)
+        self.listening = StreamServerEndpointService(
+            serverFromString(reactor, config.common.listen), self.agent.tls_factory(material)
+        )
+        self.listening.setServiceParent(self)
         if config.command_socket:
             endpoint = UNIXServerEndpoint(reactor, config.command_socket, mode=0o600)
             StreamServerEndpointService(

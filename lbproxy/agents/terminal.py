@@ -269,6 +269,7 @@ class WatchService(Service):
         if self.events is not None:
             self.events.start()
         self.timer.startService()
+        log.info("terminal agent: watching addresses")
 
     def stopService(self) -> Any:
         super().stopService()

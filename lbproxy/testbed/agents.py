@@ -22,11 +22,14 @@ as it would reach a real mobile node.
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 
@@ -130,11 +133,10 @@ def track_addresses(bed: TestBed) -> None:
 class BedAgent:
     """One agent process under twistd in a bed namespace: start, restart, stop, log."""
 
-    READY = "starting on"
-
     def __init__(self, bed: TestBed, role: str, plugin: str, config: str, name: str,
-                 peer: AgentPeer) -> None:
+                 peer: AgentPeer, ready: str) -> None:
         self.bed = bed
+        self.ready = ready  # the log line that says it listens *and* observes
         self.role = role
         self.plugin = plugin
         self.name = name
@@ -157,10 +159,12 @@ class BedAgent:
             "[tls]", f'ca = "{pki.ca_path}"', f'certificate = "{cert}"', f'key = "{key}"',
             "[homeagent]", f'prefixes = ["{addresses.HOME_PREFIX}"]', 'interface = "home"',
             f"require_ack = {'true' if require_ack else 'false'}", "ack_timeout = 3.0",
+            f'command_socket = "{bed.path(name + ".sock")}"',
         ]) + "\n"
         peer = AgentPeer("ha1", "homeagent", _endpoint(addresses.HOME_AGENT, HOME_AGENT_PORT),
                          HOME_AGENT_IDENTITY, prefixes=(str(addresses.HOME_PREFIX),))
-        return cls(bed, "ha", "lbproxy-homeagent", config, name, peer)
+        return cls(bed, "ha", "lbproxy-homeagent", config, name, peer,
+                   "home-agent agent: observing home")
 
     @classmethod
     def terminal(cls, bed: TestBed, pki: BedPki, index: int, lifetime: int = 420,
@@ -179,7 +183,8 @@ class BedAgent:
         ]) + "\n"
         peer = AgentPeer(f"t{index}", "terminal", _endpoint(home, TERMINAL_PORT),
                          terminal_identity(index), home=str(home))
-        return cls(bed, "term", "lbproxy-terminal", config, name, peer)
+        return cls(bed, "term", "lbproxy-terminal", config, name, peer,
+                   "terminal agent: watching addresses")
 
     def argv(self) -> list[str]:
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -187,13 +192,13 @@ class BedAgent:
                 self.plugin, "--config", self.config_path]
 
     def start(self, timeout: float = 20.0) -> BedAgent:
-        """Start twistd and wait until the agent listens for balancers."""
-        seen = self.log().count(self.READY)
+        """Start twistd and wait until the agent listens for balancers and observes."""
+        seen = self.log().count(self.ready)
         self.process = self.bed.spawn(self.role, self.argv(), name=f"{self.name}-{self.starts}")
         self.starts += 1
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.log().count(self.READY) > seen:
+            if self.log().count(self.ready) > seen:
                 return self
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited {self.process.returncode}: "
@@ -217,6 +222,26 @@ class BedAgent:
         self.stop()
         time.sleep(pause)
         return self.start()
+
+    @property
+    def command_socket(self) -> str:
+        """The home-agent agent's command socket (JSON lines, docs/notify.md)."""
+        return self.bed.path(f"{self.name}.sock")
+
+    def bindings(self) -> list[dict[str, Any]]:
+        """What the home-agent agent has learnt: its binding cache."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(self.command_socket)
+            sock.sendall(b'{"command": "bindings"}\n')
+            answer = b""
+            while not answer.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        result: list[dict[str, Any]] = json.loads(answer)["bindings"]
+        return result
 
     def log(self) -> str:
         try:
