@@ -161,6 +161,9 @@ class Balancer:
         self.backends: dict[str, Backend] = {}
         self._by_address: dict[bytes, Backend] = {}
         self._down: set[str] = set()
+        # Backends removed by a reload that may still have bindings: those move on their
+        # next packet (general path); cleared by `sweep` once no binding is left on them.
+        self._gone: set[str] = set()
         # home address (16 bytes) -> confirmed care-of address (16 bytes); bounded like
         # the table, oldest first out.
         self._confirmed: dict[bytes, bytes] = {}
@@ -191,6 +194,8 @@ class Balancer:
 
     def set_backends(self, backends: Sequence[Backend]) -> None:
         """Install a new backend list (reload, drain, weight change); bindings stay."""
+        names = {b.name for b in backends}
+        self._gone = (self._gone | (set(self.backends) - names)) - names
         self.backends = {b.name: b for b in backends}
         self._by_address = {b.packed: b for b in backends}
         self._down &= set(self.backends)
@@ -261,7 +266,10 @@ class Balancer:
         if self._fragments:
             for k in [k for k, (_, deadline) in self._fragments.items() if deadline <= now]:
                 del self._fragments[k]
-        return self.table.expire(now)
+        expired = self.table.expire(now)
+        if self._gone:
+            self._gone &= {b.name for b, n in self.table.load().items() if n > 0}
+        return expired
 
     # -- the data path -------------------------------------------------------------
 
@@ -307,6 +315,7 @@ class Balancer:
             or len(self.vips) != 1
             or not buf.startswith(self._first_vip, 24)
             or self._down
+            or self._gone
         ):
             return False
         chain = self.chain
