@@ -806,6 +806,8 @@ def mutated_chains(draw: st.DrawFn) -> bytes:
 
 
 FUZZ = settings(max_examples=500, deadline=None)
+# Chains are built with scapy (a few ms each): fewer examples, same shapes.
+FUZZ_CHAINS = settings(max_examples=250, deadline=None)
 
 
 class RobustnessTests(SynchronousTestCase):
@@ -827,7 +829,7 @@ class RobustnessTests(SynchronousTestCase):
         if isinstance(result, PacketView):
             check_view(self, buf, result)
 
-    @FUZZ
+    @FUZZ_CHAINS
     @given(mutated_chains())
     def test_mutated_chains(self, buf: bytes) -> None:
         """Flipped, cut or extended valid packets give a sound view or MalformedPacket."""
@@ -835,7 +837,7 @@ class RobustnessTests(SynchronousTestCase):
         if isinstance(result, PacketView):
             check_view(self, buf, result)
 
-    @FUZZ
+    @FUZZ_CHAINS
     @given(chains(), st.data())
     def test_truncation_is_reported(self, buf: bytes, data: st.DataObject) -> None:
         """Cutting a valid packet short (payload length fixed up) never passes silently.
