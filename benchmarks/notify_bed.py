@@ -1,0 +1,192 @@
+"""Binding Update on the home agent's link -> the real balancer's table change, in the bed.
+
+The whole path of the patent's second embodiment, each part the real program: the terminal
+emulator sends a Binding Update; it crosses the ``home`` link of ns ``ha``, where the home
+agent emulator answers with a Binding Acknowledgement; the home-agent agent
+(``twistd lbproxy-homeagent``, beside it) observes both, and tells the balancer
+(``twistd lbproxy``, ns ``lb``, key chain = source address) over mutually authenticated TLS;
+the balancer rekeys its table (claim 9).
+
+Timing: the BU's and BA's kernel receive/send timestamps (``SO_TIMESTAMPNS`` on an AF_PACKET
+socket on ``home`` in ns ``ha``) to the moment a poll of the balancer's control socket (one
+persistent connection, ``stats``, back to back) first sees the table grow.  Every move goes
+to a care-of address the terminal has not used yet (``--links`` access links, terminals =
+moves / (links - 1)), so each notification makes exactly one new entry.  The poll's
+resolution (one control round trip, printed) is included in the figures.
+
+Run as root: ``.venv/bin/python benchmarks/notify_bed.py [--moves 1000] [--links 9]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import select
+import socket
+import statistics
+import struct
+import time
+from typing import Any
+
+from lbproxy.testbed import addresses, control
+from lbproxy.testbed.agents import BedAgent, BedPki, notify_section
+from lbproxy.testbed.balancer import BedBalancer, bed_config
+from lbproxy.testbed.bed import TestBed
+from lbproxy.wire import view
+
+ETH_P_ALL = 0x0003
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+MH_BU, MH_BA = 5, 6
+
+
+class ControlPoller:
+    """One persistent connection to the balancer's control socket."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rb")
+
+    def ask(self, command: str, **args: Any) -> Any:
+        self.sock.sendall(json.dumps({"command": command, "args": args}).encode() + b"\n")
+        answer = json.loads(self.file.readline())
+        if not answer.get("ok"):
+            raise RuntimeError(answer)
+        return answer["result"]
+
+    def size(self) -> int:
+        return int(self.ask("stats")["table"]["size"])
+
+
+class HomeLinkTimes:
+    """Kernel timestamps of Binding Updates and Acknowledgements on the home link."""
+
+    def __init__(self, bed: TestBed) -> None:
+        self.sock = bed.socket("ha", socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        self.sock.bind(("home", 0))
+
+    def wait(self, home: bytes, mh_type: int, timeout: float = 5.0) -> float:
+        """The timestamp of the next BU (from) / BA (to) ``home`` on the link."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not select.select([self.sock], [], [], 0.5)[0]:
+                continue
+            data, ancillary, _, _ = self.sock.recvmsg(65600, 64)
+            if len(data) < 54 or data[12:14] != b"\x86\xdd":
+                continue
+            try:
+                v = view.parse(memoryview(data)[14:])
+            except view.MalformedPacket:
+                continue
+            if v.mh_type != mh_type:
+                continue
+            where = v.hoa if mh_type == MH_BU else v.rh2
+            if where < 0 or data[14 + where: 14 + where + 16] != home:
+                continue
+            for level, kind, value in ancillary:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    sec, nsec = struct.unpack("qq", value[:16])
+                    return sec + nsec / 1e9
+            return time.time()
+        raise TimeoutError("no Binding Update/Acknowledgement seen on the home link")
+
+
+def percentile(values: list[float], p: int) -> float:
+    return statistics.quantiles(values, n=100)[p - 1]
+
+
+def run(moves: int, links: int) -> dict[str, Any]:
+    terminals = math.ceil(moves / (links - 1))
+    bed = TestBed(terminals=terminals, backends=3, links=links, register=False,
+                  ready_timeout=60.0)
+    bed.start()
+    try:
+        pki = BedPki(bed)
+        agent = BedAgent.home_agent(bed, pki).start()
+        control.request(bed.terminal_control, "register", timeout=30)
+        deadline = time.monotonic() + 60
+        while not all(t["registered"] for t in bed.terminal_status()):
+            if time.monotonic() > deadline:
+                raise RuntimeError("terminals did not register")
+            time.sleep(0.1)
+        balancer = BedBalancer(bed, bed_config(bed, key_chain=["src"], extra=notify_section(
+            pki, [agent.peer], max_subscriptions=100_000))).start()
+        while "notify: connected to ha1" not in balancer.log():
+            time.sleep(0.05)
+        # One datagram per terminal from its first care-of address: entry + subscription.
+        for i in range(1, terminals + 1):
+            s = bed.socket("term", socket.AF_INET6, socket.SOCK_DGRAM)
+            s.bind((str(addresses.home_address(i)), 0))
+            s.sendto(b"hello", (str(addresses.VIP), addresses.UDP_PORT))
+            s.close()
+        poller = ControlPoller(balancer.control_socket)
+        deadline = time.monotonic() + 30
+        while True:
+            rows = poller.ask("show", kind="src")["rows"]
+            if len(rows) == terminals and all(r["confirmed"] for r in rows):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"initial entries not confirmed: {len(rows)} rows")
+            time.sleep(0.05)
+        started = time.perf_counter()
+        for _ in range(200):
+            poller.size()
+        poll_rtt = (time.perf_counter() - started) / 200
+
+        link_times = HomeLinkTimes(bed)
+        to_table: list[float] = []
+        bu_to_ba: list[float] = []
+        ba_to_table: list[float] = []
+        for j in range(moves):
+            index, link = j % terminals + 1, j // terminals + 2
+            home = addresses.home_address(index).packed
+            before = poller.size()
+            control.request(bed.terminal_control, "move", terminal=index, link=link, wait=False)
+            deadline = time.monotonic() + 5
+            while poller.size() == before:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"move {j}: the table did not change")
+            changed = time.time()
+            bu = link_times.wait(home, MH_BU)
+            ba = link_times.wait(home, MH_BA)
+            to_table.append(changed - bu)
+            bu_to_ba.append(ba - bu)
+            ba_to_table.append(changed - ba)
+        rows = poller.ask("show", kind="src")["rows"]
+        by_terminal: dict[str, set[str]] = {}
+        for r in rows:
+            by_terminal.setdefault(r["key"].rsplit("::", 1)[1], set()).add(r["backend"])
+        sticky = sum(1 for backends in by_terminal.values() if len(backends) == 1)
+        refused = balancer.log().count("notify: refused")
+        return {"moves": moves, "terminals": terminals, "entries": len(rows),
+                "sticky_terminals": sticky, "refusals": refused, "poll_rtt": poll_rtt,
+                "to_table": to_table, "bu_to_ba": bu_to_ba, "ba_to_table": ba_to_table}
+    finally:
+        bed.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--moves", type=int, default=1000)
+    parser.add_argument("--links", type=int, default=9, help="access links (2..9)")
+    args = parser.parse_args()
+    r = run(args.moves, args.links)
+
+    def line(name: str, values: list[float]) -> str:
+        return (f"{name}: p50 {percentile(values, 50) * 1e3:.2f} ms, "
+                f"p99 {percentile(values, 99) * 1e3:.2f} ms, max {max(values) * 1e3:.2f} ms")
+
+    print(f"bed: {r['terminals']} terminals, {r['moves']} moves, key = source address; "
+          f"table {r['entries']} src entries, {r['sticky_terminals']}/{r['terminals']} "
+          f"terminals on one backend, {r['refusals']} refusals; "
+          f"control poll round trip {r['poll_rtt'] * 1e3:.3f} ms")
+    print(line("BU on the home link -> balancer table change", r["to_table"]))
+    print(line("  of which BU -> BA (home agent emulator)", r["bu_to_ba"]))
+    print(line("  of which BA -> table (agent, TLS, balancer)", r["ba_to_table"]))
+
+
+if __name__ == "__main__":
+    main()
