@@ -7,12 +7,14 @@ agent emulator answers with a Binding Acknowledgement; the home-agent agent
 (``twistd lbproxy``, ns ``lb``, key chain = source address) over mutually authenticated TLS;
 the balancer rekeys its table (claim 9).
 
-Timing: the BU's and BA's kernel receive/send timestamps (``SO_TIMESTAMPNS`` on an AF_PACKET
-socket on ``home`` in ns ``ha``) to the moment a poll of the balancer's control socket (one
-persistent connection, ``stats``, back to back) first sees the table grow.  Every move goes
-to a care-of address the terminal has not used yet (``--links`` access links, terminals =
-moves / (links - 1)), so each notification makes exactly one new entry.  The poll's
-resolution (one control round trip, printed) is included in the figures.
+Timing, all kernel timestamps (``SO_TIMESTAMPNS``) of one AF_PACKET socket on ``home`` in
+ns ``ha``, so nothing polls the balancer while it works: from the Binding Update crossing the
+link to the balancer's AMP answer to the agent's BindingChanged crossing it back.  The
+balancer writes that answer in the same reactor turn, right after the table changed, so the
+figure is the table change plus one link hop and a TLS record (tens of microseconds).  After
+each answer one ``stats`` over the control socket checks that the table did grow by one
+entry: every move goes to a care-of address the terminal has not used yet (``--links``
+access links, terminals = moves / (links - 1)).  Moves are one at a time.
 
 Run as root: ``.venv/bin/python benchmarks/notify_bed.py [--moves 1000] [--links 9]``.
 """
@@ -30,7 +32,7 @@ import time
 from typing import Any
 
 from lbproxy.testbed import addresses, control
-from lbproxy.testbed.agents import BedAgent, BedPki, notify_section
+from lbproxy.testbed.agents import HOME_AGENT_PORT, BedAgent, BedPki, notify_section
 from lbproxy.testbed.balancer import BedBalancer, bed_config
 from lbproxy.testbed.bed import TestBed
 from lbproxy.wire import view
@@ -60,38 +62,54 @@ class ControlPoller:
 
 
 class HomeLinkTimes:
-    """Kernel timestamps of Binding Updates and Acknowledgements on the home link."""
+    """Kernel timestamps of what crosses the home link: BU, BA, the balancer's answer."""
 
     def __init__(self, bed: TestBed) -> None:
         self.sock = bed.socket("ha", socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
         self.sock.bind(("home", 0))
+        self.balancer = addresses.BALANCER_CLIENT_SIDE.packed
 
-    def wait(self, home: bytes, mh_type: int, timeout: float = 5.0) -> float:
-        """The timestamp of the next BU (from) / BA (to) ``home`` on the link."""
-        deadline = time.monotonic() + timeout
+    def _next(self, deadline: float) -> tuple[bytes, float]:
         while time.monotonic() < deadline:
             if not select.select([self.sock], [], [], 0.5)[0]:
                 continue
             data, ancillary, _, _ = self.sock.recvmsg(65600, 64)
             if len(data) < 54 or data[12:14] != b"\x86\xdd":
                 continue
-            try:
-                v = view.parse(memoryview(data)[14:])
-            except view.MalformedPacket:
-                continue
-            if v.mh_type != mh_type:
-                continue
-            where = v.hoa if mh_type == MH_BU else v.rh2
-            if where < 0 or data[14 + where: 14 + where + 16] != home:
-                continue
             for level, kind, value in ancillary:
                 if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
                     sec, nsec = struct.unpack("qq", value[:16])
-                    return sec + nsec / 1e9
-            return time.time()
-        raise TimeoutError("no Binding Update/Acknowledgement seen on the home link")
+                    return data[14:], sec + nsec / 1e9
+            return data[14:], time.time()
+        raise TimeoutError("expected packet not seen on the home link")
+
+    def mobility(self, home: bytes, mh_type: int, timeout: float = 5.0) -> float:
+        """The timestamp of the next BU (from) / BA (to) ``home``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pkt, stamp = self._next(deadline)
+            try:
+                v = view.parse(pkt)
+            except view.MalformedPacket:
+                continue
+            where = v.hoa if mh_type == MH_BU else v.rh2
+            if v.mh_type == mh_type and where >= 0 and pkt[where:where + 16] == home:
+                return stamp
+
+    def answer(self, timeout: float = 5.0) -> float:
+        """The timestamp of the next TCP segment with data from the balancer to the agent:
+        its answer to a BindingChanged, written once the table has changed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pkt, stamp = self._next(deadline)
+            if pkt[6] != 6 or pkt[8:24] != self.balancer or len(pkt) < 60:
+                continue
+            dport = int.from_bytes(pkt[42:44], "big")
+            payload = int.from_bytes(pkt[4:6], "big") - (pkt[52] >> 4) * 4
+            if dport == HOME_AGENT_PORT and payload > 0:
+                return stamp
 
 
 def percentile(values: list[float], p: int) -> float:
@@ -131,11 +149,6 @@ def run(moves: int, links: int) -> dict[str, Any]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"initial entries not confirmed: {len(rows)} rows")
             time.sleep(0.05)
-        started = time.perf_counter()
-        for _ in range(200):
-            poller.size()
-        poll_rtt = (time.perf_counter() - started) / 200
-
         link_times = HomeLinkTimes(bed)
         to_table: list[float] = []
         bu_to_ba: list[float] = []
@@ -145,16 +158,14 @@ def run(moves: int, links: int) -> dict[str, Any]:
             home = addresses.home_address(index).packed
             before = poller.size()
             control.request(bed.terminal_control, "move", terminal=index, link=link, wait=False)
-            deadline = time.monotonic() + 5
-            while poller.size() == before:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"move {j}: the table did not change")
-            changed = time.time()
-            bu = link_times.wait(home, MH_BU)
-            ba = link_times.wait(home, MH_BA)
-            to_table.append(changed - bu)
+            bu = link_times.mobility(home, MH_BU)
+            ba = link_times.mobility(home, MH_BA)
+            answered = link_times.answer()
+            if poller.size() != before + 1:
+                raise RuntimeError(f"move {j}: answered, but the table did not grow by one")
+            to_table.append(answered - bu)
             bu_to_ba.append(ba - bu)
-            ba_to_table.append(changed - ba)
+            ba_to_table.append(answered - ba)
         rows = poller.ask("show", kind="src")["rows"]
         by_terminal: dict[str, set[str]] = {}
         for r in rows:
@@ -162,7 +173,7 @@ def run(moves: int, links: int) -> dict[str, Any]:
         sticky = sum(1 for backends in by_terminal.values() if len(backends) == 1)
         refused = balancer.log().count("notify: refused")
         return {"moves": moves, "terminals": terminals, "entries": len(rows),
-                "sticky_terminals": sticky, "refusals": refused, "poll_rtt": poll_rtt,
+                "sticky_terminals": sticky, "refusals": refused,
                 "to_table": to_table, "bu_to_ba": bu_to_ba, "ba_to_table": ba_to_table}
     finally:
         bed.stop()
@@ -181,8 +192,7 @@ def main() -> None:
 
     print(f"bed: {r['terminals']} terminals, {r['moves']} moves, key = source address; "
           f"table {r['entries']} src entries, {r['sticky_terminals']}/{r['terminals']} "
-          f"terminals on one backend, {r['refusals']} refusals; "
-          f"control poll round trip {r['poll_rtt'] * 1e3:.3f} ms")
+          f"terminals on one backend, {r['refusals']} refusals")
     print(line("BU on the home link -> balancer table change", r["to_table"]))
     print(line("  of which BU -> BA (home agent emulator)", r["bu_to_ba"]))
     print(line("  of which BA -> table (agent, TLS, balancer)", r["ba_to_table"]))
