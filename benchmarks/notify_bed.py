@@ -147,7 +147,9 @@ def run(moves: int, links: int) -> dict[str, Any]:
             if len(rows) == terminals and all(r["confirmed"] for r in rows):
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"initial entries not confirmed: {len(rows)} rows")
+                raise RuntimeError(f"initial entries not confirmed: {len(rows)} rows, "
+                                   f"{[r['key'] for r in rows if not r['confirmed']]}; "
+                                   f"the agent knows {len(agent.bindings())} bindings")
             time.sleep(0.05)
         link_times = HomeLinkTimes(bed)
         to_table: list[float] = []
