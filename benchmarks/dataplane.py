@@ -125,6 +125,19 @@ def setup() -> None:
               "  type filter hook prerouting priority -300; policy drop;\n }\n}\n")
 
 
+def steer_sink(cpus: str | None) -> None:
+    """Run the sink's receive processing on `cpus` (RPS), not on the sender's CPU.
+
+    A veth hands a packet to its peer with netif_rx on the sending CPU, so without this
+    the sink's kernel work (its half of "another machine") would be charged to the
+    balancer's CPU in the lbproxy case and to the generator's in the kernel case.
+    """
+    if not cpus:
+        return
+    mask = sum(1 << int(c) for c in cpus.split(","))
+    in_ns(SINK, "sh", "-c", f"echo {mask:x} > /sys/class/net/sink0/queues/rx-0/rps_cpus")
+
+
 def teardown() -> None:
     for ns in (GEN, LB, SINK):
         for _ in range(3):

@@ -110,7 +110,7 @@ int main(int argc, char **argv) {
         with_index(p + 8, coa, i + 1);
         memcpy(p + 24, vip, 16);
         uint8_t *d = p + 40; /* NH, len 2 (24 bytes), PadN(2), HAO type 0xC9 len 16 */
-        d[0] = 17; d[1] = 2; d[2] = 1; d[3] = 0; d[4] = 0; d[5] = 0; d[6] = 0xC9; d[7] = 16;
+        d[0] = 17; d[1] = 2; d[2] = 1; d[3] = 2; d[4] = 0; d[5] = 0; d[6] = 0xC9; d[7] = 16;
         with_index(d + 8, hoa, i + 1);
         uint8_t *u = p + 64;
         u[0] = 4000 >> 8; u[1] = 4000 & 0xff;

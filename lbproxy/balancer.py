@@ -41,7 +41,6 @@ import enum
 import ipaddress
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from typing import Literal
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -66,6 +65,7 @@ _PADN2_HAO = b"\x01\x02\x00\x00\xc9\x10"
 #: The first byte of every home-address key (see `lbproxy.keys.Key`).
 _HOA_KIND = Key("hoa", bytes(16))[:1]
 _MASK = 0xFFFF
+_HOP_LIMIT = nat.Drop.HOP_LIMIT.value
 
 
 class Verdict(enum.Enum):
@@ -150,20 +150,20 @@ class Balancer:
         self.mode = mode
         self.reassign_dead = reassign_dead
         self.counters = Counters()
-        #: Take the fast path for the usual packet shape (see the module docstring).
-        self.fast_path = True
-        # The chain the fast path was checked against, and whether it qualifies.
+        # The fast path (module docstring): wanted, and possible with this
+        # configuration; the chain it was checked against (None: not a hoa-first one).
+        self._fast_wanted = True
+        self._fast_ready = False
         self._fast_chain: KeyChain | None = None
-        self._fast_chain_ok = False
-        # backend address -> checksum delta (virtual address -> backend), see _fast.
+        # backend address -> checksum delta (virtual address -> backend), see inbound.
         self._deltas: dict[bytes, int] = {}
-        self.set_virtual_addresses(virtual_addresses, ports)
         self.backends: dict[str, Backend] = {}
         self._by_address: dict[bytes, Backend] = {}
         self._down: set[str] = set()
         # Backends removed by a reload that may still have bindings: those move on their
         # next packet (general path); cleared by `sweep` once no binding is left on them.
         self._gone: set[str] = set()
+        self.set_virtual_addresses(virtual_addresses, ports)
         # home address (16 bytes) -> confirmed care-of address (16 bytes); bounded like
         # the table, oldest first out.
         self._confirmed: dict[bytes, bytes] = {}
@@ -176,6 +176,7 @@ class Balancer:
         #: packet, so notification subscriptions can follow (claims 5 and 6).
         self.terminal_seen: Callable[[bytes | None, bytes], None] | None = None
         self.set_backends(backends)
+        self._check_chain()
 
     # -- configuration ---------------------------------------------------------------
 
@@ -191,6 +192,7 @@ class Balancer:
         self._first_vip = vips[0].packed
         self.ports = frozenset(ports)
         self._deltas = {}
+        self._update_fast()
 
     def set_backends(self, backends: Sequence[Backend]) -> None:
         """Install a new backend list (reload, drain, weight change); bindings stay."""
@@ -199,6 +201,7 @@ class Balancer:
         self.backends = {b.name: b for b in backends}
         self._by_address = {b.packed: b for b in backends}
         self._down &= set(self.backends)
+        self._update_fast()
         self._reschedule()
 
     def set_backend_up(self, name: str, up: bool) -> None:
@@ -211,6 +214,7 @@ class Balancer:
         else:
             self._down.add(name)
         if before != (name in self._down):
+            self._update_fast()
             self._reschedule()
 
     def is_up(self, name: str) -> bool:
@@ -269,6 +273,7 @@ class Balancer:
         expired = self.table.expire(now)
         if self._gone:
             self._gone &= {b.name for b, n in self.table.load().items() if n > 0}
+            self._update_fast()
         return expired
 
     # -- the data path -------------------------------------------------------------
@@ -290,63 +295,47 @@ class Balancer:
 
     def inbound(self, buf: bytearray) -> bytearray | None:
         """A packet from a terminal to a virtual address: rewritten for its backend, or None."""
-        self.counters.packets_in += 1
-        # The usual shape (module docstring): 40 + 24-byte PadN(2)+HAO header + UDP/TCP.
-        if (
-            len(buf) >= 72
+        counters = self.counters
+        counters.packets_in += 1
+        n = len(buf)
+        # The usual shape (module docstring): 40 + 24-byte PadN(2)+HAO header + UDP/TCP,
+        # to the one virtual address; anything else takes the general path.
+        if not (
+            self._fast_ready
+            and n >= 72
             and buf[6] == 60
             and buf[41] == 2
             and buf.startswith(_PADN2_HAO, 42)
-            and self.fast_path
+            and buf.startswith(self._first_vip, 24)
+            and self.chain is self._fast_chain
         ):
-            out = self._fast(buf)
-            if out is not False:
-                return out
-        return self._inbound(buf)
-
-    def _fast(self, buf: bytearray) -> bytearray | Literal[False] | None:
-        """The fast path; False (before any side effect) when it does not apply."""
+            return self._inbound(buf)
         nh = buf[40]
-        n = len(buf)
+        ports = self.ports
         if (
             (nh != 17 and (nh != 6 or n < 84))
             or buf[0] >> 4 != 6
             or (buf[4] << 8 | buf[5]) + 40 != n
-            or len(self.vips) != 1
-            or not buf.startswith(self._first_vip, 24)
-            or self._down
-            or self._gone
+            or (ports and (buf[66] << 8 | buf[67]) not in ports)
         ):
-            return False
-        chain = self.chain
-        if chain is not self._fast_chain:
-            self._fast_chain = chain
-            self._fast_chain_ok = type(chain.strategies[0]) is HomeAddressStrategy
-        if not self._fast_chain_ok:
-            return False
-        ports = self.ports
-        if ports and (buf[66] << 8 | buf[67]) not in ports:
-            return False
-        key = _HOA_KIND + buf[48:64]
-        table = self.table
-        binding = table.lookup(key)  # type: ignore[arg-type]  # a Key's bytes
-        counters = self.counters
+            return self._inbound(buf)
+        binding = self.table.lookup(_HOA_KIND + buf[48:64])  # type: ignore[arg-type]
         if binding is None:
-            binding = self._miss(Key.__new__(Key, "hoa", buf[48:64]), "hoa", buf, 48)
+            binding = self._miss(Key("hoa", buf[48:64]), "hoa", buf, 48)
             if binding is None:
                 return None
         else:
             counters.hits["hoa"] += 1
-        backend = binding.backend
         care_of = binding.care_of
         if care_of is None or not buf.startswith(care_of, 8):
             binding.care_of = bytes(buf[8:24])
         # nat.translate / nat.transparent for this layout, inlined.
         hop = buf[7]
         if hop <= 1:
-            self._drop(nat.Drop.HOP_LIMIT.value)
+            self._drop(_HOP_LIMIT)
             return None
         buf[7] = hop - 1
+        backend = binding.backend
         packed = backend.packed
         buf[24:40] = packed
         pos = 70 if nh == 17 else 80
@@ -363,20 +352,45 @@ class Balancer:
             buf[pos] = csum >> 8
             buf[pos + 1] = csum & 0xFF
         if self.mode == "translate":
-            # Source := home address, the 24-byte header (nothing but PadN and the
-            # HAO) removed, payload length 24 less.
+            # Source := home address; the 24-byte header (nothing but PadN and the HAO)
+            # goes, and the payload length with it.
             buf[8:24] = buf[48:64]
             buf[6] = nh
             del buf[40:64]
-            length = n - 64
-            buf[4] = length >> 8
-            buf[5] = length & 0xFF
+            n -= 64
+            buf[4] = n >> 8
+            buf[5] = n & 0xFF
         counters.packets_out += 1
         counters.backend_packets[backend.name] += 1
         return buf
 
+    @property
+    def fast_path(self) -> bool:
+        """Whether the usual packet shape takes the fast path (see the module docstring)."""
+        return self._fast_wanted
+
+    @fast_path.setter
+    def fast_path(self, on: bool) -> None:
+        self._fast_wanted = on
+        self._update_fast()
+
+    def _update_fast(self) -> None:
+        """Recompute when the fast path applies: the configuration parts it assumes."""
+        self._fast_ready = (
+            self._fast_wanted and len(self.vips) == 1 and not self._down and not self._gone
+        )
+
+    def _check_chain(self) -> None:
+        """The key chain changed (reload): does it start with the home-address strategy?"""
+        chain = self.chain
+        self._fast_chain = (
+            chain if type(chain.strategies[0]) is HomeAddressStrategy else None
+        )
+
     def _inbound(self, buf: bytearray) -> bytearray | None:
         """The general path: any packet, by its parsed view."""
+        if self.chain is not self._fast_chain:
+            self._check_chain()
         counters = self.counters
         try:
             view = parse(buf)

@@ -69,6 +69,8 @@ class ForwarderService(Service):
         self.sweep_interval = sweep_interval
         self._own = set(own_addresses) if own_addresses is not None else None
         self.writer = PacketWriter(system)
+        self._inbound = balancer.inbound
+        self._send = self.writer.send
         self.client = PacketReader(
             system,
             reactor,
@@ -122,9 +124,10 @@ class ForwarderService(Service):
             _log.failure("expiry sweep failed")
 
     def _from_terminal(self, packet: bytearray) -> None:
-        out = self.balancer.inbound(packet)
+        # Per packet: bound methods looked up once (see __init__), nothing else.
+        out = self._inbound(packet)
         if out is not None:
-            self.writer.send(out)
+            self._send(out)
 
     def _from_backend(self, packet: bytearray) -> None:
         if len(packet) < 40:

@@ -359,3 +359,19 @@ class FastPathTests(SynchronousTestCase):
             self.assertEqual(fast.inbound(mobile(coa)), slow.inbound(mobile(coa)))
         self.assert_same(fast, slow)
         self.assertEqual(fast.counters.reassigned, slow.counters.reassigned)
+
+    def test_removed_backend_takes_general_path(self) -> None:
+        """After a reload removes a backend that holds bindings, the fast path gives
+        the same answers as the general path (the binding moves on its next packet)."""
+        fast, slow = self.pair()
+        first = fast.inbound(mobile(COA1))
+        self.assertEqual(first, slow.inbound(mobile(COA1)))
+        assert first is not None
+        used = next(b for b in BACKENDS if b.packed == bytes(first[24:40]))
+        for b in (fast, slow):
+            b.set_backends([x for x in BACKENDS if x is not used])
+        again = fast.inbound(mobile(COA2))
+        self.assertEqual(again, slow.inbound(mobile(COA2)))
+        assert again is not None
+        self.assertNotEqual(bytes(again[24:40]), used.packed)
+        self.assert_same(fast, slow)
