@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.python import log
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from lbproxy import ctl
@@ -171,11 +172,25 @@ class OperatingBedTestCase(SynchronousTestCase):
         lb = BedBalancer(self.bed, config, name=name)
         self.addCleanup(lb.stop)
         lb.start()
+        self.addCleanup(self.diagnostics, lb)
         return lb
 
-    def request(self, command: str, **args: Any) -> Any:
+    def diagnostics(self, lb: BedBalancer) -> None:
+        """Into the test log (_trial_temp/test.log): what to look at when a test failed."""
+        try:
+            stats = self.request("stats", timeout=2)
+        except Exception as e:
+            stats = repr(e)
+        try:
+            counters = self.bed.terminal_counters()
+        except Exception as e:
+            counters = repr(e)
+        log.msg(f"{self.id()}: balancer stats {stats}; terminal emulator {counters}; "
+                f"balancer log tail:\n{lb.log()[-3000:]}")
+
+    def request(self, command: str, timeout: float = 10.0, **args: Any) -> Any:
         """The control socket, in process (quick enough to poll)."""
-        return ctl.request(self.bed.path("lbproxy-control.sock"), command, args)
+        return ctl.request(self.bed.path("lbproxy-control.sock"), command, args, timeout)
 
     def lbproxyctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run the real ``lbproxyctl`` command (exit status and messages matter)."""
