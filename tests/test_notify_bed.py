@@ -169,8 +169,9 @@ class NotifyBedTestCase(SynchronousTestCase):
         self.addCleanup(balancer.stop)
         balancer.start()
         for a in agents:
+            line = f"notify: connected to {a.peer.name}"
             wait_for(f"the balancer's connection to {a.peer.name}",
-                     lambda a=a: f"notify: connected to {a.peer.name}" in balancer.log())
+                     lambda line=line: line in balancer.log())  # type: ignore[misc]
         return balancer
 
     def rows(self, balancer: BedBalancer, index: int) -> dict[str, dict[str, Any]]:
@@ -208,10 +209,16 @@ class NotifyBedTestCase(SynchronousTestCase):
         first = self.confirmed(balancer, index, coa1)
         self.assertEqual(first["backend"], conn.backend)
 
-        # CoA1 -> CoA2.  The terminal resumes at once; it does not wait for the balancer.
+        # CoA1 -> CoA2.  The terminal resumes once the balancer has the new entry: the
+        # Binding Acknowledgement and the notification race (docs/notify.md, known limits).
+        # The same race is why the kernel first acknowledges the echo from the old address.
         capture = Capture(bed, "term", "acc2")
         self.addCleanup(capture.close)
+        time.sleep(0.2)
         self.assertTrue(bed.move(index, 2)["ok"])
+        made = self.confirmed(balancer, index, coa2)
+        # Made by the notification (no packet from CoA2 yet), with CoA1's backend (T233/T234).
+        self.assertEqual((made["packets"], made["backend"]), (0, conn.backend))
         for _ in range(4):
             conn.exchange()
         rows = self.rows(balancer, index)
@@ -232,9 +239,15 @@ class NotifyBedTestCase(SynchronousTestCase):
             self.assertEqual((rh.type, rh.segleft, rh.addresses), (2, 1, [home]))
             self.assertTrue(tcp_checksum_ok(p, home))
 
-        # CoA2 -> CoA1: back to a live entry, which is reused (T235): no new entry.
+        # CoA2 -> CoA1: back to a live entry, which is reused (T235): no new entry.  Nothing
+        # uses CoA1's entry meanwhile, so its lifetime only runs down -- until the rekey
+        # refreshes it.
+        time.sleep(0.2)
         inserts = balancer.ctl("stats")["table"]["inserts"]
+        left = self.rows(balancer, index)[coa1]["left"]
         self.assertTrue(bed.move(index, 1)["ok"])
+        wait_for("the notification to refresh CoA1's entry",
+                 lambda: self.rows(balancer, index)[coa1]["left"] > left + 0.1)
         for _ in range(4):
             conn.exchange()
         rows = self.rows(balancer, index)
@@ -296,6 +309,8 @@ class HomeAgentNotificationTests(NotifyBedTestCase):
         for i in indices:
             self.assertTrue(bed.move(i, 2)["ok"])
         for i, conn in conns.items():
+            made = self.confirmed(balancer, i, coa(i, 2))
+            self.assertEqual((made["packets"], made["backend"]), (0, conn.backend))
             conn.exchange()
             rows = self.rows(balancer, i)
             self.assertEqual(sorted(rows), sorted([coa(i, 1), coa(i, 2)]))
