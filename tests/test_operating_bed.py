@@ -181,6 +181,7 @@ class OperatingBedTestCase(SynchronousTestCase):
             stats = self.request("stats", timeout=2)
         except Exception as e:
             stats = repr(e)
+        counters: object
         try:
             counters = self.bed.terminal_counters()
         except Exception as e:
