@@ -198,7 +198,7 @@ def machine_cpu() -> dict[str, int]:
     return dict(zip(names, map(int, values), strict=True))
 
 
-def finish(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[dict[str, Any], float]:
+def finish(proc: subprocess.Popen[str]) -> tuple[dict[str, Any], float]:
     """Wait for a C helper; its JSON line and the CPU seconds it used."""
     assert proc.stdout is not None
     out = proc.stdout.read()
@@ -206,7 +206,7 @@ def finish(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[dict[str, 
     proc.returncode = os.waitstatus_to_exitcode(status)
     lines = [line for line in out.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{proc.args}: exit {proc.returncode}: {out[-500:]}")
+        raise RuntimeError(f"{proc.args!r}: exit {proc.returncode}: {out[-500:]}")
     return json.loads(lines[-1]), usage.ru_utime + usage.ru_stime
 
 
@@ -243,11 +243,14 @@ class Tools:
 class Lbproxy:
     """``twistd -n lbproxy`` in the lb namespace, with a configuration for this topology."""
 
-    def __init__(self, directory: str, cpu: str | None) -> None:
-        self.config = os.path.join(directory, "lbproxy.toml")
-        self.log = os.path.join(directory, "lbproxy.log")
-        self.control = os.path.join(directory, "control.sock")
+    def __init__(self, directory: str, cpu: str | None, tree: str | None = None) -> None:
+        name = "lbproxy" if tree is None else "lbproxy-baseline"
+        self.config = os.path.join(directory, f"{name}.toml")
+        self.log = os.path.join(directory, f"{name}.log")
+        self.control = os.path.join(directory, f"{name}.sock")
         self.cpu = cpu
+        #: Another source tree to run lbproxy from (a baseline revision), or None.
+        self.tree = tree
         lines = [
             "[balancer]", 'mode = "translate"', 'key_chain = ["hoa", "iid", "spi", "src"]',
             'scheduler = "maglev"', "lifetime = 600", "max_entries = 1000000",
@@ -262,12 +265,19 @@ class Lbproxy:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
+        for stale in (self.log, self.control):  # the ready line must be this run's
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         argv = [twistd, "-n", "--pidfile=", f"--logfile={self.log}", "lbproxy",
                 "--config", self.config]  # fmt: skip
+        env = dict(os.environ)
+        if self.tree is not None:
+            env["PYTHONPATH"] = self.tree
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", LB, *pinned(self.cpu, argv)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.tree or ROOT,
+            env=env,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -286,8 +296,12 @@ class Lbproxy:
 
     def stats(self) -> dict[str, Any]:
         """``lbproxyctl stats``: the balancer's packet counters."""
-        result = run(sys.executable, "-m", "lbproxy.ctl", "--socket", self.control, "--json",
-                     "stats")  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "lbproxy.ctl", "--socket", self.control, "--json", "stats"],
+            check=True, capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
+            cwd=self.tree or ROOT,
+            env={**os.environ, "PYTHONPATH": self.tree} if self.tree else None,
+        )
         return dict(json.loads(result.stdout))
 
     def cpu_seconds(self) -> float:
@@ -305,6 +319,18 @@ class Lbproxy:
 
 
 # -- measurements -----------------------------------------------------------------------
+
+
+def baseline_tree(revision: str, directory: str) -> str:
+    """Export lbproxy at git `revision` into `directory`/baseline; its path."""
+    tree = os.path.join(directory, "baseline")
+    if not os.path.isdir(tree):
+        os.makedirs(tree)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision], check=True,
+                                 capture_output=True, timeout=COMMAND_TIMEOUT).stdout  # fmt: skip
+        subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True,
+                       timeout=COMMAND_TIMEOUT)  # fmt: skip
+    return tree
 
 
 def warm_up(tools: Tools, terminals: int) -> None:
@@ -380,11 +406,15 @@ def latency(tools: Tools, terminals: int, rate: float, seconds: float) -> dict[s
 
 def measure(args: argparse.Namespace, tools: Tools, directory: str) -> dict[str, Any]:
     results: dict[str, Any] = {"throughput": {}, "latency": {}}
-    for forwarder in ("kernel", "lbproxy"):
+    forwarders = ["kernel", "lbproxy"]
+    if args.baseline:
+        forwarders.append(f"@{args.baseline}")
+    for forwarder in forwarders:
         balancer = None
         kernel_dnat(forwarder == "kernel")
-        if forwarder == "lbproxy":
-            balancer = Lbproxy(directory, args.balancer_cpu)
+        if forwarder != "kernel":
+            tree = baseline_tree(args.baseline, directory) if forwarder.startswith("@") else None
+            balancer = Lbproxy(directory, args.balancer_cpu or None, tree)
             balancer.start()
         try:
             for terminals in args.terminals:
@@ -412,7 +442,7 @@ def best(runs: list[dict[str, float]]) -> dict[str, float]:
 
 def report_throughput(forwarder: str, terminals: int, runs: list[dict[str, float]]) -> None:
     for r in runs:
-        print(f"{forwarder:<8} {terminals:>8,} {r['offered']:>11,.0f} {r['arrived']:>11,.0f} "
+        print(f"{forwarder:<9} {terminals:>8,} {r['offered']:>11,.0f} {r['arrived']:>11,.0f} "
               f"{r['processed']:>11,.0f} "
               f"{r['delivered']:>11,.0f} {r['delivered'] / (r['offered'] or 1):>6.1%} "
               f"{r['balancer_cpu']:>6.0%} {r['gen_cpu']:>6.0%} {r['sink_cpu']:>6.0%} "
@@ -438,6 +468,11 @@ def summary(args: argparse.Namespace, results: dict[str, Any]) -> None:
               f"lbproxy {ours['delivered']:>9,.0f}/s (median {median:,.0f})  "
               f"ratio {ratio:.2f}  lbproxy CPU {ours['balancer_cpu']:.0%} of a core, "
               f"{ours['balancer_cpu'] / (ours['delivered'] or 1) * 1e6:.2f} us/packet")
+        if args.baseline:
+            old = best(results["throughput"][f"@{args.baseline}", terminals])
+            print(f"  {'':>7}  lbproxy at {args.baseline}: {old['delivered']:>9,.0f}/s, ratio "
+                  f"{old['delivered'] / (kernel['delivered'] or 1):.2f}, "
+                  f"{old['balancer_cpu'] / (old['delivered'] or 1) * 1e6:.2f} us/packet")
         lat = results["latency"]
         if ("kernel", terminals) in lat and ("lbproxy", terminals) in lat:
             k, o = lat["kernel", terminals], lat["lbproxy", terminals]
@@ -458,6 +493,10 @@ def main() -> None:
     parser.add_argument("--gen-cpu", default="0", help="taskset CPU list ('' = any)")
     parser.add_argument("--balancer-cpu", default="1", help="taskset CPU list ('' = any)")
     parser.add_argument("--sink-cpu", default="", help="taskset CPU list ('' = any)")
+    parser.add_argument("--sink-rps", default="0",
+                        help="CPU list for the sink's receive processing ('' = the sender's)")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also run lbproxy as of this git revision (before/after figures)")
     parser.add_argument("--show-log", action="store_true", help="print lbproxy's log tail")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
@@ -475,10 +514,12 @@ def main() -> None:
     try:
         tools = Tools(build(directory), args.gen_cpu or None, args.sink_cpu or None)
         setup()
+        steer_sink(args.sink_rps or None)
         print(f"data-path benchmark: {os.cpu_count()} CPUs, 64-byte UDP payloads with HAO, "
               f"{args.duration:g} s runs x {args.repeat}; gen CPU {args.gen_cpu or 'any'}, "
-              f"lbproxy CPU {args.balancer_cpu or 'any'}, sink CPU {args.sink_cpu or 'any'}")
-        print(f"{'forwarder':<8} {'terminals':>8} {'offered/s':>11} {'at lb/s':>11} "
+              f"lbproxy CPU {args.balancer_cpu or 'any'}, sink CPU {args.sink_cpu or 'any'}, "
+              f"sink softirq CPU {args.sink_rps or 'sender'}")
+        print(f"{'forwarder':<9} {'terminals':>8} {'offered/s':>11} {'at lb/s':>11} "
               f"{'lbproxy/s':>11} "
               f"{'delivered/s':>11} {'share':>6} {'lb cpu':>6} {'gen':>6} {'sink':>6} "
               f"{'busy':>6} {'sirq':>6}")  # fmt: skip

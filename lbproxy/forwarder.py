@@ -6,7 +6,11 @@ reads in one screen::
     client interface --PacketReader--> Balancer.inbound  --PacketWriter--> backend
     server interface --PacketReader--> Balancer.outbound --PacketWriter--> terminal
 
-and it owns the life cycle twistd expects: sockets are opened as root in
+With the real Linux packet system the ports are the batched ones of `lbproxy.mmsg`
+(``recvmmsg``/``sendmmsg``, up to 64 packets per system call): each reader wake-up ends
+by flushing the writer, so a packet waits at most for the rest of its own batch.
+
+It owns the life cycle twistd expects: sockets are opened as root in
 ``privilegedStartService``, reading starts in ``startService``, and a `LoopingCall` on the
 injected clock sweeps expired bindings.
 
@@ -26,8 +30,9 @@ from twisted.internet.interfaces import IReactorFDSet, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from lbproxy import mmsg
 from lbproxy.balancer import Balancer
-from lbproxy.rawsocket import IPacketSystem, PacketReader, PacketWriter
+from lbproxy.rawsocket import IPacketSystem, LinuxPacketSystem, PacketReader, PacketWriter
 
 __all__ = ["ForwarderService", "local_addresses"]
 
@@ -63,24 +68,40 @@ class ForwarderService(Service):
         batch: int = 256,
         sweep_interval: float = 1.0,
         own_addresses: Iterable[bytes] | None = None,
+        batch_io: bool | None = None,
     ) -> None:
+        """``batch_io``: use `lbproxy.mmsg`; None = when the system is the real Linux one."""
         self.balancer = balancer
         self.clock = clock
         self.sweep_interval = sweep_interval
         self._own = set(own_addresses) if own_addresses is not None else None
-        self.writer = PacketWriter(system)
+        if batch_io is None:
+            batch_io = mmsg.available() and isinstance(system, LinuxPacketSystem)
+        self.writer: PacketWriter
+        self.client: PacketReader
+        self.server: PacketReader
+        vips = [a.packed for a in balancer.vips]
+        if batch_io:
+            writer = self.writer = mmsg.BatchPacketWriter(system)
+            self.client = mmsg.BatchPacketReader(
+                system, reactor, client_interface, self._from_terminal, destinations=vips,
+                batch=batch, after_batch=writer.flush,
+            )
+            self.server = mmsg.BatchPacketReader(
+                system, reactor, server_interface, self._from_backend, batch=batch,
+                after_batch=writer.flush,
+            )
+        else:
+            self.writer = PacketWriter(system)
+            self.client = PacketReader(
+                system, reactor, client_interface, self._from_terminal, destinations=vips,
+                batch=batch,
+            )
+            self.server = PacketReader(
+                system, reactor, server_interface, self._from_backend, batch=batch
+            )
         self._inbound = balancer.inbound
         self._send = self.writer.send
-        self.client = PacketReader(
-            system,
-            reactor,
-            client_interface,
-            self._from_terminal,
-            destinations=[a.packed for a in balancer.vips],
-            batch=batch,
-        )
-        self.server = PacketReader(system, reactor, server_interface, self._from_backend,
-                                   batch=batch)
         self.ignored = 0
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = clock
