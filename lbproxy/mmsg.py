@@ -256,43 +256,76 @@ class BatchPacketWriter(PacketWriter):
             raise RuntimeError("sendmmsg is not available here")
         self._out = _Batch(SLOTS, max_packet)
         self._queued = 0
-        # destination (16 bytes) -> its sockaddr_in6, referenced by queued headers.
-        self._sockaddrs: dict[bytes, ctypes.Array[ctypes.c_char]] = {}
+        self._ready = False  # open: queue; closed: the plain writer counts the drop
+        # destination (16 bytes) -> the address of its sockaddr_in6 (for msg_name), and
+        # the buffers themselves, kept alive while queued headers point at them.
+        self._names: dict[bytes, int] = {}
+        self._sockaddrs: list[ctypes.Array[ctypes.c_char]] = []
         for i in range(SLOTS):
             self._out.headers[i].hdr.namelen = 28
 
+    def open(self) -> None:
+        super().open()
+        self._ready = self.fileno() >= 0
+
     def send(self, packet: bytes | bytearray | memoryview, destination: str | None = None) -> bool:
         """Queue ``packet`` for its own destination (or ``destination``); True if queued."""
-        if self.fileno() < 0:
-            return super().send(packet, destination)  # counted as the plain writer does
         if destination is None:
-            packed = bytes(packet[24:40])
+            name = self._names.get(bytes(packet[24:40]))
+            if name is None:
+                return self._send_new(packet, bytes(packet[24:40]))
         else:
+            return self._send_new(packet, destination)
+        length = len(packet)
+        out = self._out
+        if length > out.slot or not self._ready:
+            return self._send_new(packet, None)
+        i = self._queued
+        start = i * out.slot
+        out.data[start : start + length] = packet
+        out.iov_lengths[2 * i + 1] = length
+        out.names[8 * i] = name
+        i += 1
+        self._queued = i
+        if i == out.count:
+            self.flush()
+        return True
+
+    def _send_new(
+        self, packet: bytes | bytearray | memoryview, destination: bytes | str | None
+    ) -> bool:
+        """`send` for the uncommon cases: a new or given destination, an oversize packet,
+        a closed writer."""
+        if not self._ready:
+            return super().send(packet, None)  # counted as the plain writer does
+        if len(packet) > self._out.slot:
+            return self._drop("EMSGSIZE", f"{len(packet)}-byte packet")
+        if isinstance(destination, str):
             try:
                 packed = socket.inet_pton(socket.AF_INET6, destination)
             except OSError as e:
                 return self._drop("EINVAL", e)
-        sockaddr = self._sockaddrs.get(packed)
-        if sockaddr is None:
-            if len(packed) != 16:
-                return self._drop("EINVAL", "not an IPv6 packet")
-            if len(self._sockaddrs) >= self.cache_size:
+        elif destination is None or len(destination) != 16:
+            return self._drop("EINVAL", "not an IPv6 packet")
+        else:
+            packed = destination
+        if packed not in self._names:
+            if len(self._names) >= self.cache_size:
                 self.flush()  # queued headers point at the cached addresses
+                self._names.clear()
                 self._sockaddrs.clear()
             # struct sockaddr_in6: family, port, flowinfo, address, scope id.
             sockaddr = ctypes.create_string_buffer(
                 struct.pack("=HHI16sI", socket.AF_INET6, 0, 0, packed, 0), 28
             )
-            self._sockaddrs[packed] = sockaddr
+            self._sockaddrs.append(sockaddr)
+            self._names[packed] = ctypes.addressof(sockaddr)
         out = self._out
-        length = len(packet)
-        if length > out.slot:
-            return self._drop("EMSGSIZE", f"{length}-byte packet")
         i = self._queued
         start = i * out.slot
-        out.data[start : start + length] = packet
-        out.iov_lengths[2 * i + 1] = length
-        out.names[8 * i] = ctypes.addressof(sockaddr)
+        out.data[start : start + len(packet)] = packet
+        out.iov_lengths[2 * i + 1] = len(packet)
+        out.names[8 * i] = self._names[packed]
         self._queued = i + 1
         if i + 1 == out.count:
             self.flush()
@@ -328,6 +361,7 @@ class BatchPacketWriter(PacketWriter):
 
     def close(self) -> None:
         """Send what is queued, then close the socket."""
-        if self.fileno() >= 0:
+        if self._ready:
             self.flush()
+        self._ready = False
         super().close()
