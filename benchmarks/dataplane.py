@@ -456,6 +456,83 @@ def report_latency(forwarder: str, terminals: int, r: dict[str, float]) -> None:
           f"p99 {r['p99']:.0f} us, p99.9 {r['p999']:.0f} us", flush=True)  # fmt: skip
 
 
+# -- ablation: what each optimisation is worth, in-process --------------------------------
+
+#: (name, batched I/O, fast path): the forwarder variants the ablation compares.
+VARIANTS = (("both", True, True), ("no batched I/O", False, True),
+            ("no fast path", True, False), ("neither", False, False))  # fmt: skip
+
+
+def ablation(tools: Tools, terminals: int, rounds: int, count: int = 30_000) -> None:
+    """CPU per packet of ForwarderService variants draining the same queued packets.
+
+    The variants share one process; each round queues `count` packets in the client
+    socket (the forwarder not reading), then times draining them through the variant
+    (CPU time of this process).  Rounds alternate the order; the ratios are taken per
+    round, so machine-wide noise (other jobs on a shared machine) mostly cancels out.
+    """
+    import ipaddress
+
+    from twisted.internet import reactor as clock  # only its clock: never run here
+    from twisted.internet.testing import MemoryReactor
+
+    from lbproxy.balancer import Balancer
+    from lbproxy.forwarder import ForwarderService
+    from lbproxy.keys import KeyChain
+    from lbproxy.rawsocket import LinuxPacketSystem
+    from lbproxy.selection import Backend, scheduler_from_name
+    from lbproxy.table import StickyTable
+
+    backends = [Backend(f"b{i}", ipaddress.IPv6Address(a)) for i, a in enumerate(BACKENDS, 1)]
+    services = {}
+    for name, batch_io, fast in VARIANTS:
+        balancer = Balancer(
+            chain=KeyChain.from_names(["hoa", "iid", "spi", "src"]),
+            table=StickyTable(clock, 600.0, 1_000_000), scheduler=scheduler_from_name("maglev"),
+            backends=backends, virtual_addresses=[ipaddress.IPv6Address(VIP)], clock=clock,
+        )  # fmt: skip
+        balancer.fast_path = fast
+        service = ForwarderService(
+            balancer, LinuxPacketSystem(LB), MemoryReactor(), clock, client_interface="lbc",
+            server_interface="lbs", batch_io=batch_io, own_addresses=(),
+        )  # fmt: skip
+        service.client.receive_buffer = 64 << 20  # the whole round's packets fit
+        service.writer.open()
+        service.client.open()
+        services[name] = service
+    costs: dict[str, list[float]] = {name: [] for name, _, _ in VARIANTS}
+    try:
+        for r in range(rounds + 1):  # round 0 warms up (bindings, caches)
+            order = list(services) if r % 2 else list(services)[::-1]
+            for name in order:
+                service = services[name]
+                sent, _ = finish(tools.generate(terminals, 100_000, count / 100_000, 64))
+                time.sleep(0.2)
+                reader = service.client
+                before = reader.stats.received
+                cpu = time.process_time()
+                deadline = time.monotonic() + 10
+                while (reader.stats.received - before < sent["sent"]
+                       and time.monotonic() < deadline):  # fmt: skip
+                    reader.doRead()
+                flush = getattr(service.writer, "flush", None)
+                if flush is not None:
+                    flush()
+                done = reader.stats.received - before
+                if r and done:
+                    costs[name].append((time.process_time() - cpu) / done * 1e6)
+    finally:
+        for service in services.values():
+            service.client.close()
+            service.writer.close()
+    print(f"\nablation, {terminals:,} terminals, {rounds} rounds of {count:,} queued packets "
+          "(CPU us per packet of the forwarding process; ratio to 'both' per round)")
+    for name, _, _ in VARIANTS:
+        ratios = [a / b for a, b in zip(costs[name], costs["both"], strict=True)]
+        print(f"  {name:<15} median {statistics.median(costs[name]):5.2f} us  "
+              f"min {min(costs[name]):5.2f} us  ratio {statistics.median(ratios):.2f}")
+
+
 def summary(args: argparse.Namespace, results: dict[str, Any]) -> None:
     print("\nsummary (best of each; ratio = lbproxy delivered / kernel delivered)")
     for terminals in args.terminals:
@@ -497,12 +574,14 @@ def main() -> None:
                         help="CPU list for the sink's receive processing ('' = the sender's)")
     parser.add_argument("--baseline", metavar="REV",
                         help="also run lbproxy as of this git revision (before/after figures)")
+    parser.add_argument("--ablation", type=int, default=0, metavar="ROUNDS",
+                        help="also compare fast path / batched I/O on and off in-process")
     parser.add_argument("--show-log", action="store_true", help="print lbproxy's log tail")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     args.terminals = [int(t) for t in args.terminals.split(",")]
-    if not 0 < args.duration <= 60 or not 0 < args.repeat <= 10:
-        parser.error("--duration must be in (0, 60] and --repeat in 1..10")
+    if not 0 < args.duration <= 60 or not 0 < args.repeat <= 10 or not 0 <= args.ablation <= 20:
+        parser.error("--duration must be in (0, 60], --repeat in 1..10, --ablation in 0..20")
     if any(not 0 < t <= 1_000_000 for t in args.terminals):
         parser.error("terminal counts must be in 1..1000000")
     if os.geteuid() != 0:
@@ -525,6 +604,10 @@ def main() -> None:
               f"{'busy':>6} {'sirq':>6}")  # fmt: skip
         results = measure(args, tools, directory)
         summary(args, results)
+        if args.ablation:
+            kernel_dnat(False)
+            for terminals in args.terminals:
+                ablation(tools, terminals, args.ablation)
         if args.json:
             flat = {f"{kind}/{f}/{t}": v for kind in ("throughput", "latency")
                     for (f, t), v in results[kind].items()}  # fmt: skip
