@@ -10,29 +10,28 @@ is ``docs/configuration.md``.
 from __future__ import annotations
 
 import ipaddress
-import tomllib
-from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
+
+from lbproxy.tomlconfig import ConfigError, Section, checked, parse_toml, read_toml
+
+__all__ = [
+    "BackendConfig",
+    "Config",
+    "ConfigError",
+    "HealthConfig",
+    "NotifyConfig",
+    "PeerConfig",
+    "load_config",
+    "parse_config",
+]
 
 MODES = ("translate", "transparent")
 SCHEDULERS = ("round_robin", "weighted_round_robin", "least_loaded", "maglev")
 KEY_KINDS = ("hoa", "iid", "spi", "src")
 DEAD_BACKEND_POLICIES = ("reassign", "keep")
-
-T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used, naming the file, the key and the reason."""
-
-    def __init__(self, path: str, key: str, reason: str) -> None:
-        super().__init__(f"{path}: {key}: {reason}")
-        self.path = path
-        self.key = key
-        self.reason = reason
 
 
 @attrs.frozen
@@ -111,92 +110,8 @@ class Config:
     persistence_interval: float = 60.0
 
 
-class _Section:
-    """Typed access to one TOML table, reporting errors with the dotted key."""
-
-    def __init__(
-        self, path: str, prefix: str, data: Mapping[str, Any], known: Sequence[str] | None = None
-    ) -> None:
-        self.path = path
-        self.prefix = prefix
-        self.data = data
-        if known is not None:
-            for name in data:
-                if name not in known:
-                    reason = f"unknown key (known: {', '.join(known)})"
-                    raise ConfigError(path, self.key(name), reason)
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else name
-
-    def fail(self, name: str, reason: str) -> ConfigError:
-        return ConfigError(self.path, self.key(name), reason)
-
-    def get(self, name: str, kind: type[T], default: T | None = None) -> T:
-        if name not in self.data:
-            if default is None:
-                raise self.fail(name, "missing (required)")
-            return default
-        value = self.data[name]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            raise self.fail(name, f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
-        return value
-
-    def number(self, name: str, default: float, minimum: float, maximum: float) -> float:
-        value = self.get(name, float, default)
-        if not minimum <= value <= maximum:
-            raise self.fail(name, f"{value} is outside {minimum}..{maximum}")
-        return value
-
-    def integer(self, name: str, default: int, minimum: int, maximum: int) -> int:
-        value = self.get(name, int, default)
-        if not minimum <= value <= maximum:
-            raise self.fail(name, f"{value} is outside {minimum}..{maximum}")
-        return value
-
-    def choice(self, name: str, default: str, choices: Sequence[str]) -> str:
-        value = self.get(name, str, default)
-        if value not in choices:
-            raise self.fail(name, f"{value!r} is not one of {', '.join(choices)}")
-        return value
-
-    def convert(self, name: str, value: Any, parse: Callable[[Any], T]) -> T:
-        try:
-            return parse(value)
-        except (ValueError, TypeError) as e:
-            raise self.fail(name, str(e)) from None
-
-    def address(self, name: str, value: Any) -> ipaddress.IPv6Address:
-        if not isinstance(value, str):
-            raise self.fail(name, f"expected an IPv6 address string, got {value!r}")
-        return self.convert(name, value, ipaddress.IPv6Address)
-
-    def network(self, name: str, value: Any) -> ipaddress.IPv6Network:
-        if not isinstance(value, str):
-            raise self.fail(name, f"expected an IPv6 prefix string, got {value!r}")
-        return self.convert(name, value, ipaddress.IPv6Network)
-
-    def table(self, name: str) -> _Section:
-        value = self.data.get(name, {})
-        if not isinstance(value, dict):
-            raise self.fail(name, f"expected a table, got {value!r}")
-        return _Section(self.path, self.key(name), value)
-
-    def tables(self, name: str) -> list[_Section]:
-        value = self.data.get(name, [])
-        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            raise self.fail(name, "expected an array of tables ([[...]])")
-        return [_Section(self.path, f"{self.key(name)}[{i}]", v) for i, v in enumerate(value)]
-
-
-def _checked(section: _Section, known: Sequence[str]) -> _Section:
-    return _Section(section.path, section.prefix, section.data, known)
-
-
-def _backend(s: _Section) -> BackendConfig:
-    s = _checked(s, ("name", "address", "weight", "health", "health_port", "health_path"))
+def _backend(s: Section) -> BackendConfig:
+    s = checked(s, ("name", "address", "weight", "health", "health_port", "health_path"))
     return BackendConfig(
         name=s.get("name", str),
         address=s.address("address", s.get("address", str)),
@@ -207,8 +122,8 @@ def _backend(s: _Section) -> BackendConfig:
     )
 
 
-def _peer(s: _Section) -> PeerConfig:
-    s = _checked(s, ("name", "kind", "endpoint", "identity", "prefixes", "home"))
+def _peer(s: Section) -> PeerConfig:
+    s = checked(s, ("name", "kind", "endpoint", "identity", "prefixes", "home"))
     kind = s.choice("kind", "homeagent", ("homeagent", "terminal"))
     prefixes = tuple(s.network("prefixes", p) for p in s.get("prefixes", list, []))
     home = s.address("home", s.data["home"]) if "home" in s.data else None
@@ -228,11 +143,12 @@ def _peer(s: _Section) -> PeerConfig:
 
 def parse_config(text: str, path: str = "<config>") -> Config:
     """Parse configuration text; raise `ConfigError` naming file, key and reason."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(path, "(syntax)", str(e)) from None
-    top = _Section(
+    return parse_data(parse_toml(text, path), path)
+
+
+def parse_data(data: dict[str, Any], path: str) -> Config:
+    """The configuration from parsed TOML data."""
+    top = Section(
         path,
         "",
         data,
@@ -241,7 +157,7 @@ def parse_config(text: str, path: str = "<config>") -> Config:
             "manhole", "control", "metrics", "persistence",
         ),
     )
-    bal = _checked(
+    bal = checked(
         top.table("balancer"),
         ("mode", "key_chain", "any_interface_id", "scheduler", "lifetime", "max_entries",
          "sweep_interval", "batch"),
@@ -253,7 +169,7 @@ def parse_config(text: str, path: str = "<config>") -> Config:
     if not chain or len(set(chain)) != len(chain):
         raise bal.fail("key_chain", "must name each strategy at most once, and at least one")
 
-    virt = _checked(top.table("virtual"), ("addresses", "ports"))
+    virt = checked(top.table("virtual"), ("addresses", "ports"))
     vips = tuple(virt.address("addresses", a) for a in virt.get("addresses", list))
     if not vips:
         raise virt.fail("addresses", "at least one virtual address is required")
@@ -262,7 +178,7 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         if not isinstance(p, int) or not 0 < p < 65536:
             raise virt.fail("ports", f"{p!r} is not a port number")
 
-    ifaces = _checked(top.table("interfaces"), ("client", "server"))
+    ifaces = checked(top.table("interfaces"), ("client", "server"))
     backends = tuple(_backend(b) for b in top.tables("backend"))
     if not backends:
         raise top.fail("backend", "at least one [[backend]] is required")
@@ -271,7 +187,7 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         if names.count(b.name) > 1:
             raise top.fail("backend", f"backend name {b.name!r} is used twice")
 
-    health_s = _checked(
+    health_s = checked(
         top.table("health"), ("interval", "timeout", "rise", "fall", "dead_backend")
     )
     health = HealthConfig(
@@ -282,7 +198,7 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         dead_backend=health_s.choice("dead_backend", "reassign", DEAD_BACKEND_POLICIES),
     )
 
-    notify_s = _checked(
+    notify_s = checked(
         top.table("notify"), ("enabled", "ca", "certificate", "key", "max_subscriptions", "peer")
     )
     notify = NotifyConfig(
@@ -298,10 +214,10 @@ def parse_config(text: str, path: str = "<config>") -> Config:
             if not getattr(notify, name):
                 raise notify_s.fail(name, "required when notifications are enabled")
 
-    manhole = _checked(top.table("manhole"), ("endpoint", "authorized_keys", "host_key"))
-    control = _checked(top.table("control"), ("socket",))
-    metrics = _checked(top.table("metrics"), ("endpoint",))
-    persist = _checked(top.table("persistence"), ("path", "interval"))
+    manhole = checked(top.table("manhole"), ("endpoint", "authorized_keys", "host_key"))
+    control = checked(top.table("control"), ("socket",))
+    metrics = checked(top.table("metrics"), ("endpoint",))
+    persist = checked(top.table("persistence"), ("path", "interval"))
     manhole_endpoint = manhole.get("endpoint", str, "")
     if manhole_endpoint and not manhole.get("authorized_keys", str, ""):
         raise manhole.fail("authorized_keys", "required when the manhole is enabled (key-only)")
@@ -337,11 +253,5 @@ def parse_config(text: str, path: str = "<config>") -> Config:
 
 def load_config(path: str | Path) -> Config:
     """Read and parse a configuration file; unreadable files are a `ConfigError` too."""
-    name = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(name, "(file)", e.strerror or str(e)) from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(name, "(file)", f"not UTF-8 text: {e}") from None
-    return parse_config(text, name)
+    name, data = read_toml(path)
+    return parse_data(data, name)

@@ -7,16 +7,23 @@ as one ``ConfigError`` naming the file, the key and the reason.
 from __future__ import annotations
 
 import ipaddress
-import tomllib
-from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 
-from lbproxy.config import ConfigError
+from lbproxy.tomlconfig import ConfigError, Section, read_toml
 
-T = TypeVar("T")
+__all__ = [
+    "AgentCommon",
+    "ConfigError",
+    "HomeAgentConfig",
+    "TerminalConfig",
+    "load_homeagent",
+    "load_terminal",
+    "parse_homeagent",
+    "parse_terminal",
+]
 
 
 @attrs.frozen
@@ -59,71 +66,17 @@ class TerminalConfig:
     poll_interval: float = 30.0  # re-read addresses even without netlink events
 
 
-class _Table:
-    def __init__(self, path: str, prefix: str, data: Any, known: Sequence[str]) -> None:
-        if not isinstance(data, Mapping):
-            raise ConfigError(path, prefix, f"expected a table, got {data!r}")
-        self.path, self.prefix, self.data = path, prefix, data
-        for name in data:
-            if name not in known:
-                raise self.fail(name, f"unknown key (known: {', '.join(known)})")
-
-    def fail(self, name: str, reason: str) -> ConfigError:
-        return ConfigError(self.path, f"{self.prefix}.{name}", reason)
-
-    def get(self, name: str, kind: type[T], default: T | None = None) -> T:
-        if name not in self.data:
-            if default is None:
-                raise self.fail(name, "missing (required)")
-            return default
-        value = self.data[name]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            raise self.fail(name, f"expected {kind.__name__}, got {value!r}")
-        return value
-
-    def number(self, name: str, default: float, low: float, high: float) -> float:
-        value = self.get(name, float, default)
-        if not low <= value <= high:
-            raise self.fail(name, f"{value} is outside {low}..{high}")
-        return value
-
-    def integer(self, name: str, default: int, low: int, high: int) -> int:
-        value = self.get(name, int, default)
-        if not low <= value <= high:
-            raise self.fail(name, f"{value} is outside {low}..{high}")
-        return value
-
-    def strings(self, name: str) -> tuple[str, ...]:
-        value = self.get(name, list)
-        if not value or not all(isinstance(v, str) and v for v in value):
-            raise self.fail(name, "expected a non-empty list of strings")
-        return tuple(value)
-
-    def network(self, name: str, text: str) -> ipaddress.IPv6Network:
-        try:
-            return ipaddress.IPv6Network(text)
-        except ValueError as e:
-            raise self.fail(name, str(e)) from None
-
-
-def _load(path: str | Path) -> tuple[str, dict[str, Any]]:
-    name = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(name, "(file)", e.strerror or str(e)) from None
-    try:
-        return name, tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(name, "(syntax)", str(e)) from None
+def _table(path: str, name: str, data: dict[str, Any], known: tuple[str, ...]) -> Section:
+    """The ``[name]`` table of ``data``, refusing unknown keys."""
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(path, name, f"expected a table, got {value!r}")
+    return Section(path, name, value, known)
 
 
 def _common(path: str, data: dict[str, Any]) -> AgentCommon:
-    agent = _Table(path, "agent", data.get("agent", {}), ("listen", "balancers",
-                                                           "max_subscriptions"))
-    tls = _Table(path, "tls", data.get("tls", {}), ("ca", "certificate", "key"))
+    agent = _table(path, "agent", data, ("listen", "balancers", "max_subscriptions"))
+    tls = _table(path, "tls", data, ("ca", "certificate", "key"))
     return AgentCommon(
         listen=agent.get("listen", str, "tcp:7440:interface=\\:\\:"),
         ca=tls.get("ca", str),
@@ -135,13 +88,13 @@ def _common(path: str, data: dict[str, Any]) -> AgentCommon:
 
 
 def _top(path: str, data: dict[str, Any], section: str) -> None:
-    _Table(path, "", data, ("agent", "tls", section))
+    Section(path, "", data, ("agent", "tls", section))
 
 
 def parse_homeagent(data: dict[str, Any], path: str = "<config>") -> HomeAgentConfig:
     """A home-agent agent's configuration from parsed TOML."""
     _top(path, data, "homeagent")
-    s = _Table(path, "homeagent", data.get("homeagent", {}), (
+    s = _table(path, "homeagent", data, (
         "prefixes", "interface", "require_ack", "ack_timeout", "command_socket", "max_bindings",
     ))
     prefixes = tuple(s.network("prefixes", p) for p in s.strings("prefixes"))
@@ -160,13 +113,10 @@ def parse_homeagent(data: dict[str, Any], path: str = "<config>") -> HomeAgentCo
 def parse_terminal(data: dict[str, Any], path: str = "<config>") -> TerminalConfig:
     """A terminal agent's configuration from parsed TOML."""
     _top(path, data, "terminal")
-    s = _Table(path, "terminal", data.get("terminal", {}), (
+    s = _table(path, "terminal", data, (
         "home", "home_prefix", "interface", "lifetime", "state_file", "poll_interval",
     ))
-    try:
-        home = ipaddress.IPv6Address(s.get("home", str))
-    except ValueError as e:
-        raise s.fail("home", str(e)) from None
+    home = s.address("home", s.get("home", str))
     default = str(ipaddress.IPv6Network(f"{home}/64", strict=False))
     prefix = s.network("home_prefix", s.get("home_prefix", str, default))
     if home not in prefix:
@@ -185,11 +135,11 @@ def parse_terminal(data: dict[str, Any], path: str = "<config>") -> TerminalConf
 
 def load_homeagent(path: str | Path) -> HomeAgentConfig:
     """Read ``etc/homeagent.toml``-style files."""
-    name, data = _load(path)
+    name, data = read_toml(path)
     return parse_homeagent(data, name)
 
 
 def load_terminal(path: str | Path) -> TerminalConfig:
     """Read ``etc/terminal.toml``-style files."""
-    name, data = _load(path)
+    name, data = read_toml(path)
     return parse_terminal(data, name)
