@@ -23,11 +23,7 @@ as it would reach a real mobile node.
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +32,7 @@ import attrs
 from lbproxy.notify.pki import CertificateAuthority
 from lbproxy.testbed import addresses, control
 from lbproxy.testbed.bed import TestBed
+from lbproxy.testbed.twistd import TwistdProcess
 
 __all__ = [
     "BALANCER_IDENTITY",
@@ -130,23 +127,14 @@ def track_addresses(bed: TestBed) -> None:
     control.request(bed.terminal_control, "track_addresses")
 
 
-class BedAgent:
+class BedAgent(TwistdProcess):
     """One agent process under twistd in a bed namespace: start, restart, stop, log."""
 
     def __init__(self, bed: TestBed, role: str, plugin: str, config: str, name: str,
                  peer: AgentPeer, ready: str) -> None:
-        self.bed = bed
-        self.ready = ready  # the log line that says it listens *and* observes
-        self.role = role
-        self.plugin = plugin
-        self.name = name
+        # ``ready``: the log line that says it listens *and* observes
+        super().__init__(bed, role, plugin, config, name, ready)
         self.peer = peer
-        self.config_path = bed.path(f"{name}.toml")
-        self.log_path = bed.path(f"{name}.log")
-        with open(self.config_path, "w") as f:
-            f.write(config)
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
 
     @classmethod
     def home_agent(cls, bed: TestBed, pki: BedPki, require_ack: bool = True,
@@ -186,43 +174,6 @@ class BedAgent:
         return cls(bed, "term", "lbproxy-terminal", config, name, peer,
                    "terminal agent: watching addresses")
 
-    def argv(self) -> list[str]:
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        return [twistd, "-n", "--pidfile=", f"--logfile={self.log_path}",
-                self.plugin, "--config", self.config_path]
-
-    def start(self, timeout: float = 20.0) -> BedAgent:
-        """Start twistd and wait until the agent listens for balancers and observes."""
-        seen = self.log().count(self.ready)
-        self.process = self.bed.spawn(self.role, self.argv(), name=f"{self.name}-{self.starts}")
-        self.starts += 1
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.log().count(self.ready) > seen:
-                return self
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited {self.process.returncode}: "
-                                   f"{self.bed.stderr(f'{self.name}-{self.starts - 1}')[-2000:]}"
-                                   f"{self.log()[-2000:]}")
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.name} not ready after {timeout}s: {self.log()[-2000:]}")
-
-    def stop(self) -> None:
-        """Stop twistd (SIGTERM) and wait for it."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-
-    def restart(self, pause: float = 0.0) -> BedAgent:
-        """Stop, wait ``pause`` seconds, start again (same configuration and state file)."""
-        self.stop()
-        time.sleep(pause)
-        return self.start()
-
     @property
     def command_socket(self) -> str:
         """The home-agent agent's command socket (JSON lines, docs/notify.md)."""
@@ -243,9 +194,3 @@ class BedAgent:
         result: list[dict[str, Any]] = json.loads(answer)["bindings"]
         return result
 
-    def log(self) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
