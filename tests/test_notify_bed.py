@@ -19,18 +19,14 @@ from __future__ import annotations
 
 import ipaddress
 import random
-import select
 import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 from scapy.layers.inet import TCP
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrRouting
-from scapy.layers.l2 import Ether
-from scapy.packet import Packet
-from scapy.utils import checksum
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from scapy.layers.inet6 import IPv6ExtHdrRouting
+from twisted.trial.unittest import SynchronousTestCase
 
 from lbproxy.keys import Key
 from lbproxy.selection import Backend, scheduler_from_name
@@ -38,18 +34,10 @@ from lbproxy.testbed import addresses, control
 from lbproxy.testbed.agents import BedAgent, BedPki, notify_section, track_addresses
 from lbproxy.testbed.balancer import BedBalancer, bed_config
 from lbproxy.testbed.bed import TestBed
-from lbproxy.testbed.netns import BedUnavailableError, check_host
+from tests.bedtools import Capture, l4_checksum_ok, require_bed
 
 VIP = str(addresses.VIP)
-ETH_P_ALL = 0x0003
 LIFETIME = 300.0
-
-
-def _require_bed() -> None:
-    try:
-        check_host()
-    except BedUnavailableError as e:
-        raise SkipTest(str(e)) from None
 
 
 def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
@@ -118,39 +106,11 @@ class Connection:
         self.sock.close()
 
 
-class Capture:
-    """AF_PACKET capture (incoming only) of one interface in one of the bed's namespaces."""
-
-    def __init__(self, bed: TestBed, role: str, ifname: str) -> None:
-        self.sock = bed.socket(role, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-        self.sock.bind((ifname, 0))
-
-    def packets(self, settle: float = 0.2) -> list[Packet]:
-        found = []
-        while select.select([self.sock], [], [], settle)[0]:
-            data, meta = self.sock.recvfrom(65600)
-            if meta[1] == 0x86DD and meta[2] != socket.PACKET_OUTGOING:
-                found.append(Ether(data)[IPv6])
-        return found
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def tcp_checksum_ok(pkt: Packet, final: str) -> bool:
-    """TCP checksum by scapy's arithmetic, pseudo-header destination = the RH2's ``final``."""
-    l4 = bytes(pkt[TCP])
-    pseudo = (socket.inet_pton(socket.AF_INET6, pkt.src) + socket.inet_pton(socket.AF_INET6, final)
-              + len(l4).to_bytes(4, "big") + bytes((0, 0, 0, 6)))
-    return bool(checksum(pseudo + l4) == 0)
-
-
 class NotifyBedTestCase(SynchronousTestCase):
     """Builds a bed, agents and the balancer per test; always tears everything down."""
 
     def setUp(self) -> None:
-        _require_bed()
+        require_bed()
 
     def bed(self, terminals: int, register: bool = True) -> TestBed:
         bed = TestBed(terminals=terminals, backends=3, register=register)
@@ -237,7 +197,7 @@ class NotifyBedTestCase(SynchronousTestCase):
             self.assertEqual((p.src, p.dst), (VIP, coa2))
             rh = p[IPv6ExtHdrRouting]
             self.assertEqual((rh.type, rh.segleft, rh.addresses), (2, 1, [home]))
-            self.assertTrue(tcp_checksum_ok(p, home))
+            self.assertTrue(l4_checksum_ok(p))
 
         # CoA2 -> CoA1: back to a live entry, which is reused (T235): no new entry.  Nothing
         # uses CoA1's entry meanwhile, so its lifetime only runs down -- until the rekey

@@ -33,23 +33,16 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.python import log
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from lbproxy import ctl
 from lbproxy.testbed import addresses, control
 from lbproxy.testbed.balancer import BedBalancer
 from lbproxy.testbed.bed import TestBed
-from lbproxy.testbed.netns import BedUnavailableError, check_host
 from lbproxy.wire import mobility
+from tests.bedtools import require_bed
 
 VIP = str(addresses.VIP)
-
-
-def _require_bed() -> None:
-    try:
-        check_host()
-    except BedUnavailableError as e:
-        raise SkipTest(str(e)) from None
 
 
 def operating_config(
@@ -163,7 +156,7 @@ class OperatingBedTestCase(SynchronousTestCase):
     terminals = 12
 
     def setUp(self) -> None:
-        _require_bed()
+        require_bed()
         self.bed = TestBed(terminals=self.terminals, backends=3)
         self.addCleanup(self.bed.stop)
         self.bed.start()
