@@ -319,6 +319,8 @@ class Balancer:
             or (ports and (buf[66] << 8 | buf[67]) not in ports)
         ):
             return self._inbound(buf)
+        # A Key's bytes, not a Key: equal and equally hashed (lbproxy.keys), 0.25 us
+        # cheaper per packet; a miss makes the real Key the table will keep.
         binding = self.table.lookup(_HOA_KIND + buf[48:64])  # type: ignore[arg-type]
         if binding is None:
             binding = self._miss(Key("hoa", buf[48:64]), "hoa", buf, 48)
