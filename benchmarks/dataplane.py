@@ -286,6 +286,7 @@ class Lbproxy:
             if self.proc.poll() is not None:
                 break
             time.sleep(0.1)
+        self.stop()  # never leave it running behind an error
         raise RuntimeError(f"lbproxy did not start: {self.read_log()[-2000:]}")
 
     def read_log(self) -> str:
