@@ -51,6 +51,8 @@ from lbproxy.selection import Backend, IScheduler
 from lbproxy.table import Binding, StickyTable
 from lbproxy.wire.view import MalformedPacket, PacketView, parse
 
+_ICMPV6 = 58
+
 __all__ = ["Balancer", "Counters", "TraceResult", "Verdict"]
 
 #: How long a first fragment's decision is remembered for its later fragments (RFC 8200
@@ -94,6 +96,7 @@ class Counters:
         self.misses: Counter[str] = Counter()
         self.backend_packets: Counter[str] = Counter()
         self.reassigned = 0
+        self.icmp_errors_in = 0
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-ready snapshot."""
@@ -107,6 +110,7 @@ class Counters:
             "misses": dict(self.misses),
             "backend_packets": dict(self.backend_packets),
             "reassigned": self.reassigned,
+            "icmp_errors_in": self.icmp_errors_in,
         }
 
 
@@ -406,6 +410,8 @@ class Balancer:
         if self.ports and view.dport >= 0 and view.dport not in self.ports:
             self._drop("port")
             return None
+        if view.proto == _ICMPV6 and buf[view.l4] < 128:
+            return self._icmp_error(buf, view)
 
         if view.frag >= 0 and view.frag_offset != 0:
             backend = self._fragment_backend(buf, view)
@@ -432,6 +438,29 @@ class Balancer:
             return None
         counters.packets_out += 1
         counters.backend_packets[backend.name] += 1
+        return out
+
+    def _icmp_error(self, buf: bytearray, view: PacketView) -> bytearray | None:
+        """An ICMPv6 error to a virtual address, about one of our replies (a router on the
+        way to the terminal: Packet Too Big, Destination Unreachable...): pass it to the
+        backend that sent the reply, so path MTU discovery works through the balancer."""
+        quoted = nat.quoted_addresses(buf, view)
+        if quoted is None or quoted[0] not in self._vips:
+            self._drop("icmp-error-unknown")
+            return None
+        terminal = quoted[1]
+        binding = self.table.get(Key("hoa", terminal)) or self.table.get(Key("src", terminal))
+        if binding is None or binding.backend.name not in self.backends:
+            self._drop("icmp-error-unknown")
+            return None
+        backend = binding.backend
+        out = nat.error_to_backend(buf, view, backend.packed, self.mode == "translate")
+        if isinstance(out, nat.Drop):
+            self._drop(out.value)
+            return None
+        self.counters.icmp_errors_in += 1
+        self.counters.packets_out += 1
+        self.counters.backend_packets[backend.name] += 1
         return out
 
     def _backend_for(self, buf: bytearray, view: PacketView) -> Backend | None:
@@ -471,7 +500,9 @@ class Balancer:
         `hoa` is the offset of the home address in `buf`, or -1.
         """
         self.counters.misses[kind] += 1
-        chosen = self._choose(key)
+        chosen = self._confirmed_backend(buf, hoa) if hoa >= 0 and kind != "hoa" else None
+        if chosen is None:
+            chosen = self._choose(key)
         if chosen is None:
             self._drop("no-backend")
             return None
@@ -483,6 +514,26 @@ class Balancer:
             home = bytes(buf[hoa : hoa + 16]) if hoa >= 0 else None
             self.terminal_seen(home, bytes(buf[8:24]))
         return binding
+
+    def _confirmed_backend(self, buf: bytearray, hoa: int) -> Backend | None:
+        """The backend of the terminal's confirmed care-of address, if its entry lives.
+
+        Keyed on the source address (patent embodiment 2), a terminal's first packet
+        from a new care-of address can arrive before the notification of the move does;
+        scheduling it afresh would reset its sessions.  If the home address it claims
+        has a confirmed care-of address whose entry is still live, the new address
+        joins that backend (the notification's rekey then finds the same backend).  The
+        claim only steers the claimant's own packets.
+        """
+        care_of = self._confirmed.get(bytes(buf[hoa : hoa + 16]))
+        if care_of is None:
+            return None
+        binding = self.table.get(Key("src", care_of))
+        if binding is None or binding.backend.name not in self.backends:
+            return None
+        if binding.backend.name in self._down and self.reassign_dead:
+            return None
+        return binding.backend
 
     def _fragment_id(self, buf: bytearray, view: PacketView) -> bytes:
         return bytes(buf[8:40]) + view.frag_id.to_bytes(4, "big")

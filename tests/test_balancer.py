@@ -11,7 +11,15 @@ import ipaddress
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import TCP, UDP
-from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrRouting
+from scapy.layers.inet6 import (
+    HAO,
+    ICMPv6DestUnreach,
+    ICMPv6PacketTooBig,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrRouting,
+)
 from scapy.layers.ipsec import ESP
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -249,6 +257,73 @@ class OutboundTests(SynchronousTestCase):
         balancer, _ = make()
         self.assertIsNone(balancer.outbound(self.reply(backend="2001:db8:b0::99")))
         self.assertEqual(balancer.counters.dropped["not-from-backend"], 1)
+
+
+class IcmpErrorTests(SynchronousTestCase):
+    def test_packet_too_big_reaches_the_backend(self) -> None:
+        """A Packet Too Big from a router about one of our replies (to a confirmed care-of
+        address, with the Type 2 Routing Header we added) goes to the backend that sent
+        the reply, reading as about its own packet, MTU lowered by our header's 24 bytes;
+        the ICMPv6 checksum is valid by scapy's computation."""
+        balancer, _ = make()
+        home, coa = ipaddress.IPv6Address(HOA).packed, ipaddress.IPv6Address(COA2).packed
+        first = balancer.inbound(mobile(COA2))
+        assert first is not None
+        backend = IPv6(bytes(first)).dst
+        balancer.confirm(home, coa)
+        reply = balancer.outbound(bytearray(bytes(
+            IPv6(src=backend, dst=HOA) / TCP(sport=80, dport=40000, flags="A") / (b"d" * 1300)
+        )))
+        assert reply is not None
+        self.assertEqual(IPv6(bytes(reply)).dst, COA2)
+        ptb = ICMPv6PacketTooBig(mtu=1400) / bytes(reply)[:1232]
+        error = bytearray(bytes(IPv6(src="2001:db8:f0::1", dst=VIP) / ptb))
+        out = balancer.inbound(error)
+        assert out is not None
+        pkt = IPv6(bytes(out))
+        self.assertEqual(pkt.dst, backend)
+        self.assertEqual(pkt[ICMPv6PacketTooBig].mtu, 1376)
+        quoted = IPv6(bytes(pkt[ICMPv6PacketTooBig].payload))
+        self.assertEqual((quoted.src, quoted.dst), (backend, HOA))
+        self.assertNotIn(IPv6ExtHdrRouting, quoted)
+        got = pkt[ICMPv6PacketTooBig].cksum
+        del pkt[ICMPv6PacketTooBig].cksum
+        self.assertEqual(IPv6(bytes(pkt))[ICMPv6PacketTooBig].cksum, got)
+        self.assertEqual(balancer.counters.icmp_errors_in, 1)
+
+    def test_unknown_error_dropped(self) -> None:
+        """An error about nothing we sent is counted and dropped, not balanced."""
+        balancer, _ = make()
+        quote = bytes(IPv6(src=VIP, dst="2001:db8:100::9999") / UDP())
+        error = bytearray(bytes(IPv6(src="2001:db8:f0::1", dst=VIP)
+                                / ICMPv6DestUnreach() / quote))
+        self.assertIsNone(balancer.inbound(error))
+        self.assertEqual(balancer.counters.dropped["icmp-error-unknown"], 1)
+        self.assertEqual(len(balancer.table), 0)
+
+
+class ConfirmedRaceTests(SynchronousTestCase):
+    def test_new_care_of_joins_confirmed_backend(self) -> None:
+        """Keyed on the source address, a packet from a new care-of address that beats
+        the notification joins the backend of the terminal's confirmed care-of address."""
+        balancer, _ = make(scheduler="round_robin", chain=("src",))
+        first = balancer.inbound(mobile(COA1))
+        assert first is not None
+        backend = IPv6(bytes(first)).dst
+        balancer.confirm(ipaddress.IPv6Address(HOA).packed, ipaddress.IPv6Address(COA1).packed)
+        for i in range(5):  # round robin would move on for anyone else
+            balancer.inbound(mobile(f"2001:db8:a3::{i + 1:x}", hoa=f"2001:db8:100::{i + 1:x}"))
+        moved = balancer.inbound(mobile(COA2))
+        assert moved is not None
+        self.assertEqual(IPv6(bytes(moved)).dst, backend)
+
+    def test_unconfirmed_claim_is_scheduled(self) -> None:
+        """Without a confirmed binding the home address claim steers nothing."""
+        balancer, _ = make(scheduler="round_robin", chain=("src",))
+        first = balancer.inbound(mobile(COA1))
+        second = balancer.inbound(mobile(COA2))
+        assert first is not None and second is not None
+        self.assertNotEqual(IPv6(bytes(first)).dst, IPv6(bytes(second)).dst)
 
 
 def _raw_mobile(
