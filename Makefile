@@ -2,6 +2,7 @@
 # The distribution's interpreter when it is new enough: Debian builds CPython with PGO and
 # LTO, which makes the per-packet path 25-40% faster than a plain source build
 # (docs/performance.md).  Override with `make PYTHON=...`.
+SHELL  := /bin/bash
 PYTHON ?= $(shell for p in /usr/bin/python3 python3; do \
 	  if $$p -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; \
 	  then echo $$p; break; fi; done)
@@ -31,8 +32,14 @@ system-deps:
 test: $(STAMP) system-deps
 	$(VENV)/bin/ruff check lbproxy tests benchmarks twisted/plugins
 	$(VENV)/bin/mypy
-	$(VENV)/bin/trial --temp-directory=.trial_temp tests
 	$(VENV)/bin/twistd --help | grep -q lbproxy
+	set -o pipefail; $(VENV)/bin/trial --temp-directory=.trial_temp tests 2>&1 | tee .trial.log
+	@# trial's own summary, restated as the plain "N passed, N failed" line CI reads
+	@$(PY) -c 'import re; t = open(".trial.log").read(); \
+	  ran = int(re.findall(r"^Ran (\d+) tests?", t, re.M)[-1]); \
+	  bad = sum(int(n) for n in re.findall(r"(?:failures|errors|unexpectedSuccesses)=(\d+)", t.rsplit("Ran ", 1)[-1])); \
+	  skip = sum(int(n) for n in re.findall(r"skips=(\d+)", t.rsplit("Ran ", 1)[-1])); \
+	  print(f"{ran - bad - skip} passed, {bad} failed, {skip} skipped")' 
 
 unit: $(STAMP)
 	$(VENV)/bin/trial --temp-directory=.trial_temp tests
