@@ -242,17 +242,21 @@ def restore(
         except ValueError:
             refused += 1
             continue
-        binding = table.insert(key, backend, care_of=entry.care_of)
+        # Established if it had seen more than its first packet, as before the restart
+        # (so a flood of new keys cannot evict it); its own remaining lifetime.
+        binding = table.restore(
+            key,
+            backend,
+            now + left,
+            packets=entry.packets,
+            care_of=entry.care_of,
+            confirmed=entry.confirmed,
+            established=entry.packets > 1,
+            now=now,
+        )
         if binding is None:
             refused += 1
             continue
-        if entry.packets > 1:
-            # It had seen more than its first packet: established, as it was before
-            # the restart (lookup promotes it, so a flood of new keys cannot evict it).
-            binding = table.lookup(key, now) or binding
-        binding.packets = entry.packets
-        binding.confirmed = entry.confirmed
-        binding.expires = min(binding.expires, now + left)
         restored += 1
     return RestoreResult(restored, expired, unknown, refused)
 

@@ -104,6 +104,19 @@ class StickyTable:
         self.stats.inserts += 1
         return binding
 
+    def restore(self, key: Key, backend: Backend, expires: float, packets: int = 1,
+                care_of: bytes | None = None, confirmed: bool = False,
+                established: bool = False, now: float | None = None) -> Binding | None:
+        now = self.clock.seconds() if now is None else now
+        if expires <= now:
+            return None
+        binding = self.insert(key, backend, care_of)
+        if binding is not None:
+            binding.expires = min(expires, now + self.lifetime)
+            binding.packets = packets
+            binding.confirmed = confirmed
+        return binding
+
     def get(self, key: Key) -> Binding | None:
         return self.entries.get(key)
 
