@@ -196,6 +196,12 @@ class BalancerService(MultiService):
         self.forwarder.client.set_destinations([a.packed for a in new.virtual_addresses])
         balancer.reassign_dead = fresh.reassign_dead
         balancer.set_backends(backends_from(new))
+        # Health checks follow the new backend list (a removed backend is no longer
+        # probed, an added one is); surviving backends keep their up/down state in the
+        # balancer until the new monitor's first verdict on them.
+        if self.health is not None:
+            self.health.disownServiceParent()
+        self.health = self._health_service(new)
         restart = [
             name
             for name in ("client_interface", "server_interface", "mode", "lifetime",

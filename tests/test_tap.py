@@ -103,6 +103,27 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(sorted(balancer.backends), ["a", "c"])
         self.assertEqual(service.config.backends[1].name, "c")
 
+    def test_reload_replaces_health_checks(self) -> None:
+        """Reload probes the new backend list: a removed backend is no longer checked."""
+        checked = CONFIG.format(backends=backends("a", "b")).replace(
+            'address = "2001:db8:b0::11"\n', 'address = "2001:db8:b0::11"\nhealth = "tcp"\n'
+            'health_port = 80\n')
+        service, _, path = self.make(checked)
+        assert service.health is not None
+        self.assertEqual(sorted(service.health.probes), ["b"])
+        service.startService()
+        self.addCleanup(service.stopService)
+        old = service.health
+        Path(path).write_text(CONFIG.format(backends=backends("a")))
+        service.reload()
+        self.assertIsNone(service.health)
+        self.assertFalse(old.running)
+        Path(path).write_text(checked)
+        service.reload()
+        assert service.health is not None
+        self.assertTrue(service.health.running)
+        self.assertEqual(sorted(service.health.probes), ["b"])
+
     def test_reload_reports_restart_needed(self) -> None:
         """Changes that need a restart are named, not silently ignored."""
         service, _, path = self.make(CONFIG.format(backends=backends("a")))
