@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from twisted.application.service import IServiceCollection, MultiService, Service
+from twisted.application.service import IServiceCollection, MultiService
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -19,7 +19,7 @@ from lbproxy.config import Config, ConfigError, load_config
 from lbproxy.control import Control
 from lbproxy.ctl import make_ctl_service
 from lbproxy.forwarder import ForwarderService
-from lbproxy.health import make_health_service, make_probe
+from lbproxy.health import HealthMonitor, make_health_service, make_probe
 from lbproxy.keys import KeyChain
 from lbproxy.manhole import make_manhole_service
 from lbproxy.metrics import make_metrics_service
@@ -158,7 +158,7 @@ class BalancerService(MultiService):
         else:
             self.notifier.terminal_seen(source, home=False)
 
-    def _health_service(self, config: Config) -> Service | None:
+    def _health_service(self, config: Config) -> HealthMonitor | None:
         """Health checks for the backends that ask for one; they mark backends up/down."""
         probes = {}
         for b in config.backends:
