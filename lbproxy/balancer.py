@@ -38,6 +38,7 @@ give the same bytes and the same counters.
 from __future__ import annotations
 
 import enum
+import heapq
 import ipaddress
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -171,6 +172,10 @@ class Balancer:
         # home address (16 bytes) -> confirmed care-of address (16 bytes); bounded like
         # the table, oldest first out.
         self._confirmed: dict[bytes, bytes] = {}
+        # home address -> when its confirmation ends, and a heap of (deadline, home)
+        # (entries refreshed since are skipped when popped).
+        self._confirmed_until: dict[bytes, float] = {}
+        self._confirm_deadlines: list[tuple[float, bytes]] = []
         # home or source address -> the virtual address it last used (only needed with
         # several virtual addresses); bounded the same way.
         self._vip_of: dict[bytes, bytes] = {}
@@ -236,13 +241,32 @@ class Balancer:
             [attrs.evolve(b, weight=0) if b is backend else b for b in self.backends.values()]
         )
 
-    def confirm(self, home: bytes, care_of: bytes) -> None:
-        """An authenticated notification confirmed this care-of address (return path)."""
+    def confirm(self, home: bytes, care_of: bytes, lifetime: float | None = None) -> None:
+        """An authenticated notification confirmed this care-of address (return path).
+
+        With a `lifetime` (seconds, the binding's as granted by the home agent) the
+        confirmation ends with it: replies then go towards the home address again.
+        """
         self._remember(self._confirmed, home, care_of)
+        if lifetime is None:
+            self._confirmed_until.pop(home, None)
+        else:
+            deadline = self.clock.seconds() + lifetime
+            self._confirmed_until[home] = deadline
+            heapq.heappush(self._confirm_deadlines, (deadline, home))
 
     def unconfirm(self, home: bytes) -> None:
-        """The binding ended: replies go towards the home address again."""
+        """The binding ended (deregistration): replies go towards the home address again."""
         self._confirmed.pop(home, None)
+        self._confirmed_until.pop(home, None)
+
+    def _expire_confirmations(self, now: float) -> None:
+        """Drop confirmations whose binding lifetime ran out (cost: what is due)."""
+        deadlines = self._confirm_deadlines
+        while deadlines and deadlines[0][0] <= now:
+            deadline, home = heapq.heappop(deadlines)
+            if self._confirmed_until.get(home) == deadline:  # not refreshed since
+                self.unconfirm(home)
 
     def confirmed_care_of(self, home: bytes) -> bytes | None:
         return self._confirmed.get(home)
@@ -274,6 +298,7 @@ class Balancer:
         if self._fragments:
             for k in [k for k, (_, deadline) in self._fragments.items() if deadline <= now]:
                 del self._fragments[k]
+        self._expire_confirmations(now)
         expired = self.table.expire(now)
         if self._gone:
             self._gone &= {b.name for b, n in self.table.load().items() if n > 0}

@@ -252,6 +252,24 @@ class OutboundTests(SynchronousTestCase):
         self.assertEqual(pkt[IPv6ExtHdrRouting].addresses, [HOA])
         self.assertEqual(bytes(pkt[TCP].payload), b"data")
 
+    def test_confirmation_ends_with_its_lifetime(self) -> None:
+        """A confirmation given with the binding's lifetime ends with it: replies go
+        towards the home address again; a refresh before then keeps it."""
+        balancer, clock = make()
+        home, coa = ipaddress.IPv6Address(HOA).packed, ipaddress.IPv6Address(COA2).packed
+        balancer.confirm(home, coa, 40.0)
+        clock.advance(30)
+        balancer.confirm(home, coa, 40.0)  # refreshed: now good until 70
+        clock.advance(30)
+        balancer.sweep()
+        self.assertEqual(balancer.confirmed_care_of(home), coa)
+        clock.advance(11)
+        balancer.sweep()
+        self.assertIsNone(balancer.confirmed_care_of(home))
+        out = balancer.outbound(self.reply())
+        assert out is not None
+        self.assertEqual(IPv6(bytes(out)).dst, HOA)
+
     def test_not_from_backend(self) -> None:
         """Only backends' packets are rewritten."""
         balancer, _ = make()

@@ -30,9 +30,15 @@ class FakeBalancer:
 
     def __init__(self) -> None:
         self.confirmed: list[tuple[bytes, bytes]] = []
+        self.lifetimes: list[float | None] = []
+        self.unconfirmed: list[bytes] = []
 
-    def confirm(self, home: bytes, care_of: bytes) -> None:
+    def confirm(self, home: bytes, care_of: bytes, lifetime: float | None = None) -> None:
         self.confirmed.append((home, care_of))
+        self.lifetimes.append(lifetime)
+
+    def unconfirm(self, home: bytes) -> None:
+        self.unconfirmed.append(home)
 
 
 class TableListenerTests(SynchronousTestCase):
@@ -88,3 +94,29 @@ class TableListenerTests(SynchronousTestCase):
         self.assertEqual((b.care_of, b.confirmed, len(self.table)), (COA1, True, 1))
         self.assertEqual(self.listener.applied, 1)
         self.assertEqual(self.balancer.confirmed, [(HOME, COA1)])
+
+    def test_lifetime_passed_on(self) -> None:
+        """The binding's lifetime bounds the balancer's confirmation."""
+        self.listener.binding_changed(HOME, None, COA1, 1, 40)
+        self.assertEqual(self.balancer.lifetimes, [40.0])
+
+    def test_deregistration_at_home(self) -> None:
+        """Lifetime 0 or CoA == HoA (RFC 6275 9.5.1): the confirmation ends, the home
+        address entry is no longer confirmed, and the old CoA's backend follows the
+        terminal home (its packets now come from the home address)."""
+        self.table.insert(Key("src", COA1), self.backend)
+        self.table.insert(Key("hoa", HOME), self.backend)
+        self.listener.binding_changed(HOME, None, COA1, 1, 40)
+        self.listener.binding_changed(HOME, COA1, HOME, 2, 0)
+        self.assertEqual(self.balancer.unconfirmed, [HOME])
+        hoa = self.table.get(Key("hoa", HOME))
+        assert hoa is not None
+        self.assertFalse(hoa.confirmed)
+        home_src = self.table.get(Key("src", HOME))
+        assert home_src is not None
+        self.assertEqual(home_src.backend, self.backend)
+        self.assertFalse(home_src.confirmed)
+        self.listener.binding_changed(HOME, COA1, COA2, 3, 0)  # lifetime 0 alone
+        self.assertEqual(self.balancer.unconfirmed, [HOME, HOME])
+        self.assertIsNone(self.table.get(Key("src", COA2)))
+

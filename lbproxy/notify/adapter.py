@@ -28,7 +28,9 @@ class _Table(Protocol):
 
 
 class _Balancer(Protocol):
-    def confirm(self, home: bytes, care_of: bytes) -> None: ...
+    def confirm(self, home: bytes, care_of: bytes, lifetime: float | None = None) -> None: ...
+
+    def unconfirm(self, home: bytes) -> None: ...
 
 
 @implementer(IBindingListener)
@@ -43,7 +45,16 @@ class TableListener:
     def binding_changed(
         self, home: bytes, old_care_of: bytes | None, new_care_of: bytes, seq: int, lifetime: int
     ) -> None:
-        """Rekey the source-address entry, confirm the home-address entry, confirm the CoA."""
+        """Rekey the source-address entry, confirm the home-address entry, confirm the CoA.
+
+        A deregistration (lifetime 0, or the care-of address is the home address: the
+        terminal is at home, RFC 6275 section 9.5.1) ends the confirmation: replies go to
+        the home address again; the old care-of address's entry is rekeyed to the home
+        address, where the terminal's packets now come from, so it keeps its backend.
+        """
+        if lifetime == 0 or new_care_of == home:
+            self._deregistered(home, old_care_of)
+            return
         moved = None
         new_key = Key("src", new_care_of)
         if old_care_of is not None and old_care_of != new_care_of:
@@ -60,4 +71,16 @@ class TableListener:
         if moved is not None or hoa is not None:
             self.applied += 1
         if self.balancer is not None:
-            self.balancer.confirm(home, new_care_of)
+            self.balancer.confirm(home, new_care_of, float(lifetime))
+
+    def _deregistered(self, home: bytes, old_care_of: bytes | None) -> None:
+        if (
+            old_care_of is not None
+            and old_care_of != home
+            and self.table.rekey(Key("src", old_care_of), Key("src", home)) is not None
+        ):
+            self.applied += 1
+        # Refreshed, and no longer confirmed (rekey sets `confirmed`, False here).
+        self.table.rekey(Key("hoa", home), Key("hoa", home))
+        if self.balancer is not None:
+            self.balancer.unconfirm(home)
