@@ -85,6 +85,11 @@ class Counters:
     balancer's own: ``not-virtual``, ``port``, ``no-backend``, ``table-full``,
     ``fragment-unknown``, ``not-from-backend``, and the rewrites' ``hop-limit`` and
     ``routing-header``).
+
+    The fast path does not touch ``hits`` and ``backend_packets`` per packet (a
+    ``Counter`` increment costs three times a list cell's): it adds to
+    ``hoa_hits_pending`` and to a per-backend cell from :meth:`backend_cell`, which
+    the two properties fold in whenever they are read, so readers see the same totals.
     """
 
     def __init__(self) -> None:
@@ -93,11 +98,39 @@ class Counters:
         self.replies_in = 0
         self.replies_out = 0
         self.dropped: Counter[str] = Counter()
-        self.hits: Counter[str] = Counter()
+        self._hits: Counter[str] = Counter()
         self.misses: Counter[str] = Counter()
-        self.backend_packets: Counter[str] = Counter()
+        self._backend_packets: Counter[str] = Counter()
         self.reassigned = 0
         self.icmp_errors_in = 0
+        #: Home-address hits not yet folded into ``hits``.
+        self.hoa_hits_pending = 0
+        # backend name -> [packets not yet folded into backend_packets]
+        self._cells: dict[str, list[int]] = {}
+
+    @property
+    def hits(self) -> Counter[str]:
+        """Binding hits by key kind."""
+        if self.hoa_hits_pending:
+            self._hits["hoa"] += self.hoa_hits_pending
+            self.hoa_hits_pending = 0
+        return self._hits
+
+    @property
+    def backend_packets(self) -> Counter[str]:
+        """Packets forwarded, by backend name."""
+        for name, cell in self._cells.items():
+            if cell[0]:
+                self._backend_packets[name] += cell[0]
+                cell[0] = 0
+        return self._backend_packets
+
+    def backend_cell(self, name: str) -> list[int]:
+        """The one-item list the fast path adds the backend's packets to."""
+        cell = self._cells.get(name)
+        if cell is None:
+            cell = self._cells[name] = [0]
+        return cell
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-ready snapshot."""
@@ -160,8 +193,9 @@ class Balancer:
         self._fast_wanted = True
         self._fast_ready = False
         self._fast_chain: KeyChain | None = None
-        # backend address -> checksum delta (virtual address -> backend), see inbound.
-        self._deltas: dict[bytes, int] = {}
+        # backend address -> (checksum delta virtual address -> backend, its packet
+        # counter cell, its name), see inbound.
+        self._fast_backends: dict[bytes, tuple[int, list[int], str]] = {}
         self.backends: dict[str, Backend] = {}
         self._by_address: dict[bytes, Backend] = {}
         self._down: set[str] = set()
@@ -200,7 +234,7 @@ class Balancer:
         self._vips = frozenset(a.packed for a in vips)
         self._first_vip = vips[0].packed
         self.ports = frozenset(ports)
-        self._deltas = {}
+        self._fast_backends = {}
         self._update_fast()
 
     def set_backends(self, backends: Sequence[Backend]) -> None:
@@ -356,7 +390,7 @@ class Balancer:
             if binding is None:
                 return None
         else:
-            counters.hits["hoa"] += 1
+            counters.hoa_hits_pending += 1
         care_of = binding.care_of
         if care_of is None or not buf.startswith(care_of, 8):
             binding.care_of = bytes(buf[8:24])
@@ -371,12 +405,16 @@ class Balancer:
         buf[24:40] = packed
         pos = 70 if nh == 17 else 80
         csum = buf[pos] << 8 | buf[pos + 1]
+        fast = self._fast_backends.get(packed)
+        if fast is None or fast[2] is not backend.name:
+            fast = self._fast_backends[packed] = (
+                (int.from_bytes(packed, "big") - int.from_bytes(self._first_vip, "big"))
+                % _MASK,
+                counters.backend_cell(backend.name),
+                backend.name,
+            )
         if csum or nh == 6:  # a UDP checksum of 0 (none) is left alone, as nat does
-            delta = self._deltas.get(packed)
-            if delta is None:
-                delta = self._deltas[packed] = (
-                    int.from_bytes(packed, "big") - int.from_bytes(self._first_vip, "big")
-                ) % _MASK
+            delta = fast[0]
             csum = _MASK - (((_MASK - csum + delta) % _MASK) or _MASK)
             if not csum and nh == 17:
                 csum = _MASK
@@ -392,7 +430,7 @@ class Balancer:
             buf[4] = n >> 8
             buf[5] = n & 0xFF
         counters.packets_out += 1
-        counters.backend_packets[backend.name] += 1
+        fast[1][0] += 1
         return buf
 
     @property

@@ -83,9 +83,10 @@ class ForwarderService(Service):
         vips = [a.packed for a in balancer.vips]
         if batch_io:
             writer = self.writer = mmsg.BatchPacketWriter(system)
+            # The balancer and the writer directly: no forwarder frame per packet.
             self.client = mmsg.BatchPacketReader(
-                system, reactor, client_interface, self._from_terminal, destinations=vips,
-                batch=batch, after_batch=writer.flush,
+                system, reactor, client_interface, balancer.inbound, destinations=vips,
+                batch=batch, after_batch=writer.flush, emit=writer.send,
             )
             self.server = mmsg.BatchPacketReader(
                 system, reactor, server_interface, self._from_backend, batch=batch,

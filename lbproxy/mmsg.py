@@ -17,7 +17,9 @@ Theory of operation
   ``doRead`` drains with ``recvmmsg``.  It keeps the reader's contract: the handler gets
   a fresh ``bytearray`` it owns, the same :class:`~lbproxy.rawsocket.ReaderStats` are
   kept, nothing raises into the reactor.  After each wake-up it calls ``after_batch``
-  (the forwarder flushes its writer there).
+  (the forwarder flushes its writer there).  With ``emit`` set, the handler's result
+  (when not None) goes straight to it: the forwarder hands the balancer's ``inbound``
+  and the writer's ``send`` to the reader, so the loop calls both without glue.
 * :class:`BatchPacketWriter` is a :class:`~lbproxy.rawsocket.PacketWriter` whose
   ``send`` copies the packet into the next slot (with a cached ``sockaddr_in6`` for its
   destination) and returns True ("queued"); :meth:`BatchPacketWriter.flush` sends the
@@ -161,6 +163,7 @@ class BatchPacketReader(PacketReader):
         max_packet: int = IPV6_MAX_PACKET,
         receive_buffer: int = 0,
         after_batch: Callable[[], object] | None = None,
+        emit: Callable[[Any], object] | None = None,
     ) -> None:
         super().__init__(system, reactor, interface, handle, destinations=destinations,
                          batch=batch, max_packet=max_packet,
@@ -168,6 +171,10 @@ class BatchPacketReader(PacketReader):
         if _CALLS is None:
             raise RuntimeError("recvmmsg is not available here")
         self.after_batch = after_batch
+        #: If set, every result of ``handle`` that is not None is passed to it, in the
+        #: same loop (one Python call per packet less than a handler that does it);
+        #: its failures count as handler errors.
+        self.emit = emit
         self._in = _Batch(min(SLOTS, batch), max_packet)
 
     def doRead(self) -> None:
@@ -177,6 +184,7 @@ class BatchPacketReader(PacketReader):
         stats = self.stats
         stats.wakeups += 1
         handle = self.handle
+        emit = self.emit
         batch = self._in
         data, lengths, slot, address = batch.data, batch.lengths, batch.slot, batch.address
         fd = self.fileno()
@@ -199,7 +207,9 @@ class BatchPacketReader(PacketReader):
                     received += 1
                     start = i * slot
                     try:
-                        handle(bytearray(data[start : start + length]))
+                        out = handle(bytearray(data[start : start + length]))
+                        if out is not None and emit is not None:
+                            emit(out)
                     except Exception:
                         stats.handler_errors += 1
                         if _should_log(stats.handler_errors):

@@ -436,6 +436,27 @@ class FastPathTests(SynchronousTestCase):
             self.assertTrue(checksum_ok(bytes(out)))
         self.assertEqual(balancer.counters.hits["hoa"], 2)
 
+    def test_fast_path_counts_fold_into_counters(self) -> None:
+        """Hits and per-backend packets counted on the fast path show in ``hits``,
+        ``backend_packets`` and ``as_dict`` at every read, added to the general path's
+        counts, and no kind or backend appears that was never counted."""
+        balancer, _ = make()
+        counters = balancer.counters
+        self.assertEqual(counters.as_dict()["hits"], {})
+        balancer.inbound(mobile(COA1))  # a miss (general path), binding made
+        self.assertEqual(dict(counters.hits), {})
+        backend = next(iter(counters.backend_packets))
+        self.assertEqual(dict(counters.backend_packets), {backend: 1})
+        for n in (1, 2, 3):
+            self.assertIsNotNone(balancer.inbound(mobile(COA2)))
+            self.assertEqual(counters.hits["hoa"], n)
+            self.assertEqual(counters.backend_packets[backend], n + 1)
+        balancer.inbound(mobile(COA1))
+        balancer.inbound(mobile(COA1))
+        self.assertEqual(counters.as_dict()["hits"], {"hoa": 5})
+        self.assertEqual(counters.as_dict()["backend_packets"], {backend: 6})
+        self.assertEqual(counters.packets_out, 6)
+
     def test_other_shapes_take_general_path(self) -> None:
         """Several virtual addresses, a down backend, a fragment: still the same results."""
         fast, slow = self.pair()

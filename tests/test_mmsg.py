@@ -122,6 +122,28 @@ class BatchedPortTests(SynchronousTestCase):
         self.assertEqual(reader.stats.received, 3)
         self.flushLoggedErrors(ValueError)
 
+    def test_reader_emits_handler_results(self) -> None:
+        """With ``emit``, each handler result that is not None is emitted, in order;
+        a None result is not; an emit failure is a counted handler error and the
+        packets after it still go."""
+        emitted: list[int] = []
+
+        def handle(p: bytearray) -> bytearray | None:
+            return None if tag_of(p) == 2 else p
+
+        def emit(p: bytearray) -> None:
+            if tag_of(p) == 3:
+                raise ValueError("boom")
+            emitted.append(tag_of(p))
+
+        reader = self.reader(handle, emit=emit)
+        self.deliver([packet(FAR, TARGET, i) for i in (1, 2, 3, 4)])
+        self.drain(reader, 4)
+        self.assertEqual(emitted, [1, 4])
+        self.assertEqual(reader.stats.handler_errors, 1)
+        self.assertEqual(reader.stats.received, 4)
+        self.flushLoggedErrors(ValueError)
+
     def test_reader_when_nothing_queued(self) -> None:
         """A wake-up with nothing queued is no error and delivers nothing."""
         got: list[bytearray] = []
