@@ -69,8 +69,13 @@ class ForwarderService(Service):
         sweep_interval: float = 1.0,
         own_addresses: Iterable[bytes] | None = None,
         batch_io: bool | None = None,
+        link_send: bool | None = None,
+        neighbour_interval: float = 1.0,
     ) -> None:
-        """``batch_io``: use `lbproxy.mmsg`; None = when the system is the real Linux one."""
+        """``batch_io``: use `lbproxy.mmsg`; None = when the system is the real Linux one.
+        ``link_send``: send to backends with a neighbour entry on the server link
+        through the server link's packet socket (module docstring); None = with
+        batched I/O.  ``neighbour_interval``: seconds between neighbour-table reads."""
         self.balancer = balancer
         self.clock = clock
         self.sweep_interval = sweep_interval
@@ -106,6 +111,12 @@ class ForwarderService(Service):
         self.ignored = 0
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = clock
+        self.link_send = batch_io if link_send is None else link_send and batch_io
+        self.neighbour_interval = neighbour_interval
+        self._neighbours: mmsg.NeighbourTable | None = None
+        self._namespace: str | None = getattr(system, "namespace", None)
+        self._refresher = LoopingCall(self._refresh_neighbours)
+        self._refresher.clock = clock
 
     def privilegedStartService(self) -> None:
         """Open the raw sockets (needs root or CAP_NET_RAW)."""
@@ -115,6 +126,14 @@ class ForwarderService(Service):
         self.writer.open()
         self.client.open()
         self.server.open()
+        if self.link_send and self._neighbours is None:
+            assert isinstance(self.writer, mmsg.BatchPacketWriter)
+            try:
+                self._neighbours = mmsg.NeighbourTable(self.server.interface, self._namespace)
+            except OSError:
+                _log.failure("no neighbour table: sending to backends through the kernel")
+            else:
+                self.writer.use_link(self.server.fileno(), self._neighbours.ifindex)
 
     def startService(self) -> None:
         super().startService()
@@ -123,6 +142,8 @@ class ForwarderService(Service):
         self.client.startReading()
         self.server.startReading()
         self._sweeper.start(self.sweep_interval, now=False)
+        if self._neighbours is not None:
+            self._refresher.start(self.neighbour_interval, now=True)
         _log.info(
             "lbproxy forwarding: {client} -> Balancer({mode}) -> {server}",
             client=self.client.interface,
@@ -134,16 +155,36 @@ class ForwarderService(Service):
         super().stopService()
         if self._sweeper.running:
             self._sweeper.stop()
+        if self._refresher.running:
+            self._refresher.stop()
         for reader in (self.client, self.server):
             reader.stopReading()
+        self.writer.close()  # first: it flushes through the server link's socket
+        for reader in (self.client, self.server):
             reader.close()
-        self.writer.close()
+        if self._neighbours is not None:
+            self._neighbours.close()
+            self._neighbours = None
 
     def _sweep(self) -> None:
         try:
             self.balancer.sweep()
         except Exception:  # never let a sweep bug stop the sweeper or reach the reactor
             _log.failure("expiry sweep failed")
+
+    def _refresh_neighbours(self) -> None:
+        """Give the writer the backends' current link-layer addresses (a backend with
+        no usable entry goes through the kernel, which resolves it)."""
+        writer = self.writer
+        if self._neighbours is None or not isinstance(writer, mmsg.BatchPacketWriter):
+            return
+        try:
+            found = self._neighbours.read()
+        except Exception:  # never let it stop the refresher; the kernel path still works
+            _log.failure("neighbour table read failed")
+            found = {}
+        backends = {b.packed for b in self.balancer.backends.values()}
+        writer.set_link_neighbours({a: m for a, m in found.items() if a in backends})
 
     def _from_terminal(self, packet: bytearray) -> None:
         # Per packet: bound methods looked up once (see __init__), nothing else.

@@ -39,7 +39,7 @@ import errno
 import socket
 import struct
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.internet.interfaces import IReactorFDSet
@@ -47,16 +47,22 @@ from twisted.logger import Logger
 
 from lbproxy.rawsocket import (
     DEFAULT_BATCH,
+    ETH_P_IPV6,
     IPV6_MAX_PACKET,
     IPacketSystem,
     PacketReader,
     PacketWriter,
+    _network_namespace,
 )
 
-__all__ = ["SLOTS", "BatchPacketReader", "BatchPacketWriter", "available"]
+__all__ = ["SLOTS", "BatchPacketReader", "BatchPacketWriter", "NeighbourTable", "available"]
 
 #: Packets moved per system call at most.
 SLOTS = 64
+#: struct sockaddr_ll: family, protocol (network order), ifindex, hatype, pkttype,
+#: halen, addr[8].
+_SOCKADDR_LL = struct.Struct("=HHiHBB8s")
+_SOCKADDR_LL_SIZE = 20
 
 _log = Logger()
 
@@ -131,6 +137,9 @@ class _Batch:
             self.headers[i].hdr.iov = ctypes.addressof(self.iovecs[i])
             self.headers[i].hdr.iovlen = 1
         self.address = ctypes.addressof(self.headers)
+        #: Packets queued (writers), and the socket they go to.
+        self.queued = 0
+        self.fd = -1
         self.data = memoryview(self.buffer).cast("B")
         #: msg_len of header i is lengths[16 * i + 14].
         self.lengths = memoryview(self.headers).cast("B").cast("I")
@@ -258,6 +267,13 @@ class BatchPacketWriter(PacketWriter):
     :meth:`send` returns True when the packet was queued; :meth:`flush` (called by the
     reader after each wake-up, by a full queue, and by :meth:`close`) sends the queue.
     Refusals found then are counted drops in ``stats``, by errno name, as before.
+
+    Link sending (optional, :meth:`use_link`): packets to a destination with a known
+    link-layer address on one interface (:meth:`set_link_neighbours`; the forwarder
+    gives it the backends' neighbour entries) go out on a packet socket bound to that
+    interface, to that address, skipping the kernel's route lookup, IPv6 output and
+    neighbour code; every other destination keeps the ``IPPROTO_RAW`` socket.  Each
+    socket has its own queue; the order is kept per destination.
     """
 
     def __init__(self, system: IPacketSystem, max_packet: int = IPV6_MAX_PACKET + 64) -> None:
@@ -265,40 +281,87 @@ class BatchPacketWriter(PacketWriter):
         if _CALLS is None:
             raise RuntimeError("sendmmsg is not available here")
         self._out = _Batch(SLOTS, max_packet)
-        self._queued = 0
         self._ready = False  # open: queue; closed: the plain writer counts the drop
-        # destination (16 bytes) -> the address of its sockaddr_in6 (for msg_name), and
-        # the buffers themselves, kept alive while queued headers point at them.
-        self._names: dict[bytes, int] = {}
+        # destination (16 bytes) -> (the queue, the address of its sockaddr for
+        # msg_name); the sockaddr buffers are kept alive while queued headers point at them.
+        self._routes: dict[bytes, tuple[_Batch, int]] = {}
         self._sockaddrs: list[ctypes.Array[ctypes.c_char]] = []
         for i in range(SLOTS):
             self._out.headers[i].hdr.namelen = 28
+        self._link: _Batch | None = None
+        self._link_ifindex = 0
+        self._link_macs: dict[bytes, bytes] = {}
+        self._link_sockaddrs: list[ctypes.Array[ctypes.c_char]] = []
 
     def open(self) -> None:
         super().open()
         self._ready = self.fileno() >= 0
+        self._out.fd = self.fileno()
+
+    def use_link(self, fd: int, ifindex: int) -> None:
+        """Send to link neighbours through packet socket `fd` (bound to `ifindex`, not
+        owned: the caller closes it, after this writer)."""
+        link = _Batch(SLOTS, self._out.slot)
+        link.fd = fd
+        for i in range(SLOTS):
+            link.headers[i].hdr.namelen = _SOCKADDR_LL_SIZE
+        self.flush()
+        self._link, self._link_ifindex = link, ifindex
+        self._install_link_routes()
+
+    def set_link_neighbours(self, neighbours: Mapping[bytes, bytes]) -> None:
+        """IPv6 address (16 bytes) -> link-layer address (6 bytes) to send to directly;
+        any destination not here (any more) goes through the raw socket."""
+        macs = {a: m for a, m in neighbours.items() if len(a) == 16 and len(m) == 6}
+        if macs == self._link_macs:
+            return
+        self.flush()  # queued headers point at the old addresses
+        for address in self._link_macs:
+            self._routes.pop(address, None)
+        self._link_macs = macs
+        self._install_link_routes()
+
+    def link_destinations(self) -> dict[bytes, bytes]:
+        """The destinations sent on the link now, with their link-layer addresses."""
+        return dict(self._link_macs) if self._link is not None else {}
+
+    def _install_link_routes(self) -> None:
+        link = self._link
+        self._link_sockaddrs = []
+        if link is None:
+            return
+        for address, mac in self._link_macs.items():
+            # struct sockaddr_ll: family, protocol (network order), ifindex, hatype,
+            # pkttype, halen, addr[8].
+            sockaddr = ctypes.create_string_buffer(
+                _SOCKADDR_LL.pack(socket.AF_PACKET, socket.htons(ETH_P_IPV6),
+                                  self._link_ifindex, 0, 0, 6, mac),
+                _SOCKADDR_LL_SIZE,
+            )
+            self._link_sockaddrs.append(sockaddr)
+            self._routes[address] = (link, ctypes.addressof(sockaddr))
 
     def send(self, packet: bytes | bytearray | memoryview, destination: str | None = None) -> bool:
         """Queue ``packet`` for its own destination (or ``destination``); True if queued."""
         if destination is None:
-            name = self._names.get(bytes(packet[24:40]))
-            if name is None:
+            route = self._routes.get(bytes(packet[24:40]))
+            if route is None:
                 return self._send_new(packet, bytes(packet[24:40]))
         else:
             return self._send_new(packet, destination)
+        out, name = route
         length = len(packet)
-        out = self._out
         if length > out.slot or not self._ready:
             return self._send_new(packet, None)
-        i = self._queued
+        i = out.queued
         start = i * out.slot
         out.data[start : start + length] = packet
         out.iov_lengths[2 * i + 1] = length
         out.names[8 * i] = name
         i += 1
-        self._queued = i
+        out.queued = i
         if i == out.count:
-            self.flush()
+            self._flush(out)
         return True
 
     def _send_new(
@@ -319,38 +382,60 @@ class BatchPacketWriter(PacketWriter):
             return self._drop("EINVAL", "not an IPv6 packet")
         else:
             packed = destination
-        if packed not in self._names:
-            if len(self._names) >= self.cache_size:
-                self.flush()  # queued headers point at the cached addresses
-                self._names.clear()
-                self._sockaddrs.clear()
-            # struct sockaddr_in6: family, port, flowinfo, address, scope id.
-            sockaddr = ctypes.create_string_buffer(
-                struct.pack("=HHI16sI", socket.AF_INET6, 0, 0, packed, 0), 28
-            )
-            self._sockaddrs.append(sockaddr)
-            self._names[packed] = ctypes.addressof(sockaddr)
-        out = self._out
-        i = self._queued
+        route = self._routes.get(packed)
+        if route is None or route[0] is not self._out:
+            # A given destination (a Routing Header's final address) goes through the
+            # raw socket: only it sends by the packet's own destination for us.
+            name = self._raw_name(packed)
+            out = self._out
+        else:
+            out, name = route
+        i = out.queued
         start = i * out.slot
         out.data[start : start + len(packet)] = packet
         out.iov_lengths[2 * i + 1] = len(packet)
-        out.names[8 * i] = self._names[packed]
-        self._queued = i + 1
+        out.names[8 * i] = name
+        out.queued = i + 1
         if i + 1 == out.count:
-            self.flush()
+            self._flush(out)
         return True
+
+    def _raw_name(self, packed: bytes) -> int:
+        """The address of `packed`'s sockaddr_in6 (made and cached on first use)."""
+        route = self._routes.get(packed)
+        if route is not None and route[0] is self._out:
+            return route[1]
+        if len(self._sockaddrs) >= self.cache_size:
+            self.flush()  # queued headers point at the cached addresses
+            self._routes = {}
+            self._sockaddrs = []
+            self._install_link_routes()
+        # struct sockaddr_in6: family, port, flowinfo, address, scope id.
+        sockaddr = ctypes.create_string_buffer(
+            struct.pack("=HHI16sI", socket.AF_INET6, 0, 0, packed, 0), 28
+        )
+        self._sockaddrs.append(sockaddr)
+        name = ctypes.addressof(sockaddr)
+        if packed not in self._routes:
+            self._routes[packed] = (self._out, name)
+        return name
 
     def flush(self) -> None:
         """Send what is queued; each refused packet is a counted drop."""
-        count = self._queued
+        if self._out.queued:
+            self._flush(self._out)
+        link = self._link
+        if link is not None and link.queued:
+            self._flush(link)
+
+    def _flush(self, out: _Batch) -> None:
+        count = out.queued
         if not count:
             return
-        self._queued = 0
+        out.queued = 0
         assert _CALLS is not None
         sendmmsg = _CALLS[1]
-        out = self._out
-        fd = self.fileno()
+        fd = out.fd
         stats = self.stats
         start = 0
         while start < count:
@@ -367,11 +452,97 @@ class BatchPacketWriter(PacketWriter):
 
     def queued(self) -> int:
         """Packets waiting for :meth:`flush`."""
-        return self._queued
+        return self._out.queued + (self._link.queued if self._link is not None else 0)
 
     def close(self) -> None:
-        """Send what is queued, then close the socket."""
+        """Send what is queued, then close the socket (not a link socket: not ours)."""
         if self._ready:
             self.flush()
         self._ready = False
+        if self._link is not None:
+            self._link.queued = 0
         super().close()
+
+
+# Netlink (rtnetlink(7)): a neighbour dump is one RTM_GETNEIGH request with NLM_F_DUMP,
+# answered by RTM_NEWNEIGH messages (struct ndmsg + attributes) until NLMSG_DONE.
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_RTM_NEWNEIGH, _RTM_GETNEIGH = 28, 30
+_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_NDA_DST, _NDA_LLADDR = 1, 2
+_NLMSGHDR = struct.Struct("=IHHII")
+_NDMSG = struct.Struct("=BBHiHBB")
+_RTATTR = struct.Struct("=HH")
+#: Neighbour states whose link-layer address is usable: REACHABLE, STALE, DELAY,
+#: PROBE, PERMANENT (not INCOMPLETE, FAILED, NOARP, NONE).
+USABLE_STATES = 0x02 | 0x04 | 0x08 | 0x10 | 0x80
+
+
+def parse_neighbours(data: bytes, ifindex: int) -> tuple[dict[bytes, bytes], bool]:
+    """IPv6 neighbours of `ifindex` in usable states from netlink messages `data`
+    (address -> 6-byte link-layer address), and whether NLMSG_DONE was seen."""
+    found: dict[bytes, bytes] = {}
+    pos = 0
+    while pos + 16 <= len(data):
+        length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, pos)
+        if length < 16 or pos + length > len(data):
+            break
+        if kind == _NLMSG_DONE:
+            return found, True
+        if kind == _NLMSG_ERROR:
+            code = -struct.unpack_from("=i", data, pos + 16)[0]
+            raise OSError(code, f"neighbour dump refused: {errno.errorcode.get(code, code)}")
+        if kind == _RTM_NEWNEIGH and length >= 16 + _NDMSG.size:
+            family, _, _, index, state, _, _ = _NDMSG.unpack_from(data, pos + 16)
+            if family == socket.AF_INET6 and index == ifindex and state & USABLE_STATES:
+                destination = link = None
+                at = pos + 16 + _NDMSG.size
+                while at + 4 <= pos + length:
+                    size, attr = _RTATTR.unpack_from(data, at)
+                    if size < 4:
+                        break
+                    if attr == _NDA_DST:
+                        destination = bytes(data[at + 4 : at + size])
+                    elif attr == _NDA_LLADDR:
+                        link = bytes(data[at + 4 : at + size])
+                    at += (size + 3) & ~3
+                if destination is not None and len(destination) == 16 and link is not None \
+                        and len(link) == 6:  # fmt: skip
+                    found[destination] = link
+        pos += (length + 3) & ~3
+    return found, False
+
+
+class NeighbourTable:
+    """Reads the kernel's IPv6 neighbour table for one interface (netlink, no
+    subprocess), so the writer can send to on-link backends itself.
+
+    The netlink socket is opened in the given network namespace (as the packet
+    system opens its sockets) and kept; :meth:`read` is one dump, a few hundred
+    microseconds with a handful of neighbours, meant to run about once a second.
+    """
+
+    def __init__(self, interface: str, namespace: str | None = None) -> None:
+        with _network_namespace(namespace):
+            self.ifindex = socket.if_nametoindex(interface)
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)  # NETLINK_ROUTE
+        sock.settimeout(1.0)
+        self._sock = sock
+        self._seq = 0
+
+    def read(self) -> dict[bytes, bytes]:
+        """The interface's usable IPv6 neighbours: address -> link-layer address."""
+        self._seq += 1
+        request = _NLMSGHDR.pack(16 + _NDMSG.size, _RTM_GETNEIGH,
+                                 _NLM_F_REQUEST | _NLM_F_DUMP, self._seq, 0)  # fmt: skip
+        self._sock.send(request + _NDMSG.pack(socket.AF_INET6, 0, 0, 0, 0, 0, 0))
+        found: dict[bytes, bytes] = {}
+        for _ in range(1000):  # bounded: a dump of 1000 reads is no neighbour table
+            part, done = parse_neighbours(self._sock.recv(1 << 16), self.ifindex)
+            found.update(part)
+            if done:
+                return found
+        raise OSError(errno.EIO, "neighbour dump did not end")
+
+    def close(self) -> None:
+        self._sock.close()

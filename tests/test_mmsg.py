@@ -221,6 +221,55 @@ class BatchedPortTests(SynchronousTestCase):
         self.flushLoggedErrors()
 
 
+    def test_neighbour_table_reads_the_link(self) -> None:
+        """The netlink dump of the near interface (in its namespace) has the far side's
+        static entry with its MAC, and nothing of other interfaces (loopback)."""
+        table = mmsg.NeighbourTable(self.pair.near_interface, self.pair.near)
+        self.addCleanup(table.close)
+        found = table.read()
+        self.assertEqual(found.get(packed(FAR)), bytes.fromhex(VethPair.far_mac.replace(":", "")))
+        self.assertNotIn(packed("::1"), found)
+        self.assertEqual(table.read(), found)  # the socket is reusable
+
+    def test_writer_link_send_and_fallback(self) -> None:
+        """A destination given a link-layer address goes out on the link socket, with
+        no route needed; once its entry is gone it takes the raw socket again (which
+        has no route for it here: a counted ENETUNREACH drop); others always do."""
+        fd = self.far.open_reader(self.pair.far_interface, [packed(UNROUTED), packed(FAR)],
+                                  1 << 22)  # fmt: skip
+        self.addCleanup(self.far.close, fd)
+        link_fd = self.near.open_reader(self.pair.near_interface, [packed(TARGET)])
+        writer = self.writer()
+        self.addCleanup(self.near.close, link_fd)  # after the writer's close (LIFO)
+        table = mmsg.NeighbourTable(self.pair.near_interface, self.pair.near)
+        self.addCleanup(table.close)
+        writer.use_link(link_fd, table.ifindex)
+        far_mac = bytes.fromhex(VethPair.far_mac.replace(":", ""))
+        writer.set_link_neighbours({packed(UNROUTED): far_mac})
+        self.assertEqual(writer.link_destinations(), {packed(UNROUTED): far_mac})
+        for i in range(3):
+            self.assertTrue(writer.send(packet(NEAR, UNROUTED, i)))
+        writer.send(packet(NEAR, FAR, 9))  # raw socket, routed by the kernel
+        self.assertEqual(writer.queued(), 4)
+        writer.flush()
+        self.assertEqual((writer.stats.sent, writer.stats.dropped), (4, 0))
+        got: list[int] = []
+        buffer = bytearray(2048)
+        deadline = time.monotonic() + 5
+        while len(got) < 4 and time.monotonic() < deadline:
+            select.select([fd], [], [], 0.05)
+            try:
+                got.append(tag_of(buffer[: self.far.receive(fd, buffer)]))
+            except BlockingIOError:
+                continue
+        self.assertEqual(sorted(got), [0, 1, 2, 9])
+        writer.set_link_neighbours({})
+        writer.send(packet(NEAR, UNROUTED, 5))
+        writer.flush()
+        self.assertEqual(writer.stats.errors, {"ENETUNREACH": 1})
+        self.flushLoggedErrors()
+
+
 class ChoiceTests(SynchronousTestCase):
     """ForwarderService uses the batched ports with the real system only."""
 
