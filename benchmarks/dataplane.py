@@ -459,9 +459,11 @@ def report_latency(forwarder: str, terminals: int, r: dict[str, float]) -> None:
 
 # -- ablation: what each optimisation is worth, in-process --------------------------------
 
-#: (name, batched I/O, fast path): the forwarder variants the ablation compares.
-VARIANTS = (("both", True, True), ("no batched I/O", False, True),
-            ("no fast path", True, False), ("neither", False, False))  # fmt: skip
+#: (name, batched I/O, fast path, link sending): the forwarder variants the ablation
+#: compares ("both": batched I/O and the fast path, with link sending).
+VARIANTS = (("both", True, True, True), ("no link send", True, True, False),
+            ("no batched I/O", False, True, False), ("no fast path", True, False, True),
+            ("neither", False, False, False))  # fmt: skip
 
 
 def ablation(tools: Tools, terminals: int, rounds: int, count: int = 30_000) -> None:
@@ -486,7 +488,7 @@ def ablation(tools: Tools, terminals: int, rounds: int, count: int = 30_000) -> 
 
     backends = [Backend(f"b{i}", ipaddress.IPv6Address(a)) for i, a in enumerate(BACKENDS, 1)]
     services = {}
-    for name, batch_io, fast in VARIANTS:
+    for name, batch_io, fast, link in VARIANTS:
         balancer = Balancer(
             chain=KeyChain.from_names(["hoa", "iid", "spi", "src"]),
             table=StickyTable(clock, 600.0, 1_000_000), scheduler=scheduler_from_name("maglev"),
@@ -495,13 +497,13 @@ def ablation(tools: Tools, terminals: int, rounds: int, count: int = 30_000) -> 
         balancer.fast_path = fast
         service = ForwarderService(
             balancer, LinuxPacketSystem(LB), MemoryReactor(), clock, client_interface="lbc",
-            server_interface="lbs", batch_io=batch_io, own_addresses=(),
+            server_interface="lbs", batch_io=batch_io, own_addresses=(), link_send=link,
         )  # fmt: skip
         service.client.receive_buffer = 64 << 20  # the whole round's packets fit
-        service.writer.open()
-        service.client.open()
+        service.privilegedStartService()  # opens the sockets, reads nothing yet
+        service._refresh_neighbours()  # the backends' static entries (link sending)
         services[name] = service
-    costs: dict[str, list[float]] = {name: [] for name, _, _ in VARIANTS}
+    costs: dict[str, list[float]] = {name: [] for name, *_ in VARIANTS}
     try:
         for r in range(rounds + 1):  # round 0 warms up (bindings, caches)
             order = list(services) if r % 2 else list(services)[::-1]
@@ -524,11 +526,12 @@ def ablation(tools: Tools, terminals: int, rounds: int, count: int = 30_000) -> 
                     costs[name].append((time.process_time() - cpu) / done * 1e6)
     finally:
         for service in services.values():
+            service.writer.close()  # first: it flushes through the server socket
             service.client.close()
-            service.writer.close()
+            service.server.close()
     print(f"\nablation, {terminals:,} terminals, {rounds} rounds of {count:,} queued packets "
           "(CPU us per packet of the forwarding process; ratio to 'both' per round)")
-    for name, _, _ in VARIANTS:
+    for name, *_ in VARIANTS:
         ratios = [a / b for a, b in zip(costs[name], costs["both"], strict=True)]
         print(f"  {name:<15} median {statistics.median(costs[name]):5.2f} us  "
               f"min {min(costs[name]):5.2f} us  ratio {statistics.median(ratios):.2f}")
