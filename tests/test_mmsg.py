@@ -10,6 +10,7 @@ from __future__ import annotations
 import select
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -21,7 +22,7 @@ from lbproxy.balancer import Balancer
 from lbproxy.forwarder import ForwarderService
 from lbproxy.keys import KeyChain
 from lbproxy.rawsocket import LinuxPacketSystem, PacketReader, PacketWriter
-from lbproxy.selection import scheduler_from_name
+from lbproxy.selection import Backend, scheduler_from_name
 from lbproxy.table import StickyTable
 from lbproxy.testing import MemoryPacketSystem, VethPair
 
@@ -268,6 +269,43 @@ class BatchedPortTests(SynchronousTestCase):
         writer.flush()
         self.assertEqual(writer.stats.errors, {"ENETUNREACH": 1})
         self.flushLoggedErrors()
+
+
+    def test_forwarder_sends_to_backends_on_the_link(self) -> None:
+        """A started ForwarderService gives its writer the link-layer addresses of its
+        backends only (not of other neighbours), refreshes them on its clock, and a
+        backend whose entry is gone leaves the link within one interval."""
+        import ipaddress
+
+        from twisted.internet.task import Clock
+
+        other = "2001:db8:7c::99"
+        subprocess.run(["ip", "-n", self.pair.near, "neigh", "replace", other, "lladdr",
+                        "02:00:5e:10:00:99", "dev", self.pair.near_interface],
+                       check=True, timeout=30)  # fmt: skip
+        clock = Clock()
+        balancer = Balancer(
+            chain=KeyChain.from_names(["hoa", "src"]),
+            table=StickyTable(clock, 60.0, 100),
+            scheduler=scheduler_from_name("round_robin"),
+            backends=[Backend("far", ipaddress.IPv6Address(FAR))],
+            virtual_addresses=[ipaddress.IPv6Address(TARGET)],
+            clock=clock,
+        )
+        service = ForwarderService(
+            balancer, self.near, MemoryReactor(), clock,
+            client_interface=self.pair.near_interface,
+            server_interface=self.pair.near_interface, own_addresses=(),
+        )  # fmt: skip
+        service.startService()
+        self.addCleanup(service.stopService)
+        assert isinstance(service.writer, mmsg.BatchPacketWriter)
+        far_mac = bytes.fromhex(VethPair.far_mac.replace(":", ""))
+        self.assertEqual(service.writer.link_destinations(), {packed(FAR): far_mac})
+        subprocess.run(["ip", "-n", self.pair.near, "neigh", "del", FAR, "dev",
+                        self.pair.near_interface], check=True, timeout=30)  # fmt: skip
+        clock.advance(service.neighbour_interval)
+        self.assertEqual(service.writer.link_destinations(), {})
 
 
 class ChoiceTests(SynchronousTestCase):
