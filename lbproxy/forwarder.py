@@ -8,7 +8,13 @@ reads in one screen::
 
 With the real Linux packet system the ports are the batched ones of `lbproxy.mmsg`
 (``recvmmsg``/``sendmmsg``, up to 64 packets per system call): each reader wake-up ends
-by flushing the writer, so a packet waits at most for the rest of its own batch.
+by flushing the writer, so a packet waits at most for the rest of its own batch.  The
+client reader hands the balancer's result straight to the writer (``emit``), and
+packets to backends on the server link go out through that link's packet socket to the
+MAC the kernel's neighbour table has for them (read by netlink every
+``neighbour_interval`` seconds; a backend with no usable entry goes through the raw
+socket, so the kernel resolves it) -- docs/performance.md has the figures and the
+trade-offs.
 
 It owns the life cycle twistd expects: sockets are opened as root in
 ``privilegedStartService``, reading starts in ``startService``, and a `LoopingCall` on the
