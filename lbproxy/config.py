@@ -99,6 +99,7 @@ class Config:
     max_entries: int = 1_000_000
     sweep_interval: float = 1.0
     batch: int = 256
+    link_send: bool = True
     health: HealthConfig = HealthConfig()
     notify: NotifyConfig = NotifyConfig()
     manhole_endpoint: str = ""
@@ -160,7 +161,7 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
     bal = checked(
         top.table("balancer"),
         ("mode", "key_chain", "any_interface_id", "scheduler", "lifetime", "max_entries",
-         "sweep_interval", "batch"),
+         "sweep_interval", "batch", "link_send"),
     )
     chain = tuple(bal.get("key_chain", list, list(KEY_KINDS)))
     for kind in chain:
@@ -239,6 +240,7 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
         max_entries=bal.integer("max_entries", 1_000_000, 1, 100_000_000),
         sweep_interval=bal.number("sweep_interval", 1.0, 0.01, 60.0),
         batch=bal.integer("batch", 256, 1, 65536),
+        link_send=bal.get("link_send", bool, True),
         health=health,
         notify=notify,
         manhole_endpoint=manhole_endpoint,

@@ -113,6 +113,7 @@ class BalancerService(MultiService):
             server_interface=config.server_interface,
             batch=config.batch,
             sweep_interval=config.sweep_interval,
+            link_send=config.link_send,
         )
         self.forwarder.setServiceParent(self)
         self.notifier: Notifier | None = None
@@ -205,7 +206,7 @@ class BalancerService(MultiService):
         restart = [
             name
             for name in ("client_interface", "server_interface", "mode", "lifetime",
-                         "max_entries", "batch")
+                         "max_entries", "batch", "link_send")
             if getattr(new, name) != getattr(self.config, name)
         ]
         self.config = new

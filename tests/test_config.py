@@ -39,6 +39,9 @@ class ExampleTests(SynchronousTestCase):
         self.assertEqual(config.lifetime, 300.0)
         self.assertEqual(config.backends[0].weight, 1)
         self.assertFalse(config.notify.enabled)
+        self.assertTrue(config.link_send)
+        off = parse_config(MINIMAL + "[balancer]\nlink_send = false\n", "min.toml")
+        self.assertFalse(off.link_send)
 
 
 class ErrorTests(SynchronousTestCase):
