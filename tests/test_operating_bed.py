@@ -37,7 +37,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from lbproxy import ctl
 from lbproxy.testbed import addresses, control
-from lbproxy.testbed.balancer import BedBalancer
+from lbproxy.testbed.balancer import BedBalancer, bed_config
 from lbproxy.testbed.bed import TestBed
 from lbproxy.wire import mobility
 from tests.bedtools import require_bed
@@ -48,41 +48,13 @@ VIP = str(addresses.VIP)
 def operating_config(
     bed: TestBed,
     *,
-    backends: Iterable[int] | None = None,
-    weights: dict[int, int] | None = None,
-    health: bool = False,
-    mode: str = "translate",
     key_chain: Sequence[str] = ("hoa", "src"),
     scheduler: str = "round_robin",
-    extra: str = "",
+    **options: Any,
 ) -> str:
-    """A balancer configuration for the bed, with a choice of backends and health checks."""
-    chain = ", ".join(f'"{k}"' for k in key_chain)
-    lines = [
-        "[balancer]",
-        f'mode = "{mode}"',
-        f"key_chain = [{chain}]",
-        f'scheduler = "{scheduler}"',
-        "lifetime = 300.0",
-        "sweep_interval = 0.5",
-        "[virtual]",
-        f'addresses = ["{VIP}"]',
-        "[interfaces]",
-        'client = "lbc"',
-        'server = "lbs"',
-        "[control]",
-        f'socket = "{bed.path("lbproxy-control.sock")}"',
-    ]
-    for i in bed.backend_indices if backends is None else backends:
-        lines += [
-            "[[backend]]",
-            f'name = "{addresses.backend_name(i)}"',
-            f'address = "{addresses.backend_address(i)}"',
-            f"weight = {(weights or {}).get(i, 1)}",
-        ]
-        if health:
-            lines += ['health = "tcp"', f"health_port = {addresses.TCP_PORT}"]
-    return "\n".join(lines) + "\n" + extra
+    """The bed's balancer configuration with this module's defaults (round robin, so
+    stickiness can only come from the table)."""
+    return bed_config(bed, key_chain=key_chain, scheduler=scheduler, **options)
 
 
 class Session:

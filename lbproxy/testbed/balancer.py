@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from lbproxy.testbed import addresses
@@ -30,9 +30,16 @@ def bed_config(
     scheduler: str = "maglev",
     lifetime: float = 300.0,
     any_interface_id: bool = False,
+    backends: Iterable[int] | None = None,
+    weights: Mapping[int, int] | None = None,
+    health: bool = False,
     extra: str = "",
 ) -> str:
-    """A balancer configuration (TOML text) for ``bed``'s address plan."""
+    """A balancer configuration (TOML text) for ``bed``'s address plan.
+
+    ``backends``: which of the bed's backends (default all), ``weights`` by backend
+    index, ``health``: TCP checks on the backends' server port.
+    """
     chain = ", ".join(f'"{k}"' for k in key_chain)
     lines = [
         "[balancer]",
@@ -50,12 +57,15 @@ def bed_config(
         "[control]",
         f'socket = "{bed.path("lbproxy-control.sock")}"',
     ]
-    for i in bed.backend_indices:
+    for i in bed.backend_indices if backends is None else backends:
         lines += [
             "[[backend]]",
             f'name = "{addresses.backend_name(i)}"',
             f'address = "{addresses.backend_address(i)}"',
+            f"weight = {(weights or {}).get(i, 1)}",
         ]
+        if health:
+            lines += ['health = "tcp"', f"health_port = {addresses.TCP_PORT}"]
     return "\n".join(lines) + "\n" + extra
 
 
