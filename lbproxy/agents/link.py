@@ -23,7 +23,43 @@ log = Logger()
 
 
 @implementer(IReadDescriptor)
-class LinkReader:
+class SocketReader:
+    """One non-blocking socket watched by the reactor: the life cycle both agents' readers
+    share.  Subclasses make the socket in :meth:`open` and read it in ``doRead``."""
+
+    reactor: IReactorFDSet
+    sock: socket.socket | None
+
+    def open(self) -> None:
+        raise NotImplementedError
+
+    def doRead(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Start reading (opening first if needed)."""
+        if self.sock is None:
+            self.open()
+        self.reactor.addReader(self)
+
+    def stop(self) -> None:
+        """Stop reading and close the socket."""
+        if self.sock is not None:
+            self.reactor.removeReader(self)
+            self.sock.close()
+            self.sock = None
+
+    def fileno(self) -> int:
+        return -1 if self.sock is None else self.sock.fileno()
+
+    def logPrefix(self) -> str:
+        return type(self).__name__
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.stop()
+
+
+class LinkReader(SocketReader):
     """Delivers each frame seen on ``interface`` to ``handler``."""
 
     def __init__(
@@ -48,27 +84,8 @@ class LinkReader:
         sock.bind((self.interface, 0))
         self.sock = sock
 
-    def start(self) -> None:
-        """Start reading (opening first if needed)."""
-        if self.sock is None:
-            self.open()
-        self.reactor.addReader(self)
-
-    def stop(self) -> None:
-        """Stop reading and close the socket."""
-        if self.sock is not None:
-            self.reactor.removeReader(self)
-            self.sock.close()
-            self.sock = None
-
-    def fileno(self) -> int:
-        return -1 if self.sock is None else self.sock.fileno()
-
     def logPrefix(self) -> str:
         return f"LinkReader({self.interface})"
-
-    def connectionLost(self, reason: Failure) -> None:
-        self.stop()
 
     def doRead(self) -> None:
         """Drain up to ``batch`` frames."""

@@ -25,13 +25,13 @@ import attrs
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorFDSet, IReactorTime, IReadDescriptor
+from twisted.internet.interfaces import IReactorFDSet, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from lbproxy.agents.config import TerminalConfig, load_terminal
+from lbproxy.agents.link import SocketReader
 from lbproxy.notify.agent import NotificationAgent
 from lbproxy.notify.cache import BindingCache, CacheChange
 from lbproxy.notify.policy import HomeAddressEntitlement
@@ -189,8 +189,7 @@ class NetlinkAddresses:
             return result
 
 
-@implementer(IReadDescriptor)
-class AddressEvents:
+class AddressEvents(SocketReader):
     """A netlink socket joined to the IPv6 address group; any message means "look again"."""
 
     def __init__(self, reactor: IReactorFDSet, changed: Callable[[], object]) -> None:
@@ -199,27 +198,11 @@ class AddressEvents:
         self.sock: socket.socket | None = None
         self.events = 0
 
-    def start(self) -> None:
+    def open(self) -> None:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
         sock.setblocking(False)
         sock.bind((0, RTMGRP_IPV6_IFADDR))
         self.sock = sock
-        self.reactor.addReader(self)
-
-    def stop(self) -> None:
-        if self.sock is not None:
-            self.reactor.removeReader(self)
-            self.sock.close()
-            self.sock = None
-
-    def fileno(self) -> int:
-        return -1 if self.sock is None else self.sock.fileno()
-
-    def logPrefix(self) -> str:
-        return "AddressEvents"
-
-    def connectionLost(self, reason: Failure) -> None:
-        self.stop()
 
     def doRead(self) -> None:
         got = False
