@@ -22,17 +22,11 @@ home address.
 
 Nothing here raises for bad input: every refusal is a counted reason.
 
-The fast path.  Almost every packet a balancer sees is the same shape: IPv6, one
-Destination Options header laid out as RFC 6275 section 6.3 shows it (PadN(2) then the
-HAO, 24 bytes), then UDP or TCP, to the one virtual address, from a terminal whose
-binding exists.  `inbound` recognises that shape with a few byte compares and, when the
-key chain starts with the home-address strategy, does the same lookup, counting and
-rewrite as the general path without building a `PacketView`, calling the strategy
-chain or the general rewrite: the checksum change for "destination := backend" is one
-constant per backend (the virtual address is fixed), added to the field.  Every other
-packet (a miss, another layout, a fragment, a down backend, several virtual addresses)
-takes the general path.  ``fast_path = False`` turns it off; the tests check that both
-give the same bytes and the same counters.
+The fast path.  Almost every packet a balancer sees is the same shape (IPv6, PadN(2) and
+the HAO, UDP or TCP, to the one virtual address).  `lbproxy.fastpath` handles that shape
+straight from the receive buffer into the send queue, reading what it needs through
+`Balancer.fast_plan`; everything else comes to `Balancer.inbound`.  ``fast_path = False``
+turns it off; the tests check that both give the same bytes and the same counters.
 """
 
 from __future__ import annotations
@@ -42,6 +36,7 @@ import heapq
 import ipaddress
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -54,7 +49,7 @@ from lbproxy.wire.view import MalformedPacket, PacketView, parse
 
 _ICMPV6 = 58
 
-__all__ = ["Balancer", "Counters", "TraceResult", "Verdict"]
+__all__ = ["Balancer", "Counters", "FastPlan", "TraceResult", "Verdict"]
 
 #: How long a first fragment's decision is remembered for its later fragments (RFC 8200
 #: section 4.5 gives reassembly 60 seconds).
@@ -62,13 +57,7 @@ FRAGMENT_TIMEOUT = 60.0
 #: At most this many fragmented datagrams are tracked at once; the oldest is forgotten.
 MAX_FRAGMENT_FLOWS = 65536
 
-#: Destination Options bytes 2..7 in the usual HAO layout (RFC 6275 section 6.3 and
-#: appendix A): PadN with 2 zero bytes, then option type 0xC9 and length 16.
-_PADN2_HAO = b"\x01\x02\x00\x00\xc9\x10"
-#: The first byte of every home-address key (see `lbproxy.keys.Key`).
-_HOA_KIND = Key("hoa", bytes(16))[:1]
 _MASK = 0xFFFF
-_HOP_LIMIT = nat.Drop.HOP_LIMIT.value
 
 
 class Verdict(enum.Enum):
@@ -163,6 +152,25 @@ class TraceResult:
         return Verdict.FORWARD if self.backend is not None else Verdict.DROP
 
 
+class FastPlan(NamedTuple):
+    """The balancer state the fast path reads (`Balancer.fast_plan`), for one batch."""
+
+    #: The one virtual address (16 bytes) and the destination ports (empty: all).
+    vip: bytes
+    ports: frozenset[int]
+    #: Translate mode (HAO removed, source := home address); else transparent.
+    translate: bool
+    #: `StickyTable.lookup`: (key, now) -> the refreshed binding or None.
+    lookup: Callable[..., Binding | None]
+    counters: Counters
+    #: Backend -> (checksum delta of "destination := backend", its packet cell).
+    backend_delta: Callable[[Backend], tuple[int, list[int]]]
+    #: A miss: (key, kind, packet, home-address offset) -> the new binding or None.
+    miss: Callable[[Key, str, bytearray, int], Binding | None]
+    #: A counted drop, by reason.
+    drop: Callable[[str], None]
+
+
 class Balancer:
     """The balancer's decisions over bytes: inbound, outbound, and operator actions."""
 
@@ -193,6 +201,7 @@ class Balancer:
         self._fast_wanted = True
         self._fast_ready = False
         self._fast_chain: KeyChain | None = None
+        self._plan: FastPlan | None = None
         # backend address -> (checksum delta virtual address -> backend, its packet
         # counter cell, its name), see inbound.
         self._fast_backends: dict[bytes, tuple[int, list[int], str]] = {}
@@ -264,9 +273,7 @@ class Balancer:
         return name not in self._down
 
     def _reschedule(self) -> None:
-        self.scheduler.set_backends(
-            [b for b in self.backends.values() if b.name not in self._down]
-        )
+        self.scheduler.set_backends([b for b in self.backends.values() if b.name not in self._down])
 
     def drain(self, backend_name: str) -> None:
         """Weight 0: existing bindings stay, no new ones are made."""
@@ -344,9 +351,7 @@ class Balancer:
     def _drop(self, reason: str) -> None:
         self.counters.dropped[reason] += 1
 
-    def _classify(
-        self, buf: bytes | bytearray, view: PacketView
-    ) -> tuple[Key | None, str | None]:
+    def _classify(self, buf: bytes | bytearray, view: PacketView) -> tuple[Key | None, str | None]:
         found = self.chain.key_for(buf, view)
         if found is None:
             return None, None
@@ -357,110 +362,13 @@ class Balancer:
         return self.scheduler.choose(key, self.table.load())
 
     def inbound(self, buf: bytearray) -> bytearray | None:
-        """A packet from a terminal to a virtual address: rewritten for its backend, or None."""
+        """A packet from a terminal to a virtual address: rewritten for its backend, or None.
+
+        Any packet, by its parsed view (the general path; `lbproxy.fastpath` takes the
+        usual shape without coming here, with the same results).
+        """
         counters = self.counters
         counters.packets_in += 1
-        n = len(buf)
-        # The usual shape (module docstring): 40 + 24-byte PadN(2)+HAO header + UDP/TCP,
-        # to the one virtual address; anything else takes the general path.
-        if not (
-            self._fast_ready
-            and n >= 72
-            and buf[6] == 60
-            and buf[41] == 2
-            and buf.startswith(_PADN2_HAO, 42)
-            and buf.startswith(self._first_vip, 24)
-            and self.chain is self._fast_chain
-        ):
-            return self._inbound(buf)
-        nh = buf[40]
-        ports = self.ports
-        if (
-            (nh != 17 and (nh != 6 or n < 84))
-            or buf[0] >> 4 != 6
-            or (buf[4] << 8 | buf[5]) + 40 != n
-            or (ports and (buf[66] << 8 | buf[67]) not in ports)
-        ):
-            return self._inbound(buf)
-        # A Key's bytes, not a Key: equal and equally hashed (lbproxy.keys), 0.25 us
-        # cheaper per packet; a miss makes the real Key the table will keep.
-        binding = self.table.lookup(_HOA_KIND + buf[48:64])  # type: ignore[arg-type]
-        if binding is None:
-            binding = self._miss(Key("hoa", buf[48:64]), "hoa", buf, 48)
-            if binding is None:
-                return None
-        else:
-            counters.hoa_hits_pending += 1
-        care_of = binding.care_of
-        if care_of is None or not buf.startswith(care_of, 8):
-            binding.care_of = bytes(buf[8:24])
-        # nat.translate / nat.transparent for this layout, inlined.
-        hop = buf[7]
-        if hop <= 1:
-            self._drop(_HOP_LIMIT)
-            return None
-        buf[7] = hop - 1
-        backend = binding.backend
-        packed = backend.packed
-        buf[24:40] = packed
-        pos = 70 if nh == 17 else 80
-        csum = buf[pos] << 8 | buf[pos + 1]
-        fast = self._fast_backends.get(packed)
-        if fast is None or fast[2] is not backend.name:
-            fast = self._fast_backends[packed] = (
-                (int.from_bytes(packed, "big") - int.from_bytes(self._first_vip, "big"))
-                % _MASK,
-                counters.backend_cell(backend.name),
-                backend.name,
-            )
-        if csum or nh == 6:  # a UDP checksum of 0 (none) is left alone, as nat does
-            delta = fast[0]
-            csum = _MASK - (((_MASK - csum + delta) % _MASK) or _MASK)
-            if not csum and nh == 17:
-                csum = _MASK
-            buf[pos] = csum >> 8
-            buf[pos + 1] = csum & 0xFF
-        if self.mode == "translate":
-            # Source := home address; the 24-byte header (nothing but PadN and the HAO)
-            # goes, and the payload length with it.
-            buf[8:24] = buf[48:64]
-            buf[6] = nh
-            del buf[40:64]
-            n -= 64
-            buf[4] = n >> 8
-            buf[5] = n & 0xFF
-        counters.packets_out += 1
-        fast[1][0] += 1
-        return buf
-
-    @property
-    def fast_path(self) -> bool:
-        """Whether the usual packet shape takes the fast path (see the module docstring)."""
-        return self._fast_wanted
-
-    @fast_path.setter
-    def fast_path(self, on: bool) -> None:
-        self._fast_wanted = on
-        self._update_fast()
-
-    def _update_fast(self) -> None:
-        """Recompute when the fast path applies: the configuration parts it assumes."""
-        self._fast_ready = (
-            self._fast_wanted and len(self.vips) == 1 and not self._down and not self._gone
-        )
-
-    def _check_chain(self) -> None:
-        """The key chain changed (reload): does it start with the home-address strategy?"""
-        chain = self.chain
-        self._fast_chain = (
-            chain if type(chain.strategies[0]) is HomeAddressStrategy else None
-        )
-
-    def _inbound(self, buf: bytearray) -> bytearray | None:
-        """The general path: any packet, by its parsed view."""
-        if self.chain is not self._fast_chain:
-            self._check_chain()
-        counters = self.counters
         try:
             view = parse(buf)
         except MalformedPacket as e:
@@ -502,6 +410,71 @@ class Balancer:
         counters.packets_out += 1
         counters.backend_packets[backend.name] += 1
         return out
+
+    @property
+    def fast_path(self) -> bool:
+        """Whether the usual packet shape takes the fast path (see the module docstring)."""
+        return self._fast_wanted
+
+    @fast_path.setter
+    def fast_path(self, on: bool) -> None:
+        self._fast_wanted = on
+        self._update_fast()
+
+    def _update_fast(self) -> None:
+        """Recompute when the fast path applies: the configuration parts it assumes."""
+        self._fast_ready = (
+            self._fast_wanted and len(self.vips) == 1 and not self._down and not self._gone
+        )
+        self._plan = None
+
+    def _check_chain(self) -> None:
+        """The key chain changed (reload): does it start with the home-address strategy?"""
+        chain = self.chain
+        self._fast_chain = chain if type(chain.strategies[0]) is HomeAddressStrategy else None
+        self._plan = None
+
+    def fast_plan(self) -> FastPlan | None:
+        """What `lbproxy.fastpath` needs to handle the usual shape itself, or None when
+        this configuration has no fast path (turned off, several virtual addresses, a
+        backend down or removed, a key chain not starting with ``hoa``).
+
+        Asked once per batch of packets: a reload or a health change between batches
+        is seen by the next one.
+        """
+        if self.chain is not self._fast_chain:
+            self._check_chain()
+        if not self._fast_ready or self._fast_chain is None:
+            return None
+        plan = self._plan
+        if plan is None:
+            plan = self._plan = FastPlan(
+                vip=self._first_vip,
+                ports=self.ports,
+                translate=self.mode == "translate",
+                lookup=self.table.lookup,
+                counters=self.counters,
+                backend_delta=self._backend_delta,
+                miss=self._miss,
+                drop=self._drop,
+            )
+        return plan
+
+    def _backend_delta(self, backend: Backend) -> tuple[int, list[int]]:
+        """The checksum change of "destination := `backend`" for a packet to the
+        virtual address (a constant: RFC 1624 arithmetic on the two addresses), and
+        the backend's packet-counter cell (`Counters.backend_cell`)."""
+        found = self._fast_backends.get(backend.packed)
+        if found is None or found[2] is not backend.name:
+            delta = (
+                int.from_bytes(backend.packed, "big") - int.from_bytes(self._first_vip, "big")
+            ) % _MASK
+            found = self._fast_backends[backend.packed] = (
+                delta,
+                self.counters.backend_cell(backend.name),
+                backend.name,
+            )
+        return found[0], found[1]
 
     def _icmp_error(self, buf: bytearray, view: PacketView) -> bytearray | None:
         """An ICMPv6 error to a virtual address, about one of our replies (a router on the

@@ -9,7 +9,9 @@ reads in one screen::
 With the real Linux packet system the ports are the batched ones of `lbproxy.mmsg`
 (``recvmmsg``/``sendmmsg``, up to 64 packets per system call): each reader wake-up ends
 by flushing the writer, so a packet waits at most for the rest of its own batch.  The
-client reader hands the balancer's result straight to the writer (``emit``), and
+client reader gives each received batch to `lbproxy.fastpath`, which rewrites the usual
+packet from the receive buffer straight into the writer's queue, and hands every other
+packet through `Balancer.inbound` to the writer (``emit``); and
 packets to backends on the server link go out through that link's packet socket to the
 MAC the kernel's neighbour table has for them (read by netlink every
 ``neighbour_interval`` seconds; a backend with no usable entry goes through the raw
@@ -38,6 +40,7 @@ from twisted.logger import Logger
 
 from lbproxy import mmsg
 from lbproxy.balancer import Balancer
+from lbproxy.fastpath import FastPath
 from lbproxy.rawsocket import IPacketSystem, LinuxPacketSystem, PacketReader, PacketWriter
 
 __all__ = ["ForwarderService", "local_addresses"]
@@ -95,15 +98,19 @@ class ForwarderService(Service):
         if batch_io:
             writer = self.writer = mmsg.BatchPacketWriter(system)
             # The balancer and the writer directly: no forwarder frame per packet.
+            #: The usual packet from the receive buffer straight into the send queue.
+            self.fast: FastPath | None = FastPath(balancer, writer, clock)
             self.client = mmsg.BatchPacketReader(
                 system, reactor, client_interface, balancer.inbound, destinations=vips,
                 batch=batch, after_batch=writer.flush, emit=writer.send,
+                fast=self.fast.forward,
             )
             self.server = mmsg.BatchPacketReader(
                 system, reactor, server_interface, self._from_backend, batch=batch,
                 after_batch=writer.flush,
             )
         else:
+            self.fast = None
             self.writer = PacketWriter(system)
             self.client = PacketReader(
                 system, reactor, client_interface, self._from_terminal, destinations=vips,

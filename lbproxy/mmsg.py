@@ -9,7 +9,7 @@ so one call moves up to :data:`SLOTS` packets.
 
 Theory of operation
 -------------------
-* A :class:`_Batch` is :data:`SLOTS` ``struct mmsghdr`` entries, each with one ``iovec``
+* A :class:`Batch` is :data:`SLOTS` ``struct mmsghdr`` entries, each with one ``iovec``
   pointing into its own slot of one buffer.  The per-packet fields (``msg_len``,
   ``iov_len``, ``msg_name``) are read and written through ``memoryview`` casts of the
   ctypes arrays, which costs an index operation, not a ctypes attribute access.
@@ -55,7 +55,14 @@ from lbproxy.rawsocket import (
     _network_namespace,
 )
 
-__all__ = ["SLOTS", "BatchPacketReader", "BatchPacketWriter", "NeighbourTable", "available"]
+__all__ = [
+    "SLOTS",
+    "Batch",
+    "BatchPacketReader",
+    "BatchPacketWriter",
+    "NeighbourTable",
+    "available",
+]
 
 #: Packets moved per system call at most.
 SLOTS = 64
@@ -121,8 +128,13 @@ def available() -> bool:
     return _CALLS is not None
 
 
-class _Batch:
-    """`count` message headers, each with one iovec into its `slot`-byte part of a buffer."""
+class Batch:
+    """`count` message headers, each with one iovec into its `slot`-byte part of a buffer.
+
+    Packet i is ``data[i * slot :]``; received, its length is ``lengths[16 * i + 14]``;
+    queued for sending, ``iov_lengths[2 * i + 1]`` and its ``msg_name`` address
+    ``names[8 * i]`` say what and where (`lbproxy.fastpath` fills them directly).
+    """
 
     def __init__(self, count: int, slot: int) -> None:
         self.count = count
@@ -173,6 +185,8 @@ class BatchPacketReader(PacketReader):
         receive_buffer: int = 0,
         after_batch: Callable[[], object] | None = None,
         emit: Callable[[Any], object] | None = None,
+        fast: Callable[[memoryview, int, memoryview, int, Callable[[int, int], object]], object]
+        | None = None,
     ) -> None:
         super().__init__(system, reactor, interface, handle, destinations=destinations,
                          batch=batch, max_packet=max_packet,
@@ -184,7 +198,11 @@ class BatchPacketReader(PacketReader):
         #: same loop (one Python call per packet less than a handler that does it);
         #: its failures count as handler errors.
         self.emit = emit
-        self._in = _Batch(min(SLOTS, batch), max_packet)
+        #: If set, it gets each ``recvmmsg`` batch whole: ``fast(data, slot, lengths,
+        #: count, other)`` (`lbproxy.fastpath.FastPath.forward`), and calls ``other(start,
+        #: length)`` -- the per-packet handling above -- for each packet it leaves.
+        self.fast = fast
+        self._in = Batch(min(SLOTS, batch), max_packet)
 
     def doRead(self) -> None:
         """Drain up to ``batch`` packets, ``SLOTS`` per call; count everything, raise nothing."""
@@ -192,13 +210,12 @@ class BatchPacketReader(PacketReader):
         recvmmsg = _CALLS[0]
         stats = self.stats
         stats.wakeups += 1
-        handle = self.handle
-        emit = self.emit
+        fast = self.fast
+        one = self._one
         batch = self._in
-        data, lengths, slot, address = batch.data, batch.lengths, batch.slot, batch.address
+        lengths, slot, address = batch.lengths, batch.slot, batch.address
         fd = self.fileno()
         left = self.batch
-        received = oversize = 0
         try:
             while left > 0:
                 want = batch.count if left > batch.count else left
@@ -208,25 +225,12 @@ class BatchPacketReader(PacketReader):
                         self._receive_failed(ctypes.get_errno())
                     break
                 left -= got
-                for i in range(got):
-                    length = lengths[16 * i + 14]
-                    if length > slot:
-                        oversize += 1
-                        continue
-                    received += 1
-                    start = i * slot
-                    try:
-                        out = handle(bytearray(data[start : start + length]))
-                        if out is not None and emit is not None:
-                            emit(out)
-                    except Exception:
-                        stats.handler_errors += 1
-                        if _should_log(stats.handler_errors):
-                            _log.failure(
-                                "{prefix}: packet handler failed ({count} so far)",
-                                prefix=self.logPrefix(),
-                                count=stats.handler_errors,
-                            )
+                stats.received += got  # `_one` takes the oversize ones back out
+                if fast is not None:
+                    fast(batch.data, slot, lengths, got, one)
+                else:
+                    for i in range(got):
+                        one(i * slot, lengths[16 * i + 14])
                 if got < want:
                     break  # drained
         except Exception:
@@ -234,13 +238,32 @@ class BatchPacketReader(PacketReader):
             if _should_log(stats.errors):
                 _log.failure("{prefix}: receive failed", prefix=self.logPrefix())
         finally:
-            stats.received += received
-            stats.oversize += oversize
             if self.after_batch is not None:
                 try:
                     self.after_batch()
                 except Exception:
                     _log.failure("{prefix}: after_batch failed", prefix=self.logPrefix())
+
+    def _one(self, start: int, length: int) -> None:
+        """One received packet, at `start` in the batch buffer: an owned copy to the
+        handler (and its result to ``emit``); oversize and handler failures counted."""
+        stats = self.stats
+        if length > self._in.slot:
+            stats.received -= 1
+            stats.oversize += 1
+            return
+        try:
+            out = self.handle(bytearray(self._in.data[start : start + length]))
+            if out is not None and self.emit is not None:
+                self.emit(out)
+        except Exception:
+            stats.handler_errors += 1
+            if _should_log(stats.handler_errors):
+                _log.failure(
+                    "{prefix}: packet handler failed ({count} so far)",
+                    prefix=self.logPrefix(),
+                    count=stats.handler_errors,
+                )
 
     def _receive_failed(self, code: int) -> None:
         if code in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
@@ -280,15 +303,15 @@ class BatchPacketWriter(PacketWriter):
         super().__init__(system)
         if _CALLS is None:
             raise RuntimeError("sendmmsg is not available here")
-        self._out = _Batch(SLOTS, max_packet)
+        self._out = Batch(SLOTS, max_packet)
         self._ready = False  # open: queue; closed: the plain writer counts the drop
         # destination (16 bytes) -> (the queue, the address of its sockaddr for
         # msg_name); the sockaddr buffers are kept alive while queued headers point at them.
-        self._routes: dict[bytes, tuple[_Batch, int]] = {}
+        self._routes: dict[bytes, tuple[Batch, int]] = {}
         self._sockaddrs: list[ctypes.Array[ctypes.c_char]] = []
         for i in range(SLOTS):
             self._out.headers[i].hdr.namelen = 28
-        self._link: _Batch | None = None
+        self._link: Batch | None = None
         self._link_ifindex = 0
         self._link_macs: dict[bytes, bytes] = {}
         self._link_sockaddrs: list[ctypes.Array[ctypes.c_char]] = []
@@ -301,7 +324,7 @@ class BatchPacketWriter(PacketWriter):
     def use_link(self, fd: int, ifindex: int) -> None:
         """Send to link neighbours through packet socket `fd` (bound to `ifindex`, not
         owned: the caller closes it, after this writer)."""
-        link = _Batch(SLOTS, self._out.slot)
+        link = Batch(SLOTS, self._out.slot)
         link.fd = fd
         for i in range(SLOTS):
             link.headers[i].hdr.namelen = _SOCKADDR_LL_SIZE
@@ -334,12 +357,38 @@ class BatchPacketWriter(PacketWriter):
             # struct sockaddr_ll: family, protocol (network order), ifindex, hatype,
             # pkttype, halen, addr[8].
             sockaddr = ctypes.create_string_buffer(
-                _SOCKADDR_LL.pack(socket.AF_PACKET, socket.htons(ETH_P_IPV6),
-                                  self._link_ifindex, 0, 0, 6, mac),
+                _SOCKADDR_LL.pack(
+                    socket.AF_PACKET, socket.htons(ETH_P_IPV6), self._link_ifindex, 0, 0, 6, mac
+                ),
                 _SOCKADDR_LL_SIZE,
             )
             self._link_sockaddrs.append(sockaddr)
             self._routes[address] = (link, ctypes.addressof(sockaddr))
+
+    @property
+    def ready(self) -> bool:
+        """Open: packets are queued (closed: `send` counts them as drops)."""
+        return self._ready
+
+    @property
+    def routes(self) -> dict[bytes, tuple[Batch, int]]:
+        """Destination (16 bytes) -> (its queue, the address of its ``msg_name``), for the
+        destinations seen so far.  Replaced, not changed, when the cache is renewed: a
+        holder must read it again after anything that may send."""
+        return self._routes
+
+    def route(self, destination: bytes) -> tuple[Batch, int]:
+        """The queue and ``msg_name`` for `destination` (16 bytes), made if new: the
+        link socket's for a link neighbour, the raw socket's otherwise."""
+        route = self._routes.get(destination)
+        if route is None:
+            self._raw_name(destination)
+            route = self._routes[destination]
+        return route
+
+    def flush_queue(self, queue: Batch) -> None:
+        """Send one queue now (it is full)."""
+        self._flush(queue)
 
     def send(self, packet: bytes | bytearray | memoryview, destination: str | None = None) -> bool:
         """Queue ``packet`` for its own destination (or ``destination``); True if queued."""
@@ -428,7 +477,7 @@ class BatchPacketWriter(PacketWriter):
         if link is not None and link.queued:
             self._flush(link)
 
-    def _flush(self, out: _Batch) -> None:
+    def _flush(self, out: Batch) -> None:
         count = out.queued
         if not count:
             return

@@ -1,0 +1,197 @@
+"""The balancer's fast path: the usual packet, from the receive buffer to the send queue.
+
+Why: almost every packet a balancer sees has one shape -- IPv6, one Destination Options
+header laid out as RFC 6275 section 6.3 shows it (PadN(2) then the Home Address Option,
+24 bytes), then UDP or TCP, to the one virtual address, from a terminal whose binding
+exists.  On the general path each such packet is copied into a ``bytearray``, parsed
+into a `PacketView`, passed through the key chain, rewritten in place and copied again
+into the writer's queue.  Here it is read with one ``struct`` call where ``recvmmsg``
+left it and written, already rewritten, where ``sendmmsg`` will take it: at 200,000+
+packets per second that is a third of the forwarding process's CPU (docs/performance.md).
+
+What it does per packet is what `Balancer.inbound` does for that shape, and nothing
+else: the table lookup with the home-address key (refreshing the binding), the care-of
+update, the counters, the hop limit, and the rewrite -- translate mode: HAO removed,
+source := home address, destination := backend; transparent mode: destination :=
+backend -- where the checksum change of "destination := backend" is one constant per
+backend (the virtual address is fixed; RFC 1624 arithmetic), as `nat` computes it.  A
+miss makes the binding through the balancer (`Balancer._miss`, the scheduler) and goes
+on.  Any other packet -- another layout, a fragment, ICMPv6, a packet the writer could not
+take directly -- goes, in its turn (order is kept), to the reader's general handling:
+a ``bytearray`` copy through `Balancer.inbound`.  `Balancer.fast_plan` says, once per
+batch, whether the fast path applies to the current configuration at all.
+tests/test_fastpath.py checks with hypothesis that for any sequence of packets the
+output bytes, the counters and the table are the general path's.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Protocol
+
+from twisted.internet.interfaces import IReactorTime
+
+from lbproxy import nat
+from lbproxy.balancer import Balancer
+from lbproxy.keys import Key
+from lbproxy.mmsg import Batch
+
+__all__ = ["FastPath", "SendQueues"]
+
+#: Destination Options bytes 2..7 in the usual HAO layout (RFC 6275 section 6.3 and
+#: appendix A): PadN with 2 zero bytes, then option type 0xC9 and length 16.
+PADN2_HAO = b"\x01\x02\x00\x00\xc9\x10"
+#: Version/class/flow, payload length, next header, hop limit, source, destination;
+#: Destination Options next header, length, PadN(2)+HAO type/length, home address;
+#: then the transport header's destination port (its source port skipped).
+_IN = struct.Struct("!IHBB16s16sBB6s16sxxH")
+#: The rewritten IPv6 header.
+_OUT = struct.Struct("!IHBB16s16s")
+#: The first byte of every home-address key (see `lbproxy.keys.Key`).
+_HOA_KIND = Key("hoa", bytes(16))[:1]
+_MASK = 0xFFFF
+_HOP_LIMIT = nat.Drop.HOP_LIMIT.value
+_UDP, _TCP, _DSTOPTS = 17, 6, 60
+#: A backend's send queue and ``msg_name``, checksum delta and packet cell, and the
+#: queue's buffers (`lbproxy.mmsg.Batch`), unpacked once per batch.
+_Target = tuple[Batch, int, int, list[int], memoryview, memoryview, memoryview, int, int]
+
+
+class SendQueues(Protocol):
+    """What the fast path needs of a writer (`lbproxy.mmsg.BatchPacketWriter`): its
+    queues, to fill directly."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def routes(self) -> dict[bytes, tuple[Batch, int]]: ...
+
+    def route(self, destination: bytes) -> tuple[Batch, int]: ...
+
+    def flush_queue(self, queue: Batch) -> None: ...
+
+
+class FastPath:
+    """Forwards the usual packets of a received batch straight into `writer`'s queues.
+
+    Called by `lbproxy.mmsg.BatchPacketReader` once per ``recvmmsg`` batch, with the
+    reader's per-packet handling (``other``) for every packet it does not take.
+    """
+
+    def __init__(self, balancer: Balancer, writer: SendQueues, clock: IReactorTime) -> None:
+        self.balancer = balancer
+        self.writer = writer
+        self.clock = clock
+        #: Packets forwarded here (not by the general path), for the statistics.
+        self.forwarded = 0
+
+    def forward(
+        self,
+        data: memoryview,
+        slot: int,
+        lengths: memoryview,
+        count: int,
+        other: Callable[[int, int], object],
+    ) -> None:
+        """Packets 0..`count`-1 of a ``recvmmsg`` batch: packet i is ``data[i * slot:]``,
+        its length ``lengths[16 * i + 14]`` (`lbproxy.mmsg.Batch`); ``other(start,
+        length)`` handles one that does not take the fast path."""
+        plan = self.balancer.fast_plan()
+        writer = self.writer
+        if plan is None or not writer.ready:
+            for i in range(count):
+                other(i * slot, lengths[16 * i + 14])
+            return
+        vip, ports, translate, lookup, counters, backend_delta, miss, drop = plan
+        cut = 24 if translate else 0  # bytes the rewrite removes
+        unpack, pack = _IN.unpack_from, _OUT.pack_into
+        routes = writer.routes
+        # Backend address -> everything its packets need, for this batch only (a reload
+        # or a health change comes between batches, never inside one).
+        targets: dict[bytes, _Target] = {}
+        now = self.clock.seconds()
+        taken = forwarded = hits = 0
+        try:
+            for i in range(count):
+                n = lengths[16 * i + 14]
+                s = i * slot
+                if n < 72 or n > slot:
+                    other(s, n)
+                    if writer.routes is not routes:  # renewed: queued names are stale
+                        routes, targets = writer.routes, {}
+                    continue
+                vtf, plen, nh, hop, src, dst, nh2, hlen, options, hoa, dport = unpack(data, s)
+                if (
+                    nh != _DSTOPTS
+                    or hlen != 2
+                    or options != PADN2_HAO
+                    or dst != vip
+                    or plen + 40 != n
+                    or vtf >> 28 != 6
+                    or (nh2 != _UDP and (nh2 != _TCP or n < 84))
+                    or (ports and dport not in ports)
+                ):
+                    other(s, n)
+                    if writer.routes is not routes:
+                        routes, targets = writer.routes, {}
+                    continue
+                taken += 1
+                binding = lookup(_HOA_KIND + hoa, now)
+                if binding is None:
+                    binding = miss(Key("hoa", hoa), "hoa", bytearray(data[s : s + n]), 48)
+                    if binding is None:
+                        continue  # dropped and counted
+                else:
+                    hits += 1
+                if binding.care_of != src:
+                    binding.care_of = src
+                if hop <= 1:
+                    drop(_HOP_LIMIT)
+                    continue
+                backend = binding.backend
+                packed = backend.packed
+                target = targets.get(packed)
+                if target is None:
+                    out, name = writer.route(packed)
+                    if writer.routes is not routes:
+                        routes, targets = writer.routes, {}
+                    target = targets[packed] = (
+                        out, name, *backend_delta(backend), out.data, out.iov_lengths,
+                        out.names, out.slot, out.count,
+                    )  # fmt: skip
+                out, name, delta, cell, tx, tx_lengths, tx_names, tx_slot, tx_count = target
+                # The transport checksum: destination := backend (the pseudo-header's
+                # source is the home address before and after).  A UDP checksum of 0
+                # (none) stays 0, as `nat` leaves it.
+                pos = 70 if nh2 == _UDP else 80
+                csum = data[s + pos] << 8 | data[s + pos + 1]
+                if csum or nh2 == _TCP:
+                    csum = _MASK - (((_MASK - csum + delta) % _MASK) or _MASK)
+                    if not csum and nh2 == _UDP:
+                        csum = _MASK
+                q = out.queued
+                o = q * tx_slot
+                if translate:
+                    pack(tx, o, vtf, plen - 24, nh2, hop - 1, hoa, packed)
+                else:
+                    pack(tx, o, vtf, plen, nh, hop - 1, src, packed)
+                length = n - cut
+                tx[o + 40 : o + length] = data[s + 40 + cut : s + n]
+                o += pos - cut
+                tx[o] = csum >> 8
+                tx[o + 1] = csum & 0xFF
+                tx_lengths[2 * q + 1] = length
+                tx_names[8 * q] = name
+                cell[0] += 1
+                forwarded += 1
+                q += 1
+                out.queued = q
+                if q == tx_count:
+                    writer.flush_queue(out)
+        finally:
+            counters.packets_in += taken
+            counters.packets_out += forwarded
+            counters.hoa_hits_pending += hits
+            self.forwarded += forwarded
