@@ -100,7 +100,6 @@ class Config:
     sweep_interval: float = 1.0
     batch: int = 256
     link_send: bool = True
-    rx_ring: bool = True
     health: HealthConfig = HealthConfig()
     notify: NotifyConfig = NotifyConfig()
     manhole_endpoint: str = ""
@@ -162,7 +161,7 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
     bal = checked(
         top.table("balancer"),
         ("mode", "key_chain", "any_interface_id", "scheduler", "lifetime", "max_entries",
-         "sweep_interval", "batch", "link_send", "rx_ring"),
+         "sweep_interval", "batch", "link_send"),
     )
     chain = tuple(bal.get("key_chain", list, list(KEY_KINDS)))
     for kind in chain:
@@ -242,7 +241,6 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
         sweep_interval=bal.number("sweep_interval", 1.0, 0.01, 60.0),
         batch=bal.integer("batch", 256, 1, 65536),
         link_send=bal.get("link_send", bool, True),
-        rx_ring=bal.get("rx_ring", bool, True),
         health=health,
         notify=notify,
         manhole_endpoint=manhole_endpoint,

@@ -76,9 +76,8 @@ class SendQueues(Protocol):
 class FastPath:
     """Forwards the usual packets of a received batch straight into `writer`'s queues.
 
-    Called by the reader (`lbproxy.mmsg.BatchPacketReader`, `lbproxy.ring.RingPacketReader`)
-    once per received batch, with its per-packet handling (``other``) for every packet
-    it does not take.
+    Called by `lbproxy.mmsg.BatchPacketReader` once per ``recvmmsg`` batch, with the
+    reader's per-packet handling (``other``) for every packet it does not take.
     """
 
     def __init__(self, balancer: Balancer, writer: SendQueues, clock: IReactorTime) -> None:
@@ -93,18 +92,17 @@ class FastPath:
         data: memoryview,
         slot: int,
         lengths: memoryview,
-        stride: int,
         count: int,
         other: Callable[[int, int], object],
     ) -> None:
-        """Packets 0..`count`-1 of a received batch (`lbproxy.mmsg.FastHandler`):
-        packet i is ``data[i * slot:]``, its length ``lengths[i * stride]``;
-        ``other(start, length)`` handles one that does not take the fast path."""
+        """Packets 0..`count`-1 of a ``recvmmsg`` batch: packet i is ``data[i * slot:]``,
+        its length ``lengths[16 * i + 14]`` (`lbproxy.mmsg.Batch`); ``other(start,
+        length)`` handles one that does not take the fast path."""
         plan = self.balancer.fast_plan()
         writer = self.writer
         if plan is None or not writer.ready:
             for i in range(count):
-                other(i * slot, lengths[i * stride])
+                other(i * slot, lengths[16 * i + 14])
             return
         vip, ports, translate, lookup, counters, backend_delta, miss, drop = plan
         cut = 24 if translate else 0  # bytes the rewrite removes
@@ -117,7 +115,7 @@ class FastPath:
         taken = forwarded = hits = 0
         try:
             for i in range(count):
-                n = lengths[i * stride]
+                n = lengths[16 * i + 14]
                 s = i * slot
                 if n < 72 or n > slot:
                     other(s, n)

@@ -7,8 +7,7 @@ reads in one screen::
     server interface --PacketReader--> Balancer.outbound --PacketWriter--> terminal
 
 With the real Linux packet system the ports are the batched ones of `lbproxy.mmsg`
-(``sendmmsg``, up to 64 packets per system call; packets are read from a receive ring
-shared with the kernel, `lbproxy.ring`, or with ``recvmmsg``): each reader wake-up ends
+(``recvmmsg``/``sendmmsg``, up to 64 packets per system call): each reader wake-up ends
 by flushing the writer, so a packet waits at most for the rest of its own batch.  The
 client reader gives each received batch to `lbproxy.fastpath`, which rewrites the usual
 packet from the receive buffer straight into the writer's queue, and hands every other
@@ -31,16 +30,15 @@ replies to forward; the rest are left to the kernel.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorFDSet, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from lbproxy import mmsg, ring
+from lbproxy import mmsg
 from lbproxy.balancer import Balancer
 from lbproxy.fastpath import FastPath
 from lbproxy.rawsocket import IPacketSystem, LinuxPacketSystem, PacketReader, PacketWriter
@@ -81,15 +79,12 @@ class ForwarderService(Service):
         own_addresses: Iterable[bytes] | None = None,
         batch_io: bool | None = None,
         link_send: bool | None = None,
-        rx_ring: bool | None = None,
         neighbour_interval: float = 1.0,
     ) -> None:
         """``batch_io``: use `lbproxy.mmsg`; None = when the system is the real Linux one.
         ``link_send``: send to backends with a neighbour entry on the server link
         through the server link's packet socket (module docstring); None = with
-        batched I/O.  ``rx_ring``: read both links through receive rings
-        (`lbproxy.ring`); None = with batched I/O where rings are available.
-        ``neighbour_interval``: seconds between neighbour-table reads."""
+        batched I/O.  ``neighbour_interval``: seconds between neighbour-table reads."""
         self.balancer = balancer
         self.clock = clock
         self.sweep_interval = sweep_interval
@@ -100,36 +95,25 @@ class ForwarderService(Service):
         self.client: PacketReader
         self.server: PacketReader
         vips = [a.packed for a in balancer.vips]
-        if rx_ring is None:
-            rx_ring = ring.available()
-        linux = system if rx_ring and batch_io and isinstance(system, LinuxPacketSystem) else None
-        self.rx_ring = linux is not None
         if batch_io:
             writer = self.writer = mmsg.BatchPacketWriter(system)
-
-            def reader(interface: str, handle: Callable[[bytearray], object],
-                       **kw: Any) -> mmsg.BatchPacketReader:  # fmt: skip
-                if linux is not None:
-                    return ring.RingPacketReader(linux, reactor, interface, handle, batch=batch,
-                                                 after_batch=writer.flush, **kw)  # fmt: skip
-                return mmsg.BatchPacketReader(system, reactor, interface, handle, batch=batch,
-                                              after_batch=writer.flush, **kw)  # fmt: skip
-
+            # The balancer and the writer directly: no forwarder frame per packet.
             #: The usual packet from the receive buffer straight into the send queue.
             self.fast: FastPath | None = FastPath(balancer, writer, clock)
-            # The balancer and the writer directly: no forwarder frame per packet.
-            self.client = reader(client_interface, balancer.inbound, destinations=vips,
-                                 emit=writer.send, fast=self.fast.forward)  # fmt: skip
-            self.server = reader(server_interface, self._from_backend)
+            self.client = mmsg.BatchPacketReader(
+                system, reactor, client_interface, balancer.inbound, destinations=vips,
+                batch=batch, after_batch=writer.flush, emit=writer.send,
+                fast=self.fast.forward,
+            )
+            self.server = mmsg.BatchPacketReader(
+                system, reactor, server_interface, self._from_backend, batch=batch,
+                after_batch=writer.flush,
+            )
         else:
             self.fast = None
             self.writer = PacketWriter(system)
             self.client = PacketReader(
-                system,
-                reactor,
-                client_interface,
-                self._from_terminal,
-                destinations=vips,
+                system, reactor, client_interface, self._from_terminal, destinations=vips,
                 batch=batch,
             )
             self.server = PacketReader(

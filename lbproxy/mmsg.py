@@ -165,14 +165,6 @@ class Batch:
         return self.address + 64 * index
 
 
-#: A batch handler for a reader (`lbproxy.fastpath.FastPath.forward`): ``fast(data,
-#: slot, lengths, stride, count, other)`` gets `count` packets, packet i at ``data[i *
-#: slot:]`` with length ``lengths[i * stride]``, and calls ``other(start, length)`` for
-#: each one it does not take itself, in order.
-FastHandler = Callable[[memoryview, int, memoryview, int, int, Callable[[int, int], object]],
-                       object]  # fmt: skip
-
-
 class BatchPacketReader(PacketReader):
     """A :class:`PacketReader` that drains its socket with ``recvmmsg``.
 
@@ -193,7 +185,8 @@ class BatchPacketReader(PacketReader):
         receive_buffer: int = 0,
         after_batch: Callable[[], object] | None = None,
         emit: Callable[[Any], object] | None = None,
-        fast: FastHandler | None = None,
+        fast: Callable[[memoryview, int, memoryview, int, Callable[[int, int], object]], object]
+        | None = None,
     ) -> None:
         super().__init__(system, reactor, interface, handle, destinations=destinations,
                          batch=batch, max_packet=max_packet,
@@ -205,16 +198,11 @@ class BatchPacketReader(PacketReader):
         #: same loop (one Python call per packet less than a handler that does it);
         #: its failures count as handler errors.
         self.emit = emit
-        #: If set, it gets each ``recvmmsg`` batch whole (see `FastHandler`) and calls
-        #: ``other(start, length)`` -- the per-packet handling above -- for each packet
-        #: it leaves.
+        #: If set, it gets each ``recvmmsg`` batch whole: ``fast(data, slot, lengths,
+        #: count, other)`` (`lbproxy.fastpath.FastPath.forward`), and calls ``other(start,
+        #: length)`` -- the per-packet handling above -- for each packet it leaves.
         self.fast = fast
-        self.max_packet = max_packet
         self._in = Batch(min(SLOTS, batch), max_packet)
-        #: The buffer the packets being handled are in (`_one` copies from it).
-        self._view = self._in.data
-        #: Packet i's length is ``_in_lengths[16 * i]`` (msg_len of header i).
-        self._in_lengths = self._in.lengths[14:]
 
     def doRead(self) -> None:
         """Drain up to ``batch`` packets, ``SLOTS`` per call; count everything, raise nothing."""
@@ -225,7 +213,7 @@ class BatchPacketReader(PacketReader):
         fast = self.fast
         one = self._one
         batch = self._in
-        data, lengths, slot, address = batch.data, self._in_lengths, batch.slot, batch.address
+        lengths, slot, address = batch.lengths, batch.slot, batch.address
         fd = self.fileno()
         left = self.batch
         try:
@@ -239,10 +227,10 @@ class BatchPacketReader(PacketReader):
                 left -= got
                 stats.received += got  # `_one` takes the oversize ones back out
                 if fast is not None:
-                    fast(data, slot, lengths, 16, got, one)
+                    fast(batch.data, slot, lengths, got, one)
                 else:
                     for i in range(got):
-                        one(i * slot, lengths[16 * i])
+                        one(i * slot, lengths[16 * i + 14])
                 if got < want:
                     break  # drained
         except Exception:
@@ -260,12 +248,12 @@ class BatchPacketReader(PacketReader):
         """One received packet, at `start` in the batch buffer: an owned copy to the
         handler (and its result to ``emit``); oversize and handler failures counted."""
         stats = self.stats
-        if length > self.max_packet:
+        if length > self._in.slot:
             stats.received -= 1
             stats.oversize += 1
             return
         try:
-            out = self.handle(bytearray(self._view[start : start + length]))
+            out = self.handle(bytearray(self._in.data[start : start + length]))
             if out is not None and self.emit is not None:
                 self.emit(out)
         except Exception:

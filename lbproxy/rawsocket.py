@@ -42,9 +42,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import functools
-import mmap
 import os
 import socket
 import struct
@@ -78,10 +76,6 @@ DEFAULT_BATCH = 256
 _SOL_PACKET = 263
 _PACKET_IGNORE_OUTGOING = 23  # Linux >= 4.20
 _PACKET_STATISTICS = 6
-_PACKET_RX_RING = 5
-_PACKET_VERSION = 10
-_TPACKET_V2 = 1
-_SIOCGIFMTU = 0x8921
 _SO_ATTACH_FILTER = 26
 _SO_RCVBUFFORCE = 33
 _CLONE_NEWNET = 0x40000000
@@ -239,52 +233,6 @@ class LinuxPacketSystem:
         destinations: Sequence[bytes] = (),
         receive_buffer: int = 0,
     ) -> int:
-        return self._open_packet_socket(interface, destinations, receive_buffer).fileno()
-
-    def open_ring_reader(
-        self,
-        interface: str,
-        destinations: Sequence[bytes],
-        frame_size: int,
-        frames: int,
-        block_size: int,
-    ) -> tuple[int, mmap.mmap]:
-        """A reader whose packets arrive in a ``PACKET_RX_RING`` (TPACKET_V2) of `frames`
-        frames of `frame_size` bytes, `block_size` bytes per block (`lbproxy.ring`):
-        its descriptor and the ring, mapped.  The ring exists before the socket is
-        bound, so no packet goes to the ordinary queue instead.  Close the map before
-        the descriptor (the map holds a duplicate of it)."""
-
-        def ring(sock: socket.socket) -> None:
-            sock.setsockopt(_SOL_PACKET, _PACKET_VERSION, _TPACKET_V2)
-            sock.setsockopt(_SOL_PACKET, _PACKET_RX_RING,
-                            struct.pack("=IIII", block_size, frames * frame_size // block_size,
-                                        frame_size, frames))  # fmt: skip
-
-        sock = self._open_packet_socket(interface, destinations, 0, ring)
-        try:
-            mapped = mmap.mmap(sock.fileno(), frames * frame_size, mmap.MAP_SHARED,
-                               mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
-        except OSError:
-            self.close(sock.fileno())
-            raise
-        return sock.fileno(), mapped
-
-    def interface_mtu(self, interface: str) -> int:
-        """The interface's MTU (in this system's namespace)."""
-        with _network_namespace(self.namespace):
-            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        with sock:
-            request = struct.pack("16si", interface.encode(), 0)
-            return int(struct.unpack_from("i", fcntl.ioctl(sock, _SIOCGIFMTU, request), 16)[0])
-
-    def _open_packet_socket(
-        self,
-        interface: str,
-        destinations: Sequence[bytes],
-        receive_buffer: int,
-        before_bind: Callable[[socket.socket], None] | None = None,
-    ) -> socket.socket:
         with _network_namespace(self.namespace):
             # Protocol 0: the socket receives nothing until bind() names the
             # interface and protocol, so no packet of another interface, and
@@ -300,15 +248,14 @@ class LinuxPacketSystem:
                 sock.setsockopt(_SOL_PACKET, _PACKET_IGNORE_OUTGOING, 1)
             if destinations:
                 self._attach(sock, destinations)
-            if before_bind is not None:
-                before_bind(sock)
             sock.bind((interface, ETH_P_IPV6))
             sock.setblocking(False)
         except OSError:
             sock.close()
             raise
-        self._sockets[sock.fileno()] = sock
-        return sock
+        fd = sock.fileno()
+        self._sockets[fd] = sock
+        return fd
 
     def attach_filter(self, fd: int, destinations: Sequence[bytes]) -> None:
         sock = self._sockets[fd]

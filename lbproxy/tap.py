@@ -114,7 +114,6 @@ class BalancerService(MultiService):
             batch=config.batch,
             sweep_interval=config.sweep_interval,
             link_send=config.link_send,
-            rx_ring=None if config.rx_ring else False,
         )
         self.forwarder.setServiceParent(self)
         self.notifier: Notifier | None = None
@@ -207,7 +206,7 @@ class BalancerService(MultiService):
         restart = [
             name
             for name in ("client_interface", "server_interface", "mode", "lifetime",
-                         "max_entries", "batch", "link_send", "rx_ring")
+                         "max_entries", "batch", "link_send")
             if getattr(new, name) != getattr(self.config, name)
         ]
         self.config = new

@@ -82,7 +82,7 @@ def forward(
         if out is not None:
             writer.send(out)
 
-    fast.forward(rx.data, rx.slot, rx.lengths[14:], 16, len(packets), other)
+    fast.forward(rx.data, rx.slot, rx.lengths, len(packets), other)
     writer.flush_queue(writer.queue)
     return writer.sent, fast
 

@@ -13,7 +13,6 @@ import struct
 import subprocess
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -50,30 +49,34 @@ def tag_of(data: bytes | bytearray) -> int:
     return int(struct.unpack_from("!I", data, 48)[0])
 
 
-if TYPE_CHECKING:
-    _TestCase = SynchronousTestCase
-else:
-    _TestCase = object
-
-
-class ReaderContract(_TestCase):
-    """What every batched reader must do, whatever it reads from (mixed into the
-    tests of `mmsg.BatchPacketReader` here and of `lbproxy.ring.RingPacketReader`).
-
-    The test case gives `pair` (a VethPair), `far` and `far_sender`, and `reader`.
-    """
-
-    pair: VethPair
-    far: LinuxPacketSystem
-    far_sender: int
-
-    def reader(self, handle: Callable[[bytearray], object], **kw: object) -> mmsg.BatchPacketReader:
-        raise NotImplementedError
+class BatchedPortTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        reason = VethPair.unavailable() or (None if mmsg.available() else "no recvmmsg")
+        if reason:
+            raise SkipTest(f"batched port tests: {reason}")
+        self.pair = VethPair(PREFIX, NEAR, FAR, ROUTED)
+        self.addCleanup(self.pair.destroy)
+        self.pair.create()
+        self.near = LinuxPacketSystem(self.pair.near)
+        self.far = LinuxPacketSystem(self.pair.far)
+        self.far_sender = self.far.open_sender()
+        self.addCleanup(self.far.close, self.far_sender)
 
     def deliver(self, packets: list[bytes]) -> None:
         """Send from the peer, then wait until the near side's interface counted them."""
         for p in packets:
             self.far.send(self.far_sender, p, socket.inet_ntop(socket.AF_INET6, p[24:40]))
+
+    def reader(
+        self, handle: Callable[[bytearray], object], **kw: object
+    ) -> mmsg.BatchPacketReader:
+        reader = mmsg.BatchPacketReader(
+            self.near, MemoryReactor(), self.pair.near_interface, handle,
+            destinations=[packed(TARGET)], receive_buffer=1 << 22, **kw,  # type: ignore[arg-type]
+        )  # fmt: skip
+        reader.open()
+        self.addCleanup(reader.close)
+        return reader
 
     def drain(self, reader: PacketReader, want: int) -> None:
         """Call doRead (as the reactor would) until `want` packets were handed over."""
@@ -149,29 +152,6 @@ class ReaderContract(_TestCase):
         reader.doRead()
         self.assertEqual((got, reader.stats.errors, reader.stats.received), ([], 0, 0))
 
-
-class BatchedPortTests(ReaderContract, SynchronousTestCase):
-    def setUp(self) -> None:
-        reason = VethPair.unavailable() or (None if mmsg.available() else "no recvmmsg")
-        if reason:
-            raise SkipTest(f"batched port tests: {reason}")
-        self.pair = VethPair(PREFIX, NEAR, FAR, ROUTED)
-        self.addCleanup(self.pair.destroy)
-        self.pair.create()
-        self.near = LinuxPacketSystem(self.pair.near)
-        self.far = LinuxPacketSystem(self.pair.far)
-        self.far_sender = self.far.open_sender()
-        self.addCleanup(self.far.close, self.far_sender)
-
-    def reader(self, handle: Callable[[bytearray], object], **kw: object) -> mmsg.BatchPacketReader:
-        reader = mmsg.BatchPacketReader(
-            self.near, MemoryReactor(), self.pair.near_interface, handle,
-            destinations=[packed(TARGET)], receive_buffer=1 << 22, **kw,  # type: ignore[arg-type]
-        )  # fmt: skip
-        reader.open()
-        self.addCleanup(reader.close)
-        return reader
-
     def far_reader(self) -> tuple[int, Callable[[int], list[bytes]]]:
         fd = self.far.open_reader(self.pair.far_interface, [packed(FAR)], 1 << 22)
         self.addCleanup(self.far.close, fd)
@@ -241,6 +221,7 @@ class BatchedPortTests(ReaderContract, SynchronousTestCase):
         self.assertEqual(writer.stats.dropped, 1)
         self.flushLoggedErrors()
 
+
     def test_neighbour_table_reads_the_link(self) -> None:
         """The netlink dump of the near interface (in its namespace) has the far side's
         static entry with its MAC, and nothing of other interfaces (loopback)."""
@@ -288,6 +269,7 @@ class BatchedPortTests(ReaderContract, SynchronousTestCase):
         writer.flush()
         self.assertEqual(writer.stats.errors, {"ENETUNREACH": 1})
         self.flushLoggedErrors()
+
 
     def test_forwarder_sends_to_backends_on_the_link(self) -> None:
         """A started ForwarderService gives its writer the link-layer addresses of its
