@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from lbproxy import nat
 from lbproxy.balancer import Balancer
@@ -53,6 +54,7 @@ _HOA_KIND = Key("hoa", bytes(16))[:1]
 _MASK = 0xFFFF
 _HOP_LIMIT = nat.Drop.HOP_LIMIT.value
 _UDP, _TCP, _DSTOPTS = 17, 6, 60
+_log = Logger()
 #: A backend's send queue and ``msg_name``, checksum delta and packet cell, and the
 #: queue's buffers (`lbproxy.mmsg.Batch`), unpacked once per batch.
 _Target = tuple[Batch, int, int, list[int], memoryview, memoryview, memoryview, int, int]
@@ -86,6 +88,9 @@ class FastPath:
         self.clock = clock
         #: Packets forwarded here (not by the general path), for the statistics.
         self.forwarded = 0
+        #: Packets whose handling here raised (a bug: bad input never does); each is
+        #: lost, counted and logged, and the rest of its batch goes on.
+        self.errors = 0
 
     def forward(
         self,
@@ -115,83 +120,91 @@ class FastPath:
         taken = forwarded = hits = 0
         try:
             for i in range(count):
-                n = lengths[16 * i + 14]
-                s = i * slot
-                if n < 72 or n > slot:
-                    other(s, n)
-                    if writer.routes is not routes:  # renewed: queued names are stale
-                        routes, targets = writer.routes, {}
-                    continue
-                vtf, plen, nh, hop, src, dst, nh2, hlen, options, hoa, dport = unpack(data, s)
-                if (
-                    nh != _DSTOPTS
-                    or hlen != 2
-                    or options != PADN2_HAO
-                    or dst != vip
-                    or plen + 40 != n
-                    or vtf >> 28 != 6
-                    or (nh2 != _UDP and (nh2 != _TCP or n < 84))
-                    or (ports and dport not in ports)
-                ):
-                    other(s, n)
-                    if writer.routes is not routes:
-                        routes, targets = writer.routes, {}
-                    continue
-                taken += 1
-                binding = lookup(_HOA_KIND + hoa, now)
-                if binding is None:
-                    binding = miss(Key("hoa", hoa), "hoa", bytearray(data[s : s + n]), 48)
+                try:
+                    n = lengths[16 * i + 14]
+                    s = i * slot
+                    if n < 72 or n > slot:
+                        other(s, n)
+                        if writer.routes is not routes:  # renewed: queued names are stale
+                            routes, targets = writer.routes, {}
+                        continue
+                    vtf, plen, nh, hop, src, dst, nh2, hlen, options, hoa, dport = unpack(data, s)
+                    if (
+                        nh != _DSTOPTS
+                        or hlen != 2
+                        or options != PADN2_HAO
+                        or dst != vip
+                        or plen + 40 != n
+                        or vtf >> 28 != 6
+                        or (nh2 != _UDP and (nh2 != _TCP or n < 84))
+                        or (ports and dport not in ports)
+                    ):
+                        other(s, n)
+                        if writer.routes is not routes:
+                            routes, targets = writer.routes, {}
+                        continue
+                    taken += 1
+                    binding = lookup(_HOA_KIND + hoa, now)
                     if binding is None:
-                        continue  # dropped and counted
-                else:
-                    hits += 1
-                if binding.care_of != src:
-                    binding.care_of = src
-                if hop <= 1:
-                    drop(_HOP_LIMIT)
-                    continue
-                backend = binding.backend
-                packed = backend.packed
-                target = targets.get(packed)
-                if target is None:
-                    out, name = writer.route(packed)
-                    if writer.routes is not routes:
-                        routes, targets = writer.routes, {}
-                    target = targets[packed] = (
-                        out, name, *backend_delta(backend), out.data, out.iov_lengths,
-                        out.names, out.slot, out.count,
-                    )  # fmt: skip
-                out, name, delta, cell, tx, tx_lengths, tx_names, tx_slot, tx_count = target
-                # The transport checksum: destination := backend (the pseudo-header's
-                # source is the home address before and after).  A UDP checksum of 0
-                # (none) stays 0, as `nat` leaves it.
-                pos = 70 if nh2 == _UDP else 80
-                csum = data[s + pos] << 8 | data[s + pos + 1]
-                if csum or nh2 == _TCP:
-                    csum = _MASK - (((_MASK - csum + delta) % _MASK) or _MASK)
-                    if not csum and nh2 == _UDP:
-                        csum = _MASK
-                q = out.queued
-                o = q * tx_slot
-                if translate:
-                    pack(tx, o, vtf, plen - 24, nh2, hop - 1, hoa, packed)
-                else:
-                    pack(tx, o, vtf, plen, nh, hop - 1, src, packed)
-                length = n - cut
-                tx[o + 40 : o + length] = data[s + 40 + cut : s + n]
-                o += pos - cut
-                tx[o] = csum >> 8
-                tx[o + 1] = csum & 0xFF
-                tx_lengths[2 * q + 1] = length
-                tx_names[8 * q] = name
-                cell[0] += 1
-                forwarded += 1
-                q += 1
-                out.queued = q
-                if q == tx_count:
-                    writer.flush_queue(out)
+                        binding = miss(Key("hoa", hoa), "hoa", bytearray(data[s : s + n]), 48)
+                        if binding is None:
+                            continue  # dropped and counted
+                    else:
+                        hits += 1
+                    if binding.care_of != src:
+                        binding.care_of = src
+                    if hop <= 1:
+                        drop(_HOP_LIMIT)
+                        continue
+                    backend = binding.backend
+                    packed = backend.packed
+                    target = targets.get(packed)
+                    if target is None:
+                        out, name = writer.route(packed)
+                        if writer.routes is not routes:
+                            routes, targets = writer.routes, {}
+                        target = targets[packed] = (
+                            out, name, *backend_delta(backend), out.data, out.iov_lengths,
+                            out.names, out.slot, out.count,
+                        )  # fmt: skip
+                    out, name, delta, cell, tx, tx_lengths, tx_names, tx_slot, tx_count = target
+                    # The transport checksum: destination := backend (the pseudo-header's
+                    # source is the home address before and after).  A UDP checksum of 0
+                    # (none) stays 0, as `nat` leaves it.
+                    pos = 70 if nh2 == _UDP else 80
+                    csum = data[s + pos] << 8 | data[s + pos + 1]
+                    if csum or nh2 == _TCP:
+                        csum = _MASK - (((_MASK - csum + delta) % _MASK) or _MASK)
+                        if not csum and nh2 == _UDP:
+                            csum = _MASK
+                    q = out.queued
+                    o = q * tx_slot
+                    if translate:
+                        pack(tx, o, vtf, plen - 24, nh2, hop - 1, hoa, packed)
+                    else:
+                        pack(tx, o, vtf, plen, nh, hop - 1, src, packed)
+                    length = n - cut
+                    tx[o + 40 : o + length] = data[s + 40 + cut : s + n]
+                    o += pos - cut
+                    tx[o] = csum >> 8
+                    tx[o + 1] = csum & 0xFF
+                    tx_lengths[2 * q + 1] = length
+                    tx_names[8 * q] = name
+                    cell[0] += 1
+                    forwarded += 1
+                    q += 1
+                    out.queued = q
+                    if q == tx_count:
+                        writer.flush_queue(out)
+                except Exception:  # a bug, not bad input: count it, keep the batch going
+                    self._failed()
         finally:
             counters.packets_in += taken
             counters.packets_out += forwarded
             counters.hoa_hits_pending += hits
             self.forwarded += forwarded
+
+    def _failed(self) -> None:
+        self.errors += 1
+        if self.errors & (self.errors - 1) == 0:  # the 1st, 2nd, 4th... (a bounded log)
+            _log.failure("fast path: packet handling failed ({count} so far)", count=self.errors)

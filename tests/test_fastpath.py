@@ -341,3 +341,24 @@ class FastPathTests(SynchronousTestCase):
             pos = 46 if proto == 17 else 56
             fields = {data[pos : pos + 2] for _, data in sent}
             self.assertIn(b"\xff\xff" if proto == 17 else b"\x00\x00", fields)
+
+    def test_a_failure_loses_one_packet_not_the_batch(self) -> None:
+        """Should handling one packet raise (a bug: here a scheduler that fails on a
+        new terminal), that packet is counted and logged, and the rest of the batch
+        is still forwarded, in order."""
+        balancer, clock = make()
+        hoa = ipaddress.IPv6Address(HOA).packed
+        coa = ipaddress.IPv6Address(COA1).packed
+        known = _raw_mobile(17, hoa, coa, 64, 80, 0, b"known")
+        forward(balancer, clock, [known])  # bound
+
+        class Broken:
+            def choose(self, key: object, load: object) -> None:
+                raise RuntimeError("scheduler bug")
+
+        balancer.scheduler = Broken()  # type: ignore[assignment]
+        stranger = _raw_mobile(17, bytes(15) + b"\x09", coa, 64, 80, 0, b"new")
+        sent, fast = forward(balancer, clock, [known, stranger, known])
+        self.assertEqual([data[-5:] for _, data in sent], [b"known", b"known"])
+        self.assertEqual((fast.forwarded, fast.errors), (2, 1))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
