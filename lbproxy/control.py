@@ -126,6 +126,17 @@ def _int(value: object) -> int:
     return value if isinstance(value, int) else 0
 
 
+def _ports(ports: Mapping[str, Mapping[str, object]]) -> dict[str, dict[str, Any]]:
+    """Port statistics as plain JSON: integers, and per-errno counts as dicts."""
+    return {
+        port: {
+            name: _counts(value) if isinstance(value, Mapping) else _int(value)
+            for name, value in counters.items()
+        }
+        for port, counters in ports.items()
+    }
+
+
 def _counts(value: object) -> dict[str, int]:
     if isinstance(value, Mapping):
         return {str(k): int(v) for k, v in value.items()}
@@ -139,7 +150,9 @@ class Control:
     ``expires - clock.seconds()``; default: the balancer's); ``backend_state``
     names each backend's health ("up", "down", "unknown"; default: whether the
     balancer has it marked down); ``reload`` is the callable that re-reads the
-    configuration, if the service wiring provides one.
+    configuration, if the service wiring provides one; ``ports`` returns what the
+    sockets counted (`ForwarderService.port_stats`), shown under ``ports`` in
+    :meth:`stats`.
     """
 
     def __init__(
@@ -149,8 +162,10 @@ class Control:
         backend_state: Callable[[str], str] | None = None,
         reload: Callable[[], object] | None = None,
         parse_key: Callable[[str], Key] | None = None,
+        ports: Callable[[], Mapping[str, Mapping[str, object]]] | None = None,
     ) -> None:
         self.balancer = balancer
+        self.ports = ports
         self.parse_key = parse_key
         self.clock: IReactorTime = clock if clock is not None else balancer.clock
         self.backend_state = backend_state
@@ -353,6 +368,7 @@ class Control:
                     )
                 },
             },
+            **({"ports": _ports(self.ports())} if self.ports is not None else {}),
         }
 
     def reload(self) -> object:

@@ -185,6 +185,36 @@ class ForwarderService(Service):
         except Exception:  # never let a sweep bug stop the sweeper or reach the reactor
             _log.failure("expiry sweep failed")
 
+    def port_stats(self) -> dict[str, dict[str, object]]:
+        """What the sockets counted, for `lbproxyctl stats` and the metrics: per reader
+        ("client", "server") packets received and lost (too big, the kernel's queue
+        full, handler failures), the writer's sent and refused packets by errno name,
+        and the fast path's share.  Reads the kernel's drop counters (one system call
+        per reader)."""
+        ports: dict[str, dict[str, object]] = {}
+        for name, reader in (("client", self.client), ("server", self.server)):
+            try:
+                stats = reader.update_stats()
+            except OSError:  # the socket went away under us: what we have
+                stats = reader.stats
+            ports[name] = {
+                "received": stats.received,
+                "oversize": stats.oversize,
+                "kernel_drops": stats.kernel_drops,
+                "handler_errors": stats.handler_errors,
+                "receive_errors": stats.errors,
+                "wakeups": stats.wakeups,
+            }
+        writer = self.writer.stats
+        ports["writer"] = {
+            "sent": writer.sent,
+            "dropped": writer.dropped,
+            "errors": dict(writer.errors),
+        }
+        if self.fast is not None:
+            ports["fast_path"] = {"forwarded": self.fast.forwarded, "errors": self.fast.errors}
+        return ports
+
     def _refresh_neighbours(self) -> None:
         """Give the writer the backends' current link-layer addresses (a backend with
         no usable entry goes through the kernel, which resolves it)."""

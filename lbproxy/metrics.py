@@ -81,8 +81,49 @@ class BalancerCollector:
         yield from self._notifications()
         yield from self._subscriptions()
 
+    def _ports(self, stats: Mapping[str, Any]) -> Iterator[Metric]:
+        """What the sockets counted (absent when the control has no forwarder)."""
+        ports = stats.get("ports")
+        if not ports:
+            return
+        received = CounterMetricFamily(
+            f"{PREFIX}_port_received", "Packets read from a link, by reader.", labels=["port"]
+        )
+        lost = CounterMetricFamily(
+            f"{PREFIX}_port_lost",
+            "Packets lost at the sockets, by port and reason (oversize, kernel queue full, "
+            "handler failure, and the writer's refusals by errno name).",
+            labels=["port", "reason"],
+        )
+        for port in ("client", "server"):
+            counters = ports.get(port)
+            if counters is None:
+                continue
+            received.add_metric([port], counters["received"])
+            for reason, key in (("oversize", "oversize"), ("kernel-queue-full", "kernel_drops"),
+                                ("handler-failed", "handler_errors")):  # fmt: skip
+                lost.add_metric([port, reason], counters[key])
+        writer = ports.get("writer", {})
+        for errno_name, count in sorted(writer.get("errors", {}).items()):
+            lost.add_metric(["writer", errno_name], count)
+        fast = ports.get("fast_path")
+        if fast is not None:
+            lost.add_metric(["fast-path", "handler-failed"], fast["errors"])
+        yield received
+        yield lost
+        yield CounterMetricFamily(
+            f"{PREFIX}_port_sent", "Packets the kernel took for sending.", writer.get("sent", 0)
+        )
+        if fast is not None:
+            yield CounterMetricFamily(
+                f"{PREFIX}_fast_path_packets",
+                "Packets forwarded by the fast path (lbproxy.fastpath).",
+                fast["forwarded"],
+            )
+
     def _packets(self) -> Iterator[Metric]:
         stats = self.control.stats()
+        yield from self._ports(stats)
         yield CounterMetricFamily(
             f"{PREFIX}_packets_in", "Packets received from terminals.", stats["packets_in"]
         )

@@ -124,7 +124,7 @@ class BalancerService(MultiService):
             self.notifier.setServiceParent(self)
             self.balancer.terminal_seen = self._terminal_seen
         self.health = self._health_service(config)
-        self.control = Control(self.balancer, reload=self.reload)
+        self.control = Control(self.balancer, reload=self.reload, ports=self.forwarder.port_stats)
         if config.control_socket:
             make_ctl_service(config.control_socket, self.control, reactor).setServiceParent(self)
         if config.manhole_endpoint:

@@ -81,6 +81,34 @@ class CollectorTests(SynchronousTestCase):
 
         return samples(generate_latest(make_registry(collector)).decode())
 
+    def test_port_counters(self) -> None:
+        """What the sockets counted (ForwarderService.port_stats, through Control):
+        packets read per link, lost per link and reason, the writer's refusals by
+        errno name, packets sent, and the fast path's share."""
+        ports: dict[str, dict[str, Any]] = {
+            "client": {"received": 10, "oversize": 1, "kernel_drops": 7, "handler_errors": 0,
+                       "receive_errors": 0, "wakeups": 3},
+            "server": {"received": 4, "oversize": 0, "kernel_drops": 0, "handler_errors": 2,
+                       "receive_errors": 0, "wakeups": 2},
+            "writer": {"sent": 11, "dropped": 3, "errors": {"EAGAIN": 2, "ENOBUFS": 1}},
+            "fast_path": {"forwarded": 9, "errors": 0},
+        }  # fmt: skip
+        control = Control(self.balancer, ports=lambda: ports)
+        got = self.scrape(BalancerCollector(control))
+        self.assertEqual(got[("lbproxy_port_received_total", (("port", "client"),))], 10)
+        self.assertEqual(got[("lbproxy_port_received_total", (("port", "server"),))], 4)
+        lost = {labels: v for (name, labels), v in got.items() if name == "lbproxy_port_lost_total"}
+        self.assertEqual(lost[(("port", "client"), ("reason", "kernel-queue-full"))], 7)
+        self.assertEqual(lost[(("port", "client"), ("reason", "oversize"))], 1)
+        self.assertEqual(lost[(("port", "server"), ("reason", "handler-failed"))], 2)
+        self.assertEqual(lost[(("port", "writer"), ("reason", "EAGAIN"))], 2)
+        self.assertEqual(lost[(("port", "writer"), ("reason", "ENOBUFS"))], 1)
+        self.assertEqual(lost[(("port", "fast-path"), ("reason", "handler-failed"))], 0)
+        self.assertEqual(got[("lbproxy_port_sent_total", ())], 11)
+        self.assertEqual(got[("lbproxy_fast_path_packets_total", ())], 9)
+        without = self.scrape(BalancerCollector(self.control))  # no forwarder: no port metrics
+        self.assertFalse([name for name, _ in without if name.startswith("lbproxy_port_")])
+
     def test_counters_move(self) -> None:
         """Packets in/out, hits and misses per kind, drops by reason, table size and
         per-backend figures follow the traffic between two scrapes."""

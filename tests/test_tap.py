@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from lbproxy.config import ConfigError, load_config
+from lbproxy.control import format_stats
 from lbproxy.keys import Key
 from lbproxy.tap import BalancerService, Options
 from lbproxy.testing import MemoryPacketSystem
@@ -58,10 +60,12 @@ class OptionsTests(SynchronousTestCase):
 
 
 class ServiceTests(SynchronousTestCase):
-    def make(self, text: str) -> tuple[BalancerService, MemoryPacketSystem, str]:
+    def make(
+        self, text: str, queue_limit: int = 10_000
+    ) -> tuple[BalancerService, MemoryPacketSystem, str]:
         path = self.mktemp()
         Path(path).write_text(text)
-        system = MemoryPacketSystem(interfaces=("lbc", "lbs"))
+        system = MemoryPacketSystem(interfaces=("lbc", "lbs"), queue_limit=queue_limit)
         service = BalancerService(load_config(path), MemoryReactorClock(),
                                   install_sighup=False, system=system)
         return service, system, path
@@ -80,6 +84,31 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(sent.destination, out.dst)
         self.assertEqual(out.src, "2001:db8:100::1")
         self.assertIn(out.dst, ("2001:db8:b0::10", "2001:db8:b0::11"))
+
+    def test_port_counters_in_stats(self) -> None:
+        """``stats`` (lbproxyctl, the manhole, metrics) shows what the sockets counted:
+        packets read per link, those the kernel's full queue lost, the writer's sent
+        and refused packets by errno name."""
+        limit = 6
+        service, system, _ = self.make(CONFIG.format(backends=backends("a", "b")), limit)
+        service.privilegedStartService()
+        service.startService()
+        self.addCleanup(service.stopService)
+        reader = service.forwarder.client
+        for i in range(limit + 2):  # two more than the queue holds: the kernel drops them
+            system.inject("lbc", mobile(f"2001:db8:100::{i + 1:x}"))
+        system.fail("send", errno.ENOBUFS)
+        reader.doRead()
+        reader.doRead()
+        ports = service.control.stats()["ports"]
+        self.assertEqual(ports["client"]["received"], limit)
+        self.assertEqual(ports["client"]["kernel_drops"], 2)
+        self.assertEqual(ports["server"]["received"], 0)
+        self.assertEqual(ports["writer"], {"sent": limit - 1, "dropped": 1,
+                                           "errors": {"ENOBUFS": 1}})  # fmt: skip
+        self.assertEqual(len(system.sent), limit - 1)
+        self.assertIn("ports.writer.errors.ENOBUFS 1", str(format_stats(service.control.stats())))
+        self.flushLoggedErrors()
 
     def test_reload_keeps_table(self) -> None:
         """Reload applies a new backend list; bindings to surviving backends stay, and an
