@@ -43,10 +43,11 @@ __all__ = ["FastPath", "SendQueues"]
 #: Destination Options bytes 2..7 in the usual HAO layout (RFC 6275 section 6.3 and
 #: appendix A): PadN with 2 zero bytes, then option type 0xC9 and length 16.
 PADN2_HAO = b"\x01\x02\x00\x00\xc9\x10"
-#: Version/class/flow, payload length, next header, hop limit, source, destination;
-#: Destination Options next header, length, PadN(2)+HAO type/length, home address;
-#: then the transport header's destination port (its source port skipped).
-_IN = struct.Struct("!IHBB16s16sBB6s16sxxH")
+#: Version/class/flow, payload length, next header, hop limit, source; then 24 bytes
+#: that are constant for the shape (destination, the Destination Options header's next
+#: header and length, PadN(2)+HAO type and length: see `FastPath.forward`), the home
+#: address, and the transport header's destination port (its source port skipped).
+_IN = struct.Struct("!IHBB16s24s16sxxH")
 #: The rewritten IPv6 header.
 _OUT = struct.Struct("!IHBB16s16s")
 #: The first byte of every home-address key (see `lbproxy.keys.Key`).
@@ -110,6 +111,10 @@ class FastPath:
                 other(i * slot, lengths[16 * i + 14])
             return
         vip, ports, translate, lookup, counters, backend_delta, miss, drop = plan
+        # Bytes 24..47 of the shape: the virtual address, then the Destination Options
+        # header's next header (UDP or TCP) and length (2: 24 bytes), PadN(2)+HAO.
+        udp_shape = vip + bytes([_UDP, 2]) + PADN2_HAO
+        tcp_shape = vip + bytes([_TCP, 2]) + PADN2_HAO
         cut = 24 if translate else 0  # bytes the rewrite removes
         unpack, pack = _IN.unpack_from, _OUT.pack_into
         routes = writer.routes
@@ -128,15 +133,18 @@ class FastPath:
                         if writer.routes is not routes:  # renewed: queued names are stale
                             routes, targets = writer.routes, {}
                         continue
-                    vtf, plen, nh, hop, src, dst, nh2, hlen, options, hoa, dport = unpack(data, s)
+                    vtf, plen, nh, hop, src, shape, hoa, dport = unpack(data, s)
+                    if shape == udp_shape:
+                        nh2 = _UDP
+                    elif shape == tcp_shape and n >= 84:
+                        nh2 = _TCP
+                    else:
+                        nh2 = 0
                     if (
-                        nh != _DSTOPTS
-                        or hlen != 2
-                        or options != PADN2_HAO
-                        or dst != vip
+                        not nh2
+                        or nh != _DSTOPTS
                         or plen + 40 != n
                         or vtf >> 28 != 6
-                        or (nh2 != _UDP and (nh2 != _TCP or n < 84))
                         or (ports and dport not in ports)
                     ):
                         other(s, n)
