@@ -26,10 +26,13 @@ Topology (three network namespaces created here and removed at the end; root nee
 Both C programs are compiled with gcc into a temporary directory at start.  Every
 address is in 2001:db8::/32 and no traffic leaves the namespaces.
 
-Figures per (forwarder, terminals): offered packets/s (what the generator got out),
+Runs come in rounds: per terminal count, each round runs the kernel and then lbproxy
+(started fresh) one right after the other, so that a slow spell of the shared machine
+falls on both.  Figures per run: offered packets/s (what the generator got out),
 delivered packets/s (good packets at the sink), their share, CPU (the balancer
-process's, and the whole machine's), then lbproxy/kernel ratios; and latency p50/p99
-at a moderate rate (default 10k packets/s, one packet per send).
+process's, and the whole machine's); then lbproxy/kernel ratios, best against best and
+round by round; and latency p50/p99 at a moderate rate (default 10k packets/s, one
+packet per send).
 
 Run: ``sudo .venv/bin/python benchmarks/dataplane.py [--duration 3] [--repeat 2]
 [--terminals 1,100000] [--latency-rate 10000]``.  See docs/performance.md.
@@ -406,34 +409,53 @@ def latency(tools: Tools, terminals: int, rate: float, seconds: float) -> dict[s
 
 
 def measure(args: argparse.Namespace, tools: Tools, directory: str) -> dict[str, Any]:
+    """Rounds of one run per forwarder, one right after the other.
+
+    Why rounds: this VM's host slows it down now and then for tens of seconds (every
+    function in a profile ~1.5 times slower at once, docs/performance.md); measuring
+    all kernel runs, then all lbproxy runs, let such a spell fall on one forwarder
+    only.  Within a round the runs are seconds apart, so the round's ratio compares
+    like with like.  lbproxy is started fresh for each of its runs (and warmed up, as
+    the kernel's conntrack is).
+    """
     results: dict[str, Any] = {"throughput": {}, "latency": {}}
     forwarders = ["kernel", "lbproxy"]
     if args.baseline:
         forwarders.append(f"@{args.baseline}")
-    for forwarder in forwarders:
-        balancer = None
-        kernel_dnat(forwarder == "kernel")
-        if forwarder != "kernel":
-            tree = baseline_tree(args.baseline, directory) if forwarder.startswith("@") else None
-            balancer = Lbproxy(directory, args.balancer_cpu or None, tree)
-            balancer.start()
-        try:
-            for terminals in args.terminals:
-                warm_up(tools, terminals)
-                runs = [throughput(tools, terminals, args.duration, balancer)
-                        for _ in range(args.repeat)]  # fmt: skip
-                results["throughput"][forwarder, terminals] = runs
-                report_throughput(forwarder, terminals, runs)
-                if args.latency_rate > 0:
-                    lat = latency(tools, terminals, args.latency_rate, args.latency_seconds)
-                    results["latency"][forwarder, terminals] = lat
-                    report_latency(forwarder, terminals, lat)
-        finally:
-            if balancer is not None:
-                balancer.stop()
-                if args.show_log:
-                    print(balancer.read_log()[-3000:])
+    trees = {f: baseline_tree(args.baseline, directory) for f in forwarders if f[0] == "@"}
+    for terminals in args.terminals:
+        for forwarder in forwarders:
+            results["throughput"][forwarder, terminals] = []
+        for round_ in range(args.repeat):
+            last = round_ == args.repeat - 1
+            for forwarder in forwarders:
+                balancer = None
+                kernel_dnat(forwarder == "kernel")
+                if forwarder != "kernel":
+                    balancer = Lbproxy(directory, args.balancer_cpu or None, trees.get(forwarder))
+                    balancer.start()
+                try:
+                    warm_up(tools, terminals)
+                    run = throughput(tools, terminals, args.duration, balancer)
+                    results["throughput"][forwarder, terminals].append(run)
+                    report_throughput(forwarder, terminals, [run])
+                    if last and args.latency_rate > 0:
+                        lat = latency(tools, terminals, args.latency_rate, args.latency_seconds)
+                        results["latency"][forwarder, terminals] = lat
+                        report_latency(forwarder, terminals, lat)
+                finally:
+                    if balancer is not None:
+                        balancer.stop()
+                        if args.show_log:
+                            print(balancer.read_log()[-3000:])
     return results
+
+
+def round_ratios(results: dict[str, Any], forwarder: str, terminals: int) -> list[float]:
+    """lbproxy's delivered rate over the kernel's, round by round."""
+    ours = results["throughput"][forwarder, terminals]
+    kernel = results["throughput"]["kernel", terminals]
+    return [o["delivered"] / (k["delivered"] or 1) for o, k in zip(ours, kernel, strict=True)]
 
 
 def best(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -542,7 +564,7 @@ def ablation(tools: Tools, terminals: int, rounds: int, count: int = 30_000) -> 
 
 
 def summary(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    print("\nsummary (best of each; ratio = lbproxy delivered / kernel delivered)")
+    print("\nsummary (best of each, and per round; ratio = lbproxy delivered / kernel delivered)")
     for terminals in args.terminals:
         kernel = best(results["throughput"]["kernel", terminals])
         ours = best(results["throughput"]["lbproxy", terminals])
@@ -553,6 +575,9 @@ def summary(args: argparse.Namespace, results: dict[str, Any]) -> None:
               f"lbproxy {ours['delivered']:>9,.0f}/s (median {median:,.0f})  "
               f"ratio {ratio:.2f}  lbproxy CPU {ours['balancer_cpu']:.0%} of a core, "
               f"{ours['balancer_cpu'] / (ours['delivered'] or 1) * 1e6:.2f} us/packet")
+        rounds = round_ratios(results, "lbproxy", terminals)
+        print(f"  {'':>7}  ratio round by round: "
+              f"{', '.join(f'{r:.2f}' for r in rounds)} (median {statistics.median(rounds):.2f})")
         if args.baseline:
             old = best(results["throughput"][f"@{args.baseline}", terminals])
             print(f"  {'':>7}  lbproxy at {args.baseline}: {old['delivered']:>9,.0f}/s, ratio "
@@ -569,7 +594,8 @@ def summary(args: argparse.Namespace, results: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per run")
-    parser.add_argument("--repeat", type=int, default=2, help="runs per case")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds per terminal count (one run of each forwarder per round)")
     parser.add_argument("--terminals", default="1,100000",
                         help="comma-separated distinct terminal counts")  # fmt: skip
     parser.add_argument("--latency-rate", type=float, default=10_000.0,
