@@ -49,7 +49,7 @@ from lbproxy.wire.view import MalformedPacket, PacketView, parse
 
 _ICMPV6 = 58
 
-__all__ = ["Balancer", "Counters", "FastPlan", "TraceResult", "Verdict"]
+__all__ = ["Balancer", "Counters", "FastPlan", "ReplyPlan", "TraceResult", "Verdict"]
 
 #: How long a first fragment's decision is remembered for its later fragments (RFC 8200
 #: section 4.5 gives reassembly 60 seconds).
@@ -171,6 +171,21 @@ class FastPlan(NamedTuple):
     drop: Callable[[str], None]
 
 
+class ReplyPlan(NamedTuple):
+    """The balancer state the replies' fast path reads (`Balancer.reply_plan`)."""
+
+    #: The one virtual address (16 bytes): every reply's new source.
+    vip: bytes
+    #: Backend address (16 bytes) -> the checksum change of "source := virtual address"
+    #: for a reply from it (RFC 1624 arithmetic, as `nat.reply` computes it).
+    deltas: dict[bytes, int]
+    #: Home address -> confirmed care-of address (the return path's Type 2 Routing Header).
+    confirmed: dict[bytes, bytes]
+    counters: Counters
+    #: A counted drop, by reason.
+    drop: Callable[[str], None]
+
+
 class Balancer:
     """The balancer's decisions over bytes: inbound, outbound, and operator actions."""
 
@@ -202,6 +217,7 @@ class Balancer:
         self._fast_ready = False
         self._fast_chain: KeyChain | None = None
         self._plan: FastPlan | None = None
+        self._reply_plan: ReplyPlan | None = None
         # backend address -> (checksum delta virtual address -> backend, its packet
         # counter cell, its name), see inbound.
         self._fast_backends: dict[bytes, tuple[int, list[int], str]] = {}
@@ -427,6 +443,7 @@ class Balancer:
             self._fast_wanted and len(self.vips) == 1 and not self._down and not self._gone
         )
         self._plan = None
+        self._reply_plan = None
 
     def _check_chain(self) -> None:
         """The key chain changed (reload): does it start with the home-address strategy?"""
@@ -456,6 +473,25 @@ class Balancer:
                 counters=self.counters,
                 backend_delta=self._backend_delta,
                 miss=self._miss,
+                drop=self._drop,
+            )
+        return plan
+
+    def reply_plan(self) -> ReplyPlan | None:
+        """What `lbproxy.fastpath` needs to handle a backend's usual reply itself (IPv6
+        straight to UDP or TCP), or None when the fast path is off or there are several
+        virtual addresses (a reply's source then depends on the terminal).  Asked once
+        per batch, as `fast_plan`."""
+        if not self._fast_wanted or len(self.vips) != 1:
+            return None
+        plan = self._reply_plan
+        if plan is None:
+            vip = int.from_bytes(self._first_vip, "big")
+            plan = self._reply_plan = ReplyPlan(
+                vip=self._first_vip,
+                deltas={a: (vip - int.from_bytes(a, "big")) % _MASK for a in self._by_address},
+                confirmed=self._confirmed,
+                counters=self.counters,
                 drop=self._drop,
             )
         return plan

@@ -20,6 +20,14 @@ on.  Any other packet -- another layout, a fragment, ICMPv6, a packet the writer
 take directly -- goes, in its turn (order is kept), to the reader's general handling:
 a ``bytearray`` copy through `Balancer.inbound`.  `Balancer.fast_plan` says, once per
 batch, whether the fast path applies to the current configuration at all.
+
+Replies (`FastPath.reply`): the usual reply from a backend -- IPv6 straight to UDP or
+TCP, to a terminal -- gets the virtual address as its source (one checksum constant per
+backend), a hop less, and, when the terminal's care-of address was confirmed by an
+authenticated notification, a Type 2 Routing Header with the home address and the
+care-of address as destination: `nat.reply` for that shape.  Everything else on the
+server link (ICMPv6, extension headers, traffic for this host, multicast, link-local,
+a source that is not a backend) goes to the general handling.
 tests/test_fastpath.py checks with hypothesis that for any sequence of packets the
 output bytes, the counters and the table are the general path's.
 """
@@ -54,7 +62,10 @@ _OUT = struct.Struct("!IHBB16s16s")
 _HOA_KIND = Key("hoa", bytes(16))[:1]
 _MASK = 0xFFFF
 _HOP_LIMIT = nat.Drop.HOP_LIMIT.value
-_UDP, _TCP, _DSTOPTS = 17, 6, 60
+_UDP, _TCP, _DSTOPTS, _ROUTING = 17, 6, 60, 43
+#: A Type 2 Routing Header: next header, length 2 (24 bytes), type 2, one segment
+#: left, 4 reserved bytes, the home address.
+_RH2 = struct.Struct("!BBBB4x16s")
 _log = Logger()
 #: A backend's send queue and ``msg_name``, checksum delta and packet cell, and the
 #: queue's buffers (`lbproxy.mmsg.Batch`), unpacked once per batch.
@@ -89,6 +100,11 @@ class FastPath:
         self.clock = clock
         #: Packets forwarded here (not by the general path), for the statistics.
         self.forwarded = 0
+        #: Replies forwarded here (not by the general path).
+        self.replies = 0
+        #: This host's addresses (16 bytes each): replies to them are the kernel's
+        #: (`ForwarderService` fills it in when it learns them).
+        self.own_addresses: frozenset[bytes] | set[bytes] = frozenset()
         #: Packets whose handling here raised (a bug: bad input never does); each is
         #: lost, counted and logged, and the rest of its batch goes on.
         self.errors = 0
@@ -211,6 +227,108 @@ class FastPath:
             counters.packets_out += forwarded
             counters.hoa_hits_pending += hits
             self.forwarded += forwarded
+
+    def reply(
+        self,
+        data: memoryview,
+        slot: int,
+        lengths: memoryview,
+        count: int,
+        other: Callable[[int, int], object],
+    ) -> None:
+        """A batch read on the server link, as `forward` takes one: a backend's usual
+        reply (IPv6 straight to UDP or TCP, to a terminal) goes out from the virtual
+        address, with a Type 2 Routing Header to the confirmed care-of address if
+        there is one, as `Balancer.outbound` would send it; ``other(start, length)``
+        handles every other packet (ICMPv6, extension headers, traffic for this host,
+        a source that is not a backend...)."""
+        plan = self.balancer.reply_plan()
+        writer = self.writer
+        if plan is None or not writer.ready:
+            for i in range(count):
+                other(i * slot, lengths[16 * i + 14])
+            return
+        vip, deltas, confirmed, counters, drop = plan
+        own = self.own_addresses
+        unpack, pack = _OUT.unpack_from, _OUT.pack_into
+        routes = writer.routes
+        queue: Batch | None = None  # the last queue used, and its buffers below
+        tx = tx_lengths = tx_names = data
+        tx_slot = tx_count = 0
+        taken = sent = 0
+        try:
+            for i in range(count):
+                try:
+                    n = lengths[16 * i + 14]
+                    s = i * slot
+                    if n < 48 or n > slot:
+                        other(s, n)
+                        routes = writer.routes  # the general path may have renewed them
+                        continue
+                    vtf, plen, nh, hop, src, dst = unpack(data, s)
+                    delta = deltas.get(src)
+                    if (
+                        delta is None
+                        or (nh != _UDP and (nh != _TCP or n < 60))
+                        or plen + 40 != n
+                        or vtf >> 28 != 6
+                        or dst[0] == 0xFF  # multicast
+                        or (dst[0] == 0xFE and dst[1] & 0xC0 == 0x80)  # link-local
+                        or dst in own  # this host's: health-check answers and the like
+                    ):
+                        other(s, n)
+                        routes = writer.routes
+                        continue
+                    taken += 1
+                    if hop <= 1:
+                        drop(_HOP_LIMIT)
+                        continue
+                    # The transport checksum: source := virtual address (the destination,
+                    # the home address, stays the final one).  A UDP checksum of 0 stays.
+                    pos = 46 if nh == _UDP else 56
+                    csum = data[s + pos] << 8 | data[s + pos + 1]
+                    if csum or nh == _TCP:
+                        csum = _MASK - (((_MASK - csum + delta) % _MASK) or _MASK)
+                        if not csum and nh == _UDP:
+                            csum = _MASK
+                    care_of = confirmed.get(dst)
+                    to = dst if care_of is None else care_of
+                    route = routes.get(to)
+                    if route is None:
+                        route = writer.route(to)
+                        routes = writer.routes
+                    out, name = route
+                    if out is not queue:  # replies mostly share one queue: the raw socket's
+                        queue, tx, tx_lengths, tx_names = out, out.data, out.iov_lengths, out.names
+                        tx_slot, tx_count = out.slot, out.count
+                    q = out.queued
+                    o = q * tx_slot
+                    if care_of is None:
+                        pack(tx, o, vtf, plen, nh, hop - 1, vip, dst)
+                        extra = 0
+                    else:
+                        # RFC 6275 section 6.4: a Type 2 Routing Header with the home
+                        # address; the packet goes to the care-of address.
+                        pack(tx, o, vtf, plen + 24, _ROUTING, hop - 1, vip, care_of)
+                        _RH2.pack_into(tx, o + 40, nh, 2, 2, 1, dst)
+                        extra = 24
+                    tx[o + 40 + extra : o + n + extra] = data[s + 40 : s + n]
+                    o += pos + extra
+                    tx[o] = csum >> 8
+                    tx[o + 1] = csum & 0xFF
+                    tx_lengths[2 * q + 1] = n + extra
+                    tx_names[8 * q] = name
+                    sent += 1
+                    q += 1
+                    out.queued = q
+                    if q == tx_count:
+                        writer.flush_queue(out)
+                except Exception:  # a bug, not bad input: count it, keep the batch going
+                    self._failed()
+        finally:
+            counters.replies_in += taken
+            counters.replies_out += sent
+            self.replies += sent
 
     def _failed(self) -> None:
         self.errors += 1

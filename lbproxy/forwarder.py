@@ -11,7 +11,9 @@ With the real Linux packet system the ports are the batched ones of `lbproxy.mms
 by flushing the writer, so a packet waits at most for the rest of its own batch.  The
 client reader gives each received batch to `lbproxy.fastpath`, which rewrites the usual
 packet from the receive buffer straight into the writer's queue, and hands every other
-packet through `Balancer.inbound` to the writer (``emit``); and
+packet through `Balancer.inbound` to the writer (``emit``); the server reader does the
+same with the backends' usual replies (`FastPath.reply`), the rest going through
+``_from_backend``; and
 packets to backends on the server link go out through that link's packet socket to the
 MAC the kernel's neighbour table has for them (read by netlink every
 ``neighbour_interval`` seconds; a backend with no usable entry goes through the raw
@@ -107,7 +109,7 @@ class ForwarderService(Service):
             )
             self.server = mmsg.BatchPacketReader(
                 system, reactor, server_interface, self._from_backend, batch=batch,
-                after_batch=writer.flush,
+                after_batch=writer.flush, fast=self.fast.reply,
             )
         else:
             self.fast = None
@@ -136,6 +138,8 @@ class ForwarderService(Service):
         super().privilegedStartService()
         if self._own is None:
             self._own = local_addresses()
+        if self.fast is not None:
+            self.fast.own_addresses = self._own
         self.writer.open()
         self.client.open()
         self.server.open()
@@ -212,7 +216,11 @@ class ForwarderService(Service):
             "errors": dict(writer.errors),
         }
         if self.fast is not None:
-            ports["fast_path"] = {"forwarded": self.fast.forwarded, "errors": self.fast.errors}
+            ports["fast_path"] = {
+                "forwarded": self.fast.forwarded,
+                "replies": self.fast.replies,
+                "errors": self.fast.errors,
+            }
         return ports
 
     def _refresh_neighbours(self) -> None:

@@ -115,11 +115,14 @@ class BalancerCollector:
             f"{PREFIX}_port_sent", "Packets the kernel took for sending.", writer.get("sent", 0)
         )
         if fast is not None:
-            yield CounterMetricFamily(
+            family = CounterMetricFamily(
                 f"{PREFIX}_fast_path_packets",
-                "Packets forwarded by the fast path (lbproxy.fastpath).",
-                fast["forwarded"],
+                "Packets forwarded by the fast path (lbproxy.fastpath), by direction.",
+                labels=["direction"],
             )
+            family.add_metric(["to-backend"], fast["forwarded"])
+            family.add_metric(["to-terminal"], fast.get("replies", 0))
+            yield family
 
     def _packets(self) -> Iterator[Metric]:
         stats = self.control.stats()

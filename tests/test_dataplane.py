@@ -108,6 +108,11 @@ class HomeAddressTranslateTests(BedTestCase):
             stats = balancer.ctl("stats")
             self.assertEqual(stats["misses"], {"hoa": 50})
             self.assertEqual(stats["dropped"], {})
+            # both directions took the fast path (lbproxy.fastpath) for most packets
+            fast = stats["ports"]["fast_path"]
+            self.assertGreater(fast["forwarded"], stats["packets_in"] // 2, stats)
+            self.assertGreater(fast["replies"], stats["replies_in"] // 2, stats)
+            self.assertEqual(fast["errors"], 0)
 
             emitted = [p for p in to_backends.packets() if p.src != "fe80::"]
             emitted = [p for p in emitted if TCP in p or UDP in p]

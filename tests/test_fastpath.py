@@ -16,7 +16,15 @@ import ipaddress
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import TCP, UDP
-from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, PadN
+from scapy.layers.inet6 import (
+    HAO,
+    ICMPv6EchoReply,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrRouting,
+    PadN,
+)
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -362,3 +370,183 @@ class FastPathTests(SynchronousTestCase):
         self.assertEqual([data[-5:] for _, data in sent], [b"known", b"known"])
         self.assertEqual((fast.forwarded, fast.errors), (2, 1))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+# -- replies (FastPath.reply) --------------------------------------------------------
+
+#: Addresses of "this host" in the reply tests: replies to them are left to the kernel.
+OWN = ipaddress.IPv6Address("2001:db8:b0::1").packed
+
+
+def _raw_reply(proto: int, backend: int, t: int, hop: int, csum: int, payload: bytes) -> bytes:
+    """A backend's reply, built by hand (the checksum field is the test's choice):
+    IPv6 straight to UDP or TCP, from backend `backend` (3: not a backend) to the home
+    address of terminal `t`; t = 7 is multicast, 8 link-local, 9 this host."""
+    source = (BACKENDS[backend].packed if backend < 3
+              else ipaddress.IPv6Address("2001:db8:b0::99").packed)  # fmt: skip
+    destination = {
+        7: ipaddress.IPv6Address("ff02::1").packed,
+        8: ipaddress.IPv6Address("fe80::1").packed,
+        9: OWN,
+    }.get(t, ipaddress.IPv6Address(f"2001:db8:100::{t + 1}").packed)
+    if proto == 17:
+        l4 = (80).to_bytes(2, "big") + (40000).to_bytes(2, "big") + (
+            8 + len(payload)).to_bytes(2, "big") + csum.to_bytes(2, "big")  # fmt: skip
+    else:
+        l4 = ((80).to_bytes(2, "big") + (40000).to_bytes(2, "big") + bytes(8)
+              + b"\x50\x10\xff\xff" + csum.to_bytes(2, "big") + bytes(2))  # fmt: skip
+    body = l4 + payload
+    header = bytes([0x60, 0, 0, 0]) + len(body).to_bytes(2, "big") + bytes([proto, hop])
+    return header + source + destination + body
+
+
+def forward_replies(
+    balancer: Balancer, packets: list[bytes]
+) -> tuple[list[tuple[bytes, bytes]], FastPath]:
+    """`packets` as one batch read on the server link, through FastPath.reply; the rest
+    as the forwarder's ``_from_backend`` does: this host's, multicast and link-local
+    are left alone, everything else goes through `Balancer.outbound`."""
+    writer = QueueWriter()
+    fast = FastPath(balancer, writer, Clock())
+    fast.own_addresses = {OWN}
+    rx = Batch(len(packets), 2048)
+    for i, packet in enumerate(packets):
+        rx.data[i * 2048 : i * 2048 + len(packet)] = packet
+        rx.lengths[16 * i + 14] = len(packet)
+
+    def other(start: int, length: int) -> None:
+        packet = bytearray(rx.data[start : start + length])
+        if not _left_to_kernel(bytes(packet)):
+            out = balancer.outbound(packet)
+            if out is not None:
+                writer.send(out)
+
+    fast.reply(rx.data, rx.slot, rx.lengths, len(packets), other)
+    writer.flush_queue(writer.queue)
+    return writer.sent, fast
+
+
+def _left_to_kernel(packet: bytes) -> bool:
+    return packet[24] == 0xFF or (packet[24] == 0xFE and packet[25] & 0xC0 == 0x80) or (
+        packet[24:40] == OWN)  # fmt: skip
+
+
+def general_replies(balancer: Balancer, packets: list[bytes]) -> list[tuple[bytes, bytes]]:
+    sent = []
+    for packet in packets:
+        if _left_to_kernel(packet):
+            continue
+        out = balancer.outbound(bytearray(packet))
+        if out is not None:
+            sent.append((bytes(out[24:40]), bytes(out)))
+    return sent
+
+
+def _reply_checksum_ok(data: bytes) -> bool:
+    """scapy's checksum over the final destination (the home address when a Type 2
+    Routing Header is present) and the source."""
+    pkt = IPv6(data)
+    l4 = pkt[TCP] if TCP in pkt else pkt[UDP]
+    final = pkt[IPv6ExtHdrRouting].addresses[-1] if IPv6ExtHdrRouting in pkt else pkt.dst
+    fresh = l4.copy()
+    del fresh.chksum
+    return bool(IPv6(bytes(IPv6(src=pkt.src, dst=final) / fresh))[type(l4)].chksum
+                == l4.chksum)  # fmt: skip
+
+
+class ReplyFastPathTests(SynchronousTestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(
+        specs=st.lists(
+            st.tuples(
+                st.sampled_from([6, 17]),
+                st.integers(0, 3),  # backend (3: not one)
+                st.integers(0, 9),  # terminal (7-9: multicast, link-local, this host)
+                st.sampled_from([0, 1, 2, 64]),  # hop limit
+                st.integers(0, 0xFFFF),  # checksum field
+                st.binary(max_size=16),
+            ),
+            min_size=1,
+            max_size=20,
+        ),
+        confirmed=st.sets(st.integers(0, 6)),
+        icmp=st.integers(0, 20),  # where an ICMPv6 echo reply goes in the batch
+    )
+    def test_same_as_general_path(
+        self,
+        specs: list[tuple[int, int, int, int, int, bytes]],
+        confirmed: set[int],
+        icmp: int,
+    ) -> None:
+        """Any batch of replies, confirmed care-of addresses or not, mixed with other
+        traffic: the same packets out in the same order, the same counters."""
+        (fast, _), (slow, _) = make(), make()
+        for t in confirmed:
+            home = ipaddress.IPv6Address(f"2001:db8:100::{t + 1}").packed
+            coa = ipaddress.IPv6Address(f"2001:db8:a9::{t + 1}").packed
+            for b in (fast, slow):
+                b.confirm(home, coa)
+        packets = [_raw_reply(*spec) for spec in specs]
+        echo = bytes(IPv6(src=str(BACKENDS[0].address), dst="2001:db8:100::1")
+                     / ICMPv6EchoReply(id=1, seq=1))  # fmt: skip
+        packets.insert(icmp % (len(packets) + 1), echo)
+        sent, _ = forward_replies(fast, packets)
+        self.assertEqual(sent, general_replies(slow, packets))
+        self.assertEqual(fast.counters.as_dict(), slow.counters.as_dict())
+
+    def test_takes_the_usual_reply(self) -> None:
+        """UDP and TCP replies, to a terminal at home and to one whose care-of address
+        is confirmed: all four the fast way, checksums valid by scapy's computation, the
+        Type 2 Routing Header only for the confirmed one."""
+        balancer, _ = make()
+        home = ipaddress.IPv6Address(HOA).packed
+        balancer.confirm(home, ipaddress.IPv6Address(COA2).packed)
+        packets = [
+            bytes(IPv6(src=str(BACKENDS[1].address), dst=dst, hlim=64) / layer / b"reply")
+            for dst in (HOA, "2001:db8:100::7")
+            for layer in (UDP(sport=80, dport=4000), TCP(sport=80, dport=4000))
+        ]
+        sent, fast = forward_replies(balancer, packets)
+        self.assertEqual(fast.replies, 4)
+        for (to, data), original in zip(sent, packets, strict=True):
+            pkt = IPv6(data)
+            self.assertTrue(_reply_checksum_ok(data))
+            self.assertEqual(pkt.src, VIP)
+            self.assertEqual(pkt.hlim, 63)
+            if IPv6(original).dst == HOA:
+                self.assertEqual((pkt.dst, to), (COA2, ipaddress.IPv6Address(COA2).packed))
+                self.assertEqual(pkt[IPv6ExtHdrRouting].type, 2)
+                self.assertEqual(pkt[IPv6ExtHdrRouting].addresses, [HOA])
+            else:
+                self.assertNotIn(IPv6ExtHdrRouting, pkt)
+                self.assertEqual(pkt.dst, "2001:db8:100::7")
+            self.assertEqual(bytes(pkt.lastlayer()), b"reply")
+        self.assertEqual(balancer.counters.replies_out, 4)
+
+    def test_several_virtual_addresses_take_the_general_path(self) -> None:
+        """With two virtual addresses a reply's source depends on the terminal: nothing
+        is taken, the results are the general path's."""
+        (fast, _), (slow, _) = make(), make()
+        two = [ipaddress.IPv6Address(VIP), ipaddress.IPv6Address("2001:db8:5::81")]
+        for b in (fast, slow):
+            b.set_virtual_addresses(two)
+        packets = [_raw_reply(17, 0, t, 64, 0, b"x") for t in range(3)]
+        sent, path = forward_replies(fast, packets)
+        self.assertEqual(path.replies, 0)
+        self.assertEqual(sent, general_replies(slow, packets))
+
+    def test_udp_checksum_never_becomes_zero(self) -> None:
+        """A reply whose adjusted UDP checksum is 0 goes out as 0xFFFF, as on the
+        general path; a TCP one as 0."""
+        for proto in (17, 6):
+            (fast, _), (slow, _) = make(), make()
+            plan = fast.reply_plan()
+            assert plan is not None
+            packets = [_raw_reply(proto, b, 0, 64, plan.deltas[BACKENDS[b].packed], b"")
+                       for b in range(3)]  # fmt: skip
+            sent, path = forward_replies(fast, packets)
+            self.assertEqual(path.replies, 3)
+            self.assertEqual(sent, general_replies(slow, packets))
+            pos = 46 if proto == 17 else 56
+            self.assertEqual({data[pos : pos + 2] for _, data in sent},
+                             {b"\xff\xff" if proto == 17 else b"\x00\x00"})  # fmt: skip

@@ -91,7 +91,7 @@ class CollectorTests(SynchronousTestCase):
             "server": {"received": 4, "oversize": 0, "kernel_drops": 0, "handler_errors": 2,
                        "receive_errors": 0, "wakeups": 2},
             "writer": {"sent": 11, "dropped": 3, "errors": {"EAGAIN": 2, "ENOBUFS": 1}},
-            "fast_path": {"forwarded": 9, "errors": 0},
+            "fast_path": {"forwarded": 9, "replies": 5, "errors": 0},
         }  # fmt: skip
         control = Control(self.balancer, ports=lambda: ports)
         got = self.scrape(BalancerCollector(control))
@@ -105,7 +105,9 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(lost[(("port", "writer"), ("reason", "ENOBUFS"))], 1)
         self.assertEqual(lost[(("port", "fast-path"), ("reason", "handler-failed"))], 0)
         self.assertEqual(got[("lbproxy_port_sent_total", ())], 11)
-        self.assertEqual(got[("lbproxy_fast_path_packets_total", ())], 9)
+        fast = (("direction", "to-backend"),), (("direction", "to-terminal"),)
+        self.assertEqual(got[("lbproxy_fast_path_packets_total", fast[0])], 9)
+        self.assertEqual(got[("lbproxy_fast_path_packets_total", fast[1])], 5)
         without = self.scrape(BalancerCollector(self.control))  # no forwarder: no port metrics
         self.assertFalse([name for name, _ in without if name.startswith("lbproxy_port_")])
 
