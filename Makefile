@@ -55,6 +55,7 @@ demo: $(STAMP) system-deps
 
 bench: $(STAMP)
 	$(PY) benchmarks/core.py
+	$(PY) benchmarks/fastpath.py
 
 # Needs root: network namespaces, C generator and sink (gcc), kernel nft DNAT baseline.
 bench-dataplane: $(STAMP) system-deps
