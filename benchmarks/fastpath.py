@@ -87,7 +87,7 @@ def setup(terminals: int) -> tuple[Balancer, mmsg.BatchPacketWriter, FastPath]:
     # Queues without a socket: "sending" empties the queue (the kernel's share is
     # benchmarks/dataplane.py's business).
     writer._ready = True
-    writer._flush = lambda queue: setattr(queue, "queued", 0)  # type: ignore[method-assign]
+    writer._flush = lambda out: setattr(out, "queued", 0)  # type: ignore[method-assign]
     writer.use_link(-1, 1)
     writer.set_link_neighbours({b.packed: b"\x02\x00\x5e\x00\x00\x01" for b in BACKENDS})
     for i in range(terminals):  # bindings exist (and are established); half confirmed

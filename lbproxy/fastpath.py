@@ -67,8 +67,9 @@ _UDP, _TCP, _DSTOPTS, _ROUTING = 17, 6, 60, 43
 #: left, 4 reserved bytes, the home address.
 _RH2 = struct.Struct("!BBBB4x16s")
 _log = Logger()
-#: A backend's send queue and ``msg_name``, checksum delta and packet cell, and the
-#: queue's buffers (`lbproxy.mmsg.Batch`), unpacked once per batch.
+#: A backend's send queue and ``msg_name`` (0: the raw queue's own addresses), checksum
+#: delta and packet cell, and the queue's buffers (`lbproxy.mmsg.Batch`: data, lengths,
+#: names or addresses, slot size, count), unpacked once per batch.
 _Target = tuple[Batch, int, int, list[int], memoryview, memoryview, memoryview, int, int]
 
 
@@ -82,7 +83,8 @@ class SendQueues(Protocol):
     @property
     def routes(self) -> dict[bytes, tuple[Batch, int]]: ...
 
-    def route(self, destination: bytes) -> tuple[Batch, int]: ...
+    @property
+    def raw_route(self) -> tuple[Batch, int]: ...
 
     def flush_queue(self, queue: Batch) -> None: ...
 
@@ -133,9 +135,9 @@ class FastPath:
         tcp_shape = vip + bytes([_TCP, 2]) + PADN2_HAO
         cut = 24 if translate else 0  # bytes the rewrite removes
         unpack, pack = _IN.unpack_from, _OUT.pack_into
-        routes = writer.routes
+        routes, raw = writer.routes, writer.raw_route
         # Backend address -> everything its packets need, for this batch only (a reload
-        # or a health change comes between batches, never inside one).
+        # or a health change, or new neighbours, come between batches, never inside one).
         targets: dict[bytes, _Target] = {}
         now = self.clock.seconds()
         taken = forwarded = hits = 0
@@ -146,8 +148,6 @@ class FastPath:
                     s = i * slot
                     if n < 72 or n > slot:
                         other(s, n)
-                        if writer.routes is not routes:  # renewed: queued names are stale
-                            routes, targets = writer.routes, {}
                         continue
                     vtf, plen, nh, hop, src, shape, hoa, dport = unpack(data, s)
                     if shape == udp_shape:
@@ -164,8 +164,6 @@ class FastPath:
                         or (ports and dport not in ports)
                     ):
                         other(s, n)
-                        if writer.routes is not routes:
-                            routes, targets = writer.routes, {}
                         continue
                     taken += 1
                     binding = lookup(_HOA_KIND + hoa, now)
@@ -184,12 +182,10 @@ class FastPath:
                     packed = backend.packed
                     target = targets.get(packed)
                     if target is None:
-                        out, name = writer.route(packed)
-                        if writer.routes is not routes:
-                            routes, targets = writer.routes, {}
+                        out, name = routes.get(packed, raw)
                         target = targets[packed] = (
                             out, name, *backend_delta(backend), out.data, out.iov_lengths,
-                            out.names, out.slot, out.count,
+                            out.names if name else out.addresses, out.slot, out.count,
                         )  # fmt: skip
                     out, name, delta, cell, tx, tx_lengths, tx_names, tx_slot, tx_count = target
                     # The transport checksum: destination := backend (the pseudo-header's
@@ -213,7 +209,10 @@ class FastPath:
                     tx[o] = csum >> 8
                     tx[o + 1] = csum & 0xFF
                     tx_lengths[2 * q + 1] = length
-                    tx_names[8 * q] = name
+                    if name:  # a link neighbour: its sockaddr_ll
+                        tx_names[8 * q] = name
+                    else:  # the raw socket: the slot's own sockaddr_in6
+                        tx_names[28 * q + 8 : 28 * q + 24] = packed
                     cell[0] += 1
                     forwarded += 1
                     q += 1
@@ -251,9 +250,9 @@ class FastPath:
         vip, deltas, confirmed, counters, drop = plan
         own = self.own_addresses
         unpack, pack = _OUT.unpack_from, _OUT.pack_into
-        routes = writer.routes
+        routes, raw = writer.routes, writer.raw_route
         queue: Batch | None = None  # the last queue used, and its buffers below
-        tx = tx_lengths = tx_names = data
+        tx = tx_lengths = tx_names = tx_addresses = data
         tx_slot = tx_count = 0
         taken = sent = 0
         try:
@@ -263,7 +262,6 @@ class FastPath:
                     s = i * slot
                     if n < 48 or n > slot:
                         other(s, n)
-                        routes = writer.routes  # the general path may have renewed them
                         continue
                     vtf, plen, nh, hop, src, dst = unpack(data, s)
                     delta = deltas.get(src)
@@ -277,7 +275,6 @@ class FastPath:
                         or dst in own  # this host's: health-check answers and the like
                     ):
                         other(s, n)
-                        routes = writer.routes
                         continue
                     taken += 1
                     if hop <= 1:
@@ -293,14 +290,10 @@ class FastPath:
                             csum = _MASK
                     care_of = confirmed.get(dst)
                     to = dst if care_of is None else care_of
-                    route = routes.get(to)
-                    if route is None:
-                        route = writer.route(to)
-                        routes = writer.routes
-                    out, name = route
+                    out, name = routes.get(to, raw)
                     if out is not queue:  # replies mostly share one queue: the raw socket's
                         queue, tx, tx_lengths, tx_names = out, out.data, out.iov_lengths, out.names
-                        tx_slot, tx_count = out.slot, out.count
+                        tx_addresses, tx_slot, tx_count = out.addresses, out.slot, out.count
                     q = out.queued
                     o = q * tx_slot
                     if care_of is None:
@@ -317,7 +310,10 @@ class FastPath:
                     tx[o] = csum >> 8
                     tx[o + 1] = csum & 0xFF
                     tx_lengths[2 * q + 1] = n + extra
-                    tx_names[8 * q] = name
+                    if name:
+                        tx_names[8 * q] = name
+                    else:
+                        tx_addresses[28 * q + 8 : 28 * q + 24] = to
                     sent += 1
                     q += 1
                     out.queued = q

@@ -21,8 +21,9 @@ Theory of operation
   (when not None) goes straight to it: the forwarder hands the balancer's ``inbound``
   and the writer's ``send`` to the reader, so the loop calls both without glue.
 * :class:`BatchPacketWriter` is a :class:`~lbproxy.rawsocket.PacketWriter` whose
-  ``send`` copies the packet into the next slot (with a cached ``sockaddr_in6`` for its
-  destination) and returns True ("queued"); :meth:`BatchPacketWriter.flush` sends the
+  ``send`` copies the packet into the next slot and its destination into the slot's
+  own ``sockaddr_in6`` (so any number of destinations costs nothing to remember) and
+  returns True ("queued"); :meth:`BatchPacketWriter.flush` sends the
   queue with ``sendmmsg`` and a full queue flushes itself.  ``stats.sent`` counts what
   the kernel took; a refused packet is a counted drop, as with the plain writer, only
   counted at flush time.  Packets go out in the order they were queued.
@@ -133,10 +134,11 @@ class Batch:
 
     Packet i is ``data[i * slot :]``; received, its length is ``lengths[16 * i + 14]``;
     queued for sending, ``iov_lengths[2 * i + 1]`` and its ``msg_name`` address
-    ``names[8 * i]`` say what and where (`lbproxy.fastpath` fills them directly).
+    ``names[8 * i]`` (or, in an `addressed` batch, the destination in ``addresses``) say
+    what and where (`lbproxy.fastpath` fills them directly).
     """
 
-    def __init__(self, count: int, slot: int) -> None:
+    def __init__(self, count: int, slot: int, addressed: bool = False) -> None:
         self.count = count
         self.slot = slot
         self.buffer = (ctypes.c_char * (count * slot))()
@@ -159,6 +161,20 @@ class Batch:
         self.names = memoryview(self.headers).cast("B").cast("Q")
         #: iov_len of iovec i is iov_lengths[2 * i + 1].
         self.iov_lengths = memoryview(self.iovecs).cast("B").cast("Q")
+        #: With `addressed`: header i's msg_name is its own ``sockaddr_in6`` (AF_INET6,
+        #: port 0), whose address is ``addresses[28 * i + 8 : 28 * i + 24]`` -- a sender
+        #: writes the destination there, so no destination needs a cached sockaddr.
+        self.addresses = memoryview(b"")
+        if addressed:
+            self._sockaddrs = ctypes.create_string_buffer(
+                struct.pack("=HHI16sI", socket.AF_INET6, 0, 0, bytes(16), 0) * count,
+                28 * count,
+            )
+            first = ctypes.addressof(self._sockaddrs)
+            for i in range(count):
+                self.headers[i].hdr.namelen = 28
+                self.names[8 * i] = first + 28 * i
+            self.addresses = memoryview(self._sockaddrs).cast("B")
 
     def at(self, index: int) -> int:
         """The address of header `index` (for a call starting there)."""
@@ -303,14 +319,14 @@ class BatchPacketWriter(PacketWriter):
         super().__init__(system)
         if _CALLS is None:
             raise RuntimeError("sendmmsg is not available here")
-        self._out = Batch(SLOTS, max_packet)
+        # The raw socket's queue: each slot has its own sockaddr_in6, so any destination
+        # (a backend, a terminal's home or care-of address) costs one 16-byte write.
+        self._out = Batch(SLOTS, max_packet, addressed=True)
         self._ready = False  # open: queue; closed: the plain writer counts the drop
-        # destination (16 bytes) -> (the queue, the address of its sockaddr for
-        # msg_name); the sockaddr buffers are kept alive while queued headers point at them.
+        # link neighbour (16 bytes) -> (the link queue, the address of its sockaddr_ll
+        # for msg_name); everything else goes to the raw queue.
         self._routes: dict[bytes, tuple[Batch, int]] = {}
-        self._sockaddrs: list[ctypes.Array[ctypes.c_char]] = []
-        for i in range(SLOTS):
-            self._out.headers[i].hdr.namelen = 28
+        self._raw_route = (self._out, 0)
         self._link: Batch | None = None
         self._link_ifindex = 0
         self._link_macs: dict[bytes, bytes] = {}
@@ -372,102 +388,60 @@ class BatchPacketWriter(PacketWriter):
 
     @property
     def routes(self) -> dict[bytes, tuple[Batch, int]]:
-        """Destination (16 bytes) -> (its queue, the address of its ``msg_name``), for the
-        destinations seen so far.  Replaced, not changed, when the cache is renewed: a
-        holder must read it again after anything that may send."""
+        """Link neighbour (16 bytes) -> (the link queue, its ``msg_name`` address).  It
+        changes only when the neighbours do (`set_link_neighbours`), never while a
+        batch is being handled."""
         return self._routes
 
+    @property
+    def raw_route(self) -> tuple[Batch, int]:
+        """The route of every other destination: the raw socket's queue, name 0 -- the
+        destination goes into the slot's own address (`Batch.addresses`)."""
+        return self._raw_route
+
     def route(self, destination: bytes) -> tuple[Batch, int]:
-        """The queue and ``msg_name`` for `destination` (16 bytes), made if new: the
-        link socket's for a link neighbour, the raw socket's otherwise."""
-        route = self._routes.get(destination)
-        if route is None:
-            self._raw_name(destination)
-            route = self._routes[destination]
-        return route
+        """The queue and ``msg_name`` for `destination` (16 bytes): the link queue's for a
+        link neighbour, else `raw_route`."""
+        return self._routes.get(destination, self._raw_route)
 
     def flush_queue(self, queue: Batch) -> None:
         """Send one queue now (it is full)."""
         self._flush(queue)
 
     def send(self, packet: bytes | bytearray | memoryview, destination: str | None = None) -> bool:
-        """Queue ``packet`` for its own destination (or ``destination``); True if queued."""
-        if destination is None:
-            route = self._routes.get(bytes(packet[24:40]))
-            if route is None:
-                return self._send_new(packet, bytes(packet[24:40]))
-        else:
-            return self._send_new(packet, destination)
-        out, name = route
+        """Queue ``packet`` for its own destination (or ``destination``, which always
+        goes through the raw socket); True if queued."""
         length = len(packet)
-        if length > out.slot or not self._ready:
-            return self._send_new(packet, None)
+        if not self._ready:
+            return super().send(packet, destination)  # counted as the plain writer does
+        if length > self._out.slot:
+            return self._drop("EMSGSIZE", f"{length}-byte packet")
+        if destination is None:
+            if length < 40:
+                return self._drop("EINVAL", "not an IPv6 packet")
+            packed = bytes(packet[24:40])
+            out, name = self._routes.get(packed, self._raw_route)
+        else:
+            # A given destination (a Routing Header's final address) goes through the
+            # raw socket: only it sends by the packet's own destination for us.
+            try:
+                packed = socket.inet_pton(socket.AF_INET6, destination)
+            except OSError as e:
+                return self._drop("EINVAL", e)
+            out, name = self._raw_route
         i = out.queued
         start = i * out.slot
         out.data[start : start + length] = packet
         out.iov_lengths[2 * i + 1] = length
-        out.names[8 * i] = name
+        if name:
+            out.names[8 * i] = name
+        else:
+            out.addresses[28 * i + 8 : 28 * i + 24] = packed
         i += 1
         out.queued = i
         if i == out.count:
             self._flush(out)
         return True
-
-    def _send_new(
-        self, packet: bytes | bytearray | memoryview, destination: bytes | str | None
-    ) -> bool:
-        """`send` for the uncommon cases: a new or given destination, an oversize packet,
-        a closed writer."""
-        if not self._ready:
-            return super().send(packet, None)  # counted as the plain writer does
-        if len(packet) > self._out.slot:
-            return self._drop("EMSGSIZE", f"{len(packet)}-byte packet")
-        if isinstance(destination, str):
-            try:
-                packed = socket.inet_pton(socket.AF_INET6, destination)
-            except OSError as e:
-                return self._drop("EINVAL", e)
-        elif destination is None or len(destination) != 16:
-            return self._drop("EINVAL", "not an IPv6 packet")
-        else:
-            packed = destination
-        route = self._routes.get(packed)
-        if route is None or route[0] is not self._out:
-            # A given destination (a Routing Header's final address) goes through the
-            # raw socket: only it sends by the packet's own destination for us.
-            name = self._raw_name(packed)
-            out = self._out
-        else:
-            out, name = route
-        i = out.queued
-        start = i * out.slot
-        out.data[start : start + len(packet)] = packet
-        out.iov_lengths[2 * i + 1] = len(packet)
-        out.names[8 * i] = name
-        out.queued = i + 1
-        if i + 1 == out.count:
-            self._flush(out)
-        return True
-
-    def _raw_name(self, packed: bytes) -> int:
-        """The address of `packed`'s sockaddr_in6 (made and cached on first use)."""
-        route = self._routes.get(packed)
-        if route is not None and route[0] is self._out:
-            return route[1]
-        if len(self._sockaddrs) >= self.cache_size:
-            self.flush()  # queued headers point at the cached addresses
-            self._routes = {}
-            self._sockaddrs = []
-            self._install_link_routes()
-        # struct sockaddr_in6: family, port, flowinfo, address, scope id.
-        sockaddr = ctypes.create_string_buffer(
-            struct.pack("=HHI16sI", socket.AF_INET6, 0, 0, packed, 0), 28
-        )
-        self._sockaddrs.append(sockaddr)
-        name = ctypes.addressof(sockaddr)
-        if packed not in self._routes:
-            self._routes[packed] = (self._out, name)
-        return name
 
     def flush(self) -> None:
         """Send what is queued; each refused packet is a counted drop."""

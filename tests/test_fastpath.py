@@ -35,32 +35,24 @@ from tests.test_balancer import BACKENDS, COA1, COA2, HOA, VIP, make, mobile
 
 
 class QueueWriter:
-    """The writer's queues (`lbproxy.fastpath.SendQueues`) without a socket: one small
-    queue for every destination (so order is total and full queues flush mid-batch);
-    a flush appends (destination, bytes) to ``sent``."""
+    """The writer's queues (`lbproxy.fastpath.SendQueues`) without a socket: no link
+    neighbours, one small raw queue for every destination (so order is total and full
+    queues flush mid-batch); a flush appends (destination, bytes) to ``sent``."""
 
     def __init__(self, count: int = 3) -> None:
-        self.queue = Batch(count, 2048)
+        self.queue = Batch(count, 2048, addressed=True)
         self.routes: dict[bytes, tuple[Batch, int]] = {}
-        self._by_name: dict[int, bytes] = {}
+        self.raw_route = (self.queue, 0)
         self.sent: list[tuple[bytes, bytes]] = []
         self.ready = True
 
-    def route(self, destination: bytes) -> tuple[Batch, int]:
-        found = self.routes.get(destination)
-        if found is None:
-            name = 1000 + len(self.routes)  # a stand-in for a sockaddr's address
-            found = self.routes[destination] = (self.queue, name)
-            self._by_name[name] = destination
-        return found
-
     def send(self, packet: bytearray) -> None:
         """What `BatchPacketWriter.send` does for the general path's packets."""
-        queue, name = self.route(bytes(packet[24:40]))
+        queue = self.queue
         i = queue.queued
         queue.data[i * queue.slot : i * queue.slot + len(packet)] = packet
         queue.iov_lengths[2 * i + 1] = len(packet)
-        queue.names[8 * i] = name
+        queue.addresses[28 * i + 8 : 28 * i + 24] = packet[24:40]
         queue.queued = i + 1
         if queue.queued == queue.count:
             self.flush_queue(queue)
@@ -69,7 +61,7 @@ class QueueWriter:
         for i in range(queue.queued):
             start = i * queue.slot
             data = bytes(queue.data[start : start + queue.iov_lengths[2 * i + 1]])
-            self.sent.append((self._by_name[queue.names[8 * i]], data))
+            self.sent.append((bytes(queue.addresses[28 * i + 8 : 28 * i + 24]), data))
         queue.queued = 0
 
 
