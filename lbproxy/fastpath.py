@@ -270,9 +270,12 @@ class FastPath:
                         or (nh != _UDP and (nh != _TCP or n < 60))
                         or plen + 40 != n
                         or vtf >> 28 != 6
-                        or dst[0] == 0xFF  # multicast
-                        or (dst[0] == 0xFE and dst[1] & 0xC0 == 0x80)  # link-local
-                        or dst in own  # this host's: health-check answers and the like
+                        # Left to the kernel, as `ForwarderService._from_backend` leaves
+                        # them: multicast, link-local, and this host's own traffic
+                        # (health-check answers and the like).
+                        or dst[0] == 0xFF
+                        or (dst[0] == 0xFE and dst[1] & 0xC0 == 0x80)
+                        or dst in own
                     ):
                         other(s, n)
                         continue
