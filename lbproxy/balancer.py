@@ -45,6 +45,7 @@ from lbproxy import nat
 from lbproxy.keys import HomeAddressStrategy, Key, KeyChain
 from lbproxy.selection import Backend, IScheduler
 from lbproxy.table import Binding, StickyTable
+from lbproxy.wire.checksum import delta16
 from lbproxy.wire.view import MalformedPacket, PacketView, parse
 
 _ICMPV6 = 58
@@ -57,7 +58,6 @@ FRAGMENT_TIMEOUT = 60.0
 #: At most this many fragmented datagrams are tracked at once; the oldest is forgotten.
 MAX_FRAGMENT_FLOWS = 65536
 
-_MASK = 0xFFFF
 
 
 class Verdict(enum.Enum):
@@ -486,10 +486,9 @@ class Balancer:
             return None
         plan = self._reply_plan
         if plan is None:
-            vip = int.from_bytes(self._first_vip, "big")
             plan = self._reply_plan = ReplyPlan(
                 vip=self._first_vip,
-                deltas={a: (vip - int.from_bytes(a, "big")) % _MASK for a in self._by_address},
+                deltas={a: delta16(a, self._first_vip) for a in self._by_address},
                 confirmed=self._confirmed,
                 counters=self.counters,
                 drop=self._drop,
@@ -502,9 +501,7 @@ class Balancer:
         the backend's packet-counter cell (`Counters.backend_cell`)."""
         found = self._fast_backends.get(backend.packed)
         if found is None or found[2] is not backend.name:
-            delta = (
-                int.from_bytes(backend.packed, "big") - int.from_bytes(self._first_vip, "big")
-            ) % _MASK
+            delta = delta16(self._first_vip, backend.packed)
             found = self._fast_backends[backend.packed] = (
                 delta,
                 self.counters.backend_cell(backend.name),

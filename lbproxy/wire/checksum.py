@@ -106,6 +106,25 @@ def update_sum(field: int, old_sum: int, new_sum: int) -> int:
     return _MASK - folded
 
 
+def delta16(old: bytes | bytearray, new: bytes | bytearray) -> int:
+    """The change ``old`` -> ``new`` (same even length) in one's-complement arithmetic,
+    for :func:`apply_delta16`: computed once when it is the same for many packets
+    (an address rewritten to a fixed one)."""
+    return (int.from_bytes(new, "big") - int.from_bytes(old, "big")) % _MASK
+
+
+def apply_delta16(csum: int, delta: int, udp: bool) -> int:
+    """Checksum field ``csum`` updated by a :func:`delta16` (RFC 1624 equation 3).
+
+    For UDP (``udp``) a field of 0 means "no checksum" and stays 0, and a result of 0
+    is sent as 0xFFFF (RFC 768, RFC 8200 section 8.1), as `lbproxy.nat` does.
+    """
+    if udp and not csum:
+        return 0
+    csum = _MASK - (((_MASK - csum + delta) % _MASK) or _MASK)
+    return csum or (_MASK if udp else 0)
+
+
 def update16(csum: int, old: bytes | bytearray, new: bytes | bytearray) -> int:
     """Return checksum field ``csum`` updated for ``old`` bytes replaced by ``new``.
 
