@@ -52,6 +52,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
+from lbproxy import __version__
 from lbproxy.control import (
     Control,
     OperatorError,
@@ -321,6 +322,7 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("LBPROXY_CTL_SOCKET", DEFAULT_SOCKET),
         help=f"control socket (default: $LBPROXY_CTL_SOCKET or {DEFAULT_SOCKET})",
     )
+    parser.add_argument("--version", action="version", version=f"lbproxyctl {__version__}")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
