@@ -120,7 +120,7 @@ class BuiltDistributionTests(SynchronousTestCase):
             self.assertIn("--config", answer.stdout, answer.stderr)
 
     def test_documentation_installed(self) -> None:
-        """The unit's Documentation= path exists in the installed tree (venv = /opt/lbproxy/venv)."""
+        """The unit's Documentation= path exists in the installed tree."""
         unit = (CHECKOUT / "etc" / "lbproxy.service").read_text()
         (line,) = [x for x in unit.splitlines() if x.startswith("Documentation=")]
         path = line.split("file:///opt/lbproxy/venv/", 1)[1]
