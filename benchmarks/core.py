@@ -26,9 +26,9 @@ from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
 from scapy.layers.ipsec import ESP
 from twisted.internet.task import Clock
 
-from lbproxy.keys import Key, KeyChain
-from lbproxy.selection import Backend
-from lbproxy.table import StickyTable
+from lbproxy.core.keys import Key, KeyChain
+from lbproxy.core.selection import Backend
+from lbproxy.core.table import StickyTable
 from lbproxy.wire.view import parse
 
 VIP = "2001:db8::100"

@@ -301,7 +301,7 @@ class Lbproxy:
     def stats(self) -> dict[str, Any]:
         """``lbproxyctl stats``: the balancer's packet counters."""
         result = subprocess.run(
-            [sys.executable, "-m", "lbproxy.ctl", "--socket", self.control, "--json", "stats"],
+            [sys.executable, "-m", "lbproxy.ops.ctl", "--socket", self.control, "--json", "stats"],
             check=True, capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
             cwd=self.tree or ROOT,
             env={**os.environ, "PYTHONPATH": self.tree} if self.tree else None,
@@ -505,12 +505,12 @@ def ablation(tools: Tools, terminals: int, rounds: int, count: int = 30_000) -> 
     from twisted.internet import reactor as clock  # only its clock: never run here
     from twisted.internet.testing import MemoryReactor
 
-    from lbproxy.balancer import Balancer
-    from lbproxy.forwarder import ForwarderService
-    from lbproxy.keys import KeyChain
-    from lbproxy.rawsocket import LinuxPacketSystem
-    from lbproxy.selection import Backend, scheduler_from_name
-    from lbproxy.table import StickyTable
+    from lbproxy.core.balancer import Balancer
+    from lbproxy.core.keys import KeyChain
+    from lbproxy.core.selection import Backend, scheduler_from_name
+    from lbproxy.core.table import StickyTable
+    from lbproxy.io.forwarder import ForwarderService
+    from lbproxy.io.rawsocket import LinuxPacketSystem
 
     backends = [Backend(f"b{i}", ipaddress.IPv6Address(a)) for i, a in enumerate(BACKENDS, 1)]
     services = {}

@@ -30,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from twisted.internet.task import Clock
 
-from lbproxy import mmsg
-from lbproxy.balancer import Balancer
-from lbproxy.fastpath import FastPath
-from lbproxy.keys import KeyChain
-from lbproxy.selection import Backend, scheduler_from_name
-from lbproxy.table import StickyTable
+from lbproxy.core.balancer import Balancer
+from lbproxy.core.keys import KeyChain
+from lbproxy.core.selection import Backend, scheduler_from_name
+from lbproxy.core.table import StickyTable
+from lbproxy.io import mmsg
+from lbproxy.io.fastpath import FastPath
 from lbproxy.testing import MemoryPacketSystem
 
 VIP = ipaddress.IPv6Address("2001:db8:d5::80")

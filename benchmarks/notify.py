@@ -29,15 +29,15 @@ from twisted.internet.task import deferLater
 from lbproxy.agents.config import AgentCommon, HomeAgentConfig
 from lbproxy.agents.homeagent import HomeAgentService
 from lbproxy.agents.link import LinkReader
-from lbproxy.keys import Key
+from lbproxy.core.keys import Key
+from lbproxy.core.selection import Backend
+from lbproxy.core.table import StickyTable
 from lbproxy.notify.adapter import TableListener
 from lbproxy.notify.client import Peer
 from lbproxy.notify.listener import RecordingListener
 from lbproxy.notify.machine import PeerState
 from lbproxy.notify.pki import CertificateAuthority
 from lbproxy.notify.router import Notifier
-from lbproxy.selection import Backend
-from lbproxy.table import StickyTable
 from lbproxy.wire import mobility as m
 
 reactor: Any = _reactor
@@ -113,7 +113,7 @@ class TimedListener(TableListener):
 
 
 async def home_link(moves: int) -> list[float]:
-    from lbproxy.rawsocket import _network_namespace
+    from lbproxy.io.rawsocket import _network_namespace
     from lbproxy.testing import VethPair
 
     why = VethPair.unavailable()

@@ -119,7 +119,7 @@ def counters(ns: str, dev: str) -> dict[str, int]:
 
 
 def role_generate(namespace: str, seconds: float) -> None:
-    from lbproxy.rawsocket import LinuxPacketSystem
+    from lbproxy.io.rawsocket import LinuxPacketSystem
 
     system = LinuxPacketSystem(namespace)
     fd = system.open_sender()
@@ -139,7 +139,7 @@ def role_generate(namespace: str, seconds: float) -> None:
 
 
 def role_forward(namespace: str, mode: str) -> None:
-    from lbproxy.rawsocket import LinuxPacketSystem, PacketReader, PacketWriter
+    from lbproxy.io.rawsocket import LinuxPacketSystem, PacketReader, PacketWriter
 
     system = LinuxPacketSystem(namespace)
     virtual = [socket.inet_pton(socket.AF_INET6, VIRTUAL)]

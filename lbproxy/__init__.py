@@ -9,9 +9,11 @@ care-of address change notifications, and forwards by rewriting addresses.
 The package has three rings (see docs/architecture.md):
 
 * ``lbproxy.wire``: bytes to views and back, pure;
-* the core (``keys``, ``table``, ``selection``, ``nat``, ``notify.machine``):
-  decisions, pure except for an injected clock;
-* the edges (``rawsocket``, ``forwarder``, ``tap``, ``manhole``...): Twisted.
+* ``lbproxy.core`` (and ``notify.machine``): decisions, pure except for an injected
+  clock;
+* the edges: ``lbproxy.io`` (raw sockets, batched I/O, the executors, the forwarding
+  service), ``lbproxy.notify`` (TLS clients and servers), ``lbproxy.ops`` (control
+  socket, manhole, metrics, health, persistence), ``tap`` (twistd).
 """
 
 __version__ = "0.1.0.dev0"

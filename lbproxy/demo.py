@@ -24,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from lbproxy.control import format_rows
+from lbproxy.ops.control import format_rows
 from lbproxy.testbed import addresses
 from lbproxy.testbed.balancer import BedBalancer, bed_config
 from lbproxy.testbed.bed import TestBed

@@ -14,21 +14,21 @@ from twisted.application.service import IServiceCollection, MultiService
 from twisted.logger import Logger
 from twisted.python import usage
 
-from lbproxy.balancer import Balancer
 from lbproxy.config import Config, ConfigError, load_config
-from lbproxy.control import Control
-from lbproxy.ctl import make_ctl_service
-from lbproxy.forwarder import ForwarderService
-from lbproxy.health import HealthMonitor, make_health_service, make_probe
-from lbproxy.keys import KeyChain
-from lbproxy.manhole import make_manhole_service
-from lbproxy.metrics import make_metrics_service
+from lbproxy.core.balancer import Balancer
+from lbproxy.core.keys import KeyChain
+from lbproxy.core.selection import Backend, scheduler_from_name
+from lbproxy.core.table import StickyTable
+from lbproxy.io.forwarder import ForwarderService
+from lbproxy.io.rawsocket import IPacketSystem, LinuxPacketSystem
 from lbproxy.notify.adapter import TableListener
 from lbproxy.notify.router import Notifier
-from lbproxy.persistence import make_persistence_service
-from lbproxy.rawsocket import IPacketSystem, LinuxPacketSystem
-from lbproxy.selection import Backend, scheduler_from_name
-from lbproxy.table import StickyTable
+from lbproxy.ops.control import Control
+from lbproxy.ops.ctl import make_ctl_service
+from lbproxy.ops.health import HealthMonitor, make_health_service, make_probe
+from lbproxy.ops.manhole import make_manhole_service
+from lbproxy.ops.metrics import make_metrics_service
+from lbproxy.ops.persistence import make_persistence_service
 
 __all__ = ["BalancerService", "Options", "build_balancer", "makeService"]
 

@@ -2,8 +2,8 @@
 
 Why: users (and our own tests) need to drive the raw-socket port without
 root, sockets or a kernel.  :class:`MemoryPacketSystem` is an in-memory
-:class:`~lbproxy.rawsocket.IPacketSystem`; it passes the same contract tests
-as :class:`~lbproxy.rawsocket.LinuxPacketSystem` (``tests/test_rawsocket.py``),
+:class:`~lbproxy.io.rawsocket.IPacketSystem`; it passes the same contract tests
+as :class:`~lbproxy.io.rawsocket.LinuxPacketSystem` (``tests/test_rawsocket.py``),
 so code that works against it works against the kernel.
 
 :class:`VethPair` builds the real counterpart for integration tests: two
@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import attrs
 from zope.interface import implementer
 
-from lbproxy.rawsocket import IPacketSystem
+from lbproxy.io.rawsocket import IPacketSystem
 
 __all__ = ["MemoryPacketSystem", "SentPacket", "VethPair"]
 
@@ -61,7 +61,7 @@ class _MemorySocket:
 
 @implementer(IPacketSystem)
 class MemoryPacketSystem:
-    """An in-memory :class:`~lbproxy.rawsocket.IPacketSystem` with a kernel's manners.
+    """An in-memory :class:`~lbproxy.io.rawsocket.IPacketSystem` with a kernel's manners.
 
     * ``interfaces``: names that exist (others give ``ENODEV``), each with an
       MTU of ``mtu``; :meth:`link_down` / :meth:`link_up` change their state.

@@ -172,11 +172,11 @@ def real_packet(source: str, home: str | None = None) -> bytearray:
 def real_populated(clock: Clock | None = None) -> tuple[Any, Clock]:
     """The real Balancer (round robin over b1, b2, lifetime 300 s) after three terminals:
     src ::10 -> b1, src ::11 -> b2, src ::12 -> b1 (its care-of confirmed)."""
-    from lbproxy.balancer import Balancer as RealBalancer
-    from lbproxy.keys import KeyChain
-    from lbproxy.selection import Backend as RealBackend
-    from lbproxy.selection import RoundRobin
-    from lbproxy.table import StickyTable as RealTable
+    from lbproxy.core.balancer import Balancer as RealBalancer
+    from lbproxy.core.keys import KeyChain
+    from lbproxy.core.selection import Backend as RealBackend
+    from lbproxy.core.selection import RoundRobin
+    from lbproxy.core.table import StickyTable as RealTable
 
     clock = clock or Clock()
     balancer = RealBalancer(
@@ -197,6 +197,6 @@ def real_populated(clock: Clock | None = None) -> tuple[Any, Clock]:
 
 
 def real_key(text: str) -> Any:
-    from lbproxy.keys import Key as RealKey
+    from lbproxy.core.keys import Key as RealKey
 
     return RealKey.parse(text)

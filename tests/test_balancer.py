@@ -1,4 +1,4 @@
-"""Tests for lbproxy.balancer: one packet's journey through the pure core.
+"""Tests for lbproxy.core.balancer: one packet's journey through the pure core.
 
 Packets are built with scapy and the results are re-dissected by scapy, so the core is
 checked against an independent implementation, not against itself.
@@ -22,10 +22,10 @@ from scapy.layers.ipsec import ESP
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from lbproxy.balancer import Balancer
-from lbproxy.keys import Key, KeyChain
-from lbproxy.selection import Backend, scheduler_from_name
-from lbproxy.table import StickyTable
+from lbproxy.core.balancer import Balancer
+from lbproxy.core.keys import Key, KeyChain
+from lbproxy.core.selection import Backend, scheduler_from_name
+from lbproxy.core.table import StickyTable
 
 VIP = "2001:db8:5::80"
 HOA = "2001:db8:100::1001"

@@ -1,4 +1,4 @@
-"""Tests for lbproxy.control: the operator's verbs over a balancer."""
+"""Tests for lbproxy.ops.control: the operator's verbs over a balancer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from lbproxy.control import Control, OperatorError, Row, Text, format_rows, parse_packet
+from lbproxy.ops.control import Control, OperatorError, Row, Text, format_rows, parse_packet
 from tests.operating_fakes import real_packet, real_populated
 
 

@@ -1,4 +1,4 @@
-"""Tests for lbproxy.ctl: the UNIX-socket runtime API and the lbproxyctl client."""
+"""Tests for lbproxy.ops.ctl: the UNIX-socket runtime API and the lbproxyctl client."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Any
 from twisted.internet import defer, reactor, threads
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from lbproxy import ctl
-from lbproxy.control import Control
+from lbproxy.ops import ctl
+from lbproxy.ops.control import Control
 from tests.operating_fakes import real_key, real_packet, real_populated
 
 REACTOR: Any = reactor

@@ -108,7 +108,7 @@ class HomeAddressTranslateTests(BedTestCase):
             stats = balancer.ctl("stats")
             self.assertEqual(stats["misses"], {"hoa": 50})
             self.assertEqual(stats["dropped"], {})
-            # both directions took the fast path (lbproxy.fastpath) for most packets
+            # both directions took the fast path (lbproxy.io.fastpath) for most packets
             fast = stats["ports"]["fast_path"]
             self.assertGreater(fast["forwarded"], stats["packets_in"] // 2, stats)
             self.assertGreater(fast["replies"], stats["replies_in"] // 2, stats)

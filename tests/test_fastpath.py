@@ -1,9 +1,9 @@
-"""`lbproxy.fastpath`: the usual packet from the receive buffer into the send queue.
+"""`lbproxy.io.fastpath`: the usual packet from the receive buffer into the send queue.
 
 The fast path must be invisible: for any sequence of packets, the same bytes out in the
 same order, the same counters and the same table as the general path
 (`Balancer.inbound`).  It runs here sans I/O: packets are laid out in a
-`lbproxy.mmsg.Batch` as ``recvmmsg`` leaves them, and the writer's queues are a
+`lbproxy.io.mmsg.Batch` as ``recvmmsg`` leaves them, and the writer's queues are a
 `QueueWriter` whose "flush" collects what ``sendmmsg`` would have sent.  The real
 writer and reader around it are tested against the kernel in tests/test_mmsg.py and
 end to end in tests/test_dataplane.py.
@@ -28,14 +28,14 @@ from scapy.layers.inet6 import (
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from lbproxy.balancer import Balancer
-from lbproxy.fastpath import FastPath
-from lbproxy.mmsg import Batch
+from lbproxy.core.balancer import Balancer
+from lbproxy.io.fastpath import FastPath
+from lbproxy.io.mmsg import Batch
 from tests.test_balancer import BACKENDS, COA1, COA2, HOA, VIP, make, mobile
 
 
 class QueueWriter:
-    """The writer's queues (`lbproxy.fastpath.SendQueues`) without a socket: no link
+    """The writer's queues (`lbproxy.io.fastpath.SendQueues`) without a socket: no link
     neighbours, one small raw queue for every destination (so order is total and full
     queues flush mid-batch); a flush appends (destination, bytes) to ``sent``."""
 

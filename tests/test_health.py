@@ -1,4 +1,4 @@
-"""Tests for lbproxy.health: rise/fall counting, the probe driver, real TCP and HTTP probes."""
+"""Tests for lbproxy.ops.health: rise/fall counting, the probe driver, real TCP and HTTP probes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from lbproxy.health import (
+from lbproxy.ops.health import (
     DownPolicy,
     HealthMonitor,
     HealthState,

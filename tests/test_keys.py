@@ -1,4 +1,4 @@
-"""Tests for lbproxy.keys: the Key value, the four strategies and the KeyChain.
+"""Tests for lbproxy.core.keys: the Key value, the four strategies and the KeyChain.
 
 Packets are built with scapy (an independent oracle for where the fields sit) and read
 through the real header-chain view, as the data path does.
@@ -17,8 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from lbproxy import keys
-from lbproxy.keys import (
+from lbproxy.core import keys
+from lbproxy.core.keys import (
     HomeAddressStrategy,
     IKeyStrategy,
     InterfaceIdStrategy,

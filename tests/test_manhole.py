@@ -1,4 +1,4 @@
-"""Tests for lbproxy.manhole: a real SSH session, key-only, sees the live table."""
+"""Tests for lbproxy.ops.manhole: a real SSH session, key-only, sees the live table."""
 
 from __future__ import annotations
 
@@ -17,17 +17,17 @@ from twisted.internet.endpoints import TCP6ClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from lbproxy.balancer import Balancer
-from lbproxy.control import Control
-from lbproxy.keys import KeyChain
-from lbproxy.manhole import (
+from lbproxy.core.balancer import Balancer
+from lbproxy.core.keys import KeyChain
+from lbproxy.core.selection import Backend, RoundRobin
+from lbproxy.core.table import StickyTable
+from lbproxy.ops.control import Control
+from lbproxy.ops.manhole import (
     AuthorizedKeysFile,
     make_manhole_factory,
     make_manhole_service,
     manhole_namespace,
 )
-from lbproxy.selection import Backend, RoundRobin
-from lbproxy.table import StickyTable
 
 REACTOR: Any = reactor
 VIP = "2001:db8:ff::1"

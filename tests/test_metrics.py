@@ -1,4 +1,4 @@
-"""Tests for lbproxy.metrics: a real scrape, parsed with prometheus_client, shows counters move."""
+"""lbproxy.ops.metrics: a real scrape, parsed with prometheus_client, shows counters move."""
 
 from __future__ import annotations
 
@@ -13,18 +13,18 @@ from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
 
-from lbproxy.balancer import Balancer
-from lbproxy.control import Control
-from lbproxy.keys import KeyChain
-from lbproxy.metrics import (
+from lbproxy.core.balancer import Balancer
+from lbproxy.core.keys import KeyChain
+from lbproxy.core.selection import Backend, RoundRobin
+from lbproxy.core.table import StickyTable
+from lbproxy.notify.policy import Refusal, RefusalCounters
+from lbproxy.ops.control import Control
+from lbproxy.ops.metrics import (
     BalancerCollector,
     make_metrics_service,
     make_registry,
     make_site,
 )
-from lbproxy.notify.policy import Refusal, RefusalCounters
-from lbproxy.selection import Backend, RoundRobin
-from lbproxy.table import StickyTable
 
 REACTOR: Any = reactor
 VIP = "2001:db8:ff::1"

@@ -1,4 +1,4 @@
-"""Tests for lbproxy.mmsg: the batched reader and writer against the kernel.
+"""Tests for lbproxy.io.mmsg: the batched reader and writer against the kernel.
 
 Two network namespaces joined by a veth link per test (root needed; skipped with the
 reason otherwise), addresses in 2001:db8::/32 only.  The batched ports must keep the
@@ -17,13 +17,13 @@ from collections.abc import Callable
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from lbproxy import mmsg
-from lbproxy.balancer import Balancer
-from lbproxy.forwarder import ForwarderService
-from lbproxy.keys import KeyChain
-from lbproxy.rawsocket import LinuxPacketSystem, PacketReader, PacketWriter
-from lbproxy.selection import Backend, scheduler_from_name
-from lbproxy.table import StickyTable
+from lbproxy.core.balancer import Balancer
+from lbproxy.core.keys import KeyChain
+from lbproxy.core.selection import Backend, scheduler_from_name
+from lbproxy.core.table import StickyTable
+from lbproxy.io import mmsg
+from lbproxy.io.forwarder import ForwarderService
+from lbproxy.io.rawsocket import LinuxPacketSystem, PacketReader, PacketWriter
 from lbproxy.testing import MemoryPacketSystem, VethPair
 
 NEAR = "2001:db8:7c::1"  # the side under test

@@ -1,7 +1,7 @@
-"""Tests for lbproxy.nat: the inbound rewrites, the return path, ICMPv6 errors, fragments.
+"""Tests for lbproxy.core.nat: the inbound rewrites, the return path, ICMPv6 errors, fragments.
 
 scapy is the independent oracle: packets are built with scapy, rewritten by
-lbproxy.nat, dissected again by scapy, and every upper-layer checksum is
+lbproxy.core.nat, dissected again by scapy, and every upper-layer checksum is
 compared with one computed by scapy's ``checksum`` over a ``PseudoIPv6`` whose
 addresses the oracle picks from the dissected headers (the home address when an
 HAO is present, the final destination when a Routing Header has segments left).
@@ -38,7 +38,7 @@ from scapy.packet import Packet, Raw
 from scapy.utils import checksum as scapy_checksum
 from twisted.trial.unittest import SynchronousTestCase
 
-from lbproxy import nat
+from lbproxy.core import nat
 from lbproxy.wire.view import parse
 
 COA = "2001:db8:c0::1"

@@ -9,11 +9,11 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from lbproxy.keys import Key
+from lbproxy.core.keys import Key
+from lbproxy.core.selection import Backend
+from lbproxy.core.table import StickyTable
 from lbproxy.notify.adapter import TableListener
 from lbproxy.notify.listener import IBindingListener
-from lbproxy.selection import Backend
-from lbproxy.table import StickyTable
 
 
 def a(text: str) -> bytes:

@@ -28,8 +28,8 @@ from scapy.layers.inet import TCP
 from scapy.layers.inet6 import IPv6ExtHdrRouting
 from twisted.trial.unittest import SynchronousTestCase
 
-from lbproxy.keys import Key
-from lbproxy.selection import Backend, scheduler_from_name
+from lbproxy.core.keys import Key
+from lbproxy.core.selection import Backend, scheduler_from_name
 from lbproxy.testbed import addresses, control
 from lbproxy.testbed.agents import BedAgent, BedPki, notify_section, track_addresses
 from lbproxy.testbed.balancer import BedBalancer, bed_config

@@ -22,13 +22,13 @@ from twisted.trial.unittest import TestCase
 from lbproxy.agents.config import AgentCommon, HomeAgentConfig
 from lbproxy.agents.homeagent import HomeAgentService
 from lbproxy.agents.link import LinkReader
-from lbproxy.keys import Key
+from lbproxy.core.keys import Key
+from lbproxy.core.selection import Backend
+from lbproxy.core.table import StickyTable
 from lbproxy.notify.adapter import TableListener
 from lbproxy.notify.client import Peer
 from lbproxy.notify.machine import PeerState
 from lbproxy.notify.router import Notifier
-from lbproxy.selection import Backend
-from lbproxy.table import StickyTable
 from lbproxy.testing import VethPair
 from lbproxy.wire import mobility as m
 from tests.test_notify_tls import BALANCER, CA, HA1, wait_until
@@ -119,7 +119,7 @@ class HomeLinkTests(TestCase):
         self.addCleanup(self.pair.destroy)
 
     def raw_socket(self, namespace: str, interface: str) -> socket.socket:
-        from lbproxy.rawsocket import _network_namespace
+        from lbproxy.io.rawsocket import _network_namespace
 
         with _network_namespace(namespace):
             s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x86DD))
@@ -136,7 +136,7 @@ class HomeLinkTests(TestCase):
         """A terminal keyed on its source address moves CoA1 -> CoA2 -> CoA3 -> CoA1 ...;
         each BU/BA pair on the home link rekeys the table to the same backend, the return
         to an earlier CoA makes no new entry (T235), and every entry is confirmed."""
-        from lbproxy.rawsocket import _network_namespace
+        from lbproxy.io.rawsocket import _network_namespace
 
         service = HomeAgentService(config(), reactor, CA.material(HA1))
         reader = LinkReader(reactor, self.pair.near_interface, service.observer.frame)

@@ -146,7 +146,7 @@ class NetlinkTests(TestCase):
         """Adding an address in the namespace triggers the callback."""
         if os.geteuid() != 0 or shutil.which("ip") is None:
             raise self.skipTest("needs root and iproute2")
-        from lbproxy.rawsocket import _network_namespace
+        from lbproxy.io.rawsocket import _network_namespace
 
         ns = f"lbnt{os.getpid()}t"
         subprocess.run(["ip", "netns", "add", ns], check=True)

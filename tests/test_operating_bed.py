@@ -35,7 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.python import log
 from twisted.trial.unittest import SynchronousTestCase
 
-from lbproxy import ctl
+from lbproxy.ops import ctl
 from lbproxy.testbed import addresses, control
 from lbproxy.testbed.balancer import BedBalancer, bed_config
 from lbproxy.testbed.bed import TestBed
@@ -161,7 +161,7 @@ class OperatingBedTestCase(SynchronousTestCase):
     def lbproxyctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run the real ``lbproxyctl`` command (exit status and messages matter)."""
         return subprocess.run(
-            [sys.executable, "-m", "lbproxy.ctl", "--socket",
+            [sys.executable, "-m", "lbproxy.ops.ctl", "--socket",
              self.bed.path("lbproxy-control.sock"), *args],
             capture_output=True, text=True, timeout=30, check=False,
         )

@@ -1,4 +1,4 @@
-"""Tests for lbproxy.persistence: the table survives a restart, expired bindings stay expired."""
+"""lbproxy.ops.persistence: the table survives a restart, expired bindings stay expired."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from lbproxy import persistence
-from lbproxy.persistence import CorruptTableFile, TablePersistence
+from lbproxy.ops import persistence
+from lbproxy.ops.persistence import CorruptTableFile, TablePersistence
 from tests.operating_fakes import BACKENDS, Backend, Key, StickyTable
 
 B1, B2 = BACKENDS
-# Typed Any: the fakes stand in for lbproxy.keys/table/selection types.
+# Typed Any: the fakes stand in for lbproxy.core.keys/table/selection types.
 BY_NAME: Any = {b.name: b for b in BACKENDS}
 PARSE_KEY: Any = Key.parse
 
@@ -236,14 +236,14 @@ class ServiceTests(SynchronousTestCase):
 
 
 class RealTableTests(SynchronousTestCase):
-    """The same round trip through lbproxy.table.StickyTable and lbproxy.keys.Key."""
+    """The same round trip through lbproxy.core.table.StickyTable and lbproxy.core.keys.Key."""
 
     def test_restore_into_the_real_table(self) -> None:
         """Bindings come back with their backend, lifetime left and state; an entry that
         had seen several packets comes back established (not evictable by a flood)."""
-        from lbproxy.keys import Key as RealKey
-        from lbproxy.selection import Backend as RealBackend
-        from lbproxy.table import StickyTable as RealTable
+        from lbproxy.core.keys import Key as RealKey
+        from lbproxy.core.selection import Backend as RealBackend
+        from lbproxy.core.table import StickyTable as RealTable
 
         b1 = RealBackend("b1", "2001:db8:100::1")
         b2 = RealBackend("b2", "2001:db8:100::2")

@@ -1,4 +1,4 @@
-"""Tests for lbproxy.rawsocket and its fake, lbproxy.testing.MemoryPacketSystem.
+"""Tests for lbproxy.io.rawsocket and its fake, lbproxy.testing.MemoryPacketSystem.
 
 The contract mixin runs twice: against the in-memory fake and against the
 Linux kernel (two network namespaces joined by veth, built per test; root
@@ -25,7 +25,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from lbproxy.rawsocket import (
+from lbproxy.io.rawsocket import (
     IPacketSystem,
     LinuxPacketSystem,
     PacketReader,

@@ -1,4 +1,4 @@
-"""Tests for lbproxy.selection: Backend values and the four schedulers."""
+"""Tests for lbproxy.core.selection: Backend values and the four schedulers."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from lbproxy.keys import Key
-from lbproxy.selection import (
+from lbproxy.core.keys import Key
+from lbproxy.core.selection import (
     Backend,
     IScheduler,
     LeastLoaded,
@@ -236,8 +236,8 @@ class MaglevTests(SynchronousTestCase):
                 Key.parse("spi 0x000000da")]
         code = (
             "import json, sys\n"
-            "from lbproxy.keys import Key\n"
-            "from lbproxy.selection import Maglev, key_hash\n"
+            "from lbproxy.core.keys import Key\n"
+            "from lbproxy.core.selection import Maglev, key_hash\n"
             "from tests.test_selection import backends\n"
             "m = Maglev(backends(9), table_size=4099)\n"
             "texts = json.load(sys.stdin)\n"

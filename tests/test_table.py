@@ -1,4 +1,4 @@
-"""Tests for lbproxy.table: lifetimes, expiry cost, rekey (T231-T235), the bound."""
+"""Tests for lbproxy.core.table: lifetimes, expiry cost, rekey (T231-T235), the bound."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from hypothesis.stateful import (
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from lbproxy.keys import Key
-from lbproxy.selection import Backend
-from lbproxy.table import StickyTable
+from lbproxy.core.keys import Key
+from lbproxy.core.selection import Backend
+from lbproxy.core.table import StickyTable
 
 LIFETIME = 30.0
 A = Backend("a", ipaddress.IPv6Address("2001:db8:ffff::a"))

@@ -13,8 +13,8 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from lbproxy.config import ConfigError, load_config
-from lbproxy.control import format_stats
-from lbproxy.keys import Key
+from lbproxy.core.keys import Key
+from lbproxy.ops.control import format_stats
 from lbproxy.tap import BalancerService, Options
 from lbproxy.testing import MemoryPacketSystem
 

@@ -581,7 +581,7 @@ class TestBedPacketTests(TestCase):
 
 
 class StandInBalancer:
-    """A test-only translate-mode balancer (the real one is lbproxy.balancer).
+    """A test-only translate-mode balancer (the real one is lbproxy.core.balancer).
 
     Runs as a thread in the test process with its sockets in the lb namespace:
     terminal -> VIP packets lose the HAO and go from the HoA to a backend chosen

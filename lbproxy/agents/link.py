@@ -4,7 +4,7 @@ The home-agent agent must see the Binding Updates arriving at the home agent *an
 Binding Acknowledgements it sends.  When the agent runs on the home agent's own host, the
 Acknowledgements are outgoing packets, which Linux copies only to ``ETH_P_ALL`` packet
 sockets; so this reader binds ``ETH_P_ALL`` to one interface (unlike the balancer's
-``lbproxy.rawsocket`` reader, which wants incoming IPv6 only).  Mobility signalling is rare,
+``lbproxy.io.rawsocket`` reader, which wants incoming IPv6 only).  Mobility signalling is rare,
 so each wake-up drains a bounded batch and hands each frame to the observer.
 """
 

@@ -16,9 +16,9 @@ from typing import Protocol
 
 from zope.interface import implementer
 
-from lbproxy.keys import Key
+from lbproxy.core.keys import Key
+from lbproxy.core.table import Binding
 from lbproxy.notify.listener import IBindingListener
-from lbproxy.table import Binding
 
 
 class _Table(Protocol):

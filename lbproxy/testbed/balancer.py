@@ -82,7 +82,7 @@ class BedBalancer(TwistdProcess):
     def ctl(self, *args: str) -> Any:
         """Run ``lbproxyctl --json`` against this balancer; the decoded answer."""
         result = subprocess.run(
-            [sys.executable, "-m", "lbproxy.ctl", "--socket", self.control_socket, "--json",
+            [sys.executable, "-m", "lbproxy.ops.ctl", "--socket", self.control_socket, "--json",
              *args],
             capture_output=True, text=True, timeout=30, check=False,
         )

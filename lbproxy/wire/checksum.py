@@ -117,7 +117,7 @@ def apply_delta16(csum: int, delta: int, udp: bool) -> int:
     """Checksum field ``csum`` updated by a :func:`delta16` (RFC 1624 equation 3).
 
     For UDP (``udp``) a field of 0 means "no checksum" and stays 0, and a result of 0
-    is sent as 0xFFFF (RFC 768, RFC 8200 section 8.1), as `lbproxy.nat` does.
+    is sent as 0xFFFF (RFC 768, RFC 8200 section 8.1), as `lbproxy.core.nat` does.
     """
     if udp and not csum:
         return 0

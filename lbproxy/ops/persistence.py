@@ -43,9 +43,9 @@ from twisted.logger import Logger
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
-    from lbproxy.keys import Key
-    from lbproxy.selection import Backend
-    from lbproxy.table import StickyTable
+    from lbproxy.core.keys import Key
+    from lbproxy.core.selection import Backend
+    from lbproxy.core.table import StickyTable
 
 FORMAT = "lbproxy-table"
 VERSION = 1
@@ -220,14 +220,14 @@ def restore(
     ``parse_key`` turns saved key text into a key (default ``Key.parse``).
     """
     if parse_key is None:
-        from lbproxy.keys import Key
+        from lbproxy.core.keys import Key
 
         parse_key = Key.parse
 
     elapsed = max(0.0, now - saved_at)
     restored = expired = unknown = refused = 0
     # Shortest-lived first: a table that files new entries in a FIFO by expiry
-    # (lbproxy.table's probation) keeps that order.
+    # (lbproxy.core.table's probation) keeps that order.
     for entry in sorted(entries, key=lambda e: e.left):
         left = entry.left - elapsed
         if left <= 0:

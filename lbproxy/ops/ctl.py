@@ -53,7 +53,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
 from lbproxy import __version__
-from lbproxy.control import (
+from lbproxy.ops.control import (
     Control,
     OperatorError,
     format_backends,

@@ -23,7 +23,7 @@ home address.
 Nothing here raises for bad input: every refusal is a counted reason.
 
 The fast path.  Almost every packet a balancer sees is the same shape (IPv6, PadN(2) and
-the HAO, UDP or TCP, to the one virtual address).  `lbproxy.fastpath` handles that shape
+the HAO, UDP or TCP, to the one virtual address).  `lbproxy.io.fastpath` handles that shape
 straight from the receive buffer into the send queue, reading what it needs through
 `Balancer.fast_plan`; everything else comes to `Balancer.inbound`.  ``fast_path = False``
 turns it off; the tests check that both give the same bytes and the same counters.
@@ -41,10 +41,10 @@ from typing import NamedTuple
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
-from lbproxy import nat
-from lbproxy.keys import HomeAddressStrategy, Key, KeyChain
-from lbproxy.selection import Backend, IScheduler
-from lbproxy.table import Binding, StickyTable
+from lbproxy.core import nat
+from lbproxy.core.keys import HomeAddressStrategy, Key, KeyChain
+from lbproxy.core.selection import Backend, IScheduler
+from lbproxy.core.table import Binding, StickyTable
 from lbproxy.wire.checksum import delta16
 from lbproxy.wire.view import MalformedPacket, PacketView, parse
 
@@ -380,7 +380,7 @@ class Balancer:
     def inbound(self, buf: bytearray) -> bytearray | None:
         """A packet from a terminal to a virtual address: rewritten for its backend, or None.
 
-        Any packet, by its parsed view (the general path; `lbproxy.fastpath` takes the
+        Any packet, by its parsed view (the general path; `lbproxy.io.fastpath` takes the
         usual shape without coming here, with the same results).
         """
         counters = self.counters
@@ -452,7 +452,7 @@ class Balancer:
         self._plan = None
 
     def fast_plan(self) -> FastPlan | None:
-        """What `lbproxy.fastpath` needs to handle the usual shape itself, or None when
+        """What `lbproxy.io.fastpath` needs to handle the usual shape itself, or None when
         this configuration has no fast path (turned off, several virtual addresses, a
         backend down or removed, a key chain not starting with ``hoa``).
 
@@ -478,7 +478,7 @@ class Balancer:
         return plan
 
     def reply_plan(self) -> ReplyPlan | None:
-        """What `lbproxy.fastpath` needs to handle a backend's usual reply itself (IPv6
+        """What `lbproxy.io.fastpath` needs to handle a backend's usual reply itself (IPv6
         straight to UDP or TCP), or None when the fast path is off or there are several
         virtual addresses (a reply's source then depends on the terminal).  Asked once
         per batch, as `fast_plan`."""

@@ -41,10 +41,10 @@ from typing import Protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from lbproxy import nat
-from lbproxy.balancer import Balancer
-from lbproxy.keys import Key
-from lbproxy.mmsg import Batch
+from lbproxy.core import nat
+from lbproxy.core.balancer import Balancer
+from lbproxy.core.keys import Key
+from lbproxy.io.mmsg import Batch
 
 __all__ = ["FastPath", "SendQueues"]
 
@@ -58,7 +58,7 @@ PADN2_HAO = b"\x01\x02\x00\x00\xc9\x10"
 _IN = struct.Struct("!IHBB16s24s16sxxH")
 #: The rewritten IPv6 header.
 _OUT = struct.Struct("!IHBB16s16s")
-#: The first byte of every home-address key (see `lbproxy.keys.Key`).
+#: The first byte of every home-address key (see `lbproxy.core.keys.Key`).
 _HOA_KIND = Key("hoa", bytes(16))[:1]
 _MASK = 0xFFFF
 _HOP_LIMIT = nat.Drop.HOP_LIMIT.value
@@ -68,13 +68,13 @@ _UDP, _TCP, _DSTOPTS, _ROUTING = 17, 6, 60, 43
 _RH2 = struct.Struct("!BBBB4x16s")
 _log = Logger()
 #: A backend's send queue and ``msg_name`` (0: the raw queue's own addresses), checksum
-#: delta and packet cell, and the queue's buffers (`lbproxy.mmsg.Batch`: data, lengths,
+#: delta and packet cell, and the queue's buffers (`lbproxy.io.mmsg.Batch`: data, lengths,
 #: names or addresses, slot size, count), unpacked once per batch.
 _Target = tuple[Batch, int, int, list[int], memoryview, memoryview, memoryview, int, int]
 
 
 class SendQueues(Protocol):
-    """What the fast path needs of a writer (`lbproxy.mmsg.BatchPacketWriter`): its
+    """What the fast path needs of a writer (`lbproxy.io.mmsg.BatchPacketWriter`): its
     queues, to fill directly."""
 
     @property
@@ -92,7 +92,7 @@ class SendQueues(Protocol):
 class FastPath:
     """Forwards the usual packets of a received batch straight into `writer`'s queues.
 
-    Called by `lbproxy.mmsg.BatchPacketReader` once per ``recvmmsg`` batch, with the
+    Called by `lbproxy.io.mmsg.BatchPacketReader` once per ``recvmmsg`` batch, with the
     reader's per-packet handling (``other``) for every packet it does not take.
     """
 
@@ -120,7 +120,7 @@ class FastPath:
         other: Callable[[int, int], object],
     ) -> None:
         """Packets 0..`count`-1 of a ``recvmmsg`` batch: packet i is ``data[i * slot:]``,
-        its length ``lengths[16 * i + 14]`` (`lbproxy.mmsg.Batch`); ``other(start,
+        its length ``lengths[16 * i + 14]`` (`lbproxy.io.mmsg.Batch`); ``other(start,
         length)`` handles one that does not take the fast path."""
         plan = self.balancer.fast_plan()
         writer = self.writer

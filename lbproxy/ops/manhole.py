@@ -12,7 +12,7 @@ Each session gets a fresh namespace (so one operator's variables do not leak
 into another's) holding ``balancer``, ``table``, ``backends``, ``chain``,
 ``counters``, ``control`` and the helpers ``show()``, ``trace()``,
 ``move()``, ``forget()``, ``drain()``, ``backend_list()`` and ``stats()``
-(see ``lbproxy.control``).  Everything runs in the reactor thread: what you
+(see ``lbproxy.ops.control``).  Everything runs in the reactor thread: what you
 type runs between packets, so keep it short.
 """
 
@@ -36,7 +36,7 @@ from twisted.cred.portal import IRealm
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from lbproxy.control import Control
+from lbproxy.ops.control import Control
 
 DEFAULT_ENDPOINT = r"tcp6:port=2222:interface=\:\:1"
 

@@ -32,7 +32,7 @@ from twisted.application.service import IService
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from lbproxy.control import Control
+from lbproxy.ops.control import Control
 
 PREFIX = "lbproxy"
 
@@ -117,7 +117,7 @@ class BalancerCollector:
         if fast is not None:
             family = CounterMetricFamily(
                 f"{PREFIX}_fast_path_packets",
-                "Packets forwarded by the fast path (lbproxy.fastpath), by direction.",
+                "Packets forwarded by the fast path (lbproxy.io.fastpath), by direction.",
                 labels=["direction"],
             )
             family.add_metric(["to-backend"], fast["forwarded"])

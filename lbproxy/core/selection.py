@@ -27,7 +27,7 @@ from typing import Any, Final
 import attrs
 from zope.interface import Interface, implementer
 
-from lbproxy.keys import Key
+from lbproxy.core.keys import Key
 
 __all__ = [
     "Backend",

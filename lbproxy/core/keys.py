@@ -121,7 +121,7 @@ def register_kind(
 
     Codes are assigned in registration order when not given; a :class:`Key`'s bytes (and
     so its ``hash``) depend on the code, but nothing that must agree across processes
-    does: :mod:`lbproxy.selection` hashes the kind's *name* and the value.
+    does: :mod:`lbproxy.core.selection` hashes the kind's *name* and the value.
     """
     if not name or " " in name:
         raise ValueError(f"a key kind name is one word, not {name!r}")

@@ -6,10 +6,10 @@ reads in one screen::
     client interface --PacketReader--> Balancer.inbound  --PacketWriter--> backend
     server interface --PacketReader--> Balancer.outbound --PacketWriter--> terminal
 
-With the real Linux packet system the ports are the batched ones of `lbproxy.mmsg`
+With the real Linux packet system the ports are the batched ones of `lbproxy.io.mmsg`
 (``recvmmsg``/``sendmmsg``, up to 64 packets per system call): each reader wake-up ends
 by flushing the writer, so a packet waits at most for the rest of its own batch.  The
-client reader gives each received batch to `lbproxy.fastpath`, which rewrites the usual
+client reader gives each received batch to `lbproxy.io.fastpath`, which rewrites the usual
 packet from the receive buffer straight into the writer's queue, and hands every other
 packet through `Balancer.inbound` to the writer (``emit``); the server reader does the
 same with the backends' usual replies (`FastPath.reply`), the rest going through
@@ -40,10 +40,10 @@ from twisted.internet.interfaces import IReactorFDSet, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from lbproxy import mmsg
-from lbproxy.balancer import Balancer
-from lbproxy.fastpath import FastPath
-from lbproxy.rawsocket import IPacketSystem, LinuxPacketSystem, PacketReader, PacketWriter
+from lbproxy.core.balancer import Balancer
+from lbproxy.io import mmsg
+from lbproxy.io.fastpath import FastPath
+from lbproxy.io.rawsocket import IPacketSystem, LinuxPacketSystem, PacketReader, PacketWriter
 
 __all__ = ["ForwarderService", "local_addresses"]
 
@@ -83,7 +83,7 @@ class ForwarderService(Service):
         link_send: bool | None = None,
         neighbour_interval: float = 1.0,
     ) -> None:
-        """``batch_io``: use `lbproxy.mmsg`; None = when the system is the real Linux one.
+        """``batch_io``: use `lbproxy.io.mmsg`; None = when the system is the real Linux one.
         ``link_send``: send to backends with a neighbour entry on the server link
         through the server link's packet socket (module docstring); None = with
         batched I/O.  ``neighbour_interval``: seconds between neighbour-table reads."""

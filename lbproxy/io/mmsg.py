@@ -4,7 +4,7 @@ Why this exists: at a few hundred thousand packets per second the balancer's bud
 few microseconds per packet, and one ``recv_into`` plus one ``sendto`` per packet spend a
 large share of it on system-call entry and on CPython's socket-call machinery.  Python's
 ``socket`` module has neither ``recvmmsg`` nor ``sendmmsg``; this module calls them
-through ``ctypes`` on the sockets a :class:`~lbproxy.rawsocket.LinuxPacketSystem` opened,
+through ``ctypes`` on the sockets a :class:`~lbproxy.io.rawsocket.LinuxPacketSystem` opened,
 so one call moves up to :data:`SLOTS` packets.
 
 Theory of operation
@@ -13,14 +13,14 @@ Theory of operation
   pointing into its own slot of one buffer.  The per-packet fields (``msg_len``,
   ``iov_len``, ``msg_name``) are read and written through ``memoryview`` casts of the
   ctypes arrays, which costs an index operation, not a ctypes attribute access.
-* :class:`BatchPacketReader` is a :class:`~lbproxy.rawsocket.PacketReader` whose
+* :class:`BatchPacketReader` is a :class:`~lbproxy.io.rawsocket.PacketReader` whose
   ``doRead`` drains with ``recvmmsg``.  It keeps the reader's contract: the handler gets
-  a fresh ``bytearray`` it owns, the same :class:`~lbproxy.rawsocket.ReaderStats` are
+  a fresh ``bytearray`` it owns, the same :class:`~lbproxy.io.rawsocket.ReaderStats` are
   kept, nothing raises into the reactor.  After each wake-up it calls ``after_batch``
   (the forwarder flushes its writer there).  With ``emit`` set, the handler's result
   (when not None) goes straight to it: the forwarder hands the balancer's ``inbound``
   and the writer's ``send`` to the reader, so the loop calls both without glue.
-* :class:`BatchPacketWriter` is a :class:`~lbproxy.rawsocket.PacketWriter` whose
+* :class:`BatchPacketWriter` is a :class:`~lbproxy.io.rawsocket.PacketWriter` whose
   ``send`` copies the packet into the next slot and its destination into the slot's
   own ``sockaddr_in6`` (so any number of destinations costs nothing to remember) and
   returns True ("queued"); :meth:`BatchPacketWriter.flush` sends the
@@ -46,7 +46,7 @@ from typing import Any
 from twisted.internet.interfaces import IReactorFDSet
 from twisted.logger import Logger
 
-from lbproxy.rawsocket import (
+from lbproxy.io.rawsocket import (
     DEFAULT_BATCH,
     ETH_P_IPV6,
     IPV6_MAX_PACKET,
@@ -135,7 +135,7 @@ class Batch:
     Packet i is ``data[i * slot :]``; received, its length is ``lengths[16 * i + 14]``;
     queued for sending, ``iov_lengths[2 * i + 1]`` and its ``msg_name`` address
     ``names[8 * i]`` (or, in an `addressed` batch, the destination in ``addresses``) say
-    what and where (`lbproxy.fastpath` fills them directly).
+    what and where (`lbproxy.io.fastpath` fills them directly).
     """
 
     def __init__(self, count: int, slot: int, addressed: bool = False) -> None:
@@ -215,7 +215,7 @@ class BatchPacketReader(PacketReader):
         #: its failures count as handler errors.
         self.emit = emit
         #: If set, it gets each ``recvmmsg`` batch whole: ``fast(data, slot, lengths,
-        #: count, other)`` (`lbproxy.fastpath.FastPath.forward`), and calls ``other(start,
+        #: count, other)`` (`lbproxy.io.fastpath.FastPath.forward`), and calls ``other(start,
         #: length)`` -- the per-packet handling above -- for each packet it leaves.
         self.fast = fast
         self._in = Batch(min(SLOTS, batch), max_packet)
@@ -296,7 +296,7 @@ class BatchPacketReader(PacketReader):
 
 
 def _should_log(count: int) -> bool:
-    """True for the 1st, 2nd, 4th, 8th... occurrence (as `lbproxy.rawsocket` logs)."""
+    """True for the 1st, 2nd, 4th, 8th... occurrence (as `lbproxy.io.rawsocket` logs)."""
     return count & (count - 1) == 0
 
 

@@ -23,9 +23,9 @@ import attrs
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
-    from lbproxy.balancer import Balancer, TraceResult
-    from lbproxy.keys import Key
-    from lbproxy.table import Binding
+    from lbproxy.core.balancer import Balancer, TraceResult
+    from lbproxy.core.keys import Key
+    from lbproxy.core.table import Binding
 
 
 class OperatorError(Exception):
@@ -243,7 +243,7 @@ class Control:
             return key
         parse_key = self.parse_key
         if parse_key is None:
-            from lbproxy.keys import Key
+            from lbproxy.core.keys import Key
 
             parse_key = Key.parse
         try:

@@ -49,12 +49,12 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Final
 
-from lbproxy.keys import Key
+from lbproxy.core.keys import Key
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
-    from lbproxy.selection import Backend
+    from lbproxy.core.selection import Backend
 
 __all__ = ["Binding", "StickyTable", "TableStats"]
 
