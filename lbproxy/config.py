@@ -5,16 +5,25 @@ place that knows about files, keys and defaults is here, and every mistake an
 operator can make is reported in one shape -- ``file: key: reason`` -- before
 anything starts.  ``etc/lbproxy.toml`` is the commented example; the reference
 is ``docs/configuration.md``.
+
+Key strategies and schedulers are whatever their registries hold
+(``lbproxy.core.keys.STRATEGY_REGISTRY``, ``lbproxy.core.selection.SCHEDULER_REGISTRY``,
+including third-party entry points), so the names are checked against those, and the
+chain and scheduler are built once here so that a plugin that fails to build is a
+configuration error too, not a traceback at start-up.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from lbproxy.core.keys import STRATEGY_REGISTRY, KeyChain, declared_options
+from lbproxy.core.selection import SCHEDULER_REGISTRY, scheduler_from_name
 from lbproxy.tomlconfig import ConfigError, Section, checked, parse_toml, read_toml
 
 __all__ = [
@@ -29,8 +38,8 @@ __all__ = [
 ]
 
 MODES = ("translate", "transparent")
-SCHEDULERS = ("round_robin", "weighted_round_robin", "least_loaded", "maglev")
-KEY_KINDS = ("hoa", "iid", "spi", "src")
+DEFAULT_KEY_CHAIN = ("hoa", "iid", "spi", "src")
+DEFAULT_SCHEDULER = "maglev"
 DEAD_BACKEND_POLICIES = ("reassign", "keep")
 
 
@@ -92,9 +101,9 @@ class Config:
     server_interface: str
     backends: tuple[BackendConfig, ...]
     mode: str = "translate"
-    key_chain: tuple[str, ...] = KEY_KINDS
+    key_chain: tuple[str, ...] = DEFAULT_KEY_CHAIN
     any_interface_id: bool = False
-    scheduler: str = "maglev"
+    scheduler: str = DEFAULT_SCHEDULER
     lifetime: float = 300.0
     max_entries: int = 1_000_000
     sweep_interval: float = 1.0
@@ -109,6 +118,51 @@ class Config:
     metrics_endpoint: str = ""
     persistence_path: str = ""
     persistence_interval: float = 60.0
+
+    def key_chain_options(self) -> dict[str, Any]:
+        """The options for ``KeyChain.from_names(self.key_chain, **options)``: each
+        strategy option this file sets (``any_interface_id``) that a strategy in the
+        chain declares."""
+        return _chain_options(self.key_chain, _strategy_settings(self.any_interface_id))
+
+
+def _strategy_settings(any_interface_id: bool) -> dict[str, Any]:
+    """Every strategy option the file offers, for the strategies that declare it."""
+    return {"any_interface_id": any_interface_id}
+
+
+def _chain_options(chain: Sequence[str], settings: Mapping[str, Any]) -> dict[str, Any]:
+    wanted = declared_options(chain)
+    return {k: v for k, v in settings.items() if k in wanted}
+
+
+def _key_chain(bal: Section, settings: Mapping[str, Any]) -> tuple[str, ...]:
+    """``balancer.key_chain``: registered, distinct strategy names that build a chain."""
+    chain = tuple(bal.get("key_chain", list, list(DEFAULT_KEY_CHAIN)))
+    for name in chain:
+        if not isinstance(name, str):
+            raise bal.fail("key_chain", f"expected a list of strategy names, got {name!r}")
+        if name not in STRATEGY_REGISTRY:
+            raise bal.fail("key_chain", STRATEGY_REGISTRY.unknown(name))
+    if not chain or len(set(chain)) != len(chain):
+        raise bal.fail("key_chain", "must name each strategy at most once, and at least one")
+    try:
+        KeyChain.from_names(chain, **_chain_options(chain, settings))
+    except ValueError as e:
+        raise bal.fail("key_chain", str(e)) from None
+    return chain
+
+
+def _scheduler(bal: Section) -> str:
+    """``balancer.scheduler``: a registered scheduler name that builds a scheduler."""
+    name = bal.get("scheduler", str, DEFAULT_SCHEDULER)
+    if name not in SCHEDULER_REGISTRY:
+        raise bal.fail("scheduler", SCHEDULER_REGISTRY.unknown(name))
+    try:
+        scheduler_from_name(name)
+    except ValueError as e:
+        raise bal.fail("scheduler", str(e)) from None
+    return name
 
 
 def _backend(s: Section) -> BackendConfig:
@@ -163,12 +217,9 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
         ("mode", "key_chain", "any_interface_id", "scheduler", "lifetime", "max_entries",
          "sweep_interval", "batch", "link_send"),
     )
-    chain = tuple(bal.get("key_chain", list, list(KEY_KINDS)))
-    for kind in chain:
-        if kind not in KEY_KINDS:
-            raise bal.fail("key_chain", f"{kind!r} is not one of {', '.join(KEY_KINDS)}")
-    if not chain or len(set(chain)) != len(chain):
-        raise bal.fail("key_chain", "must name each strategy at most once, and at least one")
+    any_interface_id = bal.get("any_interface_id", bool, False)
+    chain = _key_chain(bal, _strategy_settings(any_interface_id))
+    scheduler = _scheduler(bal)
 
     virt = checked(top.table("virtual"), ("addresses", "ports"))
     vips = tuple(virt.address("addresses", a) for a in virt.get("addresses", list))
@@ -234,8 +285,8 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
         backends=backends,
         mode=bal.choice("mode", "translate", MODES),
         key_chain=chain,
-        any_interface_id=bal.get("any_interface_id", bool, False),
-        scheduler=bal.choice("scheduler", "maglev", SCHEDULERS),
+        any_interface_id=any_interface_id,
+        scheduler=scheduler,
         lifetime=bal.number("lifetime", 300.0, 1.0, 86400.0 * 7),
         max_entries=bal.integer("max_entries", 1_000_000, 1, 100_000_000),
         sweep_interval=bal.number("sweep_interval", 1.0, 0.01, 60.0),

@@ -55,9 +55,9 @@ def backends_from(config: Config) -> list[Backend]:
 
 
 def key_chain_from(config: Config) -> KeyChain:
-    """The configured KeyChain (the iid strategy takes the any_interface_id option)."""
-    options = {"any_interface_id": config.any_interface_id} if "iid" in config.key_chain else {}
-    return KeyChain.from_names(config.key_chain, **options)
+    """The configured KeyChain, from the strategy registry; each strategy gets the
+    configuration's options it declares (``Config.key_chain_options``)."""
+    return KeyChain.from_names(config.key_chain, **config.key_chain_options())
 
 
 def build_balancer(config: Config, clock: Any) -> Balancer:

@@ -8,6 +8,12 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from lbproxy.config import ConfigError, load_config, parse_config
+from lbproxy.core.keys import (
+    STRATEGY_REGISTRY,
+    IKeyStrategy,
+    SourceAddressStrategy,
+    register_strategy,
+)
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "lbproxy.toml"
 
@@ -80,9 +86,48 @@ class ErrorTests(SynchronousTestCase):
         self.assertRefused(MINIMAL + "[balancer]\nmode = 'dsr'\n", "balancer.mode", "translate")
 
     def test_bad_key_kind(self) -> None:
-        """An unknown key strategy is named."""
+        """An unknown key strategy is named, with the registered ones."""
         self.assertRefused(MINIMAL + "[balancer]\nkey_chain = ['hoa', 'mac']\n",
-                           "balancer.key_chain", "'mac'")
+                           "balancer.key_chain",
+                           "'mac' is not a registered key strategy (registered: hoa, iid, spi, src")
+        self.assertRefused(MINIMAL + "[balancer]\nkey_chain = ['hoa', 3]\n",
+                           "balancer.key_chain", "expected a list of strategy names, got 3")
+        self.assertRefused(MINIMAL + "[balancer]\nkey_chain = ['src', 'src']\n",
+                           "balancer.key_chain", "at most once")
+        self.assertRefused(MINIMAL + "[balancer]\nkey_chain = []\n",
+                           "balancer.key_chain", "at least one")
+
+    def test_bad_scheduler(self) -> None:
+        """An unknown scheduler is named, with the registered ones."""
+        self.assertRefused(
+            MINIMAL + "[balancer]\nscheduler = 'fastest'\n", "balancer.scheduler",
+            "'fastest' is not a registered scheduler (registered: round_robin, "
+            "weighted_round_robin, least_loaded, maglev",
+        )
+
+    def test_registered_strategy(self) -> None:
+        """A strategy registered in code is a valid name; options reach the chain only
+        when a named strategy declares them; a strategy that cannot be built is a
+        ConfigError, not a traceback."""
+
+        def failing(any_interface_id: bool = False) -> IKeyStrategy:
+            raise RuntimeError("needs a kernel module")
+
+        register_strategy("cfg-test", failing, options=["any_interface_id"])
+        self.addCleanup(STRATEGY_REGISTRY.unregister, "cfg-test")
+        self.assertRefused(MINIMAL + "[balancer]\nkey_chain = ['cfg-test', 'src']\n",
+                           "balancer.key_chain", "RuntimeError: needs a kernel module")
+        STRATEGY_REGISTRY.unregister("cfg-test")
+        register_strategy("cfg-test", SourceAddressStrategy)
+        config = parse_config(
+            MINIMAL + "[balancer]\nkey_chain = ['cfg-test']\nany_interface_id = true\n"
+        )
+        self.assertEqual(config.key_chain, ("cfg-test",))
+        self.assertEqual(config.key_chain_options(), {})
+        iid = parse_config(
+            MINIMAL + "[balancer]\nkey_chain = ['iid', 'src']\nany_interface_id = true\n"
+        )
+        self.assertEqual(iid.key_chain_options(), {"any_interface_id": True})
 
     def test_missing_required(self) -> None:
         """Required keys are named when missing."""

@@ -149,7 +149,7 @@ class StrategyTests(SynchronousTestCase):
 
     def test_interface_id_refuses_unstable_ids(self) -> None:
         """By default a privacy ID, an EUI-64 with the u bit clear, or ff fe elsewhere
-        yields no iid key (DESIGN.md section 4)."""
+        yields no iid key: only a universal EUI-64 ID stays the same across networks."""
         strategy = InterfaceIdStrategy()
         for src in [PRIVACY_SRC, "2001:db8:2::11:22ff:fe33:4455", "2001:db8:2::2ff:fe00:0:1"]:
             self.assertIsNone(strategy.key_for(*viewed(packet(src=src))), src)
@@ -236,6 +236,7 @@ class KeyChainTests(SynchronousTestCase):
         with self.assertRaises(ValueError) as e:
             KeyChain.from_names(["hoa", "mac"])
         self.assertIn("'mac'", str(e.exception))
+        self.assertIn("(registered: hoa, iid, spi, src", str(e.exception))
         with self.assertRaises(ValueError) as e:
             KeyChain.from_names(["src", "src"])
         self.assertIn("'src'", str(e.exception))
@@ -245,12 +246,67 @@ class KeyChainTests(SynchronousTestCase):
         with self.assertRaises(ValueError):
             KeyChain.from_names([])
 
+    def test_options_reach_only_declaring_strategies(self) -> None:
+        """Each strategy is called with the options it declares and no others, and
+        declared_options says which options a chain takes."""
+        calls: list[dict[str, object]] = []
+
+        def coloured(colour: str = "none") -> IKeyStrategy:
+            calls.append({"colour": colour})
+            return SourceAddressStrategy()
+
+        def plain() -> IKeyStrategy:  # any keyword would be a TypeError
+            calls.append({})
+            return HomeAddressStrategy()
+
+        keys.register_strategy("coloured-test", coloured, options=["colour"])
+        self.addCleanup(keys.STRATEGY_REGISTRY.unregister, "coloured-test")
+        keys.register_strategy("plain-test", plain)
+        self.addCleanup(keys.STRATEGY_REGISTRY.unregister, "plain-test")
+        KeyChain.from_names(["plain-test", "coloured-test"], colour="red")
+        self.assertEqual(calls, [{}, {"colour": "red"}])
+        self.assertEqual(keys.declared_options(["plain-test", "src"]), frozenset())
+        self.assertEqual(keys.declared_options(["iid", "coloured-test", "nonesuch"]),
+                         {"any_interface_id", "colour"})
+        with self.assertRaises(ValueError) as e:
+            KeyChain.from_names(["plain-test"], colour="red")
+        self.assertIn("'colour'", str(e.exception))
+
+    def test_broken_factories(self) -> None:
+        """A factory that raises, or makes something that is not an IKeyStrategy, is a
+        ValueError naming the strategy, not a stray exception."""
+
+        def fails() -> IKeyStrategy:
+            raise RuntimeError("no such device")
+
+        keys.register_strategy("fails-test", fails)
+        self.addCleanup(keys.STRATEGY_REGISTRY.unregister, "fails-test")
+        keys.register_strategy("wrong-test", object)  # type: ignore[arg-type]
+        self.addCleanup(keys.STRATEGY_REGISTRY.unregister, "wrong-test")
+        with self.assertRaises(ValueError) as e:
+            KeyChain.from_names(["fails-test"])
+        self.assertIn("'fails-test'", str(e.exception))
+        self.assertIn("RuntimeError: no such device", str(e.exception))
+        with self.assertRaises(ValueError) as e:
+            KeyChain.from_names(["wrong-test"])
+        self.assertIn("does not provide IKeyStrategy", str(e.exception))
+
+    def test_registration_errors(self) -> None:
+        """A taken name, a name that is not one word, or options given as one string are
+        refused."""
+        with self.assertRaises(ValueError):
+            keys.register_strategy("src", SourceAddressStrategy)
+        with self.assertRaises(ValueError):
+            keys.register_strategy("two words", SourceAddressStrategy)
+        with self.assertRaises(TypeError):
+            keys.register_strategy("x-test", SourceAddressStrategy, options="colour")
+        self.assertNotIn("x-test", keys.known_strategies())
+
     def test_plugin_strategy(self) -> None:
         """A new kind and strategy plug in through the registries, without touching
         KeyChain: here a key on the flow label."""
-        kind = keys.register_kind("flow-test", 3)
-        self.addCleanup(lambda: (keys._KINDS_BY_NAME.pop(kind.name),
-                                 keys._KINDS_BY_CODE.pop(kind.code)))
+        keys.register_kind("flow-test", 3)
+        self.addCleanup(keys.unregister_kind, "flow-test")
 
         @implementer(IKeyStrategy)
         class FlowLabelStrategy:
@@ -261,7 +317,7 @@ class KeyChainTests(SynchronousTestCase):
                 return Key("flow-test", label) if any(label) else None
 
         keys.register_strategy("flow-test", FlowLabelStrategy)
-        self.addCleanup(keys._STRATEGIES.pop, "flow-test")
+        self.addCleanup(keys.STRATEGY_REGISTRY.unregister, "flow-test")
         self.assertIn("flow-test", keys.known_strategies())
         chain = KeyChain.from_names(["flow-test", "src"])
         buf = bytes(IPv6(src=PRIVACY_SRC, dst=VIP, fl=0xABCDE) / UDP() / b"x")

@@ -8,15 +8,18 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 
 import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from lbproxy.core.keys import Key
 from lbproxy.core.selection import (
+    SCHEDULER_REGISTRY,
     Backend,
     IScheduler,
     LeastLoaded,
@@ -25,6 +28,7 @@ from lbproxy.core.selection import (
     WeightedRoundRobin,
     key_hash,
     maglev_table,
+    register_scheduler,
     scheduler_from_name,
     scheduler_names,
 )
@@ -124,6 +128,46 @@ class CommonSchedulerTests(SynchronousTestCase):
         with self.assertRaises(ValueError) as e:
             scheduler_from_name("random")
         self.assertIn("'random'", str(e.exception))
+        self.assertIn(
+            "(registered: round_robin, weighted_round_robin, least_loaded, maglev",
+            str(e.exception),
+        )
+
+    def test_registered_scheduler(self) -> None:
+        """register_scheduler makes a name usable; a factory that fails or makes
+        something that is not an IScheduler is a ValueError naming it."""
+        register_scheduler("first-test", _First)
+        self.addCleanup(SCHEDULER_REGISTRY.unregister, "first-test")
+        self.assertIn("first-test", scheduler_names())
+        s = scheduler_from_name("first-test")
+        s.set_backends([backend("b"), backend("a")])
+        self.assertEqual(s.choose(Key("src", bytes(16)), {}), backend("b"))
+        with self.assertRaises(ValueError):
+            register_scheduler("maglev", _First)
+
+        register_scheduler("wrong-test", object)  # type: ignore[arg-type]
+        self.addCleanup(SCHEDULER_REGISTRY.unregister, "wrong-test")
+        with self.assertRaises(ValueError) as e:
+            scheduler_from_name("wrong-test")
+        self.assertIn("does not provide IScheduler", str(e.exception))
+        with self.assertRaises(ValueError) as e:
+            scheduler_from_name("maglev", table_size=100)
+        self.assertIn("'maglev'", str(e.exception))
+        self.assertIn("prime", str(e.exception))
+
+
+@implementer(IScheduler)
+class _First:
+    """A scheduler for registry tests: always the first usable backend."""
+
+    def __init__(self) -> None:
+        self.backends: list[Backend] = []
+
+    def set_backends(self, backends: Sequence[Backend]) -> None:
+        self.backends = [b for b in backends if b.weight]
+
+    def choose(self, key: Key, load: Mapping[Backend, int]) -> Backend | None:
+        return self.backends[0] if self.backends else None
 
 
 class RoundRobinTests(SynchronousTestCase):

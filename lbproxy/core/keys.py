@@ -20,17 +20,34 @@ content; never mix keys and other bytes in one mapping.
 
 Strategies read the packet through a :class:`~lbproxy.wire.view.PacketView` (offsets into
 the caller's buffer, see ``docs/contracts.md``); they never parse or copy more than the
-identity's own bytes.  :func:`register_strategy` adds a named strategy factory that
-:meth:`KeyChain.from_names` can build from configuration.
+identity's own bytes.
+
+Registries
+----------
+Configuration names strategies (``key_chain = ["hoa", "iid", "spi", "src"]``), and
+:meth:`KeyChain.from_names` looks each name up in :data:`STRATEGY_REGISTRY`, a
+:class:`Registry` of :class:`StrategyFactory`.  The four built-in strategies are
+registered below with :func:`register_strategy`; third-party ones come from Python entry
+points in the group ``lbproxy.key_strategies`` (the entry point's name is the strategy's
+name, its object a :class:`StrategyFactory` or a callable taking no arguments that returns
+an :class:`IKeyStrategy` provider).  Entry points are read once, lazily: the first time
+the registry is asked for its names or for a name it does not know.  A broken one (import
+error, wrong type, name taken) is skipped with one logged warning and is simply not
+registered.  A plugin module adds its own key kind with :func:`register_kind` when it is
+imported.  :mod:`lbproxy.core.selection` keeps its schedulers in a :class:`Registry` too
+(group ``lbproxy.schedulers``).  ``docs/core.md`` has an example plugin package.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import ipaddress
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import attrs
+from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
 if TYPE_CHECKING:
@@ -38,20 +55,29 @@ if TYPE_CHECKING:
 
     Buffer = bytes | bytearray | memoryview
 
+T = TypeVar("T")
+
 __all__ = [
+    "STRATEGY_REGISTRY",
     "HomeAddressStrategy",
     "IKeyStrategy",
     "InterfaceIdStrategy",
     "Key",
     "KeyChain",
     "KeyKind",
+    "Registry",
     "SourceAddressStrategy",
     "SpiStrategy",
+    "StrategyFactory",
+    "declared_options",
     "kind_named",
     "known_strategies",
     "register_kind",
     "register_strategy",
+    "unregister_kind",
 ]
+
+_log = Logger()
 
 
 # -- key kinds ---------------------------------------------------------------------------
@@ -140,6 +166,14 @@ def register_kind(
 def kind_named(name: str) -> KeyKind:
     """The registered :class:`KeyKind` called `name` (``KeyError`` if none)."""
     return _KINDS_BY_NAME[name]
+
+
+def unregister_kind(name: str) -> None:
+    """Forget the key kind `name` (for tests that register their own; no key of that
+    kind may be in use any more).  Unknown names are ignored."""
+    kind = _KINDS_BY_NAME.pop(name, None)
+    if kind is not None:
+        del _KINDS_BY_CODE[kind.code]
 
 
 HOA: Final = register_kind("hoa", 16, _format_address, _parse_address, code=1)
@@ -232,8 +266,13 @@ class IKeyStrategy(Interface):
 @attrs.frozen
 class HomeAddressStrategy:
     """Claim 2: the home address carried in a Home Address Option (RFC 6275 section
-    6.3).  The HAO is the terminal's own claim; see DESIGN.md section 6 for why keying
-    on it is fine but replying to its care-of address needs confirmation."""
+    6.3).
+
+    The HAO is the terminal's own claim, not a proof (RFC 6275 section 15): anyone can
+    put any home address in it.  Keying on it is fine -- the worst a liar gets is to
+    share a backend -- but replying to an unverified care-of address would be a
+    reflection attack, so replies go to a care-of address only for a binding confirmed
+    by an authenticated notification (``Binding.confirmed``)."""
 
     kind: str = attrs.field(default="hoa", init=False)
 
@@ -297,16 +336,176 @@ class SourceAddressStrategy:
         return _new_key(Key, _SRC + buf[8:24])
 
 
-# -- the chain ---------------------------------------------------------------------------
+# -- registries --------------------------------------------------------------------------
+
+
+def _one_word(name: object) -> bool:
+    return isinstance(name, str) and bool(name) and not any(c.isspace() for c in name)
+
+
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+class Registry(Generic[T]):
+    """Names to factories: built-in ones registered in code, third-party ones found
+    through the Python entry points of one group.
+
+    Why: configuration names key strategies and schedulers, and a new one should need a
+    package of its own, not an edit of lbproxy.  Entry points are read lazily and once --
+    on the first :meth:`names`, or the first :meth:`get` of a name not registered in
+    code -- so importing lbproxy never imports a plugin, and a plugin may import lbproxy.
+    Each entry point's object goes through `accept`, which returns the registry's entry or
+    raises ``TypeError``/``ValueError`` saying why the object is unfit.  An entry point
+    that fails to import, is unfit, or whose name is taken (by a built-in, or by another
+    entry point of the same group) is skipped with one logged warning naming it and the
+    reason; its name is then simply not registered.
+    """
+
+    def __init__(self, what: str, group: str, accept: Callable[[object], T]) -> None:
+        self.what = what
+        self.group = group
+        self._accept = accept
+        self._entries: dict[str, T] = {}
+        self._from_entry_points: set[str] = set()
+        self._loaded = False
+
+    def register(self, name: str, entry: T) -> None:
+        """Add `entry` under `name` (one word); ``ValueError`` if the name is taken."""
+        if not _one_word(name):
+            raise ValueError(f"a {self.what} name is one word, not {name!r}")
+        if name in self._entries:
+            raise ValueError(f"{self.what} {name!r} is already registered")
+        self._entries[name] = entry
+
+    def unregister(self, name: str) -> None:
+        """Forget `name` (for tests); an unknown name is ignored."""
+        self._entries.pop(name, None)
+        self._from_entry_points.discard(name)
+
+    def get(self, name: str) -> T | None:
+        """The entry registered as `name`, or None."""
+        entry = self._entries.get(name)
+        if entry is None and not self._loaded:
+            self.load_entry_points()
+            entry = self._entries.get(name)
+        return entry
+
+    def names(self) -> tuple[str, ...]:
+        """Every registered name: those registered in code, in order, then entry points'."""
+        self.load_entry_points()
+        return tuple(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def unknown(self, name: object) -> str:
+        """The reason given for a name that is not registered; it lists those that are."""
+        registered = ", ".join(self.names())
+        return f"{name!r} is not a registered {self.what} (registered: {registered})"
+
+    def load_entry_points(self) -> None:
+        """Read the group's entry points, unless done already."""
+        if self._loaded:
+            return
+        self._loaded = True  # first: a plugin that asks for names must not come back here
+        try:
+            found = list(importlib.metadata.entry_points(group=self.group))
+        except Exception as e:
+            _log.warn(
+                "Cannot read the entry points of group {group}: {reason}",
+                group=self.group,
+                reason=_reason(e),
+            )
+            return
+        same_name = Counter(ep.name for ep in found)
+        for ep in found:
+            reason = self._add(ep, same_name[ep.name])
+            if reason is not None:
+                _log.warn(
+                    "Skipped {what} entry point {entry_point!r} of group {group} "
+                    "(distribution {distribution}): {reason}",
+                    what=self.what,
+                    entry_point=f"{ep.name} = {ep.value}",
+                    group=self.group,
+                    distribution=_distribution(ep),
+                    reason=reason,
+                )
+
+    def _add(self, ep: importlib.metadata.EntryPoint, same_name: int) -> str | None:
+        """Register one entry point; the reason it is skipped, or None."""
+        if not _one_word(ep.name):
+            return f"a {self.what} name is one word, not {ep.name!r}"
+        if same_name > 1:
+            return f"{same_name} entry points of the group are named {ep.name!r}; none is used"
+        if ep.name in self._entries:
+            return f"{self.what} {ep.name!r} is already registered"
+        try:
+            obj = ep.load()
+        except Exception as e:
+            return f"cannot load it: {_reason(e)}"
+        try:
+            entry = self._accept(obj)
+        except (TypeError, ValueError) as e:
+            return str(e)
+        if ep.name in self._entries:  # its module registered the name itself
+            return f"{self.what} {ep.name!r} is already registered"
+        self._entries[ep.name] = entry
+        self._from_entry_points.add(ep.name)
+        return None
+
+    def forget_entry_points(self) -> None:
+        """Drop what entry points added, and read them again when next asked (for tests
+        that put a distribution of their own on ``sys.path``)."""
+        for name in self._from_entry_points:
+            self._entries.pop(name, None)
+        self._from_entry_points.clear()
+        self._loaded = False
+
+
+def _distribution(ep: importlib.metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    try:
+        return f"{dist.name} {dist.version}" if dist is not None else "unknown"
+    except Exception:
+        return "unknown"
+
+
+# -- strategies by name ------------------------------------------------------------------
+
+
+def _option_names(options: Iterable[str]) -> frozenset[str]:
+    if isinstance(options, str):
+        raise TypeError(f"options is a list of option names, not the string {options!r}")
+    return frozenset(options)
 
 
 @attrs.frozen
-class _StrategyFactory:
+class StrategyFactory:
+    """How :meth:`KeyChain.from_names` builds a named strategy: it calls ``build`` with
+    those of its keyword options whose names are in `options`, and ``build`` returns a
+    new :class:`IKeyStrategy` provider.
+
+    A ``lbproxy.key_strategies`` entry point names one of these, or any callable that
+    takes no arguments and returns an :class:`IKeyStrategy` provider (a strategy class).
+    """
+
     build: Callable[..., IKeyStrategy]
-    options: frozenset[str]
+    options: frozenset[str] = attrs.field(default=frozenset(), converter=_option_names)
 
 
-_STRATEGIES: dict[str, _StrategyFactory] = {}
+def _as_strategy_factory(obj: object) -> StrategyFactory:
+    if isinstance(obj, StrategyFactory):
+        return obj
+    if callable(obj):
+        return StrategyFactory(obj)
+    raise TypeError(f"{obj!r} is neither a StrategyFactory nor callable")
+
+
+STRATEGY_REGISTRY: Final[Registry[StrategyFactory]] = Registry(
+    "key strategy", "lbproxy.key_strategies", _as_strategy_factory
+)
+"""The key strategies :meth:`KeyChain.from_names` knows, by configuration name."""
 
 
 def register_strategy(
@@ -315,16 +514,23 @@ def register_strategy(
     """Make `name` usable in :meth:`KeyChain.from_names` (and so in configuration).
 
     `factory` is called with the keyword options, among those given to ``from_names``,
-    whose names are listed in `options`.
+    whose names are listed in `options`.  Third-party packages can do the same without
+    code through an entry point of group ``lbproxy.key_strategies``.
     """
-    if name in _STRATEGIES:
-        raise ValueError(f"key strategy {name!r} is already registered")
-    _STRATEGIES[name] = _StrategyFactory(factory, frozenset(options))
+    STRATEGY_REGISTRY.register(name, StrategyFactory(factory, options))
 
 
 def known_strategies() -> tuple[str, ...]:
-    """The names :meth:`KeyChain.from_names` accepts, in registration order."""
-    return tuple(_STRATEGIES)
+    """The names :meth:`KeyChain.from_names` accepts: built-ins in registration order,
+    then those of entry points."""
+    return STRATEGY_REGISTRY.names()
+
+
+def declared_options(names: Iterable[str]) -> frozenset[str]:
+    """The options the registered strategies among `names` declare (unknown names are
+    left to :meth:`KeyChain.from_names` to refuse)."""
+    found = (STRATEGY_REGISTRY.get(n) for n in names if isinstance(n, str))
+    return frozenset().union(*(f.options for f in found if f is not None))
 
 
 def _interface_id(any_interface_id: bool = False) -> InterfaceIdStrategy:
@@ -335,6 +541,9 @@ register_strategy("hoa", HomeAddressStrategy)
 register_strategy("iid", _interface_id, options=["any_interface_id"])
 register_strategy("spi", SpiStrategy)
 register_strategy("src", SourceAddressStrategy)
+
+
+# -- the chain ---------------------------------------------------------------------------
 
 
 class KeyChain:
@@ -365,31 +574,43 @@ class KeyChain:
 
     @classmethod
     def from_names(cls, names: Sequence[str], **options: Any) -> KeyChain:
-        """Build a chain from configuration names (``["hoa", "iid", "spi", "src"]``).
+        """Build a chain from registered names (``["hoa", "iid", "spi", "src"]``).
 
-        Options go to the strategies that declare them (``any_interface_id`` for
-        ``iid``).  An unknown name, a repeated name, or an option no named strategy
-        takes raises ``ValueError`` naming it.
+        Each strategy gets only the options it declares (``any_interface_id`` for
+        ``iid``).  An unknown name (the message lists the registered ones), a repeated
+        name, an option no named strategy declares, or a factory that fails or makes
+        something that is not an :class:`IKeyStrategy` raises ``ValueError`` naming it.
         """
-        unknown = [n for n in names if n not in _STRATEGIES]
-        if unknown:
-            raise ValueError(
-                f"unknown key strategy {unknown[0]!r} (known: {', '.join(_STRATEGIES)})"
-            )
-        repeated = sorted({n for n in names if list(names).count(n) > 1})
+        names = list(names)
+        factories = []
+        for name in names:
+            factory = STRATEGY_REGISTRY.get(name)
+            if factory is None:
+                raise ValueError(STRATEGY_REGISTRY.unknown(name))
+            factories.append(factory)
+        repeated = [n for n in names if names.count(n) > 1]
         if repeated:
             raise ValueError(f"key strategy {repeated[0]!r} is named more than once")
-        wanted = frozenset().union(*(_STRATEGIES[n].options for n in names))
+        wanted = frozenset[str]().union(*(f.options for f in factories))
         stray = sorted(set(options) - wanted)
         if stray:
             raise ValueError(
-                f"option {stray[0]!r} is not taken by any of the strategies {list(names)}"
+                f"option {stray[0]!r} is not taken by any of the strategies {names}"
             )
-        return cls([_build(_STRATEGIES[n], options) for n in names])
+        return cls([_build(n, f, options) for n, f in zip(names, factories, strict=True)])
 
     def __repr__(self) -> str:
         return f"KeyChain({list(self.strategies)!r})"
 
 
-def _build(factory: _StrategyFactory, options: Mapping[str, Any]) -> IKeyStrategy:
-    return factory.build(**{k: v for k, v in options.items() if k in factory.options})
+def _build(name: str, factory: StrategyFactory, options: Mapping[str, Any]) -> IKeyStrategy:
+    given = {k: v for k, v in options.items() if k in factory.options}
+    try:
+        strategy = factory.build(**given)
+    except Exception as e:
+        raise ValueError(f"key strategy {name!r} could not be built: {_reason(e)}") from e
+    if not IKeyStrategy.providedBy(strategy):
+        raise ValueError(
+            f"key strategy {name!r} made {strategy!r}, which does not provide IKeyStrategy"
+        )
+    return strategy

@@ -15,6 +15,13 @@ not care which is configured:
 
 A backend of weight 0 is never chosen (that is how a backend is drained: its existing
 bindings stay, it gets no new ones).  Everything here is pure: no clock, no I/O.
+
+Schedulers are found by configuration name in :data:`SCHEDULER_REGISTRY` (a
+:class:`~lbproxy.core.keys.Registry`): the four above are registered here with
+:func:`register_scheduler`, third-party ones come from Python entry points in the group
+``lbproxy.schedulers`` (the entry point's name is the scheduler's name, its object a
+callable -- typically the class -- that returns a new :class:`IScheduler` provider with no
+backends when called with no arguments).
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ from typing import Any, Final
 import attrs
 from zope.interface import Interface, implementer
 
-from lbproxy.core.keys import Key
+from lbproxy.core.keys import Key, Registry
 
 __all__ = [
+    "SCHEDULER_REGISTRY",
     "Backend",
     "IScheduler",
     "LeastLoaded",
@@ -37,6 +45,7 @@ __all__ = [
     "RoundRobin",
     "WeightedRoundRobin",
     "key_hash",
+    "register_scheduler",
     "scheduler_from_name",
     "scheduler_names",
 ]
@@ -291,25 +300,60 @@ class Maglev:
         return counts
 
 
-_SCHEDULERS: dict[str, Callable[..., Any]] = {
-    "round_robin": RoundRobin,
-    "weighted_round_robin": WeightedRoundRobin,
-    "least_loaded": LeastLoaded,
-    "maglev": Maglev,
-}
+def _as_scheduler_factory(obj: object) -> Callable[..., IScheduler]:
+    if not callable(obj):
+        raise TypeError(f"{obj!r} is not callable")
+    return obj
+
+
+SCHEDULER_REGISTRY: Final[Registry[Callable[..., IScheduler]]] = Registry(
+    "scheduler", "lbproxy.schedulers", _as_scheduler_factory
+)
+"""The schedulers :func:`scheduler_from_name` knows, by configuration name."""
+
+
+def register_scheduler(name: str, factory: Callable[..., IScheduler]) -> None:
+    """Make `name` usable in :func:`scheduler_from_name` (and so in configuration).
+
+    `factory` called with no arguments (or the options given to ``scheduler_from_name``)
+    returns a new :class:`IScheduler` provider with no backends yet.  Third-party packages
+    can do the same without code through an entry point of group ``lbproxy.schedulers``.
+    """
+    SCHEDULER_REGISTRY.register(name, factory)
+
+
+register_scheduler("round_robin", RoundRobin)
+register_scheduler("weighted_round_robin", WeightedRoundRobin)
+register_scheduler("least_loaded", LeastLoaded)
+register_scheduler("maglev", Maglev)
 
 
 def scheduler_names() -> tuple[str, ...]:
-    """The names :func:`scheduler_from_name` accepts (as in the configuration file)."""
-    return tuple(_SCHEDULERS)
+    """The names :func:`scheduler_from_name` accepts (as in the configuration file):
+    built-ins in registration order, then those of entry points."""
+    return SCHEDULER_REGISTRY.names()
 
 
 def scheduler_from_name(name: str, **options: Any) -> IScheduler:
-    """Build the scheduler called `name` (``round_robin``, ``weighted_round_robin``,
-    ``least_loaded``, ``maglev``; ``-`` may stand for ``_``), with no backends yet.
-    `options` go to its constructor (``table_size`` for Maglev)."""
-    factory = _SCHEDULERS.get(name.replace("-", "_"))
+    """Build the registered scheduler called `name` (``round_robin``,
+    ``weighted_round_robin``, ``least_loaded``, ``maglev``, or one from an entry point;
+    ``-`` may stand for ``_``), with no backends yet.  `options` go to its factory
+    (``table_size`` for Maglev).  An unknown name (the message lists the registered
+    ones), or a factory that fails or makes something that is not an
+    :class:`IScheduler`, raises ``ValueError``."""
+    factory = SCHEDULER_REGISTRY.get(name)
+    if factory is None and isinstance(name, str) and "-" in name:
+        factory = SCHEDULER_REGISTRY.get(name.replace("-", "_"))
     if factory is None:
-        raise ValueError(f"unknown scheduler {name!r} (known: {', '.join(_SCHEDULERS)})")
-    scheduler: IScheduler = factory(**options)
+        raise ValueError(SCHEDULER_REGISTRY.unknown(name))
+    try:
+        scheduler = factory(**options)
+    except Exception as e:
+        raise ValueError(
+            f"scheduler {name!r} could not be built: {type(e).__name__}: {e}"
+        ) from e
+    if not IScheduler.providedBy(scheduler):
+        raise ValueError(
+            f"scheduler {name!r} made {scheduler!r}, which does not provide IScheduler"
+        )
     return scheduler
