@@ -1,17 +1,21 @@
 """Tests for lbproxy.wire.checksum: RFC 1071 sums, the pseudo-header, RFC 1624 updates.
 
 scapy's own checksum code is the independent oracle, next to a naive
-word-by-word end-around-carry adder written here from RFC 1071.
+word-by-word end-around-carry adder written here from RFC 1071.  The copies of
+this arithmetic inlined elsewhere for speed are held to the functions here
+(:class:`InlinedCopyTests`).
 """
 
 from __future__ import annotations
 
+import ast
 import ipaddress
 import struct
+from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
-from scapy.layers.inet import UDP
+from scapy.layers.inet import TCP, UDP
 from scapy.layers.inet6 import IPv6, in6_chksum
 from scapy.utils import checksum as scapy_checksum
 from twisted.trial.unittest import SynchronousTestCase
@@ -25,6 +29,7 @@ from lbproxy.wire.checksum import (
     udp_field,
     update16,
     update_sum,
+    update_transport,
 )
 
 addresses = st.binary(min_size=16, max_size=16)
@@ -174,3 +179,145 @@ class DeltaTests(SynchronousTestCase):
             return
         want = update16(csum, old, new)
         self.assertEqual(got, (want or 0xFFFF) if udp else want)
+
+
+class UpdateTransportTests(SynchronousTestCase):
+    """`update_transport`: `update16` (written out in it) with UDP's rules."""
+
+    @given(
+        csum=st.integers(0, 0xFFFF),
+        old=addresses,
+        new=addresses,
+        udp=st.booleans(),
+    )
+    def test_same_as_update16(self, csum: int, old: bytes, new: bytes, udp: bool) -> None:
+        """update16 for TCP/ICMPv6/MH; for UDP a 0 field stays 0, a 0 result is 0xFFFF."""
+        got = update_transport(csum, old, new, udp)
+        if udp and csum == 0:
+            self.assertEqual(got, 0)
+            return
+        want = update16(csum, old, new)
+        self.assertEqual(got, (want or 0xFFFF) if udp else want)
+
+    def test_udp_rules(self) -> None:
+        """The UDP cases spelled out: "none" stays none, a computed 0 goes out as 0xFFFF."""
+        zero, one = bytes(16), bytes(15) + b"\x01"
+        self.assertEqual(update_transport(0, zero, one, True), 0)
+        self.assertEqual(update_transport(0x0001, zero, one, True), 0xFFFF)
+        self.assertEqual(update_transport(0x0001, zero, one, False), 0)
+
+    @given(addresses, addresses, addresses, st.binary(max_size=200),
+           st.sampled_from(["udp", "tcp"]))
+    def test_destination_change_against_scapy(
+        self, src: bytes, dst: bytes, new: bytes, payload: bytes, kind: str
+    ) -> None:
+        """The field scapy gives src -> dst, updated for dst := new, is scapy's src -> new."""
+        l4 = UDP(sport=1000, dport=53) if kind == "udp" else TCP(sport=1000, dport=80)
+        at = 46 if kind == "udp" else 56
+        before = bytes(IPv6(src=_text(src), dst=_text(dst)) / l4 / payload)
+        after = bytes(IPv6(src=_text(src), dst=_text(new)) / l4 / payload)
+        (field,) = struct.unpack_from("!H", before, at)
+        (expected,) = struct.unpack_from("!H", after, at)
+        self.assertEqual(update_transport(field, dst, new, kind == "udp"), expected)
+
+
+#: The marker comment of an inlined copy of `apply_delta16`.
+_APPLY_DELTA16_MARK = "`checksum.apply_delta16`, inlined"
+_FASTPATH = Path(__file__).resolve().parent.parent / "lbproxy" / "io" / "fastpath.py"
+
+
+def _inlined_updates(path: Path, marker: str) -> tuple[dict[str, object], list[ast.If]]:
+    """``path``'s literal module constants, and the ``if`` after each ``marker`` comment.
+
+    The copy reads the field into a variable, then updates it in an ``if``; only the
+    ``if`` is arithmetic, so that is what is run.  The source is read, not imported:
+    the test needs none of the module's dependencies.
+    """
+    source = path.read_text()
+    tree = ast.parse(source)
+    constants: dict[str, object] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    constants[target.id] = value
+                elif isinstance(target, ast.Tuple) and isinstance(value, tuple):
+                    for name, item in zip(target.elts, value, strict=True):
+                        if isinstance(name, ast.Name):
+                            constants[name.id] = item
+    marks = [n for n, line in enumerate(source.splitlines(), 1) if marker in line]
+    blocks: list[list[ast.stmt]] = []
+    for parent in ast.walk(tree):
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(parent, field, None)
+            if isinstance(block, list) and block and isinstance(block[0], ast.stmt):
+                blocks.append(block)
+    found: list[ast.If] = []
+    for mark in marks:
+        following = [
+            stmt for block in blocks for stmt in block if mark < stmt.lineno <= mark + 3
+        ]
+        ifs = [stmt for stmt in following if isinstance(stmt, ast.If)]
+        assert ifs, f"{path.name}:{mark}: no `if` right after the {marker!r} comment"
+        found.append(min(ifs, key=lambda stmt: stmt.lineno))
+    return constants, found
+
+
+def _run_copy(copy: ast.If, constants: dict[str, object], csum: int, delta: int,
+              udp: bool) -> int:
+    """Run one inlined ``if`` with the field ``csum``, the delta and the protocol."""
+    fields = [target for n in ast.walk(copy) if isinstance(n, ast.Assign)
+              for target in n.targets if isinstance(target, ast.Name)]
+    field = fields[0].id  # the checksum variable the copy updates
+    protocol = "_UDP" if udp else "_TCP"
+    names = {n.id for n in ast.walk(copy) if isinstance(n, ast.Name)}
+    proto_names = {
+        side.id
+        for n in ast.walk(copy) if isinstance(n, ast.Compare)
+        for side in (n.left, *n.comparators)
+        if isinstance(side, ast.Name) and side.id not in constants and side.id != field
+    }
+    rest = names - set(constants) - proto_names - {field}
+    assert len(rest) == 1, f"cannot tell the delta among {sorted(rest)}"
+    namespace: dict[str, object] = dict(constants)
+    namespace.update({name: constants[protocol] for name in proto_names})
+    namespace[rest.pop()] = delta
+    namespace[field] = csum
+    exec(compile(ast.Module(body=[copy], type_ignores=[]), str(_FASTPATH), "exec"), namespace)
+    result = namespace[field]
+    assert isinstance(result, int)
+    return result
+
+
+class InlinedCopyTests(SynchronousTestCase):
+    """Copies of this module's arithmetic inlined elsewhere compute what the functions do.
+
+    `lbproxy.io.fastpath` inlines `apply_delta16` twice (inbound: destination :=
+    backend; replies: source := virtual address), each after a comment carrying
+    :data:`_APPLY_DELTA16_MARK`.  The ``if`` that follows each comment is taken
+    from the source and run against `apply_delta16` for TCP and UDP.
+    """
+
+    def test_fastpath_copies_found(self) -> None:
+        """Both of the fast path's copies are found (a renamed marker would hide them)."""
+        _, copies = _inlined_updates(_FASTPATH, _APPLY_DELTA16_MARK)
+        self.assertEqual(len(copies), 2)
+
+    @given(
+        csum=st.integers(0, 0xFFFF),
+        old=addresses,
+        new=addresses,
+        udp=st.booleans(),
+    )
+    def test_fastpath_apply_delta16(self, csum: int, old: bytes, new: bytes, udp: bool) -> None:
+        """Every inlined copy gives apply_delta16's field, UDP's zero rules included."""
+        constants, copies = _inlined_updates(_FASTPATH, _APPLY_DELTA16_MARK)
+        delta = delta16(old, new)
+        want = apply_delta16(csum, delta, udp)
+        for copy in copies:
+            self.assertEqual(_run_copy(copy, constants, csum, delta, udp), want,
+                             f"fastpath.py line {copy.lineno}")

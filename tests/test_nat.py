@@ -5,15 +5,17 @@ lbproxy.core.nat, dissected again by scapy, and every upper-layer checksum is
 compared with one computed by scapy's ``checksum`` over a ``PseudoIPv6`` whose
 addresses the oracle picks from the dissected headers (the home address when an
 HAO is present, the final destination when a Routing Header has segments left).
-scapy's own ``in6_chksum`` is not used for that: it misses an HAO that shares
-its header with other options (docs: DESIGN.md section 4).
+scapy's own ``in6_chksum`` is not used for that: scapy 2.8 takes the HAO's home
+address only when the HAO is its Destination Options header's sole option, so
+it uses the care-of address for an HAO next to other options, padding included
+(which is how a packet parsed from bytes reads: ``[PadN, HAO]``).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -145,6 +147,15 @@ def padding_runs(header: bytes) -> list[int]:
         i += size
     runs.append(run)
     return runs
+
+
+def zero_sum(build: Callable[[bytes], bytes], at: int) -> bytes:
+    """``build(payload)`` with a 2-byte payload that makes its UDP checksum compute to 0.
+
+    ``at`` is the checksum field's offset.  The payload is the checksum the packet
+    has with a zero payload: adding a word to its own complement sums to 0xFFFF.
+    """
+    return build(build(bytes(2))[at:at + 2])
 
 
 class ChecksumAssertions:
@@ -634,6 +645,28 @@ class ICMPErrorTests(ChecksumAssertions, SynchronousTestCase):
         self.assertChecksumRight(quote)
         self.assertChecksumRight(out)
 
+    def test_quoted_udp_zero_checksum_left_alone(self) -> None:
+        """A quoted UDP checksum of 0 ("none") stays 0; the ICMPv6 checksum is right."""
+        sent = from_terminal(UDP(sport=4000, dport=53) / Raw(b"q" * 20))
+        sent = sent[:70] + b"\x00\x00" + sent[72:]  # from_terminal seals the checksum
+        received = rewrite(nat.translate, sent, packed(BACKEND))
+        error = from_backend(ICMPv6DestUnreach(code=4) / received)
+        out = rewrite(nat.reply, error, packed(VIP))
+        self.assertEqual(out[48:], self._as_terminal_sees_it(sent, received))
+        self.assertEqual(out[48 + 46:48 + 48], b"\x00\x00")
+        self.assertChecksumRight(out)
+
+    def test_quoted_udp_computed_zero_sent_as_ffff(self) -> None:
+        """A quoted UDP checksum that works out to 0 is 0xFFFF again, as the terminal sent it."""
+        sent = zero_sum(lambda data: from_terminal(UDP(sport=4000, dport=53) / data), 70)
+        self.assertEqual(sent[70:72], b"\xff\xff")
+        received = rewrite(nat.translate, sent, packed(BACKEND))
+        error = from_backend(ICMPv6DestUnreach(code=4) / received)
+        out = rewrite(nat.reply, error, packed(VIP))
+        self.assertEqual(out[48:], self._as_terminal_sees_it(sent, received))
+        self.assertChecksumRight(out[48:])
+        self.assertChecksumRight(out)
+
     def test_short_quotes(self) -> None:
         """Quotes cut anywhere (even inside the inner IPv6 header) still give a valid error."""
         _sent, received = self._inbound(100)
@@ -704,6 +737,27 @@ class ErrorToBackendTests(ChecksumAssertions, SynchronousTestCase):
                       packed(BACKEND))
         self.assertEqual(IPv6(out)[ICMPv6PacketTooBig].mtu, 1400)
         self.assertEqual(out[48:], self._backend_view(sent)[:1280 - 48])
+        self.assertChecksumRight(out)
+
+    def test_quoted_udp_zero_checksum_left_alone(self) -> None:
+        """A quoted UDP checksum of 0 ("none") stays 0; the ICMPv6 checksum is right."""
+        sent = from_backend(UDP(sport=53, dport=4000, chksum=0) / Raw(b"d" * 30))
+        ours = rewrite(nat.reply, sent, packed(VIP), packed(COA), packed(HOA))
+        out = rewrite(nat.error_to_backend, self._error(ours, ICMPv6DestUnreach(code=3)),
+                      packed(BACKEND))
+        self.assertEqual(out[48:], self._backend_view(sent))
+        self.assertEqual(out[48 + 46:48 + 48], b"\x00\x00")
+        self.assertChecksumRight(out)
+
+    def test_quoted_udp_computed_zero_sent_as_ffff(self) -> None:
+        """A quoted UDP checksum that works out to 0 is 0xFFFF again, as the backend sent it."""
+        sent = zero_sum(lambda data: from_backend(UDP(sport=53, dport=4000) / data), 46)
+        self.assertEqual(sent[46:48], b"\xff\xff")
+        ours = rewrite(nat.reply, sent, packed(VIP), packed(COA), packed(HOA))
+        out = rewrite(nat.error_to_backend, self._error(ours, ICMPv6DestUnreach(code=3)),
+                      packed(BACKEND))
+        self.assertEqual(out[48:], self._backend_view(sent))
+        self.assertChecksumRight(out[48:])
         self.assertChecksumRight(out)
 
     def test_transparent_keeps_backend_rh2(self) -> None:

@@ -166,7 +166,7 @@ class GoldenViewTests(SynchronousTestCase):
         )
 
     def test_canonical_hao_udp(self) -> None:
-        """The canonical HAO header (DESIGN.md section 4) is found, with all its offsets."""
+        """The canonical HAO header ``NH 02 01 02 00 00 C9 10 <HoA>``: all offsets found."""
         buf = ipv6(60, dstopt_hao(17) + udp(5000, 7))
         view = parse(buf)
         self.assertEqual(

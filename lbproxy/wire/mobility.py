@@ -29,6 +29,8 @@ import struct
 
 import attrs
 
+from lbproxy.wire.checksum import checksum, pseudo_header_sum
+
 MH_PROTO = 135  # IPv6 Next Header value of the Mobility Header (RFC 6275 §6.1)
 IPPROTO_NONE = 59  # the Payload Proto field must be IPPROTO_NONE (RFC 6275 §6.1.1)
 
@@ -171,28 +173,17 @@ class OtherMobilityMessage:
 MobilityMessage = BindingUpdate | BindingAck | OtherMobilityMessage
 
 
-def _ones_sum(data: bytes | bytearray | memoryview, total: int = 0) -> int:
-    """The RFC 1071 one's-complement sum of ``data`` (odd length padded with a zero)."""
-    if len(data) % 2:
-        data = bytes(data) + b"\x00"
-    total += sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
-
-
 def mh_checksum(src: bytes, dst: bytes, mh: bytes | bytearray | memoryview) -> int:
     """The Mobility Header checksum of ``mh`` (with its checksum field taken as zero).
 
     ``src`` is the home address when the packet carries a Home Address option, ``dst`` the
-    final destination (RFC 6275 §6.1.1, RFC 8200 §8.1).
+    final destination (RFC 6275 §6.1.1, RFC 8200 §8.1).  The arithmetic is
+    :mod:`lbproxy.wire.checksum`'s; unlike UDP's, a computed 0 stays 0.
     """
     if len(src) != 16 or len(dst) != 16:
         raise MalformedMobility(MobilityReason.BAD_ADDRESS)
-    pseudo = src + dst + struct.pack("!IxxxB", len(mh), MH_PROTO)
-    total = _ones_sum(pseudo)
-    total = _ones_sum(bytes(mh[:4]) + b"\x00\x00" + bytes(mh[6:]), total)
-    return ~total & 0xFFFF
+    pseudo = pseudo_header_sum(src, dst, len(mh), MH_PROTO)
+    return checksum(bytes(mh[:4]) + b"\x00\x00" + bytes(mh[6:]), pseudo)
 
 
 def _parse_options(buf: memoryview) -> tuple[bytes | None, tuple[MobilityOption, ...]]:

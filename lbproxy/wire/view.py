@@ -179,8 +179,9 @@ _ipv6_header = struct.Struct("!B3xHB").unpack_from  # version byte, payload leng
 _two_u16 = struct.Struct("!HH").unpack_from  # TCP/UDP source and destination ports
 _u32 = struct.Struct("!I").unpack_from  # ESP SPI
 _fragment = struct.Struct("!2xHI").unpack_from  # offset/flags word, identification
-#: Destination Options bytes 1..7 in the usual HAO layout: Hdr Ext Len 2 (24 bytes),
-#: PadN of 2 zeros, HAO type, option length 16 (DESIGN.md section 4).
+#: Destination Options bytes 1..7 in the usual HAO layout, ``NH 02 01 02 00 00 C9 10 <HoA>``:
+#: Hdr Ext Len 2 (24 bytes), a PadN of 2 zeros that puts the HAO at its required 8n+6,
+#: HAO type 0xC9, option length 16 (RFC 6275 section 6.3, PadN RFC 8200 section 4.2).
 _CANONICAL_HAO_HEADER: Final = b"\x02\x01\x02\x00\x00\xc9\x10"
 #: The walk's turns: MAX_EXTENSION_HEADERS extension headers and the header that ends it.
 _HEADER_BUDGET: Final = (None,) * (MAX_EXTENSION_HEADERS + 1)
