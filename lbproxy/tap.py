@@ -103,6 +103,7 @@ class BalancerService(MultiService):
                 lambda: self.balancer.backends,
                 reactor,
                 config.persistence_interval,
+                return_paths=self.balancer.return_paths,
             ).setServiceParent(self)
         self.forwarder = ForwarderService(
             self.balancer,
@@ -119,7 +120,9 @@ class BalancerService(MultiService):
         self.notifier: Notifier | None = None
         if config.notify.enabled:
             self.notifier = Notifier.from_config(
-                config.notify, reactor, TableListener(self.balancer.table, self.balancer)
+                config.notify,
+                reactor,
+                TableListener(self.balancer.table, self.balancer.return_paths),
             )
             self.notifier.setServiceParent(self)
             self.balancer.terminal_seen = self._terminal_seen

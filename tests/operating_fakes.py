@@ -57,7 +57,7 @@ class Backend:
 
 
 class Binding:
-    __slots__ = ("backend", "care_of", "confirmed", "created", "expires", "packets")
+    __slots__ = ("backend", "care_of", "created", "expires", "packets")
 
     def __init__(self, backend: Backend, expires: float, created: float) -> None:
         self.backend = backend
@@ -65,7 +65,6 @@ class Binding:
         self.created = created
         self.packets = 0
         self.care_of: bytes | None = None
-        self.confirmed = False
 
 
 class Stats:
@@ -105,8 +104,8 @@ class StickyTable:
         return binding
 
     def restore(self, key: Key, backend: Backend, expires: float, packets: int = 1,
-                care_of: bytes | None = None, confirmed: bool = False,
-                established: bool = False, now: float | None = None) -> Binding | None:
+                care_of: bytes | None = None, established: bool = False,
+                now: float | None = None) -> Binding | None:
         now = self.clock.seconds() if now is None else now
         if expires <= now:
             return None
@@ -114,7 +113,6 @@ class StickyTable:
         if binding is not None:
             binding.expires = min(expires, now + self.lifetime)
             binding.packets = packets
-            binding.confirmed = confirmed
         return binding
 
     def get(self, key: Key) -> Binding | None:
@@ -192,7 +190,9 @@ def real_populated(clock: Clock | None = None) -> tuple[Any, Clock]:
     binding = balancer.table.get(real_key("src 2001:db8:2::12"))
     assert binding is not None
     binding.care_of = ipaddress.IPv6Address("2001:db8:aa::12").packed
-    binding.confirmed = True
+    balancer.return_paths.confirm(
+        ipaddress.IPv6Address("2001:db8:100::12").packed, binding.care_of
+    )
     return balancer, clock
 
 

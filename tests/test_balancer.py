@@ -22,6 +22,7 @@ from scapy.layers.ipsec import ESP
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from lbproxy.core import actions
 from lbproxy.core.balancer import Balancer
 from lbproxy.core.keys import Key, KeyChain
 from lbproxy.core.selection import Backend, scheduler_from_name
@@ -177,7 +178,7 @@ class OperatorTests(SynchronousTestCase):
         out = balancer.inbound(mobile(COA1))
         assert out is not None
         name = next(b.name for b in BACKENDS if str(b.address) == IPv6(bytes(out)).dst)
-        balancer.drain(name)
+        actions.drain(balancer, name)
         again = balancer.inbound(mobile(COA2))
         assert again is not None
         self.assertEqual(IPv6(bytes(again)).dst, IPv6(bytes(out)).dst)
@@ -215,11 +216,11 @@ class OperatorTests(SynchronousTestCase):
         """move() rebinds a key to a named backend; forget() removes it."""
         balancer, _ = make()
         key = Key("hoa", ipaddress.IPv6Address(HOA).packed)
-        balancer.move(key, "srv3")
+        actions.move(balancer, key, "srv3")
         out = balancer.inbound(mobile(COA1))
         assert out is not None
         self.assertEqual(IPv6(bytes(out)).dst, "2001:db8:b0::13")
-        self.assertIsNotNone(balancer.forget(key))
+        self.assertIsNotNone(actions.forget(balancer, key))
         self.assertNotIn(key, balancer.table)
 
 
@@ -241,7 +242,9 @@ class OutboundTests(SynchronousTestCase):
     def test_confirmed_goes_to_care_of(self) -> None:
         """A confirmed binding gets a Type 2 Routing Header to the care-of address."""
         balancer, _ = make()
-        balancer.confirm(ipaddress.IPv6Address(HOA).packed, ipaddress.IPv6Address(COA2).packed)
+        balancer.return_paths.confirm(
+            ipaddress.IPv6Address(HOA).packed, ipaddress.IPv6Address(COA2).packed
+        )
         out = balancer.outbound(self.reply())
         assert out is not None
         pkt = IPv6(bytes(out))
@@ -255,15 +258,15 @@ class OutboundTests(SynchronousTestCase):
         towards the home address again; a refresh before then keeps it."""
         balancer, clock = make()
         home, coa = ipaddress.IPv6Address(HOA).packed, ipaddress.IPv6Address(COA2).packed
-        balancer.confirm(home, coa, 40.0)
+        balancer.return_paths.confirm(home, coa, 40.0)
         clock.advance(30)
-        balancer.confirm(home, coa, 40.0)  # refreshed: now good until 70
+        balancer.return_paths.confirm(home, coa, 40.0)  # refreshed: now good until 70
         clock.advance(30)
         balancer.sweep()
-        self.assertEqual(balancer.confirmed_care_of(home), coa)
+        self.assertEqual(balancer.return_paths.care_of(home), coa)
         clock.advance(11)
         balancer.sweep()
-        self.assertIsNone(balancer.confirmed_care_of(home))
+        self.assertIsNone(balancer.return_paths.care_of(home))
         out = balancer.outbound(self.reply())
         assert out is not None
         self.assertEqual(IPv6(bytes(out)).dst, HOA)
@@ -286,7 +289,7 @@ class IcmpErrorTests(SynchronousTestCase):
         first = balancer.inbound(mobile(COA2))
         assert first is not None
         backend = IPv6(bytes(first)).dst
-        balancer.confirm(home, coa)
+        balancer.return_paths.confirm(home, coa)
         reply = balancer.outbound(bytearray(bytes(
             IPv6(src=backend, dst=HOA) / TCP(sport=80, dport=40000, flags="A") / (b"d" * 1300)
         )))
@@ -326,7 +329,9 @@ class ConfirmedRaceTests(SynchronousTestCase):
         first = balancer.inbound(mobile(COA1))
         assert first is not None
         backend = IPv6(bytes(first)).dst
-        balancer.confirm(ipaddress.IPv6Address(HOA).packed, ipaddress.IPv6Address(COA1).packed)
+        balancer.return_paths.confirm(
+            ipaddress.IPv6Address(HOA).packed, ipaddress.IPv6Address(COA1).packed
+        )
         for i in range(4):  # round robin would send the next new key elsewhere
             balancer.inbound(mobile(f"2001:db8:a3::{i + 1:x}", hoa=f"2001:db8:100::{i + 1:x}"))
         moved = balancer.inbound(mobile(COA2))

@@ -1,159 +1,62 @@
 """`lbproxy.io.fastpath`: the usual packet from the receive buffer into the send queue.
 
-The fast path must be invisible: for any sequence of packets, the same bytes out in the
-same order, the same counters and the same table as the general path
-(`Balancer.inbound`).  It runs here sans I/O: packets are laid out in a
-`lbproxy.io.mmsg.Batch` as ``recvmmsg`` leaves them, and the writer's queues are a
-`QueueWriter` whose "flush" collects what ``sendmmsg`` would have sent.  The real
-writer and reader around it are tested against the kernel in tests/test_mmsg.py and
-end to end in tests/test_dataplane.py.
+That the fast path is invisible -- the general path's packets, counters and table for
+any mix of batches -- is the executor contract's to show (tests/test_executors.py).
+Here: what is particular to it -- that it takes the usual shapes at all (scapy's
+checksums as the oracle), full queues, configurations it must leave alone and says why,
+misses, failures.  It runs sans I/O: packets are laid out in a `lbproxy.io.mmsg.Batch`
+as ``recvmmsg`` leaves them, and the writer's queues are a `QueueWriter` whose "flush"
+collects what ``sendmmsg`` would have sent.  The real writer and reader around it are
+tested against the kernel in tests/test_mmsg.py and end to end in
+tests/test_dataplane.py.
 """
 
 from __future__ import annotations
 
 import ipaddress
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from scapy.layers.inet import TCP, UDP
-from scapy.layers.inet6 import (
-    HAO,
-    ICMPv6EchoReply,
-    IPv6,
-    IPv6ExtHdrDestOpt,
-    IPv6ExtHdrFragment,
-    IPv6ExtHdrRouting,
-    PadN,
-)
+from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrRouting, PadN
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import provider
 
 from lbproxy.core.balancer import Balancer
 from lbproxy.io.fastpath import FastPath
-from lbproxy.io.mmsg import Batch
+from tests.executors import (
+    FastPathExecutor,
+    GeneralPath,
+    QueueWriter,
+    Sent,
+    address,
+    raw_mobile,
+    raw_reply,
+)
 from tests.test_balancer import BACKENDS, COA1, COA2, HOA, VIP, make, mobile
-
-
-class QueueWriter:
-    """The writer's queues (`lbproxy.io.fastpath.SendQueues`) without a socket: no link
-    neighbours, one small raw queue for every destination (so order is total and full
-    queues flush mid-batch); a flush appends (destination, bytes) to ``sent``."""
-
-    def __init__(self, count: int = 3) -> None:
-        self.queue = Batch(count, 2048, addressed=True)
-        self.routes: dict[bytes, tuple[Batch, int]] = {}
-        self.raw_route = (self.queue, 0)
-        self.sent: list[tuple[bytes, bytes]] = []
-        self.ready = True
-
-    def send(self, packet: bytearray) -> None:
-        """What `BatchPacketWriter.send` does for the general path's packets."""
-        queue = self.queue
-        i = queue.queued
-        queue.data[i * queue.slot : i * queue.slot + len(packet)] = packet
-        queue.iov_lengths[2 * i + 1] = len(packet)
-        queue.addresses[28 * i + 8 : 28 * i + 24] = packet[24:40]
-        queue.queued = i + 1
-        if queue.queued == queue.count:
-            self.flush_queue(queue)
-
-    def flush_queue(self, queue: Batch) -> None:
-        for i in range(queue.queued):
-            start = i * queue.slot
-            data = bytes(queue.data[start : start + queue.iov_lengths[2 * i + 1]])
-            self.sent.append((bytes(queue.addresses[28 * i + 8 : 28 * i + 24]), data))
-        queue.queued = 0
 
 
 def forward(
     balancer: Balancer, clock: Clock, packets: list[bytes], writer: QueueWriter | None = None
-) -> tuple[list[tuple[bytes, bytes]], FastPath]:
+) -> tuple[Sent, FastPath]:
     """`packets` as one ``recvmmsg`` batch through a FastPath (the rest through
     `Balancer.inbound`, as the reader does): what was sent, in order."""
-    writer = writer or QueueWriter()
-    fast = FastPath(balancer, writer, clock)
-    rx = Batch(len(packets), 2048)
-    for i, packet in enumerate(packets):
-        rx.data[i * 2048 : i * 2048 + len(packet)] = packet
-        rx.lengths[16 * i + 14] = len(packet)
-
-    def other(start: int, length: int) -> None:
-        out = balancer.inbound(bytearray(rx.data[start : start + length]))
-        if out is not None:
-            writer.send(out)
-
-    fast.forward(rx.data, rx.slot, rx.lengths, len(packets), other)
-    writer.flush_queue(writer.queue)
-    return writer.sent, fast
+    executor = FastPathExecutor(balancer, clock, writer)
+    return executor.inbound(packets), executor.fast
 
 
-def general(balancer: Balancer, packets: list[bytes]) -> list[tuple[bytes, bytes]]:
-    """The same packets through the general path only."""
-    sent = []
-    for packet in packets:
-        out = balancer.inbound(bytearray(packet))
-        if out is not None:
-            sent.append((bytes(out[24:40]), bytes(out)))
-    return sent
+def forward_replies(balancer: Balancer, packets: list[bytes]) -> tuple[Sent, FastPath]:
+    """`packets` as one batch read on the server link, through FastPath.reply."""
+    executor = FastPathExecutor(balancer, Clock())
+    return executor.replies(packets), executor.fast
 
 
-def _raw_mobile(
-    proto: int, hoa: bytes, coa: bytes, hop: int, dport: int, csum: int, payload: bytes
-) -> bytes:
-    """The fast path's shape, built by hand: IPv6, PadN(2)+HAO, UDP or TCP.
-
-    By hand because the checksum field is chosen by the test (0, or anything): the
-    fast path must treat every value exactly as the general path does.
-    """
-    if proto == 17:
-        l4 = (
-            (40000).to_bytes(2, "big") + dport.to_bytes(2, "big")
-            + (8 + len(payload)).to_bytes(2, "big") + csum.to_bytes(2, "big")
-        )  # fmt: skip
-    else:
-        l4 = (
-            (40000).to_bytes(2, "big") + dport.to_bytes(2, "big") + bytes(8)
-            + b"\x50\x10\xff\xff" + csum.to_bytes(2, "big") + bytes(2)
-        )  # fmt: skip
-    dest = bytes([proto, 2, 1, 2, 0, 0, 0xC9, 16]) + hoa
-    body = dest + l4 + payload
-    header = bytes([0x60, 0, 0, 0]) + len(body).to_bytes(2, "big") + bytes([60, hop])
-    return header + coa + ipaddress.IPv6Address(VIP).packed + body
+def general(balancer: Balancer, packets: list[bytes]) -> Sent:
+    return GeneralPath(balancer, Clock()).inbound(packets)
 
 
-def _other_shape(kind: int, t: int) -> bytes:
-    """Packets the fast path must leave to the general path: no HAO, a fragment, the
-    HAO without PadN before it, a truncated packet."""
-    home = f"2001:db8:100::{t + 1}"
-    coa = f"2001:db8:a9::{t + 1}"
-    if kind == 0:
-        return bytes(IPv6(src=home, dst=VIP) / UDP(sport=1, dport=80) / b"plain")
-    if kind == 1:
-        return bytes(
-            IPv6(src=coa, dst=VIP) / IPv6ExtHdrDestOpt(options=[HAO(hoa=home)])
-            / IPv6ExtHdrFragment(m=1, id=7) / UDP(sport=1, dport=80) / b"frag"
-        )  # fmt: skip
-    if kind == 2:
-        return bytes(
-            IPv6(src=coa, dst=VIP)
-            / IPv6ExtHdrDestOpt(options=[HAO(hoa=home), PadN(optdata=b"\0\0")])
-            / UDP(sport=1, dport=80) / b"odd layout"
-        )  # fmt: skip
-    return _raw_mobile(17, ipaddress.IPv6Address(home).packed,
-                       ipaddress.IPv6Address(coa).packed, 64, 80, 0, b"cut")[:70]  # fmt: skip
-
-
-def _packets(
-    specs: list[tuple[int, int, int, int, int, int, bytes]], others: list[tuple[int, int, int]]
-) -> list[bytes]:
-    packets = []
-    for proto, t, c, hop, dport, csum, payload in specs:
-        hoa = ipaddress.IPv6Address(f"2001:db8:100::{t + 1}").packed
-        coa = ipaddress.IPv6Address(f"2001:db8:a{c + 1}::{t + 1}").packed
-        packets.append(_raw_mobile(proto, hoa, coa, hop, dport, csum, payload))
-    for at, kind, t in others:  # interleaved, so order across both paths is checked
-        packets.insert(at % (len(packets) + 1), _other_shape(kind, t))
-    return packets
+def general_replies(balancer: Balancer, packets: list[bytes]) -> Sent:
+    return GeneralPath(balancer, Clock()).replies(packets)
 
 
 def _rfc_checksum_ok(data: bytes) -> bool:
@@ -184,59 +87,27 @@ def _usual(layer: UDP | TCP, source: str = COA2) -> bytes:
     )  # fmt: skip
 
 
-class FastPathTests(SynchronousTestCase):
-    def assert_same(self, fast: Balancer, slow: Balancer) -> None:
-        self.assertEqual(fast.counters.as_dict(), slow.counters.as_dict())
-        self.assertEqual(
-            [(k, b.backend, b.care_of, b.packets) for k, b in fast.table],
-            [(k, b.backend, b.care_of, b.packets) for k, b in slow.table],
-        )
+def _reply_checksum_ok(data: bytes) -> bool:
+    """scapy's checksum over the final destination (the home address when a Type 2
+    Routing Header is present) and the source."""
+    pkt = IPv6(data)
+    l4 = pkt[TCP] if TCP in pkt else pkt[UDP]
+    final = pkt[IPv6ExtHdrRouting].addresses[-1] if IPv6ExtHdrRouting in pkt else pkt.dst
+    fresh = l4.copy()
+    del fresh.chksum
+    return bool(IPv6(bytes(IPv6(src=pkt.src, dst=final) / fresh))[type(l4)].chksum
+                == l4.chksum)  # fmt: skip
 
-    @settings(max_examples=200, deadline=None)
-    @given(
-        mode=st.sampled_from(["translate", "transparent"]),
-        batches=st.lists(
-            st.lists(
-                st.tuples(
-                    st.sampled_from([6, 17]),
-                    st.integers(0, 3),  # terminal
-                    st.integers(0, 2),  # care-of address
-                    st.sampled_from([0, 1, 2, 64, 255]),  # hop limit
-                    st.sampled_from([80, 5353]),
-                    st.integers(0, 0xFFFF),  # checksum field
-                    st.binary(max_size=24),
-                ),
-                max_size=12,
-            ),
-            min_size=1,
-            max_size=3,
-        ),
-        others=st.lists(
-            st.tuples(st.integers(0, 12), st.integers(0, 3), st.integers(0, 3)), max_size=4
-        ),
-        ports=st.sampled_from([(), (80,)]),
+
+def _same(case: SynchronousTestCase, fast: Balancer, slow: Balancer) -> None:
+    case.assertEqual(fast.counters.as_dict(), slow.counters.as_dict())
+    case.assertEqual(
+        [(k, b.backend, b.care_of, b.packets, b.expires) for k, b in fast.table],
+        [(k, b.backend, b.care_of, b.packets, b.expires) for k, b in slow.table],
     )
-    def test_same_as_general_path(
-        self,
-        mode: str,
-        batches: list[list[tuple[int, int, int, int, int, int, bytes]]],
-        others: list[tuple[int, int, int]],
-        ports: tuple[int, ...],
-    ) -> None:
-        """Any batches of usual-shape packets mixed with others: the same packets out
-        in the same order, the same counters, the same table."""
-        (fast, clock), (slow, _) = (
-            make(mode=mode, scheduler="round_robin"),
-            make(mode=mode, scheduler="round_robin"),
-        )
-        for b in (fast, slow):
-            b.set_virtual_addresses([ipaddress.IPv6Address(VIP)], ports)
-        for n, specs in enumerate(batches):
-            packets = _packets(specs, others if n == 0 else [])
-            sent, _ = forward(fast, clock, packets)
-            self.assertEqual(sent, general(slow, packets))
-        self.assert_same(fast, slow)
 
+
+class FastPathTests(SynchronousTestCase):
     def test_takes_the_usual_shape(self) -> None:
         """A known terminal's HAO packets go the fast way; the output's checksum is
         valid by scapy's computation, for UDP and TCP, in both modes."""
@@ -258,17 +129,18 @@ class FastPathTests(SynchronousTestCase):
     def test_full_queue_flushes_mid_batch(self) -> None:
         """More packets than the queue holds: every one is sent, in order."""
         balancer, clock = make()
-        hoa = ipaddress.IPv6Address(HOA).packed
-        coa = ipaddress.IPv6Address(COA1).packed
-        packets = [_raw_mobile(17, hoa, coa, 64, 80, 0, bytes([i])) for i in range(10)]
+        hoa, coa = address(HOA), address(COA1)
+        packets = [raw_mobile(17, hoa, coa, 64, 80, 0, bytes([i])) for i in range(10)]
         sent, fast = forward(balancer, clock, packets, QueueWriter(count=4))
         self.assertEqual([data[-1] for _, data in sent], list(range(10)))
         self.assertEqual(fast.forwarded, 10)  # the first a miss, bound by the balancer
         self.assertEqual(balancer.counters.packets_out, 10)
 
     def test_configurations_without_fast_path(self) -> None:
-        """Two virtual addresses, a down backend, turned off, a closed writer: nothing
-        taken, the same results as the general path."""
+        """Two virtual addresses, a down backend, turned off, a key chain not starting
+        with the home address: nothing taken, the general path's results, and the
+        reason said once in the log and kept for ``lbproxyctl stats``; a closed
+        writer: nothing taken either."""
 
         def two_vips(b: Balancer) -> None:
             b.set_virtual_addresses(
@@ -281,7 +153,12 @@ class FastPathTests(SynchronousTestCase):
         def off(b: Balancer) -> None:
             b.fast_path = False
 
-        for change in (two_vips, one_down, off, None):
+        def src_first(b: Balancer) -> None:
+            b.chain = make(chain=("src", "hoa"))[0].chain
+
+        reasons = {two_vips: "several virtual addresses", one_down: "backend srv1 is down",
+                   off: "turned off", src_first: "key chain starts with 'src', not 'hoa'"}
+        for change in (two_vips, one_down, off, src_first, None):
             (fast, clock), (slow, _) = make(), make()
             writer = QueueWriter()
             if change is None:
@@ -289,11 +166,28 @@ class FastPathTests(SynchronousTestCase):
             else:
                 change(fast)
                 change(slow)
-            packets = [bytes(mobile(coa)) for coa in (COA1, COA2, COA1)]
-            sent, path = forward(fast, clock, packets, writer)
-            self.assertEqual(path.forwarded, 0)
+            logged: list[LogEvent] = []
+
+            observe = provider(ILogObserver)(logged.append)
+
+            globalLogPublisher.addObserver(observe)
+            try:
+                executor = FastPathExecutor(fast, clock, writer)
+                packets = [bytes(mobile(coa)) for coa in (COA1, COA2, COA1)]
+                sent = executor.inbound(packets)
+                executor.inbound(packets[:1])  # a second batch: nothing logged again
+            finally:
+                globalLogPublisher.removeObserver(observe)
+            self.assertEqual(executor.fast.forwarded, 0)
             self.assertEqual(sent, general(slow, packets))
-            self.assert_same(fast, slow)
+            general(slow, packets[:1])
+            _same(self, fast, slow)
+            if change is not None:
+                self.assertEqual(executor.fast.inbound_off, reasons[change])
+                said = [e for e in logged if "fast path off" in str(e.get("log_format", ""))
+                        and e.get("direction") == "terminals' packets"]  # fmt: skip
+                self.assertEqual(len(said), 1)
+                self.assertEqual(said[0]["reason"], reasons[change])
 
     def test_miss_on_the_fast_path_reports_the_terminal(self) -> None:
         """A first packet of the usual shape makes its binding through the balancer
@@ -301,9 +195,8 @@ class FastPathTests(SynchronousTestCase):
         balancer, clock = make()
         seen: list[tuple[bytes | None, bytes]] = []
         balancer.terminal_seen = lambda home, source: seen.append((home, source))
-        hoa = ipaddress.IPv6Address(HOA).packed
-        coa = ipaddress.IPv6Address(COA1).packed
-        sent, fast = forward(balancer, clock, [_raw_mobile(6, hoa, coa, 64, 80, 0, b"")])
+        hoa, coa = address(HOA), address(COA1)
+        sent, fast = forward(balancer, clock, [raw_mobile(6, hoa, coa, 64, 80, 0, b"")])
         self.assertEqual(seen, [(hoa, coa)])
         self.assertEqual(fast.forwarded, 1)
         self.assertEqual(len(sent), 1)
@@ -323,7 +216,7 @@ class FastPathTests(SynchronousTestCase):
         sent, _ = forward(fast, clock, [again])
         self.assertEqual(sent, general(slow, [again]))
         self.assertNotEqual(sent[0][0], used.packed)
-        self.assert_same(fast, slow)
+        _same(self, fast, slow)
 
     def test_udp_checksum_never_becomes_zero(self) -> None:
         """A UDP checksum whose adjusted value is 0 is sent as 0xFFFF (RFC 768: 0 means
@@ -332,10 +225,10 @@ class FastPathTests(SynchronousTestCase):
             (fast, clock), (slow, _) = make(scheduler="round_robin"), make(scheduler="round_robin")
             packets = []
             for t, backend in enumerate(BACKENDS):
-                delta, _ = fast._backend_delta(backend)
-                hoa = ipaddress.IPv6Address(f"2001:db8:100::{t + 1}").packed
-                coa = ipaddress.IPv6Address(f"2001:db8:a1::{t + 1}").packed
-                packets.append(_raw_mobile(proto, hoa, coa, 64, 80, delta, b""))
+                delta = fast.policy.inbound_deltas[backend.packed]
+                hoa = address(f"2001:db8:100::{t + 1}")
+                coa = address(f"2001:db8:a1::{t + 1}")
+                packets.append(raw_mobile(proto, hoa, coa, 64, 80, delta, b""))
             sent, _ = forward(fast, clock, packets)
             self.assertEqual(sent, general(slow, packets))
             pos = 46 if proto == 17 else 56
@@ -347,9 +240,8 @@ class FastPathTests(SynchronousTestCase):
         new terminal), that packet is counted and logged, and the rest of the batch
         is still forwarded, in order."""
         balancer, clock = make()
-        hoa = ipaddress.IPv6Address(HOA).packed
-        coa = ipaddress.IPv6Address(COA1).packed
-        known = _raw_mobile(17, hoa, coa, 64, 80, 0, b"known")
+        hoa, coa = address(HOA), address(COA1)
+        known = raw_mobile(17, hoa, coa, 64, 80, 0, b"known")
         forward(balancer, clock, [known])  # bound
 
         class Broken:
@@ -357,142 +249,20 @@ class FastPathTests(SynchronousTestCase):
                 raise RuntimeError("scheduler bug")
 
         balancer.scheduler = Broken()  # type: ignore[assignment]
-        stranger = _raw_mobile(17, bytes(15) + b"\x09", coa, 64, 80, 0, b"new")
+        stranger = raw_mobile(17, bytes(15) + b"\x09", coa, 64, 80, 0, b"new")
         sent, fast = forward(balancer, clock, [known, stranger, known])
         self.assertEqual([data[-5:] for _, data in sent], [b"known", b"known"])
         self.assertEqual((fast.forwarded, fast.errors), (2, 1))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
-# -- replies (FastPath.reply) --------------------------------------------------------
-
-#: Addresses of "this host" in the reply tests: replies to them are left to the kernel.
-OWN = ipaddress.IPv6Address("2001:db8:b0::1").packed
-
-
-def _raw_reply(proto: int, backend: int, t: int, hop: int, csum: int, payload: bytes) -> bytes:
-    """A backend's reply, built by hand (the checksum field is the test's choice):
-    IPv6 straight to UDP or TCP, from backend `backend` (3: not a backend) to the home
-    address of terminal `t`; t = 7 is multicast, 8 link-local, 9 this host."""
-    source = (BACKENDS[backend].packed if backend < 3
-              else ipaddress.IPv6Address("2001:db8:b0::99").packed)  # fmt: skip
-    destination = {
-        7: ipaddress.IPv6Address("ff02::1").packed,
-        8: ipaddress.IPv6Address("fe80::1").packed,
-        9: OWN,
-    }.get(t, ipaddress.IPv6Address(f"2001:db8:100::{t + 1}").packed)
-    if proto == 17:
-        l4 = (80).to_bytes(2, "big") + (40000).to_bytes(2, "big") + (
-            8 + len(payload)).to_bytes(2, "big") + csum.to_bytes(2, "big")  # fmt: skip
-    else:
-        l4 = ((80).to_bytes(2, "big") + (40000).to_bytes(2, "big") + bytes(8)
-              + b"\x50\x10\xff\xff" + csum.to_bytes(2, "big") + bytes(2))  # fmt: skip
-    body = l4 + payload
-    header = bytes([0x60, 0, 0, 0]) + len(body).to_bytes(2, "big") + bytes([proto, hop])
-    return header + source + destination + body
-
-
-def forward_replies(
-    balancer: Balancer, packets: list[bytes]
-) -> tuple[list[tuple[bytes, bytes]], FastPath]:
-    """`packets` as one batch read on the server link, through FastPath.reply; the rest
-    as the forwarder's ``_from_backend`` does: this host's, multicast and link-local
-    are left alone, everything else goes through `Balancer.outbound`."""
-    writer = QueueWriter()
-    fast = FastPath(balancer, writer, Clock())
-    fast.own_addresses = {OWN}
-    rx = Batch(len(packets), 2048)
-    for i, packet in enumerate(packets):
-        rx.data[i * 2048 : i * 2048 + len(packet)] = packet
-        rx.lengths[16 * i + 14] = len(packet)
-
-    def other(start: int, length: int) -> None:
-        packet = bytearray(rx.data[start : start + length])
-        if not _left_to_kernel(bytes(packet)):
-            out = balancer.outbound(packet)
-            if out is not None:
-                writer.send(out)
-
-    fast.reply(rx.data, rx.slot, rx.lengths, len(packets), other)
-    writer.flush_queue(writer.queue)
-    return writer.sent, fast
-
-
-def _left_to_kernel(packet: bytes) -> bool:
-    return packet[24] == 0xFF or (packet[24] == 0xFE and packet[25] & 0xC0 == 0x80) or (
-        packet[24:40] == OWN)  # fmt: skip
-
-
-def general_replies(balancer: Balancer, packets: list[bytes]) -> list[tuple[bytes, bytes]]:
-    sent = []
-    for packet in packets:
-        if _left_to_kernel(packet):
-            continue
-        out = balancer.outbound(bytearray(packet))
-        if out is not None:
-            sent.append((bytes(out[24:40]), bytes(out)))
-    return sent
-
-
-def _reply_checksum_ok(data: bytes) -> bool:
-    """scapy's checksum over the final destination (the home address when a Type 2
-    Routing Header is present) and the source."""
-    pkt = IPv6(data)
-    l4 = pkt[TCP] if TCP in pkt else pkt[UDP]
-    final = pkt[IPv6ExtHdrRouting].addresses[-1] if IPv6ExtHdrRouting in pkt else pkt.dst
-    fresh = l4.copy()
-    del fresh.chksum
-    return bool(IPv6(bytes(IPv6(src=pkt.src, dst=final) / fresh))[type(l4)].chksum
-                == l4.chksum)  # fmt: skip
-
-
 class ReplyFastPathTests(SynchronousTestCase):
-    @settings(max_examples=200, deadline=None)
-    @given(
-        specs=st.lists(
-            st.tuples(
-                st.sampled_from([6, 17]),
-                st.integers(0, 3),  # backend (3: not one)
-                st.integers(0, 9),  # terminal (7-9: multicast, link-local, this host)
-                st.sampled_from([0, 1, 2, 64]),  # hop limit
-                st.integers(0, 0xFFFF),  # checksum field
-                st.binary(max_size=16),
-            ),
-            min_size=1,
-            max_size=20,
-        ),
-        confirmed=st.sets(st.integers(0, 6)),
-        icmp=st.integers(0, 20),  # where an ICMPv6 echo reply goes in the batch
-    )
-    def test_same_as_general_path(
-        self,
-        specs: list[tuple[int, int, int, int, int, bytes]],
-        confirmed: set[int],
-        icmp: int,
-    ) -> None:
-        """Any batch of replies, confirmed care-of addresses or not, mixed with other
-        traffic: the same packets out in the same order, the same counters."""
-        (fast, _), (slow, _) = make(), make()
-        for t in confirmed:
-            home = ipaddress.IPv6Address(f"2001:db8:100::{t + 1}").packed
-            coa = ipaddress.IPv6Address(f"2001:db8:a9::{t + 1}").packed
-            for b in (fast, slow):
-                b.confirm(home, coa)
-        packets = [_raw_reply(*spec) for spec in specs]
-        echo = bytes(IPv6(src=str(BACKENDS[0].address), dst="2001:db8:100::1")
-                     / ICMPv6EchoReply(id=1, seq=1))  # fmt: skip
-        packets.insert(icmp % (len(packets) + 1), echo)
-        sent, _ = forward_replies(fast, packets)
-        self.assertEqual(sent, general_replies(slow, packets))
-        self.assertEqual(fast.counters.as_dict(), slow.counters.as_dict())
-
     def test_takes_the_usual_reply(self) -> None:
         """UDP and TCP replies, to a terminal at home and to one whose care-of address
         is confirmed: all four the fast way, checksums valid by scapy's computation, the
         Type 2 Routing Header only for the confirmed one."""
         balancer, _ = make()
-        home = ipaddress.IPv6Address(HOA).packed
-        balancer.confirm(home, ipaddress.IPv6Address(COA2).packed)
+        balancer.return_paths.confirm(address(HOA), address(COA2))
         packets = [
             bytes(IPv6(src=str(BACKENDS[1].address), dst=dst, hlim=64) / layer / b"reply")
             for dst in (HOA, "2001:db8:100::7")
@@ -506,7 +276,7 @@ class ReplyFastPathTests(SynchronousTestCase):
             self.assertEqual(pkt.src, VIP)
             self.assertEqual(pkt.hlim, 63)
             if IPv6(original).dst == HOA:
-                self.assertEqual((pkt.dst, to), (COA2, ipaddress.IPv6Address(COA2).packed))
+                self.assertEqual((pkt.dst, to), (COA2, address(COA2)))
                 self.assertEqual(pkt[IPv6ExtHdrRouting].type, 2)
                 self.assertEqual(pkt[IPv6ExtHdrRouting].addresses, [HOA])
             else:
@@ -522,9 +292,11 @@ class ReplyFastPathTests(SynchronousTestCase):
         two = [ipaddress.IPv6Address(VIP), ipaddress.IPv6Address("2001:db8:5::81")]
         for b in (fast, slow):
             b.set_virtual_addresses(two)
-        packets = [_raw_reply(17, 0, t, 64, 0, b"x") for t in range(3)]
+        packets = [raw_reply(17, BACKENDS[0].packed, address(f"2001:db8:100::{t + 1}"), 64, 0,
+                             b"x") for t in range(3)]  # fmt: skip
         sent, path = forward_replies(fast, packets)
         self.assertEqual(path.replies, 0)
+        self.assertEqual(path.replies_off, "several virtual addresses")
         self.assertEqual(sent, general_replies(slow, packets))
 
     def test_udp_checksum_never_becomes_zero(self) -> None:
@@ -532,10 +304,9 @@ class ReplyFastPathTests(SynchronousTestCase):
         general path; a TCP one as 0."""
         for proto in (17, 6):
             (fast, _), (slow, _) = make(), make()
-            plan = fast.reply_plan()
-            assert plan is not None
-            packets = [_raw_reply(proto, b, 0, 64, plan.deltas[BACKENDS[b].packed], b"")
-                       for b in range(3)]  # fmt: skip
+            deltas = fast.policy.reply_deltas
+            packets = [raw_reply(proto, b.packed, address("2001:db8:100::1"), 64,
+                                 deltas[b.packed], b"") for b in BACKENDS]  # fmt: skip
             sent, path = forward_replies(fast, packets)
             self.assertEqual(path.replies, 3)
             self.assertEqual(sent, general_replies(slow, packets))

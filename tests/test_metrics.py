@@ -13,6 +13,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
 
+from lbproxy.core import actions
 from lbproxy.core.balancer import Balancer
 from lbproxy.core.keys import KeyChain
 from lbproxy.core.selection import Backend, RoundRobin
@@ -152,7 +153,7 @@ class CollectorTests(SynchronousTestCase):
     def test_health_and_drain_show(self) -> None:
         """A backend marked down shows up=0; a drained one weight 0."""
         self.balancer.set_backend_up("b2", False)
-        self.balancer.drain("b1")
+        actions.drain(self.balancer, "b1")
         now = self.scrape(BalancerCollector(self.control))
         self.assertEqual(now[("lbproxy_backend_up", (("backend", "b2"),))], 0)
         self.assertEqual(now[("lbproxy_backend_weight", (("backend", "b1"),))], 0)

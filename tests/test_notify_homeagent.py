@@ -23,6 +23,7 @@ from lbproxy.agents.config import AgentCommon, HomeAgentConfig
 from lbproxy.agents.homeagent import HomeAgentService
 from lbproxy.agents.link import LinkReader
 from lbproxy.core.keys import Key
+from lbproxy.core.returnpaths import ReturnPaths
 from lbproxy.core.selection import Backend
 from lbproxy.core.table import StickyTable
 from lbproxy.notify.adapter import TableListener
@@ -150,7 +151,8 @@ class HomeLinkTests(TestCase):
         table = StickyTable(reactor, lifetime=300.0, max_entries=1000)
         backend = Backend("srv1", ipaddress.IPv6Address("2001:db8:100::1"))
         table.insert(Key("src", COAS[0]), backend)
-        listener = TableListener(table)
+        paths = ReturnPaths(reactor, 1000)
+        listener = TableListener(table, paths)
         port = service.listening._waitingForPort.result  # type: ignore[union-attr]
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
         notifier = Notifier(
@@ -182,7 +184,7 @@ class HomeLinkTests(TestCase):
             entry = table.get(Key("src", coa))
             assert entry is not None
             self.assertEqual(entry.backend, backend)
-            self.assertTrue(entry.confirmed)
+            self.assertEqual(paths.care_of(HOME), coa)
         self.assertEqual(len(table), 3)  # CoA1, CoA2, CoA3: returns made no new entry
         self.assertEqual(notifier.counters.total(), 0)
         self.assertGreaterEqual(service.observer.counts["ba_applied"], 6)

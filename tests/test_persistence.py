@@ -10,11 +10,15 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from lbproxy.core.returnpaths import ReturnPaths
 from lbproxy.ops import persistence
 from lbproxy.ops.persistence import CorruptTableFile, TablePersistence
 from tests.operating_fakes import BACKENDS, Backend, Key, StickyTable
 
 B1, B2 = BACKENDS
+HOME = ipaddress.IPv6Address("2001:db8:1::1").packed
+OTHER_HOME = ipaddress.IPv6Address("2001:db8:1::2").packed
+CARE_OF = ipaddress.IPv6Address("2001:db8:aa::1").packed
 # Typed Any: the fakes stand in for lbproxy.core.keys/table/selection types.
 BY_NAME: Any = {b.name: b for b in BACKENDS}
 PARSE_KEY: Any = Key.parse
@@ -35,7 +39,6 @@ def filled(clock: Clock) -> Any:
     assert first is not None
     first.packets = 5
     first.care_of = ipaddress.IPv6Address("2001:db8:aa::1").packed
-    first.confirmed = True
     clock.advance(60)
     table.insert(key("src 2001:db8:2::2"), B2)  # expires at 160, the first at 100
     table.insert(key("spi 0x000000da"), B1)
@@ -48,30 +51,84 @@ class RoundTripTests(SynchronousTestCase):
         os.makedirs(os.path.dirname(self.path))
 
     def test_round_trip_keeps_everything(self) -> None:
-        """Keys, backends, packets, care-of, confirmed and time left survive save + load."""
+        """Keys, backends, packets, care-of, return paths and time left survive save +
+        load."""
         clock = Clock()
         table = filled(clock)
-        self.assertEqual(persistence.save(table, self.path, clock.seconds()), 3)
+        paths = ReturnPaths(clock, 10)
+        paths.confirm(HOME, CARE_OF, lifetime=50.0)  # ends at 110
+        paths.confirm(OTHER_HOME, CARE_OF, lifetime=None)
+        self.assertEqual(persistence.save(table, self.path, clock.seconds(), paths), 3)
         self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o600)
         restarted = Clock()
         restarted.advance(clock.seconds() + 10)  # down for 10 s
         fresh = new_table(restarted, 100.0, 100)
+        fresh_paths = ReturnPaths(restarted, 10)
         result = persistence.load(
-            fresh, self.path, BY_NAME, restarted.seconds(), PARSE_KEY
+            fresh, self.path, BY_NAME, restarted.seconds(), PARSE_KEY, fresh_paths
         )
         self.assertEqual((result.restored, result.expired, result.error), (3, 0, None))
+        self.assertEqual(result.return_paths, 2)
+        # Saved at 60 with 50 s left; restored at 70: 40 s left.  No deadline stays none.
+        self.assertEqual(sorted(fresh_paths.items()),
+                         sorted([(HOME, CARE_OF, 40.0), (OTHER_HOME, CARE_OF, None)]))
         first = fresh.get(key("hoa 2001:db8:1::1"))
         assert first is not None
         self.assertEqual(first.backend, B1)
         self.assertEqual(first.packets, 5)
         self.assertEqual(first.care_of, ipaddress.IPv6Address("2001:db8:aa::1").packed)
-        self.assertTrue(first.confirmed)
         # Saved at 60 with 40 s left; restored at 70: 30 s left.
         self.assertAlmostEqual(first.expires - restarted.seconds(), 30.0)
         second = fresh.get(key("src 2001:db8:2::2"))
         assert second is not None
         self.assertEqual(second.backend, B2)
         self.assertAlmostEqual(second.expires - restarted.seconds(), 90.0)
+
+    def test_version_1_confirmations_become_return_paths(self) -> None:
+        """A file of the previous format (a ``confirmed`` flag on bindings, no return-path
+        lines) is read: a confirmed home-address binding becomes a return path with the
+        binding's remaining lifetime; a confirmed flag on another kind is not one."""
+        lines = [
+            {"format": "lbproxy-table", "version": 1, "saved_at": 10.0, "count": 2},
+            {"key": "hoa 2001:db8:1::1", "backend": "b1", "left": 30.0, "packets": 2,
+             "care_of": "2001:db8:aa::1", "confirmed": True},
+            {"key": "src 2001:db8:aa::7", "backend": "b2", "left": 30.0, "packets": 2,
+             "care_of": "2001:db8:aa::7", "confirmed": True},
+        ]
+        with open(self.path, "w") as handle:
+            handle.writelines(json.dumps(line) + "\n" for line in lines)
+        clock = Clock()
+        clock.advance(20)
+        paths = ReturnPaths(clock, 10)
+        result = persistence.load(
+            new_table(clock, 100.0, 10), self.path, BY_NAME, clock.seconds(), PARSE_KEY, paths
+        )
+        self.assertEqual((result.restored, result.return_paths, result.error), (2, 1, None))
+        self.assertEqual(list(paths.items()), [(HOME, CARE_OF, 20.0)])
+
+    def test_return_path_lines_are_checked(self) -> None:
+        """A return-path line that is not one, or a count that does not match, refuses the
+        file (set aside), as a bad binding line does."""
+        clock = Clock()
+        paths = ReturnPaths(clock, 10)
+        paths.confirm(HOME, CARE_OF, lifetime=50.0)
+        persistence.save(filled(clock), self.path, clock.seconds(), paths)
+        with open(self.path) as handle:
+            good = handle.read().splitlines()
+        for bad in (
+            good[:-1],  # the return path cut off
+            [*good[:-1], '{"home": "2001:db8:1::1", "care_of": "ff02::1x", "left": 1}'],
+            [*good[:-1], '{"home": "2001:db8:1::1", "care_of": "2001:db8::1", "left": "x"}'],
+            [*good[:-1], "[]"],
+        ):
+            with open(self.path, "w") as handle:
+                handle.write("\n".join(bad) + "\n")
+            self.assertRaises(CorruptTableFile, persistence.read_table, self.path)
+            fresh = ReturnPaths(clock, 10)
+            result = persistence.load(new_table(clock), self.path, BY_NAME, clock.seconds(),
+                                      PARSE_KEY, fresh)  # fmt: skip
+            self.assertIsNotNone(result.error)
+            self.assertEqual(len(fresh), 0)
 
     def test_expired_stay_expired(self) -> None:
         """Bindings whose lifetime ran out while the balancer was down are not restored."""

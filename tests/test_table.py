@@ -136,11 +136,11 @@ class RestoreTests(TableTestCase):
         swept when that ends, and iteration yields Key objects."""
         self.clock.advance(100)
         b1 = self.table.restore(src(1), A, expires=110, packets=7, established=True,
-                                care_of=src(1).value, confirmed=True)
+                                care_of=src(1).value)
         b2 = self.table.restore(src(2), B, expires=120)
         assert b1 is not None and b2 is not None
-        self.assertEqual((b1.expires, b1.packets, b1.established, b1.confirmed),
-                         (110, 7, True, True))
+        self.assertEqual((b1.expires, b1.packets, b1.established, b1.care_of),
+                         (110, 7, True, src(1).value))
         self.assertEqual((b2.expires, b2.established), (120, False))
         self.assertEqual(dict(self.table.load()), {A: 1, B: 1})
         for key, binding in self.table:
@@ -226,9 +226,9 @@ class RekeyTests(TableTestCase):
         assert old is not None
         old_expires = old.expires
         self.clock.advance(10)
-        new = self.table.rekey(src(1), src(2), care_of=src(2).value, confirmed=True)
+        new = self.table.rekey(src(1), src(2), care_of=src(2).value)
         assert new is not None
-        self.assertEqual((new.backend, new.packets, new.confirmed), (B, 0, True))
+        self.assertEqual((new.backend, new.packets), (B, 0))
         self.assertEqual(new.care_of, src(2).value)
         self.assertTrue(new.established)
         self.assertEqual(new.expires, 10 + LIFETIME)
@@ -253,15 +253,15 @@ class RekeyTests(TableTestCase):
         is refreshed and follows the terminal's backend."""
         self.established(src(1), B)
         self.clock.advance(5)
-        self.table.rekey(src(1), src(2), confirmed=True)
+        self.table.rekey(src(1), src(2))
         self.clock.advance(5)
         entries = len(self.table)
-        back = self.table.rekey(src(2), src(1), care_of=src(1).value, confirmed=True)
+        back = self.table.rekey(src(2), src(1), care_of=src(1).value)
         assert back is not None
         self.assertIs(back, self.table.get(src(1)))
         self.assertEqual(len(self.table), entries)
         self.assertEqual(back.expires, 10 + LIFETIME)
-        self.assertEqual((back.backend, back.care_of, back.confirmed), (B, src(1).value, True))
+        self.assertEqual((back.backend, back.care_of), (B, src(1).value))
         self.assertEqual(self.table.stats.inserts, 1)
 
     def test_return_repoints_to_current_backend(self) -> None:
@@ -300,18 +300,17 @@ class RekeyTests(TableTestCase):
         """rekey(k, k) just refreshes k."""
         self.table.insert(src(1), A)
         self.clock.advance(10)
-        binding = self.table.rekey(src(1), src(1), confirmed=True)
+        binding = self.table.rekey(src(1), src(1))
         assert binding is not None
-        self.assertEqual((binding.expires, binding.confirmed, len(self.table)),
-                         (10 + LIFETIME, True, 1))
+        self.assertEqual((binding.expires, len(self.table)), (10 + LIFETIME, 1))
 
     def test_home_address_key(self) -> None:
         """A notification can also point a home-address key at a new care-of address:
-        rekey(old, old) records the care-of and its confirmation."""
+        rekey(old, old) records the care-of address."""
         self.established(hoa(1), B)
-        binding = self.table.rekey(hoa(1), hoa(1), care_of=src(9).value, confirmed=True)
+        binding = self.table.rekey(hoa(1), hoa(1), care_of=src(9).value)
         assert binding is not None
-        self.assertEqual((binding.care_of, binding.confirmed), (src(9).value, True))
+        self.assertEqual(binding.care_of, src(9).value)
 
 
 class BoundTests(SynchronousTestCase):

@@ -13,6 +13,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from lbproxy.config import ConfigError, load_config
+from lbproxy.core import actions
 from lbproxy.core.keys import Key
 from lbproxy.ops.control import format_stats
 from lbproxy.tap import BalancerService, Options
@@ -118,7 +119,7 @@ class ServiceTests(SynchronousTestCase):
         keys = [Key("hoa", ipaddress.IPv6Address(f"2001:db8:100::{i}").packed)
                 for i in range(1, 40)]
         for i, key in enumerate(keys):
-            balancer.move(key, "a" if i % 2 else "b")
+            actions.move(balancer, key, "a" if i % 2 else "b")
         Path(path).write_text(CONFIG.format(backends=backends("a", "c")))
         self.assertEqual(service.reload(), "applied")
         self.assertEqual(sorted(balancer.backends), ["a", "c"])

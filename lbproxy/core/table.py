@@ -79,14 +79,14 @@ class Binding:
 
     ``expires`` and ``created`` are clock seconds (``created`` rounded down, ``expires``
     rounded up, to the table's resolution); ``packets`` counts the packets that used the
-    entry; ``care_of`` is the last care-of address seen (16 bytes) and ``confirmed`` says
-    an authenticated notification vouched for it (only then may replies go to it).
+    entry; ``care_of`` is the last care-of address seen (16 bytes).  Whether replies may
+    go to it is not the binding's to say: `lbproxy.core.returnpaths` is the one record
+    of confirmed care-of addresses.
     ``key`` is the key it is filed under.  Change ``backend`` only through
     :meth:`StickyTable.insert` or :meth:`StickyTable.rekey`, which keep the load counts.
     """
 
-    __slots__ = ("_key", "_where", "backend", "care_of", "confirmed", "created", "expires",
-                 "packets")
+    __slots__ = ("_key", "_where", "backend", "care_of", "created", "expires", "packets")
 
     def __init__(
         self,
@@ -96,7 +96,6 @@ class Binding:
         expires: float,
         packets: int = 1,
         care_of: bytes | None = None,
-        confirmed: bool = False,
     ) -> None:
         self._key = key  # the table's plain-bytes copy of the Key (see StickyTable)
         self.backend = backend
@@ -104,7 +103,6 @@ class Binding:
         self.expires = expires
         self.packets = packets
         self.care_of = care_of
-        self.confirmed = confirmed
         self._where: object = None
 
     @property
@@ -120,8 +118,7 @@ class Binding:
     def __repr__(self) -> str:
         return (
             f"<Binding {self.key} -> {self.backend.name} expires={self.expires:.3f}"
-            f" packets={self.packets} {'established' if self.established else 'new'}"
-            f"{' confirmed' if self.confirmed else ''}>"
+            f" packets={self.packets} {'established' if self.established else 'new'}>"
         )
 
 
@@ -255,7 +252,7 @@ class StickyTable:
             if len(self._entries) >= self.max_entries and not self._make_room(now):
                 self.stats.refusals += 1
                 return None
-        b = self._add(key, backend, now, 1, care_of, False)
+        b = self._add(key, backend, now, 1, care_of)
         if established:
             self._file(b)
         else:
@@ -271,7 +268,6 @@ class StickyTable:
         expires: float,
         packets: int = 1,
         care_of: bytes | None = None,
-        confirmed: bool = False,
         established: bool = False,
         now: float | None = None,
     ) -> Binding | None:
@@ -293,7 +289,7 @@ class StickyTable:
         elif len(self._entries) >= self.max_entries and not self._make_room(now):
             self.stats.refusals += 1
             return None
-        b = self._add(key, backend, now, packets, care_of, confirmed)
+        b = self._add(key, backend, now, packets, care_of)
         b.expires = min(expires, b.expires)
         if established:
             self._file(b)
@@ -307,7 +303,6 @@ class StickyTable:
         old: Key,
         new: Key,
         care_of: bytes | None = None,
-        confirmed: bool = False,
         now: float | None = None,
     ) -> Binding | None:
         """A care-of address change: make `new` lead to `old`'s backend (Fig. 14B).
@@ -320,7 +315,7 @@ class StickyTable:
         - T235: `new` still has a live entry (the terminal came back to an address it
           used within a lifetime): no new entry; that one is refreshed, made
           established and pointed at `old`'s backend (moving its load count).
-        - In both cases `care_of` (if given) and `confirmed` are set on the returned
+        - In both cases `care_of` (if given) is set on the returned
           binding.  `old`'s entry is left alone to live out its lifetime.
         - ``old == new`` refreshes that entry.
         """
@@ -338,7 +333,7 @@ class StickyTable:
             if len(self._entries) >= self.max_entries and not self._make_room(now):
                 self.stats.refusals += 1
                 return None
-            nb = self._add(new, ob.backend, now, 0, care_of, confirmed)
+            nb = self._add(new, ob.backend, now, 0, care_of)
             self._file(nb)
         else:
             if nb.backend != ob.backend:
@@ -350,7 +345,6 @@ class StickyTable:
             nb.expires = self._q_expires
             if care_of is not None:
                 nb.care_of = care_of
-            nb.confirmed = confirmed
             if nb._where is _PROBATION:
                 self._file(nb)
         self.stats.rekeys += 1
@@ -441,7 +435,6 @@ class StickyTable:
         now: float,
         packets: int,
         care_of: bytes | None,
-        confirmed: bool,
     ) -> Binding:
         if now > self._q_end:
             self._requantize(now)
@@ -449,7 +442,7 @@ class StickyTable:
         # is a bytes subclass that overrides neither), so Key lookups find it, and it
         # is 16 bytes smaller than a Key (plain bytes are not tracked by the GC).
         k = bytes(key)
-        b = Binding(k, backend, self._q_now, self._q_expires, packets, care_of, confirmed)
+        b = Binding(k, backend, self._q_now, self._q_expires, packets, care_of)
         self._entries[k] = b
         self._count(backend, 1)
         return b

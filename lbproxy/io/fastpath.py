@@ -9,27 +9,31 @@ into the writer's queue.  Here it is read with one ``struct`` call where ``recvm
 left it and written, already rewritten, where ``sendmmsg`` will take it: at 200,000+
 packets per second that is a third of the forwarding process's CPU (docs/performance.md).
 
-What it does per packet is what `Balancer.inbound` does for that shape, and nothing
-else: the table lookup with the home-address key (refreshing the binding), the care-of
-update, the counters, the hop limit, and the rewrite -- translate mode: HAO removed,
-source := home address, destination := backend; transparent mode: destination :=
-backend -- where the checksum change of "destination := backend" is one constant per
-backend (the virtual address is fixed; RFC 1624 arithmetic), as `nat` computes it.  A
-miss makes the binding through the balancer (`Balancer._miss`, the scheduler) and goes
-on.  Any other packet -- another layout, a fragment, ICMPv6, a packet the writer could not
+It is an *executor*: the decisions are the core's.  Per batch it reads the published
+`lbproxy.core.policy.Policy` (virtual address, ports, mode, the checksum constant of
+"destination := backend" per backend, and whether the fast path may serve this
+configuration at all -- if not, why not, said once in the log and in ``lbproxyctl
+stats``); per packet it calls only public operations: `StickyTable.lookup` with the
+home-address key (refreshing the binding), `Balancer.bind` on a miss (the scheduler,
+the notification subscription), and the shared `Counters`.  Then the care-of update, the
+hop limit and the rewrite -- translate mode: HAO removed, source := home address,
+destination := backend; transparent mode: destination := backend -- as `nat` does it.
+Any other packet -- another layout, a fragment, ICMPv6, a packet the writer could not
 take directly -- goes, in its turn (order is kept), to the reader's general handling:
-a ``bytearray`` copy through `Balancer.inbound`.  `Balancer.fast_plan` says, once per
-batch, whether the fast path applies to the current configuration at all.
+a ``bytearray`` copy through `Balancer.inbound`.
 
 Replies (`FastPath.reply`): the usual reply from a backend -- IPv6 straight to UDP or
 TCP, to a terminal -- gets the virtual address as its source (one checksum constant per
 backend), a hop less, and, when the terminal's care-of address was confirmed by an
 authenticated notification, a Type 2 Routing Header with the home address and the
-care-of address as destination: `nat.reply` for that shape.  Everything else on the
-server link (ICMPv6, extension headers, traffic for this host, multicast, link-local,
-a source that is not a backend) goes to the general handling.
-tests/test_fastpath.py checks with hypothesis that for any sequence of packets the
-output bytes, the counters and the table are the general path's.
+care-of address as destination: `nat.reply` for that shape; the care-of address comes
+from `lbproxy.core.returnpaths`, the one record of confirmed ones.  Everything else on
+the server link (ICMPv6, extension headers, a source that is not a backend, and what is
+not a reply at all: traffic for this host, multicast, link-local -- the rule of
+`lbproxy.core.policy.is_reply`, inlined here) goes to the general handling.
+tests/test_executors.py holds this executor to the general path with hypothesis: for any
+sequence of packets, the same output bytes in the same order, the same counters and the
+same table, expiry and established flag included.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from twisted.logger import Logger
 from lbproxy.core import nat
 from lbproxy.core.balancer import Balancer
 from lbproxy.core.keys import Key
+from lbproxy.core.policy import Policy
 from lbproxy.io.mmsg import Batch
 
 __all__ = ["FastPath", "SendQueues"]
@@ -104,12 +109,41 @@ class FastPath:
         self.forwarded = 0
         #: Replies forwarded here (not by the general path).
         self.replies = 0
-        #: This host's addresses (16 bytes each): replies to them are the kernel's
-        #: (`ForwarderService` fills it in when it learns them).
-        self.own_addresses: frozenset[bytes] | set[bytes] = frozenset()
         #: Packets whose handling here raised (a bug: bad input never does); each is
         #: lost, counted and logged, and the rest of its batch goes on.
         self.errors = 0
+        # The last policy seen, and per backend address what its packets need (the
+        # checksum constant and the packet-counter cell), rebuilt with the policy.
+        self._policy: Policy | None = None
+        self._backends: dict[bytes, tuple[int, list[int]]] = {}
+        #: Why the fast path does not take terminals' packets / backends' replies now
+        #: (None: it does), as the policy said when last read.
+        self.inbound_off: str | None = None
+        self.replies_off: str | None = None
+
+    def _read_policy(self) -> Policy:
+        """The balancer's current policy; on a change, the per-backend constants are
+        rebuilt and a change of whether the fast path applies is logged, once."""
+        policy = self.balancer.policy
+        if policy is not self._policy:
+            self._policy = policy
+            cell = self.balancer.counters.backend_cell
+            self._backends = {
+                address: (policy.inbound_deltas[address], cell(backend.name))
+                for address, backend in policy.by_address.items()
+            }
+            for direction, before, now in (
+                ("terminals' packets", self.inbound_off, policy.fast_inbound),
+                ("backends' replies", self.replies_off, policy.fast_replies),
+            ):
+                if now != before:
+                    if now is None:
+                        _log.info("fast path on for {direction}", direction=direction)
+                    else:
+                        _log.info("fast path off for {direction}: {reason}; they take "
+                                  "the general path", direction=direction, reason=now)  # fmt: skip
+            self.inbound_off, self.replies_off = policy.fast_inbound, policy.fast_replies
+        return policy
 
     def forward(
         self,
@@ -122,12 +156,15 @@ class FastPath:
         """Packets 0..`count`-1 of a ``recvmmsg`` batch: packet i is ``data[i * slot:]``,
         its length ``lengths[16 * i + 14]`` (`lbproxy.io.mmsg.Batch`); ``other(start,
         length)`` handles one that does not take the fast path."""
-        plan = self.balancer.fast_plan()
+        policy = self._read_policy()
         writer = self.writer
-        if plan is None or not writer.ready:
+        if policy.fast_inbound is not None or not writer.ready:
             _all_to(other, slot, lengths, count)
             return
-        vip, ports, translate, lookup, counters, backend_delta, miss, drop = plan
+        vip, ports, translate = policy.vips[0], policy.ports, policy.translate
+        balancer = self.balancer
+        lookup, bind, counters = balancer.table.lookup, balancer.bind, balancer.counters
+        drop, backends = counters.drop, self._backends
         # Bytes 24..47 of the shape: the virtual address, then the Destination Options
         # header's next header (UDP or TCP) and length (2: 24 bytes), PadN(2)+HAO.
         udp_shape = vip + bytes([_UDP, 2]) + PADN2_HAO
@@ -167,7 +204,7 @@ class FastPath:
                     taken += 1
                     binding = lookup(_HOA_KIND + hoa, now)
                     if binding is None:
-                        binding = miss(Key("hoa", hoa), "hoa", bytearray(data[s : s + n]), 48)
+                        binding = bind(Key("hoa", hoa), hoa, src)
                         if binding is None:
                             continue  # dropped and counted
                     else:
@@ -183,7 +220,7 @@ class FastPath:
                     if target is None:
                         out, name = routes.get(packed, raw)
                         target = targets[packed] = (
-                            out, name, *backend_delta(backend), out.data, out.iov_lengths,
+                            out, name, *backends[packed], out.data, out.iov_lengths,
                             out.names if name else out.addresses, out.slot, out.count,
                         )  # fmt: skip
                     out, name, delta, cell, tx, tx_lengths, tx_names, tx_slot, tx_count = target
@@ -241,13 +278,14 @@ class FastPath:
         there is one, as `Balancer.outbound` would send it; ``other(start, length)``
         handles every other packet (ICMPv6, extension headers, traffic for this host,
         a source that is not a backend...)."""
-        plan = self.balancer.reply_plan()
+        policy = self._read_policy()
         writer = self.writer
-        if plan is None or not writer.ready:
+        if policy.fast_replies is not None or not writer.ready:
             _all_to(other, slot, lengths, count)
             return
-        vip, deltas, confirmed, counters, drop = plan
-        own = self.own_addresses
+        vip, deltas, own = policy.vips[0], policy.reply_deltas, policy.own
+        counters = self.balancer.counters
+        drop, confirmed = counters.drop, self.balancer.return_paths.routes
         unpack, pack = _OUT.unpack_from, _OUT.pack_into
         routes, raw = writer.routes, writer.raw_route
         queue: Batch | None = None  # the last queue used, and its buffers below
@@ -269,9 +307,8 @@ class FastPath:
                         or (nh != _UDP and (nh != _TCP or n < 60))
                         or plen + 40 != n
                         or vtf >> 28 != 6
-                        # Left to the kernel, as `ForwarderService._from_backend` leaves
-                        # them: multicast, link-local, and this host's own traffic
-                        # (health-check answers and the like).
+                        # Not a reply (`lbproxy.core.policy.is_reply`, inlined): the
+                        # general path counts it and leaves it to the kernel.
                         or dst[0] == 0xFF
                         or (dst[0] == 0xFE and dst[1] & 0xC0 == 0x80)
                         or dst in own

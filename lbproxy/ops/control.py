@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from lbproxy.core import actions
+
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
@@ -181,6 +183,17 @@ class Control:
 
     # -- the table -------------------------------------------------------
 
+    def _confirmed(self, key: Key, binding: Binding) -> bool:
+        """Whether `binding` is on a confirmed return path: a home address with a
+        confirmed care-of address, or a source address confirmed as one."""
+        paths = getattr(self.balancer, "return_paths", None)
+        if paths is None:
+            return False
+        if key.kind == "hoa":
+            return paths.care_of(key.value) is not None
+        care_of = binding.care_of
+        return care_of is not None and paths.is_confirmed_care_of(care_of)
+
     def _row(self, key: Key, binding: Binding, now: float) -> Row:
         return Row(
             kind=key.kind,
@@ -189,7 +202,7 @@ class Control:
             left=max(0.0, binding.expires - now),
             packets=binding.packets,
             care_of=_address(binding.care_of),
-            confirmed=bool(binding.confirmed),
+            confirmed=self._confirmed(key, binding),
         )
 
     def rows(
@@ -262,8 +275,8 @@ class Control:
         parsed = self._key(key)
         self._backend_name(backend)
         try:
-            binding = self.balancer.move(parsed, backend)
-        except (KeyError, ValueError) as exc:
+            binding = actions.move(self.balancer, parsed, backend)
+        except (KeyError, ValueError, actions.TableFullError) as exc:
             raise OperatorError(f"cannot move {parsed}: {exc}") from None
         return self._row(parsed, binding, self.clock.seconds())
 
@@ -271,13 +284,13 @@ class Control:
         """Remove ``key``'s binding; its next packet is scheduled afresh."""
         parsed = self._key(key)
         now = self.clock.seconds()
-        binding = self.balancer.forget(parsed)
+        binding = actions.forget(self.balancer, parsed)
         return None if binding is None else self._row(parsed, binding, now)
 
     def drain(self, backend: str) -> dict[str, Any]:
         """Give ``backend`` weight 0: existing bindings stay, no new ones."""
         self._backend_name(backend)
-        self.balancer.drain(backend)
+        actions.drain(self.balancer, backend)
         return self._backend_info(backend, self.per_backend())
 
     # -- packets ---------------------------------------------------------

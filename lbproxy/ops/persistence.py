@@ -7,11 +7,18 @@ and read back on start.
 
 Theory of operation:
 
-* The file is JSON lines: a header ``{"format": "lbproxy-table", "version": 1,
-  "saved_at": T, "count": N}`` then one object per binding: key text
-  (``Key.__str__``), backend *name*, seconds of lifetime ``left`` at ``T``,
-  packets, care-of address, confirmed.  Backends are saved by name so that a
-  restart with a changed address or weight still finds them.
+* The file is JSON lines: a header ``{"format": "lbproxy-table", "version": 2,
+  "saved_at": T, "count": N, "return_paths": M}``, then one object per binding: key
+  text (``Key.__str__``), backend *name*, seconds of lifetime ``left`` at ``T``,
+  packets, care-of address; then one object per confirmed return path
+  (`lbproxy.core.returnpaths`): ``{"home": ..., "care_of": ..., "left": seconds or
+  null}``.  Backends are saved by name so that a restart with a changed address or
+  weight still finds them.  Return paths are saved because replies use them: without
+  them a restart would send every confirmed terminal's replies towards its home
+  address, without the Type 2 Routing Header, until its next notification.
+* Version 1 files (no return-path lines; a ``confirmed`` flag on bindings) are still
+  read: a confirmed home-address binding with a care-of address becomes a return path
+  with the binding's lifetime.
 * Writing is atomic: a temporary file in the same directory, flushed and
   fsynced, then ``os.replace`` over the old one.  A crash mid-write leaves
   the previous file intact.  The file is mode 0600: it lists terminals.
@@ -44,11 +51,14 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
     from lbproxy.core.keys import Key
+    from lbproxy.core.returnpaths import ReturnPaths
     from lbproxy.core.selection import Backend
     from lbproxy.core.table import StickyTable
 
 FORMAT = "lbproxy-table"
-VERSION = 1
+VERSION = 2
+#: Versions `read` accepts.
+READABLE_VERSIONS = (1, 2)
 
 log = Logger()
 
@@ -66,6 +76,7 @@ class SavedBinding:
     left: float
     packets: int = 0
     care_of: bytes | None = None
+    #: Read from version 1 files only (return paths have their own lines since).
     confirmed: bool = False
 
     def to_json(self) -> dict[str, Any]:
@@ -78,7 +89,6 @@ class SavedBinding:
             "care_of": None
             if self.care_of is None
             else str(ipaddress.IPv6Address(self.care_of)),
-            "confirmed": self.confirmed,
         }
 
     @classmethod
@@ -105,6 +115,50 @@ class SavedBinding:
         return cls(key, backend, float(left), packets, packed, confirmed)
 
 
+def _address(obj: dict[str, Any], name: str) -> bytes:
+    value = obj.get(name)
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be an IPv6 address")
+    return ipaddress.IPv6Address(value).packed
+
+
+@attrs.frozen
+class SavedReturnPath:
+    """One confirmed return path as written to and read from the file."""
+
+    home: bytes
+    care_of: bytes
+    #: Seconds the confirmation had left when saved; None: no deadline.
+    left: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "home": str(ipaddress.IPv6Address(self.home)),
+            "care_of": str(ipaddress.IPv6Address(self.care_of)),
+            "left": None if self.left is None else round(self.left, 3),
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> SavedReturnPath:
+        """Parse one line's object; raise ``ValueError`` when it is not one."""
+        if not isinstance(obj, dict) or "home" not in obj:
+            raise ValueError("not a return path object")
+        left = obj.get("left")
+        if left is not None and (not isinstance(left, int | float) or isinstance(left, bool)):
+            raise ValueError("left must be a number or null")
+        return cls(_address(obj, "home"), _address(obj, "care_of"),
+                   None if left is None else float(left))  # fmt: skip
+
+
+@attrs.frozen
+class SavedTable:
+    """A whole file: when it was saved, its bindings and its return paths."""
+
+    saved_at: float
+    bindings: list[SavedBinding]
+    return_paths: list[SavedReturnPath]
+
+
 @attrs.frozen
 class RestoreResult:
     """What a restore did: counts, and the reason when the file was refused."""
@@ -115,6 +169,7 @@ class RestoreResult:
     refused: int = 0  # bad keys, or the table refused the insert
     error: str | None = None
     moved_to: str | None = None
+    return_paths: int = 0
 
 
 def snapshot(table: StickyTable, now: float) -> list[SavedBinding]:
@@ -131,28 +186,42 @@ def snapshot(table: StickyTable, now: float) -> list[SavedBinding]:
                 left=left,
                 packets=binding.packets,
                 care_of=None if binding.care_of is None else bytes(binding.care_of),
-                confirmed=bool(binding.confirmed),
             )
         )
     return out
 
 
-def _lines(saved: list[SavedBinding], now: float) -> Iterator[str]:
-    header = {"format": FORMAT, "version": VERSION, "saved_at": now, "count": len(saved)}
+def snapshot_return_paths(return_paths: ReturnPaths, now: float) -> list[SavedReturnPath]:
+    """The live confirmations of ``return_paths``, lifetimes relative to ``now``."""
+    return [SavedReturnPath(home, care_of, left)
+            for home, care_of, left in return_paths.items(now)]  # fmt: skip
+
+
+def _lines(
+    saved: list[SavedBinding], paths: list[SavedReturnPath], now: float
+) -> Iterator[str]:
+    header = {"format": FORMAT, "version": VERSION, "saved_at": now, "count": len(saved),
+              "return_paths": len(paths)}  # fmt: skip
     yield json.dumps(header) + "\n"
     for entry in saved:
         yield json.dumps(entry.to_json(), separators=(",", ":")) + "\n"
+    for path in paths:
+        yield json.dumps(path.to_json(), separators=(",", ":")) + "\n"
 
 
-def save(table: StickyTable, path: str, now: float) -> int:
-    """Write ``table`` to ``path`` atomically; return the number of bindings saved."""
+def save(
+    table: StickyTable, path: str, now: float, return_paths: ReturnPaths | None = None
+) -> int:
+    """Write ``table`` (and ``return_paths``) to ``path`` atomically; return the number
+    of bindings saved."""
     saved = snapshot(table, now)
+    paths = [] if return_paths is None else snapshot_return_paths(return_paths, now)
     directory = os.path.dirname(os.path.abspath(path))
     temporary = f"{path}.tmp.{os.getpid()}"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.writelines(_lines(saved, now))
+            handle.writelines(_lines(saved, paths, now))
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
@@ -173,6 +242,12 @@ def save(table: StickyTable, path: str, now: float) -> int:
 
 def read(path: str) -> tuple[float, list[SavedBinding]]:
     """Read a saved table: ``(saved_at, bindings)``; raise ``CorruptTableFile``."""
+    table = read_table(path)
+    return table.saved_at, table.bindings
+
+
+def read_table(path: str) -> SavedTable:
+    """Read a saved table with its return paths; raise ``CorruptTableFile``."""
     try:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
@@ -187,24 +262,52 @@ def read(path: str) -> tuple[float, list[SavedBinding]]:
         raise CorruptTableFile(f"{path}:1: header is not JSON ({exc})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise CorruptTableFile(f"{path}:1: not an lbproxy table file")
-    if header.get("version") != VERSION:
+    version = header.get("version")
+    if version not in READABLE_VERSIONS:
         raise CorruptTableFile(
-            f"{path}:1: version {header.get('version')!r} not supported (want {VERSION})"
+            f"{path}:1: version {version!r} not supported (want one of {READABLE_VERSIONS})"
         )
     saved_at, count = header.get("saved_at"), header.get("count")
     if not isinstance(saved_at, int | float) or not isinstance(count, int):
         raise CorruptTableFile(f"{path}:1: header lacks saved_at or count")
+    paths_count = header.get("return_paths", 0)
+    if not isinstance(paths_count, int) or isinstance(paths_count, bool) or paths_count < 0:
+        raise CorruptTableFile(f"{path}:1: return_paths must be a count")
+    if count < 0 or len(lines) - 1 != count + paths_count:
+        raise CorruptTableFile(
+            f"{path}: header says {count} bindings and {paths_count} return paths, "
+            f"file has {len(lines) - 1} lines (truncated?)"
+        )
     entries = []
-    for number, line in enumerate(lines[1:], start=2):
+    for number, line in enumerate(lines[1 : 1 + count], start=2):
         try:
             entries.append(SavedBinding.from_json(json.loads(line)))
         except ValueError as exc:
             raise CorruptTableFile(f"{path}:{number}: {exc}") from None
-    if len(entries) != count:
-        raise CorruptTableFile(
-            f"{path}: header says {count} bindings, file has {len(entries)} (truncated?)"
-        )
-    return float(saved_at), entries
+    paths = []
+    for number, line in enumerate(lines[1 + count :], start=2 + count):
+        try:
+            paths.append(SavedReturnPath.from_json(json.loads(line)))
+        except ValueError as exc:
+            raise CorruptTableFile(f"{path}:{number}: {exc}") from None
+    if version == 1:
+        paths = [
+            SavedReturnPath(_v1_home(e.key), e.care_of, e.left)
+            for e in entries
+            if e.confirmed and e.care_of is not None and _v1_home(e.key)
+        ]
+    return SavedTable(float(saved_at), entries, paths)
+
+
+def _v1_home(key: str) -> bytes:
+    """The home address of a version 1 ``hoa`` key's text (empty for other kinds)."""
+    kind, _, value = key.partition(" ")
+    if kind != "hoa":
+        return b""
+    try:
+        return ipaddress.IPv6Address(value.strip()).packed
+    except ValueError:
+        return b""
 
 
 def restore(
@@ -250,7 +353,6 @@ def restore(
             now + left,
             packets=entry.packets,
             care_of=entry.care_of,
-            confirmed=entry.confirmed,
             established=entry.packets > 1,
             now=now,
         )
@@ -261,12 +363,31 @@ def restore(
     return RestoreResult(restored, expired, unknown, refused)
 
 
+def restore_return_paths(
+    return_paths: ReturnPaths, saved_at: float, saved: list[SavedReturnPath], now: float
+) -> int:
+    """Put saved confirmations back (the downtime counts against their lifetimes);
+    returns how many are live again."""
+    elapsed = max(0.0, now - saved_at)
+    restored = 0
+    for entry in saved:
+        if entry.left is None:
+            return_paths.confirm(entry.home, entry.care_of, None, now=now)
+        elif entry.left - elapsed > 0:
+            return_paths.confirm(entry.home, entry.care_of, entry.left - elapsed, now=now)
+        else:
+            continue
+        restored += 1
+    return restored
+
+
 def load(
     table: StickyTable,
     path: str,
     backends: Mapping[str, Backend],
     now: float,
     parse_key: Callable[[str], Key] | None = None,
+    return_paths: ReturnPaths | None = None,
 ) -> RestoreResult:
     """Restore ``table`` from ``path`` if it exists, refusing a corrupt file.
 
@@ -276,7 +397,7 @@ def load(
     if not os.path.exists(path):
         return RestoreResult()
     try:
-        saved_at, entries = read(path)
+        saved = read_table(path)
     except (CorruptTableFile, OSError) as exc:
         aside = f"{path}.corrupt-{int(now)}"
         try:
@@ -284,7 +405,11 @@ def load(
         except OSError:
             aside = None  # type: ignore[assignment]
         return RestoreResult(error=str(exc), moved_to=aside)
-    return restore(table, backends, saved_at, entries, now, parse_key)
+    result = restore(table, backends, saved.saved_at, saved.bindings, now, parse_key)
+    if return_paths is not None:
+        restored = restore_return_paths(return_paths, saved.saved_at, saved.return_paths, now)
+        result = attrs.evolve(result, return_paths=restored)
+    return result
 
 
 class TablePersistence(Service):
@@ -304,8 +429,10 @@ class TablePersistence(Service):
         clock: IReactorTime,
         interval: float = 60.0,
         parse_key: Callable[[str], Key] | None = None,
+        return_paths: ReturnPaths | None = None,
     ) -> None:
         self.parse_key = parse_key
+        self.return_paths = return_paths
         self.table = table
         self.path = path
         self.backends = backends
@@ -318,7 +445,8 @@ class TablePersistence(Service):
         """Restore, then start the periodic save."""
         super().startService()
         result = load(
-            self.table, self.path, self.backends(), self.clock.seconds(), self.parse_key
+            self.table, self.path, self.backends(), self.clock.seconds(), self.parse_key,
+            self.return_paths,
         )
         self.last_restore = result
         if result.error is not None:
@@ -330,9 +458,10 @@ class TablePersistence(Service):
             )
         else:
             log.info(
-                "Restored {restored} bindings from {path} ({expired} expired, "
-                "{unknown} for unknown backends, {refused} refused).",
+                "Restored {restored} bindings and {paths} return paths from {path} "
+                "({expired} expired, {unknown} for unknown backends, {refused} refused).",
                 restored=result.restored,
+                paths=result.return_paths,
                 path=self.path,
                 expired=result.expired,
                 unknown=result.unknown_backend,
@@ -348,7 +477,7 @@ class TablePersistence(Service):
     def save(self) -> int:
         """Save now; log and swallow I/O errors (the next save will retry)."""
         try:
-            return save(self.table, self.path, self.clock.seconds())
+            return save(self.table, self.path, self.clock.seconds(), self.return_paths)
         except OSError as exc:
             log.error("Could not save the table to {path}: {exc}", path=self.path, exc=exc)
             return 0
@@ -369,6 +498,8 @@ def make_persistence_service(
     backends: Callable[[], Mapping[str, Backend]],
     clock: IReactorTime,
     interval: float = 60.0,
+    return_paths: ReturnPaths | None = None,
 ) -> TablePersistence:
-    """The service that keeps ``table`` in ``path`` across restarts."""
-    return TablePersistence(table, path, backends, clock, interval)
+    """The service that keeps ``table`` (and ``return_paths``) in ``path`` across
+    restarts."""
+    return TablePersistence(table, path, backends, clock, interval, return_paths=return_paths)
