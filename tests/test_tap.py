@@ -7,7 +7,7 @@ import ipaddress
 from pathlib import Path
 
 from scapy.layers.inet import UDP
-from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
+from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrRouting
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -159,3 +159,73 @@ class ServiceTests(SynchronousTestCase):
         service, _, path = self.make(CONFIG.format(backends=backends("a")))
         Path(path).write_text(CONFIG.format(backends=backends("a")).replace("lbs", "eth9"))
         self.assertIn("server_interface", service.reload())
+
+
+class RestartTests(SynchronousTestCase):
+    """A restart with persistence keeps what replies use: the confirmed return paths."""
+
+    def test_restart_keeps_confirmed_return_paths(self) -> None:
+        """A terminal's care-of address confirmed by a notification (through the real
+        TableListener, as the notification client calls it): replies carry a Type 2
+        Routing Header to it.  After the service is stopped and a new one started from
+        the same configuration and persistence file, replies still do, ``show`` still
+        says confirmed, and the confirmation still ends with its lifetime."""
+        from lbproxy.notify.adapter import TableListener
+
+        state = Path(self.mktemp())
+        state.mkdir()
+        text = CONFIG.format(backends=backends("a", "b")) + (
+            f'[persistence]\npath = "{state / "table.jsonl"}"\ninterval = 60\n'
+        )
+        path = self.mktemp()
+        Path(path).write_text(text)
+        home, old, new = "2001:db8:100::1", "2001:db8:a1::9", "2001:db8:a2::9"
+
+        def start(clock: MemoryReactorClock) -> tuple[BalancerService, MemoryPacketSystem]:
+            system = MemoryPacketSystem(interfaces=("lbc", "lbs"))
+            service = BalancerService(load_config(path), clock, install_sighup=False,
+                                      system=system)  # fmt: skip
+            service.privilegedStartService()
+            service.startService()
+            return service, system
+
+        def reply(service: BalancerService, system: MemoryPacketSystem) -> IPv6:
+            backend = service.balancer.backends["a"]  # any backend may reply
+            system.inject("lbs", bytes(IPv6(src=str(backend.address), dst=home)
+                                       / UDP(sport=80, dport=4000) / b"reply"))  # fmt: skip
+            before = len(system.sent)
+            service.forwarder.server.doRead()
+            self.assertEqual(len(system.sent), before + 1)
+            return IPv6(system.sent[-1].packet)
+
+        clock = MemoryReactorClock()
+        service, system = start(clock)
+        system.inject("lbc", mobile(home))
+        service.forwarder.client.doRead()
+        listener = TableListener(service.balancer.table, service.balancer.return_paths)
+        listener.binding_changed(ipaddress.IPv6Address(home).packed,
+                                 ipaddress.IPv6Address(old).packed,
+                                 ipaddress.IPv6Address(new).packed, 7, 600)  # fmt: skip
+        before = reply(service, system)
+        self.assertEqual((before.dst, before[IPv6ExtHdrRouting].addresses), (new, [home]))
+        clock.advance(100)
+        service.stopService()
+
+        later = MemoryReactorClock()
+        later.advance(clock.seconds() + 30)  # down for 30 s
+        service, system = start(later)
+        self.addCleanup(service.stopService)
+        after = reply(service, system)
+        self.assertEqual(after.src, "2001:db8:5::80")
+        self.assertEqual((after.dst, after[IPv6ExtHdrRouting].addresses), (new, [home]))
+        rows = {row.key: row for row in service.control.rows()}
+        self.assertTrue(rows[f"hoa {home}"].confirmed)
+        # 600 s granted at 0; 130 s have passed: it ends 470 s from now, not later.
+        later.advance(469)
+        service.balancer.sweep()
+        self.assertIn(IPv6ExtHdrRouting, reply(service, system))
+        later.advance(2)
+        service.balancer.sweep()
+        home_again = reply(service, system)
+        self.assertNotIn(IPv6ExtHdrRouting, home_again)
+        self.assertEqual(home_again.dst, home)
