@@ -359,7 +359,7 @@ class ReloadTests(OperatingBedTestCase):
         self.assertEqual(answer.returncode, 1)
         self.assertIn(lb.config_path, answer.stderr)
         self.assertIn("balancer.scheduler", answer.stderr)
-        self.assertIn("'fastest' is not one of", answer.stderr)
+        self.assertIn("'fastest' is not a registered scheduler", answer.stderr)
         wait_for(lambda: "reload refused" in lb.log() and "fastest" in lb.log(), 5,
                  "the refusal in the log")
         with open(lb.config_path, "w") as f:

@@ -17,7 +17,7 @@ A backend of weight 0 is never chosen (that is how a backend is drained: its exi
 bindings stay, it gets no new ones).  Everything here is pure: no clock, no I/O.
 
 Schedulers are found by configuration name in :data:`SCHEDULER_REGISTRY` (a
-:class:`~lbproxy.core.keys.Registry`): the four above are registered here with
+:class:`~lbproxy.core.registry.Registry`): the four above are registered here with
 :func:`register_scheduler`, third-party ones come from Python entry points in the group
 ``lbproxy.schedulers`` (the entry point's name is the scheduler's name, its object a
 callable -- typically the class -- that returns a new :class:`IScheduler` provider with no
@@ -34,7 +34,8 @@ from typing import Any, Final
 import attrs
 from zope.interface import Interface, implementer
 
-from lbproxy.core.keys import Key, Registry
+from lbproxy.core.keys import Key
+from lbproxy.core.registry import Registry
 
 __all__ = [
     "SCHEDULER_REGISTRY",
