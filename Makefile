@@ -9,6 +9,8 @@ PYTHON ?= $(shell for p in /usr/bin/python3 python3; do \
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
+# `make bench`'s baseline revision; empty = the one in benchmarks/BASELINE.
+BASELINE ?=
 
 .PHONY: demo test unit lint typecheck bench bench-dataplane bench-notify clean system-deps
 
@@ -53,9 +55,11 @@ typecheck: $(STAMP)
 demo: $(STAMP) system-deps
 	$(PY) -m lbproxy.demo
 
+# The core's figures, then this tree's fast and general paths against the revision in
+# benchmarks/BASELINE (or `make bench BASELINE=<rev>`), in alternating rounds.
 bench: $(STAMP)
 	$(PY) benchmarks/core.py
-	$(PY) benchmarks/fastpath.py
+	$(PY) benchmarks/compare.py $(if $(BASELINE),--baseline $(BASELINE))
 
 # Needs root: network namespaces, C generator and sink (gcc), kernel nft DNAT baseline.
 bench-dataplane: $(STAMP) system-deps
