@@ -51,8 +51,9 @@ def coa(index: int, link: int) -> IPv6Address:
 def checksum_ok(packet: Packet, layer: type[Packet], nh: int) -> bool:
     """Does ``layer``'s checksum verify, per scapy, with the RFC 6275 pseudo-header?
 
-    scapy uses the HAO's address as the pseudo-header source only when it is the
-    header's sole option (DESIGN.md §4): keep only the HAO before asking it.
+    scapy (2.8) uses the HAO's address as the pseudo-header source only when it is the
+    header's sole option; a packet parsed from bytes has [PadN, HAO], and scapy then
+    uses the care-of address: keep only the HAO before asking it.
     """
     packet = packet.copy()
     for dest in _layers(packet, IPv6ExtHdrDestOpt):

@@ -312,7 +312,7 @@ class TestBed:
             netns.shell(self.ns(role), script)
         for role in ("lb", "net"):
             # Conntrack (if a balancer's rules load it) must not drop HAO packets whose
-            # checksum uses the home address (docs/testbed.md, DESIGN.md §5).
+            # checksum uses the home address (docs/testbed.md).
             self._sysctl(role, {"net/netfilter/nf_conntrack_checksum": "0"}, optional=True)
 
     def _program(self, module: str, *args: str) -> list[str]:
