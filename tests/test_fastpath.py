@@ -99,6 +99,16 @@ def _reply_checksum_ok(data: bytes) -> bool:
                 == l4.chksum)  # fmt: skip
 
 
+def _observer(events: list[LogEvent]) -> ILogObserver:
+    """A log observer that keeps every event in `events`."""
+
+    @provider(ILogObserver)
+    def observe(event: LogEvent) -> None:
+        events.append(event)
+
+    return observe
+
+
 def _same(case: SynchronousTestCase, fast: Balancer, slow: Balancer) -> None:
     case.assertEqual(fast.counters.as_dict(), slow.counters.as_dict())
     case.assertEqual(
@@ -168,7 +178,7 @@ class FastPathTests(SynchronousTestCase):
                 change(slow)
             logged: list[LogEvent] = []
 
-            observe = provider(ILogObserver)(logged.append)
+            observe = _observer(logged)
 
             globalLogPublisher.addObserver(observe)
             try:

@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from lbproxy.core.keys import Key
 from lbproxy.core.selection import Backend
-from lbproxy.core.table import StickyTable
+from lbproxy.core.table import Binding, StickyTable
 
 LIFETIME = 30.0
 A = Backend("a", ipaddress.IPv6Address("2001:db8:ffff::a"))
@@ -523,3 +523,45 @@ class TableModelTests(SynchronousTestCase):
             TableModel,
             settings=settings(max_examples=300, stateful_step_count=40, deadline=None),
         )
+
+
+class ListenerTests(TableTestCase):
+    """`StickyTable.listeners`: every binding made, re-pointed or gone is told, so an
+    executor with its own copy of the table (an XDP map) can mirror it exactly."""
+
+    def test_mirror_follows_every_change(self) -> None:
+        """A mirror kept only from the listener calls equals the table after inserts,
+        lookups, replacement, rekeys (new entry and T235), eviction, expiry and removal."""
+        mirror: dict[bytes, str] = {}
+
+        def tell(binding: Binding, bound: bool) -> None:
+            if bound:
+                mirror[bytes(binding.key)] = binding.backend.name
+            else:
+                mirror.pop(bytes(binding.key), None)
+
+        self.table.listeners.append(tell)
+
+        def check() -> None:
+            now = self.clock.seconds()
+            live = {bytes(k): b.backend.name for k, b in self.table if b.expires > now}
+            held = {bytes(k): b.backend.name for k, b in self.table}
+            self.assertEqual(mirror, held)
+            self.assertLessEqual(live.items(), mirror.items())
+
+        self.table.insert(src(1), A)
+        self.table.lookup(src(1))
+        self.table.insert(src(2), B)
+        check()
+        self.table.insert(src(1), B)  # replaced
+        check()
+        self.table.rekey(src(1), src(3))  # a new entry for the new address
+        self.table.rekey(src(2), src(1))  # T235: src(1) re-pointed
+        check()
+        self.assertEqual(mirror[bytes(src(1))], B.name)
+        self.table.remove(src(3))
+        check()
+        self.clock.advance(LIFETIME + 2)
+        self.table.expire()
+        check()
+        self.assertEqual(mirror, {})

@@ -309,7 +309,10 @@ class Balancer:
         table = self.table
         binding = table.lookup(key)
         if binding is not None:
-            if not self.policy.usable(binding.backend):
+            policy = self.policy
+            name = binding.backend.name
+            # `Policy.usable`, inlined (this runs for every packet of the general path).
+            if name not in policy.backends or (policy.reassign_dead and name in policy.down):
                 # Down (with the reassign policy), or removed by a reload: a removed
                 # backend's replies would be refused (not-from-backend), so always move.
                 replacement = self.scheduler.choose(key, table.load())
@@ -438,7 +441,8 @@ class Balancer:
         kernel (None, counted as ``ignored``)."""
         counters = self.counters
         policy = self.policy
-        if len(buf) < 40 or not is_reply(buf[24:40], policy.own):
+        home = bytes(buf[24:40])
+        if len(home) < 16 or not is_reply(home, policy.own):
             counters.ignored += 1
             return None
         counters.replies_in += 1
@@ -450,7 +454,6 @@ class Balancer:
         if bytes(buf[8:24]) not in policy.by_address:
             counters.drop("not-from-backend")
             return None
-        home = bytes(buf[24:40])
         if view.rh2 >= 0:
             home = bytes(buf[view.rh2 : view.rh2 + 16])
         vips = policy.vips

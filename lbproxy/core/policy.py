@@ -31,14 +31,14 @@ from lbproxy.wire.checksum import delta16
 __all__ = ["Policy", "build_policy", "is_reply"]
 
 
-def is_reply(destination: bytes | bytearray, own: Collection[bytes]) -> bool:
+def is_reply(destination: bytes, own: Collection[bytes]) -> bool:
     """Whether a packet read on the server link, to `destination` (16 bytes), is a
     backend's reply to a terminal -- not multicast, not link-local (fe80::/10), not to
     one of this host's own addresses `own` (those are the kernel's to handle)."""
     first = destination[0]
     if first == 0xFF or (first == 0xFE and destination[1] & 0xC0 == 0x80):
         return False
-    return bytes(destination) not in own
+    return destination not in own
 
 
 @attrs.frozen

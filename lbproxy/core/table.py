@@ -46,7 +46,7 @@ import heapq
 import math
 import types
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Final
 
 from lbproxy.core.keys import Key
@@ -179,6 +179,11 @@ class StickyTable:
         self.resolution: Final = resolution
         self.sweep_grain: Final = sweep_grain
         self.stats = TableStats()
+        #: Called with (binding, True) when a binding is made or points at another
+        #: backend, and (binding, False) when it goes (expiry, eviction, removal,
+        #: replacement): the seam an executor that keeps its own copy of the table (an
+        #: XDP map) mirrors changes through.  Not called for refreshes.
+        self.listeners: list[Callable[[Binding, bool], object]] = []
         self._entries: dict[bytes, Binding] = {}
         self._load: dict[Backend, int] = {}
         self._probation: deque[Binding] = deque()
@@ -336,10 +341,13 @@ class StickyTable:
             nb = self._add(new, ob.backend, now, 0, care_of)
             self._file(nb)
         else:
-            if nb.backend != ob.backend:
+            moved = nb.backend != ob.backend
+            if moved:
                 self._count(nb.backend, -1)
                 self._count(ob.backend, 1)
             nb.backend = ob.backend
+            if moved and self.listeners:
+                self._tell(nb, True)
             if now > self._q_end:
                 self._requantize(now)
             nb.expires = self._q_expires
@@ -445,6 +453,8 @@ class StickyTable:
         b = Binding(k, backend, self._q_now, self._q_expires, packets, care_of)
         self._entries[k] = b
         self._count(backend, 1)
+        if self.listeners:
+            self._tell(b, True)
         return b
 
     def _count(self, backend: Backend, delta: int) -> None:
@@ -458,6 +468,12 @@ class StickyTable:
         del self._entries[b._key]
         self._count(b.backend, -1)
         b._where = None
+        if self.listeners:
+            self._tell(b, False)
+
+    def _tell(self, b: Binding, bound: bool) -> None:
+        for listener in self.listeners:
+            listener(b, bound)
 
     def _file(self, b: Binding) -> None:
         slot = math.ceil(b.expires / self.sweep_grain)
