@@ -2,9 +2,13 @@
 
 Why: users (and our own tests) need to drive the raw-socket port without
 root, sockets or a kernel.  :class:`MemoryPacketSystem` is an in-memory
-:class:`~lbproxy.io.rawsocket.IPacketSystem`; it passes the same contract tests
-as :class:`~lbproxy.io.rawsocket.LinuxPacketSystem` (``tests/test_rawsocket.py``),
-so code that works against it works against the kernel.
+:class:`~lbproxy.io.rawsocket.IBatchPacketSystem`: the plain ports
+(``PacketReader``/``PacketWriter``) and the batched ones of ``lbproxy.io.mmsg``
+(``BatchPacketReader``/``BatchPacketWriter``: ``recvmmsg``/``sendmmsg`` batches,
+the queues the fast path fills) run on it unchanged.  It passes the same
+contract tests as :class:`~lbproxy.io.rawsocket.LinuxPacketSystem`
+(``tests/test_rawsocket.py``, ``tests/test_batchport.py``), so code that works
+against it works against the kernel.
 
 :class:`VethPair` builds the real counterpart for integration tests: two
 network namespaces joined by a veth link (root only).
@@ -15,19 +19,22 @@ Nothing here imports scapy (GPL): build packets by hand or in your tests.
 from __future__ import annotations
 
 import collections
+import ctypes
 import errno
 import functools
 import ipaddress
 import os
 import shutil
 import socket
+import struct
 import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import attrs
 from zope.interface import implementer
 
-from lbproxy.io.rawsocket import IPacketSystem
+from lbproxy.io.mmsg import Batch, _IoVec
+from lbproxy.io.rawsocket import IBatchPacketSystem
 
 __all__ = ["MemoryPacketSystem", "SentPacket", "VethPair"]
 
@@ -37,11 +44,21 @@ OPERATIONS = frozenset({"open_reader", "attach_filter", "receive", "open_sender"
 
 @attrs.frozen
 class SentPacket:
-    """One packet the fake system was asked to send, and where it went."""
+    """One packet the fake system sent, and where it went.
+
+    ``destination`` is the address it was routed to (for a packet sent on a link:
+    the packet's own destination); ``link_address`` the 6-byte link-layer address a
+    packet socket sent it to (``sendmmsg`` with a ``sockaddr_ll``), else None.
+    """
 
     packet: bytes
     destination: str
     interface: str
+    link_address: bytes | None = None
+
+
+_SOCKADDR_IN6 = struct.Struct("=HHI16sI")
+_SOCKADDR_LL = struct.Struct("=HHiHBB8s")
 
 
 class _MemorySocket:
@@ -59,9 +76,9 @@ class _MemorySocket:
         self.errors: collections.deque[int] = collections.deque()
 
 
-@implementer(IPacketSystem)
+@implementer(IBatchPacketSystem)
 class MemoryPacketSystem:
-    """An in-memory :class:`~lbproxy.io.rawsocket.IPacketSystem` with a kernel's manners.
+    """An in-memory :class:`~lbproxy.io.rawsocket.IBatchPacketSystem` with a kernel's manners.
 
     * ``interfaces``: names that exist (others give ``ENODEV``), each with an
       MTU of ``mtu``; :meth:`link_down` / :meth:`link_up` change their state.
@@ -75,6 +92,11 @@ class MemoryPacketSystem:
       ``receive_buffer`` (the kernel charges about a kilobyte per small
       packet), else ``queue_limit``.
     * :attr:`sent` lists every packet sent; :meth:`fail` injects errors.
+    * ``receive_batch`` and ``send_batch`` are ``recvmmsg`` and ``sendmmsg``: they
+      follow a batch's header, iovec and socket-address pointers as the kernel does.
+      A reader socket sends to the ``sockaddr_ll`` it is given (out of that
+      interface, no route needed), a sender to the ``sockaddr_in6`` (routed).
+      Interface indexes are 2, 3... in the order given (1 is the loopback's).
 
     Descriptors are small fake numbers, not real files: use it with
     ``twisted.internet.testing.MemoryReactor`` and call ``doRead()`` yourself.
@@ -220,18 +242,41 @@ class MemoryPacketSystem:
     def send(self, fd: int, packet: bytes | bytearray | memoryview, destination: str) -> int:
         self._check("send")
         self._socket(fd, reader=False)
-        data = bytes(packet)
+        return self._routed(bytes(packet), destination)
+
+    def _routed(self, data: bytes, destination: str) -> int:
+        """Send ``data`` as an IPPROTO_RAW socket would, routed towards ``destination``."""
         if len(data) < 40:
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+            raise _error(errno.EINVAL)
         address = ipaddress.IPv6Address(destination)
         interface = next((name for net, name in self.routes if address in net), None)
         if interface is None:
-            raise OSError(errno.ENETUNREACH, os.strerror(errno.ENETUNREACH))
+            raise _error(errno.ENETUNREACH)
         if not self.interfaces[interface]:
-            raise OSError(errno.ENETDOWN, os.strerror(errno.ENETDOWN))
+            raise _error(errno.ENETDOWN)
         if len(data) > self.mtu:
-            raise OSError(errno.EMSGSIZE, os.strerror(errno.EMSGSIZE))
+            raise _error(errno.EMSGSIZE)
         self.sent.append(SentPacket(data, destination, interface))
+        return len(data)
+
+    def _linked(self, data: bytes, sockaddr: bytes) -> int:
+        """Send ``data`` as a packet socket would, to a ``sockaddr_ll``: out of its
+        interface, to its link-layer address, no route involved."""
+        if len(sockaddr) < _SOCKADDR_LL.size:
+            raise _error(errno.EINVAL)
+        family, _protocol, index, _, _, length, address = _SOCKADDR_LL.unpack(sockaddr)
+        if family != socket.AF_PACKET:
+            raise _error(errno.EINVAL)
+        names = list(self.interfaces)
+        if not 0 <= index - 2 < len(names):
+            raise _error(errno.ENXIO)
+        interface = names[index - 2]
+        if not self.interfaces[interface]:
+            raise _error(errno.ENETDOWN)
+        if len(data) > self.mtu:
+            raise _error(errno.EMSGSIZE)
+        destination = socket.inet_ntop(socket.AF_INET6, data[24:40]) if len(data) >= 40 else ""
+        self.sent.append(SentPacket(data, destination, interface, bytes(address[:length])))
         return len(data)
 
     def sender(self, fd: int) -> Callable[[bytes | bytearray | memoryview, tuple[str, int]], int]:
@@ -241,6 +286,64 @@ class MemoryPacketSystem:
             return self.send(fd, packet, address[0])
 
         return send
+
+    # IBatchPacketSystem ---------------------------------------------------
+
+    def receive_batch(self, fd: int, batch: Batch, count: int) -> int:
+        self._check("receive")
+        sock = self._socket(fd, reader=True)
+        if sock.errors:
+            raise _error(sock.errors.popleft())
+        if not sock.queue:
+            raise _error(errno.EAGAIN)
+        got = 0
+        while got < count and sock.queue:
+            packet = sock.queue.popleft()
+            # As recvmmsg with MSG_TRUNC: through the header's iovec, the packet's head;
+            # its full length in msg_len; MSG_TRUNC in msg_flags if it did not fit.
+            header = batch.headers[got]
+            iov = _IoVec.from_address(header.hdr.iov)
+            ctypes.memmove(iov.base, packet, min(len(packet), iov.len))
+            header.len = len(packet)
+            header.hdr.flags = socket.MSG_TRUNC if len(packet) > iov.len else 0
+            got += 1
+        return got
+
+    def send_batch(self, fd: int, batch: Batch, start: int, count: int) -> int:
+        sock = self._sockets.get(fd)
+        if sock is None:
+            raise _error(errno.EBADF)
+        sent = 0
+        for i in range(start, start + count):
+            if sent and self._failures.get("send"):
+                return sent  # as sendmmsg: the refusal is the next call's answer
+            try:
+                self._check("send")
+                header = batch.headers[i].hdr
+                iov = _IoVec.from_address(header.iov)
+                data = ctypes.string_at(iov.base, iov.len)
+                name = ctypes.string_at(header.name, header.namelen) if header.name else b""
+                if sock.reader:  # a packet socket: to a sockaddr_ll
+                    self._linked(data, name)
+                else:
+                    if len(name) < _SOCKADDR_IN6.size:
+                        raise _error(errno.EDESTADDRREQ if not name else errno.EINVAL)
+                    family, _, _, address, _ = _SOCKADDR_IN6.unpack(name)
+                    if family != socket.AF_INET6:
+                        raise _error(errno.EAFNOSUPPORT)
+                    self._routed(data, socket.inet_ntop(socket.AF_INET6, address))
+            except OSError:
+                if sent:
+                    return sent  # the refused one is the next call's first
+                raise
+            sent += 1
+        return sent
+
+    def interface_index(self, interface: str) -> int:
+        names = list(self.interfaces)
+        if interface not in names:
+            raise _error(errno.ENODEV)
+        return names.index(interface) + 2
 
     def close(self, fd: int) -> None:
         self._check("close")
@@ -254,6 +357,11 @@ class MemoryPacketSystem:
         if sock.reader != reader:
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
         return sock
+
+
+def _error(code: int) -> OSError:
+    """``OSError`` for ``code`` (``BlockingIOError`` for EAGAIN, and so on)."""
+    return OSError(code, os.strerror(code))
 
 
 def _check_destinations(destinations: Sequence[bytes]) -> None:

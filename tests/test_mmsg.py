@@ -1,18 +1,19 @@
-"""Tests for lbproxy.io.mmsg: the batched reader and writer against the kernel.
+"""Tests for lbproxy.io.mmsg beyond the batched port's contract (tests/test_batchport.py).
 
-Two network namespaces joined by a veth link per test (root needed; skipped with the
-reason otherwise), addresses in 2001:db8::/32 only.  The batched ports must keep the
-plain ports' contract: every packet, in order, byte for byte, the same statistics.
+The `Batch` layout against the ctypes structures, the callable form's keywords the
+forwarder uses (on the fake), and the forwarder on the batched ports against the
+kernel: two network namespaces joined by a veth link per test (root needed; skipped
+with the reason otherwise), addresses in 2001:db8::/32 only.
 """
 
 from __future__ import annotations
 
-import select
+import ctypes
 import socket
 import struct
 import subprocess
-import time
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -21,9 +22,9 @@ from lbproxy.core.balancer import Balancer
 from lbproxy.core.keys import KeyChain
 from lbproxy.core.selection import Backend, scheduler_from_name
 from lbproxy.core.table import StickyTable
-from lbproxy.io import mmsg
+from lbproxy.io import mmsg, neighbours
 from lbproxy.io.forwarder import ForwarderService
-from lbproxy.io.rawsocket import LinuxPacketSystem, PacketReader, PacketWriter
+from lbproxy.io.rawsocket import LinuxPacketSystem, PacketProtocol, PacketReader, PacketWriter
 from lbproxy.testing import MemoryPacketSystem, VethPair
 
 NEAR = "2001:db8:7c::1"  # the side under test
@@ -45,88 +46,88 @@ def packet(src: str, dst: str, tag: int, size: int = 0) -> bytes:
     return struct.pack("!IHBB", 6 << 28, len(udp), 17, 64) + packed(src) + packed(dst) + udp
 
 
-def tag_of(data: bytes | bytearray) -> int:
+def tag_of(data: bytes | bytearray | memoryview) -> int:
     return int(struct.unpack_from("!I", data, 48)[0])
 
 
-class BatchedPortTests(SynchronousTestCase):
+class BatchLayoutTests(SynchronousTestCase):
+    """`Batch`'s accessors and stride constants name the very fields the kernel reads
+    and writes (checked against the ctypes structures)."""
+
     def setUp(self) -> None:
-        reason = VethPair.unavailable() or (None if mmsg.available() else "no recvmmsg")
-        if reason:
-            raise SkipTest(f"batched port tests: {reason}")
-        self.pair = VethPair(PREFIX, NEAR, FAR, ROUTED)
-        self.addCleanup(self.pair.destroy)
-        self.pair.create()
-        self.near = LinuxPacketSystem(self.pair.near)
-        self.far = LinuxPacketSystem(self.pair.far)
-        self.far_sender = self.far.open_sender()
-        self.addCleanup(self.far.close, self.far_sender)
+        if not mmsg._LAYOUT_OK:
+            raise SkipTest("not the LP64 mmsghdr layout")
 
-    def deliver(self, packets: list[bytes]) -> None:
-        """Send from the peer, then wait until the near side's interface counted them."""
-        for p in packets:
-            self.far.send(self.far_sender, p, socket.inet_ntop(socket.AF_INET6, p[24:40]))
+    def test_received_fields(self) -> None:
+        """length/set_length is msg_len, truncated is MSG_TRUNC in msg_flags, packet(i)
+        the slot's bytes; set_received lays a packet out as recvmmsg does."""
+        batch = mmsg.Batch(3, 100)
+        batch.set_length(1, 1234)
+        assert batch.headers[1].len == 1234 == batch.length(1)
+        assert batch.lengths[mmsg.LENGTH_STRIDE * 1 + mmsg.LENGTH_AT] == 1234
+        big = bytes(range(150))
+        batch.set_received(2, big)
+        assert (batch.headers[2].len, batch.length(2)) == (150, 150)
+        assert batch.headers[2].hdr.flags == socket.MSG_TRUNC and batch.truncated(2)
+        assert bytes(batch.packet(2)) == big[:100]
+        assert batch.start(2) == 200 and batch.iovecs[2].base == batch.iovecs[0].base + 200
+        batch.set_received(0, b"small")
+        assert not batch.truncated(0) and bytes(batch.packet(0)) == b"small"
+        assert batch.at(2) == batch.address + 2 * ctypes.sizeof(mmsg._MMsgHdr)
 
-    def reader(
-        self, handle: Callable[[bytearray], object], **kw: object
-    ) -> mmsg.BatchPacketReader:
-        reader = mmsg.BatchPacketReader(
-            self.near, MemoryReactor(), self.pair.near_interface, handle,
-            destinations=[packed(TARGET)], receive_buffer=1 << 22, **kw,  # type: ignore[arg-type]
-        )  # fmt: skip
-        reader.open()
-        self.addCleanup(reader.close)
-        return reader
+    def test_queued_fields(self) -> None:
+        """set_iov_length is iov_len, set_name msg_name, set_destination the address
+        of an addressed slot's own sockaddr_in6; append fills all three."""
+        batch = mmsg.Batch(4, 64, addressed=True)
+        batch.set_iov_length(3, 42)
+        assert batch.iovecs[3].len == 42 == batch.iov_length(3)
+        batch.set_destination(1, packed(FAR))
+        sockaddr = ctypes.string_at(batch.headers[1].hdr.name, batch.headers[1].hdr.namelen)
+        assert struct.unpack("=HHI16sI", sockaddr) == (socket.AF_INET6, 0, 0, packed(FAR), 0)
+        assert batch.destination(1) == packed(FAR) and batch.name(1) == batch.headers[1].hdr.name
+        assert batch.append(b"abc", 0, packed(TARGET)) == 1
+        assert (bytes(batch.queued_packet(0)), batch.destination(0)) == (b"abc", packed(TARGET))
+        link = mmsg.Batch(2, 64)
+        link.append(b"xyz", 0xDEADBEEF)
+        assert link.headers[0].hdr.name == 0xDEADBEEF == link.name(0)
+        link.append(b"!", 1)
+        self.assertRaises(IndexError, link.append, b"full", 1)
 
-    def drain(self, reader: PacketReader, want: int) -> None:
-        """Call doRead (as the reactor would) until `want` packets were handed over."""
-        deadline = time.monotonic() + 5
-        while reader.stats.received + reader.stats.oversize < want:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"only {reader.stats.received} of {want} packets arrived")
-            select.select([reader.fileno()], [], [], 0.05)
-            reader.doRead()
 
-    def test_reader_delivers_every_packet_in_order(self) -> None:
-        """200 packets: all handed over, in order, byte for byte, as owned bytearrays;
-        at most `batch` per wake-up; after_batch runs once per wake-up."""
+def memory_reader(
+    handle: Callable[[bytearray], object], **kw: Any
+) -> tuple[MemoryPacketSystem, mmsg.BatchPacketReader]:
+    system = MemoryPacketSystem(["c"])
+    reader = mmsg.BatchPacketReader(system, MemoryReactor(), "c", handle, **kw)
+    reader.open()
+    return system, reader
+
+
+class HandlerKeywordTests(SynchronousTestCase):
+    """The callable form and its keywords (``after_batch``, ``emit``, ``fast``), as the
+    forwarder uses them, on the fake (the port is the same class on the kernel)."""
+
+    def setUp(self) -> None:
+        if not mmsg._LAYOUT_OK:
+            raise SkipTest("not the LP64 mmsghdr layout")
+
+    def test_after_batch_once_per_wake_up(self) -> None:
+        """after_batch runs at the end of every wake-up, whatever happened in it."""
         got: list[bytearray] = []
         flushes: list[int] = []
-        reader = self.reader(got.append, batch=100, after_batch=lambda: flushes.append(1))
-        sent = [packet(FAR, TARGET, i, size=60 + i) for i in range(200)]
-        self.deliver(sent)
-        self.drain(reader, 200)
-        self.assertEqual([bytes(p) for p in got], sent)
-        self.assertTrue(all(type(p) is bytearray for p in got))
-        self.assertEqual(reader.stats.received, 200)
-        self.assertGreaterEqual(reader.stats.wakeups, 2)  # batch=100 < 200
-        self.assertEqual(len(flushes), reader.stats.wakeups)
-        self.assertEqual(reader.stats.errors, 0)
+        system, reader = memory_reader(got.append, batch=100,
+                                       after_batch=lambda: flushes.append(1))  # fmt: skip
+        for i in range(150):
+            system.inject("c", packet(FAR, TARGET, i))
+        reader.doRead()
+        reader.doRead()
+        reader.doRead()
+        assert [tag_of(p) for p in got] == list(range(150))
+        assert len(flushes) == reader.stats.wakeups == 3
 
-    def test_oversize_and_handler_errors_counted(self) -> None:
-        """A packet larger than max_packet and a handler that raises are counted;
-        the packets around them still arrive."""
-        got: list[int] = []
-
-        def handle(p: bytearray) -> None:
-            if tag_of(p) == 2:
-                raise ValueError("boom")
-            got.append(tag_of(p))
-
-        reader = self.reader(handle, max_packet=300)
-        self.deliver([packet(FAR, TARGET, 1), packet(FAR, TARGET, 9, size=400),
-                      packet(FAR, TARGET, 2), packet(FAR, TARGET, 3)])  # fmt: skip
-        self.drain(reader, 4)
-        self.assertEqual(got, [1, 3])
-        self.assertEqual(reader.stats.oversize, 1)
-        self.assertEqual(reader.stats.handler_errors, 1)
-        self.assertEqual(reader.stats.received, 3)
-        self.flushLoggedErrors(ValueError)
-
-    def test_reader_emits_handler_results(self) -> None:
-        """With ``emit``, each handler result that is not None is emitted, in order;
-        a None result is not; an emit failure is a counted handler error and the
-        packets after it still go."""
+    def test_emit_handler_results(self) -> None:
+        """With ``emit``, each handler result that is not None is emitted, in order; an
+        emit failure is a counted handler error and the packets after it still go."""
         emitted: list[int] = []
 
         def handle(p: bytearray) -> bytearray | None:
@@ -137,139 +138,67 @@ class BatchedPortTests(SynchronousTestCase):
                 raise ValueError("boom")
             emitted.append(tag_of(p))
 
-        reader = self.reader(handle, emit=emit)
-        self.deliver([packet(FAR, TARGET, i) for i in (1, 2, 3, 4)])
-        self.drain(reader, 4)
-        self.assertEqual(emitted, [1, 4])
-        self.assertEqual(reader.stats.handler_errors, 1)
-        self.assertEqual(reader.stats.received, 4)
-        self.flushLoggedErrors(ValueError)
-
-    def test_reader_when_nothing_queued(self) -> None:
-        """A wake-up with nothing queued is no error and delivers nothing."""
-        got: list[bytearray] = []
-        reader = self.reader(got.append)
+        system, reader = memory_reader(handle, emit=emit)
+        for i in (1, 2, 3, 4):
+            system.inject("c", packet(FAR, TARGET, i))
         reader.doRead()
-        self.assertEqual((got, reader.stats.errors, reader.stats.received), ([], 0, 0))
+        assert emitted == [1, 4]
+        assert (reader.stats.handler_errors, reader.stats.received) == (1, 4)
+        assert len(self.flushLoggedErrors(ValueError)) == 1
 
-    def far_reader(self) -> tuple[int, Callable[[int], list[bytes]]]:
-        fd = self.far.open_reader(self.pair.far_interface, [packed(FAR)], 1 << 22)
-        self.addCleanup(self.far.close, fd)
-
-        def received(count: int) -> list[bytes]:
-            out: list[bytes] = []
-            buffer = bytearray(65575)
-            deadline = time.monotonic() + 5
-            while len(out) < count and time.monotonic() < deadline:
-                select.select([fd], [], [], 0.05)
-                try:
-                    n = self.far.receive(fd, buffer)
-                except BlockingIOError:
-                    continue
-                out.append(bytes(buffer[:n]))
-            return out
-
-        return fd, received
-
-    def writer(self) -> mmsg.BatchPacketWriter:
-        writer = mmsg.BatchPacketWriter(self.near)
-        writer.open()
-        self.addCleanup(writer.close)
-        return writer
-
-    def test_writer_sends_everything_in_order(self) -> None:
-        """150 packets queued: a full queue flushes itself, flush() sends the rest; the
-        peer gets all of them, in order, byte for byte; stats count them."""
-        _, received = self.far_reader()
-        writer = self.writer()
-        sent = [packet(NEAR, FAR, i, size=60 + i) for i in range(150)]
-        for p in sent:
-            self.assertTrue(writer.send(bytearray(p)))
-        self.assertEqual(writer.queued(), 150 - 2 * mmsg.SLOTS)
-        self.assertEqual(writer.stats.sent, 2 * mmsg.SLOTS)
-        writer.flush()
-        self.assertEqual(writer.queued(), 0)
-        self.assertEqual(received(150), sent)
-        self.assertEqual((writer.stats.sent, writer.stats.dropped), (150, 0))
-
-    def test_writer_refusal_is_counted_and_others_go(self) -> None:
-        """A packet with no route is a counted drop (ENETUNREACH); those queued around
-        it are still sent, in order."""
-        _, received = self.far_reader()
-        writer = self.writer()
-        batch = [packet(NEAR, FAR, 1), packet(NEAR, UNROUTED, 2), packet(NEAR, FAR, 3)]
-        for p in batch:
-            writer.send(p)
-        writer.flush()
-        self.assertEqual([tag_of(p) for p in received(2)], [1, 3])
-        self.assertEqual(writer.stats.sent, 2)
-        self.assertEqual(writer.stats.dropped, 1)
-        self.assertEqual(writer.stats.errors, {"ENETUNREACH": 1})
-        self.flushLoggedErrors()
-
-    def test_writer_explicit_destination_and_close_flushes(self) -> None:
-        """``destination`` given as text is honoured; close() sends what is queued."""
-        _, received = self.far_reader()
-        writer = mmsg.BatchPacketWriter(self.near)
-        writer.open()
-        writer.send(packet(NEAR, FAR, 7), FAR)
-        self.assertEqual(writer.queued(), 1)
-        writer.close()
-        self.assertEqual([tag_of(p) for p in received(1)], [7])
-        self.assertEqual(writer.stats.sent, 1)
-        self.assertFalse(writer.send(packet(NEAR, FAR, 8)))  # closed: a counted drop
-        self.assertEqual(writer.stats.dropped, 1)
-        self.flushLoggedErrors()
-
-
-    def test_neighbour_table_reads_the_link(self) -> None:
-        """The netlink dump of the near interface (in its namespace) has the far side's
-        static entry with its MAC, and nothing of other interfaces (loopback)."""
-        table = mmsg.NeighbourTable(self.pair.near_interface, self.pair.near)
-        self.addCleanup(table.close)
-        found = table.read()
-        self.assertEqual(found.get(packed(FAR)), bytes.fromhex(VethPair.far_mac.replace(":", "")))
-        self.assertNotIn(packed("::1"), found)
-        self.assertEqual(table.read(), found)  # the socket is reusable
-
-    def test_writer_link_send_and_fallback(self) -> None:
-        """A destination given a link-layer address goes out on the link socket, with
-        no route needed; once its entry is gone it takes the raw socket again (which
-        has no route for it here: a counted ENETUNREACH drop); others always do."""
-        fd = self.far.open_reader(self.pair.far_interface, [packed(UNROUTED), packed(FAR)],
-                                  1 << 22)  # fmt: skip
-        self.addCleanup(self.far.close, fd)
-        link_fd = self.near.open_reader(self.pair.near_interface, [packed(TARGET)])
-        writer = self.writer()
-        self.addCleanup(self.near.close, link_fd)  # after the writer's close (LIFO)
-        table = mmsg.NeighbourTable(self.pair.near_interface, self.pair.near)
-        self.addCleanup(table.close)
-        writer.use_link(link_fd, table.ifindex)
-        far_mac = bytes.fromhex(VethPair.far_mac.replace(":", ""))
-        writer.set_link_neighbours({packed(UNROUTED): far_mac})
-        self.assertEqual(writer.link_destinations(), {packed(UNROUTED): far_mac})
-        for i in range(3):
-            self.assertTrue(writer.send(packet(NEAR, UNROUTED, i)))
-        writer.send(packet(NEAR, FAR, 9))  # raw socket, routed by the kernel
-        self.assertEqual(writer.queued(), 4)
-        writer.flush()
-        self.assertEqual((writer.stats.sent, writer.stats.dropped), (4, 0))
+    def test_fast_gets_the_batch(self) -> None:
+        """``fast(data, slot, lengths, count, other)`` gets each batch as recvmmsg left
+        it; ``other(start, length)`` is the per-packet handling."""
         got: list[int] = []
-        buffer = bytearray(2048)
-        deadline = time.monotonic() + 5
-        while len(got) < 4 and time.monotonic() < deadline:
-            select.select([fd], [], [], 0.05)
-            try:
-                got.append(tag_of(buffer[: self.far.receive(fd, buffer)]))
-            except BlockingIOError:
-                continue
-        self.assertEqual(sorted(got), [0, 1, 2, 9])
-        writer.set_link_neighbours({})
-        writer.send(packet(NEAR, UNROUTED, 5))
-        writer.flush()
-        self.assertEqual(writer.stats.errors, {"ENETUNREACH": 1})
-        self.flushLoggedErrors()
+        calls: list[int] = []
 
+        def fast(data: memoryview, slot: int, lengths: memoryview, count: int,
+                 other: Callable[[int, int], object]) -> None:  # fmt: skip
+            calls.append(count)
+            for i in range(count):
+                n = lengths[mmsg.LENGTH_STRIDE * i + mmsg.LENGTH_AT]
+                if tag_of(data[i * slot : i * slot + n]) % 2:
+                    other(i * slot, n)
+
+        system, reader = memory_reader(lambda p: got.append(tag_of(p)), fast=fast)
+        for i in range(100):
+            system.inject("c", packet(FAR, TARGET, i))
+        reader.doRead()
+        assert calls == [64, 36]
+        assert got == list(range(1, 100, 2))
+
+    def test_keywords_need_a_handler(self) -> None:
+        """emit and fast belong to the callable form; a protocol says it itself."""
+        system = MemoryPacketSystem(["c"])
+        self.assertRaises(TypeError, mmsg.BatchPacketReader, system, MemoryReactor(), "c",
+                          PacketProtocol(), emit=print)  # fmt: skip
+
+    def test_batched_ports_need_batched_calls(self) -> None:
+        """A system without recvmmsg/sendmmsg is refused at once."""
+
+        class Plain:
+            pass
+
+        self.assertRaises(RuntimeError, mmsg.BatchPacketWriter, Plain())
+        self.assertRaises(RuntimeError, mmsg.BatchPacketReader, Plain(), MemoryReactor(),
+                          "c", print)  # fmt: skip
+
+
+class BatchedForwarderTests(SynchronousTestCase):
+    """The forwarder on the batched ports, against the kernel (root needed)."""
+
+    def setUp(self) -> None:
+        reason = VethPair.unavailable() or (None if mmsg.available() else "no recvmmsg")
+        if reason:
+            raise SkipTest(f"batched port tests: {reason}")
+        self.pair = VethPair(PREFIX, NEAR, FAR, ROUTED)
+        self.addCleanup(self.pair.destroy)
+        self.pair.create()
+        self.near = LinuxPacketSystem(self.pair.near)
+
+    def test_neighbour_table_reexported(self) -> None:
+        """mmsg.NeighbourTable is lbproxy.io.neighbours' (the forwarder imports it here)."""
+        assert mmsg.NeighbourTable is neighbours.NeighbourTable
 
     def test_forwarder_sends_to_backends_on_the_link(self) -> None:
         """A started ForwarderService gives its writer the link-layer addresses of its

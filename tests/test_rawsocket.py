@@ -3,6 +3,8 @@
 The contract mixin runs twice: against the in-memory fake and against the
 Linux kernel (two network namespaces joined by veth, built per test; root
 only).  What the fake promises is therefore checked against the real thing.
+The two harnesses (`MemoryHarness`, `LinuxHarness`) also carry the batched
+port's contract (tests/test_batchport.py).
 """
 
 from __future__ import annotations
@@ -20,14 +22,20 @@ from hypothesis import strategies as st
 from twisted.internet import reactor as global_reactor
 from twisted.internet import task
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorFDSet, IReactorTime, IReadDescriptor
 from twisted.internet.testing import MemoryReactor
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from lbproxy.io.rawsocket import (
+    IPacketProtocol,
     IPacketSystem,
+    IPacketTransport,
+    IPacketWriter,
     LinuxPacketSystem,
+    PacketProtocol,
     PacketReader,
     PacketWriter,
     destination_filter,
@@ -46,6 +54,24 @@ INTERFACE = "lbrsa"
 
 def _ignore(packet: bytearray) -> None:
     """A handler that drops everything."""
+
+
+class Collector(PacketProtocol):
+    """Keeps every packet, and what happened to the connection."""
+
+    def __init__(self) -> None:
+        self.packets: list[bytearray] = []
+        self.connected: list[object] = []
+        self.lost: list[Failure] = []
+
+    def connectionMade(self) -> None:
+        self.connected.append(self.transport)
+
+    def packetReceived(self, packet: bytearray) -> None:
+        self.packets.append(packet)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost.append(reason)
 
 
 def packed(text: str) -> bytes:
@@ -107,23 +133,28 @@ class PacketSystemContractMixin(_MixinBase):
         raise NotImplementedError
 
     def reader(
-        self, destinations: Sequence[str] = (), **kwargs: int
+        self,
+        destinations: Sequence[str] = (),
+        protocol: IPacketProtocol | None = None,
+        writer: PacketWriter | None = None,
+        **kwargs: int,
     ) -> tuple[PacketReader, list[bytearray], MemoryReactor]:
-        received: list[bytearray] = []
+        collector = Collector()
         memory = MemoryReactor()
         kwargs.setdefault("receive_buffer", 1 << 22)
         port = PacketReader(
             self.system,
             memory,
             INTERFACE,
-            received.append,
+            protocol or collector,
+            writer=writer,
             destinations=[packed(d) for d in destinations],
             **kwargs,
         )
         port.open()
         self.addCleanup(port.close)
         port.startReading()
-        return port, received, memory
+        return port, collector.packets, memory
 
     def writer(self) -> PacketWriter:
         port = PacketWriter(self.system)
@@ -132,11 +163,74 @@ class PacketSystemContractMixin(_MixinBase):
         return port
 
     def test_provides_interface(self) -> None:
-        """The system provides IPacketSystem; the reader is a read descriptor."""
+        """The system provides IPacketSystem; the reader is a read descriptor and its
+        protocol's transport; the writer an IPacketWriter."""
         assert verifyObject(IPacketSystem, self.system)
-        port, _, memory = self.reader()
+        port, _, memory = self.reader(writer=self.writer())
         assert verifyObject(IReadDescriptor, port)
+        assert verifyObject(IPacketTransport, port)
+        assert verifyObject(IPacketProtocol, port.protocol)
+        assert verifyObject(IPacketWriter, self.writer())
         assert port in memory.getReaders()
+
+    def test_protocol_life_cycle(self) -> None:
+        """open() connects the protocol to the reader (its transport), close() tells it
+        the connection is lost, once; the protocol's packets arrive in between."""
+        protocol = Collector()
+        port = PacketReader(self.system, MemoryReactor(), INTERFACE, protocol,
+                            destinations=[packed(VIRTUAL1)])  # fmt: skip
+        self.addCleanup(port.close)
+        assert protocol.connected == []
+        port.open()
+        assert protocol.connected == [port]
+        assert protocol.transport is port
+        self.deliver([to(VIRTUAL1, 1)])
+        self.settle()
+        port.doRead()
+        assert [bytes(p) for p in protocol.packets] == [to(VIRTUAL1, 1)]
+        port.close()
+        port.close()
+        assert len(protocol.lost) == 1
+        protocol.lost[0].trap(ConnectionDone)
+
+    def test_transport_writes_through_writer(self) -> None:
+        """A protocol writes with ``transport.write``: the reader's writer sends it.  A
+        reader without a writer refuses (a counted handler error)."""
+
+        class Echo(PacketProtocol):
+            def packetReceived(self, packet: bytearray) -> None:
+                assert self.transport is not None
+                packet[24:40] = packed(FAR)  # back to the peer
+                self.transport.write(packet)
+
+        writer = self.writer()
+        port, _, _ = self.reader([VIRTUAL1], protocol=Echo(), writer=writer)
+        self.deliver([to(VIRTUAL1, i) for i in range(3)])
+        self.settle()
+        port.doRead()
+        expected = [to(VIRTUAL1, i)[:24] + packed(FAR) + to(VIRTUAL1, i)[40:] for i in range(3)]
+        assert self.peer_received(3) == expected
+        assert writer.stats.sent == 3
+        lonely, _, _ = self.reader([VIRTUAL1], protocol=Echo())
+        self.deliver([to(VIRTUAL1, 9)])
+        self.settle()
+        lonely.doRead()
+        assert lonely.stats.handler_errors == 1
+        assert len(self.flushLoggedErrors(RuntimeError)) == 1
+
+    def test_handler_callable(self) -> None:
+        """A plain callable in place of a protocol is its ``packetReceived``."""
+        got: list[bytearray] = []
+        port = PacketReader(self.system, MemoryReactor(), INTERFACE, got.append,
+                            destinations=[packed(VIRTUAL1)])  # fmt: skip
+        port.open()
+        self.addCleanup(port.close)
+        self.deliver([to(VIRTUAL1, 5)])
+        self.settle()
+        port.doRead()
+        assert [bytes(p) for p in got] == [to(VIRTUAL1, 5)]
+        self.assertRaises(TypeError, PacketReader, self.system, MemoryReactor(), INTERFACE,
+                          object())  # fmt: skip
 
     def test_receive_intact(self) -> None:
         """A packet from the peer reaches the handler byte for byte, as a bytearray."""
@@ -179,9 +273,10 @@ class PacketSystemContractMixin(_MixinBase):
     def test_opened_before_reading(self) -> None:
         """Packets arriving after open() but before startReading() are kept."""
         memory = MemoryReactor()
-        received: list[bytearray] = []
+        collector = Collector()
+        received = collector.packets
         port = PacketReader(
-            self.system, memory, INTERFACE, received.append, destinations=[packed(VIRTUAL1)]
+            self.system, memory, INTERFACE, collector, destinations=[packed(VIRTUAL1)]
         )
         port.open()
         self.addCleanup(port.close)
@@ -231,8 +326,9 @@ class PacketSystemContractMixin(_MixinBase):
     def test_kernel_drops_counted(self) -> None:
         """A burst larger than the queue: every packet is either read or counted dropped."""
         port, received, _ = self.reader([VIRTUAL1], batch=1000)
-        small, _, _ = self.reader([VIRTUAL1], batch=1000, receive_buffer=32 * 1024)
-        small.handle = _ignore
+        small, _, _ = self.reader(
+            [VIRTUAL1], protocol=PacketProtocol(), batch=1000, receive_buffer=32 * 1024
+        )
         self.deliver([to(VIRTUAL1, i) for i in range(300)])
         self.settle()
         port.doRead()
@@ -282,13 +378,15 @@ class PacketSystemContractMixin(_MixinBase):
         """A handler that raises is logged and counted; the next packets are still read."""
         got: list[bytes] = []
 
-        def handle(packet: bytearray) -> None:
-            if packet[51] == 1:  # the low byte of the tag (payload at 48)
-                raise ZeroDivisionError("handler bug")
-            got.append(bytes(packet))
+        class Buggy(PacketProtocol):
+            def packetReceived(self, packet: bytearray) -> None:
+                if packet[51] == 1:  # the low byte of the tag (payload at 48)
+                    raise ZeroDivisionError("handler bug")
+                got.append(bytes(packet))
 
         memory = MemoryReactor()
-        port = PacketReader(self.system, memory, INTERFACE, handle, destinations=[packed(VIRTUAL1)])
+        port = PacketReader(self.system, memory, INTERFACE, Buggy(),
+                            destinations=[packed(VIRTUAL1)])  # fmt: skip
         port.open()
         self.addCleanup(port.close)
         port.startReading()
@@ -315,15 +413,21 @@ class PacketSystemContractMixin(_MixinBase):
 
     def test_unknown_interface(self) -> None:
         """Opening a reader on a missing interface raises ENODEV."""
-        port = PacketReader(self.system, MemoryReactor(), "lbrs-nosuch", _ignore)
+        protocol = Collector()
+        port = PacketReader(self.system, MemoryReactor(), "lbrs-nosuch", protocol)
         with self.assertRaises(OSError) as caught:
             port.open()
         assert caught.exception.errno == errno.ENODEV
         assert port.fileno() == -1
+        assert protocol.connected == []
 
 
-class MemoryContractTests(PacketSystemContractMixin, SynchronousTestCase):
-    """The contract, against the in-memory fake."""
+class MemoryHarness(_MixinBase):
+    """The peer and the link of the contract tests, in memory: ``system`` is the fake."""
+
+    system: IPacketSystem
+    #: The peer's link-layer address (packets sent on the link go there).
+    far_mac = bytes.fromhex(VethPair.far_mac.replace(":", ""))
 
     def setUp(self) -> None:
         self.memory = MemoryPacketSystem([INTERFACE], routes={"2001:db8:7a::/64": INTERFACE})
@@ -346,8 +450,12 @@ class MemoryContractTests(PacketSystemContractMixin, SynchronousTestCase):
         self.memory.link_up(INTERFACE)
 
 
-class LinuxContractTests(PacketSystemContractMixin, SynchronousTestCase):
-    """The contract, against the kernel: two namespaces and a veth link per test."""
+class LinuxHarness(_MixinBase):
+    """The peer and the link of the contract tests, real: two namespaces and a veth link
+    per test; ``system`` opens its sockets in the near one (root needed)."""
+
+    system: IPacketSystem
+    far_mac = bytes.fromhex(VethPair.far_mac.replace(":", ""))
 
     def setUp(self) -> None:
         reason = VethPair.unavailable()
@@ -361,7 +469,10 @@ class LinuxContractTests(PacketSystemContractMixin, SynchronousTestCase):
         self.far = LinuxPacketSystem(self.pair.far)
         self.far_sender = self.far.open_sender()
         self.addCleanup(self.far.close, self.far_sender)
-        self.far_reader = self.far.open_reader(self.pair.far_interface, [packed(FAR)])
+        # What reaches the peer: to its address, or sent to its MAC on the link.
+        self.far_reader = self.far.open_reader(
+            self.pair.far_interface, [packed(FAR), packed(UNROUTED)], 1 << 22
+        )
         self.addCleanup(self.far.close, self.far_reader)
         self.fence = self.system.open_reader(INTERFACE, [packed(FENCE)])
         self.addCleanup(self.system.close, self.fence)
@@ -391,6 +502,8 @@ class LinuxContractTests(PacketSystemContractMixin, SynchronousTestCase):
         raise AssertionError("the fence packet did not arrive within 5 s")
 
     def peer_received(self, count: int) -> list[bytes]:
+        """The next ``count`` packets the peer got, the near kernel's ICMPv6 aside (it
+        answers packets delivered to addresses it does not have with errors)."""
         got: list[bytes] = []
         buffer = bytearray(65575)
         deadline = time.monotonic() + 2
@@ -400,7 +513,8 @@ class LinuxContractTests(PacketSystemContractMixin, SynchronousTestCase):
                 length = self.far.receive(self.far_reader, buffer)
             except BlockingIOError:
                 continue
-            got.append(bytes(buffer[:length]))
+            if buffer[6] != 58:
+                got.append(bytes(buffer[:length]))
         return got
 
     def link_down(self) -> None:
@@ -410,13 +524,22 @@ class LinuxContractTests(PacketSystemContractMixin, SynchronousTestCase):
         self.pair.link_up()
 
 
+class MemoryContractTests(MemoryHarness, PacketSystemContractMixin, SynchronousTestCase):
+    """The contract, against the in-memory fake."""
+
+
+class LinuxContractTests(LinuxHarness, PacketSystemContractMixin, SynchronousTestCase):
+    """The contract, against the kernel: two namespaces and a veth link per test."""
+
+
 class MemoryPacketSystemTests(SynchronousTestCase):
     """Behaviour only the fake can show: injected errors, full queues."""
 
     def setUp(self) -> None:
         self.system = MemoryPacketSystem(["eth0"])
-        self.received: list[bytearray] = []
-        self.port = PacketReader(self.system, MemoryReactor(), "eth0", self.received.append)
+        self.collector = Collector()
+        self.received = self.collector.packets
+        self.port = PacketReader(self.system, MemoryReactor(), "eth0", self.collector)
         self.port.open()
 
     def test_receive_error_counted(self) -> None:
@@ -464,7 +587,7 @@ class MemoryPacketSystemTests(SynchronousTestCase):
         def handle(packet: bytearray) -> None:
             raise ValueError("always")
 
-        self.port.handle = handle
+        self.collector.packetReceived = handle  # type: ignore[method-assign]
         for i in range(100):
             self.system.inject("eth0", to(VIRTUAL1, i))
         self.port.doRead()
@@ -558,13 +681,14 @@ class ReactorDrainTests(TestCase):
         near, far = LinuxPacketSystem(pair.near), LinuxPacketSystem(pair.far)
         sender = far.open_sender()
         self.addCleanup(far.close, sender)
-        received: list[bytearray] = []
+        collector = Collector()
+        received = collector.packets
         assert IReactorFDSet.providedBy(global_reactor)
         port = PacketReader(
             near,
             global_reactor,
             pair.near_interface,
-            received.append,
+            collector,
             destinations=[packed(VIRTUAL1)],
             receive_buffer=1 << 23,
         )

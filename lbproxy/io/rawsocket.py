@@ -8,20 +8,31 @@ does exactly that and nothing else.
 
 Theory of operation
 -------------------
+* Twisted's idiom, as ``twisted.pair`` binds a protocol to a tuntap port: a
+  :class:`PacketReader` is the *transport* of an :class:`IPacketProtocol`.  It
+  calls ``makeConnection(reader)`` when its socket opens, ``packetReceived(packet)``
+  for every packet, ``connectionLost(reason)`` when it closes.  The protocol
+  writes with ``transport.write(packet)``, which goes through the reader's
+  :class:`IPacketWriter` (a :class:`PacketWriter`, given as ``writer=``); the
+  reader flushes that writer at the end of every wake-up, so a buffering writer
+  (``lbproxy.io.mmsg.BatchPacketWriter``) needs no other care.  A plain callable
+  is still accepted in place of a protocol (``handle(packet)``).
 * Every system call goes through an :class:`IPacketSystem` (the ``system=``
-  seam of ``twisted.pair``).  :class:`LinuxPacketSystem` is the real one;
-  ``lbproxy.testing.MemoryPacketSystem`` is an in-memory fake that passes the
-  same contract tests (``tests/test_rawsocket.py``).
+  seam of ``twisted.pair``); :class:`IBatchPacketSystem` adds ``recvmmsg`` and
+  ``sendmmsg`` for the batched ports of ``lbproxy.io.mmsg``.
+  :class:`LinuxPacketSystem` is the real one; ``lbproxy.testing.MemoryPacketSystem``
+  is an in-memory fake that passes the same contract tests
+  (``tests/test_rawsocket.py``, ``tests/test_batchport.py``).
 * :class:`PacketReader` is an ``IReadDescriptor``.  The reactor wakes it when
   its socket is readable; it then *drains* up to ``batch`` packets (until
   ``EAGAIN``) in one wake-up, because per-wake-up overhead dominates at
   hundreds of thousands of packets per second.
 * Packets are received into one preallocated buffer.  **Ownership rule:**
-  the handler gets a fresh ``bytearray`` holding exactly the packet; it owns
+  the protocol gets a fresh ``bytearray`` holding exactly the packet; it owns
   it (may keep it, mutate it in place, or pass it on).  That is one small
   copy per packet, which the core needs anyway because it rewrites in place.
 * Outgoing packets (``PACKET_OUTGOING``, what this host itself sends out of
-  the interface, e.g. our own forwarded replies) never reach the handler.
+  the interface, e.g. our own forwarded replies) never reach the protocol.
   Linux hands copies of outgoing packets only to ``ETH_P_ALL`` packet sockets
   (``dev_queue_xmit_nit``); ours is bound to ``ETH_P_IPV6``, so the kernel
   never queues them and no per-packet ``recvfrom_into`` address tuple is
@@ -30,7 +41,7 @@ Theory of operation
 * An optional classic BPF filter (``SO_ATTACH_FILTER``) lets the kernel drop
   every packet whose destination is not one of the given addresses (the
   virtual addresses) before Python sees it.
-* Nothing escapes to the reactor: receive errors, handler exceptions and send
+* Nothing escapes to the reactor: receive errors, protocol exceptions and send
   errors are counted (and logged at exponentially spaced counts, so a flood
   of identical failures cannot flood the log).
 * Opening and reading are separate steps: ``twistd`` opens the sockets as
@@ -46,19 +57,30 @@ import functools
 import os
 import socket
 import struct
+import sys
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
+
+if TYPE_CHECKING:
+    from lbproxy.io.mmsg import Batch
 
 __all__ = [
     "DEFAULT_BATCH",
     "ETH_P_IPV6",
     "IPV6_MAX_PACKET",
+    "IBatchPacketSystem",
+    "IPacketProtocol",
     "IPacketSystem",
+    "IPacketTransport",
+    "IPacketWriter",
     "LinuxPacketSystem",
+    "PacketProtocol",
     "PacketReader",
     "PacketWriter",
     "ReaderStats",
@@ -88,6 +110,61 @@ _BPF_MAX_INSNS = 4096
 _BPF_ACCEPT = 0x40000  # bytes to keep: "all of it" for any IPv6 packet
 
 _log = Logger()
+
+#: The packet types a port and its protocol exchange.
+Packet = bytes | bytearray | memoryview
+
+
+class IPacketProtocol(Interface):
+    """What a raw-socket port delivers packets to: the ``protocol`` of ``twisted.pair``.
+
+    A port calls ``makeConnection`` once its socket is open, ``packetReceived`` for
+    every packet, and ``connectionLost`` once it is closed.  Exceptions raised by
+    ``packetReceived`` are counted and logged by the port, never raised to the reactor.
+    :class:`PacketProtocol` is a base class with the usual defaults.
+    """
+
+    def makeConnection(transport: IPacketTransport) -> None:  # noqa: N805
+        """The port's socket is open (packets queue from now on); ``transport`` is the port."""
+
+    def packetReceived(packet: bytearray) -> None:  # noqa: N805
+        """One packet: a fresh ``bytearray`` holding exactly it, owned by the protocol.
+
+        The protocol may keep it, rewrite it in place and ``transport.write`` it.
+        """
+
+    def connectionLost(reason: Failure) -> None:  # noqa: N805
+        """The port was closed: no more packets."""
+
+
+class IPacketWriter(Interface):
+    """Sends whole IPv6 packets: :class:`PacketWriter`, ``mmsg.BatchPacketWriter``."""
+
+    def write(packet: Packet, destination: str | None = None) -> bool:  # noqa: N805
+        """Send (or queue) ``packet``; False when it was dropped (and counted).
+
+        ``destination`` (text) defaults to the packet's own destination address;
+        give the final address when it differs (a Routing Header's).  A failure is
+        a counted drop, never an exception.
+        """
+
+    def flush() -> None:
+        """Send what is queued, if the writer queues (reading ports call it after
+        every wake-up)."""
+
+
+class IPacketTransport(Interface):
+    """What a protocol is connected to: the reading port (:class:`PacketReader`)."""
+
+    interface = Attribute("The name of the interface the port reads.")
+    writer = Attribute("The IPacketWriter that write() sends through, or None.")
+
+    def write(packet: Packet, destination: str | None = None) -> bool:  # noqa: N805
+        """Send ``packet`` through the port's writer (:meth:`IPacketWriter.write`).
+
+        The port flushes its writer at the end of every wake-up.  Without a writer
+        it raises ``RuntimeError``.
+        """
 
 
 class IPacketSystem(Interface):
@@ -159,6 +236,39 @@ class IPacketSystem(Interface):
         """Close a socket opened by this system."""
 
 
+class IBatchPacketSystem(IPacketSystem):
+    """The batched system calls, ``recvmmsg(2)`` and ``sendmmsg(2)``, on the sockets of
+    an :class:`IPacketSystem`, for the batched ports of ``lbproxy.io.mmsg``.
+
+    A batch is an ``lbproxy.io.mmsg.Batch``: ``struct mmsghdr`` entries, each with one
+    ``iovec`` into its own ``slot``-byte part of one buffer.  The fake
+    (``lbproxy.testing.MemoryPacketSystem``) reads and writes a batch through the same
+    pointers the kernel follows.
+    """
+
+    def receive_batch(fd: int, batch: Batch, count: int) -> int:  # noqa: N805
+        """Receive up to ``count`` packets into headers 0..n-1 of ``batch``; return n >= 1.
+
+        Exactly as ``recvmmsg(MSG_DONTWAIT | MSG_TRUNC)`` leaves them: each packet's
+        first ``batch.slot`` bytes in its slot, its *full* length in ``msg_len`` and
+        ``MSG_TRUNC`` in ``msg_flags`` when it did not fit.  ``BlockingIOError`` when
+        nothing is queued; other failures (``ENETDOWN``...) raise ``OSError``.
+        """
+
+    def send_batch(fd: int, batch: Batch, start: int, count: int) -> int:  # noqa: N805
+        """Send headers ``start``..``start + count - 1`` of ``batch``, as ``sendmmsg``.
+
+        Each sends ``iov_len`` bytes of its slot to its ``msg_name``: a
+        ``sockaddr_in6`` on a sender socket (routed by the kernel), a ``sockaddr_ll``
+        on a reader socket (out of that interface to that link-layer address).
+        Returns how many the kernel took, from ``start`` on (>= 1); raises
+        ``OSError`` when it refused the first one.
+        """
+
+    def interface_index(interface: str) -> int:  # noqa: N805
+        """The interface's index (``OSError(ENODEV)`` when it does not exist)."""
+
+
 def destination_filter(destinations: Sequence[bytes]) -> bytes:
     """Return a classic BPF program accepting IPv6 packets to one of ``destinations``.
 
@@ -213,9 +323,41 @@ def _network_namespace(name: str | None) -> Iterator[None]:
         os.close(original)
 
 
-@implementer(IPacketSystem)
+def _mmsg_calls() -> tuple[Any, Any] | None:
+    """The C library's ``recvmmsg`` and ``sendmmsg``, or None (not Linux, too old)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        recv, send = libc.recvmmsg, libc.sendmmsg
+    except (OSError, AttributeError):
+        return None
+    recv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int,
+                     ctypes.c_void_p]  # fmt: skip
+    recv.restype = ctypes.c_int
+    send.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+    send.restype = ctypes.c_int
+    return recv, send
+
+
+#: ``recvmmsg`` and ``sendmmsg`` (``lbproxy.io.mmsg.available`` says whether they work).
+_MMSG_CALLS = _mmsg_calls()
+_RECEIVE_FLAGS = socket.MSG_DONTWAIT | socket.MSG_TRUNC
+
+
+def _errno_error(code: int, what: str) -> OSError:
+    """``OSError`` for ``code``: ``BlockingIOError`` for EAGAIN and so on."""
+    return OSError(code, f"{what}: {os.strerror(code)}")
+
+
+class _Write(Protocol):
+    def __call__(self, packet: Packet, destination: str | None = None) -> bool: ...
+
+
+@implementer(IBatchPacketSystem)
 class LinuxPacketSystem:
-    """The real :class:`IPacketSystem`: AF_PACKET readers and IPPROTO_RAW senders.
+    """The real :class:`IBatchPacketSystem`: AF_PACKET readers and IPPROTO_RAW senders,
+    and ``recvmmsg``/``sendmmsg`` on them through ctypes.
 
     Needs ``CAP_NET_RAW``.  ``namespace`` (an ``ip netns`` name) opens the
     sockets inside that network namespace instead of the caller's; the test
@@ -304,6 +446,33 @@ class LinuxPacketSystem:
     def close(self, fd: int) -> None:
         self._sockets.pop(fd).close()
 
+    # IBatchPacketSystem: recvmmsg/sendmmsg through ctypes (Python's socket module has
+    # neither); fd is one of this system's sockets.
+
+    def receive_batch(self, fd: int, batch: Batch, count: int) -> int:
+        if _MMSG_CALLS is None:
+            raise _errno_error(errno.ENOSYS, "recvmmsg")
+        got = int(_MMSG_CALLS[0](fd, batch.address, count, _RECEIVE_FLAGS, None))
+        if got <= 0:
+            # 0 cannot happen on a packet socket; say "nothing queued" rather than loop.
+            raise _errno_error(ctypes.get_errno() if got < 0 else errno.EAGAIN, "recvmmsg")
+        return got
+
+    def send_batch(self, fd: int, batch: Batch, start: int, count: int) -> int:
+        if _MMSG_CALLS is None:
+            raise _errno_error(errno.ENOSYS, "sendmmsg")
+        sent = int(_MMSG_CALLS[1](fd, batch.at(start), count, 0))
+        if sent <= 0:
+            raise _errno_error(ctypes.get_errno() if sent < 0 else errno.EIO, "sendmmsg")
+        return sent
+
+    def interface_index(self, interface: str) -> int:
+        with _network_namespace(self.namespace):
+            try:
+                return socket.if_nametoindex(interface)
+            except OSError as e:  # "no interface with this name", without an errno
+                raise _errno_error(errno.ENODEV, interface) from e
+
 
 def _should_log(count: int) -> bool:
     """True for the 1st, 2nd, 4th, 8th... occurrence: a bounded log under a flood."""
@@ -326,13 +495,13 @@ class ReaderStats:
     def __init__(self) -> None:
         #: Times the reactor woke the reader.
         self.wakeups = 0
-        #: Packets handed to the handler (including those whose handler raised).
+        #: Packets handed to the protocol (including those whose handling raised).
         self.received = 0
         #: Packets larger than the receive buffer, dropped.
         self.oversize = 0
         #: Receive calls that failed with anything but "nothing queued".
         self.errors = 0
-        #: Packets whose handler raised.
+        #: Packets whose handling by the protocol raised.
         self.handler_errors = 0
         #: Packets the kernel dropped because the queue was full (as of the
         #: last :meth:`PacketReader.update_stats`).
@@ -343,22 +512,86 @@ class ReaderStats:
         return f"ReaderStats({fields})"
 
 
-@implementer(IReadDescriptor)
-class PacketReader:
-    """Reads the IPv6 packets of one interface and hands each to ``handle``.
+@implementer(IPacketProtocol)
+class PacketProtocol:
+    """A base :class:`IPacketProtocol`, as ``twisted.internet.protocol.Protocol`` is one:
+    ``transport`` is set by ``makeConnection``, which calls ``connectionMade``; packets
+    are dropped unless ``packetReceived`` is overridden."""
 
-    Life cycle: ``open()`` (needs privileges) → ``startReading()`` ⇄
-    ``stopReading()`` → ``close()``.  ``handle(packet)`` receives a fresh
-    ``bytearray`` it owns.  The reader never raises into the reactor.
+    transport: IPacketTransport | None = None
+
+    def makeConnection(self, transport: IPacketTransport) -> None:
+        self.transport = transport
+        self.connectionMade()
+
+    def connectionMade(self) -> None:
+        """The port is open; ``self.transport`` is set."""
+
+    def packetReceived(self, packet: bytearray) -> None:
+        """One packet (see :meth:`IPacketProtocol.packetReceived`); dropped here."""
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The port was closed."""
+
+
+@implementer(IPacketProtocol)
+class _HandlerProtocol:
+    """The protocol of a port given a callable: ``handle(packet)`` is ``packetReceived``
+    (the callable itself: no frame in between); with ``emit``, a result of ``handle``
+    that is not None goes to ``emit``."""
+
+    packetReceived: Callable[[bytearray], None]
+
+    def __init__(
+        self, handle: Callable[[bytearray], object], emit: Callable[[Any], object] | None = None
+    ) -> None:
+        self.handle = handle
+        self.emit = emit
+        if emit is None:
+            self.packetReceived = cast(Callable[[bytearray], None], handle)
+        else:
+
+            def received(packet: bytearray) -> None:
+                out = handle(packet)
+                if out is not None:
+                    emit(out)
+
+            self.packetReceived = received
+
+    def makeConnection(self, transport: IPacketTransport) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure) -> None:
+        pass
+
+
+def _no_writer(packet: Packet, destination: str | None = None) -> bool:
+    raise RuntimeError("this port has no writer: give it one (writer=) to write")
+
+
+@implementer(IReadDescriptor, IPacketTransport)
+class PacketReader:
+    """Reads the IPv6 packets of one interface and hands each to its protocol.
+
+    Life cycle: ``open()`` (needs privileges; ``protocol.makeConnection(reader)``) →
+    ``startReading()`` ⇄ ``stopReading()`` → ``close()``
+    (``protocol.connectionLost``).  ``protocol`` is an :class:`IPacketProtocol`, or a
+    callable ``handle(packet)`` used as its ``packetReceived``.  The reader is the
+    protocol's transport: ``write`` sends through ``writer``, flushed after every
+    wake-up.  The reader never raises into the reactor.
     """
+
+    #: Sends through the writer: the writer's own ``write`` (no frame in between).
+    write: _Write
 
     def __init__(
         self,
         system: IPacketSystem,
         reactor: IReactorFDSet,
         interface: str,
-        handle: Callable[[bytearray], object],
+        protocol: IPacketProtocol | Callable[[bytearray], object],
         *,
+        writer: IPacketWriter | None = None,
         destinations: Sequence[bytes] = (),
         batch: int = DEFAULT_BATCH,
         max_packet: int = IPV6_MAX_PACKET,
@@ -369,7 +602,9 @@ class PacketReader:
         self.system = system
         self.reactor = reactor
         self.interface = interface
-        self.handle = handle
+        self.protocol: IPacketProtocol = _as_protocol(protocol)
+        self.writer = writer
+        self.write = writer.write if writer is not None else _no_writer
         self.destinations = tuple(destinations)
         self.batch = batch
         self.receive_buffer = receive_buffer
@@ -382,12 +617,14 @@ class PacketReader:
     # Life cycle -----------------------------------------------------------
 
     def open(self) -> None:
-        """Open the socket (privileged); packets queue in the kernel from now on."""
+        """Open the socket (privileged); packets queue in the kernel from now on, and
+        the protocol is connected (``makeConnection``)."""
         if self._fd < 0:
             self._fd = self.system.open_reader(
                 self.interface, self.destinations, self.receive_buffer
             )
             self._receive = self.system.receiver(self._fd)
+            self.protocol.makeConnection(self)
 
     def set_destinations(self, destinations: Sequence[bytes]) -> None:
         """Change the destination filter (``()``: every IPv6 packet), e.g. on reload."""
@@ -410,14 +647,20 @@ class PacketReader:
             self.reactor.removeReader(self)
 
     def close(self) -> None:
-        """Stop reading and close the socket.  Safe to call twice."""
+        """Stop reading, close the socket, tell the protocol.  Safe to call twice."""
         self.stopReading()
         if self._fd >= 0:
             with contextlib.suppress(OSError):
                 self.update_stats()
             fd, self._fd = self._fd, -1
             self._receive = _closed_receiver
-            self.system.close(fd)
+            try:
+                self.system.close(fd)
+            finally:
+                try:
+                    self.protocol.connectionLost(Failure(ConnectionDone("the port was closed")))
+                except Exception:
+                    _log.failure("{prefix}: connectionLost failed", prefix=self.logPrefix())
 
     def update_stats(self) -> ReaderStats:
         """Fetch the kernel's drop count into ``stats.kernel_drops``; return the stats.
@@ -440,10 +683,13 @@ class PacketReader:
         return self._fd
 
     def logPrefix(self) -> str:
-        return f"PacketReader({self.interface})"
+        return f"{type(self).__name__}({self.interface})"
 
     def connectionLost(self, reason: Failure) -> None:
-        """The reactor dropped us (shutdown or a bug): forget the registration."""
+        """The reactor dropped us (shutdown or a bug): forget the registration.
+
+        The socket stays open until :meth:`close`, which tells the protocol.
+        """
         self._reading = False
 
     def doRead(self) -> None:
@@ -451,7 +697,7 @@ class PacketReader:
         stats = self.stats
         stats.wakeups += 1
         receive = self._receive
-        handle = self.handle
+        handle = self.protocol.packetReceived
         buffer = self._buffer
         size = len(buffer)
         received = oversize = 0
@@ -465,26 +711,13 @@ class PacketReader:
                 try:
                     handle(buffer[:length])
                 except Exception:
-                    stats.handler_errors += 1
-                    if _should_log(stats.handler_errors):
-                        _log.failure(
-                            "{prefix}: packet handler failed ({count} so far)",
-                            prefix=self.logPrefix(),
-                            count=stats.handler_errors,
-                        )
+                    self._handler_failed()
         except BlockingIOError:
             pass  # drained
         except OSError as e:
             # For example ENETDOWN once when the link goes down; the kernel
             # resumes delivery when it comes back up, so keep the registration.
-            stats.errors += 1
-            if _should_log(stats.errors):
-                _log.warn(
-                    "{prefix}: receive failed: {error} ({count} so far)",
-                    prefix=self.logPrefix(),
-                    error=e,
-                    count=stats.errors,
-                )
+            self._receive_failed(e)
         except Exception:
             # A broken system object must not kill the reactor either.
             stats.errors += 1
@@ -493,6 +726,48 @@ class PacketReader:
         finally:
             stats.received += received
             stats.oversize += oversize
+            self._wakeup_done()
+
+    # For the subclasses and the loop above ---------------------------------
+
+    def _handler_failed(self) -> None:
+        """Count and (boundedly) log the exception being handled, a protocol's."""
+        stats = self.stats
+        stats.handler_errors += 1
+        if _should_log(stats.handler_errors):
+            _log.failure(
+                "{prefix}: packet handler failed ({count} so far)",
+                prefix=self.logPrefix(),
+                count=stats.handler_errors,
+            )
+
+    def _receive_failed(self, error: OSError) -> None:
+        stats = self.stats
+        stats.errors += 1
+        if _should_log(stats.errors):
+            _log.warn(
+                "{prefix}: receive failed: {error} ({count} so far)",
+                prefix=self.logPrefix(),
+                error=error,
+                count=stats.errors,
+            )
+
+    def _wakeup_done(self) -> None:
+        """The end of a wake-up: flush the writer (queued packets wait for nothing else)."""
+        writer = self.writer
+        if writer is not None:
+            try:
+                writer.flush()
+            except Exception:
+                _log.failure("{prefix}: flushing the writer failed", prefix=self.logPrefix())
+
+
+def _as_protocol(protocol: IPacketProtocol | Callable[[bytearray], object]) -> IPacketProtocol:
+    if IPacketProtocol.providedBy(protocol):
+        return protocol
+    if callable(protocol):
+        return _HandlerProtocol(protocol)
+    raise TypeError(f"{protocol!r} is neither an IPacketProtocol nor callable")
 
 
 class WriterStats:
@@ -512,11 +787,13 @@ class WriterStats:
         return f"WriterStats(sent={self.sent}, dropped={self.dropped}, errors={self.errors})"
 
 
+@implementer(IPacketWriter)
 class PacketWriter:
     """Sends whole IPv6 packets; the kernel routes them and resolves neighbours.
 
     A send that fails (full queue, no route, too big...) is a counted drop,
-    never an exception: a forwarder must not stop for one packet.
+    never an exception: a forwarder must not stop for one packet.  ``write`` and
+    ``send`` are one method; ``flush`` has nothing to do (nothing is queued).
     """
 
     #: Destination-text cache bound (destinations are backends and terminals).
@@ -572,6 +849,11 @@ class PacketWriter:
             return self._drop(name, e)
         self.stats.sent += 1
         return True
+
+    write = send
+
+    def flush(self) -> None:
+        """Nothing to do: every packet was sent by :meth:`send`."""
 
     def _drop(self, name: str, error: object) -> bool:
         stats = self.stats
