@@ -103,9 +103,7 @@ def batches(make: Callable[[int], bytes], terminals: int, count: int) -> list[mm
     for first in range(0, count, mmsg.SLOTS):
         batch = mmsg.Batch(mmsg.SLOTS, SLOT)
         for j in range(mmsg.SLOTS):
-            packet = make((first + j) % terminals)
-            batch.data[j * SLOT : j * SLOT + len(packet)] = packet
-            batch.lengths[16 * j + 14] = len(packet)
+            batch.set_received(j, make((first + j) % terminals))
         out.append(batch)
     return out
 
@@ -156,9 +154,10 @@ def measure(terminals: int, count: int, show: bool = True, as_json: bool = False
 
     def general(batch: mmsg.Batch, handle: Callable[[bytearray], bytearray | None]) -> None:
         data, lengths = batch.data, batch.lengths
+        stride, at = mmsg.LENGTH_STRIDE, mmsg.LENGTH_AT
         for j in range(mmsg.SLOTS):
             start = j * SLOT
-            out = handle(bytearray(data[start : start + lengths[16 * j + 14]]))
+            out = handle(bytearray(data[start : start + lengths[stride * j + at]]))
             if out is not None:
                 writer.send(out)
 

@@ -13,13 +13,15 @@ executor to the general path.  A new executor (an XDP program run through
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import ClassVar, Protocol
 
 from twisted.internet.task import Clock
 
 from lbproxy.core.balancer import Balancer
 from lbproxy.io.fastpath import FastPath
-from lbproxy.io.mmsg import Batch
+from lbproxy.io.mmsg import Batch, BatchPacketWriter
+from lbproxy.testing import MemoryPacketSystem
 
 Sent = list[tuple[bytes, bytes]]
 """What an executor sent: (destination it was sent to, packet bytes), in order."""
@@ -27,40 +29,24 @@ Sent = list[tuple[bytes, bytes]]
 VIP = "2001:db8:5::80"
 
 
-class QueueWriter:
-    """The writer's queues (`lbproxy.io.fastpath.SendQueues`) without a socket: no link
-    neighbours, one small raw queue for every destination (so order is total and full
-    queues flush mid-batch); a flush appends (destination, bytes) to ``sent``."""
+class QueueWriter(BatchPacketWriter):
+    """The real batched writer (`lbproxy.io.mmsg.BatchPacketWriter`) on the in-memory
+    packet system (`lbproxy.testing.MemoryPacketSystem`, which emulates ``sendmmsg`` and
+    passes the same port contract as the kernel, tests/test_batchport.py): small queues
+    (`count` slots) so that full queues flush mid-batch; `take` flushes and returns what
+    the system was given, in order."""
 
     def __init__(self, count: int = 3) -> None:
-        self.queue = Batch(count, 2048, addressed=True)
-        self.routes: dict[bytes, tuple[Batch, int]] = {}
-        self.raw_route = (self.queue, 0)
-        self.sent: Sent = []
-        self.ready = True
-
-    def send(self, packet: bytearray) -> None:
-        """What `BatchPacketWriter.send` does for the general path's packets."""
-        queue = self.queue
-        i = queue.queued
-        queue.data[i * queue.slot : i * queue.slot + len(packet)] = packet
-        queue.iov_lengths[2 * i + 1] = len(packet)
-        queue.addresses[28 * i + 8 : 28 * i + 24] = packet[24:40]
-        queue.queued = i + 1
-        if queue.queued == queue.count:
-            self.flush_queue(queue)
-
-    def flush_queue(self, queue: Batch) -> None:
-        for i in range(queue.queued):
-            start = i * queue.slot
-            data = bytes(queue.data[start : start + queue.iov_lengths[2 * i + 1]])
-            self.sent.append((bytes(queue.addresses[28 * i + 8 : 28 * i + 24]), data))
-        queue.queued = 0
+        self.memory = MemoryPacketSystem(["eth0"], mtu=65535)
+        super().__init__(self.memory, max_packet=2048, slots=count)
+        self.open()
 
     def take(self) -> Sent:
         """Flush, and return and forget what was sent."""
-        self.flush_queue(self.queue)
-        sent, self.sent = self.sent, []
+        self.flush()
+        sent = [(socket.inet_pton(socket.AF_INET6, p.destination), p.packet)
+                for p in self.memory.sent]  # fmt: skip
+        self.memory.sent.clear()
         return sent
 
 
@@ -68,8 +54,7 @@ def received(packets: list[bytes], slot: int = 2048) -> Batch:
     """`packets` laid out as ``recvmmsg`` leaves them."""
     rx = Batch(max(1, len(packets)), slot)
     for i, packet in enumerate(packets):
-        rx.data[i * slot : i * slot + len(packet)] = packet
-        rx.lengths[16 * i + 14] = len(packet)
+        rx.set_received(i, packet)
     return rx
 
 
@@ -130,7 +115,7 @@ class FastPathExecutor:
         def other(start: int, length: int) -> None:
             out = handle(bytearray(rx.data[start : start + length]))  # type: ignore[operator]
             if out is not None:
-                writer.send(out)
+                writer.write(out)
 
         fast(rx.data, rx.slot, rx.lengths, len(packets), other)  # type: ignore[operator]
         return writer.take()

@@ -458,7 +458,7 @@ class Balancer:
             home = bytes(buf[view.rh2 : view.rh2 + 16])
         vips = policy.vips
         vip = self._vip_of.get(home, vips[0]) if len(vips) > 1 else vips[0]
-        out = nat.reply(buf, view, vip, self.return_paths.care_of(home), home)
+        out = nat.reply(buf, view, vip, self.return_paths.routes.get(home), home)
         if isinstance(out, nat.Drop):
             counters.drop(out.value)
             return None

@@ -49,7 +49,16 @@ from lbproxy.core import nat
 from lbproxy.core.balancer import Balancer
 from lbproxy.core.keys import Key
 from lbproxy.core.policy import Policy
-from lbproxy.io.mmsg import Batch
+from lbproxy.io.mmsg import (
+    ADDRESS_AT,
+    ADDRESS_STRIDE,
+    IOV_LENGTH_AT,
+    IOV_STRIDE,
+    LENGTH_AT,
+    LENGTH_STRIDE,
+    NAME_STRIDE,
+    Batch,
+)
 
 __all__ = ["FastPath", "SendQueues"]
 
@@ -72,6 +81,11 @@ _UDP, _TCP, _DSTOPTS, _ROUTING = 17, 6, 60, 43
 #: left, 4 reserved bytes, the home address.
 _RH2 = struct.Struct("!BBBB4x16s")
 _log = Logger()
+#: The ``mmsghdr`` layout's strides and offsets (`lbproxy.io.mmsg`), bound to locals in
+#: the loops below: received length, queued length, ``msg_name``, ``sockaddr_in6``
+#: address.
+_STRIDES = (LENGTH_STRIDE, LENGTH_AT, IOV_STRIDE, IOV_LENGTH_AT, NAME_STRIDE,
+            ADDRESS_STRIDE, ADDRESS_AT)  # fmt: skip
 #: A backend's send queue and ``msg_name`` (0: the raw queue's own addresses), checksum
 #: delta and packet cell, and the queue's buffers (`lbproxy.io.mmsg.Batch`: data, lengths,
 #: names or addresses, slot size, count), unpacked once per batch.
@@ -154,8 +168,8 @@ class FastPath:
         other: Callable[[int, int], object],
     ) -> None:
         """Packets 0..`count`-1 of a ``recvmmsg`` batch: packet i is ``data[i * slot:]``,
-        its length ``lengths[16 * i + 14]`` (`lbproxy.io.mmsg.Batch`); ``other(start,
-        length)`` handles one that does not take the fast path."""
+        its length ``lengths[LENGTH_STRIDE * i + LENGTH_AT]`` (`lbproxy.io.mmsg.Batch`);
+        ``other(start, length)`` handles one that does not take the fast path."""
         policy = self._read_policy()
         writer = self.writer
         if policy.fast_inbound is not None or not writer.ready:
@@ -177,10 +191,11 @@ class FastPath:
         targets: dict[bytes, _Target] = {}
         now = self.clock.seconds()
         taken = forwarded = hits = 0
+        ls, la, ios, iol, ns, ast, aat = _STRIDES
         try:
             for i in range(count):
                 try:
-                    n = lengths[16 * i + 14]
+                    n = lengths[ls * i + la]
                     s = i * slot
                     if n < 72 or n > slot:
                         other(s, n)
@@ -245,11 +260,12 @@ class FastPath:
                     o += pos - cut
                     tx[o] = csum >> 8
                     tx[o + 1] = csum & 0xFF
-                    tx_lengths[2 * q + 1] = length
+                    tx_lengths[ios * q + iol] = length
                     if name:  # a link neighbour: its sockaddr_ll
-                        tx_names[8 * q] = name
+                        tx_names[ns * q] = name
                     else:  # the raw socket: the slot's own sockaddr_in6
-                        tx_names[28 * q + 8 : 28 * q + 24] = packed
+                        a = ast * q + aat
+                        tx_names[a : a + 16] = packed
                     cell[0] += 1
                     forwarded += 1
                     q += 1
@@ -292,10 +308,11 @@ class FastPath:
         tx = tx_lengths = tx_names = tx_addresses = data
         tx_slot = tx_count = 0
         taken = sent = 0
+        ls, la, ios, iol, ns, ast, aat = _STRIDES
         try:
             for i in range(count):
                 try:
-                    n = lengths[16 * i + 14]
+                    n = lengths[ls * i + la]
                     s = i * slot
                     if n < 48 or n > slot:
                         other(s, n)
@@ -349,11 +366,12 @@ class FastPath:
                     o += pos + extra
                     tx[o] = csum >> 8
                     tx[o + 1] = csum & 0xFF
-                    tx_lengths[2 * q + 1] = n + extra
+                    tx_lengths[ios * q + iol] = n + extra
                     if name:
-                        tx_names[8 * q] = name
+                        tx_names[ns * q] = name
                     else:
-                        tx_addresses[28 * q + 8 : 28 * q + 24] = to
+                        a = ast * q + aat
+                        tx_addresses[a : a + 16] = to
                     sent += 1
                     q += 1
                     out.queued = q
@@ -377,4 +395,4 @@ def _all_to(
 ) -> None:
     """The whole batch to the general handling (no fast path for this configuration)."""
     for i in range(count):
-        other(i * slot, lengths[16 * i + 14])
+        other(i * slot, lengths[LENGTH_STRIDE * i + LENGTH_AT])

@@ -6,19 +6,19 @@ reads in one screen::
     client interface --PacketReader--> Balancer.inbound  --PacketWriter--> backend
     server interface --PacketReader--> Balancer.outbound --PacketWriter--> terminal
 
-With the real Linux packet system the ports are the batched ones of `lbproxy.io.mmsg`
-(``recvmmsg``/``sendmmsg``, up to 64 packets per system call): each reader wake-up ends
-by flushing the writer, so a packet waits at most for the rest of its own batch.  The
-client reader gives each received batch to `lbproxy.io.fastpath`, which rewrites the usual
-packet from the receive buffer straight into the writer's queue, and hands every other
-packet through `Balancer.inbound` to the writer (``emit``); the server reader does the
-same with the backends' usual replies (`FastPath.reply`), the rest going through
-``_from_backend``; and
-packets to backends on the server link go out through that link's packet socket to the
-MAC the kernel's neighbour table has for them (read by netlink every
-``neighbour_interval`` seconds; a backend with no usable entry goes through the raw
-socket, so the kernel resolves it) -- docs/performance.md has the figures and the
-trade-offs.
+Each port's protocol is an `Executing`: a packet goes through the core's general path and
+its result is written to the port's transport (the writer).  With the real Linux packet
+system the ports are the batched ones of `lbproxy.io.mmsg` (``recvmmsg``/``sendmmsg``, up
+to 64 packets per system call; each reader wake-up ends by flushing the writer, so a
+packet waits at most for the rest of its own batch), and each batch goes first to the fast
+path executor (`lbproxy.io.fastpath`: `FastPath.forward` on the client link,
+`FastPath.reply` on the server link), which rewrites the usual shapes from the receive
+buffer straight into the writer's queue and delivers every other packet back, in its
+turn, to the general path.  Packets to backends on the server link go out through that
+link's packet socket to the MAC the kernel's neighbour table has for them (read every
+``neighbour_interval`` seconds, `lbproxy.io.neighbours`; a backend with no usable entry
+goes through the raw socket, so the kernel resolves it) -- docs/performance.md has the
+figures and the trade-offs.
 
 It owns the life cycle twistd expects: sockets are opened as root in
 ``privilegedStartService``, reading starts in ``startService``, and a `LoopingCall` on the
@@ -32,22 +32,69 @@ only tells the core this host's own addresses; the rest are left to the kernel.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorFDSet, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from lbproxy.core.balancer import Balancer
 from lbproxy.io import mmsg
 from lbproxy.io.fastpath import FastPath
-from lbproxy.io.rawsocket import IPacketSystem, LinuxPacketSystem, PacketReader, PacketWriter
+from lbproxy.io.mmsg import IBatchPacketProtocol
+from lbproxy.io.neighbours import NeighbourTable
+from lbproxy.io.rawsocket import (
+    IPacketSystem,
+    LinuxPacketSystem,
+    PacketProtocol,
+    PacketReader,
+    PacketWriter,
+)
 
-__all__ = ["ForwarderService", "local_addresses"]
+__all__ = ["Executing", "ForwarderService", "local_addresses"]
 
 _log = Logger()
+
+#: One batch as ``recvmmsg`` left it, for an executor: (data, slot, lengths, count,
+#: deliver), where ``deliver(start, length)`` hands one packet to the general path.
+_BatchExecutor = Callable[[memoryview, int, memoryview, int, Callable[[int, int], None]], object]
+
+
+@implementer(IBatchPacketProtocol)
+class Executing(PacketProtocol):
+    """The protocol of each link's port: every packet through the core's general path
+    (``general``: `Balancer.inbound` or `Balancer.outbound`), its result written to the
+    port's transport; with ``fast``, every batch first through that executor
+    (`FastPath.forward` or `FastPath.reply`), which delivers back, in order, each packet
+    it leaves to the general path."""
+
+    def __init__(
+        self, general: Callable[[bytearray], bytearray | None], fast: _BatchExecutor | None = None
+    ) -> None:
+        self.general = general
+        self.fast = fast
+        self._write: Callable[..., object] | None = None
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self._write = self.transport.write
+
+    def packetReceived(self, packet: bytearray) -> None:
+        out = self.general(packet)
+        if out is not None and self._write is not None:
+            self._write(out)
+
+    def batchReceived(
+        self, batch: mmsg.Batch, count: int, deliver: Callable[[int, int], None]
+    ) -> None:
+        if self.fast is None:
+            for i in range(count):
+                deliver(batch.start(i), batch.length(i))
+        else:
+            self.fast(batch.data, batch.slot, batch.lengths, count, deliver)
 
 
 def local_addresses(proc_path: str = "/proc/net/if_inet6") -> set[bytes]:
@@ -97,39 +144,35 @@ class ForwarderService(Service):
         self.client: PacketReader
         self.server: PacketReader
         vips = [a.packed for a in balancer.vips]
+        self.fast: FastPath | None = None
         if batch_io:
             writer = self.writer = mmsg.BatchPacketWriter(system)
-            # The balancer and the writer directly: no forwarder frame per packet.
             #: The usual packet from the receive buffer straight into the send queue.
-            self.fast: FastPath | None = FastPath(balancer, writer, clock)
+            fast = self.fast = FastPath(balancer, writer, clock)
             self.client = mmsg.BatchPacketReader(
-                system, reactor, client_interface, balancer.inbound, destinations=vips,
-                batch=batch, after_batch=writer.flush, emit=writer.send,
-                fast=self.fast.forward,
-            )
+                system, reactor, client_interface,
+                Executing(balancer.inbound, fast.forward), writer=writer,
+                destinations=vips, batch=batch,
+            )  # fmt: skip
             self.server = mmsg.BatchPacketReader(
-                system, reactor, server_interface, balancer.outbound, batch=batch,
-                after_batch=writer.flush, emit=writer.send, fast=self.fast.reply,
-            )
+                system, reactor, server_interface,
+                Executing(balancer.outbound, fast.reply), writer=writer, batch=batch,
+            )  # fmt: skip
         else:
-            self.fast = None
             self.writer = PacketWriter(system)
             self.client = PacketReader(
-                system, reactor, client_interface, self._from_terminal, destinations=vips,
-                batch=batch,
-            )
+                system, reactor, client_interface, Executing(balancer.inbound),
+                writer=self.writer, destinations=vips, batch=batch,
+            )  # fmt: skip
             self.server = PacketReader(
-                system, reactor, server_interface, self._from_backend, batch=batch
-            )
-        self._outbound = balancer.outbound
-        self._inbound = balancer.inbound
-        self._outbound = balancer.outbound
-        self._send = self.writer.send
+                system, reactor, server_interface, Executing(balancer.outbound),
+                writer=self.writer, batch=batch,
+            )  # fmt: skip
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = clock
         self.link_send = batch_io if link_send is None else link_send and batch_io
         self.neighbour_interval = neighbour_interval
-        self._neighbours: mmsg.NeighbourTable | None = None
+        self._neighbours: NeighbourTable | None = None
         self._namespace: str | None = getattr(system, "namespace", None)
         self._refresher = LoopingCall(self._refresh_neighbours)
         self._refresher.clock = clock
@@ -146,7 +189,7 @@ class ForwarderService(Service):
         if self.link_send and self._neighbours is None:
             assert isinstance(self.writer, mmsg.BatchPacketWriter)
             try:
-                self._neighbours = mmsg.NeighbourTable(self.server.interface, self._namespace)
+                self._neighbours = NeighbourTable(self.server.interface, self._namespace)
             except OSError:
                 _log.failure("no neighbour table: sending to backends through the kernel")
             else:
@@ -239,14 +282,3 @@ class ForwarderService(Service):
             found = {}
         backends = {b.packed for b in self.balancer.backends.values()}
         writer.set_link_neighbours({a: m for a, m in found.items() if a in backends})
-
-    def _from_terminal(self, packet: bytearray) -> None:
-        # Per packet: bound methods looked up once (see __init__), nothing else.
-        out = self._inbound(packet)
-        if out is not None:
-            self._send(out)
-
-    def _from_backend(self, packet: bytearray) -> None:
-        out = self._outbound(packet)
-        if out is not None:
-            self._send(out)
