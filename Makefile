@@ -12,7 +12,8 @@ STAMP   = $(VENV)/.installed
 # `make bench`'s baseline revision; empty = the one in benchmarks/BASELINE.
 BASELINE ?=
 
-.PHONY: demo test unit lint typecheck bench bench-dataplane bench-notify clean system-deps
+.PHONY: demo test unit lint typecheck bench bench-dataplane bench-notify clean system-deps \
+	xdp bpf-deps
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +32,35 @@ system-deps:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	  nftables ethtool tcpdump iproute2 gcc >/dev/null
 
-test: $(STAMP) system-deps
+# The XDP program (lbproxy/xdp/, docs/xdp.md): compiled with clang for the BPF target,
+# loaded at run time through the distribution's libbpf.so.1.  Rebuilt when its source
+# changes; without clang and libbpf-dev (and not root to install them) it is not built
+# and the XDP tests skip, saying why.
+XDP_SRC    := lbproxy/xdp/lbproxy.bpf.c
+XDP_OBJ    := lbproxy/xdp/lbproxy.bpf.o
+BPF_CFLAGS := -O2 -g -Wall -target bpf -I/usr/include/$(shell uname -m)-linux-gnu
+
+$(XDP_OBJ): $(XDP_SRC)
+	clang $(BPF_CFLAGS) -c $< -o $@
+
+xdp: bpf-deps
+	@if command -v clang >/dev/null 2>&1 && [ -e /usr/include/bpf/bpf_helpers.h ]; then \
+	  $(MAKE) --no-print-directory $(XDP_OBJ); \
+	else echo "note: no clang or libbpf-dev: $(XDP_OBJ) not built, XDP tests will skip"; fi
+
+# Debian packages the XDP program is built and inspected with (root only).
+bpf-deps:
+	@missing=""; \
+	command -v clang >/dev/null 2>&1 || missing="$$missing clang"; \
+	[ -e /usr/include/bpf/bpf_helpers.h ] || missing="$$missing libbpf-dev"; \
+	command -v bpftool >/dev/null 2>&1 || missing="$$missing bpftool"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then echo "note: missing$$missing and not root: XDP tests will skip"; exit 0; fi; \
+	echo "installing Debian packages:$$missing"; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	  $$missing >/dev/null
+
+test: $(STAMP) system-deps xdp
 	$(VENV)/bin/ruff check lbproxy tests benchmarks twisted/plugins
 	$(VENV)/bin/mypy
 	$(VENV)/bin/twistd --help | grep -q lbproxy

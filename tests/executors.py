@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from twisted.internet.task import Clock
 
@@ -22,6 +22,9 @@ from lbproxy.core.balancer import Balancer
 from lbproxy.io.fastpath import FastPath
 from lbproxy.io.mmsg import Batch, BatchPacketWriter
 from lbproxy.testing import MemoryPacketSystem
+
+if TYPE_CHECKING:
+    from lbproxy.io.xdp import XdpProgram
 
 Sent = list[tuple[bytes, bytes]]
 """What an executor sent: (destination it was sent to, packet bytes), in order."""
@@ -125,6 +128,78 @@ class FastPathExecutor:
 
     def replies(self, packets: list[bytes]) -> Sent:
         return self._run(packets, self.balancer.outbound, self.fast.reply)
+
+
+#: The Ethernet header the XDP program's test runs see (it leaves it alone unattached).
+ETHERNET = bytes.fromhex("020000000002" "020000000001" "86dd")
+
+
+class XdpExecutor:
+    """The XDP program (`lbproxy.io.xdp`), run on each packet through BPF_PROG_TEST_RUN:
+    a rewritten packet (``XDP_TX``) is what it sends; ``XDP_PASS`` hands the packet, in
+    its turn, to the general path, as the raw-socket reader would.
+
+    The program's stamps are folded into the table (`XdpOffload.sync`) before a packet
+    goes to the general path whenever the program forwarded something since the last
+    fold, and at the end of the batch -- the order the packets came in, so the last
+    care-of address seen is the same as the general path's.  The forwarder folds them
+    before each sweep instead (docs/xdp.md: how late the table sees a refresh there).
+    The table's clock is the test's `Clock`, written into the program's configuration.
+    """
+
+    name: ClassVar[str] = "XDP program"
+    #: One loaded program for every instance (loading costs milliseconds): each new
+    #: executor empties its maps.
+    _program: ClassVar[XdpProgram | None] = None
+
+    def __init__(self, balancer: Balancer, clock: Clock) -> None:
+        from lbproxy.io.xdp import XdpOffload, XdpProgram
+
+        if XdpExecutor._program is None:
+            XdpExecutor._program = XdpProgram(max_bindings=balancer.table.max_entries)
+        program = XdpExecutor._program
+        program.reset()
+        self.balancer = balancer
+        self.xdp = XdpOffload(balancer, clock, fixed_clock=True, program=program)
+        #: Packets the program rewrote (not the general path), per direction.
+        self.offloaded = {"inbound": 0, "replies": 0}
+
+    def _run(self, packets: list[bytes], program: str, handle: object, direction: str) -> Sent:
+        from lbproxy.io.xdp import XDP_PASS, XDP_TX
+
+        xdp = self.xdp
+        xdp.prepare()
+        sent: Sent = []
+        pending = False
+        for packet in packets:
+            frame = ETHERNET + packet
+            verdict, out = xdp.program.test_run(program, frame)
+            if verdict == XDP_PASS:
+                assert out == frame, "the program changed a packet it handed up"
+                if pending:
+                    xdp.sync()
+                    pending = False
+                result = handle(bytearray(packet))  # type: ignore[operator]
+                if result is not None:
+                    sent.append((bytes(result[24:40]), bytes(result)))
+                xdp.flush()  # the bindings the core made or changed, into the maps
+            elif verdict == XDP_TX:
+                assert out[:14] == ETHERNET, "the Ethernet header changed"
+                body = out[14:]
+                sent.append((body[24:40], body))
+                self.offloaded[direction] += 1
+                pending = True
+            else:
+                raise AssertionError(f"XDP verdict {verdict} for {packet.hex()}")
+        xdp.sync()
+        return sent
+
+    def inbound(self, packets: list[bytes]) -> Sent:
+        return self._run(packets, "lbproxy_inbound", self.balancer.inbound, "inbound")
+
+    def replies(self, packets: list[bytes]) -> Sent:
+        return self._run(packets, "lbproxy_replies", self.balancer.outbound, "replies")
+
 
 
 # -- packets -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ and the same return paths.
 from __future__ import annotations
 
 import ipaddress
+import os
 from typing import Any, ClassVar
 
 from hypothesis import HealthCheck, given, settings
@@ -45,6 +46,7 @@ from tests.executors import (
     FastPathExecutor,
     GeneralPath,
     Sent,
+    XdpExecutor,
     address,
     raw_mobile,
     raw_reply,
@@ -294,3 +296,19 @@ class FastPathContractTests(ExecutorContract, SynchronousTestCase):
     """`lbproxy.io.fastpath.FastPath`, the Python fast path."""
 
     executor = FastPathExecutor
+
+
+def _no_xdp() -> str | None:
+    """Why the XDP program cannot run here (None: it can)."""
+    if os.geteuid() != 0:
+        return "BPF_PROG_TEST_RUN needs root (CAP_BPF and CAP_NET_ADMIN)"
+    from lbproxy.io.xdp import available
+
+    return available()
+
+
+class XdpContractTests(ExecutorContract, SynchronousTestCase):
+    """`lbproxy.io.xdp`, the XDP program, run through BPF_PROG_TEST_RUN."""
+
+    executor = XdpExecutor
+    skip = _no_xdp()

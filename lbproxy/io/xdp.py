@@ -1,0 +1,710 @@
+"""The XDP executor: established bindings forwarded in the driver, Python as control plane.
+
+Why: on the Python paths every packet crosses the interpreter (docs/performance.md).  The
+program in ``lbproxy/xdp/lbproxy.bpf.c`` rewrites the usual packets of established
+bindings in the driver's receive hook, the way the fast path (`lbproxy.io.fastpath`)
+does in Python, and hands everything else up (``XDP_PASS``) to the raw-socket path,
+where the core decides.  docs/xdp.md has the design, the maps and the figures.
+
+It is an *executor*: it decides nothing.  This module keeps the program's maps in step
+with the core, using only what every executor uses:
+
+- **the policy** (`Balancer.policy`, a new object on every change: compared by
+  identity): the virtual address, the mode, ports, this host's addresses, each
+  backend's checksum constants and whether a binding to it may keep its packets, and
+  whether the policy lets an executor other than the general path serve each direction;
+- **the table** through `StickyTable.listeners`: a home-address binding made or
+  re-pointed is written into ``lb_bindings`` (backend, expiry), one that goes is
+  deleted.  The program never makes a binding: a miss goes up;
+- **the return paths** (`ReturnPaths.routes`): confirmed care-of addresses, for the
+  Type 2 Routing Header of replies (compared with the last copy at each `sync`).
+
+What the program did comes back at `sync`, which the forwarder runs before every
+sweep (and the contract's executor after every batch):
+
+- **claim 10**: each hit stamps ``lb_seen`` (time, hits, source).  `sync` folds the
+  stamps into the table with `StickyTable.lookup` at the *stamped* time, so the binding's
+  expiry is what the general path would have given it; the packets beyond the first are
+  added to the binding's and the table's hit counts.  A binding whose traffic never
+  leaves the driver is therefore refreshed before the sweep looks at it;
+- the per-CPU counters, into the shared `Counters` (packets in and out, hits,
+  per-backend packets, replies).
+
+So the table sees a refresh, the last care-of address and the counts at most one sync
+late (one sweep interval), always with the packet's own time.
+
+Without BPF (no ``libbpf.so.1``, no object, no permission) `XdpOffload` raises
+`XdpUnavailable` with the reason; the caller falls back to the Python paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Final
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from lbproxy.core.balancer import Balancer
+from lbproxy.core.keys import Key
+from lbproxy.core.policy import Policy
+from lbproxy.core.table import Binding
+from lbproxy.wire.checksum import delta16
+
+__all__ = [
+    "OBJECT",
+    "XDP_ABORTED",
+    "XDP_DROP",
+    "XDP_PASS",
+    "XDP_REDIRECT",
+    "XDP_TX",
+    "XdpOffload",
+    "XdpProgram",
+    "XdpUnavailable",
+    "available",
+]
+
+_log = Logger()
+
+#: The compiled program (`make test` builds it from lbproxy.bpf.c beside it).
+OBJECT: Final = Path(__file__).resolve().parent.parent / "xdp" / "lbproxy.bpf.o"
+
+XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
+
+# lb_config.flags (lbproxy.bpf.c)
+_INBOUND, _REPLIES, _TRANSLATE, _PORTS, _DRY, _FIXED_CLOCK = 1, 2, 4, 8, 16, 32
+# lb_backends flags
+_USABLE, _CONFIGURED = 1, 2
+_MAX_BACKENDS: Final = 256
+# lb_counters indices
+C_IN_PACKETS, C_IN_BYTES, C_REPLY_PACKETS, C_REPLY_BYTES = 0, 1, 2, 3
+C_IN_PASSED, C_REPLIES_PASSED, C_STALE, C_NO_ROUTE = 4, 5, 6, 7
+_COUNTER_NAMES: Final = ("packets", "bytes", "replies", "reply_bytes", "passed",
+                         "replies_passed", "stale", "no_route")  # fmt: skip
+
+#: struct lb_config: vip, flags, pad, lifetime, resolution, clock offset, fixed now.
+_CONFIG = struct.Struct("<16sII QQqQ")
+#: struct lb_backend: address, flags, checksum constants (inbound, reply).
+_BACKEND = struct.Struct("<16sIHH")
+#: struct lb_binding: backend index, flags, expiry (ns), care-of address.
+_BINDING = struct.Struct("<IIQ16s")
+_HAS_CARE_OF = 1
+#: struct lb_seen: last seen, expiry it gave, hits, stale passes (ns, counts), source.
+_SEEN = struct.Struct("<QQQQ16s")
+_U32 = struct.Struct("<I")
+_U16 = struct.Struct("<H")
+_HOA_KIND: Final = Key("hoa", bytes(16))[:1]
+_BPF_ANY, _BPF_NOEXIST = 0, 1
+XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE = 1 << 1, 1 << 2
+_PROGRAMS: Final = ("lbproxy_inbound", "lbproxy_replies")
+
+
+class XdpUnavailable(Exception):  # noqa: N818 (a state, not an error of the caller's)
+    """BPF cannot be used here; ``str()`` says why (one line, for the log)."""
+
+
+def _ns(seconds: float) -> int:
+    return round(seconds * 1e9)
+
+
+# -- libbpf through ctypes -------------------------------------------------------------
+
+
+class _TestRunOpts(ctypes.Structure):
+    """struct bpf_test_run_opts (libbpf's bpf.h)."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("data_in", ctypes.c_void_p),
+        ("data_out", ctypes.c_void_p),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_void_p),
+        ("ctx_out", ctypes.c_void_p),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("repeat", ctypes.c_int),
+        ("duration", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32),
+    ]
+
+
+_PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+
+
+class _Libbpf:
+    """The few libbpf functions used, with their C signatures, and its messages kept
+    (the verifier's refusal, say) instead of printed."""
+
+    _instance: _Libbpf | None = None
+
+    def __init__(self) -> None:
+        try:
+            lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+        except OSError as e:
+            raise XdpUnavailable(f"no libbpf.so.1 ({e})") from None
+        self.lib = lib
+        vp, i, u32, u64, cp = (ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32,
+                               ctypes.c_uint64, ctypes.c_char_p)  # fmt: skip
+        for name, restype, argtypes in (
+            ("bpf_object__open_file", vp, [cp, vp]),
+            ("bpf_object__load", i, [vp]),
+            ("bpf_object__close", None, [vp]),
+            ("bpf_object__find_map_by_name", vp, [vp, cp]),
+            ("bpf_object__find_program_by_name", vp, [vp, cp]),
+            ("bpf_map__set_max_entries", i, [vp, u32]),
+            ("bpf_map__fd", i, [vp]),
+            ("bpf_program__fd", i, [vp]),
+            ("bpf_map_update_elem", i, [i, vp, vp, u64]),
+            ("bpf_map_lookup_elem", i, [i, vp, vp]),
+            ("bpf_map_delete_elem", i, [i, vp]),
+            ("bpf_map_get_next_key", i, [i, vp, vp]),
+            ("bpf_map_lookup_batch", i, [i, vp, vp, vp, vp, ctypes.POINTER(u32), vp]),
+            ("bpf_prog_test_run_opts", i, [i, ctypes.POINTER(_TestRunOpts)]),
+            ("bpf_xdp_attach", i, [i, i, u32, vp]),
+            ("bpf_xdp_detach", i, [i, u32, vp]),
+            ("libbpf_num_possible_cpus", i, []),
+            ("libbpf_set_print", vp, [_PRINT_FN]),
+        ):
+            fn = getattr(lib, name)
+            fn.restype = restype
+            fn.argtypes = argtypes
+        self.messages: list[str] = []
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        vsnprintf = libc.vsnprintf
+        vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, vp]
+
+        def keep(level: int, fmt: bytes, args: int) -> int:
+            buf = ctypes.create_string_buffer(1024)
+            vsnprintf(buf, 1024, fmt, args)
+            self.messages.append(buf.value.decode(errors="replace").rstrip())
+            del self.messages[:-200]
+            return 0
+
+        self._printer = _PRINT_FN(keep)  # kept alive as long as libbpf may call it
+        lib.libbpf_set_print(self._printer)
+        self.cpus = lib.libbpf_num_possible_cpus()
+
+    @classmethod
+    def get(cls) -> _Libbpf:
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+
+def _check(rc: int, what: str) -> None:
+    if rc < 0:
+        err = ctypes.get_errno() or -rc
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+class _Map:
+    """One BPF map by its fd: bytes in, bytes out."""
+
+    def __init__(self, lib: Any, fd: int, key_size: int, value_size: int, cpus: int = 0):
+        self.lib, self.fd = lib, fd
+        self.key_size, self.value_size = key_size, value_size
+        # A per-CPU map's value is one 8-byte-aligned slot per possible CPU.
+        self.read_size = ((value_size + 7) // 8 * 8) * cpus if cpus else value_size
+
+    def update(self, key: bytes, value: bytes, flags: int = _BPF_ANY) -> None:
+        _check(self.lib.bpf_map_update_elem(self.fd, key, value, flags), "map update")
+
+    def lookup(self, key: bytes) -> bytes | None:
+        out = ctypes.create_string_buffer(self.read_size)
+        if self.lib.bpf_map_lookup_elem(self.fd, key, out) < 0:
+            if ctypes.get_errno() == errno.ENOENT:
+                return None
+            _check(-1, "map lookup")
+        return out.raw
+
+    def delete(self, key: bytes) -> bool:
+        if self.lib.bpf_map_delete_elem(self.fd, key) < 0:
+            if ctypes.get_errno() == errno.ENOENT:
+                return False
+            _check(-1, "map delete")
+        return True
+
+    def items(self, chunk: int = 4096) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, value) of a hash map, in batches of `chunk` system calls' worth
+        (``BPF_MAP_LOOKUP_BATCH``), or one key at a time where batches are refused."""
+        lib, ks, vs = self.lib, self.key_size, self.read_size
+        keys = ctypes.create_string_buffer(ks * chunk)
+        values = ctypes.create_string_buffer(vs * chunk)
+        token = ctypes.create_string_buffer(max(ks, 8))
+        count = ctypes.c_uint32()
+        first = True
+        while True:
+            count.value = chunk
+            rc = lib.bpf_map_lookup_batch(
+                self.fd, None if first else token, token, keys, values,
+                ctypes.byref(count), None,
+            )  # fmt: skip
+            err = ctypes.get_errno() if rc < 0 else 0
+            if rc < 0 and err not in (errno.ENOENT,):
+                if first and err in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    yield from self._items_one_by_one()
+                    return
+                _check(rc, "map batch lookup")
+            k, v = keys.raw, values.raw
+            for i in range(count.value):
+                yield k[i * ks : (i + 1) * ks], v[i * vs : (i + 1) * vs]
+            if rc < 0:  # ENOENT: that was the last batch
+                return
+            first = False
+
+    def _items_one_by_one(self) -> Iterator[tuple[bytes, bytes]]:
+        key = None
+        nxt = ctypes.create_string_buffer(self.key_size)
+        while self.lib.bpf_map_get_next_key(self.fd, key, nxt) == 0:
+            key = nxt.raw
+            value = self.lookup(key)
+            if value is not None:
+                yield key, value
+
+    def per_cpu_sums(self, index: int) -> int:
+        """The sum over CPUs of a per-CPU array's u64 at `index`."""
+        raw = self.lookup(_U32.pack(index))
+        if raw is None:
+            return 0
+        return sum(v for (v,) in struct.iter_unpack("<Q", raw))
+
+
+class XdpProgram:
+    """The compiled object, loaded: its two programs and its maps (no interface yet).
+
+    `max_bindings` sizes the binding maps (the table's bound)."""
+
+    def __init__(self, path: Path | str = OBJECT, max_bindings: int = 65536) -> None:
+        lib = _Libbpf.get()
+        self._lib = lib
+        l = lib.lib  # noqa: E741
+        path = Path(path)
+        if not path.is_file():
+            raise XdpUnavailable(f"no BPF object at {path} (make builds it: clang, libbpf-dev)")
+        lib.messages.clear()
+        obj = l.bpf_object__open_file(str(path).encode(), None)
+        if not obj:
+            raise XdpUnavailable(f"cannot open {path}: {os.strerror(ctypes.get_errno())}")
+        self._obj: int | None = obj
+        try:
+            for name in ("lb_bindings", "lb_seen", "lb_confirmed"):
+                m = l.bpf_object__find_map_by_name(obj, name.encode())
+                if not m or l.bpf_map__set_max_entries(m, max(1, max_bindings)) < 0:
+                    raise XdpUnavailable(f"{path}: no map {name}")
+            if l.bpf_object__load(obj) < 0:
+                err = ctypes.get_errno()
+                detail = next((m for m in reversed(lib.messages) if m), "")
+                raise XdpUnavailable(
+                    f"cannot load {path.name}: {os.strerror(err)}"
+                    + (f" ({detail})" if detail else "")
+                )
+            self.programs: dict[str, int] = {}
+            for name in _PROGRAMS:
+                prog = l.bpf_object__find_program_by_name(obj, name.encode())
+                if not prog:
+                    raise XdpUnavailable(f"{path}: no program {name}")
+                self.programs[name] = l.bpf_program__fd(prog)
+            cpus = lib.cpus
+
+            def map_(name: str, ks: int, vs: int, per_cpu: bool = False) -> _Map:
+                m = l.bpf_object__find_map_by_name(obj, name.encode())
+                if not m:
+                    raise XdpUnavailable(f"{path}: no map {name}")
+                return _Map(l, l.bpf_map__fd(m), ks, vs, cpus if per_cpu else 0)
+
+            self.config = map_("lb_config", 4, _CONFIG.size)
+            self.backends = map_("lb_backends", 4, _BACKEND.size)
+            self.backend_ix = map_("lb_backend_ix", 16, 4)
+            self.ports = map_("lb_ports", 2, 1)
+            self.own = map_("lb_own", 16, 1)
+            self.bindings = map_("lb_bindings", 16, _BINDING.size)
+            self.seen = map_("lb_seen", 16, _SEEN.size)
+            self.confirmed = map_("lb_confirmed", 16, 16)
+            self.counters = map_("lb_counters", 4, 8, per_cpu=True)
+            self.backend_packets = map_("lb_backend_packets", 4, 8, per_cpu=True)
+        except BaseException:
+            self.close()
+            raise
+        self.attached: list[int] = []
+
+    def reset(self) -> None:
+        """Empty every map (a program reused for another balancer, in the tests)."""
+        for m in (self.backend_ix, self.ports, self.own, self.bindings, self.seen,
+                  self.confirmed):  # fmt: skip
+            for key, _ in list(m.items()):
+                m.delete(key)
+        self.config.update(_U32.pack(0), bytes(_CONFIG.size))
+        zero = bytes(self.counters.read_size)
+        for i in range(len(_COUNTER_NAMES)):
+            self.counters.update(_U32.pack(i), zero)
+        for i in range(_MAX_BACKENDS):
+            self.backends.update(_U32.pack(i), bytes(_BACKEND.size))
+            self.backend_packets.update(_U32.pack(i), zero)
+
+    def test_run(self, program: str, frame: bytes) -> tuple[int, bytes]:
+        """Run `program` once on `frame` (an Ethernet frame) through BPF_PROG_TEST_RUN:
+        its verdict and the frame as it left it."""
+        data_in = ctypes.create_string_buffer(frame, len(frame))
+        data_out = ctypes.create_string_buffer(len(frame) + 256)
+        opts = _TestRunOpts(
+            sz=ctypes.sizeof(_TestRunOpts),
+            data_in=ctypes.cast(data_in, ctypes.c_void_p),
+            data_out=ctypes.cast(data_out, ctypes.c_void_p),
+            data_size_in=len(frame),
+            data_size_out=len(data_out),
+            repeat=1,
+        )
+        _check(self._lib.lib.bpf_prog_test_run_opts(self.programs[program], opts), "test run")
+        return opts.retval, data_out.raw[: opts.data_size_out]
+
+    def attach(self, program: str, ifindex: int, flags: int = XDP_FLAGS_DRV_MODE) -> None:
+        """Attach `program` to interface `ifindex` (driver mode unless `flags` say)."""
+        _check(self._lib.lib.bpf_xdp_attach(ifindex, self.programs[program], flags, None),
+               f"attach {program} to interface {ifindex}")  # fmt: skip
+        self.attached.append(ifindex)
+
+    def detach(self) -> None:
+        for ifindex in self.attached:
+            self._lib.lib.bpf_xdp_detach(ifindex, 0, None)
+        self.attached = []
+
+    def close(self) -> None:
+        """Detach, and unload the object (maps and programs go with it)."""
+        if getattr(self, "attached", None):
+            self.detach()
+        if self._obj:
+            self._lib.lib.bpf_object__close(self._obj)
+            self._obj = None
+
+
+def available(path: Path | str = OBJECT) -> str | None:
+    """None when the XDP program can be loaded here, else why not."""
+    try:
+        XdpProgram(path, 16).close()
+    except XdpUnavailable as e:
+        return str(e)
+    return None
+
+
+# -- the executor ------------------------------------------------------------------------
+
+
+class XdpOffload:
+    """The XDP program's maps kept in step with `balancer`, and what it did read back.
+
+    ``attached``: False for a program run only through `XdpProgram.test_run` (the
+    rewritten packet comes back as ``XDP_TX``, no next-hop lookup); True once `attach`
+    put it on interfaces.  ``fixed_clock``: the program reads the table's clock from
+    its configuration, written at every `prepare` (deterministic: the tests' `Clock`),
+    instead of the monotonic clock plus an offset.
+    """
+
+    def __init__(
+        self,
+        balancer: Balancer,
+        clock: IReactorTime,
+        *,
+        path: Path | str = OBJECT,
+        fixed_clock: bool = False,
+        program: XdpProgram | None = None,
+    ) -> None:
+        self.balancer = balancer
+        self.clock = clock
+        self.fixed_clock = fixed_clock
+        table = balancer.table
+        self.program = program or XdpProgram(path, table.max_entries)
+        self.attached = False
+        self._policy: Policy | None = None
+        self._config: bytes = b""
+        # Backend address -> index in lb_backends (stable: bindings refer to it), and
+        # each index's backend name (for the per-backend counters).
+        self._index: dict[bytes, int] = {}
+        self._names: list[str] = []
+        # Home address -> (hits, stale passes) of lb_seen already folded in.
+        self._synced: dict[bytes, tuple[int, int]] = {}
+        self._routes: dict[bytes, bytes] = {}
+        self._counted = [0] * len(_COUNTER_NAMES)
+        self._backend_counted: list[int] = []
+        self.refresh_policy()
+        # Address identity -> the binding it leads to, and each binding's identities.
+        self._owner: dict[bytes, Binding] = {}
+        self._homes: dict[Binding, tuple[bytes, ...]] = {}
+        # Bindings made or changed since the last flush (an ordered set).
+        self._dirty: dict[Binding, None] = {}
+        for _key, binding in table:
+            self._dirty[binding] = None
+        table.listeners.append(self._mirror)
+        self.prepare()
+
+    # -- the policy and the clock ---------------------------------------------------
+
+    def refresh_policy(self) -> bool:
+        """Rewrite the configuration and backends if the policy changed (True then)."""
+        policy = self.balancer.policy
+        if policy is self._policy:
+            return False
+        self._policy = policy
+        program = self.program
+        for address in policy.by_address:
+            self._index_of(address)
+        for address, i in self._index.items():
+            program.backends.update(_U32.pack(i), self._backend_entry(policy, address))
+            program.backend_ix.update(address, _U32.pack(i))
+        _replace(program.ports, {_U16.pack(p) for p in policy.ports})
+        _replace(program.own, set(policy.own))
+        self._write_config()
+        return True
+
+    def _backend_entry(self, policy: Policy, address: bytes) -> bytes:
+        backend = policy.by_address.get(address)
+        flags = 0
+        if backend is not None:
+            flags |= _CONFIGURED
+            if policy.usable(backend):
+                flags |= _USABLE
+            self._names[self._index[address]] = backend.name
+        vip = policy.vips[0]
+        return _BACKEND.pack(address, flags, delta16(vip, address), delta16(address, vip))
+
+    def _index_of(self, address: bytes) -> int | None:
+        i = self._index.get(address)
+        if i is None:
+            if len(self._index) >= _MAX_BACKENDS:
+                return None
+            i = self._index[address] = len(self._index)
+            self._names.append("")
+            self._backend_counted.append(0)
+        return i
+
+    def _write_config(self) -> None:
+        policy = self._policy
+        assert policy is not None
+        flags = 0
+        if policy.fast_inbound is None:
+            flags |= _INBOUND
+        if policy.fast_replies is None:
+            flags |= _REPLIES
+        if policy.translate:
+            flags |= _TRANSLATE
+        if policy.ports:
+            flags |= _PORTS
+        if not self.attached:
+            flags |= _DRY
+        if self.fixed_clock:
+            flags |= _FIXED_CLOCK
+        table = self.balancer.table
+        now = self.clock.seconds()
+        fixed = _ns(now) if self.fixed_clock else 0
+        offset = 0 if self.fixed_clock else _ns(now) - time.monotonic_ns()
+        config = _CONFIG.pack(policy.vips[0], flags, 0, _ns(table.lifetime),
+                              _ns(table.resolution), offset, fixed)  # fmt: skip
+        if config != self._config:
+            self.program.config.update(_U32.pack(0), config)
+            self._config = config
+
+    def prepare(self) -> None:
+        """Before a batch (or on a timer): the policy, the clock, the return paths, the
+        bindings made since the last flush."""
+        self.flush()
+        self.refresh_policy()
+        self._write_config()
+        self._mirror_routes()
+
+    # -- the table, mirrored ----------------------------------------------------------
+
+    def _mirror(self, binding: Binding, bound: bool) -> None:
+        """`StickyTable.listeners`: a binding made, re-pointed or given another alias
+        (`bound`: written at the next `flush`, when the core has finished with the
+        packet -- its care-of address is set after the listeners are told), or gone
+        (removed from the program now)."""
+        if bound:
+            self._dirty[binding] = None
+        else:
+            self._dirty.pop(binding, None)
+            self._write(binding, ())
+
+    def flush(self) -> None:
+        """Write the bindings made or changed since the last flush.  The forwarder runs
+        it after every batch the general path handled; `prepare` and `sync` run it."""
+        dirty = self._dirty
+        while dirty:
+            binding = next(iter(dirty))
+            del dirty[binding]
+            self._write(binding, _addresses(binding))
+
+    def _write(self, binding: Binding, now: tuple[bytes, ...]) -> None:
+        """Each of `binding`'s address identities `now` (its key and its address
+        aliases: home and care-of addresses) leads to its backend in the program; the
+        ones it had before and lost lead nowhere."""
+        program = self.program
+        owner, homes_of = self._owner, self._homes
+        before = homes_of.pop(binding, ())
+        for home in before:
+            if home not in now and owner.get(home) is binding:
+                del owner[home]
+                program.bindings.delete(home)
+                program.seen.delete(home)
+                self._synced.pop(home, None)
+        if not now:
+            return
+        homes_of[binding] = now
+        i = self._index_of(binding.backend.packed)
+        if i is not None and not self._names[i]:
+            self._names[i] = binding.backend.name
+        for home in now:
+            owner[home] = binding
+            if i is None:  # no room for another backend: the general path serves it
+                program.bindings.delete(home)
+                continue
+            if home not in self._synced:
+                program.seen.update(home, bytes(_SEEN.size))
+                self._synced[home] = (0, 0)
+            self._write_binding(home, binding, i)
+
+    def _write_binding(self, home: bytes, binding: Binding, index: int) -> None:
+        care_of = binding.care_of
+        self.program.bindings.update(home, _BINDING.pack(
+            index, 0 if care_of is None else _HAS_CARE_OF, _ns(binding.expires),
+            care_of or bytes(16),
+        ))  # fmt: skip
+
+    def _mirror_routes(self) -> None:
+        routes = self.balancer.return_paths.routes
+        if routes == self._routes:
+            return
+        confirmed = self.program.confirmed
+        for home in self._routes.keys() - routes.keys():
+            confirmed.delete(home)
+        for home, care_of in routes.items():
+            if self._routes.get(home) != care_of:
+                confirmed.update(home, care_of)
+        self._routes = dict(routes)
+
+    # -- what the program did -----------------------------------------------------------
+
+    def sync(self) -> int:
+        """Fold the program's stamps into the table (claim 10) and its counters into the
+        shared `Counters`; returns the bindings refreshed.  Run it before every sweep."""
+        self.flush()
+        table = self.balancer.table
+        lookup, get, stats = table.lookup, table.get, table.stats
+        synced = self._synced
+        program = self.program
+        refreshed = 0
+        stale_homes = []
+        for home, raw in program.seen.items():
+            seen_ns, _expires, hits, stale, care_of = _SEEN.unpack(raw)
+            before = synced.get(home)
+            if before is None or (hits, stale) == before:
+                continue
+            synced[home] = (hits, stale)
+            key = Key("hoa", home)
+            new = hits - before[0]
+            if new > 0:
+                at = seen_ns / 1e9
+                if get(key, at) is not None:  # not gone since (expired, evicted, moved)
+                    binding = lookup(key, at)
+                    assert binding is not None
+                    binding.packets += new - 1
+                    stats.hits += new - 1
+                    binding.care_of = care_of
+                    refreshed += 1
+            if stale != before[1]:
+                stale_homes.append(home)
+        # Passed up (expired as far as the program knew, or from another care-of
+        # address): give the program what the table says now (its expiry, its care-of
+        # address), so the terminal's next packets stay in the driver.
+        for home in stale_homes:
+            binding = get(Key("hoa", home))
+            if binding is not None and self._owner.get(home) is binding:
+                i = self._index.get(binding.backend.packed)
+                if i is not None:
+                    self._write_binding(home, binding, i)
+        self._fold_counters()
+        if not self.fixed_clock:
+            self._write_config()  # the clock offset follows the reactor's clock
+        return refreshed
+
+    def _fold_counters(self) -> None:
+        program, counters = self.program, self.balancer.counters
+        now = [program.counters.per_cpu_sums(i) for i in range(len(_COUNTER_NAMES))]
+        d_in = now[C_IN_PACKETS] - self._counted[C_IN_PACKETS]
+        d_rep = now[C_REPLY_PACKETS] - self._counted[C_REPLY_PACKETS]
+        self._counted = now
+        if d_in:
+            counters.packets_in += d_in
+            counters.packets_out += d_in
+            counters.hoa_hits_pending += d_in
+            for i, name in enumerate(self._names):
+                total = program.backend_packets.per_cpu_sums(i)
+                if total != self._backend_counted[i]:
+                    counters.backend_cell(name)[0] += total - self._backend_counted[i]
+                    self._backend_counted[i] = total
+        if d_rep:
+            counters.replies_in += d_rep
+            counters.replies_out += d_rep
+
+    def stats(self) -> dict[str, int]:
+        """What the program counted since it was loaded (all CPUs): packets and bytes
+        forwarded per direction, packets handed up, stale passes, next hops missing."""
+        return dict(zip(_COUNTER_NAMES, self._counted, strict=True))
+
+    def last_seen(self, home: bytes) -> float | None:
+        """The table-clock time of the program's last hit for `home` (None: none yet)."""
+        raw = self.program.seen.lookup(home)
+        if raw is None:
+            return None
+        seen_ns = _SEEN.unpack(raw)[0]
+        return seen_ns / 1e9 if seen_ns else None
+
+    # -- interfaces --------------------------------------------------------------------
+
+    def attach(self, client: str, server: str, flags: int = XDP_FLAGS_DRV_MODE) -> None:
+        """Put the program on the client link (terminals' packets) and the server link
+        (replies), in driver mode unless `flags` say otherwise."""
+        self.attached = True
+        self._write_config()
+        program = self.program
+        try:
+            program.attach("lbproxy_inbound", socket.if_nametoindex(client), flags)
+            program.attach("lbproxy_replies", socket.if_nametoindex(server), flags)
+        except OSError:
+            program.detach()
+            self.attached = False
+            self._write_config()
+            raise
+
+    def close(self) -> None:
+        """Stop mirroring, detach and unload."""
+        listeners = self.balancer.table.listeners
+        if self._mirror in listeners:
+            listeners.remove(self._mirror)
+        self.program.close()
+
+
+def _addresses(binding: Binding) -> tuple[bytes, ...]:
+    """The address identities (16 bytes each) of `binding`: its key and its aliases of
+    the address kind (the home-address kind's code)."""
+    keys = [binding.key, *(getattr(binding, "aliases", None) or ())]
+    return tuple(bytes(k[1:]) for k in keys if len(k) == 17 and k[:1] == _HOA_KIND)
+
+
+def _replace(m: _Map, keys: set[bytes]) -> None:
+    """Make the set map `m` hold exactly `keys` (value 1)."""
+    for key, _ in list(m.items()):
+        if key not in keys:
+            m.delete(key)
+    for key in keys:
+        m.update(key, b"\x01")
