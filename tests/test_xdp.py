@@ -277,3 +277,143 @@ class LoaderTests(SynchronousTestCase):
         self.assertIsNotNone(reason)
         assert reason is not None
         self.assertIn("/nonexistent/lbproxy.bpf.o", reason)
+
+
+# -- attached to a veth in driver mode ---------------------------------------------------
+
+_RECEIVE = """
+import socket, sys, select, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x86DD))
+s.bind((sys.argv[1], 0))
+print("ready", flush=True)
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    if select.select([s], [], [], 0.1)[0]:
+        frame, info = s.recvfrom(65535)
+        if info[2] != socket.PACKET_OUTGOING:
+            print(frame[14:].hex(), flush=True)
+"""
+
+_SEND = """
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((sys.argv[1], 0))
+for _ in range(int(sys.argv[3])):
+    s.send(bytes.fromhex(sys.argv[2]))
+"""
+
+
+def _sh(*commands: str) -> None:
+    import subprocess
+
+    for command in commands:
+        subprocess.run(command, shell=True, check=True, capture_output=True)
+
+
+class _InNamespace:
+    """`with _InNamespace(name):` -- this process in network namespace `name` (for the
+    interface-index calls), back in its own afterwards."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        import ctypes
+
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.home = os.open("/proc/self/ns/net", os.O_RDONLY)
+        target = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
+        try:
+            if self.libc.setns(target, 0x40000000) != 0:  # CLONE_NEWNET
+                raise OSError(ctypes.get_errno(), "setns")
+        finally:
+            os.close(target)
+
+    def __exit__(self, *_: object) -> None:
+        self.libc.setns(self.home, 0x40000000)
+        os.close(self.home)
+
+
+class AttachedTests(SynchronousTestCase):
+    """The program in driver mode on a veth: a terminal's packet, sent on the wire,
+    arrives at the backend rewritten without entering the balancer's user space."""
+
+    skip = SKIP
+
+    NS = ("xdpt-term", "xdpt-lb", "xdpt-srv")
+
+    def setUp(self) -> None:
+        import shutil
+
+        if shutil.which("ip") is None or shutil.which("ethtool") is None:
+            raise self.skipTest("needs ip and ethtool (make system-deps)")
+        term, lb, srv = self.NS
+        ends = ((term, "t0"), (lb, "c0"), (lb, "s0"), (srv, "b0"))
+        self.addCleanup(self._down)
+        self._down()
+        _sh(
+            *(f"ip netns add {n}" for n in self.NS),
+            f"ip link add t0 netns {term} type veth peer name c0 netns {lb}",
+            f"ip link add s0 netns {lb} type veth peer name b0 netns {srv}",
+            f"ip -n {term} addr add {COA1}/64 dev t0 nodad",
+            f"ip -n {lb} addr add 2001:db8:a1::1/64 dev c0 nodad",
+            f"ip -n {lb} addr add 2001:db8:b0::1/64 dev s0 nodad",
+            f"ip -n {srv} addr add {BACKENDS[0].address}/64 dev b0 nodad",
+            *(f"ip -n {n} link set {d} up" for n, d in ends),
+            f"ip netns exec {lb} sysctl -qw net.ipv6.conf.all.forwarding=1",
+            # XDP_REDIRECT into a veth needs GRO (or an XDP program) on its peer.
+            f"ip netns exec {srv} ethtool -K b0 gro on",
+            # The backend's neighbour entry (the FIB lookup's next hop).
+            f"ip -n {lb} neigh replace {BACKENDS[0].address} dev s0 nud permanent lladdr"
+            f" $(ip netns exec {srv} cat /sys/class/net/b0/address)",
+            # Carrier comes up asynchronously (link watch): wait for every end.
+            *(f"for i in $(seq 50); do [ $(ip netns exec {n} cat /sys/class/net/{d}/carrier)"
+              f" = 1 ] && break; sleep 0.1; done" for n, d in ends),
+        )
+
+    def _down(self) -> None:
+        for n in self.NS:
+            _sh(f"ip netns del {n} 2>/dev/null || true")
+
+    def test_forwarded_in_the_driver(self) -> None:
+        import subprocess
+        import sys
+
+        term, lb, srv = self.NS
+        balancer, clock = make(scheduler="round_robin")
+        balancer.set_backends([BACKENDS[0]])
+        balancer.sweep()  # the removed backends had no bindings: forgotten
+        self.assertIsNone(balancer.policy.fast_inbound)
+        xdp = XdpOffload(balancer, clock, program=XdpProgram(max_bindings=1000))
+        self.addCleanup(xdp.close)
+        # The binding, made by the core (the raw-socket path's first packet).
+        assert balancer.inbound(mobile(COA1)) is not None
+        xdp.prepare()
+        with _InNamespace(lb):
+            xdp.attach("c0", "s0")
+        mac = subprocess.run(
+            ["ip", "netns", "exec", lb, "cat", "/sys/class/net/c0/address"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip().replace(":", "")  # fmt: skip
+        frame = bytes.fromhex(mac + "020000000001" + "86dd") + bytes(mobile(COA1))
+        receiver = subprocess.Popen(
+            ["ip", "netns", "exec", srv, sys.executable, "-c", _RECEIVE, "b0", "3"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert receiver.stdout is not None
+        self.assertEqual(receiver.stdout.readline().strip(), "ready")
+        subprocess.run(["ip", "netns", "exec", term, sys.executable, "-c", _SEND, "t0",
+                        frame.hex(), "5"], check=True)  # fmt: skip
+        out, _ = receiver.communicate(timeout=10)
+        got = [IPv6(bytes.fromhex(line)) for line in out.split()]
+        ours = [p for p in got if p.dst == str(BACKENDS[0].address) and UDP in p]
+        xdp.sync()
+        self.assertEqual(len(ours), 5, (xdp.stats(), [p.summary() for p in got]))
+        for pkt in ours:
+            self.assertEqual((pkt.src, pkt.hlim), (HOA, 63))
+            self.assertNotIn(IPv6ExtHdrDestOpt, pkt)
+            self.assertEqual(bytes(pkt[UDP].payload), b"hello")
+        self.assertEqual(xdp.stats()["packets"], 5)
+        binding = balancer.table.get(Key("hoa", address(HOA)))
+        assert binding is not None
+        self.assertEqual(binding.packets, 6)
