@@ -57,7 +57,7 @@ class Backend:
 
 
 class Binding:
-    __slots__ = ("backend", "care_of", "created", "expires", "packets")
+    __slots__ = ("aliases", "backend", "care_of", "created", "expires", "packets")
 
     def __init__(self, backend: Backend, expires: float, created: float) -> None:
         self.backend = backend
@@ -65,6 +65,7 @@ class Binding:
         self.created = created
         self.packets = 0
         self.care_of: bytes | None = None
+        self.aliases: list[bytes] | None = None
 
 
 class Stats:

@@ -182,8 +182,8 @@ class OperatorTests(SynchronousTestCase):
         again = balancer.inbound(mobile(COA2))
         assert again is not None
         self.assertEqual(IPv6(bytes(again)).dst, IPv6(bytes(out)).dst)
-        for i in range(20):
-            o = balancer.inbound(mobile(COA1, hoa=f"2001:db8:100::{i + 1:x}"))
+        for i in range(20):  # new terminals, each from its own care-of address
+            o = balancer.inbound(mobile(f"2001:db8:a9::{i + 1:x}", hoa=f"2001:db8:100::{i + 1:x}"))
             assert o is not None
             self.assertNotEqual(IPv6(bytes(o)).dst, IPv6(bytes(out)).dst)
 
@@ -204,7 +204,8 @@ class OperatorTests(SynchronousTestCase):
         balancer, _ = make()
         result = balancer.trace(bytes(mobile(COA1)))
         self.assertEqual(result.strategy, "hoa")
-        self.assertEqual(str(result.key), f"hoa {HOA}")
+        self.assertEqual(str(result.key), f"addr {HOA}")
+        self.assertEqual([str(k) for k in result.aliases], [f"addr {COA1}"])
         self.assertFalse(result.hit)
         self.assertEqual(len(balancer.table), 0)
         out = balancer.inbound(mobile(COA1))

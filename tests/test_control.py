@@ -30,7 +30,7 @@ class RowsTests(SynchronousTestCase):
         rows = control.rows()
         self.assertEqual(
             [r.key for r in rows],
-            ["src 2001:db8:1::10", "src 2001:db8:1::11", "src 2001:db8:2::12"],
+            ["addr 2001:db8:1::10", "addr 2001:db8:1::11", "addr 2001:db8:2::12"],
         )
         self.assertEqual({r.backend for r in rows}, {"b1", "b2"})
         self.assertEqual([r.left for r in rows], [200.0, 200.0, 200.0])
@@ -51,12 +51,13 @@ class RowsTests(SynchronousTestCase):
         by_backend = {r.key for r in control.rows("b1")}
         self.assertTrue(by_backend)
         self.assertTrue(all(r.backend == "b1" for r in control.rows("b1")))
-        self.assertEqual(len(control.rows("src")), 3)
-        self.assertEqual([r.key for r in control.rows("db8:2::")], ["src 2001:db8:2::12"])
-        self.assertEqual([r.key for r in control.rows("aa::12")], ["src 2001:db8:2::12"])
+        self.assertEqual(len(control.rows("addr")), 3)
+        self.assertEqual([r.key for r in control.rows("db8:2::")], ["addr 2001:db8:2::12"])
+        self.assertEqual([r.key for r in control.rows("aa::12")], ["addr 2001:db8:2::12"])
         self.assertEqual(control.rows("nothing-matches"), [])
-        self.assertEqual(control.rows(kind="hoa"), [])
-        self.assertEqual(len(control.rows(kind="src")), 3)
+        self.assertEqual(control.rows(kind="iid"), [])
+        self.assertEqual(len(control.rows(kind="src")), 3)  # the old names mean addr
+        self.assertEqual(len(control.rows(kind="addr")), 3)
         on_b1 = control.rows(backend="b1")
         self.assertEqual(len(on_b1), 2)  # round robin: ::10 and ::12
         self.assertEqual({r.backend for r in on_b1}, {"b1"})
@@ -71,17 +72,17 @@ class FormatTests(SynchronousTestCase):
         self.assertEqual(repr(text), str(text))  # the manhole prints it as is
         lines = text.splitlines()
         self.assertEqual(lines[0].split(), ["kind", "key", "backend", "left", "packets",
-                                            "care-of", "confirmed"])
+                                            "care-of", "confirmed", "aliases"])
         self.assertEqual(len(lines), 1 + 3 + 1)
         self.assertEqual(lines[-1], "(3 bindings)")
-        starts = {line.index("src 2001") for line in lines[1:4]}
+        starts = {line.index("addr 2001") for line in lines[1:4]}
         self.assertEqual(len(starts), 1)
         backend_column = lines[0].index("backend")
         for line in lines[1:4]:
             self.assertIn(line[backend_column : backend_column + 2], ("b1", "b2"))
         self.assertIn("2001:db8:aa::12", lines[3])
-        self.assertTrue(lines[3].endswith("yes"))
-        self.assertTrue(lines[1].endswith("no"))
+        self.assertEqual(lines[3].split()[-2:], ["yes", "-"])  # confirmed, no aliases
+        self.assertEqual(lines[1].split()[-2:], ["no", "-"])
 
     def test_limit_says_how_many_are_shown(self) -> None:
         """With a limit the footer says 'n of total'."""
@@ -92,7 +93,7 @@ class FormatTests(SynchronousTestCase):
 
     def test_format_rows_takes_dicts(self) -> None:
         """The client renders the JSON rows the same way as Row objects."""
-        row = Row("hoa", "hoa 2001:db8::1", "b1", 12.345, 7, None, False)
+        row = Row("addr", "addr 2001:db8::1", "b1", 12.345, 7, None, False, ("iid 1:2:3:4",))
         self.assertEqual(format_rows([row]), format_rows([row.as_dict()]))
         self.assertIn("12.3", format_rows([row]))
 
@@ -101,7 +102,7 @@ class VerbTests(SynchronousTestCase):
     def test_move(self) -> None:
         """move() rebinds a key to the named backend and returns its row."""
         control, _balancer, _clock = make_control()
-        key = "src 2001:db8:1::10"
+        key = "addr 2001:db8:1::10"
         before = control.rows(key)[0].backend
         target = "b2" if before == "b1" else "b1"
         row = control.move(key, target)
@@ -111,13 +112,13 @@ class VerbTests(SynchronousTestCase):
     def test_move_new_key_creates_binding(self) -> None:
         """Moving a key without a binding creates one (to pin a terminal in advance)."""
         control, _balancer, _clock = make_control()
-        control.move("src 2001:db8:9::9", "b1")
+        control.move("addr 2001:db8:9::9", "b1")
         self.assertEqual(control.rows("2001:db8:9::9")[0].backend, "b1")
 
     def test_move_refuses_unknown_backend_and_bad_key(self) -> None:
         """Unknown backends and unparsable keys raise OperatorError naming the problem."""
         control, _balancer, _clock = make_control()
-        error = self.assertRaises(OperatorError, control.move, "src 2001:db8:1::10", "b9")
+        error = self.assertRaises(OperatorError, control.move, "addr 2001:db8:1::10", "b9")
         self.assertIn("b9", str(error))
         self.assertIn("b1, b2", str(error))
         error = self.assertRaises(OperatorError, control.move, "bogus thing", "b1")
@@ -126,11 +127,11 @@ class VerbTests(SynchronousTestCase):
     def test_forget(self) -> None:
         """forget() removes the binding and returns it; a second forget returns None."""
         control, _balancer, _clock = make_control()
-        row = control.forget("src 2001:db8:1::10")
+        row = control.forget("addr 2001:db8:1::10")
         assert row is not None
-        self.assertEqual(row.key, "src 2001:db8:1::10")
+        self.assertEqual(row.key, "addr 2001:db8:1::10")
         self.assertEqual(len(control.rows()), 2)
-        self.assertIsNone(control.forget("src 2001:db8:1::10"))
+        self.assertIsNone(control.forget("addr 2001:db8:1::10"))
 
     def test_drain(self) -> None:
         """drain() sets weight 0 and keeps the backend's bindings."""
@@ -150,7 +151,7 @@ class VerbTests(SynchronousTestCase):
         as_hex = " ".join(f"{b:02x}" for b in raw)
         for form in (raw, as_hex, raw.hex(), "0x" + raw.hex()):
             result = control.trace_dict(form)
-            self.assertEqual(result["key"], "src 2001:db8:1::10")
+            self.assertEqual(result["key"], "addr 2001:db8:1::10")
             self.assertTrue(result["hit"])
             self.assertIn(result["backend"], ("b1", "b2"))
         self.assertEqual(len(balancer.table), before)

@@ -81,7 +81,7 @@ class ServerTests(TestCase):
         self.assertEqual(run.code, 0, run.err)
         lines = run.out.splitlines()
         self.assertEqual(lines[0].split()[:3], ["kind", "key", "backend"])
-        self.assertIn("src 2001:db8:2::12", run.out)
+        self.assertIn("addr 2001:db8:2::12", run.out)
         self.assertEqual(lines[-1], "(3 bindings)")
         run = yield self.run_ctl("--json", "show", "--backend", "b1", "--limit", "1")
         result = run.json()
@@ -90,7 +90,7 @@ class ServerTests(TestCase):
         self.assertEqual(result["rows"][0]["backend"], "b1")
         self.assertEqual(
             set(result["rows"][0]),
-            {"kind", "key", "backend", "left", "packets", "care_of", "confirmed"},
+            {"kind", "key", "backend", "left", "packets", "care_of", "confirmed", "aliases"},
         )
         run = yield self.run_ctl("--json", "show", "aa::12")
         self.assertEqual([r["care_of"] for r in run.json()["rows"]], ["2001:db8:aa::12"])
@@ -101,10 +101,10 @@ class ServerTests(TestCase):
         raw = bytes(real_packet("2001:db8:1::10")).hex()
         run = yield self.run_ctl("trace", raw)
         self.assertEqual(run.code, 0, run.err)
-        self.assertIn("key: src 2001:db8:1::10", run.out)
+        self.assertIn("key: addr 2001:db8:1::10", run.out)
         self.assertIn("hit: True", run.out)
         run = yield self.run_ctl("--json", "trace", "-", stdin=raw + "\n")
-        self.assertEqual(run.json()["key"], "src 2001:db8:1::10")
+        self.assertEqual(run.json()["key"], "addr 2001:db8:1::10")
         run = yield self.run_ctl("trace", "not-hex")
         self.assertEqual(run.code, 1)
         self.assertIn("not a hex packet", run.err)
@@ -112,25 +112,25 @@ class ServerTests(TestCase):
     @defer.inlineCallbacks
     def test_move_and_forget(self) -> Any:
         """move rebinds (key given as two words or one), forget removes, both in JSON too."""
-        before = self.balancer.table.get(real_key("src 2001:db8:1::10"))
+        before = self.balancer.table.get(real_key("addr 2001:db8:1::10"))
         self.assertEqual(before.backend.name, "b1")
         run = yield self.run_ctl("move", "src", "2001:db8:1::10", "b2")
-        self.assertEqual((run.code, run.out), (0, "src 2001:db8:1::10 -> b2\n"), run.err)
-        binding = self.balancer.table.get(real_key("src 2001:db8:1::10"))
+        self.assertEqual((run.code, run.out), (0, "addr 2001:db8:1::10 -> b2\n"), run.err)
+        binding = self.balancer.table.get(real_key("addr 2001:db8:1::10"))
         self.assertEqual(binding.backend.name, "b2")
-        run = yield self.run_ctl("--json", "move", "src 2001:db8:1::10", "b1")
+        run = yield self.run_ctl("--json", "move", "addr 2001:db8:1::10", "b1")
         self.assertEqual(run.json()["backend"], "b1")
-        binding = self.balancer.table.get(real_key("src 2001:db8:1::10"))
+        binding = self.balancer.table.get(real_key("addr 2001:db8:1::10"))
         self.assertEqual(binding.backend.name, "b1")
-        run = yield self.run_ctl("move", "src 2001:db8:1::10", "b7")
+        run = yield self.run_ctl("move", "addr 2001:db8:1::10", "b7")
         self.assertEqual(run.code, 1)
         self.assertIn("unknown backend 'b7'", run.err)
         run = yield self.run_ctl("forget", "src", "2001:db8:1::10")
-        self.assertEqual(run.out, "forgot src 2001:db8:1::10\n")
-        self.assertIsNone(self.balancer.table.get(real_key("src 2001:db8:1::10")))
-        run = yield self.run_ctl("--json", "forget", "src 2001:db8:1::10")
+        self.assertEqual(run.out, "forgot addr 2001:db8:1::10\n")
+        self.assertIsNone(self.balancer.table.get(real_key("addr 2001:db8:1::10")))
+        run = yield self.run_ctl("--json", "forget", "addr 2001:db8:1::10")
         self.assertIsNone(run.json())
-        run = yield self.run_ctl("forget", "src 2001:db8:1::10")
+        run = yield self.run_ctl("forget", "addr 2001:db8:1::10")
         self.assertEqual(run.out, "no such binding\n")
 
     @defer.inlineCallbacks

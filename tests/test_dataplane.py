@@ -104,7 +104,7 @@ class HomeAddressTranslateTests(BedTestCase):
                 self.assertEqual(served, terminal["backends"], index)
             table = balancer.ctl("show")
             self.assertEqual(table["total"], 50)
-            self.assertEqual({row["kind"] for row in table["rows"]}, {"hoa"})
+            self.assertEqual({row["kind"] for row in table["rows"]}, {"addr"})
             stats = balancer.ctl("stats")
             self.assertEqual(stats["misses"], {"hoa": 50})
             self.assertEqual(stats["dropped"], {})
@@ -146,7 +146,7 @@ class OtherKeysTests(BedTestCase):
             for home in homes:
                 self.assertEqual(len(bed.served_by(home)), 1, home)
             rows = lb.ctl("show")["rows"]
-            self.assertEqual(sorted(r["key"] for r in rows), sorted(f"src {h}" for h in homes))
+            self.assertEqual(sorted(r["key"] for r in rows), sorted(f"addr {h}" for h in homes))
             # round robin spread the six over the three backends
             self.assertEqual(len({r["backend"] for r in rows}), 3)
 
@@ -175,7 +175,7 @@ class OtherKeysTests(BedTestCase):
                            ["2001:db8:a1::8d3c:51ad:1b2e:9f01"], count=1)
             time.sleep(0.3)
             kinds = sorted(r["kind"] for r in lb.ctl("show")["rows"])
-            self.assertEqual(kinds, ["iid", "src"])
+            self.assertEqual(kinds, ["addr", "iid"])
 
 
 class EspTests(BedTestCase):

@@ -23,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import provider
 
 from lbproxy.core.balancer import Balancer
+from lbproxy.core.keys import Key
 from lbproxy.io.fastpath import FastPath
 from tests.executors import (
     FastPathExecutor,
@@ -123,8 +124,9 @@ class FastPathTests(SynchronousTestCase):
         valid by scapy's computation, for UDP and TCP, in both modes."""
         for mode in ("translate", "transparent"):
             balancer, clock = make(mode=mode)
-            balancer.inbound(mobile(COA1))  # the binding exists from now on
-            packets = [_usual(layer) for layer in (UDP(sport=1, dport=80), TCP(sport=1, dport=80))]
+            balancer.inbound(mobile(COA1))  # the binding exists, and knows COA1, from now on
+            packets = [_usual(layer, COA1)
+                       for layer in (UDP(sport=1, dport=80), TCP(sport=1, dport=80))]  # fmt: skip
             for packet in packets:
                 self.assertTrue(_rfc_checksum_ok(packet))
             sent, fast = forward(balancer, clock, packets)
@@ -132,7 +134,7 @@ class FastPathTests(SynchronousTestCase):
             for _, data in sent:
                 self.assertTrue(_rfc_checksum_ok(data))
                 pkt = IPv6(data)
-                self.assertEqual(pkt.src, HOA if mode == "translate" else COA2)
+                self.assertEqual(pkt.src, HOA if mode == "translate" else COA1)
                 self.assertEqual(IPv6ExtHdrDestOpt in pkt, mode == "transparent")
             self.assertEqual(balancer.counters.hits["hoa"], 2)
 
@@ -143,7 +145,8 @@ class FastPathTests(SynchronousTestCase):
         packets = [raw_mobile(17, hoa, coa, 64, 80, 0, bytes([i])) for i in range(10)]
         sent, fast = forward(balancer, clock, packets, QueueWriter(count=4))
         self.assertEqual([data[-1] for _, data in sent], list(range(10)))
-        self.assertEqual(fast.forwarded, 10)  # the first a miss, bound by the balancer
+        # The first a miss: bound by the general path; the other nine the fast way.
+        self.assertEqual(fast.forwarded, 9)
         self.assertEqual(balancer.counters.packets_out, 10)
 
     def test_configurations_without_fast_path(self) -> None:
@@ -201,18 +204,24 @@ class FastPathTests(SynchronousTestCase):
                 self.assertEqual(len(said), 1)
                 self.assertEqual(said[0]["reason"], reasons[change])
 
-    def test_miss_on_the_fast_path_reports_the_terminal(self) -> None:
-        """A first packet of the usual shape makes its binding through the balancer
-        (scheduler, terminal_seen for notification subscriptions) and is forwarded."""
+    def test_misses_and_moves_go_to_the_core(self) -> None:
+        """A first packet of the usual shape, and the first from a new care-of address,
+        go to the general path: the core binds the terminal (scheduler, terminal_seen for
+        notification subscriptions) and links the new address; the packets after each
+        take the fast path."""
         balancer, clock = make()
         seen: list[tuple[bytes | None, bytes]] = []
         balancer.terminal_seen = lambda home, source: seen.append((home, source))
-        hoa, coa = address(HOA), address(COA1)
-        sent, fast = forward(balancer, clock, [raw_mobile(6, hoa, coa, 64, 80, 0, b"")])
+        hoa, coa, moved = address(HOA), address(COA1), address(COA2)
+        packets = [raw_mobile(6, hoa, c, 64, 80, 0, b"") for c in (coa, coa, moved, moved)]
+        sent, fast = forward(balancer, clock, packets)
         self.assertEqual(seen, [(hoa, coa)])
-        self.assertEqual(fast.forwarded, 1)
-        self.assertEqual(len(sent), 1)
+        self.assertEqual((fast.forwarded, len(sent)), (2, 4))
         self.assertEqual(dict(balancer.counters.misses), {"hoa": 1})
+        binding = balancer.table.get(Key("addr", hoa))
+        assert binding is not None
+        self.assertEqual(binding.care_of, moved)
+        self.assertIs(balancer.table.get(Key("addr", moved)), binding)
 
     def test_removed_backend_takes_general_path(self) -> None:
         """After a reload removes a backend that holds bindings, the binding moves on
@@ -220,7 +229,8 @@ class FastPathTests(SynchronousTestCase):
         (fast, clock), (slow, _) = make(), make()
         first = bytes(mobile(COA1))
         self.assertEqual(forward(fast, clock, [first])[0], general(slow, [first]))
-        used = next(b for b in BACKENDS if b.packed == forward(fast, clock, [first])[0][0][0])
+        to = forward(fast, clock, [first])[0][0][0]
+        used = next(b for b in BACKENDS if b.packed == to)
         general(slow, [first])
         for b in (fast, slow):
             b.set_backends([x for x in BACKENDS if x is not used])
@@ -261,7 +271,7 @@ class FastPathTests(SynchronousTestCase):
                 raise RuntimeError("scheduler bug")
 
         balancer.scheduler = Broken()  # type: ignore[assignment]
-        stranger = raw_mobile(17, bytes(15) + b"\x09", coa, 64, 80, 0, b"new")
+        stranger = raw_mobile(17, bytes(15) + b"\x09", address(COA2), 64, 80, 0, b"new")
         sent, fast = forward(balancer, clock, [known, stranger, known])
         self.assertEqual([data[-5:] for _, data in sent], [b"known", b"known"])
         self.assertEqual((fast.forwarded, fast.errors), (2, 1))

@@ -231,9 +231,9 @@ class ManholeSessionTests(TestCase):
         client.type("show()")
         output = yield client.wait_for(b"(2 bindings)")
         text = output.decode("utf-8", "replace")
-        self.assertIn("hoa 2001:db8:1::16", text)
+        self.assertIn("addr 2001:db8:1::16", text)
         self.assertIn("2001:db8:aa::77", text)  # the care-of address seen
-        self.assertIn("src 2001:db8:2::9", text)
+        self.assertIn("addr 2001:db8:2::9", text)
         self.assertIn("web1", text)
         self.assertIn("web2", text)
         header = next(line for line in text.splitlines() if "care-of" in line)

@@ -217,7 +217,7 @@ class ScrapeTests(TestCase):
         self.addCleanup(port.stopListening)
         first = samples((yield self.get(port.getHost().port)))
         for n in range(10):
-            self.balancer.inbound(hao_packet(f"2001:db8:1::{n + 1:x}", "2001:db8:aa::1"))
+            self.balancer.inbound(hao_packet(f"2001:db8:1::{n + 1:x}", f"2001:db8:aa::{n + 1:x}"))
         second = samples((yield self.get(port.getHost().port)))
         self.assertEqual(
             second[("lbproxy_packets_in_total", ())] - first[("lbproxy_packets_in_total", ())],

@@ -108,7 +108,7 @@ class Session:
 
 def key_of(index: int) -> str:
     """The table key of terminal ``index`` (its home address)."""
-    return f"hoa {addresses.home_address(index)}"
+    return f"addr {addresses.home_address(index)}"
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> float:
@@ -503,9 +503,9 @@ class HomeAgentPoolTests(OperatingBedTestCase):
                                          for n in range(len(path))])
         table = lb.ctl("show")
         self.assertEqual(table["total"], len(terminals))
-        self.assertEqual({r["kind"] for r in table["rows"]}, {"hoa"})
+        self.assertEqual({r["kind"] for r in table["rows"]}, {"addr"})
         self.assertEqual({r["key"]: r["backend"] for r in table["rows"]},
-                         {f"hoa {hoa}": addresses.backend_name(h[0])
+                         {f"addr {hoa}": addresses.backend_name(h[0])
                           for hoa, h in holders.items()})
         self.assertEqual(lb.ctl("stats")["misses"], {"hoa": len(terminals)})
 

@@ -347,10 +347,10 @@ class MaglevTests(SynchronousTestCase):
             self.assertLess(abs(counts[b] / 8000 - b.weight / total), 0.04, (weights, counts))
 
     def test_key_hash_separates_kinds(self) -> None:
-        """The same bytes as a home address and as a source address hash differently,
-        and key_hash is a 64-bit value."""
-        a = Key.parse("hoa 2001:db8::1")
-        b = Key.parse("src 2001:db8::1")
+        """The same bytes as an address and as an interface ID (or an SPI) hash
+        differently, and key_hash is a 64-bit value."""
+        a = Key.parse("addr 2001:db8::1:2:3:4")
+        b = Key.parse("iid 1:2:3:4")
         self.assertNotEqual(key_hash(a), key_hash(b))
         self.assertLess(key_hash(a), 2**64)
 

@@ -219,7 +219,7 @@ class RestartTests(SynchronousTestCase):
         self.assertEqual(after.src, "2001:db8:5::80")
         self.assertEqual((after.dst, after[IPv6ExtHdrRouting].addresses), (new, [home]))
         rows = {row.key: row for row in service.control.rows()}
-        self.assertTrue(rows[f"hoa {home}"].confirmed)
+        self.assertTrue(rows[f"addr {home}"].confirmed)
         # 600 s granted at 0; 130 s have passed: it ends 470 s from now, not later.
         later.advance(469)
         service.balancer.sweep()

@@ -23,12 +23,17 @@ class TableFullError(RuntimeError):
 
 
 def move(balancer: Balancer, key: Key, backend_name: str) -> Binding:
-    """Bind `key` to the named backend now, replacing any binding (its care-of address
-    is kept; an established binding stays established).  ``KeyError`` for an unknown
-    backend, `TableFullError` when a new binding cannot be made."""
+    """Send the terminal `key` identifies to the named backend now: its live binding
+    (found by any of its identities) moves with its aliases, or a binding is made.
+    ``KeyError`` for an unknown backend, `TableFullError` when a new binding cannot be
+    made."""
     backend = balancer.backends[backend_name]
-    old = balancer.table.get(key)
-    binding = balancer.table.insert(key, backend, care_of=old.care_of if old else None)
+    table = balancer.table
+    binding = table.get(key)
+    if binding is not None:
+        table.repoint(binding, backend)
+        return binding
+    binding = table.insert(key, backend)
     if binding is None:
         raise TableFullError("the table is full")
     return binding

@@ -82,6 +82,8 @@ class TraceResult:
     backend: Backend | None
     hit: bool
     reason: str | None
+    #: The packet's other identities (linked to the binding when it is forwarded).
+    aliases: tuple[Key, ...] = ()
 
     @property
     def verdict(self) -> Verdict:
@@ -271,18 +273,22 @@ class Balancer:
 
     # -- decisions (public: every executor uses these) ---------------------------------
 
-    def bind(self, key: Key, home: bytes | None, source: bytes) -> Binding | None:
-        """No binding for `key`: choose a backend and insert one; None if the packet is
-        dropped (counted: ``no-backend``, ``table-full``).
+    def bind(
+        self, key: Key, strategy: str, home: bytes | None, source: bytes
+    ) -> Binding | None:
+        """No identity of the packet has a binding: choose a backend for `key` (found by
+        the strategy named `strategy`) and insert one; None if the packet is dropped
+        (counted: ``no-backend``, ``table-full``).
 
         `home` is the packet's home address (from its HAO) or None, `source` its source
         address.  A terminal keyed other than by its home address whose claimed home has
         a confirmed care-of address with a live binding joins that binding's backend
         (see `_confirmed_backend`).
         """
-        kind = key.kind
-        self.counters.misses[kind] += 1
-        chosen = self._confirmed_backend(home) if home is not None and kind != "hoa" else None
+        self.counters.misses[strategy] += 1
+        chosen = (
+            self._confirmed_backend(home) if home is not None and strategy != "hoa" else None
+        )
         if chosen is None:
             chosen = self.scheduler.choose(key, self.table.load())
         if chosen is None:
@@ -298,41 +304,64 @@ class Balancer:
 
     def backend_for(self, buf: bytearray, view: PacketView) -> Backend | None:
         """The decision for a terminal's (first or only) fragment: its backend, with the
-        table updated (refresh, reassignment, new binding, care-of address); None when
-        dropped (counted)."""
-        found = self._chain.key_for(buf, view)
-        if found is None:
+        table updated; None when dropped (counted).
+
+        The packet's identities (`KeyChain.keys_for`) are looked up in chain order and
+        the first live binding wins: it is refreshed (claim 10), and moved first if its
+        backend may no longer take packets.  With none, the first identity is bound
+        (`bind`).  Then the packet's other identities are linked to the winner as
+        aliases (`StickyTable.link`): one terminal, one binding, whichever identity
+        its next packet shows.  Linking never moves an identity that has a binding of
+        its own: that is a *conflict*, counted by the strategy that found the identity
+        and settled by chain order (the packet goes to the winner's backend).  A packet
+        with a Home Address Option whose source is already the winner's care-of address
+        has nothing new to link (the steady state, which the fast path serves).
+        """
+        found = self._chain.keys_for(buf, view)
+        if not found:
             self.counters.drop("no-key")
             return None
-        key, strategy = found
-        kind = strategy.kind
         table = self.table
-        binding = table.lookup(key)
-        if binding is not None:
+        now = self.clock.seconds()
+        peek = table.peek
+        winner: Binding | None = None
+        kind = ""
+        for key, strategy in found:
+            b = peek(key)
+            if b is not None and b.expires > now:
+                winner, kind = b, strategy.kind
+                break
+        source = bytes(buf[8:24])
+        if winner is not None:
+            table.refresh(winner, now)
             policy = self.policy
-            name = binding.backend.name
+            name = winner.backend.name
             # `Policy.usable`, inlined (this runs for every packet of the general path).
             if name not in policy.backends or (policy.reassign_dead and name in policy.down):
                 # Down (with the reassign policy), or removed by a reload: a removed
                 # backend's replies would be refused (not-from-backend), so always move.
-                replacement = self.scheduler.choose(key, table.load())
+                replacement = self.scheduler.choose(winner.key, table.load())
                 if replacement is None:
                     self.counters.drop("no-backend")
                     return None
-                # Inserting over the entry replaces it and keeps it established.
-                moved = table.insert(key, replacement, care_of=binding.care_of)
-                assert moved is not None  # replacing an entry is never refused
-                binding = moved
+                table.repoint(winner, replacement)
                 self.counters.reassigned += 1
             self.counters.hits[kind] += 1
+            if view.hoa >= 0 and winner.care_of == source:
+                return winner.backend  # nothing new: the steady state
         else:
+            table.stats.misses += 1
+            key, strategy = found[0]
             home = bytes(buf[view.hoa : view.hoa + 16]) if view.hoa >= 0 else None
-            binding = self.bind(key, home, bytes(buf[8:24]))
-            if binding is None:
+            winner = self.bind(key, strategy.kind, home, source)
+            if winner is None:
                 return None
+        for key, strategy in found:
+            if not table.link(winner, key, now):
+                self.counters.conflicts[strategy.kind] += 1
         if view.hoa >= 0:
-            binding.care_of = bytes(buf[8:24])
-        return binding.backend
+            winner.care_of = source
+        return winner.backend
 
     def _confirmed_backend(self, home: bytes) -> Backend | None:
         """The backend of the terminal's confirmed care-of address, if its entry lives.
@@ -347,7 +376,7 @@ class Balancer:
         care_of = self.return_paths.care_of(home)
         if care_of is None:
             return None
-        binding = self.table.get(Key("src", care_of))
+        binding = self.table.get(Key("addr", care_of))
         if binding is None or not self.policy.usable(binding.backend):
             return None
         return binding.backend
@@ -421,7 +450,12 @@ class Balancer:
             self.counters.drop("icmp-error-unknown")
             return None
         terminal = quoted[1]
-        binding = self.table.get(Key("hoa", terminal)) or self.table.get(Key("src", terminal))
+        # The terminal's identities that the reply's destination shows: its address
+        # (its home address, or a care-of address linked to its binding) and, for a
+        # terminal keyed by its interface ID, that.
+        binding = self.table.get(Key("addr", terminal)) or self.table.get(
+            Key("iid", terminal[8:16])
+        )
         if binding is None or binding.backend.name not in policy.backends:
             self.counters.drop("icmp-error-unknown")
             return None
@@ -466,19 +500,26 @@ class Balancer:
         return out
 
     def trace(self, buf: bytes) -> TraceResult:
-        """Which strategy, key and backend this packet would get; nothing is changed."""
+        """Which strategy, key and backend this packet would get; nothing is changed.
+
+        The key is the identity whose binding would win (or, with none, the one that
+        would be bound); ``aliases`` are the packet's other identities."""
         try:
             view = parse(buf)
         except MalformedPacket as e:
             return TraceResult(None, None, None, False, e.reason.value)
         if bytes(buf[24:40]) not in self.policy.vip_set:
             return TraceResult(None, None, None, False, "not-virtual")
-        found = self._chain.key_for(buf, view)
-        if found is None:
+        found = self._chain.keys_for(buf, view)
+        if not found:
             return TraceResult(None, None, None, False, "no-key")
-        key, strategy = found
-        binding = self.table.get(key)
-        if binding is not None and self.policy.usable(binding.backend):
-            return TraceResult(strategy.kind, key, binding.backend, True, None)
+        others = tuple(k for k, _ in found)
+        for key, strategy in found:
+            binding = self.table.get(key)
+            if binding is not None and self.policy.usable(binding.backend):
+                aliases = tuple(k for k in others if k != key)
+                return TraceResult(strategy.kind, key, binding.backend, True, None, aliases)
+        key, strategy = found[0]
         backend = self.scheduler.choose(key, self.table.load())
-        return TraceResult(strategy.kind, key, backend, False, None if backend else "no-backend")
+        return TraceResult(strategy.kind, key, backend, False, None if backend else "no-backend",
+                           others[1:])  # fmt: skip

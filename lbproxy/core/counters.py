@@ -35,6 +35,10 @@ class Counters:
         self.misses: Counter[str] = Counter()
         self._backend_packets: Counter[str] = Counter()
         self.reassigned = 0
+        #: Identities of a packet that had a binding of their own, other than the one
+        #: the packet went to (by the strategy that found them): linking never moves a
+        #: bound identity, chain order settles the packet.
+        self.conflicts: Counter[str] = Counter()
         self.icmp_errors_in = 0
         #: Server-link packets that are not replies (`lbproxy.core.policy.is_reply`):
         #: left to the kernel, not counted as replies.
@@ -84,6 +88,7 @@ class Counters:
             "misses": dict(self.misses),
             "backend_packets": dict(self.backend_packets),
             "reassigned": self.reassigned,
+            "conflicts": dict(self.conflicts),
             "icmp_errors_in": self.icmp_errors_in,
             "ignored": self.ignored,
         }

@@ -166,6 +166,13 @@ def kind_named(name: str) -> KeyKind:
     return _KINDS_BY_NAME[name]
 
 
+def canonical_kind(name: str) -> str:
+    """The name keys of kind `name` print with (``"hoa"`` and ``"src"`` are ``"addr"``);
+    an unknown name is returned as it is."""
+    spec = _KINDS_BY_NAME.get(name)
+    return spec.name if spec is not None else name
+
+
 def unregister_kind(name: str) -> None:
     """Forget the key kind `name` (for tests that register their own; no key of that
     kind may be in use any more).  Unknown names are ignored."""
@@ -174,24 +181,33 @@ def unregister_kind(name: str) -> None:
         del _KINDS_BY_CODE[kind.code]
 
 
-HOA: Final = register_kind("hoa", 16, _format_address, _parse_address, code=1)
+#: An IPv6 address identifying a terminal, whichever header it came from: the home
+#: address in a Home Address Option, or the source address -- which *is* the home
+#: address for a terminal at home or tunnelled through its home agent, and the care-of
+#: address otherwise.  One namespace, so a terminal at home and the same terminal away
+#: (HAO) have one key (RFC 6275 section 9.3.1: a real mobile node reaches a server
+#: tunnelled, source = home address, before it uses route optimisation).
+ADDR: Final = register_kind("addr", 16, _format_address, _parse_address, code=1)
 IID: Final = register_kind("iid", 8, _format_iid, _parse_iid, code=2)
 SPI: Final = register_kind("spi", 4, _format_spi, _parse_spi, code=3)
-SRC: Final = register_kind("src", 16, _format_address, _parse_address, code=4)
+# The names the strategies yielding addresses used for their keys before addresses were
+# one namespace: still read (saved tables, operators' habits), never written.
+_KINDS_BY_NAME["hoa"] = _KINDS_BY_NAME["src"] = ADDR
+HOA: Final = ADDR
+SRC: Final = ADDR
 
 
 # -- the key value -----------------------------------------------------------------------
 
 
 class Key(bytes):
-    """A terminal's identity: a kind (``"hoa"``, ``"iid"``, ``"spi"``, ``"src"``, plugin
-    kinds) and the identity's bytes.
+    """A terminal's identity: a kind (``"addr"``, ``"iid"``, ``"spi"``, plugin kinds;
+    ``"hoa"`` and ``"src"`` are read as ``"addr"``) and the identity's bytes.
 
     Why a ``bytes`` subclass: it is made per packet and looked up in a dict of up to
     millions of entries; ``bytes`` hashing and equality run in C, and the object is one
-    allocation.  ``str(key)`` is the operator's form (``hoa 2001:db8:1::16``,
-    ``iid 0211:22ff:fe33:4455``, ``spi 0x000000da``, ``src 2001:db8::1``) and
-    :meth:`parse` reads it back.
+    allocation.  ``str(key)`` is the operator's form (``addr 2001:db8:1::16``,
+    ``iid 0211:22ff:fe33:4455``, ``spi 0x000000da``) and :meth:`parse` reads it back.
     """
 
     __slots__ = ()
@@ -207,12 +223,12 @@ class Key(bytes):
 
     @property
     def kind(self) -> str:
-        """The kind's name, e.g. ``"hoa"``."""
+        """The kind's name, e.g. ``"addr"``."""
         return _KINDS_BY_CODE[self[0]].name
 
     @property
     def value(self) -> bytes:
-        """The identity's bytes: 16 for hoa/src, 8 for iid, 4 for spi."""
+        """The identity's bytes: 16 for an address, 8 for iid, 4 for spi."""
         return bytes(self[1:])
 
     def __str__(self) -> str:
@@ -410,11 +426,13 @@ register_strategy("src", SourceAddressStrategy)
 
 
 class KeyChain:
-    """Ordered key strategies; the first that yields a key wins.
+    """Ordered key strategies: a packet's identities, best first.
 
     Why a chain: the identities are not equally good (a home address survives every
     move, a source address none) and not always present, so each packet is keyed by the
-    best identity it carries, in the operator's order.
+    best identity it carries, in the operator's order (`key_for`); and all of them
+    (`keys_for`) are linked to one binding, so that every packet of the terminal -- at
+    home, away, its IKE and its ESP -- finds it (`lbproxy.core.balancer`).
     """
 
     __slots__ = ("_calls", "strategies")
@@ -428,12 +446,22 @@ class KeyChain:
         self._calls = tuple((s.key_for, s) for s in self.strategies)
 
     def key_for(self, buf: Buffer, view: PacketView) -> tuple[Key, IKeyStrategy] | None:
-        """The packet's key and the strategy that found it, or None if none did."""
+        """The packet's best key and the strategy that found it, or None if none did."""
         for key_for, strategy in self._calls:
             key = key_for(buf, view)
             if key is not None:
                 return key, strategy
         return None
+
+    def keys_for(self, buf: Buffer, view: PacketView) -> list[tuple[Key, IKeyStrategy]]:
+        """Every identity the packet carries, in chain order, each key once (a terminal
+        at home has the same address as its home address and its source)."""
+        found: list[tuple[Key, IKeyStrategy]] = []
+        for key_for, strategy in self._calls:
+            key = key_for(buf, view)
+            if key is not None and all(key != k for k, _ in found):
+                found.append((key, strategy))
+        return found
 
     @classmethod
     def from_names(cls, names: Sequence[str], **options: Any) -> KeyChain:

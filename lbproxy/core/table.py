@@ -35,6 +35,16 @@ oldest probationary entry; if every entry is established the insert is *refused*
 counted.  A flood of forged identities (one packet each) therefore only ever displaces
 other one-packet entries; established terminals keep their backend.
 
+*Aliases.*  A terminal carries several identities (its home address, its care-of
+address, an interface ID, an SPI...).  One of them is the binding's key; the others are
+*aliases* (:meth:`StickyTable.link`): further dict keys for the same :class:`Binding`, so
+a lookup by any of them is the same hit (same backend, lifetime, counters).  They go with
+the binding (expiry, eviction, removal).  Linking never takes an identity that has a
+live entry of its own: only :meth:`rekey` (an authenticated notification) and
+:meth:`insert` (the scheduler, the operator) change where a bound identity leads.  A
+binding keeps at most ``max_aliases`` aliases, the oldest dropped first, so no terminal
+(and no forger) can make one binding hold an unbounded number of identities.
+
 *Stale filings*: each :class:`Binding` records where it is filed (``_where``: the FIFO
 marker, a wheel bucket, or None once removed).  A filing whose binding has moved on or
 been removed is skipped and dropped when reached, so nothing is searched on removal.
@@ -86,7 +96,8 @@ class Binding:
     :meth:`StickyTable.insert` or :meth:`StickyTable.rekey`, which keep the load counts.
     """
 
-    __slots__ = ("_key", "_where", "backend", "care_of", "created", "expires", "packets")
+    __slots__ = ("_key", "_where", "aliases", "backend", "care_of", "created", "expires",
+                 "packets")
 
     def __init__(
         self,
@@ -103,6 +114,9 @@ class Binding:
         self.expires = expires
         self.packets = packets
         self.care_of = care_of
+        #: The other identities leading here (plain bytes of their Keys), oldest first;
+        #: None when there are none (the common case costs no list).
+        self.aliases: list[bytes] | None = None
         self._where: object = None
 
     @property
@@ -129,8 +143,8 @@ class TableStats:
     sweep's work, which must follow what was due, not the table's size.
     """
 
-    __slots__ = ("evictions", "expirations", "hits", "inserts", "misses", "refusals",
-                 "rekeys", "swept")
+    __slots__ = ("alias_evictions", "evictions", "expirations", "hits", "inserts", "links",
+                 "misses", "refusals", "rekeys", "swept")
 
     def __init__(self) -> None:
         self.hits = 0
@@ -141,6 +155,9 @@ class TableStats:
         self.refusals = 0
         self.rekeys = 0
         self.swept = 0
+        #: Identities linked as aliases, and aliases dropped to keep a binding's bound.
+        self.links = 0
+        self.alias_evictions = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -166,6 +183,7 @@ class StickyTable:
         max_entries: int,
         resolution: float = 1 / 128,
         sweep_grain: float = 1.0,
+        max_aliases: int = 8,
     ) -> None:
         if lifetime <= 0:
             raise ValueError(f"lifetime must be > 0, not {lifetime}")
@@ -178,13 +196,21 @@ class StickyTable:
         self.max_entries: Final = max_entries
         self.resolution: Final = resolution
         self.sweep_grain: Final = sweep_grain
+        self.max_aliases: Final = max_aliases
         self.stats = TableStats()
-        #: Called with (binding, True) when a binding is made or points at another
-        #: backend, and (binding, False) when it goes (expiry, eviction, removal,
-        #: replacement): the seam an executor that keeps its own copy of the table (an
-        #: XDP map) mirrors changes through.  Not called for refreshes.
+        #: Called with (binding, True) when a binding is made, points at another backend
+        #: or gains or loses an alias (its identities are then ``binding.key`` and
+        #: ``binding.aliases``), and (binding, False) when it goes (expiry, eviction,
+        #: removal, replacement; ``aliases`` still lists what went with it): the seam an
+        #: executor that keeps its own copy of the table (an XDP map) mirrors changes
+        #: through.  Not called for refreshes.
         self.listeners: list[Callable[[Binding, bool], object]] = []
         self._entries: dict[bytes, Binding] = {}
+        self._alias_count = 0
+        #: The entry `key` leads to -- live or not, a binding's own key or an alias --
+        #: with nothing counted or refreshed: ``dict.get`` itself, for executors that
+        #: check an entry before taking it (then `refresh`).
+        self.peek: Callable[[bytes], Binding | None] = self._entries.get
         self._load: dict[Backend, int] = {}
         self._probation: deque[Binding] = deque()
         self._wheel: dict[int, list[Binding]] = {}
@@ -224,6 +250,13 @@ class StickyTable:
             self.stats.expirations += 1
             self.stats.misses += 1
             return None
+        self.refresh(b, now)
+        return b
+
+    def refresh(self, b: Binding, now: float) -> None:
+        """A hit on live binding `b` (found with `peek`): its lifetime starts again
+        (claim 10), its packet is counted, and a probationary entry becomes established.
+        `lookup` is `peek`, the expiry check, and this."""
         if now > self._q_end:
             self._requantize(now)
         b.expires = self._q_expires
@@ -231,7 +264,50 @@ class StickyTable:
         if b._where is _PROBATION:
             self._file(b)
         self.stats.hits += 1
-        return b
+
+    def repoint(self, b: Binding, backend: Backend) -> None:
+        """Send live binding `b` -- with its aliases -- to `backend` (a reassignment, an
+        operator's move); its lifetime, counters and segment stay."""
+        self._count(b.backend, -1)
+        self._count(backend, 1)
+        b.backend = backend
+        if self.listeners:
+            self._tell(b, True)
+
+    def link(self, b: Binding, key: Key, now: float | None = None) -> bool:
+        """Make `key` an alias of live binding `b` (another identity of its terminal):
+        True if it leads to `b` now, False if it has a live entry of its own (linking
+        never moves a bound identity: the caller counts the conflict).
+
+        An expired entry under `key` is removed first.  Past ``max_aliases`` the
+        binding's oldest alias is dropped.
+        """
+        entries = self._entries
+        found = entries.get(key)
+        if found is b:
+            return True
+        if found is not None:
+            if now is None:
+                now = self.clock.seconds()
+            if found.expires > now:
+                return False
+            self._take(found, key)
+            self.stats.expirations += 1
+        k = bytes(key)
+        entries[k] = b
+        aliases = b.aliases
+        if aliases is None:
+            aliases = b.aliases = []
+        aliases.append(k)
+        self._alias_count += 1
+        self.stats.links += 1
+        if len(aliases) > self.max_aliases:
+            del entries[aliases.pop(0)]
+            self._alias_count -= 1
+            self.stats.alias_evictions += 1
+        if self.listeners:
+            self._tell(b, True)
+        return True
 
     def insert(
         self,
@@ -251,10 +327,14 @@ class StickyTable:
         if old is not None:
             # An expired entry, not yet swept, is replaced like an absent one.
             established = old.established and old.expires > now
-            self._drop(old)
+            self._take(old, key)
+            if old._key != key and self._size() >= self.max_entries \
+                    and not self._make_room(now):  # fmt: skip
+                self.stats.refusals += 1  # an alias made a binding of its own: room
+                return None
         else:
             established = False
-            if len(self._entries) >= self.max_entries and not self._make_room(now):
+            if self._size() >= self.max_entries and not self._make_room(now):
                 self.stats.refusals += 1
                 return None
         b = self._add(key, backend, now, 1, care_of)
@@ -290,8 +370,9 @@ class StickyTable:
             return None
         old = self._entries.get(key)
         if old is not None:
-            self._drop(old)
-        elif len(self._entries) >= self.max_entries and not self._make_room(now):
+            self._take(old, key)
+        if (old is None or old._key != key) and self._size() >= self.max_entries \
+                and not self._make_room(now):  # fmt: skip
             self.stats.refusals += 1
             return None
         b = self._add(key, backend, now, packets, care_of)
@@ -320,6 +401,8 @@ class StickyTable:
         - T235: `new` still has a live entry (the terminal came back to an address it
           used within a lifetime): no new entry; that one is refreshed, made
           established and pointed at `old`'s backend (moving its load count).
+        - `new` is an alias of another terminal's binding: it leaves that binding and
+          gets an entry of its own, as in T233/T234 (this is an authenticated move).
         - In both cases `care_of` (if given) is set on the returned
           binding.  `old`'s entry is left alone to live out its lifetime.
         - ``old == new`` refreshes that entry.
@@ -330,24 +413,22 @@ class StickyTable:
         if ob is None:
             return None
         nb = ob if new == old else self._live(new, now)
+        if nb is not None and nb is not ob and nb._key != new:
+            self._unlink(nb, bytes(new))
+            nb = None
         if nb is None:
             stale = self._entries.get(new)
             if stale is not None:
-                self._drop(stale)
+                self._take(stale, new)
                 self.stats.expirations += 1
-            if len(self._entries) >= self.max_entries and not self._make_room(now):
+            if self._size() >= self.max_entries and not self._make_room(now):
                 self.stats.refusals += 1
                 return None
             nb = self._add(new, ob.backend, now, 0, care_of)
             self._file(nb)
         else:
-            moved = nb.backend != ob.backend
-            if moved:
-                self._count(nb.backend, -1)
-                self._count(ob.backend, 1)
-            nb.backend = ob.backend
-            if moved and self.listeners:
-                self._tell(nb, True)
+            if nb.backend != ob.backend:
+                self.repoint(nb, ob.backend)
             if now > self._q_end:
                 self._requantize(now)
             nb.expires = self._q_expires
@@ -402,10 +483,11 @@ class StickyTable:
         return self._live(key, self.clock.seconds() if now is None else now)
 
     def remove(self, key: Key) -> Binding | None:
-        """Remove `key`'s entry (live or not yet swept) and return it."""
+        """Remove `key`'s entry (live or not yet swept) and return its binding: a
+        binding's own key takes the binding and its aliases; an alias only itself."""
         b = self._entries.get(key)
         if b is not None:
-            self._drop(b)
+            self._take(b, key)
         return b
 
     def load(self) -> Mapping[Backend, int]:
@@ -413,12 +495,22 @@ class StickyTable:
         return types.MappingProxyType(self._load)
 
     def __len__(self) -> int:
-        """Entries held, including expired ones not yet swept (call expire() first)."""
-        return len(self._entries)
+        """Bindings held (not counting aliases), including expired ones not yet swept
+        (call expire() first)."""
+        return self._size()
+
+    @property
+    def alias_count(self) -> int:
+        """Aliases held (identities leading to another identity's binding)."""
+        return self._alias_count
+
+    def _size(self) -> int:
+        return len(self._entries) - self._alias_count
 
     def __iter__(self) -> Iterator[tuple[Key, Binding]]:
-        """(key, binding) for every entry held, from a snapshot (safe to mutate)."""
-        return iter([(_as_key(k), b) for k, b in self._entries.items()])
+        """(key, binding) for every binding held, by its own key (aliases are in
+        ``binding.aliases``), from a snapshot (safe to mutate)."""
+        return iter([(_as_key(k), b) for k, b in self._entries.items() if b._key is k])
 
     def __contains__(self, key: object) -> bool:
         """True if `key` has a live entry."""
@@ -465,11 +557,33 @@ class StickyTable:
             del self._load[backend]
 
     def _drop(self, b: Binding) -> None:
-        del self._entries[b._key]
+        entries = self._entries
+        del entries[b._key]
+        aliases = b.aliases
+        if aliases:
+            for k in aliases:
+                del entries[k]
+            self._alias_count -= len(aliases)
         self._count(b.backend, -1)
         b._where = None
         if self.listeners:
             self._tell(b, False)
+
+    def _take(self, b: Binding, key: bytes) -> None:
+        """Remove what `key` is in `b`: the whole binding if it is `b`'s own key, else
+        that alias."""
+        if b._key == key:
+            self._drop(b)
+        else:
+            self._unlink(b, bytes(key))
+
+    def _unlink(self, b: Binding, key: bytes) -> None:
+        assert b.aliases is not None
+        b.aliases.remove(key)
+        del self._entries[key]
+        self._alias_count -= 1
+        if self.listeners:
+            self._tell(b, True)
 
     def _tell(self, b: Binding, bound: bool) -> None:
         for listener in self.listeners:
@@ -488,7 +602,7 @@ class StickyTable:
         """Free one entry for an insert: sweep what is due, else evict the oldest
         probationary entry.  False if every entry is established and live."""
         self.expire(now)
-        if len(self._entries) < self.max_entries:
+        if self._size() < self.max_entries:
             return True
         fifo = self._probation
         while fifo:

@@ -13,14 +13,15 @@ It is an *executor*: the decisions are the core's.  Per batch it reads the publi
 `lbproxy.core.policy.Policy` (virtual address, ports, mode, the checksum constant of
 "destination := backend" per backend, and whether the fast path may serve this
 configuration at all -- if not, why not, said once in the log and in ``lbproxyctl
-stats``); per packet it calls only public operations: `StickyTable.lookup` with the
-home-address key (refreshing the binding), `Balancer.bind` on a miss (the scheduler,
-the notification subscription), and the shared `Counters`.  Then the care-of update, the
-hop limit and the rewrite -- translate mode: HAO removed, source := home address,
-destination := backend; transparent mode: destination := backend -- as `nat` does it.
-Any other packet -- another layout, a fragment, ICMPv6, a packet the writer could not
-take directly -- goes, in its turn (order is kept), to the reader's general handling:
-a ``bytearray`` copy through `Balancer.inbound`.
+stats``); per packet it calls only public operations: `StickyTable.peek` with the
+home-address key, and `StickyTable.refresh` when the binding is live and already knows
+this care-of address (the steady state: the packet has no identity to link), and the
+shared `Counters`.  Then the hop limit and the rewrite -- translate mode: HAO removed,
+source := home address, destination := backend; transparent mode: destination :=
+backend -- as `nat` does it.  Any other packet -- a miss, a new care-of address (whose
+identities the core links), another layout, a fragment, ICMPv6, a packet the writer
+could not take directly -- goes, in its turn (order is kept), to the reader's general
+handling: a ``bytearray`` copy through `Balancer.inbound`.
 
 Replies (`FastPath.reply`): the usual reply from a backend -- IPv6 straight to UDP or
 TCP, to a terminal -- gets the virtual address as its source (one checksum constant per
@@ -72,8 +73,8 @@ PADN2_HAO = b"\x01\x02\x00\x00\xc9\x10"
 _IN = struct.Struct("!IHBB16s24s16sxxH")
 #: The rewritten IPv6 header.
 _OUT = struct.Struct("!IHBB16s16s")
-#: The first byte of every home-address key (see `lbproxy.core.keys.Key`).
-_HOA_KIND = Key("hoa", bytes(16))[:1]
+#: The first byte of every address key (see `lbproxy.core.keys.Key`).
+_ADDR_KIND = Key("addr", bytes(16))[:1]
 _MASK = 0xFFFF
 _HOP_LIMIT = nat.Drop.HOP_LIMIT.value
 _UDP, _TCP, _DSTOPTS, _ROUTING = 17, 6, 60, 43
@@ -177,7 +178,7 @@ class FastPath:
             return
         vip, ports, translate = policy.vips[0], policy.ports, policy.translate
         balancer = self.balancer
-        lookup, bind, counters = balancer.table.lookup, balancer.bind, balancer.counters
+        peek, refresh, counters = balancer.table.peek, balancer.table.refresh, balancer.counters
         drop, backends = counters.drop, self._backends
         # Bytes 24..47 of the shape: the virtual address, then the Destination Options
         # header's next header (UDP or TCP) and length (2: 24 bytes), PadN(2)+HAO.
@@ -216,16 +217,15 @@ class FastPath:
                     ):
                         other(s, n)
                         continue
+                    binding = peek(_ADDR_KIND + hoa)
+                    if binding is None or binding.expires <= now or binding.care_of != src:
+                        # A miss, or a care-of address the binding has not seen: the
+                        # identities to link are the core's business (the general path).
+                        other(s, n)
+                        continue
                     taken += 1
-                    binding = lookup(_HOA_KIND + hoa, now)
-                    if binding is None:
-                        binding = bind(Key("hoa", hoa), hoa, src)
-                        if binding is None:
-                            continue  # dropped and counted
-                    else:
-                        hits += 1
-                    if binding.care_of != src:
-                        binding.care_of = src
+                    refresh(binding, now)
+                    hits += 1
                     if hop <= 1:
                         drop(_HOP_LIMIT)
                         continue

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from lbproxy.core import actions
+from lbproxy.core.keys import Key as _Key
+from lbproxy.core.keys import canonical_kind
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -58,13 +60,15 @@ class Row:
     packets: int
     care_of: str | None
     confirmed: bool
+    #: The terminal's other identities leading to this binding (`StickyTable.link`).
+    aliases: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """The row as JSON-ready values."""
         return attrs.asdict(self)
 
 
-COLUMNS = ("kind", "key", "backend", "left", "packets", "care-of", "confirmed")
+COLUMNS = ("kind", "key", "backend", "left", "packets", "care-of", "confirmed", "aliases")
 
 
 def _cells(row: Mapping[str, Any]) -> list[str]:
@@ -77,6 +81,7 @@ def _cells(row: Mapping[str, Any]) -> list[str]:
         str(row["packets"]),
         care_of if care_of else "-",
         "yes" if row["confirmed"] else "no",
+        ", ".join(row.get("aliases") or ()) or "-",
     ]
 
 
@@ -116,6 +121,11 @@ def parse_packet(packet: bytes | bytearray | str) -> bytes:
         return bytes.fromhex(cleaned)
     except ValueError as exc:
         raise OperatorError(f"not a hex packet: {exc}") from None
+
+
+def _as_key(data: bytes) -> _Key:
+    """The Key whose bytes are `data` (an alias as the table keeps it)."""
+    return bytes.__new__(_Key, data)
 
 
 def _address(raw: bytes | None) -> str | None:
@@ -189,8 +199,8 @@ class Control:
         paths = getattr(self.balancer, "return_paths", None)
         if paths is None:
             return False
-        if key.kind == "hoa":
-            return paths.care_of(key.value) is not None
+        if key.kind == "addr" and paths.care_of(key.value) is not None:
+            return True  # a home address with a confirmed care-of address
         care_of = binding.care_of
         return care_of is not None and paths.is_confirmed_care_of(care_of)
 
@@ -203,6 +213,7 @@ class Control:
             packets=binding.packets,
             care_of=_address(binding.care_of),
             confirmed=self._confirmed(key, binding),
+            aliases=tuple(str(_as_key(a)) for a in binding.aliases or ()),
         )
 
     def rows(
@@ -219,6 +230,8 @@ class Control:
         ``backend`` are exact filters.
         """
         now = self.clock.seconds()
+        if kind is not None:
+            kind = canonical_kind(kind)
         out = []
         for key, binding in self.balancer.table:
             if binding.expires <= now:
