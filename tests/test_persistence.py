@@ -8,7 +8,9 @@ import os
 from typing import Any
 
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from lbproxy.core.returnpaths import ReturnPaths
 from lbproxy.ops import persistence
@@ -166,11 +168,11 @@ class RoundTripTests(SynchronousTestCase):
         self.assertEqual((result.restored, result.refused), (2, 1))
 
     def test_missing_file_is_an_empty_start(self) -> None:
-        """No file: nothing restored, no error."""
+        """No file: nothing restored, no error, and the result says there was none."""
         clock = Clock()
         table = new_table(clock, 100.0, 10)
         result = persistence.load(table, self.path, BY_NAME, 0.0)
-        self.assertEqual(result, persistence.RestoreResult())
+        self.assertEqual(result, persistence.RestoreResult(found=False))
 
     def test_save_is_atomic(self) -> None:
         """A failing save leaves the previous file intact and no temporary file behind."""
@@ -250,7 +252,7 @@ class ServiceTests(SynchronousTestCase):
             table, path, lambda: BY_NAME, clock, interval=30.0, parse_key=PARSE_KEY
         )
         service.startService()
-        self.assertEqual(service.last_restore, persistence.RestoreResult())
+        self.assertEqual(service.last_restore, persistence.RestoreResult(found=False))
         table.insert(key("hoa 2001:db8:1::1"), B2)
         self.assertFalse(os.path.exists(path))
         clock.advance(30)  # periodic save
@@ -329,3 +331,323 @@ class RealTableTests(SynchronousTestCase):
         self.assertIsNotNone(fresh.get(busy))  # established: never evicted by the flood
         clock.advance(21)
         self.assertIsNone(fresh.get(busy))  # expired on time, not a full lifetime later
+
+
+# -- bad input never stops the service (issue 14) ----------------------------------------
+
+GOOD_LINE = {"key": "hoa 2001:db8:1::1", "backend": "b1", "left": 30.0, "packets": 5,
+             "care_of": "2001:db8:aa::1"}  # fmt: skip
+
+
+def file_text(header: dict[str, Any] | None = None, lines: list[str] | None = None,
+              trailer: str | None = None) -> bytes:
+    """A version 3 file whose checksum is right (so that what is checked is the rest),
+    unless ``trailer`` replaces the checksum line."""
+    import hashlib
+
+    body = [json.dumps(GOOD_LINE)] if lines is None else lines
+    head = {"format": "lbproxy-table", "version": 3, "saved_at": 100.0, "count": len(body),
+            "return_paths": 0}  # fmt: skip
+    head.update(header or {})
+    data = "".join(line + "\n" for line in [json.dumps(head), *body]).encode()
+    if trailer is None:
+        trailer = json.dumps({"sha256": hashlib.sha256(data).hexdigest()})
+    return data + trailer.encode() + b"\n"
+
+
+@implementer(ILogObserver)
+class LineObserver:
+    """Keeps each log event as its formatted line."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.lines.append(formatEvent(event))
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+#: (name, file contents, what the log line says).  Every file is refused whole and set
+#: aside; the service runs on with an empty table.
+CRAFTED: list[tuple[str, bytes, str]] = [
+    ("empty", b"", "empty file"),
+    ("header-not-json", b"{not json\n", "header is not JSON"),
+    ("other-format", file_text({"format": "other"}), "not an lbproxy table file"),
+    ("version-99", file_text({"version": 99}), "version 99 not supported"),
+    ("version-true", file_text({"version": True}), "version True not supported"),
+    ("saved-at-nan", file_text({"saved_at": float("nan")}), "NaN is not a number JSON allows"),
+    ("saved-at-400-digits", file_text({"saved_at": 10**400}), "saved_at must be within"),
+    ("count-negative", file_text({"count": -1}), "count must be a count"),
+    ("left-nan-established",
+     file_text(lines=[json.dumps({**GOOD_LINE, "left": float("nan")})]),
+     "NaN is not a number JSON allows"),
+    ("left-infinity", file_text(lines=[json.dumps({**GOOD_LINE, "left": float("inf")})]),
+     "Infinity is not a number JSON allows"),
+    ("left-1e400", file_text(lines=[json.dumps(GOOD_LINE).replace("30.0", "1e400")]),
+     "left must be a finite number"),
+    ("left-400-digits", file_text(lines=[json.dumps({**GOOD_LINE, "left": 10**400})]),
+     "left must be within 0..1e+09"),
+    ("left-negative", file_text(lines=[json.dumps({**GOOD_LINE, "left": -5})]),
+     "left must be within"),
+    ("packets-400-digits", file_text(lines=[json.dumps({**GOOD_LINE, "packets": 10**400})]),
+     "packets must be an integer within"),
+    ("nested-100000", file_text(lines=[nested(100_000)]), "line longer than 65536 bytes"),
+    ("nested-30000", file_text(lines=[nested(30_000)]), "nested too deeply"),
+    ("nested-header", nested(20_000).encode() + b"\n", "header is nested too deeply"),
+    ("care-of-garbage", file_text(lines=[json.dumps({**GOOD_LINE, "care_of": "ff02::zz"})]),
+     "ff02::zz"),
+    ("checksum-mismatch",
+     file_text(lines=[json.dumps(GOOD_LINE)]).replace(b'"b1"', b'"b2"', 1),
+     "checksum mismatch"),
+    ("checksum-missing", file_text(trailer="").rstrip(b"\n"), "no checksum line"),
+    ("checksum-malformed", file_text(trailer='{"sha1": "00"}'), "not a checksum line"),
+    ("line-after-checksum", file_text() + b'{"key": "extra"}\n', "more lines than the header"),
+    ("truncated", b"".join(file_text({"count": 2}).splitlines(keepends=True)[:-1]),
+     "header says 2 bindings and 0 return paths, the file ends after 1 (truncated?)"),
+    ("count-too-high", file_text({"count": 2}), ":3: key and backend must be strings"),
+    ("not-utf8", file_text().replace(b'"b1"', b'"\xff1"', 1), "not UTF-8"),
+    ("oversized", file_text(lines=[json.dumps(GOOD_LINE)] * 12_000),
+     "more than max_bytes (1048576)"),
+]
+
+
+class CraftedFileTests(SynchronousTestCase):
+    """Crafted files against the real table: refused in one log line, set aside, the
+    service running with an empty table and no return path."""
+
+    MAX_BYTES = 1 << 20
+
+    def start(self, path: str) -> tuple[Any, Any, TablePersistence, list[str]]:
+        from twisted.logger import Logger
+
+        from lbproxy.core.keys import Key as RealKey
+        from lbproxy.core.selection import Backend as RealBackend
+        from lbproxy.core.table import StickyTable as RealTable
+
+        lines: list[str] = []
+        self.patch(persistence, "log", Logger(observer=LineObserver(lines)))
+        clock = Clock()
+        clock.advance(110)
+        table = RealTable(clock, lifetime=100.0, max_entries=1000)
+        paths = ReturnPaths(clock, 1000)
+        backends = {"b1": RealBackend("b1", "2001:db8:100::1"),
+                    "b2": RealBackend("b2", "2001:db8:100::2")}  # fmt: skip
+        service = TablePersistence(table, path, lambda: backends, clock, interval=60.0,
+                                   parse_key=RealKey.parse, return_paths=paths,
+                                   max_bytes=self.MAX_BYTES)  # fmt: skip
+        service.startService()
+        self.addCleanup(lambda: service.stopService() if service.running else None)
+        return table, paths, service, lines
+
+    def test_the_good_file_is_restored(self) -> None:
+        """The file the crafted ones are made from restores its binding: what refuses
+        each crafted file is its damage."""
+        path = self.mktemp()
+        with open(path, "wb") as handle:
+            handle.write(file_text())
+        table, _, service, lines = self.start(path)
+        self.assertEqual(len(table), 1)
+        self.assertIsNone(service.last_restore and service.last_restore.error)
+        self.assertIn("Restored 1 bindings", lines[-1])
+
+    def test_crafted_files(self) -> None:
+        """Each file: one error line naming the file and the reason; the file kept as
+        ``<path>.corrupt-110``; an empty table and no return path; the service running;
+        nothing raised out of startService (no RecursionError, OverflowError...)."""
+        self.assertGreaterEqual(len(CRAFTED), 20)
+        wrong = []
+        for name, data, reason in CRAFTED:
+            directory = self.mktemp()
+            os.makedirs(directory)
+            path = os.path.join(directory, "table.jsonl")
+            with open(path, "wb") as handle:
+                handle.write(data)
+            table, paths, service, lines = self.start(path)
+            errors = [line for line in lines if line.startswith("Refused the saved table")]
+            problems = []
+            if len(errors) != 1 or reason not in errors[0] or path not in errors[0]:
+                problems.append(f"log {lines}")
+            elif "\n" in errors[0] or "kept aside as " + path + ".corrupt-110" not in errors[0]:
+                problems.append(f"log line {errors[0]!r}")
+            if len(table) or len(paths) or not service.running:
+                problems.append(f"state: {len(table)} bindings, {len(paths)} paths")
+            if os.path.exists(path) or not os.path.exists(path + ".corrupt-110"):
+                problems.append(f"not set aside: {os.listdir(directory)}")
+            if problems:
+                wrong.append(f"{name}: {problems}")
+        self.assertEqual(wrong, [])
+
+    def test_a_directory_is_left_where_it_is(self) -> None:
+        """Something that is not a file at the path is refused, not moved."""
+        path = self.mktemp()
+        os.makedirs(path)
+        table, _, service, lines = self.start(path)
+        self.assertEqual((len(table), service.running), (0, True))
+        self.assertIn("not a regular file", lines[-1])
+        self.assertTrue(os.path.isdir(path))
+
+    def test_random_damage_is_refused_never_loaded_as_other_data(self) -> None:
+        """Two thousand random damages to a saved file (a byte changed, a byte removed,
+        the file cut short, two lines swapped): each is refused, or reads back exactly
+        what was saved (damage JSON does not see, like a space turned into a tab)."""
+        import random
+
+        from lbproxy.core.keys import Key as RealKey
+        from lbproxy.core.selection import Backend as RealBackend
+        from lbproxy.core.table import StickyTable as RealTable
+
+        clock = Clock()
+        table = RealTable(clock, lifetime=300.0, max_entries=100)
+        paths = ReturnPaths(clock, 100)
+        backends = [RealBackend("b1", "2001:db8:100::1"), RealBackend("b2", "2001:db8:100::2")]
+        for i in range(20):
+            binding = table.insert(RealKey.parse(f"hoa 2001:db8:1::{i + 1:x}"), backends[i % 2])
+            assert binding is not None
+            binding.care_of = ipaddress.IPv6Address(f"2001:db8:aa::{i + 1:x}").packed
+            clock.advance(1.5)
+        paths.confirm(HOME, CARE_OF, lifetime=50.0)
+        path = self.mktemp()
+        persistence.save(table, path, clock.seconds(), paths)
+        with open(path, "rb") as handle:
+            original = handle.read()
+        expected = persistence.read_table(path)
+        rng = random.Random(14)
+        loaded_other = refused = 0
+        for _ in range(2000):
+            data = bytearray(original)
+            how = rng.randrange(4)
+            at = rng.randrange(len(data))
+            if how == 0:
+                data[at] = rng.choice([b for b in range(256) if b != data[at]])
+            elif how == 1:
+                del data[at]
+            elif how == 2:
+                del data[at:]
+            else:
+                lines = bytes(data).split(b"\n")
+                i, j = rng.sample(range(len(lines) - 1), 2)
+                lines[i], lines[j] = lines[j], lines[i]
+                data = bytearray(b"\n".join(lines))
+            with open(path, "wb") as handle:
+                handle.write(bytes(data))
+            try:
+                got = persistence.read_table(path)
+            except CorruptTableFile:
+                refused += 1
+                continue
+            if got != expected:
+                loaded_other += 1
+        self.assertEqual(loaded_other, 0)
+        self.assertGreater(refused, 1900)
+
+
+class HousekeepingTests(SynchronousTestCase):
+    """The directory, orphan temporary files, the size cap on save, the log at start."""
+
+    def service(self, path: str, max_bytes: int = persistence.DEFAULT_MAX_BYTES
+                ) -> tuple[TablePersistence, list[str], Any]:  # fmt: skip
+        from twisted.logger import Logger
+
+        lines: list[str] = []
+        self.patch(persistence, "log", Logger(observer=LineObserver(lines)))
+        clock = Clock()
+        table = new_table(clock, 100.0, 10)
+        service = TablePersistence(table, path, lambda: BY_NAME, clock, interval=0,
+                                   parse_key=PARSE_KEY, max_bytes=max_bytes)  # fmt: skip
+        return service, lines, table
+
+    def test_no_file_says_so(self) -> None:
+        """A first start logs that there is no saved table, not "Restored 0 bindings"."""
+        path = self.mktemp()
+        service, lines, _ = self.service(path)
+        service.startService()
+        self.assertEqual(lines, [f"No saved table at {path} yet; starting with an empty table."])
+        service.stopService()
+
+    def test_missing_directory_is_created_private(self) -> None:
+        """A missing directory (and missing parents) are created with mode 0700; the
+        existing parent keeps its mode."""
+        base = self.mktemp()
+        os.makedirs(base)
+        os.chmod(base, 0o755)
+        path = os.path.join(base, "var", "lib", "table.jsonl")
+        service, lines, table = self.service(path)
+        service.startService()
+        for directory in (os.path.join(base, "var"), os.path.join(base, "var", "lib")):
+            self.assertEqual(os.stat(directory).st_mode & 0o777, 0o700, directory)
+        self.assertEqual(os.stat(base).st_mode & 0o777, 0o755)
+        self.assertIn(f"Created {os.path.abspath(os.path.join(base, 'var'))} (mode 0700)",
+                      lines[0])  # fmt: skip
+        table.insert(key("hoa 2001:db8:1::1"), B1)
+        service.stopService()
+        self.assertEqual(len(persistence.read(path)[1]), 1)
+
+    def test_orphan_temporary_files_are_removed(self) -> None:
+        """``<path>.tmp.<pid>`` of processes that are gone (and of this pid, left by an
+        earlier process with it) are removed at start; a live process's is kept, and so
+        are files that only look similar."""
+        import subprocess
+        import sys
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "table.jsonl")
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        self.addCleanup(live.wait)
+        self.addCleanup(live.kill)
+        names = {
+            f"table.jsonl.tmp.{gone.pid}": False,
+            f"table.jsonl.tmp.{os.getpid()}": False,
+            f"table.jsonl.tmp.{live.pid}": True,
+            "table.jsonl.tmp.notapid": True,
+            "other.jsonl.tmp.1": True,
+        }
+        for name in names:
+            with open(os.path.join(directory, name), "wb") as handle:
+                handle.write(b"x" * 1000)
+        service, lines, _ = self.service(path)
+        service.startService()
+        service.stopService()
+        for name, kept in names.items():
+            self.assertEqual(os.path.exists(os.path.join(directory, name)), kept, name)
+        self.assertIn(f"Removed 2 temporary files (2000 bytes) that interrupted saves left "
+                      f"next to {path}.", lines)  # fmt: skip
+
+    def test_save_over_the_cap_keeps_the_previous_file(self) -> None:
+        """A table that would exceed max_bytes is not written (it could not be read
+        back): the error is logged and the previous file stays."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "table.jsonl")
+        service, lines, table = self.service(path, max_bytes=600)
+        service.startService()
+        table.insert(key("hoa 2001:db8:1::1"), B1)
+        self.assertEqual(service.save(), 1)
+        with open(path, "rb") as handle:
+            before = handle.read()
+        for n in range(2, 9):
+            table.insert(key(f"hoa 2001:db8:1::{n}"), B2)
+        self.assertEqual(service.save(), 0)
+        self.assertIn("max_bytes (600)", lines[-1])
+        with open(path, "rb") as handle:
+            self.assertEqual(handle.read(), before)
+        self.assertEqual(os.listdir(directory), ["table.jsonl"])
+        service.stopService()
+
+    def test_the_file_carries_its_checksum(self) -> None:
+        """Version 3: the last line is the SHA-256 of every byte before it."""
+        import hashlib
+
+        path = self.mktemp()
+        clock = Clock()
+        persistence.save(filled(clock), path, clock.seconds())
+        with open(path, "rb") as handle:
+            data = handle.read()
+        body, trailer = data[: data.rstrip(b"\n").rfind(b"\n") + 1], data.splitlines()[-1]
+        self.assertEqual(json.loads(data.splitlines()[0])["version"], 3)
+        self.assertEqual(json.loads(trailer), {"sha256": hashlib.sha256(body).hexdigest()})

@@ -7,28 +7,40 @@ and read back on start.
 
 Theory of operation:
 
-* The file is JSON lines: a header ``{"format": "lbproxy-table", "version": 2,
+* The file is JSON lines: a header ``{"format": "lbproxy-table", "version": 3,
   "saved_at": T, "count": N, "return_paths": M}``, then one object per binding: key
   text (``Key.__str__``), backend *name*, seconds of lifetime ``left`` at ``T``,
   packets, care-of address; then one object per confirmed return path
   (`lbproxy.core.returnpaths`): ``{"home": ..., "care_of": ..., "left": seconds or
-  null}``.  Backends are saved by name so that a restart with a changed address or
+  null}``; then a trailer ``{"sha256": HEX}``, the SHA-256 of every byte before it.
+  Backends are saved by name so that a restart with a changed address or
   weight still finds them.  Return paths are saved because replies use them: without
   them a restart would send every confirmed terminal's replies towards its home
   address, without the Type 2 Routing Header, until its next notification.
-* Version 1 files (no return-path lines; a ``confirmed`` flag on bindings) are still
-  read: a confirmed home-address binding with a care-of address becomes a return path
-  with the binding's lifetime.
-* Writing is atomic: a temporary file in the same directory, flushed and
-  fsynced, then ``os.replace`` over the old one.  A crash mid-write leaves
-  the previous file intact.  The file is mode 0600: it lists terminals.
+* The checksum makes damage detectable: a flipped bit, a truncated or spliced file is
+  refused, never restored as different bindings.  Versions 1 and 2 (no trailer) are
+  still read so that an upgrade keeps the table; version 1 files (no return-path lines;
+  a ``confirmed`` flag on bindings) turn a confirmed home-address binding with a care-of
+  address into a return path with the binding's lifetime.
+* Writing is atomic: a temporary file ``<file>.tmp.<pid>`` in the same directory,
+  flushed and fsynced, then ``os.replace`` over the old one.  A crash mid-write leaves
+  the previous file intact; the temporary files of processes that no longer run are
+  removed at the next start.  The file is mode 0600: it lists terminals.  The directory
+  is created (mode 0700) when missing; an existing one is never changed.
 * On restore each binding's lifetime is ``left - (now - saved_at)``: the time
   the balancer was down counts, so what would have expired stays expired.
   Bindings to backends that no longer exist are dropped and counted.
-* A file that cannot be read (bad JSON, wrong format or version, wrong count)
-  is refused with one clear log message, moved aside as ``<file>.corrupt-<T>``
-  for inspection, and the balancer starts with an empty table.  It never
-  crashes the service.
+* A file that cannot be read is refused with one clear log line naming the file, the
+  line and the reason, moved aside as ``<file>.corrupt-<T>`` for inspection, and the
+  balancer starts with an empty table; nothing of it is restored.  That covers bad
+  JSON, a wrong format, version, count or checksum, numbers JSON does not allow (NaN,
+  Infinity), numbers out of range (a 400-digit ``left``), nesting too deep for the
+  parser, a line longer than `MAX_LINE_BYTES`, and a file larger than ``max_bytes``
+  (found from its size, before it is read; ``[persistence] max_bytes``, by default the
+  larger of `DEFAULT_MAX_BYTES` and `max_bytes_for` ``max_entries``, what a full table
+  needs).  It never crashes the service.  Saving a table that would exceed
+  ``max_bytes`` is refused too (logged; the previous file stays), so what is saved can
+  always be read back.
 
 ``saved_at`` and ``now`` are the table clock's seconds (``reactor.seconds()``,
 wall-clock time, in production; a ``task.Clock`` in tests).
@@ -36,9 +48,14 @@ wall-clock time, in production; a ``task.Clock`` in tests).
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import hmac
 import ipaddress
 import json
+import math
 import os
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +63,8 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+
+from lbproxy.preflight import make_private_directories
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -56,9 +75,33 @@ if TYPE_CHECKING:
     from lbproxy.core.table import StickyTable
 
 FORMAT = "lbproxy-table"
-VERSION = 2
+VERSION = 3
 #: Versions `read` accepts.
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
+#: Versions whose last line is the ``{"sha256": ...}`` trailer.
+CHECKSUMMED_VERSIONS = (3,)
+#: Bytes per table entry a file may need: a binding line (key, a backend name of up to
+#: 63 characters, a care-of address, a 20-digit packet count: under 256 bytes) plus its
+#: return path line (under 128).
+BYTES_PER_ENTRY = 384
+#: The header and the trailer, generously.
+HEADER_BYTES = 4096
+#: No line the writer makes comes near this; a longer one is damage.
+MAX_LINE_BYTES = 1 << 16
+#: Bounds on saved numbers: seconds left (about 31 years), the clock, packet counts.
+MAX_LEFT = 1e9
+MAX_SAVED_AT = 1e12
+MAX_PACKETS = 2**64 - 1
+
+
+def max_bytes_for(max_entries: int) -> int:
+    """The size a file of a full table of ``max_entries`` bindings (and as many return
+    paths) stays under: the default and the least ``[persistence] max_bytes``."""
+    return HEADER_BYTES + BYTES_PER_ENTRY * max_entries
+
+
+#: ``max_bytes_for`` the default ``max_entries`` (1,000,000): 384,004,096 bytes.
+DEFAULT_MAX_BYTES = max_bytes_for(1_000_000)
 
 log = Logger()
 
@@ -101,23 +144,38 @@ class SavedBinding:
         confirmed = obj.get("confirmed", False)
         if not isinstance(key, str) or not isinstance(backend, str):
             raise ValueError("key and backend must be strings")
-        if not isinstance(left, int | float) or isinstance(left, bool):
-            raise ValueError("left must be a number")
-        if not isinstance(packets, int) or isinstance(packets, bool) or packets < 0:
-            raise ValueError("packets must be a non-negative integer")
+        seconds = _number(left, "left", 0.0, MAX_LEFT)
+        if not isinstance(packets, int) or isinstance(packets, bool) or \
+                not 0 <= packets <= MAX_PACKETS:
+            raise ValueError(f"packets must be an integer within 0..{MAX_PACKETS}")
         if not isinstance(confirmed, bool):
             raise ValueError("confirmed must be true or false")
         packed = None
         if care_of is not None:
             if not isinstance(care_of, str):
                 raise ValueError("care_of must be an address")
-            packed = ipaddress.IPv6Address(care_of).packed
-        return cls(key, backend, float(left), packets, packed, confirmed)
+            packed = _address(obj, "care_of")
+        return cls(key, backend, seconds, packets, packed, confirmed)
+
+
+def _number(value: object, name: str, minimum: float, maximum: float) -> float:
+    """``value`` as a finite float within ``minimum..maximum``; ``ValueError`` otherwise.
+
+    Integers are compared before they are converted: a 400-digit one is out of range,
+    not an ``OverflowError``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be within {minimum:g}..{maximum:g}")
+    return float(value)
 
 
 def _address(obj: dict[str, Any], name: str) -> bytes:
     value = obj.get(name)
-    if not isinstance(value, str):
+    if not isinstance(value, str) or len(value) > 64:
         raise ValueError(f"{name} must be an IPv6 address")
     return ipaddress.IPv6Address(value).packed
 
@@ -144,10 +202,8 @@ class SavedReturnPath:
         if not isinstance(obj, dict) or "home" not in obj:
             raise ValueError("not a return path object")
         left = obj.get("left")
-        if left is not None and (not isinstance(left, int | float) or isinstance(left, bool)):
-            raise ValueError("left must be a number or null")
-        return cls(_address(obj, "home"), _address(obj, "care_of"),
-                   None if left is None else float(left))  # fmt: skip
+        seconds = None if left is None else _number(left, "left", 0.0, MAX_LEFT)
+        return cls(_address(obj, "home"), _address(obj, "care_of"), seconds)
 
 
 @attrs.frozen
@@ -170,6 +226,8 @@ class RestoreResult:
     error: str | None = None
     moved_to: str | None = None
     return_paths: int = 0
+    #: False when there was no file to restore from (a first start).
+    found: bool = True
 
 
 def snapshot(table: StickyTable, now: float) -> list[SavedBinding]:
@@ -199,29 +257,58 @@ def snapshot_return_paths(return_paths: ReturnPaths, now: float) -> list[SavedRe
 
 def _lines(
     saved: list[SavedBinding], paths: list[SavedReturnPath], now: float
-) -> Iterator[str]:
+) -> Iterator[bytes]:
+    """The file's lines, each ending in a newline, the checksum trailer last."""
     header = {"format": FORMAT, "version": VERSION, "saved_at": now, "count": len(saved),
               "return_paths": len(paths)}  # fmt: skip
-    yield json.dumps(header) + "\n"
+    digest = hashlib.sha256()
+    for obj in _objects(header, saved, paths):
+        line = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+        digest.update(line)
+        yield line
+    yield json.dumps({"sha256": digest.hexdigest()}).encode() + b"\n"
+
+
+def _objects(
+    header: dict[str, Any], saved: list[SavedBinding], paths: list[SavedReturnPath]
+) -> Iterator[dict[str, Any]]:
+    yield header
     for entry in saved:
-        yield json.dumps(entry.to_json(), separators=(",", ":")) + "\n"
+        yield entry.to_json()
     for path in paths:
-        yield json.dumps(path.to_json(), separators=(",", ":")) + "\n"
+        yield path.to_json()
 
 
 def save(
-    table: StickyTable, path: str, now: float, return_paths: ReturnPaths | None = None
+    table: StickyTable,
+    path: str,
+    now: float,
+    return_paths: ReturnPaths | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> int:
     """Write ``table`` (and ``return_paths``) to ``path`` atomically; return the number
-    of bindings saved."""
+    of bindings saved.
+
+    Raises ``OSError`` when it cannot, also when the file would exceed ``max_bytes``
+    (``EFBIG``: it could not be read back); the previous file then stays as it was.
+    """
     saved = snapshot(table, now)
     paths = [] if return_paths is None else snapshot_return_paths(return_paths, now)
     directory = os.path.dirname(os.path.abspath(path))
     temporary = f"{path}.tmp.{os.getpid()}"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.writelines(_lines(saved, paths, now))
+        with os.fdopen(fd, "wb") as handle:
+            size = 0
+            for line in _lines(saved, paths, now):
+                size += len(line)
+                if size > max_bytes:
+                    raise OSError(
+                        errno.EFBIG,
+                        f"the table needs more than max_bytes ({max_bytes}) bytes; "
+                        "raise [persistence] max_bytes",
+                    )
+                handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
@@ -240,63 +327,154 @@ def save(
     return len(saved)
 
 
-def read(path: str) -> tuple[float, list[SavedBinding]]:
+def read(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[float, list[SavedBinding]]:
     """Read a saved table: ``(saved_at, bindings)``; raise ``CorruptTableFile``."""
-    table = read_table(path)
+    table = read_table(path, max_bytes)
     return table.saved_at, table.bindings
 
 
-def read_table(path: str) -> SavedTable:
-    """Read a saved table with its return paths; raise ``CorruptTableFile``."""
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+class _LineReader:
+    """A file's lines as JSON values, bounded in length and in total, with the SHA-256
+    of what was read so far."""
+
+    def __init__(self, path: str, handle: Any, max_bytes: int) -> None:
+        self.path = path
+        self.handle = handle
+        self.max_bytes = max_bytes
+        self.total = 0
+        self.number = 0
+        self.digest = hashlib.sha256()
+        self.last = b""
+
+    def next(self, what: str) -> object:
+        """The next line's value; ``CorruptTableFile`` at the end of the file or for a
+        line that is not JSON (``what`` names the line in the message)."""
+        raw = self.handle.readline(MAX_LINE_BYTES + 1)
+        self.number += 1
+        where = f"{self.path}:{self.number}"
+        if not raw:
+            raise EOFError(where)
+        if len(raw) > MAX_LINE_BYTES:
+            raise CorruptTableFile(f"{where}: line longer than {MAX_LINE_BYTES} bytes")
+        self.total += len(raw)
+        if self.total > self.max_bytes:
+            raise CorruptTableFile(f"{self.path}: more than max_bytes ({self.max_bytes}) "
+                                   "bytes")  # fmt: skip
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CorruptTableFile(f"{where}: not UTF-8 text ({exc.reason})") from None
+        try:
+            value = json.loads(text, parse_constant=_refuse_constant)
+        except RecursionError:
+            raise CorruptTableFile(f"{where}: {what} is nested too deeply") from None
+        except ValueError as exc:
+            raise CorruptTableFile(f"{where}: {what} is not JSON ({exc})") from None
+        self.last = raw
+        return value
+
+    def hash_last(self) -> None:
+        self.digest.update(self.last)
+
+    def at_end(self) -> bool:
+        return not self.handle.read(1)
+
+
+def _count(header: dict[str, Any], name: str, default: int | None) -> int:
+    value = header.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 2**40:
+        raise ValueError(f"{name} must be a count")
+    return value
+
+
+def read_table(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> SavedTable:
+    """Read a saved table with its return paths; raise ``CorruptTableFile`` (naming the
+    file, the line and the reason) for anything but a whole, undamaged file."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except UnicodeDecodeError as exc:
-        raise CorruptTableFile(f"{path}: not UTF-8 text ({exc.reason})") from None
-    lines = text.splitlines()
-    if not lines:
-        raise CorruptTableFile(f"{path}: empty file, no header")
-    try:
-        header = json.loads(lines[0])
-    except ValueError as exc:
-        raise CorruptTableFile(f"{path}:1: header is not JSON ({exc})") from None
+        handle = open(path, "rb")  # noqa: SIM115 - closed below, after fstat
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CorruptTableFile(f"{path}: cannot be opened ({reason})") from None
+    with handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise CorruptTableFile(f"{path}: not a regular file")
+        if info.st_size > max_bytes:
+            raise CorruptTableFile(
+                f"{path}: {info.st_size} bytes, more than max_bytes ({max_bytes}); not read "
+                "(raise [persistence] max_bytes if the table really is that large)"
+            )
+        if info.st_size == 0:
+            raise CorruptTableFile(f"{path}: empty file, no header")
+        try:
+            return _read_lines(path, _LineReader(path, handle, max_bytes))
+        except EOFError as exc:
+            raise CorruptTableFile(f"{exc}: the file ends early (truncated?)") from None
+        except OSError as exc:
+            raise CorruptTableFile(f"{path}: cannot be read ({exc.strerror})") from None
+
+
+def _read_lines(path: str, lines: _LineReader) -> SavedTable:
+    header = lines.next("header")
+    lines.hash_last()
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise CorruptTableFile(f"{path}:1: not an lbproxy table file")
     version = header.get("version")
-    if version not in READABLE_VERSIONS:
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise CorruptTableFile(
-            f"{path}:1: version {version!r} not supported (want one of {READABLE_VERSIONS})"
+            f"{path}:1: version {version!r:.20} not supported (want one of "
+            f"{READABLE_VERSIONS})"
         )
-    saved_at, count = header.get("saved_at"), header.get("count")
-    if not isinstance(saved_at, int | float) or not isinstance(count, int):
-        raise CorruptTableFile(f"{path}:1: header lacks saved_at or count")
-    paths_count = header.get("return_paths", 0)
-    if not isinstance(paths_count, int) or isinstance(paths_count, bool) or paths_count < 0:
-        raise CorruptTableFile(f"{path}:1: return_paths must be a count")
-    if count < 0 or len(lines) - 1 != count + paths_count:
+    try:
+        saved_at = _number(header.get("saved_at"), "saved_at", 0.0, MAX_SAVED_AT)
+        count = _count(header, "count", None)
+        paths_count = _count(header, "return_paths", 0)
+    except ValueError as exc:
+        raise CorruptTableFile(f"{path}:1: header: {exc}") from None
+    entries = []
+    paths = []
+    try:
+        for _ in range(count):
+            entries.append(SavedBinding.from_json(lines.next("binding")))
+            lines.hash_last()
+        for _ in range(paths_count):
+            paths.append(SavedReturnPath.from_json(lines.next("return path")))
+            lines.hash_last()
+    except EOFError:
         raise CorruptTableFile(
             f"{path}: header says {count} bindings and {paths_count} return paths, "
-            f"file has {len(lines) - 1} lines (truncated?)"
-        )
-    entries = []
-    for number, line in enumerate(lines[1 : 1 + count], start=2):
+            f"the file ends after {lines.number - 2} (truncated?)"
+        ) from None
+    except ValueError as exc:
+        if isinstance(exc, CorruptTableFile):
+            raise
+        raise CorruptTableFile(f"{path}:{lines.number}: {exc}") from None
+    if version in CHECKSUMMED_VERSIONS:
         try:
-            entries.append(SavedBinding.from_json(json.loads(line)))
-        except ValueError as exc:
-            raise CorruptTableFile(f"{path}:{number}: {exc}") from None
-    paths = []
-    for number, line in enumerate(lines[1 + count :], start=2 + count):
-        try:
-            paths.append(SavedReturnPath.from_json(json.loads(line)))
-        except ValueError as exc:
-            raise CorruptTableFile(f"{path}:{number}: {exc}") from None
+            trailer = lines.next("checksum")
+        except EOFError:
+            raise CorruptTableFile(f"{path}: no checksum line (truncated?)") from None
+        expected = lines.digest.hexdigest()
+        if not isinstance(trailer, dict) or set(trailer) != {"sha256"} or \
+                not isinstance(trailer["sha256"], str):
+            raise CorruptTableFile(f"{path}:{lines.number}: not a checksum line (or more "
+                                   "lines than the header says)")  # fmt: skip
+        if not hmac.compare_digest(trailer["sha256"], expected):
+            raise CorruptTableFile(f"{path}: checksum mismatch: the file was changed or "
+                                   "damaged after it was written")  # fmt: skip
+    if not lines.at_end():
+        raise CorruptTableFile(f"{path}: more lines than the header says")
     if version == 1:
         paths = [
             SavedReturnPath(_v1_home(e.key), e.care_of, e.left)
             for e in entries
             if e.confirmed and e.care_of is not None and _v1_home(e.key)
         ]
-    return SavedTable(float(saved_at), entries, paths)
+    return SavedTable(saved_at, entries, paths)
 
 
 def _v1_home(key: str) -> bytes:
@@ -342,7 +520,7 @@ def restore(
             continue
         try:
             key = parse_key(entry.key)
-        except ValueError:
+        except Exception:  # a key text no strategy reads (a plugin's parser may raise anything)
             refused += 1
             continue
         # Established if it had seen more than its first packet, as before the restart
@@ -388,22 +566,32 @@ def load(
     now: float,
     parse_key: Callable[[str], Key] | None = None,
     return_paths: ReturnPaths | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> RestoreResult:
     """Restore ``table`` from ``path`` if it exists, refusing a corrupt file.
 
-    A corrupt file is renamed to ``<path>.corrupt-<now>`` and the table is
-    left empty; the result's ``error`` says why.  Never raises for a bad file.
+    A corrupt file is renamed to ``<path>.corrupt-<now>`` and the table is left empty
+    (nothing of the file is restored); the result's ``error`` says why.  Something that
+    is not a regular file is left where it is.  No file: ``found`` is false.  Never
+    raises for a bad file.
     """
-    if not os.path.exists(path):
-        return RestoreResult()
     try:
-        saved = read_table(path)
-    except (CorruptTableFile, OSError) as exc:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return RestoreResult(found=False)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return RestoreResult(error=f"{path}: cannot be read ({reason})")
+    if not stat.S_ISREG(info.st_mode):
+        return RestoreResult(error=f"{path}: not a regular file (left where it is)")
+    try:
+        saved = read_table(path, max_bytes)
+    except CorruptTableFile as exc:
         aside = f"{path}.corrupt-{int(now)}"
         try:
             os.replace(path, aside)
         except OSError:
-            aside = None  # type: ignore[assignment]
+            return RestoreResult(error=str(exc))
         return RestoreResult(error=str(exc), moved_to=aside)
     result = restore(table, backends, saved.saved_at, saved.bindings, now, parse_key)
     if return_paths is not None:
@@ -412,11 +600,53 @@ def load(
     return result
 
 
+def remove_orphans(path: str) -> tuple[int, int]:
+    """Remove the temporary files ``<path>.tmp.<pid>`` of processes that no longer run
+    (a save killed half-way); return how many and their bytes.  A live process's is
+    kept: it may be writing it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = os.path.basename(path) + ".tmp."
+    removed = size = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0, 0
+    for name in names:
+        pid_text = name[len(prefix):]
+        if not name.startswith(prefix) or not pid_text.isdigit() or len(pid_text) > 10:
+            continue
+        pid = int(pid_text)
+        if pid != os.getpid() and _alive(pid):
+            continue
+        full = os.path.join(directory, name)
+        try:
+            info = os.lstat(full)
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            os.unlink(full)
+        except OSError:
+            continue
+        removed += 1
+        size += info.st_size
+    return removed, size
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process, or not a pid we can ask about
+    return True
+
+
 class TablePersistence(Service):
     """Restore the table on start, save it every ``interval`` seconds and on stop.
 
     Add it to the service tree *before* the packet reader so the table is
-    restored before the first packet is looked up.
+    restored before the first packet is looked up.  Nothing a file holds stops the
+    service: a bad file is logged in one line and set aside.
     """
 
     name = "persistence"
@@ -430,6 +660,7 @@ class TablePersistence(Service):
         interval: float = 60.0,
         parse_key: Callable[[str], Key] | None = None,
         return_paths: ReturnPaths | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self.parse_key = parse_key
         self.return_paths = return_paths
@@ -438,23 +669,33 @@ class TablePersistence(Service):
         self.backends = backends
         self.clock = clock
         self.interval = interval
+        self.max_bytes = max_bytes
         self.last_restore: RestoreResult | None = None
         self._loop: LoopingCall | None = None
 
     def startService(self) -> None:
-        """Restore, then start the periodic save."""
+        """Prepare the directory, restore, then start the periodic save."""
         super().startService()
-        result = load(
-            self.table, self.path, self.backends(), self.clock.seconds(), self.parse_key,
-            self.return_paths,
-        )
+        self._prepare()
+        try:
+            result = load(
+                self.table, self.path, self.backends(), self.clock.seconds(), self.parse_key,
+                self.return_paths, self.max_bytes,
+            )
+        except Exception:  # a bug, not a file: keep running with what there is
+            log.failure("Restoring the saved table from {path} failed", path=self.path)
+            result = RestoreResult(error="restore failed (see the traceback above)")
         self.last_restore = result
-        if result.error is not None:
+        if not result.found:
+            log.info("No saved table at {path} yet; starting with an empty table.",
+                     path=self.path)  # fmt: skip
+        elif result.error is not None:
             log.error(
                 "Refused the saved table ({error}); starting with an empty table. "
-                "The file was kept aside as {aside}.",
+                "{aside}",
                 error=result.error,
-                aside=result.moved_to,
+                aside="The file was kept aside as " + result.moved_to + "."
+                if result.moved_to else "The file could not be moved aside.",
             )
         else:
             log.info(
@@ -474,12 +715,31 @@ class TablePersistence(Service):
                 lambda f: log.failure("Periodic table save stopped", f)
             )
 
+    def _prepare(self) -> None:
+        """Create the directory when missing (0700) and remove orphan temporary files."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            created = make_private_directories(directory)
+        except OSError as exc:
+            log.error("Cannot create {directory} for the saved table: {reason}",
+                      directory=directory, reason=exc.strerror or exc)  # fmt: skip
+            return
+        if created:
+            log.info("Created {directory} (mode 0700) for the saved table.",
+                     directory=created[0])  # fmt: skip
+        removed, size = remove_orphans(self.path)
+        if removed:
+            log.info("Removed {count} temporary files ({size} bytes) that interrupted saves "
+                     "left next to {path}.", count=removed, size=size, path=self.path)
+
     def save(self) -> int:
         """Save now; log and swallow I/O errors (the next save will retry)."""
         try:
-            return save(self.table, self.path, self.clock.seconds(), self.return_paths)
+            return save(self.table, self.path, self.clock.seconds(), self.return_paths,
+                        self.max_bytes)  # fmt: skip
         except OSError as exc:
-            log.error("Could not save the table to {path}: {exc}", path=self.path, exc=exc)
+            log.error("Could not save the table to {path}: {exc}", path=self.path,
+                      exc=exc.strerror or exc)  # fmt: skip
             return 0
 
     def stopService(self) -> None:
@@ -499,7 +759,9 @@ def make_persistence_service(
     clock: IReactorTime,
     interval: float = 60.0,
     return_paths: ReturnPaths | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> TablePersistence:
     """The service that keeps ``table`` (and ``return_paths``) in ``path`` across
-    restarts."""
-    return TablePersistence(table, path, backends, clock, interval, return_paths=return_paths)
+    restarts; files larger than ``max_bytes`` are neither read nor written."""
+    return TablePersistence(table, path, backends, clock, interval, return_paths=return_paths,
+                            max_bytes=max_bytes)  # fmt: skip
