@@ -11,6 +11,14 @@ Key strategies and schedulers are whatever their registries hold
 including third-party entry points), so the names are checked against those, and the
 chain and scheduler are built once here so that a plugin that fails to build is a
 configuration error too, not a traceback at start-up.
+
+Beyond types and ranges, what would load and then misbehave is refused here too: a
+virtual address that is multicast, unspecified, link-local, loopback or IPv4-mapped; a
+backend address that is one of those or a virtual address; two backends at one address;
+every backend at weight 0; a health check without a port; a boolean where a port is
+expected; two peers of one name; a relative or too long control socket path; endpoint
+strings Twisted cannot parse.  What depends on the host (interfaces, privileges, files,
+directories) is checked at start by ``lbproxy.preflight``.
 """
 
 from __future__ import annotations
@@ -24,7 +32,16 @@ import attrs
 
 from lbproxy.core.keys import STRATEGY_REGISTRY, KeyChain, declared_options
 from lbproxy.core.selection import SCHEDULER_REGISTRY, scheduler_from_name
-from lbproxy.tomlconfig import ConfigError, Section, checked, parse_toml, read_toml
+from lbproxy.ops.persistence import DEFAULT_MAX_BYTES, max_bytes_for
+from lbproxy.tomlconfig import (
+    NAME,
+    ConfigError,
+    Section,
+    checked,
+    parse_toml,
+    read_toml,
+    show,
+)
 
 __all__ = [
     "BackendConfig",
@@ -118,6 +135,8 @@ class Config:
     metrics_endpoint: str = ""
     persistence_path: str = ""
     persistence_interval: float = 60.0
+    #: Saved tables larger than this are neither read nor written (lbproxy.ops.persistence).
+    persistence_max_bytes: int = DEFAULT_MAX_BYTES
 
     def key_chain_options(self) -> dict[str, Any]:
         """The options for ``KeyChain.from_names(self.key_chain, **options)``: each
@@ -167,30 +186,48 @@ def _scheduler(bal: Section) -> str:
 
 def _backend(s: Section) -> BackendConfig:
     s = checked(s, ("name", "address", "weight", "health", "health_port", "health_path"))
+    health = s.choice("health", "none", ("none", "tcp", "http"))
+    port = s.integer("health_port", 0, 0, 65535)
+    if health != "none" and port == 0:
+        raise s.fail("health_port", f"health = {health!r} needs the port to check (1..65535)")
+    path = s.get("health_path", str, "/")
+    if not path.startswith("/") or any(c.isspace() or not c.isprintable() for c in path):
+        raise s.fail("health_path", f"{path[:40]!r} is not a URL path (it starts with '/' "
+                                    "and has no spaces or control characters)")  # fmt: skip
     return BackendConfig(
-        name=s.get("name", str),
-        address=s.address("address", s.get("address", str)),
+        name=s.text("name", pattern=NAME, what="a backend name (letters, digits, '_.:-', "
+                                                "up to 63)"),
+        address=s.host_address("address", s.get("address", str)),
         weight=s.integer("weight", 1, 0, 1000),
-        health=s.choice("health", "none", ("none", "tcp", "http")),
-        health_port=s.integer("health_port", 0, 0, 65535),
-        health_path=s.get("health_path", str, "/"),
+        health=health,
+        health_port=port,
+        health_path=path,
     )
 
 
 def _peer(s: Section) -> PeerConfig:
     s = checked(s, ("name", "kind", "endpoint", "identity", "prefixes", "home"))
+    name = s.text("name", pattern=NAME, what="a peer name (letters, digits, '_.:-', up to 63)")
     kind = s.choice("kind", "homeagent", ("homeagent", "terminal"))
-    prefixes = tuple(s.network("prefixes", p) for p in s.get("prefixes", list, []))
-    home = s.address("home", s.data["home"]) if "home" in s.data else None
+    prefixes = s.prefixes("prefixes", required=False)
+    home = s.host_address("home", s.data["home"]) if "home" in s.data else None
     if kind == "homeagent" and not prefixes:
         raise s.fail("prefixes", "a home agent needs at least one home prefix it may speak for")
+    if kind == "homeagent" and home is not None:
+        raise s.fail("home", "only for kind = 'terminal' (a home agent speaks for prefixes)")
     if kind == "terminal" and home is None:
         raise s.fail("home", "a terminal peer needs its home address")
+    if kind == "terminal" and prefixes:
+        raise s.fail("prefixes", "only for kind = 'homeagent' (a terminal speaks for its home "
+                                 "address)")  # fmt: skip
+    identity = s.get("identity", str)
+    if not identity or any(c.isspace() or not c.isprintable() for c in identity):
+        raise s.fail("identity", f"{identity[:40]!r} is not a DNS name")
     return PeerConfig(
-        name=s.get("name", str),
+        name=name,
         kind=kind,
-        endpoint=s.get("endpoint", str),
-        identity=s.get("identity", str),
+        endpoint=s.endpoint("endpoint", "client"),
+        identity=identity,
         prefixes=prefixes,
         home=home,
     )
@@ -222,15 +259,19 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
     scheduler = _scheduler(bal)
 
     virt = checked(top.table("virtual"), ("addresses", "ports"))
-    vips = tuple(virt.address("addresses", a) for a in virt.get("addresses", list))
+    vips = tuple(virt.host_address("addresses", a) for a in virt.get("addresses", list))
     if not vips:
         raise virt.fail("addresses", "at least one virtual address is required")
+    virt.distinct("addresses", vips)
     ports = tuple(virt.get("ports", list, []))
     for p in ports:
-        if not isinstance(p, int) or not 0 < p < 65536:
-            raise virt.fail("ports", f"{p!r} is not a port number")
+        if not isinstance(p, int) or isinstance(p, bool) or not 0 < p < 65536:
+            raise virt.fail("ports", f"{show(p)} is not a port number (1..65535)")
+    virt.distinct("ports", ports)
 
     ifaces = checked(top.table("interfaces"), ("client", "server"))
+    client_interface = ifaces.interface("client")
+    server_interface = ifaces.interface("server")
     backends = tuple(_backend(b) for b in top.tables("backend"))
     if not backends:
         raise top.fail("backend", "at least one [[backend]] is required")
@@ -238,6 +279,7 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
     for b in backends:
         if names.count(b.name) > 1:
             raise top.fail("backend", f"backend name {b.name!r} is used twice")
+    _check_backend_addresses(top, backends, vips)
 
     health_s = checked(
         top.table("health"), ("interval", "timeout", "rise", "fall", "dead_backend")
@@ -255,12 +297,16 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
     )
     notify = NotifyConfig(
         enabled=notify_s.get("enabled", bool, False),
-        ca=notify_s.get("ca", str, ""),
-        certificate=notify_s.get("certificate", str, ""),
-        key=notify_s.get("key", str, ""),
+        ca=notify_s.filename("ca", ""),
+        certificate=notify_s.filename("certificate", ""),
+        key=notify_s.filename("key", ""),
         max_subscriptions=notify_s.integer("max_subscriptions", 10000, 1, 10_000_000),
         peers=tuple(_peer(p) for p in notify_s.tables("peer")),
     )
+    peer_names = [p.name for p in notify.peers]
+    for i, peer in enumerate(notify.peers):
+        if peer_names.index(peer.name) != i:
+            raise notify_s.fail(f"peer[{i}].name", f"peer name {peer.name!r} is used twice")
     if notify.enabled:
         for name in ("ca", "certificate", "key"):
             if not getattr(notify, name):
@@ -269,39 +315,65 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
     manhole = checked(top.table("manhole"), ("endpoint", "authorized_keys", "host_key"))
     control = checked(top.table("control"), ("socket",))
     metrics = checked(top.table("metrics"), ("endpoint",))
-    persist = checked(top.table("persistence"), ("path", "interval"))
-    manhole_endpoint = manhole.get("endpoint", str, "")
+    persist = checked(top.table("persistence"), ("path", "interval", "max_bytes"))
+    manhole_endpoint = manhole.endpoint("endpoint", "server", "")
     if manhole_endpoint and not manhole.get("authorized_keys", str, ""):
         raise manhole.fail("authorized_keys", "required when the manhole is enabled (key-only)")
     if manhole_endpoint and not manhole.get("host_key", str, ""):
         raise manhole.fail("host_key", "required when the manhole is enabled")
+    max_entries = bal.integer("max_entries", 1_000_000, 1, 100_000_000)
+    least = max_bytes_for(max_entries)
+    max_bytes = persist.integer("max_bytes", max(least, DEFAULT_MAX_BYTES), 1, 1 << 40)
+    if max_bytes < least:
+        raise persist.fail("max_bytes", f"{max_bytes} bytes cannot hold a full table of "
+                                        f"balancer.max_entries = {max_entries}; at least "
+                                        f"{least}")  # fmt: skip
 
     return Config(
         path=path,
         virtual_addresses=vips,
         ports=ports,
-        client_interface=ifaces.get("client", str),
-        server_interface=ifaces.get("server", str),
+        client_interface=client_interface,
+        server_interface=server_interface,
         backends=backends,
         mode=bal.choice("mode", "translate", MODES),
         key_chain=chain,
         any_interface_id=any_interface_id,
         scheduler=scheduler,
         lifetime=bal.number("lifetime", 300.0, 1.0, 86400.0 * 7),
-        max_entries=bal.integer("max_entries", 1_000_000, 1, 100_000_000),
+        max_entries=max_entries,
         sweep_interval=bal.number("sweep_interval", 1.0, 0.01, 60.0),
         batch=bal.integer("batch", 256, 1, 65536),
         link_send=bal.get("link_send", bool, True),
         health=health,
         notify=notify,
         manhole_endpoint=manhole_endpoint,
-        manhole_authorized_keys=manhole.get("authorized_keys", str, ""),
-        manhole_host_key=manhole.get("host_key", str, ""),
-        control_socket=control.get("socket", str, ""),
-        metrics_endpoint=metrics.get("endpoint", str, ""),
-        persistence_path=persist.get("path", str, ""),
+        manhole_authorized_keys=manhole.filename("authorized_keys", ""),
+        manhole_host_key=manhole.filename("host_key", ""),
+        control_socket=control.filename("socket", "", absolute=True, unix_socket=True),
+        metrics_endpoint=metrics.endpoint("endpoint", "server", ""),
+        persistence_path=persist.filename("path", ""),
         persistence_interval=persist.number("interval", 60.0, 1.0, 86400.0),
+        persistence_max_bytes=max_bytes,
     )
+
+
+def _check_backend_addresses(
+    top: Section, backends: Sequence[BackendConfig], vips: Sequence[ipaddress.IPv6Address]
+) -> None:
+    """One backend per address, none at a virtual address, not all drained."""
+    seen: dict[ipaddress.IPv6Address, str] = {}
+    for i, b in enumerate(backends):
+        if b.address in vips:
+            raise top.fail(f"backend[{i}].address", f"{b.address} is a virtual address; a "
+                                                    "backend must be another host")  # fmt: skip
+        if b.address in seen:
+            raise top.fail(f"backend[{i}].address", f"{b.address} is also the address of "
+                                                    f"backend {seen[b.address]!r}")  # fmt: skip
+        seen[b.address] = b.name
+    if all(b.weight == 0 for b in backends):
+        raise top.fail("backend", "every backend has weight 0: no terminal could be placed "
+                                  "(0 drains one backend; keep at least one above 0)")  # fmt: skip
 
 
 def load_config(path: str | Path) -> Config:

@@ -1,8 +1,9 @@
 """twistd glue: ``twistd lbproxy --config FILE`` builds the balancer's service tree.
 
 The configuration is read while the options are parsed, so a bad file stops twistd
-before anything starts, with one line naming the file, the key and the reason.  Only
-`makeService` hands the real reactor to the rest of the program.
+before anything starts, with one line naming the file, the key and the reason; then
+`makeService` checks the host (``lbproxy.preflight``) before it builds anything, and only
+it hands the real reactor to the rest of the program.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from twisted.application.service import IServiceCollection, MultiService
 from twisted.logger import Logger
 from twisted.python import usage
 
+from lbproxy import preflight
 from lbproxy.config import Config, ConfigError, load_config
 from lbproxy.core.balancer import Balancer
 from lbproxy.core.keys import KeyChain
@@ -41,12 +43,17 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", "/etc/lbproxy/lbproxy.toml", "Path to the configuration file."],
     ]
+    optFlags = [
+        ["check", None, "Check the configuration and this host (preflight), then exit: "
+                        "status 0 when lbproxy would start."],
+    ]
 
     def postOptions(self) -> None:
-        try:
-            self["loaded"] = load_config(self["config"])
-        except ConfigError as e:
-            raise usage.UsageError(f"refusing to start: {e}") from None
+        """Load the configuration; a bad one is refused with one line ``file: key:
+        reason`` on stderr and exit status 1 (`preflight.Refused`: no usage block)."""
+        self["loaded"] = preflight.load_or_refuse(load_config, self["config"])
+        if self["check"]:
+            preflight.check_only(preflight.check_balancer(self["loaded"]), self["config"])
 
 
 def backends_from(config: Config) -> list[Backend]:
@@ -104,6 +111,7 @@ class BalancerService(MultiService):
                 reactor,
                 config.persistence_interval,
                 return_paths=self.balancer.return_paths,
+                max_bytes=config.persistence_max_bytes,
             ).setServiceParent(self)
         self.forwarder = ForwarderService(
             self.balancer,
@@ -238,8 +246,10 @@ class BalancerService(MultiService):
 
 
 def makeService(options: Options) -> IServiceCollection:
-    """Build the balancer's service tree from the already loaded configuration."""
+    """Check the host (`preflight.check_balancer`: one line per problem, exit status 1),
+    then build the balancer's service tree from the already loaded configuration."""
+    config: Config = options["loaded"]
+    preflight.refuse(preflight.check_balancer(config))
     from twisted.internet import reactor
 
-    config: Config = options["loaded"]
     return BalancerService(config, reactor)

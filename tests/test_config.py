@@ -160,3 +160,63 @@ class ErrorTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as caught:
             load_config("/nonexistent/lbproxy.toml")
         self.assertIn("/nonexistent/lbproxy.toml", str(caught.exception))
+
+
+class AcceptedTests(SynchronousTestCase):
+    """What the stricter checks must still accept."""
+
+    def test_sensible_variants_load(self) -> None:
+        """One drained backend among live ones, a checked backend with its port, a
+        relative persistence path, an absolute control socket, a manhole, ports."""
+        text = (
+            MINIMAL.replace('address = "2001:db8:b0::11"\n',
+                            'address = "2001:db8:b0::11"\nweight = 0\n')
+            .replace('addresses = ["2001:db8:5::80"]',
+                     'addresses = ["2001:db8:5::80"]\nports = [80, 443]')
+            + '[[backend]]\nname = "b"\naddress = "2001:db8:b0::12"\nhealth = "http"\n'
+            'health_port = 8080\nhealth_path = "/healthz?full=1"\n'
+            '[control]\nsocket = "/run/lbproxy/control.sock"\n'
+            '[persistence]\npath = "state/table.jsonl"\n'
+            '[manhole]\nendpoint = "tcp6:2222:interface=\\\\:\\\\:1"\n'
+            'authorized_keys = "keys"\nhost_key = "host_key"\n'
+        )
+        config = parse_config(text)
+        self.assertEqual([b.weight for b in config.backends], [0, 1])
+        self.assertEqual(config.ports, (80, 443))
+        self.assertEqual(config.persistence_path, "state/table.jsonl")
+        self.assertEqual(config.manhole_endpoint, "tcp6:2222:interface=\\:\\:1")
+
+    def test_max_bytes_default_follows_max_entries(self) -> None:
+        """Default cap: a full table of max_entries fits (and never less than the
+        default's); an explicit larger cap is kept."""
+        from lbproxy.ops.persistence import DEFAULT_MAX_BYTES, max_bytes_for
+
+        self.assertEqual(parse_config(MINIMAL).persistence_max_bytes, DEFAULT_MAX_BYTES)
+        big = parse_config(MINIMAL + "[balancer]\nmax_entries = 2000000\n")
+        self.assertEqual(big.persistence_max_bytes, max_bytes_for(2_000_000))
+        small = parse_config(MINIMAL + "[balancer]\nmax_entries = 1000\n")
+        self.assertEqual(small.persistence_max_bytes, DEFAULT_MAX_BYTES)
+        raised = parse_config(MINIMAL + "[persistence]\nmax_bytes = 1000000000\n")
+        self.assertEqual(raised.persistence_max_bytes, 1_000_000_000)
+
+    def test_brackets_and_dots_in_strings_and_comments(self) -> None:
+        """The guard against hostile nesting counts only what the parser nests: brackets
+        and dots in strings and comments are text."""
+        text = MINIMAL.replace(
+            'name = "a"',
+            'name = "a" # ' + "[{." * 100 + '\nhealth_path = "/' + "[." * 100 + '"',
+        ) + "[balancer]\nmode = '''\n" + "]]." * 100 + "'''\n"
+        with self.assertRaises(ConfigError) as caught:  # mode is checked, the shape passed
+            parse_config(text, "x.toml")
+        self.assertEqual(caught.exception.key, "balancer.mode")
+        config = parse_config(text.split("[balancer]")[0])
+        self.assertEqual(config.backends[0].health_path, "/" + "[." * 100)
+
+    def test_reasons_are_one_line(self) -> None:
+        """Control characters in what is quoted back are escaped: one line, always."""
+        with self.assertRaises(ConfigError) as caught:
+            parse_config(MINIMAL + '[balancer]\nmode = "a\\nb"\n', "x.toml")
+        self.assertEqual(str(caught.exception),
+                         "x.toml: balancer.mode: 'a\\nb' is not one of translate, transparent")
+        error = ConfigError("f\n.toml", "k\r", "two\nlines")
+        self.assertEqual(str(error), "f\\n.toml: k\\r: two\\nlines")

@@ -69,3 +69,13 @@ class ConfigTests(SynchronousTestCase):
         """An unreadable file is a ConfigError naming it."""
         exc = self.assertRaises(ConfigError, load_terminal, "/nonexistent/t.toml")
         self.assertEqual(exc.key, "(file)")
+
+    def test_defaults_pass_the_stricter_checks(self) -> None:
+        """Optional keys left out keep their "off" defaults: no interface, no command
+        socket, no state file, the default listening endpoint."""
+        ha = parse_homeagent(tomllib.loads(COMMON + '[homeagent]\nprefixes = ["2001:db8::/64"]\n'))
+        self.assertEqual((ha.interface, ha.command_socket), ("", ""))
+        self.assertEqual(ha.common.listen, "tcp:7440:interface=\\:\\:")
+        t = parse_terminal(tomllib.loads(COMMON + '[terminal]\nhome = "2001:db8:1::16"\n'))
+        self.assertEqual((t.interface, t.state_file), ("", ""))
+        self.assertEqual(str(t.home_prefix), "2001:db8:1::/64")

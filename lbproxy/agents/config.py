@@ -1,7 +1,10 @@
 """The agents' configuration files (``etc/homeagent.toml``, ``etc/terminal.toml``).
 
 Like the balancer's (``lbproxy.config``), every mistake is reported before anything starts
-as one ``ConfigError`` naming the file, the key and the reason.
+as one ``ConfigError`` naming the file, the key and the reason: besides types and ranges,
+an endpoint Twisted cannot parse, a home prefix or address no host can have (multicast,
+link-local, loopback, IPv4-mapped), a balancer identity or prefix listed twice, a relative
+or too long command socket path.  What depends on the host is ``lbproxy.preflight``'s.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from lbproxy.tomlconfig import ConfigError, Section, read_toml
+from lbproxy.tomlconfig import ConfigError, Section, read_toml, show
 
 __all__ = [
     "AgentCommon",
@@ -70,7 +73,7 @@ def _table(path: str, name: str, data: dict[str, Any], known: tuple[str, ...]) -
     """The ``[name]`` table of ``data``, refusing unknown keys."""
     value = data.get(name, {})
     if not isinstance(value, dict):
-        raise ConfigError(path, name, f"expected a table, got {value!r}")
+        raise ConfigError(path, name, f"expected a table, got {show(value)}")
     return Section(path, name, value, known)
 
 
@@ -78,11 +81,11 @@ def _common(path: str, data: dict[str, Any]) -> AgentCommon:
     agent = _table(path, "agent", data, ("listen", "balancers", "max_subscriptions"))
     tls = _table(path, "tls", data, ("ca", "certificate", "key"))
     return AgentCommon(
-        listen=agent.get("listen", str, "tcp:7440:interface=\\:\\:"),
-        ca=tls.get("ca", str),
-        certificate=tls.get("certificate", str),
-        key=tls.get("key", str),
-        balancers=agent.strings("balancers"),
+        listen=agent.endpoint("listen", "server", "tcp:7440:interface=\\:\\:"),
+        ca=tls.filename("ca"),
+        certificate=tls.filename("certificate"),
+        key=tls.filename("key"),
+        balancers=agent.identities("balancers"),
         max_subscriptions=agent.integer("max_subscriptions", 100_000, 1, 10_000_000),
     )
 
@@ -97,15 +100,15 @@ def parse_homeagent(data: dict[str, Any], path: str = "<config>") -> HomeAgentCo
     s = _table(path, "homeagent", data, (
         "prefixes", "interface", "require_ack", "ack_timeout", "command_socket", "max_bindings",
     ))
-    prefixes = tuple(s.network("prefixes", p) for p in s.strings("prefixes"))
+    prefixes = s.prefixes("prefixes", required=True)
     return HomeAgentConfig(
         path=path,
         common=_common(path, data),
         prefixes=prefixes,
-        interface=s.get("interface", str, ""),
+        interface=s.interface("interface", ""),
         require_ack=s.get("require_ack", bool, True),
         ack_timeout=s.number("ack_timeout", 3.0, 0.01, 60.0),
-        command_socket=s.get("command_socket", str, ""),
+        command_socket=s.filename("command_socket", "", absolute=True, unix_socket=True),
         max_bindings=s.integer("max_bindings", 100_000, 1, 100_000_000),
     )
 
@@ -116,9 +119,9 @@ def parse_terminal(data: dict[str, Any], path: str = "<config>") -> TerminalConf
     s = _table(path, "terminal", data, (
         "home", "home_prefix", "interface", "lifetime", "state_file", "poll_interval",
     ))
-    home = s.address("home", s.get("home", str))
+    home = s.host_address("home", s.get("home", str))
     default = str(ipaddress.IPv6Network(f"{home}/64", strict=False))
-    prefix = s.network("home_prefix", s.get("home_prefix", str, default))
+    prefix = s.home_prefix("home_prefix", s.get("home_prefix", str, default))
     if home not in prefix:
         raise s.fail("home_prefix", f"{prefix} does not contain the home address {home}")
     return TerminalConfig(
@@ -126,9 +129,9 @@ def parse_terminal(data: dict[str, Any], path: str = "<config>") -> TerminalConf
         common=_common(path, data),
         home=home,
         home_prefix=prefix,
-        interface=s.get("interface", str, ""),
+        interface=s.interface("interface", ""),
         lifetime=s.integer("lifetime", 420, 4, 262_140),
-        state_file=s.get("state_file", str, ""),
+        state_file=s.filename("state_file", ""),
         poll_interval=s.number("poll_interval", 30.0, 0.1, 3600.0),
     )
 

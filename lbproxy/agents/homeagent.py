@@ -17,6 +17,7 @@ from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
+from lbproxy import preflight
 from lbproxy.agents.command import command_factory
 from lbproxy.agents.config import HomeAgentConfig, load_homeagent
 from lbproxy.agents.link import LinkReader
@@ -35,6 +36,17 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", "/etc/lbproxy/homeagent.toml", "Path to the configuration file."],
     ]
+    optFlags = [
+        ["check", None, "Check the configuration and this host (preflight), then exit: "
+                        "status 0 when the agent would start."],
+    ]
+
+    def postOptions(self) -> None:
+        """Load the configuration; a bad one is refused with one line ``file: key:
+        reason`` on stderr and exit status 1 (`preflight.Refused`: no usage block)."""
+        self["loaded"] = preflight.load_or_refuse(load_homeagent, self["config"])
+        if self["check"]:
+            preflight.check_only(preflight.check_homeagent(self["loaded"]), self["config"])
 
 
 class LinkService(Service):
@@ -96,10 +108,11 @@ class HomeAgentService(MultiService):
 
 
 def makeService(options: Options) -> HomeAgentService:
-    """Build the agent from its configuration file (errors name file, key and reason)."""
+    """Check the host (`preflight.check_homeagent`: one line per problem, exit status 1),
+    then build the agent from its already loaded configuration."""
+    config: HomeAgentConfig = options["loaded"]
+    preflight.refuse(preflight.check_homeagent(config))
+    material = preflight.agent_tls(config.path, config.common)
     from twisted.internet import reactor
 
-    config = load_homeagent(options["config"])
-    common = config.common
-    material = TlsMaterial.from_files(common.ca, common.certificate, common.key)
     return HomeAgentService(config, reactor, material)

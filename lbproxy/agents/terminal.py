@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import Interface, implementer
 
+from lbproxy import preflight
 from lbproxy.agents.config import TerminalConfig, load_terminal
 from lbproxy.agents.link import SocketReader
 from lbproxy.notify.agent import NotificationAgent
@@ -267,6 +268,17 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", "/etc/lbproxy/terminal.toml", "Path to the configuration file."],
     ]
+    optFlags = [
+        ["check", None, "Check the configuration and this host (preflight), then exit: "
+                        "status 0 when the agent would start."],
+    ]
+
+    def postOptions(self) -> None:
+        """Load the configuration; a bad one is refused with one line ``file: key:
+        reason`` on stderr and exit status 1 (`preflight.Refused`: no usage block)."""
+        self["loaded"] = preflight.load_or_refuse(load_terminal, self["config"])
+        if self["check"]:
+            preflight.check_only(preflight.check_terminal(self["loaded"]), self["config"])
 
 
 class TerminalService(MultiService):
@@ -305,10 +317,11 @@ class TerminalService(MultiService):
 
 
 def makeService(options: Options) -> TerminalService:
-    """Build the agent from its configuration file (errors name file, key and reason)."""
+    """Check the host (`preflight.check_terminal`: one line per problem, exit status 1),
+    then build the agent from its already loaded configuration."""
+    config: TerminalConfig = options["loaded"]
+    preflight.refuse(preflight.check_terminal(config))
+    material = preflight.agent_tls(config.path, config.common)
     from twisted.internet import reactor
 
-    config = load_terminal(options["config"])
-    common = config.common
-    material = TlsMaterial.from_files(common.ca, common.certificate, common.key)
     return TerminalService(config, reactor, material)
