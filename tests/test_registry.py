@@ -251,7 +251,7 @@ class PluginStrategyTests(EntryPointTestCase):
         balancer = build_balancer(config, Clock())
         balancer.inbound(flow_packet(0))
         [(key, binding)] = list(balancer.table)
-        self.assertEqual((key.kind, binding.backend.name), ("src", "b"))
+        self.assertEqual((key.kind, binding.backend.name), ("addr", "b"))
         path = self.write_config('["src"]', scheduler="fastest")
         with self.assertRaises(ConfigError) as caught:
             load_config(path)

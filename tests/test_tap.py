@@ -9,13 +9,13 @@ from pathlib import Path
 from scapy.layers.inet import UDP
 from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrRouting
 from twisted.internet.testing import MemoryReactorClock
-from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from lbproxy.config import ConfigError, load_config
 from lbproxy.core import actions
 from lbproxy.core.keys import Key
 from lbproxy.ops.control import format_stats
+from lbproxy.preflight import Refused
 from lbproxy.tap import BalancerService, Options
 from lbproxy.testing import MemoryPacketSystem
 
@@ -48,16 +48,16 @@ class OptionsTests(SynchronousTestCase):
         Path(path).write_text(CONFIG.format(backends=backends("a")).replace("lbc", "") +
                               "[balancer2]\n")
         options = Options()
-        with self.assertRaises(usage.UsageError) as caught:
+        with self.assertRaises(Refused) as caught:
             options.parseOptions(["--config", path])
-        self.assertIn(path, str(caught.exception))
-        self.assertIn("balancer2", str(caught.exception))
+        self.assertIn(path, str(caught.exception.code))
+        self.assertIn("balancer2", str(caught.exception.code))
 
     def test_missing_file(self) -> None:
         """A missing file is refused with its name."""
-        with self.assertRaises(usage.UsageError) as caught:
+        with self.assertRaises(Refused) as caught:
             Options().parseOptions(["--config", "/nonexistent.toml"])
-        self.assertIn("/nonexistent.toml", str(caught.exception))
+        self.assertIn("/nonexistent.toml", str(caught.exception.code))
 
 
 class ServiceTests(SynchronousTestCase):
