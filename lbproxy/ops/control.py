@@ -321,6 +321,7 @@ class Control:
             "backend": None if result.backend is None else result.backend.name,
             "hit": bool(result.hit),
             "reason": result.reason,
+            "aliases": [str(k) for k in getattr(result, "aliases", ())],
         }
 
     # -- backends and counters --------------------------------------------
@@ -380,8 +381,10 @@ class Control:
             "dropped": _counts(getattr(counters, "dropped", None)),
             "hits": _counts(getattr(counters, "hits", None)),
             "misses": _counts(getattr(counters, "misses", None)),
+            "conflicts": _counts(getattr(counters, "conflicts", None)),
             "table": {
                 "size": len(table),
+                "aliases": _int(getattr(table, "alias_count", 0)),
                 **{
                     name: _int(getattr(table_stats, name, 0))
                     for name in (
@@ -391,6 +394,8 @@ class Control:
                         "expirations",
                         "evictions",
                         "refusals",
+                        "links",
+                        "alias_evictions",
                     )
                 },
             },

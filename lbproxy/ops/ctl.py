@@ -14,18 +14,18 @@ The protocol is one JSON object per line each way::
 
 A connection may carry any number of requests.  Commands and their arguments:
 
-========  ==========================================  ===============================
+========  ==========================================  ========================================
 command   args                                        result
-========  ==========================================  ===============================
+========  ==========================================  ========================================
 show      filter, kind, backend, limit (optional)     {"rows": [...], "total": n}
-trace     packet (hex)                                strategy, key, backend, hit, reason
+trace     packet (hex)                                strategy, key, backend, hit, reason, aliases
 move      key, backend                                the new row
 forget    key                                         the removed row, or null
 drain     backend                                     the backend
 backends  -                                           [backend, ...]
 stats     -                                           the counters
 reload    -                                           the reload callable's answer, as text
-========  ==========================================  ===============================
+========  ==========================================  ========================================
 
 ``main()`` is the ``lbproxyctl`` client: plain blocking sockets, text output
 by default (the same tables as the manhole) or ``--json``.
@@ -372,10 +372,12 @@ def render(command: str, result: Any) -> str:
     if command == "show":
         return format_rows(result["rows"], total=result["total"])
     if command == "trace":
-        return "\n".join(
+        lines = [
             f"{name}: {'-' if result[name] is None else result[name]}"
             for name in ("strategy", "key", "backend", "hit", "reason")
-        )
+        ]
+        lines.append(f"aliases: {', '.join(result.get('aliases') or ()) or '-'}")
+        return "\n".join(lines)
     if command == "move":
         return f"{result['key']} -> {result['backend']}"
     if command == "forget":

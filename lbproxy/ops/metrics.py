@@ -144,8 +144,10 @@ class BalancerCollector:
             dropped.add_metric([reason], count)
         yield dropped
         for name, help_text in (
-            ("hits", "Sticky-table hits, by key kind."),
-            ("misses", "Sticky-table misses (new bindings scheduled), by key kind."),
+            ("hits", "Sticky-table hits, by the strategy whose identity found the binding."),
+            ("misses", "Sticky-table misses (new bindings scheduled), by strategy."),
+            ("conflicts", "Identities of a packet bound to another binding than the one the "
+                          "packet went to (linking never moves them), by strategy."),
         ):
             family = CounterMetricFamily(f"{PREFIX}_{name}", help_text, labels=["kind"])
             for kind, count in sorted(stats[name].items()):
@@ -157,7 +159,15 @@ class BalancerCollector:
         yield GaugeMetricFamily(
             f"{PREFIX}_table_bindings", "Bindings in the sticky table.", table["size"]
         )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_table_aliases",
+            "Identities leading to another identity's binding (a terminal's other "
+            "addresses, interface ID, SPI).",
+            table.get("aliases", 0),
+        )
         for name, help_text in (
+            ("links", "Identities linked to a binding as aliases."),
+            ("alias_evictions", "Aliases dropped to keep a binding's bound."),
             ("inserts", "Bindings inserted."),
             ("expirations", "Bindings whose lifetime ran out."),
             ("evictions", "Bindings evicted to make room."),
