@@ -651,3 +651,34 @@ class HousekeepingTests(SynchronousTestCase):
         body, trailer = data[: data.rstrip(b"\n").rfind(b"\n") + 1], data.splitlines()[-1]
         self.assertEqual(json.loads(data.splitlines()[0])["version"], 3)
         self.assertEqual(json.loads(trailer), {"sha256": hashlib.sha256(body).hexdigest()})
+
+
+class AliasesTests(SynchronousTestCase):
+    def test_aliases_survive_a_restart(self) -> None:
+        """A terminal's other identities come back linked to its binding: after a
+        restart its packets from any of them find the same backend, with no new
+        binding."""
+        from lbproxy.core.keys import Key as RealKey
+        from lbproxy.core.selection import Backend as RealBackend
+        from lbproxy.core.table import StickyTable as RealTable
+
+        b1 = RealBackend("b1", "2001:db8:100::1")
+        clock = Clock()
+        table = RealTable(clock, lifetime=100.0, max_entries=10)
+        home = RealKey.parse("addr 2001:db8:1::1")
+        others = [RealKey.parse("addr 2001:db8:aa::1"), RealKey.parse("spi 0x00000042")]
+        binding = table.insert(home, b1)
+        assert binding is not None
+        for other in others:
+            self.assertTrue(table.link(binding, other))
+        path = self.mktemp()
+        persistence.save(table, path, clock.seconds())
+        clock.advance(10)
+        fresh = RealTable(clock, lifetime=100.0, max_entries=10)
+        result = persistence.load(fresh, path, {"b1": b1}, clock.seconds())
+        self.assertEqual((result.restored, result.refused, result.error), (1, 0, None))
+        restored = fresh.get(home)
+        assert restored is not None
+        for other in others:
+            self.assertIs(fresh.get(other), restored)
+        self.assertEqual((len(fresh), fresh.alias_count), (1, 2))

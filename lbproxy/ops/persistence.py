@@ -92,6 +92,9 @@ MAX_LINE_BYTES = 1 << 16
 MAX_LEFT = 1e9
 MAX_SAVED_AT = 1e12
 MAX_PACKETS = 2**64 - 1
+#: Aliases one saved binding may list, and the length of one key's text.
+MAX_ALIASES = 64
+MAX_KEY_TEXT = 256
 
 
 def max_bytes_for(max_entries: int) -> int:
@@ -121,10 +124,12 @@ class SavedBinding:
     care_of: bytes | None = None
     #: Read from version 1 files only (return paths have their own lines since).
     confirmed: bool = False
+    #: The terminal's other identities (key texts) linked to this binding.
+    aliases: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of one line."""
-        return {
+        out: dict[str, Any] = {
             "key": self.key,
             "backend": self.backend,
             "left": round(self.left, 3),
@@ -133,6 +138,9 @@ class SavedBinding:
             if self.care_of is None
             else str(ipaddress.IPv6Address(self.care_of)),
         }
+        if self.aliases:
+            out["aliases"] = list(self.aliases)
+        return out
 
     @classmethod
     def from_json(cls, obj: object) -> SavedBinding:
@@ -155,7 +163,12 @@ class SavedBinding:
             if not isinstance(care_of, str):
                 raise ValueError("care_of must be an address")
             packed = _address(obj, "care_of")
-        return cls(key, backend, seconds, packets, packed, confirmed)
+        aliases = obj.get("aliases", [])
+        if not isinstance(aliases, list) or len(aliases) > MAX_ALIASES or not all(
+            isinstance(a, str) and len(a) <= MAX_KEY_TEXT for a in aliases
+        ):
+            raise ValueError(f"aliases must be a list of at most {MAX_ALIASES} key texts")
+        return cls(key, backend, seconds, packets, packed, confirmed, tuple(aliases))
 
 
 def _number(value: object, name: str, minimum: float, maximum: float) -> float:
@@ -244,9 +257,15 @@ def snapshot(table: StickyTable, now: float) -> list[SavedBinding]:
                 left=left,
                 packets=binding.packets,
                 care_of=None if binding.care_of is None else bytes(binding.care_of),
+                aliases=_alias_texts(key, binding),
             )
         )
     return out
+
+
+def _alias_texts(key: Key, binding: object) -> tuple[str, ...]:
+    """The text of each alias of `binding` (kept as its key's bytes by the table)."""
+    return tuple(str(bytes.__new__(type(key), a)) for a in getattr(binding, "aliases", None) or ())
 
 
 def snapshot_return_paths(return_paths: ReturnPaths, now: float) -> list[SavedReturnPath]:
@@ -538,6 +557,11 @@ def restore(
             refused += 1
             continue
         restored += 1
+        for text in entry.aliases:
+            try:
+                table.link(binding, parse_key(text), now)
+            except Exception:  # a key text no strategy reads: the alias is re-learnt
+                refused += 1
     return RestoreResult(restored, expired, unknown, refused)
 
 
