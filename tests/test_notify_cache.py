@@ -81,3 +81,23 @@ class CacheTests(SynchronousTestCase):
         self.assertRaises(CacheFull, self.cache.update, HOME, COA1, 1, 40, 0.0)
         self.cache.update(a("2001:db8:1::2"), a("2001:db8:c::1"), 2, 40, 0.0)
         self.assertEqual(len(self.cache), 2)
+
+
+class CacheValidationTests(SynchronousTestCase):
+    """Sequence numbers and lifetimes are checked before anything changes."""
+
+    def test_refused_before_any_change(self) -> None:
+        """A lifetime of 10**400 used to raise OverflowError after the sequence number had
+        been recorded; now it, and every value a Binding Update cannot carry, is refused
+        with ValueError and the cache is exactly as before."""
+        cache = BindingCache()
+        seen: list[CacheChange] = []
+        cache.observers.append(seen.append)
+        cache.update(HOME, COA1, 5, 40, 0.0)
+        before = (list(cache), cache.last_seq(HOME), len(seen))
+        for seq, lifetime in ((6, 10**400), (6, 262_141), (6, -1), (6, float("nan")), (6, 1.5),
+                              (6, True), (65536, 40), (-1, 40), (True, 40), (6.0, 40)):  # fmt: skip
+            with self.assertRaises(ValueError):
+                cache.update(HOME, COA2, seq, lifetime, 1.0)  # type: ignore[arg-type]
+            self.assertEqual((list(cache), cache.last_seq(HOME), len(seen)), before)
+        self.assertIsNotNone(cache.update(HOME, COA2, 6, 262_140, 1.0))

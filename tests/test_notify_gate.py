@@ -80,13 +80,17 @@ class GateTests(SynchronousTestCase):
         self.assertEqual(self.listener.changes, [])
 
     def test_subscribe_answer_outside_prefixes(self) -> None:
-        """An agent resolving a care-of address to a home it may not speak for is refused
-        and the subscription dropped."""
+        """An agent resolving a care-of address to a home it may not speak for is refused;
+        the subscription stays as it was (pending, no home, no sequence number)."""
         sub = self.subs.add("ha1", COA1, "coa", 0.0)
         assert sub is not None
         got = self.gate.subscribed("ha1", HA, sub, 3, a("2001:db8:99::16"), COA1, 1, 40)
         self.assertIs(got, Refusal.NOT_ENTITLED)
-        self.assertEqual(len(self.subs), 0)
+        self.assertEqual(list(self.subs), [sub])
+        self.assertEqual(
+            (sub.confirmed, sub.home, sub.seq, sub.sub_id, sub.care_of),
+            (False, None, None, None, COA1),
+        )
         self.assertEqual(self.listener.changes, [])
 
     def test_not_subscribed(self) -> None:
@@ -141,3 +145,88 @@ class GateTests(SynchronousTestCase):
         self.assertIsNone(self.gate.subscribed("ha1", HA, sub, 8, HOME, COA1, 10, 40))
         self.assertEqual(len(self.listener.changes), n)
         self.assertEqual(sub.sub_id, 8)
+
+
+class GateValidationTests(SynchronousTestCase):
+    """Every check runs before anything changes: a refusal leaves the subscription as it
+    was and never reaches the listener."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.subs = Subscriptions(100, idle_lifetime=60.0)
+        self.listener = RecordingListener()
+        self.gate = Gate(self.subs, self.listener, self.clock)
+        sub = self.subs.add("ha1", COA1, "coa", 0.0)
+        assert sub is not None
+        self.gate.subscribed("ha1", HA, sub, 7, HOME, COA1, 10, 40)
+        self.sub = sub
+
+    def snapshot(self) -> tuple[object, ...]:
+        s = self.sub
+        return (s.care_of, s.seq, s.expires, s.sub_id, s.home, len(self.listener.changes))
+
+    def test_lifetimes_refused_before_any_change(self) -> None:
+        """10**400 (once an OverflowError after the subscription had changed), 262,141,
+        -1, NaN, 1.5, True: ``bad_lifetime``, nothing changed; 262,140 is accepted."""
+        before = self.snapshot()
+        for lifetime in (10**400, 262_141, -1, float("nan"), 1.5, True, "40", None):
+            self.assertIs(self.gate.changed("ha1", HA, HOME, COA1, COA2, 11, lifetime),
+                          Refusal.BAD_LIFETIME, lifetime)  # fmt: skip
+            self.assertIs(self.gate.snapshot_entry("ha1", HA, HOME, COA2, 11, lifetime),
+                          Refusal.BAD_LIFETIME, lifetime)  # fmt: skip
+            self.assertEqual(self.snapshot(), before, lifetime)
+        self.assertEqual(self.gate.counters[Refusal.BAD_LIFETIME], 16)
+        self.assertIsNone(self.gate.changed("ha1", HA, HOME, COA1, COA2, 11, 262_140))
+
+    def test_sequence_numbers_refused(self) -> None:
+        """Out of 16 bits, negative, not an int: ``bad_argument``."""
+        before = self.snapshot()
+        for seq in (65536, -1, 1.0, True, None):
+            self.assertIs(self.gate.changed("ha1", HA, HOME, COA1, COA2, seq, 40),
+                          Refusal.BAD_ARGUMENT, seq)  # fmt: skip
+        self.assertEqual(self.snapshot(), before)
+
+    def test_listener_refusal_changes_nothing(self) -> None:
+        """A listener that refuses (the entitlement rule): counted, nothing changed."""
+        self.listener.refusal_for = lambda *args: (Refusal.NOT_OWNER, "test")  # type: ignore[method-assign]
+        before = self.snapshot()
+        self.assertIs(self.gate.changed("ha1", HA, HOME, COA1, COA2, 11, 40), Refusal.NOT_OWNER)
+        self.assertIs(self.gate.snapshot_entry("ha1", HA, HOME, COA2, 11, 40), Refusal.NOT_OWNER)
+        self.assertEqual(self.snapshot(), before)
+        self.assertEqual(self.gate.counters[Refusal.NOT_OWNER], 2)
+
+    def test_agent_old_care_of_ignored(self) -> None:
+        """The listener is given our record of the old care-of address, not the agent's."""
+        self.gate.changed("ha1", HA, HOME, a("2001:db8:c::99"), COA2, 11, 40)
+        self.assertEqual(self.listener.changes[-1], BindingChange(HOME, COA1, COA2, 11, 40))
+
+    def test_subscribe_answer_must_match_the_question(self) -> None:
+        """Asked about a home, answered about another; asked about a care-of address,
+        answered with another: ``bad_argument``, the subscription stays pending."""
+        hoa = self.subs.add("ha1", a("2001:db8:1::20"), "hoa", 0.0)
+        coa = self.subs.add("ha1", a("2001:db8:a::20"), "coa", 0.0)
+        assert hoa is not None and coa is not None
+        self.assertIs(self.gate.subscribed("ha1", HA, hoa, 8, a("2001:db8:1::21"), COA2, 1, 40),
+                      Refusal.BAD_ARGUMENT)  # fmt: skip
+        self.assertIs(self.gate.subscribed("ha1", HA, coa, 9, a("2001:db8:1::20"), COA2, 1, 40),
+                      Refusal.BAD_ARGUMENT)  # fmt: skip
+        for sub in (hoa, coa):
+            self.assertEqual((sub.confirmed, sub.sub_id, sub.seq), (False, None, None))
+
+    def test_no_binding_answer(self) -> None:
+        """"No binding" must come with lifetime 0; then the subscription is confirmed."""
+        hoa = self.subs.add("ha1", a("2001:db8:1::20"), "hoa", 0.0)
+        assert hoa is not None
+        self.assertIs(self.gate.subscribed("ha1", HA, hoa, 8, hoa.address, None, None, 40),
+                      Refusal.BAD_ARGUMENT)  # fmt: skip
+        self.assertFalse(hoa.confirmed)
+        self.assertIsNone(self.gate.subscribed("ha1", HA, hoa, 8, hoa.address, None, None, 0))
+        self.assertTrue(hoa.confirmed)
+
+    def test_resubscribe_answer_older_is_stale(self) -> None:
+        """After a reconnect, an answer older than what we accepted is ``stale`` and the
+        subscription keeps its sub_id and binding."""
+        before = self.snapshot()
+        self.assertIs(self.gate.subscribed("ha1", HA, self.sub, 99, HOME, COA2, 9, 40),
+                      Refusal.STALE)  # fmt: skip
+        self.assertEqual(self.snapshot(), before)

@@ -17,7 +17,8 @@ from typing import Any
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.trial.unittest import TestCase
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lbproxy.agents.config import AgentCommon, HomeAgentConfig
 from lbproxy.agents.homeagent import HomeAgentService
@@ -188,3 +189,58 @@ class HomeLinkTests(TestCase):
         self.assertEqual(len(table), 3)  # CoA1, CoA2, CoA3: returns made no new entry
         self.assertEqual(notifier.counters.total(), 0)
         self.assertGreaterEqual(service.observer.counts["ba_applied"], 6)
+
+
+class CommandGarbageTests(SynchronousTestCase):
+    """Whatever a client of the command socket writes is answered; nothing raises, a
+    refused request changes nothing."""
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        from lbproxy.agents.command import CommandProtocol
+        from lbproxy.notify.cache import BindingCache
+        from lbproxy.notify.policy import PrefixEntitlement
+
+        self.cache = BindingCache()
+        self.protocol = CommandProtocol(self.cache, PrefixEntitlement.of(["2001:db8:7a::/64"]),
+                                        Clock())  # fmt: skip
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+
+    def ask(self, line: bytes) -> dict[str, Any]:
+        self.transport.clear()
+        self.protocol.dataReceived(line + b"\n")
+        answer: dict[str, Any] = json.loads(self.transport.value().splitlines()[0])
+        return answer
+
+    def test_garbage(self) -> None:
+        """Not JSON, deep nesting, wrong types, NaN, huge and negative lifetimes, bools,
+        bad addresses, missing keys: an error each, the cache unchanged."""
+        good = {"home": "2001:db8:7a::16", "care_of": "2001:db8:c1::16", "seq": 3,
+                "lifetime": 40}  # fmt: skip
+        self.assertEqual(self.ask(json.dumps(good).encode()), {"ok": True, "changed": True})
+        before = (list(self.cache), self.cache.last_seq(HOME))
+        lines = [b"not json", b"\xff\xfe", b"[" * 2000 + b"]" * 2000, b"[]", b"42",
+                 b'{"command": 7}', json.dumps({**good, "seq": 4, "lifetime": 10**400}).encode(),
+                 json.dumps({**good, "seq": 4, "lifetime": -1}).encode(),
+                 json.dumps({**good, "seq": 4, "lifetime": 262_141}).encode(),
+                 json.dumps({**good, "seq": 4, "lifetime": True}).encode(),
+                 json.dumps({**good, "seq": True}).encode(),
+                 json.dumps({**good, "seq": 70_000}).encode(),
+                 b'{"home": "2001:db8:7a::16", "care_of": "2001:db8:c1::16", "seq": 4, '
+                 b'"lifetime": NaN}',
+                 json.dumps({**good, "seq": 4, "care_of": "not an address"}).encode(),
+                 json.dumps({**good, "seq": 4, "home": "2001:db8:99::16"}).encode(),
+                 json.dumps({"home": "2001:db8:7a::16"}).encode()]  # fmt: skip
+        for line in lines:
+            answer = self.ask(line)
+            self.assertIn("error", answer, line[:60])
+            self.assertEqual((list(self.cache), self.cache.last_seq(HOME)), before, line[:60])
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_line_too_long(self) -> None:
+        """A line over 4 KiB is answered with an error and the connection closed."""
+        self.protocol.dataReceived(b"x" * 5000)
+        self.assertIn(b"line too long", self.transport.value())
+        self.assertTrue(self.transport.disconnecting)

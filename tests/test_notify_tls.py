@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorTCP, IReactorTime
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lbproxy.notify import commands as c
 from lbproxy.notify.agent import NotificationAgent
@@ -27,6 +27,7 @@ from lbproxy.notify.machine import PeerState
 from lbproxy.notify.pki import CertificateAuthority
 from lbproxy.notify.policy import HomeAddressEntitlement, PrefixEntitlement, Refusal
 from lbproxy.notify.router import Notifier
+from lbproxy.notify.tls import CLIENT_AUTH, SERVER_AUTH, check_certificate
 
 reactor: Any = _reactor
 assert IReactorTCP.providedBy(reactor) and IReactorTime.providedBy(reactor)
@@ -406,3 +407,83 @@ class FromConfigTests(TestCase):
                          [notifier.clients["ha1"]])
         self.assertEqual(notifier.peers_for(COA1, home=False),
                          [notifier.clients["ha1"], notifier.clients["t1"]])
+
+    def test_optional_keys(self) -> None:
+        """The checks' keys are read when the configuration has them; ``local`` is passed
+        by the caller."""
+        import types
+
+        directory = self.mktemp()
+        ca, cert, key = CA.write(directory, "lb1", BALANCER)
+        config = types.SimpleNamespace(
+            ca=ca, certificate=cert, key=key, max_subscriptions=7, peers=(),
+            forbidden_prefixes=["2001:db8:d::/48"], care_of_prefixes=["2001:db8:a::/48"],
+            allow_unique_local=True, call_timeout=3.0, handshake_timeout=4.0, max_outstanding=9,
+        )  # fmt: skip
+        vip = a("2001:db8:5::80")
+        policy = types.SimpleNamespace(vip_set={vip}, by_address={}, own=set())
+        notifier = Notifier.from_config(config, reactor, RecordingListener(), local=lambda: policy)
+        rules = notifier.addresses
+        self.assertEqual([str(p) for p in rules.forbidden], ["2001:db8:d::/48"])
+        self.assertEqual([str(p) for p in rules.care_of_prefixes], ["2001:db8:a::/48"])
+        self.assertTrue(rules.allow_unique_local)
+        self.assertIsNotNone(rules.care_of(vip))
+        self.assertEqual(notifier.terminal_seen(vip), 0)
+
+
+class CheckCertificateTests(SynchronousTestCase):
+    """lbproxy.notify.tls.check_certificate: identity and role, exactly."""
+
+    def cert(self, **kwargs: Any) -> Any:
+        from cryptography import x509
+
+        return x509.load_pem_x509_certificate(CA.issue(**kwargs).cert_pem)
+
+    def test_exact_dns_id(self) -> None:
+        """A DNS-ID matches case-insensitively (and with a trailing dot), nothing else."""
+        cert = self.cert(dns=["HA1.Test"])
+        self.assertEqual(check_certificate(cert, ["ha1.test."], SERVER_AUTH).name, "ha1.test.")
+        self.assertEqual(check_certificate(cert, ["lb2.test", "ha1.test"], SERVER_AUTH).name,
+                         "ha1.test")  # fmt: skip
+        verdict = check_certificate(cert, ["ha2.test"], SERVER_AUTH)
+        self.assertEqual((verdict.name, verdict.refusal), (None, Refusal.WRONG_IDENTITY))
+
+    def test_ip_identity(self) -> None:
+        """An identity that is an IP address matches an iPAddress SAN, not a DNS-ID."""
+        cert = self.cert(dns=["2001:db8::1"], ips=["2001:db8::2"])
+        self.assertTrue(check_certificate(cert, ["2001:db8::2"], SERVER_AUTH).accepted)
+        self.assertFalse(check_certificate(cert, ["2001:db8::1"], SERVER_AUTH).accepted)
+
+    def test_wildcards_never_match(self) -> None:
+        """``*.test`` and ``*.example.test`` prove no name; the refusal says so."""
+        for pattern, name in (("*.test", "ha1.test"), ("*.example.test", "ha1.example.test")):
+            verdict = check_certificate(self.cert(dns=[pattern]), [name], SERVER_AUTH)
+            self.assertEqual(verdict.refusal, Refusal.WRONG_IDENTITY)
+            self.assertIn("wildcard", verdict.detail)
+
+    def test_common_name_ignored(self) -> None:
+        """No subjectAltName: refused whatever the common name says."""
+        verdict = check_certificate(self.cert(common_name="ha1.test"), ["ha1.test"], SERVER_AUTH)
+        self.assertEqual((verdict.refusal, verdict.detail),
+                         (Refusal.WRONG_IDENTITY, "no subjectAltName"))  # fmt: skip
+
+    def test_usage(self) -> None:
+        """serverAuth for the dialled side, clientAuth for the dialling side; none, or a CA
+        certificate: ``wrong_usage``."""
+        server_only = self.cert(dns=["x.test"], usages=["server"])
+        client_only = self.cert(dns=["x.test"], usages=["client"])
+        self.assertTrue(check_certificate(server_only, ["x.test"], SERVER_AUTH).accepted)
+        self.assertTrue(check_certificate(client_only, ["x.test"], CLIENT_AUTH).accepted)
+        for cert, usage in ((server_only, CLIENT_AUTH), (client_only, SERVER_AUTH),
+                            (self.cert(dns=["x.test"], usages=None), SERVER_AUTH),
+                            (self.cert(dns=["x.test"], ca=True), SERVER_AUTH)):  # fmt: skip
+            self.assertEqual(check_certificate(cert, ["x.test"], usage).refusal,
+                             Refusal.WRONG_USAGE)  # fmt: skip
+
+    def test_required_addresses(self) -> None:
+        """A terminal's certificate must carry its home address as an iPAddress SAN."""
+        home = ipaddress.IPv6Address("2001:db8:1::16").packed
+        with_home = self.cert(dns=["t1.test"], ips=["2001:db8:1::16"])
+        self.assertTrue(check_certificate(with_home, ["t1.test"], SERVER_AUTH, [home]).accepted)
+        verdict = check_certificate(self.cert(dns=["t1.test"]), ["t1.test"], SERVER_AUTH, [home])
+        self.assertEqual(verdict.refusal, Refusal.WRONG_IDENTITY)

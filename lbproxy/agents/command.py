@@ -5,7 +5,10 @@ hook script) writes one JSON object per line to a UNIX socket, e.g.
 ``{"home": "2001:db8:1::16", "care_of": "2001:db8:a::16", "seq": 7, "lifetime": 420}``,
 and reads one JSON answer per line: ``{"ok": true, "changed": true}`` or
 ``{"error": "..."}``.  ``{"command": "bindings"}`` lists the cache.  The socket's file
-permissions are the access control; the agent's entitlement still applies.
+permissions are the access control; the agent's entitlement still applies.  A malformed
+request (not JSON, not an object, a bad address, a sequence number that is not an integer in
+0..65535, a lifetime that is not an integer in 0..262,140 s) is answered with an error and
+changes nothing; nothing a client sends raises out of the reactor.
 """
 
 from __future__ import annotations
@@ -38,7 +41,14 @@ class CommandProtocol(LineOnlyReceiver):
             answer = self.handle(json.loads(line))
         except (ValueError, TypeError, KeyError) as e:
             answer = {"error": f"{type(e).__name__}: {e}"}
+        except Exception as e:  # deeply nested JSON (RecursionError), ...
+            answer = {"error": f"{type(e).__name__}"}
         self.sendLine(json.dumps(answer).encode())
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A line longer than ``MAX_LENGTH``: answered, then the connection is closed."""
+        self.sendLine(json.dumps({"error": "line too long"}).encode())
+        super().lineLengthExceeded(line)
 
     def handle(self, request: Any) -> dict[str, Any]:
         """Apply one request; raises ValueError/TypeError/KeyError for bad ones."""
@@ -55,7 +65,7 @@ class CommandProtocol(LineOnlyReceiver):
         home = ipaddress.IPv6Address(request["home"]).packed
         care_of = ipaddress.IPv6Address(request["care_of"]).packed
         seq, lifetime = request["seq"], request["lifetime"]
-        if not isinstance(seq, int) or not isinstance(lifetime, int):
+        if type(seq) is not int or type(lifetime) is not int:
             raise TypeError("seq and lifetime must be integers")
         if not self.entitlement.allows(home):
             raise ValueError("home address outside this agent's prefixes")

@@ -7,7 +7,11 @@ so it travels over mutually authenticated TLS and is checked against what the pe
 for.  The protocol is specified in ``docs/notify.md``.
 
 Pure modules: ``machine`` (per-peer state machine), ``policy`` (sequence numbers,
-entitlements, refusal counters), ``subscriptions`` (bounded registry), ``cache`` (an agent's
-binding cache).  Edges: ``commands`` (AMP vocabulary), ``tls``, ``client`` (balancer side),
-``agent`` (agent side), ``router`` (``terminal_seen``), ``adapter`` (table and balancer).
+lifetimes, entitlements, refusal counters), ``addresses`` (which care-of and home addresses
+may be believed), ``subscriptions`` (bounded registry), ``cache`` (an agent's binding
+cache), ``gate`` (every check before any change).  Edges: ``commands`` (AMP vocabulary),
+``tls`` (identity and role checks that fail closed), ``session`` (deadlines and bounds for
+AMP with an untrusted peer), ``client`` (balancer side), ``agent`` (agent side), ``router``
+(``terminal_seen``), ``adapter`` (table and balancer; which source-address bindings a home
+may move).
 """

@@ -7,6 +7,14 @@ serve balancers from an allowed list.  Each accepted balancer connection is an
 Subscribe / Unsubscribe / GetSnapshot, sends BindingChanged on every cache change a
 subscription asked for ("on change"), and BindingSnapshot every ``interval`` seconds a
 subscription asked for ("periodically").
+
+A session is a :class:`~lbproxy.notify.session.GuardedAMP`: the balancer must complete a TLS
+handshake with an allowed, ``clientAuth`` certificate within ``handshake_timeout``; every
+notification sent to it has a deadline; and at most ``max_outstanding`` are in flight -- the
+changes of a terminal that happen meanwhile are coalesced into one (the latest binding, with
+the care-of address the balancer was last told), sent as answers come back.  A balancer that
+does not answer in time is dropped (``timeout``); it reconnects and resubscribes, and the
+Subscribe answers carry the current bindings.
 """
 
 from __future__ import annotations
@@ -20,16 +28,21 @@ from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.protocols import amp
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lbproxy.notify import commands as c
 from lbproxy.notify.cache import BindingCache, CacheChange, CachedBinding
-from lbproxy.notify.machine import PeerInput, PeerMachine, PeerState, ProtocolViolation
+from lbproxy.notify.machine import PeerInput, PeerMachine, PeerState
 from lbproxy.notify.policy import IEntitlement, Refusal, RefusalCounters
-from lbproxy.notify.tls import TlsMaterial, peer_dns_id, server_factory
+from lbproxy.notify.session import (
+    DEFAULT_CALL_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_OUTSTANDING,
+    GuardedAMP,
+)
+from lbproxy.notify.tls import CLIENT_AUTH, PeerRefused, TlsMaterial, peer_verdict, server_factory
 
 log = Logger()
 MAX_INTERVAL = 86_400
@@ -55,17 +68,28 @@ def _entry(binding: CachedBinding) -> dict[str, Any]:
 
 
 @implementer(IHandshakeListener)
-class AgentSession(amp.AMP):
+class AgentSession(GuardedAMP):
     """One balancer's connection to this agent."""
 
     def __init__(self, agent: NotificationAgent) -> None:
-        super().__init__()
+        super().__init__(
+            agent.clock,
+            self._count,
+            agent.call_timeout,
+            agent.max_outstanding,
+            agent.handshake_timeout,
+        )
         self.agent = agent
         self.machine = PeerMachine()
         self.balancer = "?"  # the verified identity once known
         self.subscriptions: dict[int, AgentSubscription] = {}
         self._by_home: dict[bytes, int] = {}
         self._timers: dict[int, LoopingCall] = {}
+        # Changes waiting for room under max_outstanding, one per home (oldest first).
+        self._pending: dict[bytes, CacheChange] = {}
+
+    def _count(self, reason: Refusal, detail: str) -> None:
+        self.agent.counters.refuse(reason, self.balancer, detail)
 
     # -- connection ---------------------------------------------------------------------
 
@@ -76,27 +100,31 @@ class AgentSession(amp.AMP):
         self.balancer = str(getattr(peer, "host", "?"))
 
     def handshakeCompleted(self) -> None:
-        """TLS is up with a CA-signed client certificate: is it an allowed balancer?"""
-        connection = self.transport.getHandle()  # type: ignore[union-attr]
-        name = peer_dns_id(connection, self.agent.balancers)
-        if name is None:
-            self.agent.counters.refuse(
-                Refusal.WRONG_IDENTITY, self.balancer, "client is not an allowed balancer"
-            )
-            self.transport.abortConnection()  # type: ignore[union-attr]
+        """TLS is up; the client certificate was checked in the handshake (again here):
+        an allowed balancer, ``clientAuth``."""
+        if self.dropped is not None:
             return
-        self.balancer = name
+        connection = self.transport.getHandle()  # type: ignore[union-attr]
+        verdict = peer_verdict(connection, self.agent.balancers, CLIENT_AUTH)
+        if not verdict.accepted or verdict.name is None:
+            self.drop(verdict.refusal or Refusal.WRONG_IDENTITY, verdict.detail)
+            return
+        self.handshake_verified()
+        self.balancer = verdict.name
         self.machine.feed(PeerInput.HANDSHAKE_DONE)
         self.agent.sessions.add(self)
-        log.info("notify agent: balancer {name} connected", name=name)
+        log.info("notify agent: balancer {name} connected", name=verdict.name)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         super().connectionLost(reason)
-        if self.machine.state is PeerState.CONNECTING:
-            self.agent.counters.refuse(
-                Refusal.TLS_FAILED, self.balancer, reason.getErrorMessage()
-            )
+        if self.machine.state is PeerState.CONNECTING and self.dropped is None:
+            refused = reason.value
+            if isinstance(refused, PeerRefused):  # refused in the handshake, with the reason
+                self._count(refused.refusal, refused.detail)
+            else:
+                self._count(Refusal.TLS_FAILED, reason.getErrorMessage())
         self.agent.sessions.discard(self)
+        self._pending.clear()
         for timer in self._timers.values():
             if timer.running:
                 timer.stop()
@@ -119,12 +147,17 @@ class AgentSession(amp.AMP):
 
     @c.Subscribe.responder
     def subscribe(
-        self, address: bytes, kind: str, on_change: bool, interval: int
+        self, address: bytes, kind: str, on_change: bool, interval: Any
     ) -> dict[str, Any]:
         """Start following one terminal for this balancer."""
         self._require(PeerState.HANDSHAKEN, PeerState.SUBSCRIBED)
-        if len(address) != 16 or kind not in ("hoa", "coa") or not 0 <= interval <= MAX_INTERVAL:
-            raise self._refuse(Refusal.BAD_ARGUMENT, f"Subscribe {kind} {interval}")
+        if (
+            len(address) != 16
+            or kind not in ("hoa", "coa")
+            or type(interval) is not int
+            or not 0 <= interval <= MAX_INTERVAL
+        ):
+            raise self._refuse(Refusal.BAD_ARGUMENT, f"Subscribe {kind!r} {interval!r}")
         text = str(ipaddress.IPv6Address(address))
         binding: CachedBinding | None
         if kind == "hoa":
@@ -156,13 +189,14 @@ class AgentSession(amp.AMP):
         return {"sub_id": sub_id, **_entry(binding)}
 
     @c.Unsubscribe.responder
-    def unsubscribe(self, sub_id: int) -> dict[str, Any]:
+    def unsubscribe(self, sub_id: Any) -> dict[str, Any]:
         """Stop one subscription."""
         self._require(PeerState.HANDSHAKEN, PeerState.SUBSCRIBED)
-        sub = self.subscriptions.pop(sub_id, None)
+        sub = self.subscriptions.pop(sub_id, None) if type(sub_id) is int else None
         if sub is None:
             raise self._refuse(Refusal.NOT_SUBSCRIBED, f"Unsubscribe {sub_id}")
         del self._by_home[sub.home]
+        self._pending.pop(sub.home, None)
         self._retime(sub.interval)
         if not self.subscriptions:
             self.machine.feed(PeerInput.LAST_UNSUBSCRIBED)
@@ -199,21 +233,36 @@ class AgentSession(amp.AMP):
     def _periodic(self, interval: int) -> None:
         subs = [s for s in self.subscriptions.values() if s.interval == interval]
         bindings = self._bindings(subs)
-        if bindings and self.machine.allows(PeerInput.SNAPSHOT):
+        if bindings and self.can_call and self.machine.allows(PeerInput.SNAPSHOT):
             self.machine.feed(PeerInput.SNAPSHOT)
-            d = self.callRemote(c.BindingSnapshot, bindings=bindings)
-            d.addErrback(self._remote_refused, "BindingSnapshot")
+            d = self.call(c.BindingSnapshot, bindings=bindings)
+            if d is not None:
+                d.addErrback(self._remote_refused, "BindingSnapshot")
+                d.addBoth(self._drain)
 
     def cache_changed(self, change: CacheChange) -> None:
-        """Tell the balancer, if it subscribed to this terminal on change."""
+        """Tell the balancer, if it subscribed to this terminal on change; when
+        ``max_outstanding`` notifications are in flight, coalesce it with the terminal's
+        other waiting change and send it when there is room."""
         sub_id = self._by_home.get(change.home)
         if sub_id is None or not self.subscriptions[sub_id].on_change:
             return
-        try:
-            self.machine.feed(PeerInput.NOTIFICATION)
-        except ProtocolViolation:
+        if not self.machine.allows(PeerInput.NOTIFICATION):
             return
-        d = self.callRemote(
+        waiting = self._pending.pop(change.home, None)
+        if waiting is not None:  # the balancer was last told waiting.old_care_of
+            change = CacheChange(
+                change.home, waiting.old_care_of, change.new_care_of, change.seq,
+                change.lifetime,
+            )  # fmt: skip
+        if not self.can_call:
+            self._pending[change.home] = change
+            return
+        self._notify(change)
+
+    def _notify(self, change: CacheChange) -> None:
+        self.machine.feed(PeerInput.NOTIFICATION)
+        d = self.call(
             c.BindingChanged,
             home=change.home,
             old_care_of=change.old_care_of or b"",
@@ -221,7 +270,22 @@ class AgentSession(amp.AMP):
             seq=change.seq,
             lifetime=change.lifetime,
         )
+        if d is None:  # dropped meanwhile
+            return
         d.addErrback(self._remote_refused, "BindingChanged")
+        d.addBoth(self._drain)
+
+    def _drain(self, result: object = None) -> object:
+        """Send waiting changes while there is room."""
+        while self._pending and self.can_call and self.machine.allows(PeerInput.NOTIFICATION):
+            home = next(iter(self._pending))
+            self._notify(self._pending.pop(home))
+        return result
+
+    @property
+    def pending(self) -> int:
+        """Changes waiting for room under ``max_outstanding``."""
+        return len(self._pending)
 
     def _remote_refused(self, failure: Failure, what: str) -> None:
         error = failure.check(*c.ERRORS)
@@ -249,12 +313,18 @@ class NotificationAgent:
         clock: IReactorTime,
         max_subscriptions: int = 100_000,
         counters: RefusalCounters | None = None,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        max_outstanding: int = DEFAULT_MAX_OUTSTANDING,
     ) -> None:
         self.cache = cache
         self.entitlement = entitlement
         self.balancers = tuple(balancers)
         self.clock = clock
         self.max_subscriptions = max_subscriptions
+        self.call_timeout = call_timeout
+        self.handshake_timeout = handshake_timeout
+        self.max_outstanding = max_outstanding
         self.counters = counters if counters is not None else RefusalCounters()
         self.sessions: set[AgentSession] = set()
         self.remote_refusals: dict[str, int] = {}  # what balancers refused of ours
@@ -270,5 +340,6 @@ class NotificationAgent:
         return Factory.forProtocol(lambda: AgentSession(self))
 
     def tls_factory(self, material: TlsMaterial) -> TLSMemoryBIOFactory:
-        """Sessions behind server TLS that requires a CA-signed client certificate."""
-        return server_factory(material, self.factory())
+        """Sessions behind server TLS that requires a CA-signed ``clientAuth`` certificate
+        of one of the allowed balancers."""
+        return server_factory(material, self.factory(), self.balancers, self.clock)

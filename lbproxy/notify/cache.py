@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import attrs
 
-from lbproxy.notify.policy import seq_newer
+from lbproxy.notify.policy import seq_newer, valid_lifetime, valid_seq
 
 
 @attrs.frozen
@@ -78,12 +78,16 @@ class BindingCache:
         self, home: bytes, care_of: bytes, seq: int, lifetime: int, now: float
     ) -> CacheChange | None:
         """Apply a binding; the change (also given to the observers), or ``None`` when it only
-        refreshed the binding.  Raises ``ValueError`` for a stale sequence number and
+        refreshed the binding.  Raises ``ValueError`` for a stale sequence number, a
+        sequence number that is not an int in 0..65535, a lifetime that is not an int in
+        0..262,140 s (RFC 6275 §6.1.7) -- all before anything changes -- and
         :class:`CacheFull` when no room is left."""
         if len(home) != 16 or len(care_of) != 16:
             raise ValueError("addresses must be 16 octets")
-        if not 0 <= seq <= 0xFFFF or lifetime < 0:
-            raise ValueError("sequence number or lifetime out of range")
+        if not valid_seq(seq):
+            raise ValueError(f"sequence number {seq!r} is not an integer in 0..65535")
+        if not valid_lifetime(lifetime):
+            raise ValueError(f"lifetime {lifetime!r} is not an integer in 0..262140")
         current = self._by_home.get(home)
         last = self._last_seq.get(home)
         same = current is not None and seq == last and care_of == current.care_of

@@ -8,23 +8,28 @@ once that is known, so an agent that lost its observations keeps the subscriptio
 then says is handed to the :class:`~lbproxy.notify.gate.Gate`; what the gate refuses is
 answered with the matching AMP error.  Forwarding does not wait for any of this: while a peer
 is down the table keeps its entries and only confirmations stop.
+
+Every call to the peer has a deadline and at most ``max_outstanding`` are in flight
+(:class:`~lbproxy.notify.session.GuardedAMP`); Subscribes beyond that wait in a backlog,
+bounded by the subscription registry, and go out as answers come back.  A peer that does not
+answer in time is dropped (``timeout``) and reconnected with back-off.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import attrs
-from service_identity import VerificationError
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.error import ConnectionClosed
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -37,10 +42,20 @@ from lbproxy.notify.policy import (
     PrefixEntitlement,
     Refusal,
 )
+from lbproxy.notify.session import (
+    DEFAULT_CALL_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_OUTSTANDING,
+    GuardedAMP,
+)
 from lbproxy.notify.subscriptions import Subscription
-from lbproxy.notify.tls import TlsMaterial, client_factory, peer_has_address
+from lbproxy.notify.tls import SERVER_AUTH, PeerRefused, TlsMaterial, client_factory, peer_verdict
 
 log = Logger()
+
+
+class Overloaded(Exception):  # noqa: N818 - a condition
+    """Too many calls are outstanding to the peer; nothing was sent."""
 
 
 @attrs.frozen
@@ -49,7 +64,7 @@ class Peer:
 
     name: str
     kind: str  # "homeagent" | "terminal"
-    identity: str  # DNS-ID its certificate must carry
+    identity: str  # DNS-ID (or IP address) its certificate must carry as a subjectAltName
     entitlement: IEntitlement
     home: bytes | None = None  # a terminal's home address (also required in its certificate)
 
@@ -80,22 +95,32 @@ def _opt(address: bytes) -> bytes | None:
     return address
 
 
+def _seq(value: object) -> object:
+    """A Subscribe answer's sequence number: ``None`` for "no binding known"."""
+    return None if value == c.NO_SEQ and type(value) is int else value
+
+
 @implementer(IHandshakeListener)
-class BalancerProtocol(amp.AMP):
+class BalancerProtocol(GuardedAMP):
     """One connection to a peer; hands everything to its :class:`NotificationClient`."""
 
     def __init__(self, client: NotificationClient) -> None:
-        super().__init__()
+        super().__init__(
+            client.clock,
+            client.refuse,
+            client.call_timeout,
+            client.max_outstanding,
+            client.handshake_timeout,
+        )
         self.client = client
-        self.handshaken = False
+        self.handshaken = False  # TLS up *and* the peer verified
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.client.connection_made(self)
 
     def handshakeCompleted(self) -> None:
-        """TLS is up and the DNS-ID verified (``optionsForClientTLS``)."""
-        self.handshaken = True
+        """TLS is up; the certificate was checked in the handshake (check it again)."""
         self.client.handshake_completed(self)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
@@ -104,22 +129,19 @@ class BalancerProtocol(amp.AMP):
 
     @c.BindingChanged.responder
     def binding_changed(
-        self, home: bytes, old_care_of: bytes, new_care_of: bytes, seq: int, lifetime: int
+        self, home: bytes, old_care_of: bytes, new_care_of: bytes, seq: Any, lifetime: Any
     ) -> dict[str, Any]:
         """An agent says a terminal moved."""
-        new = _opt(new_care_of)
-        if len(home) != 16 or new is None or not 0 <= seq <= 0xFFFF or lifetime < 0:
-            self.client.refuse(Refusal.BAD_ARGUMENT, "BindingChanged arguments")
-            raise c.BadArgument()
         self.client.expect(PeerInput.NOTIFICATION)
+        try:
+            new, old = _opt(new_care_of), _opt(old_care_of)
+        except c.BadArgument:
+            new = old = None
+        if len(home) != 16 or new is None:
+            self.client.refuse(Refusal.BAD_ARGUMENT, "BindingChanged addresses")
+            raise c.BadArgument()
         refusal = self.client.gate.changed(
-            self.client.peer.name,
-            self.client.peer.entitlement,
-            home,
-            _opt(old_care_of),
-            new,
-            seq,
-            lifetime,
+            self.client.peer.name, self.client.peer.entitlement, home, old, new, seq, lifetime
         )
         if refusal is not None:
             raise c.error_for(refusal)
@@ -146,15 +168,27 @@ class NotificationClient(Service):
         initial_delay: float = 0.1,
         max_delay: float = 30.0,
         jitter: Callable[[], float] | None = None,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        max_outstanding: int = DEFAULT_MAX_OUTSTANDING,
     ) -> None:
         self.peer = peer
         self.gate = gate
         self.clock = clock
         self.interval = interval
+        self.call_timeout = call_timeout
+        self.handshake_timeout = handshake_timeout
+        self.max_outstanding = max_outstanding
         self.machine = PeerMachine()
         self.protocol: BalancerProtocol | None = None
         self.connections = 0  # verified connections so far (1 + reconnects)
-        self._unverified = 0  # consecutive connections lost before being verified
+        self.max_delay = max_delay
+        # Consecutive connections that failed: lost before being verified, or verified but
+        # lost without the peer answering anything (a silent peer) and within max_delay.
+        self._failures = 0
+        self._verified_at: float | None = None
+        # Subscribes waiting for room under max_outstanding, by address (oldest first).
+        self._backlog: OrderedDict[bytes, Subscription] = OrderedDict()
         self.setName(peer.name)
         factory = Factory.forProtocol(lambda: BalancerProtocol(self))
         base = backoffPolicy(
@@ -163,12 +197,13 @@ class NotificationClient(Service):
             factor=2.0,
             **({"jitter": jitter} if jitter is not None else {}),
         )
+        addresses = () if peer.home is None else (peer.home,)
         self.service = ClientService(
             endpoint,
-            client_factory(material, peer.identity, factory),
-            # A connection that fails TLS looks "made" to ClientService, which then resets
-            # its attempt count; keep backing off across such failures too.
-            retryPolicy=lambda attempt: base(attempt + self._unverified),
+            client_factory(material, peer.identity, factory, addresses, clock),
+            # A connection that fails TLS, or a silent peer's, looks "made" to ClientService,
+            # which then resets its attempt count; keep backing off across such failures.
+            retryPolicy=lambda attempt: base(attempt + self._failures),
             clock=clock,
         )
 
@@ -209,17 +244,20 @@ class NotificationClient(Service):
             self.machine.feed(PeerInput.TCP_CONNECTED)
 
     def handshake_completed(self, protocol: BalancerProtocol) -> None:
-        if self.peer.home is not None:
-            connection = protocol.transport.getHandle()  # type: ignore[union-attr]
-            if not peer_has_address(connection, self.peer.home):
-                self.refuse(Refusal.WRONG_IDENTITY, "certificate lacks the terminal's home")
-                protocol.handshaken = False
-                protocol.transport.abortConnection()  # type: ignore[union-attr]
-                return
+        if protocol.dropped is not None:
+            return
+        addresses = () if self.peer.home is None else (self.peer.home,)
+        connection = protocol.transport.getHandle()  # type: ignore[union-attr]
+        verdict = peer_verdict(connection, [self.peer.identity], SERVER_AUTH, addresses)
+        if not verdict.accepted:
+            protocol.drop(verdict.refusal or Refusal.WRONG_IDENTITY, verdict.detail)
+            return
+        protocol.handshake_verified()
+        protocol.handshaken = True
         if self.machine.state is PeerState.CLOSED:
             return
         self.machine.feed(PeerInput.HANDSHAKE_DONE)
-        self._unverified = 0
+        self._verified_at = self.clock.seconds()
         self.connections += 1
         log.info("notify: connected to {peer}", peer=self.peer.name)
         for sub in self.gate.subscriptions.for_peer(self.peer.name):
@@ -228,14 +266,21 @@ class NotificationClient(Service):
     def connection_lost(self, protocol: BalancerProtocol, reason: Failure) -> None:
         if protocol is self.protocol:
             self.protocol = None
-        if not protocol.handshaken:
-            self._unverified += 1
-            if self.machine.state is PeerState.CONNECTING:
-                wrong = reason.check(VerificationError) is not None
-                self.refuse(
-                    Refusal.WRONG_IDENTITY if wrong else Refusal.TLS_FAILED,
-                    reason.getErrorMessage(),
-                )
+            self._backlog.clear()  # everything is sent again on the next connection
+        lived = None if self._verified_at is None else self.clock.seconds() - self._verified_at
+        self._verified_at = None
+        healthy = protocol.answers or (lived or 0) >= self.max_delay
+        if protocol.handshaken and protocol.dropped is None and healthy:
+            self._failures = 0
+        else:
+            self._failures += 1
+        unverified = not protocol.handshaken and protocol.dropped is None
+        if unverified and self.machine.state is PeerState.CONNECTING:
+            value = reason.value
+            if isinstance(value, PeerRefused):  # refused in the handshake, with the reason
+                self.refuse(value.refusal, value.detail)
+            else:
+                self.refuse(Refusal.TLS_FAILED, reason.getErrorMessage())
         if self.machine.allows(PeerInput.CONNECTION_LOST):
             self.machine.feed(PeerInput.CONNECTION_LOST)
 
@@ -246,32 +291,49 @@ class NotificationClient(Service):
         """TLS up and the peer verified."""
         return self.machine.state in (PeerState.HANDSHAKEN, PeerState.SUBSCRIBED)
 
+    @property
+    def backlog(self) -> int:
+        """Subscribes waiting for room under ``max_outstanding``."""
+        return len(self._backlog)
+
     def send_subscribe(self, sub: Subscription) -> Deferred[Any] | None:
-        """Send Subscribe for ``sub`` now if connected (else on the next connection)."""
-        if not self.connected or self.protocol is None:
+        """Send Subscribe for ``sub`` now if connected and there is room (else later)."""
+        protocol = self.protocol
+        if not self.connected or protocol is None:
             return None
         # Once the home address is known, follow the terminal by it: a care-of address is
         # what the terminal gives up when it moves, and an agent that restarted (and lost
         # what it had observed) answers UNKNOWN_BINDING for it, but still accepts -- and then
         # reports on -- a home address it is entitled to.
         address, kind = (sub.address, sub.kind) if sub.home is None else (sub.home, "hoa")
-        d = self.protocol.callRemote(
-            c.Subscribe,
-            address=address,
-            kind=kind,
-            on_change=True,
-            interval=self.interval,
+        d = protocol.call(
+            c.Subscribe, address=address, kind=kind, on_change=True, interval=self.interval
         )
-        d.addCallbacks(self._subscribed, self._subscribe_failed, (sub,), None, (sub,), None)
+        if d is None:
+            self._backlog[sub.address] = sub
+            return None
+        d.addCallbacks(
+            self._subscribed, self._subscribe_failed, callbackArgs=(sub,), errbackArgs=(sub,)
+        )
+        d.addBoth(self._drain)
         return d
+
+    def _drain(self, result: object = None) -> object:
+        """Send waiting Subscribes while there is room."""
+        protocol = self.protocol
+        while self._backlog and protocol is not None and protocol.can_call and self.connected:
+            address, sub = self._backlog.popitem(last=False)
+            if self.gate.subscriptions.get(self.peer.name, address) is sub:
+                self.send_subscribe(sub)
+        return result
 
     def _subscribed(self, answer: dict[str, Any], sub: Subscription) -> None:
         try:
             home, care_of = _opt(answer["home"]), _opt(answer["care_of"])
         except c.BadArgument:
-            self._refused_subscription(sub, Refusal.BAD_ARGUMENT)
+            self.refuse(Refusal.BAD_ARGUMENT, "Subscribe answer addresses")
+            self._answer_refused()
             return
-        seq = answer["seq"] if 0 <= answer["seq"] <= 0xFFFF else None
         refusal = self.gate.subscribed(
             self.peer.name,
             self.peer.entitlement,
@@ -279,11 +341,18 @@ class NotificationClient(Service):
             answer["sub_id"],
             home,
             care_of,
-            seq,
+            _seq(answer["seq"]),
             answer["lifetime"],
         )
-        if refusal is None and self.machine.allows(PeerInput.SUBSCRIBE_OK):
+        if refusal is not None:
+            self._answer_refused()
+        elif self.machine.allows(PeerInput.SUBSCRIBE_OK):
             self.machine.feed(PeerInput.SUBSCRIBE_OK)
+
+    def _answer_refused(self) -> None:
+        """The answer was refused; the subscription stays as it was (pending)."""
+        if self.machine.allows(PeerInput.SUBSCRIBE_REFUSED):
+            self.machine.feed(PeerInput.SUBSCRIBE_REFUSED)
 
     def _refused_subscription(self, sub: Subscription, reason: Refusal) -> None:
         self.gate.subscriptions.remove(sub)
@@ -293,24 +362,35 @@ class NotificationClient(Service):
 
     def _subscribe_failed(self, failure: Failure, sub: Subscription) -> None:
         error = failure.check(*c.ERRORS)
-        if error is None:
-            return  # connection lost: the subscription is sent again on reconnecting
-        refusal = getattr(error, "refusal", Refusal.PROTOCOL)
-        self._refused_subscription(sub, refusal)
+        if error is not None:  # the agent refused it: forget it
+            refusal = getattr(error, "refusal", Refusal.PROTOCOL)
+            self._refused_subscription(sub, refusal)
+        elif failure.check(ConnectionClosed, CancelledError) is None:
+            # A malformed answer, or an error the protocol does not know: keep the
+            # subscription as it was.
+            self.refuse(Refusal.PROTOCOL, f"Subscribe answer: {failure.getErrorMessage()}")
+            self._answer_refused()
+        # else: connection lost; the subscription is sent again on reconnecting
 
     def send_unsubscribe(self, sub: Subscription) -> None:
         """Tell the peer to stop ``sub`` (best effort; the registry forgets it anyway)."""
+        self._backlog.pop(sub.address, None)
         if self.connected and self.protocol is not None and sub.sub_id is not None:
-            d = self.protocol.callRemote(c.Unsubscribe, sub_id=sub.sub_id)
-            d.addErrback(lambda f: None)
+            d = self.protocol.call(c.Unsubscribe, sub_id=sub.sub_id)
+            if d is not None:
+                d.addErrback(lambda f: None)
+                d.addBoth(self._drain)
 
     def request_snapshot(self) -> Deferred[dict[str, Any]]:
         """Ask the peer for its current bindings (claims 12/13, "on request") and apply
         them; fires with the counts."""
         if not self.connected or self.protocol is None:
             return fail(ConnectionError(f"{self.peer.name} is not connected"))
-        d = self.protocol.callRemote(c.GetSnapshot)
+        d = self.protocol.call(c.GetSnapshot)
+        if d is None:
+            return fail(Overloaded(f"{self.max_outstanding} calls outstanding to {self.peer.name}"))
         d.addCallback(lambda answer: self.apply_snapshot(answer["bindings"]))
+        d.addBoth(self._drain)
         return d
 
     def apply_snapshot(self, bindings: list[dict[str, Any]]) -> dict[str, Any]:
@@ -321,8 +401,8 @@ class NotificationClient(Service):
                 home, care_of = _opt(b["home"]), _opt(b["care_of"])
             except c.BadArgument:
                 home = care_of = None
-            if home is None or care_of is None or not 0 <= b["seq"] <= 0xFFFF:
-                self.refuse(Refusal.BAD_ARGUMENT, "snapshot entry")
+            if home is None or care_of is None:
+                self.refuse(Refusal.BAD_ARGUMENT, "snapshot entry addresses")
                 refused += 1
                 continue
             r = self.gate.snapshot_entry(

@@ -5,9 +5,18 @@ nothing here knows who sends it or what the answer does.  Addresses travel as 16
 an empty string means "none" (no care-of address known), and a sequence number of -1 means
 "no binding known".  Who sends what: the balancer sends Subscribe, Unsubscribe and
 GetSnapshot to an agent; the agent sends BindingChanged and BindingSnapshot to the balancer.
+
+Numbers are :class:`Number` arguments: on the wire exactly AMP's ``Integer`` (decimal
+ASCII), but parsing never raises -- anything that is not a plain decimal integer (``nan``,
+``1.5``, ``1e400``, ``+7``, a 5,000-digit string) becomes :data:`MALFORMED`, which the
+receiver refuses and counts like any other bad value instead of AMP logging an unhandled
+error and closing the connection.
 """
 
 from __future__ import annotations
+
+import re
+from typing import Any, Final
 
 # ruff: noqa: N818 - the error names are the protocol's (docs/notify.md)
 from twisted.protocols import amp
@@ -15,6 +24,33 @@ from twisted.protocols import amp
 from lbproxy.notify.policy import Refusal
 
 NO_SEQ = -1  # "no binding known"
+
+
+class _Malformed:
+    """The value of a :class:`Number` argument that was not a decimal integer."""
+
+    def __repr__(self) -> str:
+        return "MALFORMED"
+
+
+MALFORMED: Final = _Malformed()
+_DECIMAL = re.compile(rb"-?[0-9]{1,1000}")
+
+
+class Number(amp.Argument):
+    """``amp.Integer`` on the wire; parses to an ``int`` or :data:`MALFORMED`, never raises.
+
+    Up to 1,000 digits are parsed (so a huge lifetime is refused as out of range, by
+    value); anything longer or not decimal is :data:`MALFORMED`.
+    """
+
+    def fromString(self, inString: bytes) -> int | _Malformed:
+        if _DECIMAL.fullmatch(inString) is None:
+            return MALFORMED
+        return int(inString)
+
+    def toString(self, inObject: Any) -> bytes:
+        return str(int(inObject)).encode("ascii")
 
 
 class NotificationError(Exception):
@@ -80,6 +116,14 @@ BY_REFUSAL: dict[Refusal, type[NotificationError]] = {
     for e in (NotEntitled, Stale, TooManySubscriptions, NotSubscribed, UnknownBinding,
               BadArgument, OutOfOrder)
 }
+# Refusals without an error of their own answer with the nearest one (no new wire codes).
+BY_REFUSAL.update({
+    Refusal.NOT_OWNER: NotEntitled,
+    Refusal.BAD_LIFETIME: BadArgument,
+    Refusal.BAD_ADDRESS: BadArgument,
+    Refusal.LOCAL_ADDRESS: BadArgument,
+    Refusal.FORBIDDEN_ADDRESS: BadArgument,
+})
 
 
 def error_for(refusal: Refusal) -> NotificationError:
@@ -90,8 +134,8 @@ def error_for(refusal: Refusal) -> NotificationError:
 BINDING = [
     (b"home", amp.String()),
     (b"care_of", amp.String()),
-    (b"seq", amp.Integer()),
-    (b"lifetime", amp.Integer()),
+    (b"seq", Number()),
+    (b"lifetime", Number()),
 ]
 
 
@@ -104,16 +148,16 @@ class Subscribe(amp.Command):
         (b"address", amp.String()),
         (b"kind", amp.Unicode()),
         (b"on_change", amp.Boolean()),
-        (b"interval", amp.Integer()),
+        (b"interval", Number()),
     ]
-    response = [(b"sub_id", amp.Integer()), *BINDING]
+    response = [(b"sub_id", Number()), *BINDING]
     errors = ERRORS
 
 
 class Unsubscribe(amp.Command):
     """Balancer -> agent: stop subscription ``sub_id``."""
 
-    arguments = [(b"sub_id", amp.Integer())]
+    arguments = [(b"sub_id", Number())]
     errors = ERRORS
 
 
@@ -132,8 +176,8 @@ class BindingChanged(amp.Command):
         (b"home", amp.String()),
         (b"old_care_of", amp.String()),
         (b"new_care_of", amp.String()),
-        (b"seq", amp.Integer()),
-        (b"lifetime", amp.Integer()),
+        (b"seq", Number()),
+        (b"lifetime", Number()),
     ]
     errors = ERRORS
 
@@ -142,5 +186,5 @@ class BindingSnapshot(amp.Command):
     """Agent -> balancer: current bindings, sent periodically (claim 12/13, "periodically")."""
 
     arguments = [(b"bindings", amp.AmpList(BINDING))]
-    response = [(b"accepted", amp.Integer()), (b"refused", amp.Integer())]
+    response = [(b"accepted", Number()), (b"refused", Number())]
     errors = ERRORS

@@ -11,10 +11,22 @@ from __future__ import annotations
 import attrs
 from zope.interface import Interface, implementer
 
+from lbproxy.notify.policy import Refusal
+
 
 class IBindingListener(Interface):
     """Receives care-of address changes that passed every check (authenticated, entitled,
-    fresh)."""
+    fresh, and agreed to by :meth:`refusal_for`)."""
+
+    def refusal_for(
+        home: bytes,  # noqa: N805 - zope.interface methods have no self
+        old_care_of: bytes | None,
+        new_care_of: bytes,
+        lifetime: int,
+    ) -> tuple[Refusal, str] | None:
+        """Why ``binding_changed`` with these arguments would be refused -- it would move
+        or copy a binding that is not this terminal's -- or ``None``.  Asked before anything
+        changes, so that a refusal leaves every state as it was; no side effects."""
 
     def binding_changed(
         home: bytes,  # noqa: N805 - zope.interface methods have no self
@@ -45,6 +57,12 @@ class RecordingListener:
 
     def __init__(self) -> None:
         self.changes: list[BindingChange] = []
+
+    def refusal_for(
+        self, home: bytes, old_care_of: bytes | None, new_care_of: bytes, lifetime: int
+    ) -> tuple[Refusal, str] | None:
+        """Nothing is refused."""
+        return None
 
     def binding_changed(
         self, home: bytes, old_care_of: bytes | None, new_care_of: bytes, seq: int, lifetime: int

@@ -1,10 +1,13 @@
 """A throw-away PKI for tests, the test bed, the demo and benchmarks: a CA and its leaves.
 
 Mutual TLS needs a CA, a certificate per balancer and per agent, each with the right
-subjectAltNames (DNS-IDs; a terminal also carries its home address as an IP address).
-Production deployments bring their own; this module makes a consistent set in memory or in a
-directory in one call, so nothing has to ship private keys.  ``cryptography`` is already a
-dependency of pyOpenSSL.
+subjectAltNames (DNS-IDs; a terminal also carries its home address as an IP address) and
+extended key usages (``serverAuth`` for an agent, which is dialled; ``clientAuth`` for a
+balancer, which dials; leaves get both by default).  Production deployments bring their own;
+this module makes a consistent set in memory or in a directory in one call, so nothing has to
+ship private keys.  Tests also make the certificates that must be refused (no
+subjectAltName, one usage only or none, expired, not yet valid, a CA as a leaf).
+``cryptography`` is already a dependency of pyOpenSSL.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from lbproxy.notify.tls import TlsMaterial
+
+USAGES = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH}
 
 
 @attrs.frozen
@@ -75,9 +80,17 @@ class CertificateAuthority:
         dns: Sequence[str] = (),
         ips: Sequence[str] = (),
         common_name: str | None = None,
-        days: int = 2,
+        days: float = 2,
+        usages: Sequence[str] | None = ("server", "client"),
+        starts: float = -300.0,
+        ca: bool = False,
     ) -> Issued:
-        """A leaf certificate for ``dns`` names and ``ips`` addresses (both usages)."""
+        """A leaf certificate for ``dns`` names and ``ips`` addresses.
+
+        ``usages``: extended key usages among "server" and "client" (``None``: no extended
+        key usage extension); valid from ``starts`` seconds from now (negative: in the
+        past) for ``days`` days after now; ``ca`` marks it basicConstraints CA:TRUE.
+        """
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
@@ -88,16 +101,16 @@ class CertificateAuthority:
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_before(now + datetime.timedelta(seconds=starts))
             .not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
+                x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True
             )
         )
+        if usages is not None:
+            builder = builder.add_extension(
+                x509.ExtendedKeyUsage([USAGES[u] for u in usages]), critical=False
+            )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())

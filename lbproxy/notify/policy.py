@@ -4,7 +4,9 @@ A notification moves a terminal's traffic to another address, so the balancer be
 peer only about the home addresses the peer is entitled to (a home agent: its configured
 home prefixes; a terminal: its own home address) and only when the sequence number is newer
 than the last one it accepted, compared modulo 2**16 as RFC 6275 §9.5.1 compares Binding
-Update sequence numbers.  Every refusal is counted by reason and logged, in one place.
+Update sequence numbers.  Lifetimes are bounded by what a Binding Update can carry (RFC 6275
+§6.1.7: 16 bits of 4-second units).  Every refusal is counted by reason and logged, in one
+place.
 """
 
 from __future__ import annotations
@@ -19,6 +21,20 @@ from zope.interface import Interface, implementer
 
 SEQ_MODULUS = 1 << 16  # RFC 6275 §6.1.7: a 16-bit sequence number
 SEQ_HALF = 1 << 15  # RFC 6275 §9.5.1: "less than" within half the sequence space
+MAX_SEQ = SEQ_MODULUS - 1
+#: RFC 6275 §6.1.7: the Binding Update's lifetime is 16 bits of 4-second units.
+MAX_LIFETIME = 0xFFFF * 4  # 262,140 s
+
+
+def valid_seq(seq: object) -> bool:
+    """Whether ``seq`` is a Binding Update sequence number (an int, not a bool, 0..65535)."""
+    return type(seq) is int and 0 <= seq <= MAX_SEQ
+
+
+def valid_lifetime(lifetime: object) -> bool:
+    """Whether ``lifetime`` is a binding lifetime in seconds a Binding Update can carry:
+    an int (not a bool, not a float -- so no NaN or infinity) in 0..262,140."""
+    return type(lifetime) is int and 0 <= lifetime <= MAX_LIFETIME
 
 
 def seq_newer(new: int, old: int) -> bool:
@@ -31,17 +47,24 @@ def seq_newer(new: int, old: int) -> bool:
 
 
 class Refusal(enum.Enum):
-    """Why a connection, a subscription or a notification was refused."""
+    """Why a connection, a subscription or a notification was refused (docs/notify.md)."""
 
-    TLS_FAILED = "tls_failed"  # plaintext, unknown CA, handshake error
-    WRONG_IDENTITY = "wrong_identity"  # certificate valid but not the configured identity
+    TLS_FAILED = "tls_failed"  # plaintext, unknown CA, expired, no certificate, old TLS
+    WRONG_IDENTITY = "wrong_identity"  # no SAN, wildcard only, another name, no home IP
+    WRONG_USAGE = "wrong_usage"  # extended key usage not serverAuth/clientAuth, or a CA
     NOT_ENTITLED = "not_entitled"  # home address outside what the peer may speak for
+    NOT_OWNER = "not_owner"  # would move a source-address binding of another terminal
     STALE = "stale"  # sequence number not newer (replayed or reordered)
     NOT_SUBSCRIBED = "not_subscribed"  # notification for an address nobody subscribed to
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
     UNKNOWN_BINDING = "unknown_binding"  # the agent has no binding for the address
-    BAD_ARGUMENT = "bad_argument"  # malformed address, kind, lifetime...
+    BAD_ARGUMENT = "bad_argument"  # malformed address, kind, number, box...
+    BAD_LIFETIME = "bad_lifetime"  # negative, above 262,140 s, not an integer
+    BAD_ADDRESS = "bad_address"  # not global unicast: multicast, link-local, ::, ::1, ...
+    LOCAL_ADDRESS = "local_address"  # a virtual address, a backend, this host
+    FORBIDDEN_ADDRESS = "forbidden_address"  # forbidden prefix / outside care-of prefixes
     PROTOCOL = "protocol"  # input not allowed in the peer's state (see machine)
+    TIMEOUT = "timeout"  # no TLS handshake or no answer in time: the peer is dropped
 
 
 class RefusalCounters:

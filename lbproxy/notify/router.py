@@ -8,7 +8,10 @@ patent's second embodiment) there is no prefix to go by, so every home agent and
 terminal agent is asked; those without a binding for it answer UNKNOWN_BINDING and the
 subscription is dropped.  Either way the bounded
 :class:`~lbproxy.notify.subscriptions.Subscriptions` registry decides whether a new
-subscription may open at all.
+subscription may open at all.  The :class:`~lbproxy.notify.addresses.AddressRules` the gate
+applies to what peers say (global unicast, not the balancer's own ``local`` addresses, not
+forbidden, within the care-of prefixes if any) are built here, and an address they would
+refuse is not subscribed to at all.
 """
 
 from __future__ import annotations
@@ -21,12 +24,29 @@ from twisted.application.service import MultiService
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 
+from lbproxy.notify.addresses import AddressRules, LocalAddresses
 from lbproxy.notify.client import NotificationClient, Peer
 from lbproxy.notify.gate import Gate
 from lbproxy.notify.listener import IBindingListener
 from lbproxy.notify.policy import PrefixEntitlement, Refusal, RefusalCounters
+from lbproxy.notify.session import (
+    DEFAULT_CALL_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_OUTSTANDING,
+)
 from lbproxy.notify.subscriptions import Subscriptions
 from lbproxy.notify.tls import TlsMaterial
+
+#: Optional ``[notify]`` keys read by :meth:`Notifier.from_config` when the configuration
+#: has them: key -> constructor parameter.
+CONFIG_KEYS = {
+    "forbidden_prefixes": "forbidden",
+    "care_of_prefixes": "care_of_prefixes",
+    "allow_unique_local": "allow_unique_local",
+    "call_timeout": "call_timeout",
+    "handshake_timeout": "handshake_timeout",
+    "max_outstanding": "max_outstanding",
+}
 
 
 class Notifier(MultiService):
@@ -45,12 +65,20 @@ class Notifier(MultiService):
         initial_delay: float = 0.1,
         max_delay: float = 30.0,
         jitter: Callable[[], float] | None = None,
+        local: Callable[[], LocalAddresses] | None = None,
+        forbidden: Sequence[Any] = (),
+        care_of_prefixes: Sequence[Any] = (),
+        allow_unique_local: bool = False,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        max_outstanding: int = DEFAULT_MAX_OUTSTANDING,
     ) -> None:
         super().__init__()
         self.clock = clock
         self.counters = RefusalCounters()
         self.subscriptions = Subscriptions(max_subscriptions, idle_lifetime)
-        self.gate = Gate(self.subscriptions, listener, clock, self.counters)
+        self.addresses = AddressRules(local, forbidden, care_of_prefixes, allow_unique_local)
+        self.gate = Gate(self.subscriptions, listener, clock, self.counters, self.addresses)
         self.clients: dict[str, NotificationClient] = {}
         self._terminals: dict[bytes, NotificationClient] = {}
         self._home_agents: list[tuple[NotificationClient, PrefixEntitlement]] = []
@@ -58,6 +86,9 @@ class Notifier(MultiService):
             client = NotificationClient(
                 peer, endpoint, material, self.gate, clock, interval,
                 initial_delay, max_delay, jitter,
+                call_timeout=call_timeout,
+                handshake_timeout=handshake_timeout,
+                max_outstanding=max_outstanding,
             )
             client.setServiceParent(self)
             self.clients[peer.name] = client
@@ -74,14 +105,21 @@ class Notifier(MultiService):
         cls, config: Any, reactor: Any, listener: IBindingListener, **options: Any
     ) -> Notifier:
         """From an ``lbproxy.config.NotifyConfig`` (peers' endpoints are Twisted client
-        endpoint strings; TLS is added here, so they are plain ``tcp:`` endpoints)."""
+        endpoint strings; TLS is added here, so they are plain ``tcp:`` endpoints).  The
+        optional keys of :data:`CONFIG_KEYS` are read when the configuration has them;
+        ``options`` (such as ``local=lambda: balancer.policy``) win over them."""
         from twisted.internet.endpoints import clientFromString
 
         material = TlsMaterial.from_files(config.ca, config.certificate, config.key)
         peers = [(Peer.from_config(p), clientFromString(reactor, p.endpoint))
                  for p in config.peers]
+        optional = {
+            parameter: getattr(config, key)
+            for key, parameter in CONFIG_KEYS.items()
+            if getattr(config, key, None) is not None
+        }
         return cls(peers, material, listener, reactor,
-                   max_subscriptions=config.max_subscriptions, **options)
+                   max_subscriptions=config.max_subscriptions, **{**optional, **options})
 
     def startService(self) -> None:
         super().startService()
@@ -109,6 +147,8 @@ class Notifier(MultiService):
         were opened or already open; refusals (registry full) are counted."""
         if len(address) != 16:
             raise ValueError("address must be 16 octets")
+        if (self.addresses.home if home else self.addresses.care_of)(address) is not None:
+            return 0  # nothing a peer says about it could be believed
         kind = "hoa" if home else "coa"
         now = self.clock.seconds()
         count = 0

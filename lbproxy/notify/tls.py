@@ -1,10 +1,28 @@
-"""Mutually authenticated TLS for the notification protocol (pyOpenSSL + service_identity).
+"""Mutually authenticated TLS for the notification protocol, failing closed on both sides.
 
-Both ends present a certificate signed by the deployment's CA and check the other's: the
-balancer checks an agent's DNS-ID against the peer's configured ``identity`` (and, for a
-terminal, that the certificate carries the terminal's home address as an IP address
-subjectAltName); an agent checks the balancer's DNS-ID against its allowed list.  Anything
-else -- plaintext, another CA, another name -- ends the connection before a command is read.
+Both ends present a certificate signed by the deployment's CA and check the other's.  OpenSSL
+checks the chain (our CA only, validity dates, TLS 1.2 or newer, a certificate required of
+both sides); :func:`check_certificate` then checks the leaf's *identity* and *role*, inside
+OpenSSL's verification callback so that a refused certificate fails the handshake itself:
+
+* the expected name must be a **subjectAltName**, matched exactly: a DNS-ID (case-insensitive)
+  or, for an identity that is an IP address, an iPAddress SAN.  The subject's common name is
+  never read; a certificate without subjectAltName is refused; **wildcards never match** (a
+  certificate whose only names are ``*.test`` or ``*.example.test`` proves no identity -- each
+  agent and balancer has its own certificate);
+* a terminal's certificate must also carry the terminal's home address as an iPAddress SAN;
+* the **extended key usage** must be present and name the role: ``serverAuth`` for the side
+  that is dialled (an agent), ``clientAuth`` for the side that dials (the balancer); a CA
+  certificate (basicConstraints CA:TRUE) is never accepted as a peer.
+
+Why not Twisted's ``optionsForClientTLS``: its verification callback (``_verifyCB`` in
+``twisted.internet._sslverify``) turns ``service_identity.VerificationError`` into a failed
+handshake but catches every *other* exception -- including ``service_identity``'s
+``CertificateError``, raised for a certificate with no subjectAltName and for a wildcard it
+considers invalid such as ``*.test`` -- logs it, and returns OpenSSL's chain verdict: such a
+certificate from the right CA was accepted as any name.  ``service_identity`` also accepts
+``*.example.test`` for ``ha1.example.test`` and ignores the extended key usage.  Here every
+exception in the callback refuses the certificate.
 
 The TLS layer is put *inside* the factory (``TLSMemoryBIOFactory`` around the AMP factory)
 rather than around the endpoint, so that the AMP protocol is the TLS protocol's direct
@@ -14,17 +32,49 @@ rather than around the endpoint, so that the AMP protocol is the TLS protocol's 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 from OpenSSL import SSL
-from service_identity import VerificationError
-from service_identity.exceptions import CertificateError
-from service_identity.pyopenssl import verify_hostname, verify_ip_address
 from twisted.internet import ssl
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IProtocolFactory
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+    IReactorTime,
+)
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from lbproxy.notify.policy import Refusal
+
+log = Logger()
+
+SERVER_AUTH: ObjectIdentifier = ExtendedKeyUsageOID.SERVER_AUTH  # the side that is dialled
+CLIENT_AUTH: ObjectIdentifier = ExtendedKeyUsageOID.CLIENT_AUTH  # the side that dials
+_USAGE_NAMES = {SERVER_AUTH: "serverAuth", CLIENT_AUTH: "clientAuth"}
+
+#: OpenSSL's X509_V_ERR_* codes that the chain check reports most often, for the log.
+_CHAIN_ERRORS = {
+    2: "unable to get issuer certificate",
+    7: "certificate signature failure",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    18: "self-signed certificate",
+    19: "self-signed certificate in chain",
+    20: "unable to get local issuer certificate",
+    21: "unable to verify the first certificate",
+    24: "invalid CA certificate",
+    26: "unsupported certificate purpose",
+}
+_INVALID_PURPOSE = 26
 
 
 @attrs.frozen
@@ -50,53 +100,207 @@ class TlsMaterial:
         )
 
 
-def client_creator(material: TlsMaterial, identity: str) -> IOpenSSLClientConnectionCreator:
-    """Client TLS that trusts only the CA and requires the server to be ``identity``."""
-    return ssl.optionsForClientTLS(
-        identity,
-        trustRoot=material.ca,
-        clientCertificate=material.own,
-        extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
-    )
+@attrs.frozen
+class Verdict:
+    """What :func:`check_certificate` found: the proven name, or why the peer is refused."""
+
+    name: str | None
+    refusal: Refusal | None = None
+    detail: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return self.refusal is None and self.name is not None
 
 
-def server_options(material: TlsMaterial) -> ssl.CertificateOptions:
-    """Server TLS that requires a client certificate signed by the CA."""
-    return ssl.CertificateOptions(
-        privateKey=material.own.privateKey.original,
-        certificate=material.own.original,
-        trustRoot=material.ca,
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-    )
+class PeerRefused(Exception):  # noqa: N818 - a refusal, reported to connectionLost
+    """The peer's certificate was refused during the handshake; carries the reason."""
+
+    def __init__(self, refusal: Refusal, detail: str) -> None:
+        super().__init__(f"{refusal.value}: {detail}")
+        self.refusal = refusal
+        self.detail = detail
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def check_certificate(
+    cert: x509.Certificate,
+    names: Sequence[str],
+    usage: ObjectIdentifier,
+    addresses: Sequence[bytes] = (),
+) -> Verdict:
+    """The first of ``names`` that ``cert`` proves, for the role ``usage``, carrying every
+    one of ``addresses`` (16-octet IPv6 addresses) as an iPAddress SAN; or the refusal.
+
+    The chain is OpenSSL's to check; this is the identity and the role (module docstring).
+    """
+    try:
+        extensions = cert.extensions
+    except Exception as e:  # duplicate or malformed extensions
+        return Verdict(None, Refusal.WRONG_IDENTITY, f"unreadable extensions: {e}")
+    try:
+        basic = extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        basic = None
+    if basic is not None and basic.ca:
+        return Verdict(None, Refusal.WRONG_USAGE, "a CA certificate, not a peer's")
+    try:
+        ekus = list(extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        return Verdict(None, Refusal.WRONG_USAGE, "no extended key usage")
+    if usage not in ekus:
+        have = ", ".join(_USAGE_NAMES.get(e, e.dotted_string) for e in ekus) or "none"
+        return Verdict(
+            None, Refusal.WRONG_USAGE, f"extended key usage {have}, not {_USAGE_NAMES[usage]}"
+        )
+    try:
+        san = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return Verdict(None, Refusal.WRONG_IDENTITY, "no subjectAltName")
+    dns = [d.lower().rstrip(".") for d in san.get_values_for_type(x509.DNSName)]
+    ips = set(san.get_values_for_type(x509.IPAddress))
+    exact = {d for d in dns if "*" not in d}
+    for address in addresses:
+        if ipaddress.IPv6Address(address) not in ips:
+            return Verdict(
+                None,
+                Refusal.WRONG_IDENTITY,
+                f"no iPAddress subjectAltName {ipaddress.IPv6Address(address)}",
+            )
+    for name in names:
+        as_ip = _ip(name)  # an IP identity matches iPAddress SANs only, a name DNS-IDs only
+        matched = as_ip in ips if as_ip is not None else name.lower().rstrip(".") in exact
+        if matched:
+            return Verdict(name)
+    wildcards = sorted(d for d in dns if "*" in d)
+    wanted = " or ".join(names) or "(none allowed)"
+    if wildcards and not exact:
+        detail = f"only wildcard names {wildcards}, which never match {wanted}"
+    else:
+        detail = f"subjectAltNames {sorted(exact) + [str(i) for i in ips]} are not {wanted}"
+    return Verdict(None, Refusal.WRONG_IDENTITY, detail)
+
+
+def peer_verdict(
+    connection: SSL.Connection,
+    names: Sequence[str],
+    usage: ObjectIdentifier,
+    addresses: Sequence[bytes] = (),
+) -> Verdict:
+    """:func:`check_certificate` on the certificate the peer of ``connection`` presented."""
+    try:
+        peer = connection.get_peer_certificate()
+        if peer is None:
+            return Verdict(None, Refusal.TLS_FAILED, "no peer certificate")
+        return check_certificate(peer.to_cryptography(), names, usage, addresses)
+    except Exception as e:
+        return Verdict(None, Refusal.WRONG_IDENTITY, f"cannot read the certificate: {e}")
+
+
+def _verify_callback(
+    protocol: TLSMemoryBIOProtocol,
+    names: Sequence[str],
+    usage: ObjectIdentifier,
+    addresses: Sequence[bytes],
+) -> Callable[[SSL.Connection, Any, int, int, int], bool]:
+    """OpenSSL's per-certificate callback: the chain verdict, then the leaf's identity.
+
+    Returns False (and fails the handshake with a :class:`PeerRefused` reason) on any
+    refusal and on any exception -- never the chain verdict alone.
+    """
+    ref = weakref.ref(protocol)
+
+    def refuse(refusal: Refusal, detail: str) -> bool:
+        tls = ref()
+        if tls is not None:
+            tls.failVerification(Failure(PeerRefused(refusal, detail)))
+        return False
+
+    def callback(connection: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
+        try:
+            if not ok:
+                reason = Refusal.WRONG_USAGE if errno == _INVALID_PURPOSE else Refusal.TLS_FAILED
+                text = _CHAIN_ERRORS.get(errno, f"X509 verify error {errno}")
+                return refuse(reason, f"{text} (depth {depth})")
+            if depth != 0:
+                return True
+            verdict = check_certificate(cert.to_cryptography(), names, usage, addresses)
+            if verdict.refusal is not None:
+                return refuse(verdict.refusal, verdict.detail)
+            return True
+        except BaseException as e:  # fail closed, unlike Twisted's callback
+            log.failure("notify: certificate check failed")
+            try:
+                return refuse(Refusal.WRONG_IDENTITY, f"certificate check failed: {e}")
+            except BaseException:
+                return False
+
+    return callback
+
+
+@implementer(IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator)
+class VerifyingOptions:
+    """TLS 1.2+ trusting only the CA, presenting our certificate, requiring the peer's, and
+    refusing in the handshake any peer that is not one of ``names`` in the role ``usage``."""
+
+    def __init__(
+        self,
+        material: TlsMaterial,
+        names: Sequence[str],
+        usage: ObjectIdentifier,
+        addresses: Sequence[bytes] = (),
+    ) -> None:
+        self.names = tuple(names)
+        self.usage = usage
+        self.addresses = tuple(addresses)
+        self.options = ssl.CertificateOptions(
+            privateKey=material.own.privateKey.original,
+            certificate=material.own.original,
+            trustRoot=material.ca,
+            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        )
+
+    def _verifying(self, connection: SSL.Connection, tls: TLSMemoryBIOProtocol) -> SSL.Connection:
+        connection.set_verify(
+            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+            _verify_callback(tls, self.names, self.usage, self.addresses),
+        )
+        return connection
+
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        return self._verifying(self.options.clientConnectionForTLS(tlsProtocol), tlsProtocol)
+
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        return self._verifying(self.options.serverConnectionForTLS(tlsProtocol), tlsProtocol)
 
 
 def client_factory(
-    material: TlsMaterial, identity: str, factory: IProtocolFactory
+    material: TlsMaterial,
+    identity: str,
+    factory: IProtocolFactory,
+    addresses: Sequence[bytes] = (),
+    clock: IReactorTime | None = None,
 ) -> TLSMemoryBIOFactory:
-    """``factory`` wrapped in client TLS for the peer ``identity``."""
-    return TLSMemoryBIOFactory(client_creator(material, identity), True, factory)
+    """``factory`` wrapped in client TLS (we dial): the server must be ``identity`` with
+    ``serverAuth``, carrying ``addresses`` (a terminal's home address).  ``clock`` is the
+    one TLS uses to gather small writes (the reactor by default)."""
+    options = VerifyingOptions(material, [identity], SERVER_AUTH, addresses)
+    return TLSMemoryBIOFactory(options, True, factory, clock=clock)
 
 
-def server_factory(material: TlsMaterial, factory: IProtocolFactory) -> TLSMemoryBIOFactory:
-    """``factory`` wrapped in server TLS requiring client certificates."""
-    return TLSMemoryBIOFactory(server_options(material), False, factory)
-
-
-def peer_dns_id(connection: SSL.Connection, allowed: Iterable[str]) -> str | None:
-    """The first of ``allowed`` that the peer's certificate proves, or ``None``."""
-    for name in allowed:
-        try:
-            verify_hostname(connection, name)
-        except (VerificationError, CertificateError):
-            continue
-        return name
-    return None
-
-
-def peer_has_address(connection: SSL.Connection, address: bytes) -> bool:
-    """Whether the peer's certificate carries ``address`` as an IP subjectAltName."""
-    try:
-        verify_ip_address(connection, str(ipaddress.IPv6Address(address)))
-    except (VerificationError, CertificateError):
-        return False
-    return True
+def server_factory(
+    material: TlsMaterial,
+    factory: IProtocolFactory,
+    allowed: Sequence[str],
+    clock: IReactorTime | None = None,
+) -> TLSMemoryBIOFactory:
+    """``factory`` wrapped in server TLS (we are dialled): the client must present a
+    certificate proving one of ``allowed`` with ``clientAuth``."""
+    options = VerifyingOptions(material, allowed, CLIENT_AUTH)
+    return TLSMemoryBIOFactory(options, False, factory, clock=clock)
