@@ -131,6 +131,7 @@ class BalancerService(MultiService):
                 config.notify,
                 reactor,
                 TableListener(self.balancer.table, self.balancer.return_paths),
+                local=lambda: self.balancer.policy,  # care-of addresses: not VIPs, backends, us
             )
             self.notifier.setServiceParent(self)
             self.balancer.terminal_seen = self._terminal_seen
