@@ -54,7 +54,7 @@ from twisted.internet.interfaces import IReactorTime
 from lbproxy.core import nat
 from lbproxy.core.counters import Counters
 from lbproxy.core.fragments import FragmentFlows, flow_id
-from lbproxy.core.keys import HomeAddressStrategy, Key, KeyChain
+from lbproxy.core.keys import HomeAddressStrategy, IKeyStrategy, Key, KeyChain
 from lbproxy.core.policy import Policy, build_policy, is_reply
 from lbproxy.core.returnpaths import ReturnPaths
 from lbproxy.core.selection import Backend, IScheduler
@@ -317,51 +317,64 @@ class Balancer:
         with a Home Address Option whose source is already the winner's care-of address
         has nothing new to link (the steady state, which the fast path serves).
         """
-        found = self._chain.keys_for(buf, view)
-        if not found:
-            self.counters.drop("no-key")
-            return None
         table = self.table
         now = self.clock.seconds()
         peek = table.peek
-        winner: Binding | None = None
-        kind = ""
-        for key, strategy in found:
-            b = peek(key)
-            if b is not None and b.expires > now:
-                winner, kind = b, strategy.kind
-                break
         source = bytes(buf[8:24])
-        if winner is not None:
-            table.refresh(winner, now)
-            policy = self.policy
-            name = winner.backend.name
-            # `Policy.usable`, inlined (this runs for every packet of the general path).
-            if name not in policy.backends or (policy.reassign_dead and name in policy.down):
-                # Down (with the reassign policy), or removed by a reload: a removed
-                # backend's replies would be refused (not-from-backend), so always move.
-                replacement = self.scheduler.choose(winner.key, table.load())
-                if replacement is None:
-                    self.counters.drop("no-backend")
-                    return None
-                table.repoint(winner, replacement)
-                self.counters.reassigned += 1
-            self.counters.hits[kind] += 1
-            if view.hoa >= 0 and winner.care_of == source:
-                return winner.backend  # nothing new: the steady state
-        else:
+        hao = view.hoa >= 0
+        winner: Binding | None = None
+        # The identities in chain order, found lazily: the steady state (an HAO packet
+        # from the winner's known care-of address) stops at the first identity.
+        found: list[tuple[Key, IKeyStrategy]] = []
+        for strategy in self._chain.strategies:
+            key = strategy.key_for(buf, view)
+            if key is None:
+                continue
+            if winner is None:
+                b = peek(key)
+                if b is not None and b.expires > now:
+                    winner = self._hit(b, key, strategy.kind, now)
+                    if winner is None:
+                        return None  # dropped, counted
+                    if hao and winner.care_of == source:
+                        return winner.backend  # nothing new: the steady state
+            found.append((key, strategy))
+        if not found:
+            self.counters.drop("no-key")
+            return None
+        if winner is None:
             table.stats.misses += 1
             key, strategy = found[0]
-            home = bytes(buf[view.hoa : view.hoa + 16]) if view.hoa >= 0 else None
+            home = bytes(buf[view.hoa : view.hoa + 16]) if hao else None
             winner = self.bind(key, strategy.kind, home, source)
             if winner is None:
                 return None
         for key, strategy in found:
             if not table.link(winner, key, now):
                 self.counters.conflicts[strategy.kind] += 1
-        if view.hoa >= 0:
+        if hao:
             winner.care_of = source
         return winner.backend
+
+    def _hit(self, b: Binding, key: Key, kind: str, now: float) -> Binding | None:
+        """The winning binding `b` (found by `key`, of the strategy `kind`): refreshed,
+        moved first if its backend may no longer take packets; None when dropped."""
+        table = self.table
+        table.refresh(b, now)
+        policy = self.policy
+        name = b.backend.name
+        # `Policy.usable`, inlined (this runs for every packet of the general path).
+        if name not in policy.backends or (policy.reassign_dead and name in policy.down):
+            # Down (with the reassign policy), or removed by a reload: a removed
+            # backend's replies would be refused (not-from-backend), so always move.
+            replacement = self.scheduler.choose(b.key, table.load())
+            if replacement is None:
+                self.counters.drop("no-backend")
+                return None
+            table.repoint(b, replacement)
+            self.counters.reassigned += 1
+        self.counters.hits[kind] += 1
+        return b
 
     def _confirmed_backend(self, home: bytes) -> Backend | None:
         """The backend of the terminal's confirmed care-of address, if its entry lives.
