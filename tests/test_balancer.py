@@ -348,3 +348,39 @@ class ConfirmedRaceTests(SynchronousTestCase):
         self.assertNotEqual(IPv6(bytes(first)).dst, IPv6(bytes(second)).dst)
 
 
+
+
+class SharedBindingsTests(SynchronousTestCase):
+    def test_a_miss_asks_the_fleet_first(self) -> None:
+        """A key another balancer bound differently from the scheduler's choice goes to
+        that backend here too; a backend this balancer cannot use (down, unknown) is
+        ignored and the scheduler decides."""
+        from zope.interface import implementer
+
+        from lbproxy.core.balancer import ISharedBindings
+
+        @implementer(ISharedBindings)
+        class Fleet:
+            def __init__(self) -> None:
+                self.names: dict[bytes, str] = {}
+
+            def backend_name(self, key: Key) -> str | None:
+                return self.names.get(bytes(key))
+
+        balancer, _ = make(scheduler="round_robin")
+        fleet = Fleet()
+        balancer.shared = fleet
+        keys = [Key("addr", ipaddress.IPv6Address(f"2001:db8:100::{i + 1}").packed)
+                for i in range(3)]  # fmt: skip
+        fleet.names[bytes(keys[0])] = "srv3"
+        fleet.names[bytes(keys[1])] = "nowhere"
+        fleet.names[bytes(keys[2])] = "srv2"
+        balancer.set_backend_up("srv2", False)
+        got = []
+        for i in range(3):
+            out = balancer.inbound(mobile(f"2001:db8:a1::{i + 1}", hoa=f"2001:db8:100::{i + 1}"))
+            assert out is not None
+            got.append(IPv6(bytes(out)).dst)
+        self.assertEqual(got[0], "2001:db8:b0::13")
+        self.assertNotEqual(got[2], "2001:db8:b0::12")
+        self.assertEqual(balancer.counters.shared_hits, 1)

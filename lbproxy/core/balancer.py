@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
+from zope.interface import Interface
 
 from lbproxy.core import nat
 from lbproxy.core.counters import Counters
@@ -63,7 +64,7 @@ from lbproxy.wire.view import MalformedPacket, PacketView, parse
 
 _ICMPV6 = 58
 
-__all__ = ["Balancer", "Counters", "TraceResult", "Verdict"]
+__all__ = ["Balancer", "Counters", "ISharedBindings", "TraceResult", "Verdict"]
 
 
 class Verdict(enum.Enum):
@@ -88,6 +89,16 @@ class TraceResult:
     @property
     def verdict(self) -> Verdict:
         return Verdict.FORWARD if self.backend is not None else Verdict.DROP
+
+
+class ISharedBindings(Interface):
+    """Bindings a fleet of balancers shares (those that differ from the consistent
+    hash every balancer computes alike: rekeyed care-of addresses, linked aliases,
+    operator moves, bindings kept when the backend set changed)."""
+
+    def backend_name(key: Key) -> str | None:  # noqa: N805
+        """The name of the backend the fleet has `key` bound to, or None.  Answers
+        from local state: the data path never waits for the shared store."""
 
 
 def _chain_reason(chain: KeyChain) -> str | None:
@@ -129,6 +140,10 @@ class Balancer:
         #: Called with (home address or None, source address) on a terminal's first
         #: packet, so notification subscriptions can follow (claims 5 and 6).
         self.terminal_seen: Callable[[bytes | None, bytes], None] | None = None
+        #: The bindings other balancers of a fleet made that differ from what the
+        #: scheduler would choose, consulted on a miss before the scheduler (None: a
+        #: balancer on its own).
+        self.shared: ISharedBindings | None = None
         # home or source address -> the virtual address it last used (only needed with
         # several virtual addresses); bounded like the table, oldest first out.
         self._vip_of: dict[bytes, bytes] = {}
@@ -289,6 +304,8 @@ class Balancer:
         chosen = (
             self._confirmed_backend(home) if home is not None and strategy != "hoa" else None
         )
+        if chosen is None and self.shared is not None:
+            chosen = self._shared_backend(key)
         if chosen is None:
             chosen = self.scheduler.choose(key, self.table.load())
         if chosen is None:
@@ -375,6 +392,19 @@ class Balancer:
             self.counters.reassigned += 1
         self.counters.hits[kind] += 1
         return b
+
+    def _shared_backend(self, key: Key) -> Backend | None:
+        """The backend another balancer of the fleet bound `key` to, if it may take
+        packets here (`shared`: a local replica, never a wait)."""
+        assert self.shared is not None
+        name = self.shared.backend_name(key)
+        if name is None:
+            return None
+        backend = self.policy.backends.get(name)
+        if backend is None or not self.policy.usable(backend):
+            return None
+        self.counters.shared_hits += 1
+        return backend
 
     def _confirmed_backend(self, home: bytes) -> Backend | None:
         """The backend of the terminal's confirmed care-of address, if its entry lives.

@@ -40,6 +40,8 @@ class Counters:
         #: bound identity, chain order settles the packet.
         self.conflicts: Counter[str] = Counter()
         self.icmp_errors_in = 0
+        #: Misses answered by the fleet's shared bindings rather than the scheduler.
+        self.shared_hits = 0
         #: Server-link packets that are not replies (`lbproxy.core.policy.is_reply`):
         #: left to the kernel, not counted as replies.
         self.ignored = 0
@@ -91,4 +93,5 @@ class Counters:
             "conflicts": dict(self.conflicts),
             "icmp_errors_in": self.icmp_errors_in,
             "ignored": self.ignored,
+            "shared_hits": self.shared_hits,
         }
