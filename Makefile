@@ -22,15 +22,17 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
-# Debian tools the network test bed and the demo drive (root only; harmless if present).
+# Debian tools the network test bed and the demo drive, and the fleet's store (redis-server:
+# the fleet tests start their own on a UNIX socket in a temporary directory).  Root only;
+# harmless if present.
 system-deps:
 	@missing=""; \
-	for tool in nft ethtool tcpdump ip gcc; do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	for tool in nft ethtool tcpdump ip gcc redis-server; do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ]; then echo "note: missing$$missing and not root: network tests will skip"; exit 0; fi; \
 	echo "installing Debian packages for:$$missing"; \
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	  nftables ethtool tcpdump iproute2 gcc >/dev/null
+	  nftables ethtool tcpdump iproute2 gcc redis-server >/dev/null
 
 # The XDP program (lbproxy/xdp/, docs/xdp.md): compiled with clang for the BPF target,
 # loaded at run time through the distribution's libbpf.so.1.  Rebuilt when its source

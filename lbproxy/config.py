@@ -47,6 +47,7 @@ __all__ = [
     "BackendConfig",
     "Config",
     "ConfigError",
+    "FleetConfig",
     "HealthConfig",
     "NotifyConfig",
     "PeerConfig",
@@ -108,6 +109,28 @@ class HealthConfig:
 
 
 @attrs.frozen
+class FleetConfig:
+    """``[fleet]``: several balancers sharing, through a store (Redis or Valkey), the
+    bindings that differ from Maglev's answer (docs/fleet.md)."""
+
+    enabled: bool = False
+    #: Twisted client endpoint of the store (``unix:path=...`` or ``tcp:host=...:port=``).
+    store: str = "tcp:host=127.0.0.1:port=6379"
+    #: Prefix of the fleet's keys and channel: one fleet per prefix in one store.
+    prefix: str = "lbproxy:"
+    #: This balancer's name in the fleet (unique in it; "" = the host name).
+    name: str = ""
+    #: Changes queued while the store is away, at most (then counted and looked up again).
+    queue_limit: int = 100_000
+    #: Seconds without an answer from the store before the connection is given up.
+    timeout: float = 2.0
+    #: Records of the fleet the local replica holds, at most.
+    max_keys: int = 1_000_000
+    #: A file holding the store's password ("" = none).
+    password_file: str = ""
+
+
+@attrs.frozen
 class Config:
     """The whole configuration of one balancer process."""
 
@@ -128,6 +151,7 @@ class Config:
     link_send: bool = True
     health: HealthConfig = HealthConfig()
     notify: NotifyConfig = NotifyConfig()
+    fleet: FleetConfig = FleetConfig()
     manhole_endpoint: str = ""
     manhole_authorized_keys: str = ""
     manhole_host_key: str = ""
@@ -233,6 +257,29 @@ def _peer(s: Section) -> PeerConfig:
     )
 
 
+def _fleet(top: Section) -> FleetConfig:
+    """``[fleet]`` (docs/fleet.md)."""
+    from lbproxy.fleet.codec import PREFIX
+
+    s = checked(top.table("fleet"), ("enabled", "store", "prefix", "name", "queue_limit",
+                                     "timeout", "max_keys", "password_file"))
+    name = s.get("name", str, "")
+    if name and NAME.fullmatch(name) is None:
+        raise s.fail("name", f"{show(name)} is not a balancer name (letters, digits, '_.:-', "
+                             "up to 63)")  # fmt: skip
+    return FleetConfig(
+        enabled=s.get("enabled", bool, False),
+        store=s.endpoint("store", "client", "tcp:host=127.0.0.1:port=6379"),
+        prefix=s.text("prefix", "lbproxy:", pattern=PREFIX,
+                      what="a key prefix (1 to 64 of letters, digits, '_.:-')"),
+        name=name,
+        queue_limit=s.integer("queue_limit", 100_000, 1, 10_000_000),
+        timeout=s.number("timeout", 2.0, 0.05, 60.0),
+        max_keys=s.integer("max_keys", 1_000_000, 1, 100_000_000),
+        password_file=s.filename("password_file", ""),
+    )
+
+
 def parse_config(text: str, path: str = "<config>") -> Config:
     """Parse configuration text; raise `ConfigError` naming file, key and reason."""
     return parse_data(parse_toml(text, path), path)
@@ -246,7 +293,7 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
         data,
         (
             "balancer", "virtual", "interfaces", "backend", "health", "notify",
-            "manhole", "control", "metrics", "persistence",
+            "manhole", "control", "metrics", "persistence", "fleet",
         ),
     )
     bal = checked(
@@ -347,6 +394,7 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
         link_send=bal.get("link_send", bool, True),
         health=health,
         notify=notify,
+        fleet=_fleet(top),
         manhole_endpoint=manhole_endpoint,
         manhole_authorized_keys=manhole.filename("authorized_keys", ""),
         manhole_host_key=manhole.filename("host_key", ""),

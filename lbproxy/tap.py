@@ -21,6 +21,7 @@ from lbproxy.core.balancer import Balancer
 from lbproxy.core.keys import KeyChain
 from lbproxy.core.selection import Backend, scheduler_from_name
 from lbproxy.core.table import StickyTable
+from lbproxy.fleet.service import FleetService
 from lbproxy.io.forwarder import ForwarderService
 from lbproxy.io.rawsocket import IPacketSystem, LinuxPacketSystem
 from lbproxy.notify.adapter import TableListener
@@ -113,6 +114,13 @@ class BalancerService(MultiService):
                 return_paths=self.balancer.return_paths,
                 max_bytes=config.persistence_max_bytes,
             ).setServiceParent(self)
+        # The fleet (docs/fleet.md): after persistence, so a restored table's exceptions
+        # are published; before the forwarder, so the replica starts loading first.
+        self.fleet: FleetService | None = None
+        if config.fleet.enabled:
+            self.fleet = FleetService.from_config(config.fleet, self.balancer, reactor)
+            self.balancer.shared = self.fleet.replica
+            self.fleet.setServiceParent(self)
         self.forwarder = ForwarderService(
             self.balancer,
             system if system is not None else LinuxPacketSystem(),
@@ -130,7 +138,8 @@ class BalancerService(MultiService):
             self.notifier = Notifier.from_config(
                 config.notify,
                 reactor,
-                TableListener(self.balancer.table, self.balancer.return_paths),
+                TableListener(self.balancer.table, self.fleet.return_paths() if self.fleet
+                              else self.balancer.return_paths),  # fleet: confirmations shared
                 local=lambda: self.balancer.policy,  # care-of addresses: not VIPs, backends, us
             )
             self.notifier.setServiceParent(self)
