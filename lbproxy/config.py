@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 MODES = ("translate", "transparent")
-DEFAULT_KEY_CHAIN = ("hoa", "iid", "spi", "src")
+DEFAULT_KEY_CHAIN = ("hoa", "iid", "spi", "ike", "src")
 DEFAULT_SCHEDULER = "maglev"
 DEAD_BACKEND_POLICIES = ("reassign", "keep")
 

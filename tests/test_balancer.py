@@ -22,6 +22,7 @@ from scapy.layers.ipsec import ESP
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from lbproxy.config import DEFAULT_KEY_CHAIN
 from lbproxy.core import actions
 from lbproxy.core.balancer import Balancer
 from lbproxy.core.keys import Key, KeyChain
@@ -59,7 +60,7 @@ def checksum_ok(data: bytes) -> bool:
 
 
 def make(mode: str = "translate", scheduler: str = "maglev", max_entries: int = 1000,
-         chain: tuple[str, ...] = ("hoa", "iid", "spi", "src")) -> tuple[Balancer, Clock]:
+         chain: tuple[str, ...] = DEFAULT_KEY_CHAIN) -> tuple[Balancer, Clock]:
     clock = Clock()
     balancer = Balancer(
         chain=KeyChain.from_names(chain),

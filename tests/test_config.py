@@ -89,7 +89,7 @@ class ErrorTests(SynchronousTestCase):
         """An unknown key strategy is named, with the registered ones."""
         self.assertRefused(MINIMAL + "[balancer]\nkey_chain = ['hoa', 'mac']\n",
                            "balancer.key_chain",
-                           "'mac' is not a registered key strategy (registered: hoa, iid, spi, src")
+                           "'mac' is not a registered key strategy (registered: hoa, iid, spi, ike, src")
         self.assertRefused(MINIMAL + "[balancer]\nkey_chain = ['hoa', 3]\n",
                            "balancer.key_chain", "expected a list of strategy names, got 3")
         self.assertRefused(MINIMAL + "[balancer]\nkey_chain = ['src', 'src']\n",

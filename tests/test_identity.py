@@ -242,3 +242,60 @@ class OperatorViewTests(SynchronousTestCase):
         self.assertEqual((stats["table"]["size"], stats["table"]["aliases"]), (1, 2))
         self.assertEqual(stats["table"]["links"], 2)
         self.assertEqual(stats["conflicts"], {})
+
+
+def ike(source: str, spi: bytes, port: int = 500, exchange: int = 34) -> bytearray:
+    """An IKEv2 message (scapy's IKEv2 layer) from `source`: on UDP 500, or behind the
+    non-ESP marker on UDP 4500."""
+    from scapy.contrib.ikev2 import IKEv2
+
+    message = IKEv2(init_SPI=spi, resp_SPI=b"\x00" * 8, exch_type=exchange)
+    marker = b"\x00\x00\x00\x00" if port == 4500 else b""
+    return bytearray(bytes(IPv6(src=source, dst=VIP) / UDP(sport=port, dport=port)
+                           / (marker + bytes(message))))  # fmt: skip
+
+
+def esp_in_udp(source: str, spi: int) -> bytearray:
+    """ESP encapsulated in UDP 4500 (RFC 3948)."""
+    payload = spi.to_bytes(4, "big") + (1).to_bytes(4, "big") + b"\0" * 32
+    return bytearray(bytes(IPv6(src=source, dst=VIP) / UDP(sport=4500, dport=4500) / payload))
+
+
+class IpsecTerminalTests(SynchronousTestCase):
+    """A terminal using IPsec without Mobile IPv6: MOBIKE (RFC 4555) moves its IKE SA to
+    a new address with an INFORMATIONAL exchange -- its first packet from there."""
+
+    def test_ike_and_esp_identities(self) -> None:
+        """The IKE SA initiator's SPI is an identity on UDP 500 and behind the non-ESP
+        marker on UDP 4500; ESP in UDP 4500 is keyed by its SPI; a zero SPI or a
+        truncated header is none."""
+        from lbproxy.core.keys import IkeStrategy, SpiStrategy
+        from lbproxy.wire.view import parse
+
+        spi = bytes(range(1, 9))
+        for port in (500, 4500):
+            packet = ike(coa(1), spi, port)
+            self.assertEqual(IkeStrategy().key_for(packet, parse(packet)), Key("ike", spi))
+        short = plain(coa(1), dport=500, payload=spi + bytes(10))  # not a whole IKE header
+        for packet in (ike(coa(1), bytes(8)), short, plain(coa(1), dport=4500)):
+            self.assertIsNone(IkeStrategy().key_for(packet, parse(packet)))
+        packet = esp_in_udp(coa(1), 0xABCD)
+        self.assertEqual(SpiStrategy().key_for(packet, parse(packet)),
+                         Key("spi", (0xABCD).to_bytes(4, "big")))  # fmt: skip
+        self.assertIsNone(IkeStrategy().key_for(packet, parse(packet)))
+        self.assertEqual(str(Key("ike", spi)), "ike 0x0102030405060708")
+        self.assertEqual(Key.parse("ike 0x0102030405060708"), Key("ike", spi))
+
+    def test_mobike_update_before_esp_keeps_the_backend(self) -> None:
+        """IKE and ESP-in-UDP from the first address, then the MOBIKE address update from
+        the second as its first packet there, then ESP: one backend, for 60 terminals."""
+        balancer, _ = make()
+        for i in range(N):
+            spi = (0x1000 + i).to_bytes(8, "big")
+            first = to(balancer, ike(coa(i, 1), spi, 500))
+            self.assertEqual(to(balancer, ike(coa(i, 1), spi, 4500)), first)
+            self.assertEqual(to(balancer, esp_in_udp(coa(i, 1), 0x5000 + i)), first)
+            self.assertEqual(to(balancer, ike(coa(i, 2), spi, 4500, exchange=37)), first)
+            self.assertEqual(to(balancer, esp_in_udp(coa(i, 2), 0x5000 + i)), first)
+            self.assertEqual(to(balancer, esp(coa(i, 3), 0x5000 + i)), first)
+        self.assertEqual(balancer.counters.conflicts.total(), 0)

@@ -244,7 +244,7 @@ class KeyChainTests(SynchronousTestCase):
         with self.assertRaises(ValueError) as e:
             KeyChain.from_names(["hoa", "mac"])
         self.assertIn("'mac'", str(e.exception))
-        self.assertIn("(registered: hoa, iid, spi, src", str(e.exception))
+        self.assertIn("(registered: hoa, iid, spi, ike, src", str(e.exception))
         with self.assertRaises(ValueError) as e:
             KeyChain.from_names(["src", "src"])
         self.assertIn("'src'", str(e.exception))

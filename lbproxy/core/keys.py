@@ -24,7 +24,7 @@ identity's own bytes.
 
 Registries
 ----------
-Configuration names strategies (``key_chain = ["hoa", "iid", "spi", "src"]``), and
+Configuration names strategies (``key_chain = ["hoa", "iid", "spi", "ike", "src"]``), and
 :meth:`KeyChain.from_names` looks each name up in :data:`STRATEGY_REGISTRY`, a
 :class:`Registry` of :class:`StrategyFactory`.  The four built-in strategies are
 registered below with :func:`register_strategy`; third-party ones come from Python entry
@@ -60,6 +60,7 @@ __all__ = [
     "STRATEGY_REGISTRY",
     "HomeAddressStrategy",
     "IKeyStrategy",
+    "IkeStrategy",
     "InterfaceIdStrategy",
     "Key",
     "KeyChain",
@@ -107,6 +108,14 @@ def _format_spi(value: bytes) -> str:
 
 def _parse_spi(text: str) -> bytes:
     return int(text, 0).to_bytes(4, "big")
+
+
+def _format_ike(value: bytes) -> str:
+    return f"0x{value.hex()}"
+
+
+def _parse_ike(text: str) -> bytes:
+    return int(text, 0).to_bytes(8, "big")
 
 
 def _parse_hex(text: str) -> bytes:
@@ -190,6 +199,8 @@ def unregister_kind(name: str) -> None:
 ADDR: Final = register_kind("addr", 16, _format_address, _parse_address, code=1)
 IID: Final = register_kind("iid", 8, _format_iid, _parse_iid, code=2)
 SPI: Final = register_kind("spi", 4, _format_spi, _parse_spi, code=3)
+#: An IKE SA initiator's SPI (8 bytes), see `IkeStrategy`.
+IKE: Final = register_kind("ike", 8, _format_ike, _parse_ike, code=5)
 # The names the strategies yielding addresses used for their keys before addresses were
 # one namespace: still read (saved tables, operators' habits), never written.
 _KINDS_BY_NAME["hoa"] = _KINDS_BY_NAME["src"] = ADDR
@@ -258,6 +269,16 @@ _new_key: Final = bytes.__new__
 _HOA: Final = HOA.prefix
 _IID: Final = IID.prefix
 _SPI: Final = SPI.prefix
+_IKE_KIND: Final = IKE.prefix
+_UDP: Final = 17
+#: IKE's ports (RFC 7296 section 2), and the zero marker that tells IKE from ESP on
+#: the NAT-traversal port (RFC 3948 section 2.2).
+_IKE: Final = 500
+_NAT_T: Final = 4500
+_NON_ESP_MARKER: Final = bytes(4)
+_NO_SPI: Final = bytes(8)
+#: The IKEv2 header's length (RFC 7296 section 3.1).
+_IKE_HEADER: Final = 28
 _SRC: Final = SRC.prefix
 
 
@@ -326,16 +347,56 @@ class SpiStrategy:
 
     The only field of an encrypted packet the balancer can read.  ESP appears only in a
     first fragment, so a non-first fragment yields no SPI key (the balancer follows
-    fragments by their identification instead).
+    fragments by their identification instead).  ESP encapsulated in UDP port 4500
+    (RFC 3948, what a terminal behind a NAT, or a MOBIKE one, sends) is read too: a
+    payload whose first four bytes are not the zero "non-ESP marker" starts with the SPI.
     """
 
     kind: str = attrs.field(default="spi", init=False)
 
     def key_for(self, buf: Buffer, view: PacketView) -> Key | None:
         o = view.esp
-        if o < 0:
+        if o >= 0:
+            return _new_key(Key, _SPI + buf[o : o + 4])
+        if view.proto == _UDP and (view.dport == _NAT_T or view.sport == _NAT_T):
+            p = view.l4 + 8
+            if p + 8 <= view.end and buf[p : p + 4] != _NON_ESP_MARKER:
+                return _new_key(Key, _SPI + buf[p : p + 4])
+        return None
+
+
+@implementer(IKeyStrategy)
+@attrs.frozen
+class IkeStrategy:
+    """The IKE SA initiator's SPI of an IKEv2 message (RFC 7296 section 3.1), on UDP 500
+    or behind the non-ESP marker on UDP 4500 (RFC 3948).
+
+    Why: the IKE SA outlives a terminal's moves -- MOBIKE (RFC 4555) moves it to the new
+    care-of address with an INFORMATIONAL exchange, which is the terminal's *first* packet
+    from that address.  Keyed by its source address alone it would be a new terminal;
+    keyed by the IKE SPI, linked to the terminal's binding by its earlier IKE packets, it
+    finds the backend that holds the SA.  The initiator chooses the SPI (64 random bits,
+    never 0), so it identifies the SA, hence the terminal.
+    """
+
+    kind: str = attrs.field(default="ike", init=False)
+
+    def key_for(self, buf: Buffer, view: PacketView) -> Key | None:
+        if view.proto != _UDP:
             return None
-        return _new_key(Key, _SPI + buf[o : o + 4])
+        p = view.l4 + 8
+        if view.dport == _NAT_T or view.sport == _NAT_T:
+            if buf[p : p + 4] != _NON_ESP_MARKER:
+                return None  # ESP in UDP: the SPI strategy's
+            p += 4
+        elif view.dport != _IKE and view.sport != _IKE:
+            return None
+        if p + _IKE_HEADER > view.end:
+            return None
+        spi = buf[p : p + 8]
+        if spi == _NO_SPI:
+            return None
+        return _new_key(Key, _IKE_KIND + spi)
 
 
 @implementer(IKeyStrategy)
@@ -419,6 +480,7 @@ def _interface_id(any_interface_id: bool = False) -> InterfaceIdStrategy:
 register_strategy("hoa", HomeAddressStrategy)
 register_strategy("iid", _interface_id, options=["any_interface_id"])
 register_strategy("spi", SpiStrategy)
+register_strategy("ike", IkeStrategy)
 register_strategy("src", SourceAddressStrategy)
 
 
@@ -465,7 +527,7 @@ class KeyChain:
 
     @classmethod
     def from_names(cls, names: Sequence[str], **options: Any) -> KeyChain:
-        """Build a chain from registered names (``["hoa", "iid", "spi", "src"]``).
+        """Build a chain from registered names (``["hoa", "iid", "spi", "ike", "src"]``).
 
         Each strategy gets only the options it declares (``any_interface_id`` for
         ``iid``).  An unknown name (the message lists the registered ones), a repeated
