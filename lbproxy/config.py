@@ -59,6 +59,9 @@ MODES = ("translate", "transparent")
 DEFAULT_KEY_CHAIN = ("hoa", "iid", "spi", "ike", "src")
 DEFAULT_SCHEDULER = "maglev"
 DEAD_BACKEND_POLICIES = ("reassign", "keep")
+#: ``[notify]``: the longest report interval (s) and the names of terminals that dial in.
+MAX_INTERVAL = 86_400
+DIAL_IN_PREFIX = "terminal:"
 
 
 @attrs.frozen
@@ -83,6 +86,7 @@ class PeerConfig:
     identity: str  # DNS-ID the peer's certificate must carry
     prefixes: tuple[ipaddress.IPv6Network, ...] = ()  # home prefixes it may speak for
     home: ipaddress.IPv6Address | None = None  # a terminal's own home address
+    interval: int | None = None  # periodic reports every N s (None: [notify] interval)
 
 
 @attrs.frozen
@@ -95,6 +99,21 @@ class NotifyConfig:
     key: str = ""
     max_subscriptions: int = 10000
     peers: tuple[PeerConfig, ...] = ()
+    #: Home and care-of addresses never believed; the only care-of prefixes ([] = any).
+    forbidden_prefixes: tuple[ipaddress.IPv6Network, ...] = ()
+    care_of_prefixes: tuple[ipaddress.IPv6Network, ...] = ()
+    allow_unique_local: bool = False
+    #: Deadlines (s) and the bound on calls in flight per peer (lbproxy.notify.session).
+    call_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    max_outstanding: int = 512
+    #: Periodic reports asked of every peer (s, 0 = on change only); a peer may override.
+    interval: int = 0
+    #: How long a subscription outlives everything its terminal had (s).
+    idle_lifetime: float = 600.0
+    #: Where terminal agents dial in (a Twisted server endpoint; "" = no dial-in).
+    listen: str = ""
+    max_dial_in: int = 10000
 
 
 @attrs.frozen
@@ -229,9 +248,20 @@ def _backend(s: Section) -> BackendConfig:
     )
 
 
+def _prefix_list(s: Section, name: str) -> tuple[ipaddress.IPv6Network, ...]:
+    """``[notify]`` prefixes: a list of distinct IPv6 prefixes ([] when absent)."""
+    values = s.get(name, list, [])
+    found = tuple(s.network(name, v) for v in values)
+    s.distinct(name, [str(n) for n in found])
+    return found
+
+
 def _peer(s: Section) -> PeerConfig:
-    s = checked(s, ("name", "kind", "endpoint", "identity", "prefixes", "home"))
+    s = checked(s, ("name", "kind", "endpoint", "identity", "prefixes", "home", "interval"))
     name = s.text("name", pattern=NAME, what="a peer name (letters, digits, '_.:-', up to 63)")
+    if name.startswith(DIAL_IN_PREFIX):
+        raise s.fail("name", f"{DIAL_IN_PREFIX!r} names terminals that dial in; choose "
+                             "another name")  # fmt: skip
     kind = s.choice("kind", "homeagent", ("homeagent", "terminal"))
     prefixes = s.prefixes("prefixes", required=False)
     home = s.host_address("home", s.data["home"]) if "home" in s.data else None
@@ -254,6 +284,7 @@ def _peer(s: Section) -> PeerConfig:
         identity=identity,
         prefixes=prefixes,
         home=home,
+        interval=s.integer("interval", 0, 0, MAX_INTERVAL) if "interval" in s.data else None,
     )
 
 
@@ -340,7 +371,11 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
     )
 
     notify_s = checked(
-        top.table("notify"), ("enabled", "ca", "certificate", "key", "max_subscriptions", "peer")
+        top.table("notify"),
+        ("enabled", "ca", "certificate", "key", "max_subscriptions", "peer",
+         "forbidden_prefixes", "care_of_prefixes", "allow_unique_local", "call_timeout",
+         "handshake_timeout", "max_outstanding", "interval", "idle_lifetime", "listen",
+         "max_dial_in"),
     )
     notify = NotifyConfig(
         enabled=notify_s.get("enabled", bool, False),
@@ -349,6 +384,16 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
         key=notify_s.filename("key", ""),
         max_subscriptions=notify_s.integer("max_subscriptions", 10000, 1, 10_000_000),
         peers=tuple(_peer(p) for p in notify_s.tables("peer")),
+        forbidden_prefixes=_prefix_list(notify_s, "forbidden_prefixes"),
+        care_of_prefixes=_prefix_list(notify_s, "care_of_prefixes"),
+        allow_unique_local=notify_s.get("allow_unique_local", bool, False),
+        call_timeout=notify_s.number("call_timeout", 10.0, 0.1, 3600.0),
+        handshake_timeout=notify_s.number("handshake_timeout", 10.0, 0.1, 3600.0),
+        max_outstanding=notify_s.integer("max_outstanding", 512, 1, 65536),
+        interval=notify_s.integer("interval", 0, 0, MAX_INTERVAL),
+        idle_lifetime=notify_s.number("idle_lifetime", 600.0, 1.0, 604800.0),
+        listen=notify_s.endpoint("listen", "server", ""),
+        max_dial_in=notify_s.integer("max_dial_in", 10000, 1, 10_000_000),
     )
     peer_names = [p.name for p in notify.peers]
     for i, peer in enumerate(notify.peers):

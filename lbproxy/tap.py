@@ -113,6 +113,7 @@ class BalancerService(MultiService):
                 config.persistence_interval,
                 return_paths=self.balancer.return_paths,
                 max_bytes=config.persistence_max_bytes,
+                subscriptions=lambda: self.notifier,  # saved and restored with the table
             ).setServiceParent(self)
         # The fleet (docs/fleet.md): after persistence, so a restored table's exceptions
         # are published; before the forwarder, so the replica starts loading first.

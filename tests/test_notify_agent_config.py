@@ -79,3 +79,47 @@ class ConfigTests(SynchronousTestCase):
         t = parse_terminal(tomllib.loads(COMMON + '[terminal]\nhome = "2001:db8:1::16"\n'))
         self.assertEqual((t.interface, t.state_file), ("", ""))
         self.assertEqual(str(t.home_prefix), "2001:db8:1::/64")
+
+
+class LifecycleKeyTests(SynchronousTestCase):
+    """The agents' deadlines and bounds, and a terminal agent that dials its balancers."""
+
+    TERMINAL = '[terminal]\nhome = "2001:db8:1::16"\n'
+
+    def test_deadlines_and_bound(self) -> None:
+        """call_timeout, handshake_timeout, max_outstanding: defaults, values, ranges."""
+        t = parse_terminal(tomllib.loads(COMMON + self.TERMINAL))
+        self.assertEqual((t.common.call_timeout, t.common.handshake_timeout,
+                          t.common.max_outstanding), (10.0, 10.0, 512))  # fmt: skip
+        text = COMMON.replace('[agent]\n', '[agent]\ncall_timeout = 2\nhandshake_timeout = 3.5\n'
+                              'max_outstanding = 8\n')  # fmt: skip
+        t = parse_terminal(tomllib.loads(text + self.TERMINAL))
+        self.assertEqual((t.common.call_timeout, t.common.handshake_timeout,
+                          t.common.max_outstanding), (2.0, 3.5, 8))  # fmt: skip
+        for line, key in (("call_timeout = 0", "agent.call_timeout"),
+                          ("handshake_timeout = -1", "agent.handshake_timeout"),
+                          ("max_outstanding = 0", "agent.max_outstanding"),
+                          ('max_outstanding = "8"', "agent.max_outstanding"),
+                          ("call_timeout = nan", "agent.call_timeout")):  # fmt: skip
+            with self.subTest(line=line):
+                ConfigTests.assertError(self, COMMON.replace("[agent]\n", f"[agent]\n{line}\n")  # type: ignore[arg-type]
+                                        + self.TERMINAL, key, terminal=True)
+
+    def test_connect(self) -> None:
+        """A terminal agent may dial its balancers; then it listens only when told to."""
+        text = COMMON.replace("[agent]\n", "[agent]\nconnect = ['tcp:host=2001\\:db8\\:f0"
+                              "\\:\\:2:port=7442']\n")  # fmt: skip
+        t = parse_terminal(tomllib.loads(text + self.TERMINAL))
+        self.assertEqual(t.common.connect, ("tcp:host=2001\\:db8\\:f0\\:\\:2:port=7442",))
+        self.assertEqual(t.common.listen, "")
+        for line in ("connect = ['nope:x']", "connect = [1]", "connect = 'tcp:host=a:port=1'",
+                     "connect = ['tcp:host=a:port=1', 'tcp:host=a:port=1']"):  # fmt: skip
+            with self.subTest(line=line):
+                ConfigTests.assertError(self, COMMON.replace("[agent]\n", f"[agent]\n{line}\n")  # type: ignore[arg-type]
+                                        + self.TERMINAL, "agent.connect", terminal=True)
+
+    def test_home_agent_does_not_dial(self) -> None:
+        """A home agent stays a peer the balancer dials: ``connect`` is unknown there."""
+        text = COMMON.replace("[agent]\n", "[agent]\nconnect = ['tcp:host=a:port=1']\n")
+        ConfigTests.assertError(self, text + '[homeagent]\nprefixes = ["2001:db8::/64"]\n',  # type: ignore[arg-type]
+                                "agent.connect")

@@ -170,3 +170,39 @@ class NetlinkTests(TestCase):
                 break
             yield deferLater(reactor, 0.01, lambda: None)
         self.assertTrue(calls)
+
+
+class ReRegistrationTests(SynchronousTestCase):
+    """The terminal registers again before its binding's lifetime runs out."""
+
+    def test_reregisters_at_half_lifetime(self) -> None:
+        """Lifetime 40 s: a re-registration from the same care-of address every 20 s, each
+        with the next sequence number, each told to the observers (the agent's sessions);
+        a move plans from the move; at home, none; stop() leaves no timer."""
+        clock = Clock()
+        cache = BindingCache(1)
+        seen: list[CacheChange] = []
+        cache.observers.append(seen.append)
+        tracker = CareOfTracker(cache, HOME, PREFIX, 40, clock, SequenceStore())
+        tracker.addresses_changed([AddressInfo("w", COA1)])
+        first = tracker.seq
+        clock.advance(20)
+        clock.advance(20)
+        self.assertEqual([(c.old_care_of, c.new_care_of, c.seq) for c in seen],
+                         [(None, COA1, first), (COA1, COA1, (first + 1) & 0xFFFF),
+                          (COA1, COA1, (first + 2) & 0xFFFF)])  # fmt: skip
+        self.assertTrue(all(c.refresh for c in seen[1:]))
+        binding = cache.get(HOME)
+        assert binding is not None
+        self.assertEqual(binding.expires, clock.seconds() + 40)
+        clock.advance(5)
+        tracker.addresses_changed([AddressInfo("w", COA2)])
+        clock.advance(19)
+        self.assertEqual(len(seen), 4)
+        clock.advance(1)
+        self.assertEqual((seen[-1].old_care_of, seen[-1].new_care_of), (COA2, COA2))
+        tracker.addresses_changed([AddressInfo("e", HOME)])
+        self.assertEqual(clock.getDelayedCalls(), [])
+        tracker.addresses_changed([AddressInfo("w", COA1)])
+        tracker.stop()
+        self.assertEqual(clock.getDelayedCalls(), [])

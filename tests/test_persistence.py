@@ -682,3 +682,158 @@ class AliasesTests(SynchronousTestCase):
         for other in others:
             self.assertIs(fresh.get(other), restored)
         self.assertEqual((len(fresh), fresh.alias_count), (1, 2))
+
+
+# -- notification subscriptions (issue 11) ------------------------------------------------
+
+
+class SubscriptionStoreFake:
+    """What a Notifier offers persistence: its subscriptions, and taking them back."""
+
+    def __init__(self, subs: list[Any] | None = None, refuse: str | None = None) -> None:
+        self.subs = subs or []
+        self.refuse = refuse
+        self.restored: list[tuple[Any, ...]] = []
+
+    def saved_subscriptions(self) -> Any:
+        return iter(self.subs)
+
+    def restore_subscription(self, *fields: Any) -> str | None:
+        if self.refuse is not None:
+            return self.refuse
+        self.restored.append(fields)
+        return None
+
+
+GOOD_SUBSCRIPTION = {"peer": "ha1", "address": "2001:db8:aa::1", "kind": "coa",
+                     "home": "2001:db8:1::1", "care_of": "2001:db8:aa::1", "seq": 7,
+                     "left": 500.0, "binding_left": 300.0}  # fmt: skip
+
+
+def subscription_file(entries: list[dict[str, Any]]) -> bytes:
+    return file_text({"count": 1, "subscriptions": len(entries)},
+                     lines=[json.dumps(GOOD_LINE), *(json.dumps(e) for e in entries)])
+
+
+class SubscriptionTests(SynchronousTestCase):
+    """Subscriptions are saved with the table and come back through the notifier."""
+
+    def test_round_trip(self) -> None:
+        """Saved after the return paths; restored with the downtime counted against both
+        their times; a binding that ran out while down comes back without a deadline."""
+        from lbproxy.notify.subscriptions import Subscription
+
+        clock = Clock()
+        clock.advance(1000)
+        table = filled(clock)  # now 1060
+        subs = [
+            Subscription("ha1", CARE_OF, "coa", 1600.0, home=HOME, care_of=CARE_OF, seq=7,
+                         sub_id=3, confirmed=True, binding_until=1300.0),
+            Subscription("terminal:2001:db8:1::2", OTHER_HOME, "hoa", 1010.0, home=OTHER_HOME,
+                         binding_until=1005.0),
+        ]  # fmt: skip
+        path = self.mktemp()
+        persistence.save(table, path, clock.seconds(),
+                         subscriptions=SubscriptionStoreFake(subs))  # fmt: skip
+        with open(path) as handle:
+            lines = handle.read().splitlines()
+        self.assertEqual(json.loads(lines[0])["subscriptions"], 2)
+        self.assertEqual(json.loads(lines[-3])["peer"], "ha1")
+        clock.advance(20)
+        store = SubscriptionStoreFake()
+        result = persistence.load(new_table(clock, 100.0, 100), path, BY_NAME, clock.seconds(),
+                                  PARSE_KEY, subscriptions=store)  # fmt: skip
+        self.assertEqual((result.error, result.subscriptions, result.subscriptions_dropped),
+                         (None, 2, 0))  # fmt: skip
+        self.assertEqual(store.restored[0],
+                         ("ha1", CARE_OF, "coa", HOME, CARE_OF, 7, 1600.0, 1300.0))  # fmt: skip
+        self.assertEqual(store.restored[1], ("terminal:2001:db8:1::2", OTHER_HOME, "hoa",
+                                             OTHER_HOME, None, None, 1080.0, None))  # fmt: skip
+
+    def test_refused_by_the_notifier_counted(self) -> None:
+        path = self.mktemp()
+        with open(path, "wb") as handle:
+            handle.write(subscription_file([GOOD_SUBSCRIPTION, GOOD_SUBSCRIPTION]))
+        clock = Clock()
+        clock.advance(110)
+        refusing = SubscriptionStoreFake(refuse="no such peer")
+        result = persistence.load(new_table(clock), path, BY_NAME, clock.seconds(), PARSE_KEY,
+                                  subscriptions=refusing)  # fmt: skip
+        self.assertEqual((result.restored, result.subscriptions,
+                          result.subscriptions_dropped), (1, 0, 2))  # fmt: skip
+
+    def test_no_subscriptions_no_header_key(self) -> None:
+        """A table without subscriptions is written as before (no "subscriptions" key)."""
+        path = self.mktemp()
+        clock = Clock()
+        persistence.save(filled(clock), path, clock.seconds(),
+                         subscriptions=SubscriptionStoreFake())  # fmt: skip
+        with open(path) as handle:
+            self.assertNotIn("subscriptions", json.loads(handle.readline()))
+
+    def test_every_field_checked(self) -> None:
+        """Each damaged field refuses the whole file (set aside, nothing restored), as a
+        damaged binding does; the checksum is right, so the field is what is refused."""
+        cases: dict[str, tuple[dict[str, Any], str]] = {
+            "peer-number": ({"peer": 5}, "peer must be a peer name"),
+            "peer-spaces": ({"peer": "ha 1"}, "peer must be a peer name"),
+            "peer-long": ({"peer": "h" * 64}, "peer must be a peer name"),
+            "kind": ({"kind": "iid"}, "kind must be one of"),
+            "address": ({"address": "2001:db8::zz"}, "2001:db8::zz"),
+            "address-missing": ({"address": None}, "address must be an IPv6 address"),
+            "home": ({"home": 7}, "home must be an IPv6 address"),
+            "care-of": ({"care_of": "x" * 100}, "care_of must be an IPv6 address"),
+            "seq-big": ({"seq": 65536}, "seq must be null or an integer"),
+            "seq-bool": ({"seq": True}, "seq must be null or an integer"),
+            "seq-float": ({"seq": 7.5}, "seq must be null or an integer"),
+            "left-negative": ({"left": -1}, "left must be within"),
+            "left-huge": ({"left": 10**400}, "left must be within"),
+            "left-missing": ({"left": None}, "left must be a number"),
+            "binding-left": ({"binding_left": "soon"}, "binding_left must be a number"),
+        }
+        for name, (change, reason) in cases.items():
+            with self.subTest(name=name):
+                path = os.path.join(self.mktemp())
+                with open(path, "wb") as handle:
+                    handle.write(subscription_file([{**GOOD_SUBSCRIPTION, **change}]))
+                with self.assertRaises(CorruptTableFile) as caught:
+                    persistence.read_table(path)
+                self.assertIn(reason, str(caught.exception))
+        text = subscription_file([GOOD_SUBSCRIPTION])
+        path = self.mktemp()
+        with open(path, "wb") as handle:
+            handle.write(text.replace(b'"seq": 7', b'"seq": 8'))
+        with self.assertRaises(CorruptTableFile) as caught:
+            persistence.read_table(path)
+        self.assertIn("checksum mismatch", str(caught.exception))
+        with open(path, "wb") as handle:
+            handle.write(b"".join(text.splitlines(keepends=True)[:-2]))
+        with self.assertRaises(CorruptTableFile) as caught:
+            persistence.read_table(path)
+        self.assertIn("1 subscriptions, the file ends", str(caught.exception))
+        with open(path, "wb") as handle:
+            handle.write(text)
+        (entry,) = persistence.read_table(path).subscriptions
+        self.assertEqual((entry.peer, entry.kind, entry.seq, entry.left, entry.binding_left),
+                         ("ha1", "coa", 7, 500.0, 300.0))  # fmt: skip
+
+    def test_service_restores_into_the_notifier(self) -> None:
+        """TablePersistence asks for the notifier when it starts (it is made after), and
+        saves its subscriptions when it stops."""
+        from lbproxy.notify.subscriptions import Subscription
+
+        path = self.mktemp()
+        with open(path, "wb") as handle:
+            handle.write(subscription_file([GOOD_SUBSCRIPTION]))
+        clock = Clock()
+        clock.advance(110)
+        store = SubscriptionStoreFake([Subscription("ha1", HOME, "hoa", 200.0, home=HOME)])
+        holder: dict[str, Any] = {}
+        service = TablePersistence(new_table(clock), path, lambda: BY_NAME, clock,
+                                   parse_key=PARSE_KEY,
+                                   subscriptions=lambda: holder.get("n"))  # fmt: skip
+        holder["n"] = store
+        service.startService()
+        self.assertEqual(len(store.restored), 1)
+        service.stopService()
+        self.assertEqual(persistence.read_table(path).subscriptions[0].address, HOME)

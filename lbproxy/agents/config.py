@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from lbproxy.tomlconfig import ConfigError, Section, read_toml, show
+from lbproxy.tomlconfig import ConfigError, Section, endpoint_problem, read_toml, show
 
 __all__ = [
     "AgentCommon",
@@ -33,12 +33,19 @@ __all__ = [
 class AgentCommon:
     """What both agents need: where to listen, TLS material, whom to serve."""
 
-    listen: str  # Twisted server endpoint string, e.g. "tcp:7440:interface=\\:\\:"
+    listen: str  # Twisted server endpoint string, e.g. "tcp:7440:interface=\\:\\:"; "" = none
     ca: str
     certificate: str
     key: str
     balancers: tuple[str, ...]  # DNS-IDs of the balancers allowed to subscribe
     max_subscriptions: int = 100_000
+    #: Deadlines (s) and the bound on calls in flight per balancer (lbproxy.notify.session).
+    call_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    max_outstanding: int = 512
+    #: Balancers a terminal agent dials (Twisted client endpoints): a terminal on a mobile
+    #: network cannot be dialled, so it connects to them instead.
+    connect: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -77,16 +84,40 @@ def _table(path: str, name: str, data: dict[str, Any], known: tuple[str, ...]) -
     return Section(path, name, value, known)
 
 
-def _common(path: str, data: dict[str, Any]) -> AgentCommon:
-    agent = _table(path, "agent", data, ("listen", "balancers", "max_subscriptions"))
+DEFAULT_LISTEN = "tcp:7440:interface=\\:\\:"
+
+
+def _common(path: str, data: dict[str, Any], dials: bool = False) -> AgentCommon:
+    """``[agent]`` and ``[tls]``; ``dials``: the agent may dial balancers (``connect``,
+    a terminal agent), and then listens only if ``listen`` says so."""
+    known = ("listen", "balancers", "max_subscriptions", "call_timeout", "handshake_timeout",
+             "max_outstanding") + (("connect",) if dials else ())
+    agent = _table(path, "agent", data, known)
     tls = _table(path, "tls", data, ("ca", "certificate", "key"))
+    connect: tuple[str, ...] = ()
+    if dials and "connect" in agent.data:
+        values = agent.get("connect", list)
+        for value in values:
+            if not isinstance(value, str):
+                raise agent.fail("connect", f"expected a list of endpoint strings, got "
+                                            f"{show(value)}")  # fmt: skip
+            problem = endpoint_problem(value, "client")
+            if problem is not None:
+                raise agent.fail("connect", problem)
+        agent.distinct("connect", values)
+        connect = tuple(values)
+    listen = agent.endpoint("listen", "server", "" if connect else DEFAULT_LISTEN)
     return AgentCommon(
-        listen=agent.endpoint("listen", "server", "tcp:7440:interface=\\:\\:"),
+        listen=listen,
         ca=tls.filename("ca"),
         certificate=tls.filename("certificate"),
         key=tls.filename("key"),
         balancers=agent.identities("balancers"),
         max_subscriptions=agent.integer("max_subscriptions", 100_000, 1, 10_000_000),
+        call_timeout=agent.number("call_timeout", 10.0, 0.1, 3600.0),
+        handshake_timeout=agent.number("handshake_timeout", 10.0, 0.1, 3600.0),
+        max_outstanding=agent.integer("max_outstanding", 512, 1, 65536),
+        connect=connect,
     )
 
 
@@ -126,7 +157,7 @@ def parse_terminal(data: dict[str, Any], path: str = "<config>") -> TerminalConf
         raise s.fail("home_prefix", f"{prefix} does not contain the home address {home}")
     return TerminalConfig(
         path=path,
-        common=_common(path, data),
+        common=_common(path, data, dials=True),
         home=home,
         home_prefix=prefix,
         interface=s.interface("interface", ""),

@@ -4,7 +4,9 @@ Runs beside a home agent.  It learns bindings from the Binding Updates and Ackno
 on the home link (``observer.LinkObserver`` over ``link.LinkReader``) and from home-agent
 software that pushes them (``command``), keeps them in a ``BindingCache``, and serves
 balancers over the notification protocol (``lbproxy.notify.agent``): on request (Subscribe,
-GetSnapshot), on change (BindingChanged) and periodically (BindingSnapshot).
+GetSnapshot), on change (BindingChanged) and periodically (BindingSnapshot).  A terminal's
+re-registration from the care-of address it already has (a newer sequence number) is passed
+on as well, so the balancer's confirmation lives as long as the binding does.
 """
 
 from __future__ import annotations
@@ -83,6 +85,9 @@ class HomeAgentService(MultiService):
             config.common.balancers,
             reactor,
             config.common.max_subscriptions,
+            call_timeout=config.common.call_timeout,
+            handshake_timeout=config.common.handshake_timeout,
+            max_outstanding=config.common.max_outstanding,
         )
         self.observer = LinkObserver(
             self.cache, self.entitlement, reactor, config.require_ack, config.ack_timeout

@@ -6,6 +6,14 @@ every ``poll_interval`` seconds, in case an event was missed), picks the care-of
 when it changed records a new binding -- next sequence number modulo 2**16, kept in
 ``state_file`` across restarts so a restarted agent is not taken for a replay -- in its
 one-entry ``BindingCache``, which the notification agent publishes to subscribed balancers.
+Like a mobile node (RFC 6275 §11.7.1) it registers again before the binding's lifetime
+runs out -- at half of it, from the same care-of address, with the next sequence number --
+so the balancer's confirmation never lapses while the terminal stays put.
+
+A terminal on a mobile network cannot be dialled: with ``[agent] connect`` the agent dials
+its balancers instead (mutual TLS, the balancer proving one of ``balancers`` with
+``serverAuth``, the terminal its home address as an IP subjectAltName) and the balancer
+subscribes over that connection; ``listen`` is then optional.
 
 The choice (:func:`choose_care_of`) is pure: a global, usable (not tentative, deprecated or
 failed) address outside the home prefix, on the configured interface if one is given; the
@@ -24,8 +32,8 @@ from typing import Any
 import attrs
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorFDSet, IReactorTime
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import Interface, implementer
@@ -134,6 +142,8 @@ class CareOfTracker:
         self.interface = interface
         self.seq = store.load()
         self.care_of: bytes | None = None
+        self._renewal: IDelayedCall | None = None
+        self.registrations = 0  # bindings recorded (moves and re-registrations)
 
     def addresses_changed(self, addresses: Iterable[AddressInfo]) -> CacheChange | None:
         """Re-evaluate; on a move, record the new binding (notifying subscribers)."""
@@ -148,17 +158,44 @@ class CareOfTracker:
             self.cache.update(self.home, chosen, self.seq, self.lifetime, now)
             return None
         # A move (or our binding expired in the cache): a new sequence number.
-        self.seq = (self.seq + 1) & 0xFFFF
-        self.store.save(self.seq)
-        self.care_of = chosen
-        lifetime = 0 if chosen == self.home else self.lifetime
-        change = self.cache.update(self.home, chosen, self.seq, lifetime, now)
+        change = self._register(chosen, now)
         log.info(
             "terminal agent: care-of address {coa} (seq {seq})",
             coa=str(ipaddress.IPv6Address(chosen)),
             seq=self.seq,
         )
         return change
+
+    def _register(self, care_of: bytes, now: float) -> CacheChange | None:
+        """Record a binding at ``care_of`` with the next sequence number; plan the
+        re-registration at half its lifetime."""
+        self.seq = (self.seq + 1) & 0xFFFF
+        self.store.save(self.seq)
+        self.care_of = care_of
+        lifetime = 0 if care_of == self.home else self.lifetime
+        change = self.cache.update(self.home, care_of, self.seq, lifetime, now)
+        self.registrations += 1
+        self._plan(lifetime)
+        return change
+
+    def _plan(self, lifetime: int) -> None:
+        self.stop()
+        if lifetime > 0:
+            self._renewal = self.clock.callLater(lifetime / 2, self.reregister)
+
+    def reregister(self) -> CacheChange | None:
+        """Register again from the current care-of address before the lifetime runs out
+        (RFC 6275 §11.7.1): the next sequence number, the whole lifetime again."""
+        self._renewal = None
+        if self.care_of is None or self.care_of == self.home:
+            return None
+        return self._register(self.care_of, self.clock.seconds())
+
+    def stop(self) -> None:
+        """Cancel the planned re-registration."""
+        if self._renewal is not None and self._renewal.active():
+            self._renewal.cancel()
+        self._renewal = None
 
 
 class IAddressSource(Interface):
@@ -259,6 +296,7 @@ class WatchService(Service):
         super().stopService()
         if self.events is not None:
             self.events.stop()
+        self.tracker.stop()
         return self.timer.stopService()
 
 
@@ -295,17 +333,28 @@ class TerminalService(MultiService):
         super().__init__()
         home = config.home.packed
         self.cache = BindingCache(1)
+        common = config.common
         self.agent = NotificationAgent(
             self.cache,
             HomeAddressEntitlement(home),
-            config.common.balancers,
+            common.balancers,
             reactor,
-            config.common.max_subscriptions,
+            common.max_subscriptions,
+            call_timeout=common.call_timeout,
+            handshake_timeout=common.handshake_timeout,
+            max_outstanding=common.max_outstanding,
         )
-        self.listening = StreamServerEndpointService(
-            serverFromString(reactor, config.common.listen), self.agent.tls_factory(material)
-        )
-        self.listening.setServiceParent(self)
+        self.listening: StreamServerEndpointService | None = None
+        if common.listen:
+            self.listening = StreamServerEndpointService(
+                serverFromString(reactor, common.listen), self.agent.tls_factory(material)
+            )
+            self.listening.setServiceParent(self)
+        #: One reconnecting connection to each balancer in ``[agent] connect``.
+        self.dialling = [self.agent.dial(clientFromString(reactor, endpoint), material)
+                         for endpoint in common.connect]  # fmt: skip
+        for service in self.dialling:
+            service.setServiceParent(self)
         self.tracker = CareOfTracker(
             self.cache, home, config.home_prefix, config.lifetime, reactor,
             SequenceStore(config.state_file), config.interface,

@@ -11,7 +11,8 @@ lifetimes, entitlements, refusal counters), ``addresses`` (which care-of and hom
 may be believed), ``subscriptions`` (bounded registry), ``cache`` (an agent's binding
 cache), ``gate`` (every check before any change).  Edges: ``commands`` (AMP vocabulary),
 ``tls`` (identity and role checks that fail closed), ``session`` (deadlines and bounds for
-AMP with an untrusted peer), ``client`` (balancer side), ``agent`` (agent side), ``router``
-(``terminal_seen``), ``adapter`` (table and balancer; which source-address bindings a home
-may move).
+AMP with an untrusted peer), ``client`` (balancer side: peers it dials, terminals that dial
+in), ``agent`` (agent side), ``router`` (``terminal_seen``, the subscription lifecycle, the
+dial-in server, ``Notifier.report``), ``adapter`` (table and balancer; which source-address
+bindings a home may move; whether a terminal is still alive).
 """

@@ -45,7 +45,7 @@ from zope.interface import implementer
 
 from lbproxy.core.keys import Key
 from lbproxy.core.table import Binding
-from lbproxy.notify.listener import IBindingListener
+from lbproxy.notify.listener import IBindingListener, ITerminalLiveness
 from lbproxy.notify.policy import Refusal
 
 log = Logger()
@@ -54,7 +54,7 @@ log = Logger()
 class _Table(Protocol):
     def rekey(self, old: Key, new: Key, care_of: bytes | None = None) -> Binding | None: ...
 
-    def get(self, key: Key) -> Binding | None: ...
+    def get(self, key: Key, now: float | None = None) -> Binding | None: ...
 
 
 class _ReturnPaths(Protocol):
@@ -76,7 +76,7 @@ class _Plan:
     deregistering: bool
 
 
-@implementer(IBindingListener)
+@implementer(IBindingListener, ITerminalLiveness)
 class TableListener:
     """Applies changes to the sticky table and confirms them as return paths."""
 
@@ -91,6 +91,7 @@ class TableListener:
         self.applied = 0  # changes that moved or confirmed a table entry
         self.refused = 0  # binding_changed calls refused by the entitlement rule
         self.not_copied = 0  # given old care-of bindings that were not the home's: passed over
+        self.refreshed = 0  # confirmations renewed by re-registrations
         # care-of address -> (home, the binding, made by us): the source-address bindings
         # this listener made (True) or confirmed in place (False) for a home; valid while
         # the table still holds that very binding.  Oldest first out.
@@ -226,6 +227,34 @@ class TableListener:
             self.applied += 1
         if self.return_paths is not None:
             self.return_paths.confirm(home, new_care_of, float(lifetime))
+
+    def binding_refreshed(self, home: bytes, care_of: bytes, seq: int, lifetime: int) -> None:
+        """A re-registration from the care-of address already accepted for ``home``: the
+        confirmation lasts ``lifetime`` seconds from now (replies keep going to the care-of
+        address with a Type 2 Routing Header).  Only a confirmation of that same address
+        (or one that ran out) is renewed -- never one another notification moved since;
+        the table's bindings live by traffic (claim 10) and are left alone."""
+        if self.return_paths is None or lifetime <= 0 or care_of == home:
+            return
+        if self.return_paths.care_of(home) in (None, care_of):
+            self.return_paths.confirm(home, care_of, float(lifetime))
+            self.refreshed += 1
+
+    def live_until(
+        self, home: bytes | None, addresses: tuple[bytes, ...], now: float
+    ) -> float | None:
+        """The latest expiry of a live binding under ``home`` or ``addresses`` (aliases
+        included: one lookup each, nothing refreshed); ``now`` if only a confirmed return
+        path is left; ``None`` when nothing is."""
+        until: float | None = None
+        for address in (home, *addresses) if home is not None else addresses:
+            binding = self.table.get(Key("src", address))
+            if binding is not None and (until is None or binding.expires > until):
+                until = binding.expires
+        if until is None and home is not None and self.return_paths is not None \
+                and self.return_paths.care_of(home) is not None:  # fmt: skip
+            until = now
+        return until
 
     def _deregistered(self, home: bytes, source: bytes | None) -> None:
         if (

@@ -5,8 +5,12 @@ Shared by the home-agent agent (claim 12) and the terminal agent (claim 13): bot
 serve balancers from an allowed list.  Each accepted balancer connection is an
 :class:`AgentSession` (one :class:`~lbproxy.notify.machine.PeerMachine`); it answers
 Subscribe / Unsubscribe / GetSnapshot, sends BindingChanged on every cache change a
-subscription asked for ("on change"), and BindingSnapshot every ``interval`` seconds a
-subscription asked for ("periodically").
+subscription asked for ("on change") -- moves and re-registrations alike -- and
+BindingSnapshot every ``interval`` seconds a subscription asked for ("periodically"), in
+calls of at most ``SNAPSHOT_CHUNK`` bindings; GetSnapshot answers page the same way.
+Sessions are usually dialled by the balancer; a terminal agent on a mobile network dials the
+balancer instead (:meth:`NotificationAgent.dial`), and the balancer then subscribes over
+that connection just the same.
 
 A session is a :class:`~lbproxy.notify.session.GuardedAMP`: the balancer must complete a TLS
 handshake with an allowed, ``clientAuth`` certificate within ``handshake_timeout``; every
@@ -19,12 +23,15 @@ Subscribe answers carry the current bindings.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
-from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -42,7 +49,15 @@ from lbproxy.notify.session import (
     DEFAULT_MAX_OUTSTANDING,
     GuardedAMP,
 )
-from lbproxy.notify.tls import CLIENT_AUTH, PeerRefused, TlsMaterial, peer_verdict, server_factory
+from lbproxy.notify.tls import (
+    CLIENT_AUTH,
+    SERVER_AUTH,
+    PeerRefused,
+    TlsMaterial,
+    client_factory,
+    peer_verdict,
+    server_factory,
+)
 
 log = Logger()
 MAX_INTERVAL = 86_400
@@ -58,12 +73,18 @@ class AgentSubscription:
     interval: int
 
 
-def _entry(binding: CachedBinding) -> dict[str, Any]:
+def _entry(binding: CachedBinding, now: float | None = None) -> dict[str, Any]:
+    """A binding on the wire; with ``now``, the lifetime it has left (at least 1 s: a
+    binding that has run out is not reported at all), as a snapshot or a Subscribe answer
+    reports it -- not the lifetime granted when it was made."""
+    lifetime = binding.lifetime
+    if now is not None:
+        lifetime = min(lifetime, max(1, math.ceil(binding.expires - now)))
     return {
         "home": binding.home,
         "care_of": binding.care_of,
         "seq": binding.seq,
-        "lifetime": binding.lifetime,
+        "lifetime": lifetime,
     }
 
 
@@ -71,7 +92,7 @@ def _entry(binding: CachedBinding) -> dict[str, Any]:
 class AgentSession(GuardedAMP):
     """One balancer's connection to this agent."""
 
-    def __init__(self, agent: NotificationAgent) -> None:
+    def __init__(self, agent: NotificationAgent, dialled: bool = False) -> None:
         super().__init__(
             agent.clock,
             self._count,
@@ -80,6 +101,10 @@ class AgentSession(GuardedAMP):
             agent.handshake_timeout,
         )
         self.agent = agent
+        # Who dialled: the balancer (it must prove clientAuth), or we did (a terminal agent
+        # dialling its balancer, which must then prove serverAuth).
+        self.usage = SERVER_AUTH if dialled else CLIENT_AUTH
+        self._ids: list[int] = []  # sub_ids, ascending (GetSnapshot pages)
         self.machine = PeerMachine()
         self.balancer = "?"  # the verified identity once known
         self.subscriptions: dict[int, AgentSubscription] = {}
@@ -105,7 +130,7 @@ class AgentSession(GuardedAMP):
         if self.dropped is not None:
             return
         connection = self.transport.getHandle()  # type: ignore[union-attr]
-        verdict = peer_verdict(connection, self.agent.balancers, CLIENT_AUTH)
+        verdict = peer_verdict(connection, self.agent.balancers, self.usage)
         if not verdict.accepted or verdict.name is None:
             self.drop(verdict.refusal or Refusal.WRONG_IDENTITY, verdict.detail)
             return
@@ -177,16 +202,18 @@ class AgentSession(GuardedAMP):
             self.agent.next_id += 1
             sub_id = self.agent.next_id
             self._by_home[home] = sub_id
+            self._ids.append(sub_id)  # ids only grow: the list stays sorted
         old = self.subscriptions.get(sub_id)
         self.subscriptions[sub_id] = AgentSubscription(sub_id, home, on_change, interval)
         if old is not None and old.interval != interval:
             self._retime(old.interval)
         self._retime(interval)
         self.machine.feed(PeerInput.SUBSCRIBE_OK)
-        if binding is None:
+        now = self.agent.clock.seconds()
+        if binding is None or binding.expires <= now:
             return {"sub_id": sub_id, "home": home, "care_of": b"", "seq": c.NO_SEQ,
                     "lifetime": 0}
-        return {"sub_id": sub_id, **_entry(binding)}
+        return {"sub_id": sub_id, **_entry(binding, now)}
 
     @c.Unsubscribe.responder
     def unsubscribe(self, sub_id: Any) -> dict[str, Any]:
@@ -196,6 +223,9 @@ class AgentSession(GuardedAMP):
         if sub is None:
             raise self._refuse(Refusal.NOT_SUBSCRIBED, f"Unsubscribe {sub_id}")
         del self._by_home[sub.home]
+        i = bisect.bisect_left(self._ids, sub.sub_id)
+        if i < len(self._ids) and self._ids[i] == sub.sub_id:
+            del self._ids[i]
         self._pending.pop(sub.home, None)
         self._retime(sub.interval)
         if not self.subscriptions:
@@ -203,16 +233,31 @@ class AgentSession(GuardedAMP):
         return {}
 
     @c.GetSnapshot.responder
-    def get_snapshot(self) -> dict[str, Any]:
-        """The current bindings of everything this balancer subscribed to."""
+    def get_snapshot(self, after: Any = None) -> dict[str, Any]:
+        """The current bindings of everything this balancer subscribed to, one page at a
+        time: the subscriptions after sub_id ``after`` (ascending) until a page holds
+        ``SNAPSHOT_CHUNK`` bindings; ``next`` is the last sub_id looked at, or ``NO_MORE``."""
         self._require(PeerState.HANDSHAKEN, PeerState.SUBSCRIBED)
-        return {"bindings": self._bindings(self.subscriptions.values())}
+        if after is None:
+            after = 0
+        if type(after) is not int or after < 0:
+            raise self._refuse(Refusal.BAD_ARGUMENT, f"GetSnapshot after {after!r}")
+        now = self.agent.clock.seconds()
+        bindings: list[dict[str, Any]] = []
+        ids = self._ids
+        i = bisect.bisect_right(ids, after)
+        while i < len(ids) and len(bindings) < c.SNAPSHOT_CHUNK:
+            bindings.extend(self._bindings((self.subscriptions[ids[i]],), now))
+            i += 1
+        following = ids[i - 1] if i < len(ids) else c.NO_MORE
+        return {"bindings": bindings, "next": following}
 
     # -- notifications to the balancer --------------------------------------------------
 
-    def _bindings(self, subs: Any) -> list[dict[str, Any]]:
+    def _bindings(self, subs: Iterable[AgentSubscription], now: float) -> list[dict[str, Any]]:
+        """The live bindings of ``subs``, with the lifetime each has left."""
         found = (self.agent.cache.get(s.home) for s in subs)
-        return [_entry(b) for b in found if b is not None]
+        return [_entry(b, now) for b in found if b is not None and b.expires > now]
 
     def _retime(self, interval: int) -> None:
         """Keep one timer per distinct interval that some subscription asked for."""
@@ -231,11 +276,16 @@ class AgentSession(GuardedAMP):
                 timer.stop()
 
     def _periodic(self, interval: int) -> None:
+        """Every ``interval`` s: the bindings of the subscriptions that asked for it, in
+        BindingSnapshot calls of at most ``SNAPSHOT_CHUNK`` (what does not fit under
+        ``max_outstanding`` now waits for the next period)."""
         subs = [s for s in self.subscriptions.values() if s.interval == interval]
-        bindings = self._bindings(subs)
-        if bindings and self.can_call and self.machine.allows(PeerInput.SNAPSHOT):
+        bindings = self._bindings(subs, self.agent.clock.seconds())
+        for start in range(0, len(bindings), c.SNAPSHOT_CHUNK):
+            if not (self.can_call and self.machine.allows(PeerInput.SNAPSHOT)):
+                return
             self.machine.feed(PeerInput.SNAPSHOT)
-            d = self.call(c.BindingSnapshot, bindings=bindings)
+            d = self.call(c.BindingSnapshot, bindings=bindings[start:start + c.SNAPSHOT_CHUNK])
             if d is not None:
                 d.addErrback(self._remote_refused, "BindingSnapshot")
                 d.addBoth(self._drain)
@@ -343,3 +393,25 @@ class NotificationAgent:
         """Sessions behind server TLS that requires a CA-signed ``clientAuth`` certificate
         of one of the allowed balancers."""
         return server_factory(material, self.factory(), self.balancers, self.clock)
+
+    def dial(
+        self,
+        endpoint: IStreamClientEndpoint,
+        material: TlsMaterial,
+        initial_delay: float = 0.1,
+        max_delay: float = 30.0,
+        jitter: Any = None,
+    ) -> ClientService:
+        """A service that keeps a session dialled to a balancer at ``endpoint`` (a terminal
+        agent on a mobile network cannot be dialled): client TLS that requires the server
+        to prove one of the allowed balancers with ``serverAuth``; the balancer then
+        subscribes over it as over any session.  Reconnects with back-off."""
+        factory = Factory.forProtocol(lambda: AgentSession(self, dialled=True))
+        policy = backoffPolicy(initialDelay=initial_delay, maxDelay=max_delay, factor=2.0,
+                               **({"jitter": jitter} if jitter is not None else {}))  # fmt: skip
+        return ClientService(
+            endpoint,
+            client_factory(material, self.balancers, factory, clock=self.clock),
+            retryPolicy=policy,
+            clock=self.clock,
+        )

@@ -4,8 +4,13 @@ A home-agent agent fills it from the Binding Updates/Acknowledgements it observe
 bindings that home-agent software pushes; a terminal agent holds its own single binding.
 Either way the rules are those of RFC 6275 §9.5.1: a newer sequence number replaces the
 binding, the same one again only refreshes it, an older one is refused; lifetime 0 (or a
-care-of address equal to the home address) deletes it.  Every accepted change is handed to
-the observers -- the agent's sessions, which notify subscribed balancers.  Pure; bounded.
+care-of address equal to the home address) deletes it.  Every accepted registration with a
+newer sequence number is handed to the observers -- the agent's sessions, which notify
+subscribed balancers: a move, and also a **re-registration** from the same care-of address
+(``CacheChange.refresh``), which is how a terminal that stays put keeps its binding alive
+(RFC 6275 §11.7.1) and how the balancer learns that the binding's lifetime started again.
+The same sequence number seen again (a retransmitted Binding Update, the Acknowledgement
+of one already seen) only refreshes the lifetime here.  Pure; bounded.
 """
 
 from __future__ import annotations
@@ -38,6 +43,11 @@ class CacheChange:
     new_care_of: bytes
     seq: int
     lifetime: int
+
+    @property
+    def refresh(self) -> bool:
+        """A re-registration: the same care-of address with a newer sequence number."""
+        return self.old_care_of == self.new_care_of
 
 
 class CacheFull(Exception):  # noqa: N818 - a condition, like queue.Full
@@ -77,11 +87,13 @@ class BindingCache:
     def update(
         self, home: bytes, care_of: bytes, seq: int, lifetime: int, now: float
     ) -> CacheChange | None:
-        """Apply a binding; the change (also given to the observers), or ``None`` when it only
-        refreshed the binding.  Raises ``ValueError`` for a stale sequence number, a
-        sequence number that is not an int in 0..65535, a lifetime that is not an int in
-        0..262,140 s (RFC 6275 §6.1.7) -- all before anything changes -- and
-        :class:`CacheFull` when no room is left."""
+        """Apply a binding; the change (also given to the observers: a move, a deletion, or
+        a re-registration from the same care-of address with a newer sequence number), or
+        ``None`` when it only refreshed the binding (the same sequence number again).
+        Raises ``ValueError`` for a stale sequence number, a sequence number that is not
+        an int in 0..65535, a lifetime that is not an int in 0..262,140 s (RFC 6275
+        §6.1.7) -- all before anything changes -- and :class:`CacheFull` when no room is
+        left."""
         if len(home) != 16 or len(care_of) != 16:
             raise ValueError("addresses must be 16 octets")
         if not valid_seq(seq):
@@ -109,11 +121,9 @@ class BindingCache:
         else:
             self._store(CachedBinding(home, care_of, seq, lifetime, now + lifetime))
             change = CacheChange(home, old, care_of, seq, lifetime)
-        if old != change.new_care_of:
-            for observer in list(self.observers):
-                observer(change)
-            return change
-        return None
+        for observer in list(self.observers):
+            observer(change)
+        return change
 
     def _store(self, binding: CachedBinding) -> None:
         self._by_home[binding.home] = binding

@@ -161,11 +161,21 @@ class Unsubscribe(amp.Command):
     errors = ERRORS
 
 
+#: Bindings per GetSnapshot answer or BindingSnapshot call: an AMP value holds at most
+#: 65,535 octets, and one binding takes under 100 of them in an ``AmpList``.
+SNAPSHOT_CHUNK = 256
+#: ``next`` of the last page of a GetSnapshot answer.
+NO_MORE = -1
+
+
 class GetSnapshot(amp.Command):
     """Balancer -> agent: the current bindings of everything this connection subscribed to
-    (claim 12/13, "on request")."""
+    (claim 12/13, "on request"), a page of at most :data:`SNAPSHOT_CHUNK` at a time:
+    ``after`` is the ``next`` of the previous page (0, or absent, for the first); ``next``
+    is :data:`NO_MORE` on the last page."""
 
-    response = [(b"bindings", amp.AmpList(BINDING))]
+    arguments = [(b"after", Number(optional=True))]
+    response = [(b"bindings", amp.AmpList(BINDING)), (b"next", Number(optional=True))]
     errors = ERRORS
 
 

@@ -17,7 +17,9 @@ is counted by reason.  In order (the first failing check names the reason):
 5. the listener agrees that the change moves only this terminal's own bindings
    (``IBindingListener.refusal_for``; ``not_owner``).
 
-A message that passes updates the subscription and reaches the ``IBindingListener``.  Pure:
+A message that passes updates the subscription and reaches the ``IBindingListener``: a
+move as ``binding_changed``, a re-registration from the same care-of address (a newer
+sequence number) as ``binding_refreshed`` -- the binding's lifetime starts again end to end.  Pure:
 the clock is injected, the edges map a returned :class:`Refusal` to an AMP error.  The agent's
 ``old_care_of`` is not believed: the old care-of address is the balancer's own record (the
 subscription's last accepted one).
@@ -121,11 +123,22 @@ class Gate:
         assert home is not None
         old = sub.care_of
         changed = old != care_of or sub.seq is None or first
-        sub.care_of, sub.seq = care_of, seq
-        self.subscriptions.refresh(sub, self.clock.seconds(), float(lifetime))
+        bound = lifetime > 0 and care_of != home
+        # A re-registration: the same care-of address, a newer sequence number.
+        renewed = not changed and sub.seq != seq and bound
+        self.subscriptions.set_care_of(sub, care_of)
+        sub.seq = seq
+        now = self.clock.seconds()
+        sub.binding_until = now + lifetime if bound else None
+        self.subscriptions.refresh(sub, now, float(lifetime))
         if changed:
             self.counters.accepted += 1
             self.listener.binding_changed(home, old, care_of, seq, lifetime)
+        elif renewed:
+            self.counters.refreshed += 1
+            refreshed = getattr(self.listener, "binding_refreshed", None)
+            if refreshed is not None:
+                refreshed(home, care_of, seq, lifetime)
 
     # -- what peers say -----------------------------------------------------------------
 
@@ -178,7 +191,8 @@ class Gate:
         first = not sub.confirmed
         if care_of is None or seq is None:
             sub.sub_id, sub.confirmed = sub_id, True
-            self.subscriptions.refresh(self.subscriptions.set_home(sub, home), self.clock.seconds())
+            now = self.clock.seconds()
+            self.subscriptions.refresh(self.subscriptions.set_home(sub, home, now), now)
             return None
         assert isinstance(seq, int) and isinstance(lifetime, int)
         same = target.seq == seq and target.care_of == care_of
@@ -191,7 +205,7 @@ class Gate:
             if r is not None:
                 return r
         sub.sub_id, sub.confirmed = sub_id, True
-        target = self.subscriptions.set_home(sub, home)
+        target = self.subscriptions.set_home(sub, home, self.clock.seconds())
         if same:
             self.subscriptions.refresh(target, self.clock.seconds(), float(lifetime))
             if first:

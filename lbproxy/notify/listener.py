@@ -39,6 +39,29 @@ class IBindingListener(Interface):
         known to us) to ``new_care_of`` (the home address itself when it came home);
         ``lifetime`` is in seconds, 0 meaning the binding was deleted."""
 
+    def binding_refreshed(
+        home: bytes,  # noqa: N805 - zope.interface methods have no self
+        care_of: bytes,
+        seq: int,
+        lifetime: int,
+    ) -> None:
+        """The terminal re-registered from the care-of address it was already known at (a
+        newer sequence number, RFC 6275 §11.7.1): its binding lives ``lifetime`` seconds
+        from now.  Nothing moves; what lasts as long as the binding is renewed."""
+
+
+class ITerminalLiveness(Interface):
+    """Whether a subscribed terminal still has anything the balancer keeps for it."""
+
+    def live_until(
+        home: bytes | None,  # noqa: N805 - zope.interface methods have no self
+        addresses: tuple[bytes, ...],
+        now: float,
+    ) -> float | None:
+        """Until when the terminal with home address ``home`` (if known) and these
+        addresses (its care-of addresses) is known to be alive -- a live table binding
+        under any of them, a confirmed return path -- or ``None`` when nothing is left."""
+
 
 @attrs.frozen
 class BindingChange:
@@ -57,6 +80,7 @@ class RecordingListener:
 
     def __init__(self) -> None:
         self.changes: list[BindingChange] = []
+        self.refreshes: list[BindingChange] = []
 
     def refusal_for(
         self, home: bytes, old_care_of: bytes | None, new_care_of: bytes, lifetime: int
@@ -69,3 +93,7 @@ class RecordingListener:
     ) -> None:
         """Record the change."""
         self.changes.append(BindingChange(home, old_care_of, new_care_of, seq, lifetime))
+
+    def binding_refreshed(self, home: bytes, care_of: bytes, seq: int, lifetime: int) -> None:
+        """Record the re-registration (``old_care_of`` is ``care_of``)."""
+        self.refreshes.append(BindingChange(home, care_of, care_of, seq, lifetime))

@@ -65,6 +65,7 @@ class Refusal(enum.Enum):
     FORBIDDEN_ADDRESS = "forbidden_address"  # forbidden prefix / outside care-of prefixes
     PROTOCOL = "protocol"  # input not allowed in the peer's state (see machine)
     TIMEOUT = "timeout"  # no TLS handshake or no answer in time: the peer is dropped
+    TOO_MANY_PEERS = "too_many_peers"  # dial-in terminals or unverified connections bound
 
 
 class RefusalCounters:
@@ -74,7 +75,8 @@ class RefusalCounters:
 
     def __init__(self) -> None:
         self.counts: dict[Refusal, int] = dict.fromkeys(Refusal, 0)
-        self.accepted = 0  # notifications applied
+        self.accepted = 0  # notifications applied (moves, first bindings)
+        self.refreshed = 0  # re-registrations applied (same care-of address, newer seq)
 
     def refuse(self, reason: Refusal, peer: str, detail: str = "") -> Refusal:
         """Count and log one refusal; returns ``reason`` for convenience."""

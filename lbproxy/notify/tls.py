@@ -11,6 +11,8 @@ OpenSSL's verification callback so that a refused certificate fails the handshak
   certificate whose only names are ``*.test`` or ``*.example.test`` proves no identity -- each
   agent and balancer has its own certificate);
 * a terminal's certificate must also carry the terminal's home address as an iPAddress SAN;
+  a terminal that *dials in* (no configuration on the balancer) is named by its certificate
+  alone: exactly one IPv6 iPAddress SAN, its home address (:func:`check_terminal_certificate`);
 * the **extended key usage** must be present and name the role: ``serverAuth`` for the side
   that is dialled (an agent), ``clientAuth`` for the side that dials (the balancer); a CA
   certificate (basicConstraints CA:TRUE) is never accepted as a peer.
@@ -129,17 +131,11 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
-def check_certificate(
-    cert: x509.Certificate,
-    names: Sequence[str],
-    usage: ObjectIdentifier,
-    addresses: Sequence[bytes] = (),
-) -> Verdict:
-    """The first of ``names`` that ``cert`` proves, for the role ``usage``, carrying every
-    one of ``addresses`` (16-octet IPv6 addresses) as an iPAddress SAN; or the refusal.
-
-    The chain is OpenSSL's to check; this is the identity and the role (module docstring).
-    """
+def _role_and_names(
+    cert: x509.Certificate, usage: ObjectIdentifier
+) -> Verdict | tuple[list[str], set[Any]]:
+    """The certificate's DNS-IDs (lower case) and iPAddress SANs, once it is shown to be a
+    peer's (not a CA's) for the role ``usage``; else the refusal."""
     try:
         extensions = cert.extensions
     except Exception as e:  # duplicate or malformed extensions
@@ -164,7 +160,24 @@ def check_certificate(
     except x509.ExtensionNotFound:
         return Verdict(None, Refusal.WRONG_IDENTITY, "no subjectAltName")
     dns = [d.lower().rstrip(".") for d in san.get_values_for_type(x509.DNSName)]
-    ips = set(san.get_values_for_type(x509.IPAddress))
+    return dns, set(san.get_values_for_type(x509.IPAddress))
+
+
+def check_certificate(
+    cert: x509.Certificate,
+    names: Sequence[str],
+    usage: ObjectIdentifier,
+    addresses: Sequence[bytes] = (),
+) -> Verdict:
+    """The first of ``names`` that ``cert`` proves, for the role ``usage``, carrying every
+    one of ``addresses`` (16-octet IPv6 addresses) as an iPAddress SAN; or the refusal.
+
+    The chain is OpenSSL's to check; this is the identity and the role (module docstring).
+    """
+    found = _role_and_names(cert, usage)
+    if isinstance(found, Verdict):
+        return found
+    dns, ips = found
     exact = {d for d in dns if "*" not in d}
     for address in addresses:
         if ipaddress.IPv6Address(address) not in ips:
@@ -187,27 +200,52 @@ def check_certificate(
     return Verdict(None, Refusal.WRONG_IDENTITY, detail)
 
 
+def check_terminal_certificate(cert: x509.Certificate) -> Verdict:
+    """A terminal agent that dials in (``clientAuth``) is named by the one IPv6 address its
+    certificate carries as an iPAddress SAN -- its home address, the only one it may speak
+    for.  ``Verdict.name`` is that address's text; no IPv6 iPAddress SAN, or several (which
+    one would it be?), is refused ``wrong_identity``.  DNS-IDs play no part."""
+    found = _role_and_names(cert, CLIENT_AUTH)
+    if isinstance(found, Verdict):
+        return found
+    homes = sorted(str(ip) for ip in found[1] if isinstance(ip, ipaddress.IPv6Address))
+    if not homes:
+        return Verdict(None, Refusal.WRONG_IDENTITY,
+                       "no IPv6 iPAddress subjectAltName: a terminal's certificate names "
+                       "its home address")  # fmt: skip
+    if len(homes) > 1:
+        return Verdict(None, Refusal.WRONG_IDENTITY,
+                       f"several IPv6 iPAddress subjectAltNames {homes[:4]}: a terminal's "
+                       "certificate names one home address")  # fmt: skip
+    return Verdict(homes[0])
+
+
+Check = Callable[[x509.Certificate], Verdict]
+
+
 def peer_verdict(
     connection: SSL.Connection,
     names: Sequence[str],
     usage: ObjectIdentifier,
     addresses: Sequence[bytes] = (),
+    check: Check | None = None,
 ) -> Verdict:
-    """:func:`check_certificate` on the certificate the peer of ``connection`` presented."""
+    """:func:`check_certificate` (or ``check``) on the certificate the peer of
+    ``connection`` presented."""
     try:
         peer = connection.get_peer_certificate()
         if peer is None:
             return Verdict(None, Refusal.TLS_FAILED, "no peer certificate")
-        return check_certificate(peer.to_cryptography(), names, usage, addresses)
+        cert = peer.to_cryptography()
+        if check is not None:
+            return check(cert)
+        return check_certificate(cert, names, usage, addresses)
     except Exception as e:
         return Verdict(None, Refusal.WRONG_IDENTITY, f"cannot read the certificate: {e}")
 
 
 def _verify_callback(
-    protocol: TLSMemoryBIOProtocol,
-    names: Sequence[str],
-    usage: ObjectIdentifier,
-    addresses: Sequence[bytes],
+    protocol: TLSMemoryBIOProtocol, check: Check
 ) -> Callable[[SSL.Connection, Any, int, int, int], bool]:
     """OpenSSL's per-certificate callback: the chain verdict, then the leaf's identity.
 
@@ -230,7 +268,7 @@ def _verify_callback(
                 return refuse(reason, f"{text} (depth {depth})")
             if depth != 0:
                 return True
-            verdict = check_certificate(cert.to_cryptography(), names, usage, addresses)
+            verdict = check(cert.to_cryptography())
             if verdict.refusal is not None:
                 return refuse(verdict.refusal, verdict.detail)
             return True
@@ -247,7 +285,8 @@ def _verify_callback(
 @implementer(IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator)
 class VerifyingOptions:
     """TLS 1.2+ trusting only the CA, presenting our certificate, requiring the peer's, and
-    refusing in the handshake any peer that is not one of ``names`` in the role ``usage``."""
+    refusing in the handshake any peer that is not one of ``names`` in the role ``usage``
+    (or, with ``check``, whatever ``check`` refuses)."""
 
     def __init__(
         self,
@@ -255,10 +294,13 @@ class VerifyingOptions:
         names: Sequence[str],
         usage: ObjectIdentifier,
         addresses: Sequence[bytes] = (),
+        check: Check | None = None,
     ) -> None:
         self.names = tuple(names)
         self.usage = usage
         self.addresses = tuple(addresses)
+        self.check: Check = check if check is not None else (
+            lambda cert: check_certificate(cert, self.names, self.usage, self.addresses))
         self.options = ssl.CertificateOptions(
             privateKey=material.own.privateKey.original,
             certificate=material.own.original,
@@ -269,7 +311,7 @@ class VerifyingOptions:
     def _verifying(self, connection: SSL.Connection, tls: TLSMemoryBIOProtocol) -> SSL.Connection:
         connection.set_verify(
             SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
-            _verify_callback(tls, self.names, self.usage, self.addresses),
+            _verify_callback(tls, self.check),
         )
         return connection
 
@@ -282,15 +324,17 @@ class VerifyingOptions:
 
 def client_factory(
     material: TlsMaterial,
-    identity: str,
+    identity: str | Sequence[str],
     factory: IProtocolFactory,
     addresses: Sequence[bytes] = (),
     clock: IReactorTime | None = None,
 ) -> TLSMemoryBIOFactory:
-    """``factory`` wrapped in client TLS (we dial): the server must be ``identity`` with
-    ``serverAuth``, carrying ``addresses`` (a terminal's home address).  ``clock`` is the
-    one TLS uses to gather small writes (the reactor by default)."""
-    options = VerifyingOptions(material, [identity], SERVER_AUTH, addresses)
+    """``factory`` wrapped in client TLS (we dial): the server must be ``identity`` (or one
+    of several, for a terminal agent dialling its balancers) with ``serverAuth``, carrying
+    ``addresses`` (a terminal's home address).  ``clock`` is the one TLS uses to gather
+    small writes (the reactor by default)."""
+    names = [identity] if isinstance(identity, str) else list(identity)
+    options = VerifyingOptions(material, names, SERVER_AUTH, addresses)
     return TLSMemoryBIOFactory(options, True, factory, clock=clock)
 
 
@@ -303,4 +347,14 @@ def server_factory(
     """``factory`` wrapped in server TLS (we are dialled): the client must present a
     certificate proving one of ``allowed`` with ``clientAuth``."""
     options = VerifyingOptions(material, allowed, CLIENT_AUTH)
+    return TLSMemoryBIOFactory(options, False, factory, clock=clock)
+
+
+def dial_in_factory(
+    material: TlsMaterial, factory: IProtocolFactory, clock: IReactorTime | None = None
+) -> TLSMemoryBIOFactory:
+    """``factory`` wrapped in server TLS for terminal agents that dial in: a certificate
+    from the CA with ``clientAuth`` and exactly one IPv6 iPAddress SAN, the terminal's
+    home address (:func:`check_terminal_certificate`)."""
+    options = VerifyingOptions(material, (), CLIENT_AUTH, check=check_terminal_certificate)
     return TLSMemoryBIOFactory(options, False, factory, clock=clock)

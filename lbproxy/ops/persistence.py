@@ -12,11 +12,21 @@ Theory of operation:
   text (``Key.__str__``), backend *name*, seconds of lifetime ``left`` at ``T``,
   packets, care-of address; then one object per confirmed return path
   (`lbproxy.core.returnpaths`): ``{"home": ..., "care_of": ..., "left": seconds or
-  null}``; then a trailer ``{"sha256": HEX}``, the SHA-256 of every byte before it.
+  null}``; then one object per notification subscription (`lbproxy.notify.router`):
+  ``{"peer": ..., "address": ..., "kind": "hoa"|"coa", "home": ... or null, "care_of":
+  ... or null, "seq": 0..65535 or null, "left": seconds, "binding_left": seconds or
+  null}`` (the header's ``"subscriptions": K``, 0 when absent); then a trailer
+  ``{"sha256": HEX}``, the SHA-256 of every byte before it.
   Backends are saved by name so that a restart with a changed address or
   weight still finds them.  Return paths are saved because replies use them: without
   them a restart would send every confirmed terminal's replies towards its home
   address, without the Type 2 Routing Header, until its next notification.
+  Subscriptions are saved for the same reason: without them a restarted balancer would
+  not ask its peers about its terminals again until their next table miss, and their
+  moves meanwhile would go unreported.  Each field is checked as strictly as a binding's
+  when read; the notifier then checks what it restores as it checks what a peer says
+  (known peer, acceptable addresses, entitlement, the registry's bound) and sends the
+  subscriptions when its peers connect.
 * The checksum makes damage detectable: a flipped bit, a truncated or spliced file is
   refused, never restored as different bindings.  Versions 1 and 2 (no trailer) are
   still read so that an upgrade keeps the table; version 1 files (no return-path lines;
@@ -57,7 +67,7 @@ import math
 import os
 import stat
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 from twisted.application.service import Service
@@ -65,6 +75,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from lbproxy.preflight import make_private_directories
+from lbproxy.tomlconfig import NAME
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -219,13 +230,102 @@ class SavedReturnPath:
         return cls(_address(obj, "home"), _address(obj, "care_of"), seconds)
 
 
+#: Subscription kinds (``lbproxy.notify.subscriptions.KINDS``) and the longest peer name
+#: (a configured name, or ``terminal:`` and an IPv6 address for one that dialled in).
+SUBSCRIPTION_KINDS = ("hoa", "coa")
+MAX_PEER_NAME = 63
+
+
+def _optional_address(obj: dict[str, Any], name: str) -> bytes | None:
+    return None if obj.get(name) is None else _address(obj, name)
+
+
+@attrs.frozen
+class SavedSubscription:
+    """One notification subscription as written to and read from the file."""
+
+    peer: str
+    address: bytes
+    kind: str
+    home: bytes | None
+    care_of: bytes | None
+    seq: int | None
+    #: Seconds until the subscription would have been looked at for renewal.
+    left: float
+    #: Seconds the binding its peer last reported had left; None: none known.
+    binding_left: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        def text(address: bytes | None) -> str | None:
+            return None if address is None else str(ipaddress.IPv6Address(address))
+
+        return {
+            "peer": self.peer,
+            "address": text(self.address),
+            "kind": self.kind,
+            "home": text(self.home),
+            "care_of": text(self.care_of),
+            "seq": self.seq,
+            "left": round(self.left, 3),
+            "binding_left": None if self.binding_left is None else round(self.binding_left, 3),
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> SavedSubscription:
+        """Parse one line's object; raise ``ValueError`` when it is not one."""
+        if not isinstance(obj, dict) or "peer" not in obj:
+            raise ValueError("not a subscription object")
+        peer, kind, seq = obj.get("peer"), obj.get("kind"), obj.get("seq")
+        if not isinstance(peer, str) or len(peer) > MAX_PEER_NAME or NAME.fullmatch(peer) is None:
+            raise ValueError("peer must be a peer name")
+        if kind not in SUBSCRIPTION_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(SUBSCRIPTION_KINDS)}")
+        if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int)
+                                or not 0 <= seq <= 0xFFFF):  # fmt: skip
+            raise ValueError("seq must be null or an integer within 0..65535")
+        binding_left = obj.get("binding_left")
+        if binding_left is not None:
+            binding_left = _number(binding_left, "binding_left", 0.0, MAX_LEFT)
+        return cls(
+            peer,
+            _address(obj, "address"),
+            kind,
+            _optional_address(obj, "home"),
+            _optional_address(obj, "care_of"),
+            seq,
+            _number(obj.get("left"), "left", 0.0, MAX_LEFT),
+            binding_left,
+        )
+
+
+class SubscriptionStore(Protocol):
+    """What persistence needs of the notification service (``Notifier``)."""
+
+    def saved_subscriptions(self) -> Iterator[Any]:
+        """The subscriptions (``lbproxy.notify.subscriptions.Subscription``) to save."""
+
+    def restore_subscription(
+        self,
+        peer: str,
+        address: bytes,
+        kind: str,
+        home: bytes | None,
+        care_of: bytes | None,
+        seq: int | None,
+        expires: float,
+        binding_until: float | None,
+    ) -> str | None:
+        """Put one back; ``None`` when restored, else why not."""
+
+
 @attrs.frozen
 class SavedTable:
-    """A whole file: when it was saved, its bindings and its return paths."""
+    """A whole file: when it was saved, its bindings, return paths and subscriptions."""
 
     saved_at: float
     bindings: list[SavedBinding]
     return_paths: list[SavedReturnPath]
+    subscriptions: list[SavedSubscription] = attrs.Factory(list)
 
 
 @attrs.frozen
@@ -241,6 +341,9 @@ class RestoreResult:
     return_paths: int = 0
     #: False when there was no file to restore from (a first start).
     found: bool = True
+    #: Notification subscriptions restored, and those the notifier would not take back.
+    subscriptions: int = 0
+    subscriptions_dropped: int = 0
 
 
 def snapshot(table: StickyTable, now: float) -> list[SavedBinding]:
@@ -274,14 +377,33 @@ def snapshot_return_paths(return_paths: ReturnPaths, now: float) -> list[SavedRe
             for home, care_of, left in return_paths.items(now)]  # fmt: skip
 
 
+def snapshot_subscriptions(store: SubscriptionStore, now: float) -> list[SavedSubscription]:
+    """The notifier's subscriptions as values, times relative to ``now``."""
+    out = []
+    for sub in store.saved_subscriptions():
+        until = sub.binding_until
+        out.append(SavedSubscription(
+            sub.peer, bytes(sub.address), sub.kind, sub.home, sub.care_of, sub.seq,
+            min(MAX_LEFT, max(0.0, sub.expires - now)),
+            None if until is None or until <= now else min(MAX_LEFT, until - now),
+        ))
+    return out
+
+
 def _lines(
-    saved: list[SavedBinding], paths: list[SavedReturnPath], now: float
+    saved: list[SavedBinding],
+    paths: list[SavedReturnPath],
+    now: float,
+    subscriptions: list[SavedSubscription] | None = None,
 ) -> Iterator[bytes]:
     """The file's lines, each ending in a newline, the checksum trailer last."""
+    subs = subscriptions or []
     header = {"format": FORMAT, "version": VERSION, "saved_at": now, "count": len(saved),
               "return_paths": len(paths)}  # fmt: skip
+    if subs:
+        header["subscriptions"] = len(subs)
     digest = hashlib.sha256()
-    for obj in _objects(header, saved, paths):
+    for obj in _objects(header, saved, paths, subs):
         line = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode() + b"\n"
         digest.update(line)
         yield line
@@ -289,13 +411,18 @@ def _lines(
 
 
 def _objects(
-    header: dict[str, Any], saved: list[SavedBinding], paths: list[SavedReturnPath]
+    header: dict[str, Any],
+    saved: list[SavedBinding],
+    paths: list[SavedReturnPath],
+    subscriptions: list[SavedSubscription],
 ) -> Iterator[dict[str, Any]]:
     yield header
     for entry in saved:
         yield entry.to_json()
     for path in paths:
         yield path.to_json()
+    for sub in subscriptions:
+        yield sub.to_json()
 
 
 def save(
@@ -304,22 +431,24 @@ def save(
     now: float,
     return_paths: ReturnPaths | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    subscriptions: SubscriptionStore | None = None,
 ) -> int:
-    """Write ``table`` (and ``return_paths``) to ``path`` atomically; return the number
-    of bindings saved.
+    """Write ``table`` (and ``return_paths``, and the notifier's ``subscriptions``) to
+    ``path`` atomically; return the number of bindings saved.
 
     Raises ``OSError`` when it cannot, also when the file would exceed ``max_bytes``
     (``EFBIG``: it could not be read back); the previous file then stays as it was.
     """
     saved = snapshot(table, now)
     paths = [] if return_paths is None else snapshot_return_paths(return_paths, now)
+    subs = [] if subscriptions is None else snapshot_subscriptions(subscriptions, now)
     directory = os.path.dirname(os.path.abspath(path))
     temporary = f"{path}.tmp.{os.getpid()}"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as handle:
             size = 0
-            for line in _lines(saved, paths, now):
+            for line in _lines(saved, paths, now, subs):
                 size += len(line)
                 if size > max_bytes:
                     raise OSError(
@@ -452,10 +581,12 @@ def _read_lines(path: str, lines: _LineReader) -> SavedTable:
         saved_at = _number(header.get("saved_at"), "saved_at", 0.0, MAX_SAVED_AT)
         count = _count(header, "count", None)
         paths_count = _count(header, "return_paths", 0)
+        subs_count = _count(header, "subscriptions", 0)
     except ValueError as exc:
         raise CorruptTableFile(f"{path}:1: header: {exc}") from None
     entries = []
     paths = []
+    subs = []
     try:
         for _ in range(count):
             entries.append(SavedBinding.from_json(lines.next("binding")))
@@ -463,9 +594,13 @@ def _read_lines(path: str, lines: _LineReader) -> SavedTable:
         for _ in range(paths_count):
             paths.append(SavedReturnPath.from_json(lines.next("return path")))
             lines.hash_last()
+        for _ in range(subs_count):
+            subs.append(SavedSubscription.from_json(lines.next("subscription")))
+            lines.hash_last()
     except EOFError:
+        also = f", {subs_count} subscriptions" if subs_count else ""
         raise CorruptTableFile(
-            f"{path}: header says {count} bindings and {paths_count} return paths, "
+            f"{path}: header says {count} bindings and {paths_count} return paths{also}, "
             f"the file ends after {lines.number - 2} (truncated?)"
         ) from None
     except ValueError as exc:
@@ -493,7 +628,7 @@ def _read_lines(path: str, lines: _LineReader) -> SavedTable:
             for e in entries
             if e.confirmed and e.care_of is not None and _v1_home(e.key)
         ]
-    return SavedTable(saved_at, entries, paths)
+    return SavedTable(saved_at, entries, paths, subs)
 
 
 def _v1_home(key: str) -> bytes:
@@ -583,6 +718,28 @@ def restore_return_paths(
     return restored
 
 
+def restore_subscriptions(
+    store: SubscriptionStore, saved_at: float, saved: list[SavedSubscription], now: float
+) -> tuple[int, int]:
+    """Hand saved subscriptions back to the notifier (the downtime counts against their
+    times); returns (restored, dropped).  The notifier checks each as it checks what a
+    peer says and logs nothing per entry: the counts are logged once."""
+    elapsed = max(0.0, now - saved_at)
+    restored = dropped = 0
+    for entry in saved:
+        left = entry.binding_left
+        until = None if left is None or left - elapsed <= 0 else now + left - elapsed
+        why = store.restore_subscription(
+            entry.peer, entry.address, entry.kind, entry.home, entry.care_of, entry.seq,
+            now + max(0.0, entry.left - elapsed), until,
+        )
+        if why is None:
+            restored += 1
+        else:
+            dropped += 1
+    return restored, dropped
+
+
 def load(
     table: StickyTable,
     path: str,
@@ -591,6 +748,7 @@ def load(
     parse_key: Callable[[str], Key] | None = None,
     return_paths: ReturnPaths | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    subscriptions: SubscriptionStore | None = None,
 ) -> RestoreResult:
     """Restore ``table`` from ``path`` if it exists, refusing a corrupt file.
 
@@ -621,6 +779,10 @@ def load(
     if return_paths is not None:
         restored = restore_return_paths(return_paths, saved.saved_at, saved.return_paths, now)
         result = attrs.evolve(result, return_paths=restored)
+    if subscriptions is not None:
+        subs, dropped = restore_subscriptions(subscriptions, saved.saved_at,
+                                              saved.subscriptions, now)  # fmt: skip
+        result = attrs.evolve(result, subscriptions=subs, subscriptions_dropped=dropped)
     return result
 
 
@@ -685,9 +847,12 @@ class TablePersistence(Service):
         parse_key: Callable[[str], Key] | None = None,
         return_paths: ReturnPaths | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        subscriptions: Callable[[], SubscriptionStore | None] | None = None,
     ) -> None:
         self.parse_key = parse_key
         self.return_paths = return_paths
+        #: The notifier, asked for when needed (it may be made after this service).
+        self.subscriptions = subscriptions
         self.table = table
         self.path = path
         self.backends = backends
@@ -704,7 +869,7 @@ class TablePersistence(Service):
         try:
             result = load(
                 self.table, self.path, self.backends(), self.clock.seconds(), self.parse_key,
-                self.return_paths, self.max_bytes,
+                self.return_paths, self.max_bytes, self._store(),
             )
         except Exception:  # a bug, not a file: keep running with what there is
             log.failure("Restoring the saved table from {path} failed", path=self.path)
@@ -724,13 +889,17 @@ class TablePersistence(Service):
         else:
             log.info(
                 "Restored {restored} bindings and {paths} return paths from {path} "
-                "({expired} expired, {unknown} for unknown backends, {refused} refused).",
+                "({expired} expired, {unknown} for unknown backends, {refused} refused)"
+                "{subs}.",
                 restored=result.restored,
                 paths=result.return_paths,
                 path=self.path,
                 expired=result.expired,
                 unknown=result.unknown_backend,
                 refused=result.refused,
+                subs="" if self._store() is None else
+                f"; {result.subscriptions} notification subscriptions "
+                f"({result.subscriptions_dropped} not taken back)",
             )
         if self.interval > 0:
             self._loop = LoopingCall(self.save)
@@ -756,11 +925,14 @@ class TablePersistence(Service):
             log.info("Removed {count} temporary files ({size} bytes) that interrupted saves "
                      "left next to {path}.", count=removed, size=size, path=self.path)
 
+    def _store(self) -> SubscriptionStore | None:
+        return None if self.subscriptions is None else self.subscriptions()
+
     def save(self) -> int:
         """Save now; log and swallow I/O errors (the next save will retry)."""
         try:
             return save(self.table, self.path, self.clock.seconds(), self.return_paths,
-                        self.max_bytes)  # fmt: skip
+                        self.max_bytes, self._store())  # fmt: skip
         except OSError as exc:
             log.error("Could not save the table to {path}: {exc}", path=self.path,
                       exc=exc.strerror or exc)  # fmt: skip
@@ -784,8 +956,10 @@ def make_persistence_service(
     interval: float = 60.0,
     return_paths: ReturnPaths | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    subscriptions: Callable[[], SubscriptionStore | None] | None = None,
 ) -> TablePersistence:
-    """The service that keeps ``table`` (and ``return_paths``) in ``path`` across
-    restarts; files larger than ``max_bytes`` are neither read nor written."""
+    """The service that keeps ``table`` (and ``return_paths``, and the subscriptions of
+    the notifier ``subscriptions()`` returns) in ``path`` across restarts; files larger
+    than ``max_bytes`` are neither read nor written."""
     return TablePersistence(table, path, backends, clock, interval, return_paths=return_paths,
-                            max_bytes=max_bytes)  # fmt: skip
+                            max_bytes=max_bytes, subscriptions=subscriptions)  # fmt: skip
