@@ -182,6 +182,11 @@ class DialInTests(SynchronousTestCase):
         world, terminals = self.ten()
         report = world.notifier.report()
         self.assertEqual(report["dial_in"]["connected"], 10)
+        self.assertEqual(len(report["peers"]), 10)
+        self.assertEqual(len(world.notifier.report(limit=3)["peers"]), 3)
+        (one,) = world.notifier.report(peer="terminal:2001:db8:100::1004")["peers"]
+        self.assertEqual((one["dialled_in"], one["state"], one["subscriptions"]),
+                         (True, "SUBSCRIBED", 1))  # fmt: skip
         self.assertEqual(len(world.notifier.subscriptions), 10)
         for i in terminals:
             link = world.link(i)
@@ -259,6 +264,14 @@ class DialInTests(SynchronousTestCase):
         again.move(coa(3, 2), world.clock.seconds())
         world.flush()
         self.assertEqual(world.paths.care_of(home(3)), coa(3, 2))
+
+    def test_stop_closes_dialled_in(self) -> None:
+        """Stopping the notifier ends the terminals' connections; they redial elsewhere."""
+        world, terminals = self.ten()
+        world.notifier.stopService()
+        world.flush()
+        self.assertTrue(all(t.agent.sessions == set() for t in terminals.values()))
+        self.assertEqual(world.link(1).machine.state, PeerState.CLOSED)
 
     def test_subscription_outlives_a_disconnection(self) -> None:
         """While its terminal is away (disconnected), the subscription stays as long as the

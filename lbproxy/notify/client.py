@@ -633,3 +633,10 @@ class DialInPeer(PeerLink):
             for sub in self.gate.subscriptions.for_peer(self.peer.name):
                 sub.sub_id = None
         self.lost(protocol)
+
+    def close(self) -> None:
+        """The notifier stops: end the connection, take no more."""
+        self.machine.state = PeerState.CLOSED
+        protocol = self.protocol
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.abortConnection()  # type: ignore[attr-defined]

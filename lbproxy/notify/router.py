@@ -225,6 +225,8 @@ class Notifier(MultiService):
         if self._sweeper.running:
             self._sweeper.stop()
         log.info("notify: {summary}", summary=self.summary())
+        for link in self._dial_in.values():  # not services: closed here
+            link.close()
         return super().stopService()
 
     # -- whom to ask ----------------------------------------------------------------------
@@ -442,12 +444,16 @@ class Notifier(MultiService):
 
     def report(self, limit: int = 100, peer: str | None = None) -> dict[str, Any]:
         """Everything ``lbproxyctl notify`` shows, JSON-ready: peers (state, connections,
-        subscriptions, the last report and how long ago it came), subscriptions (counts,
-        and the first ``limit`` of them, or of ``peer``'s), the lifecycle's counts and the
-        refusals by reason."""
+        subscriptions, the last report and how long ago it came; every configured one and
+        the first ``limit`` terminals that dialled in, or just ``peer``), subscriptions
+        (counts, and the first ``limit`` of them, or of ``peer``'s), the lifecycle's counts
+        and the refusals by reason."""
         now = self.clock.seconds()
-        links = [self.clients[peer]] if peer is not None and peer in self.clients else (
-            [] if peer is not None else list(self.clients.values()))  # fmt: skip
+        if peer is not None:
+            links = [self.clients[peer]] if peer in self.clients else []
+        else:  # every configured peer; terminals that dialled in, the first ``limit``
+            links = [c for c in self.clients.values() if not c.peer.dial_in]
+            links += list(self._dial_in.values())[:max(0, limit)]
         subs = self.subscriptions.for_peer(peer) if peer is not None else list(self.subscriptions)
         confirmed = sum(1 for s in subs if s.sub_id is not None)
         listing = [
