@@ -422,8 +422,9 @@ class RedisStore:
             self._in_flight[store_key] = n - 1
         else:
             del self._in_flight[store_key]
-        if self.sync.pending or self.sync.confirm_pending:
-            self.sync.schedule()
+        if (self.sync.pending or self.sync.confirm_pending) \
+                and self.room() >= max(1, self.max_in_flight // 4):
+            self.sync.schedule()  # fmt: skip
 
     # -- liveness ------------------------------------------------------------------------
 

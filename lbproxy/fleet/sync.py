@@ -278,6 +278,8 @@ class Sync:
         pending = self.pending
         keep: list[bytes] = []
         while pending:
+            if up and room <= 0:
+                break  # the rest waits for answers (the store calls `schedule`)
             key, _ = pending.popitem(last=False)
             op = self._decide(key, now)
             if op is None:
@@ -285,9 +287,6 @@ class Sync:
             if not up:
                 if op[0] == "delete":
                     keep.append(key)
-                continue
-            if room <= 0:
-                keep.append(key)
                 continue
             room -= 1
             self._send(key, op, now)
