@@ -12,6 +12,7 @@ and writes (checking TTLs, planting garbage) -- never the code under test's way 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -66,7 +67,8 @@ class RedisServer:
                 "--dir", self.directory, "--daemonize", "no", "--protected-mode", "no",
                 "--loglevel", "warning"]
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                                        stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=_die_with_parent)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -124,6 +126,14 @@ class RedisServer:
             s.sendall(_encode(args))
             reader = _Reader(s)
             return reader.reply()
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the process that started it dies (a killed test run
+    leaves no server behind)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _encode(args: tuple[str | bytes | int, ...]) -> bytes:
