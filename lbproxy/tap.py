@@ -32,6 +32,7 @@ from lbproxy.ops.health import HealthMonitor, make_health_service, make_probe
 from lbproxy.ops.manhole import make_manhole_service
 from lbproxy.ops.metrics import make_metrics_service
 from lbproxy.ops.persistence import make_persistence_service
+from lbproxy.ops.systemd import for_balancer as systemd_service
 
 __all__ = ["BalancerService", "Options", "build_balancer", "makeService"]
 
@@ -171,6 +172,9 @@ class BalancerService(MultiService):
                 ),
                 subscriptions=notifier.subscriptions if notifier else None,
             ).setServiceParent(self)
+        # systemd's readiness and watchdog (lbproxy.ops.systemd): the last child, so it
+        # starts after every other service.
+        systemd_service(self, reactor).setServiceParent(self)
 
     def _terminal_seen(self, home: bytes | None, source: bytes) -> None:
         """A terminal's first packet: subscribe to its care-of address changes (claims 5, 6)."""

@@ -28,6 +28,7 @@ from lbproxy.notify.agent import NotificationAgent
 from lbproxy.notify.cache import BindingCache
 from lbproxy.notify.policy import PrefixEntitlement
 from lbproxy.notify.tls import TlsMaterial
+from lbproxy.ops.systemd import for_agent
 
 log = Logger()
 
@@ -120,4 +121,7 @@ def makeService(options: Options) -> HomeAgentService:
     material = preflight.agent_tls(config.path, config.common)
     from twisted.internet import reactor
 
-    return HomeAgentService(config, reactor, material)
+    service = HomeAgentService(config, reactor, material)
+    # READY=1 and the watchdog under systemd (Type=notify), after the services above start.
+    for_agent(service, reactor, "home-agent agent").setServiceParent(service)
+    return service

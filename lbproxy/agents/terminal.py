@@ -45,6 +45,7 @@ from lbproxy.notify.agent import NotificationAgent
 from lbproxy.notify.cache import BindingCache, CacheChange
 from lbproxy.notify.policy import HomeAddressEntitlement
 from lbproxy.notify.tls import TlsMaterial
+from lbproxy.ops.systemd import for_agent
 
 log = Logger()
 
@@ -373,4 +374,7 @@ def makeService(options: Options) -> TerminalService:
     material = preflight.agent_tls(config.path, config.common)
     from twisted.internet import reactor
 
-    return TerminalService(config, reactor, material)
+    service = TerminalService(config, reactor, material)
+    # READY=1 and the watchdog under systemd (Type=notify), after the services above start.
+    for_agent(service, reactor, "terminal agent").setServiceParent(service)
+    return service
