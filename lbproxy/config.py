@@ -62,6 +62,7 @@ DEAD_BACKEND_POLICIES = ("reassign", "keep")
 #: ``[notify]``: the longest report interval (s) and the names of terminals that dial in.
 MAX_INTERVAL = 86_400
 DIAL_IN_PREFIX = "terminal:"
+LOG_FORMATS = ("text", "json")
 
 
 @attrs.frozen
@@ -180,6 +181,8 @@ class Config:
     persistence_interval: float = 60.0
     #: Saved tables larger than this are neither read nor written (lbproxy.ops.persistence).
     persistence_max_bytes: int = DEFAULT_MAX_BYTES
+    #: ``[logging] format``: twistd's text lines, or one JSON object per line.
+    logging_format: str = "text"
 
     def key_chain_options(self) -> dict[str, Any]:
         """The options for ``KeyChain.from_names(self.key_chain, **options)``: each
@@ -324,7 +327,7 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
         data,
         (
             "balancer", "virtual", "interfaces", "backend", "health", "notify",
-            "manhole", "control", "metrics", "persistence", "fleet",
+            "manhole", "control", "metrics", "persistence", "logging", "fleet",
         ),
     )
     bal = checked(
@@ -408,6 +411,7 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
     control = checked(top.table("control"), ("socket",))
     metrics = checked(top.table("metrics"), ("endpoint",))
     persist = checked(top.table("persistence"), ("path", "interval", "max_bytes"))
+    logging = checked(top.table("logging"), ("format",))
     manhole_endpoint = manhole.endpoint("endpoint", "server", "")
     if manhole_endpoint and not manhole.get("authorized_keys", str, ""):
         raise manhole.fail("authorized_keys", "required when the manhole is enabled (key-only)")
@@ -448,6 +452,7 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
         persistence_path=persist.filename("path", ""),
         persistence_interval=persist.number("interval", 60.0, 1.0, 86400.0),
         persistence_max_bytes=max_bytes,
+        logging_format=logging.choice("format", "text", LOG_FORMATS),
     )
 
 

@@ -8,15 +8,30 @@ it hands the real reactor to the rest of the program.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
-from twisted.application.service import IServiceCollection, MultiService
+import attrs
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, IServiceCollection, MultiService, Service
+from twisted.internet.defer import (
+    Deferred,
+    DeferredLock,
+    fail,
+    gatherResults,
+    maybeDeferred,
+    succeed,
+)
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 
 from lbproxy import preflight
-from lbproxy.config import Config, ConfigError, load_config
+from lbproxy.config import Config, load_config
+from lbproxy.core.actions import Weights
 from lbproxy.core.balancer import Balancer
 from lbproxy.core.keys import KeyChain
 from lbproxy.core.selection import Backend, scheduler_from_name
@@ -26,12 +41,25 @@ from lbproxy.io.forwarder import ForwarderService
 from lbproxy.io.rawsocket import IPacketSystem, LinuxPacketSystem
 from lbproxy.notify.adapter import TableListener
 from lbproxy.notify.router import Notifier
+from lbproxy.ops import logs
+from lbproxy.ops.audit import audit
 from lbproxy.ops.control import Control
 from lbproxy.ops.ctl import make_ctl_service
-from lbproxy.ops.health import HealthMonitor, make_health_service, make_probe
+from lbproxy.ops.health import HealthMonitor, HealthState, make_health_service, make_probe
 from lbproxy.ops.manhole import make_manhole_service
 from lbproxy.ops.metrics import make_metrics_service
-from lbproxy.ops.persistence import make_persistence_service
+from lbproxy.ops.persistence import TablePersistence, remove_orphans
+from lbproxy.ops.reload import (
+    APPLIES,
+    FIELDS,
+    RESTART,
+    Field,
+    ReloadRefusedError,
+    ReloadReport,
+    backend_changes,
+    differences,
+    restart_fields,
+)
 from lbproxy.ops.systemd import for_balancer as systemd_service
 
 __all__ = ["BalancerService", "Options", "build_balancer", "makeService"]
@@ -52,8 +80,11 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         """Load the configuration; a bad one is refused with one line ``file: key:
-        reason`` on stderr and exit status 1 (`preflight.Refused`: no usage block)."""
+        reason`` on stderr and exit status 1 (`preflight.Refused`: no usage block).
+        ``[logging] format = "json"`` sets twistd's log observer (`lbproxy.ops.logs`)."""
         self["loaded"] = preflight.load_or_refuse(load_config, self["config"])
+        if self["loaded"].logging_format == "json":
+            logs.use_json(self.parent)
         if self["check"]:
             preflight.check_only(preflight.check_balancer(self["loaded"]), self["config"])
 
@@ -88,7 +119,9 @@ class BalancerService(MultiService):
     """The balancer process: forwarding plus the operator and control services.
 
     Holds the live objects (`config`, `balancer`) so the manhole, lbproxyctl and reload
-    all act on the same ones the data path uses.
+    all act on the same ones the data path uses.  `config` is the configuration *in
+    force*: after a reload, the file's values for what the reload applied and the
+    running values for what needs a restart (`lbproxy.ops.reload`).
     """
 
     def __init__(
@@ -97,25 +130,24 @@ class BalancerService(MultiService):
         reactor: Any,
         install_sighup: bool = True,
         system: IPacketSystem | None = None,
+        host: preflight.Host | None = None,
     ) -> None:
         super().__init__()
         self.install_sighup = install_sighup
         self.config = config
         self.reactor = reactor
+        #: What reload's start-up checks ask about this host (tests give a fake).
+        self.host = host if host is not None else preflight.Host()
         self.balancer = build_balancer(config, reactor)
+        #: The configured weights and the operator's overrides over them.
+        self.weights = Weights(self.balancer.backends.values())
+        self._reload_lock = DeferredLock()
         # Persistence first: the table is restored before the first packet and saved
         # after the forwarder has stopped.
+        self.persistence: TablePersistence | None = None
         if config.persistence_path:
-            make_persistence_service(
-                self.balancer.table,
-                config.persistence_path,
-                lambda: self.balancer.backends,
-                reactor,
-                config.persistence_interval,
-                return_paths=self.balancer.return_paths,
-                max_bytes=config.persistence_max_bytes,
-                subscriptions=lambda: self.notifier,  # saved and restored with the table
-            ).setServiceParent(self)
+            self.persistence = self._persistence_service(config, TablePersistence)
+            self.persistence.setServiceParent(self)
         # The fleet (docs/fleet.md): after persistence, so a restored table's exceptions
         # are published; before the forwarder, so the replica starts loading first.
         self.fleet: FleetService | None = None
@@ -147,34 +179,72 @@ class BalancerService(MultiService):
             self.notifier.setServiceParent(self)
             self.balancer.terminal_seen = self._terminal_seen
         self.health = self._health_service(config)
-        self.control = Control(self.balancer, reload=self.reload, ports=self.forwarder.port_stats)
+        self.control = Control(
+            self.balancer,
+            reload=self.reload,
+            ports=self.forwarder.port_stats,
+            weights=self.weights,
+            status=self.status,
+            forwarding=lambda: bool(self.forwarder.running),
+        )
+        self.ctl: IService | None = None
+        self.manhole: IService | None = None
+        self.metrics: IService | None = None
         if config.control_socket:
-            make_ctl_service(config.control_socket, self.control, reactor).setServiceParent(self)
+            self.ctl = self._ctl_service(config)
+            self.ctl.setServiceParent(self)
         if config.manhole_endpoint:
-            make_manhole_service(
-                self.control,
-                config.manhole_host_key,
-                config.manhole_authorized_keys,
-                config.manhole_endpoint,
-                reactor,
-            ).setServiceParent(self)
+            self.manhole = self._manhole_service(config)
+            self.manhole.setServiceParent(self)
         if config.metrics_endpoint:
-            notifier = self.notifier
-            make_metrics_service(
-                config.metrics_endpoint,
-                self.control,
-                reactor,
-                notify=notifier.counters if notifier else None,
-                peer_states=(
-                    (lambda: {n: c.machine.state for n, c in notifier.clients.items()})
-                    if notifier
-                    else None
-                ),
-                subscriptions=notifier.subscriptions if notifier else None,
-            ).setServiceParent(self)
+            self.metrics = self._metrics_service(config)
+            self.metrics.setServiceParent(self)
         # systemd's readiness and watchdog (lbproxy.ops.systemd): the last child, so it
         # starts after every other service.
         systemd_service(self, reactor).setServiceParent(self)
+
+    # -- the services a reload may replace ------------------------------------------
+
+    def _persistence_service(
+        self, config: Config, kind: type[TablePersistence]
+    ) -> TablePersistence:
+        return kind(
+            self.balancer.table,
+            config.persistence_path,
+            lambda: self.balancer.backends,
+            self.reactor,
+            config.persistence_interval,
+            return_paths=self.balancer.return_paths,
+            max_bytes=config.persistence_max_bytes,
+            subscriptions=lambda: self.notifier,  # saved and restored with the table
+        )
+
+    def _ctl_service(self, config: Config) -> IService:
+        return make_ctl_service(config.control_socket, self.control, self.reactor)
+
+    def _manhole_service(self, config: Config) -> IService:
+        return make_manhole_service(
+            self.control,
+            config.manhole_host_key,
+            config.manhole_authorized_keys,
+            config.manhole_endpoint,
+            self.reactor,
+        )
+
+    def _metrics_service(self, config: Config) -> IService:
+        notifier = self.notifier
+        return make_metrics_service(
+            config.metrics_endpoint,
+            self.control,
+            self.reactor,
+            notify=notifier.counters if notifier else None,
+            peer_states=(
+                (lambda: {n: c.machine.state for n, c in notifier.clients.items()})
+                if notifier
+                else None
+            ),
+            subscriptions=notifier.subscriptions if notifier else None,
+        )
 
     def _terminal_seen(self, home: bytes | None, source: bytes) -> None:
         """A terminal's first packet: subscribe to its care-of address changes (claims 5, 6)."""
@@ -186,13 +256,20 @@ class BalancerService(MultiService):
             self.notifier.terminal_seen(source, home=False)
 
     def _health_service(self, config: Config) -> HealthMonitor | None:
-        """Health checks for the backends that ask for one; they mark backends up/down."""
+        """Health checks for the backends that ask for one; they mark backends up/down.
+
+        Each check starts from the state the balancer has for its backend (so a
+        backend found down before a reload is reported up again when it recovers), and
+        a backend no longer checked is up."""
         probes = {}
         for b in config.backends:
             probe = make_probe(b.health, self.reactor, str(b.address), b.health_port,
                                config.health.timeout, b.health_path)
             if probe is not None:
                 probes[b.name] = probe
+        for name in self.balancer.backends:
+            if name not in probes and not self.balancer.is_up(name):
+                self.balancer.set_backend_up(name, True)
         if not probes:
             return None
         service = make_health_service(
@@ -204,45 +281,226 @@ class BalancerService(MultiService):
             rise=config.health.rise,
             fall=config.health.fall,
         )
+        for name in probes:
+            service.states[name] = HealthState(config.health.rise, config.health.fall,
+                                               up=self.balancer.is_up(name))  # fmt: skip
         service.setServiceParent(self)
         return service
 
-    def reload(self) -> str:
-        """Apply the configuration file again without losing the table.
+    # -- reload ----------------------------------------------------------------------
 
-        Backends, weights, key chain, scheduler, virtual addresses and ports change in
-        place; an invalid file raises `ConfigError` and the running configuration stays.
-        Interfaces, mode and table sizing need a restart and are reported, not applied.
+    def reload(self, who: str = "unknown") -> Deferred[ReloadReport]:
+        """Apply the configuration file again without losing the table; fire with what
+        was applied, what needs a restart, what was ignored and what failed.
+
+        The file is compared with what is running (`config`), so a change that needs a
+        restart is reported as such by every reload until the restart.  An invalid
+        file, or one the start-up checks refuse in a section the reload would apply,
+        fails with `ConfigError` (or `ReloadRefusedError`) and changes nothing.  Every
+        reload is one audit line naming ``who``; reloads run one at a time.
         """
-        new = load_config(self.config.path)
-        balancer = self.balancer
-        fresh = build_balancer(new, self.reactor)
-        balancer.chain = fresh.chain
-        balancer.scheduler = fresh.scheduler
-        balancer.set_virtual_addresses(new.virtual_addresses, new.ports)
-        self.forwarder.client.set_destinations([a.packed for a in new.virtual_addresses])
-        balancer.reassign_dead = fresh.reassign_dead
-        balancer.set_backends(backends_from(new))
-        # Health checks follow the new backend list (a removed backend is no longer
-        # probed, an added one is); surviving backends keep their up/down state in the
-        # balancer until the new monitor's first verdict on them.
-        if self.health is not None:
-            self.health.disownServiceParent()
-        self.health = self._health_service(new)
-        restart = [
-            name
-            for name in ("client_interface", "server_interface", "mode", "lifetime",
-                         "max_entries", "batch", "link_send")
-            if getattr(new, name) != getattr(self.config, name)
-        ]
-        self.config = new
-        if restart:
-            return "applied; needs a restart to change: " + ", ".join(restart)
-        return "applied"
+        return self._reload_lock.run(self._reload, who)
 
+    def _reload(self, who: str) -> Deferred[ReloadReport]:
+        running = self.config
+        try:
+            new = load_config(running.path)
+            changed = differences(running, new)
+            notes = self._check(new, changed)
+        except ValueError as e:
+            _log.error("reload refused, the running configuration stays ({who}): {error}",
+                       who=who, error=e)  # fmt: skip
+            return fail(e)
+        applied: list[str] = []
+        restart: list[str] = []
+        ignored: list[str] = []
+        failed: list[str] = []
+        names = {f.name for f in changed}
+        in_force = attrs.evolve(new, **restart_fields(running, new))
+        for f in changed:
+            if f.action == RESTART:
+                restart.append(f.key + (f" ({notes[f.key]})" if f.key in notes else ""))
+        balancer = self.balancer
+        if "backends" in names:
+            overridden = self.weights.configure(backends_from(new))
+            phrases = backend_changes(running.backends, new.backends, list(overridden))
+            if phrases:
+                applied.append(f"backend ({'; '.join(phrases)})")
+            for name, (file_weight, override) in overridden.items():
+                ignored.append(f"backend {name} weight {file_weight} (the operator's "
+                               f"{override} stays until undrain {name})")  # fmt: skip
+        if names & {"key_chain", "any_interface_id"}:
+            balancer.chain = key_chain_from(new)
+            applied += [f.key for f in changed if f.name in ("key_chain", "any_interface_id")]
+        if "scheduler" in names:
+            balancer.scheduler = scheduler_from_name(new.scheduler)
+            applied.append("balancer.scheduler")
+        if names & {"backends", "scheduler"}:
+            balancer.set_backends(self.weights.running())
+        if names & {"virtual_addresses", "ports"}:
+            balancer.set_virtual_addresses(new.virtual_addresses, new.ports)
+            self.forwarder.client.set_destinations([a.packed for a in new.virtual_addresses])
+            applied += [f.key for f in changed if f.section == "virtual"]
+        if "health" in names or _probed(running) != _probed(new):
+            balancer.reassign_dead = new.health.dead_backend == "reassign"
+            if self.health is not None:
+                self.health.disownServiceParent()
+            self.health = self._health_service(new)
+            if "health" in names:
+                applied.append("health")
+        if names & {"persistence_path", "persistence_interval", "persistence_max_bytes"}:
+            self._replace_persistence(new)
+            applied += [f.key for f in changed if f.section == "persistence"]
+        if (names & {"manhole_authorized_keys", "manhole_host_key"}
+                and "manhole_endpoint" not in names and self.manhole is not None):  # fmt: skip
+            try:
+                _factory(self.manhole).use_keys(new.manhole_host_key, new.manhole_authorized_keys)
+            except Exception as e:
+                failed.append(f"manhole keys ({_why(e)}; the old keys stay)")
+                in_force = attrs.evolve(
+                    in_force, manhole_host_key=running.manhole_host_key,
+                    manhole_authorized_keys=running.manhole_authorized_keys)  # fmt: skip
+            else:
+                applied += [f.key for f in changed if f.name.startswith("manhole_")]
+        sections: list[str] = []
+        swaps: list[Deferred[bool]] = []
+        for section, attribute, field, make in (
+            ("manhole", "manhole", "manhole_endpoint", self._manhole_service),
+            ("control", "ctl", "control_socket", self._ctl_service),
+            ("metrics", "metrics", "metrics_endpoint", self._metrics_service),
+        ):
+            if field in names:
+                sections.append(section)
+                swaps.append(self._swap(section, attribute, running, new, make, applied, failed))
+        self.config = in_force
+
+        def done(moved: list[bool]) -> ReloadReport:
+            for section, in_place in zip(sections, moved, strict=True):
+                if not in_place:  # a listener that could not be replaced keeps the old values
+                    self.config = attrs.evolve(self.config, **{
+                        f.name: getattr(running, f.name) for f in FIELDS
+                        if f.section == section and hasattr(running, f.name)
+                    })
+            report = ReloadReport(tuple(applied), tuple(restart), tuple(ignored), tuple(failed))
+            audit(who, "reload", config=running.path, result=report.summary())
+            return report
+
+        return gatherResults(swaps, consumeErrors=True).addCallback(done)
+
+    def _check(self, new: Config, changed: list[Field]) -> dict[str, str]:
+        """The start-up checks for ``new``: problems in a changed section the reload
+        would apply refuse it (`ReloadRefusedError`); those in a changed key that needs
+        a restart are returned (key -> reason) for the answer."""
+        applies = {f.section for f in changed if f.action == APPLIES}
+        restarts = {f.key: f for f in changed if f.action == RESTART}
+        refused = []
+        notes: dict[str, str] = {}
+        for problem in preflight.check_balancer(new, self.host):
+            section = problem.key.split(".", 1)[0].split("[", 1)[0]
+            if section in applies and section in _LISTENING_SECTIONS:
+                refused.append(problem)
+            for key in restarts:
+                if problem.key == key or problem.key.startswith(key + "."):
+                    notes[key] = f"a restart would fail: {problem.reason}"
+        if refused:
+            raise ReloadRefusedError(refused)
+        return notes
+
+    def _replace_persistence(self, new: Config) -> None:
+        """Save to the new path, at the new interval, from now on: the old service
+        stops (saving once more where it saved before), a new one starts that does not
+        restore (the running table is newer than any file) and saves at once."""
+        restored = None
+        if self.persistence is not None:
+            restored = self.persistence.last_restore
+            self.persistence.disownServiceParent()
+            self.persistence = None
+        if new.persistence_path:
+            service = self._persistence_service(new, _ContinuedPersistence)
+            service.last_restore = restored
+            service.setServiceParent(self)
+            # First in the tree, as at start: stopped last, after the forwarder.
+            self.services.remove(service)
+            self.services.insert(0, service)
+            self.persistence = service
+
+    def _swap(
+        self,
+        section: str,
+        attribute: str,
+        running: Config,
+        new: Config,
+        make: Callable[[Config], IService],
+        applied: list[str],
+        failed: list[str],
+    ) -> Deferred[bool]:
+        """Replace a listener: stop the old one, start one for ``new``; if it cannot
+        listen, start the old one again and say so in ``failed``.  Fires with whether the
+        new one is in place."""
+        old: IService | None = getattr(self, attribute)
+        keys = [f.key for f in FIELDS if f.section == section
+                and getattr(running, f.name) != getattr(new, f.name)]  # fmt: skip
+
+        def start(config: Config) -> str | None:
+            setattr(self, attribute, None)
+            if not _enabled(section, config):
+                return None
+            try:
+                service = make(config)
+            except Exception as e:
+                return _why(e)
+            _raise_synchronously(service)
+            try:
+                service.setServiceParent(self)
+            except Exception as e:
+                with contextlib.suppress(Exception):
+                    service.disownServiceParent()
+                return _why(e)
+            setattr(self, attribute, service)
+            return None
+
+        def replace(_: object) -> bool:
+            problem = start(new)
+            if problem is None:
+                applied.extend(keys)
+                return True
+            again = start(running) if old is not None else None
+            back = "the old one is back" if old is not None and again is None else (
+                f"the old one could not restart either: {again}" if old is not None
+                else "it stays off")  # fmt: skip
+            failed.append(f"{section} ({problem}; {back})")
+            _log.error("reload: {section} could not be replaced: {problem}; {back}",
+                       section=section, problem=problem, back=back)  # fmt: skip
+            return False
+
+        stopped = maybeDeferred(old.disownServiceParent) if old is not None else succeed(None)
+        return stopped.addBoth(replace)
+
+    # -- what runs ----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The service's part of ``lbproxyctl info``: the configuration file, and which
+        of its keys differ from what runs -- needing a restart, or a reload."""
+        out: dict[str, Any] = {"config": self.config.path}
+        # The offload in use (lbproxy.io.xdp), when the forwarder has one.
+        reason = getattr(self.forwarder, "offload_reason", "")
+        if getattr(self.forwarder, "xdp", None) is not None:
+            out["offload"] = "xdp"
+        elif reason:
+            out["offload_reason"] = reason
+        try:
+            disk = load_config(self.config.path)
+        except ValueError as e:
+            out["config_error"] = str(e)
+            return out
+        changed = differences(self.config, disk)
+        out["pending_restart"] = [f.key for f in changed if f.action == RESTART]
+        out["pending_reload"] = [f.key for f in changed if f.action == APPLIES]
+        return out
 
     def startService(self) -> None:
         super().startService()
+        self.control.started = self.reactor.seconds()
         if self.install_sighup:
             signal.signal(signal.SIGHUP, self._sighup)
 
@@ -250,14 +508,68 @@ class BalancerService(MultiService):
         self.reactor.callFromThread(self._reload_logged)
 
     def _reload_logged(self) -> None:
+        """A reload asked for by SIGHUP: the answer goes to the log only (the audit line;
+        a refusal is logged by `reload`)."""
+        d = maybeDeferred(self.reload, "SIGHUP")
+        d.addErrback(lambda f: None if f.check(ValueError) else _log.failure(
+            "reload failed, the running configuration stays", f))  # fmt: skip
+
+
+_LISTENING_SECTIONS = frozenset({"manhole", "control", "metrics", "persistence"})
+
+
+def _probed(config: Config) -> list[tuple[str, str, str, int, str]]:
+    """What the health checks depend on in the backend list."""
+    return [(b.name, str(b.address), b.health, b.health_port, b.health_path)
+            for b in config.backends]  # fmt: skip
+
+
+def _enabled(section: str, config: Config) -> bool:
+    return bool({"manhole": config.manhole_endpoint, "control": config.control_socket,
+                 "metrics": config.metrics_endpoint}[section])  # fmt: skip
+
+
+def _factory(service: IService) -> Any:
+    return getattr(service, "factory", None)
+
+
+def _raise_synchronously(service: IService) -> None:
+    """Make a listener's start raise when it cannot listen (rather than only logging),
+    so a reload can say so and put the old one back."""
+    if isinstance(service, StreamServerEndpointService):
+        service._raiseSynchronously = True
+
+
+def _why(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+class _ContinuedPersistence(TablePersistence):
+    """Persistence that a reload starts or moves: it saves, but does not restore (the
+    running table is newer than whatever the file holds)."""
+
+    def startService(self) -> None:
+        Service.startService(self)
+        directory = os.path.dirname(os.path.abspath(self.path))
         try:
-            outcome = self.reload()
-        except ConfigError as e:
-            _log.error("reload refused, the running configuration stays: {error}", error=e)
-        except Exception:
-            _log.failure("reload failed, the running configuration stays")
-        else:
-            _log.info("reload: {outcome}", outcome=outcome)
+            preflight.make_private_directories(directory)
+        except OSError as exc:
+            _log.error("Cannot create {directory} for the saved table: {reason}",
+                       directory=directory, reason=exc.strerror or exc)  # fmt: skip
+        remove_orphans(self.path)
+        self.save()
+        self._periodic = LoopingCall(self.save)
+        self._periodic.clock = self.clock
+        self._periodic.start(self.interval, now=False).addErrback(
+            lambda f: _log.failure("Periodic table save stopped", f)
+        )
+
+    def stopService(self) -> None:
+        periodic = getattr(self, "_periodic", None)
+        if periodic is not None and periodic.running:
+            periodic.stop()
+        super().stopService()
 
 
 def makeService(options: Options) -> IServiceCollection:

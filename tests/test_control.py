@@ -9,13 +9,22 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from lbproxy.ops.control import Control, OperatorError, Row, Text, format_rows, parse_packet
-from tests.operating_fakes import real_packet, real_populated
+from lbproxy.ops.control import (
+    Control,
+    OperatorError,
+    Page,
+    Row,
+    Text,
+    format_rows,
+    parse_packet,
+)
+from tests.operating_fakes import real_key, real_packet, real_populated
+from tests.test_audit import AuditCapture
 
 
 def make_control(
     backend_state: Callable[[str], str] | None = None,
-    reload: Callable[[], object] | None = None,
+    reload: Callable[[str], object] | None = None,
 ) -> tuple[Control, Any, Clock]:
     balancer, clock = real_populated()
     control = Control(balancer, clock, backend_state=backend_state, reload=reload)
@@ -85,11 +94,15 @@ class FormatTests(SynchronousTestCase):
         self.assertEqual(lines[1].split()[-2:], ["no", "-"])
 
     def test_limit_says_how_many_are_shown(self) -> None:
-        """With a limit the footer says 'n of total'."""
+        """With a limit the footer says 'n of total' and where the next page starts."""
         control, _balancer, _clock = make_control()
         text = control.show(limit=1)
         self.assertEqual(len(text.splitlines()), 3)
-        self.assertEqual(text.splitlines()[-1], "(1 of 3 bindings shown)")
+        self.assertEqual(text.splitlines()[-1],
+                         "(1 of 3 bindings shown; the next page starts at offset 1)")
+        last = control.show(limit=1, offset=2).splitlines()
+        self.assertEqual(last[-1], "(1 of 3 bindings shown, from offset 2)")
+        self.assertIn("addr 2001:db8:2::12", last[1])
 
     def test_format_rows_takes_dicts(self) -> None:
         """The client renders the JSON rows the same way as Row objects."""
@@ -182,15 +195,221 @@ class VerbTests(SynchronousTestCase):
         self.assertEqual([b["state"] for b in control.backends()], ["up", "down"])
 
     def test_reload(self) -> None:
-        """reload() calls the given callable; without one it is refused."""
-        calls: list[int] = []
+        """reload() calls the given callable with who asked; without one it is refused."""
+        calls: list[str] = []
 
-        def reload() -> str:
-            calls.append(1)
+        def reload(who: str) -> str:
+            calls.append(who)
             return "ok"
 
         control, _balancer, _clock = make_control(reload=reload)
-        self.assertEqual(control.reload(), "ok")
-        self.assertEqual(calls, [1])
+        self.assertEqual(control.reload(who="SIGHUP"), "ok")
+        self.assertEqual(calls, ["SIGHUP"])
         bare, _, _ = make_control()
         self.assertRaises(OperatorError, bare.reload)
+
+
+def many(count: int) -> tuple[Control, Any, Clock]:
+    """The real balancer with `count` more terminals, placed by `move` on b1 and b2 in
+    turn, after the three of `real_populated`."""
+    control, balancer, clock = make_control()
+    for i in range(count):
+        control.move(f"addr 2001:db8:7::{i:x}", "b1" if i % 2 else "b2")
+    return control, balancer, clock
+
+
+class PagingTests(SynchronousTestCase):
+    def test_pages_are_slices_of_the_whole_table_in_key_order(self) -> None:
+        """Every page is the matching slice of the full, key-ordered list, whichever way
+        it is chosen (a partial heap for early pages, a sort for late ones)."""
+        control, _balancer, _clock = many(500)
+        everything = control.rows()
+        self.assertEqual(len(everything), 503)
+        keys = [real_key(r.key) for r in everything]
+        self.assertEqual(keys, sorted(keys))
+        for offset, limit in ((0, 10), (10, 10), (0, 100), (450, 100), (500, 100), (600, 5)):
+            page = control.page(offset=offset, limit=limit)
+            self.assertEqual(page.rows, tuple(everything[offset:offset + limit]))
+            self.assertEqual((page.total, page.offset, page.limit), (503, offset, limit))
+        default = control.page()
+        self.assertEqual(len(default.rows), 100)
+        self.assertEqual(default.as_dict()["limit"], 100)
+
+    def test_filters_apply_before_paging(self) -> None:
+        """kind, backend and the substring filter narrow the total and the pages."""
+        control, _balancer, _clock = many(50)
+        on_b1 = control.page(backend="b1", limit=7)
+        self.assertEqual(on_b1.total, 2 + 25)
+        self.assertTrue(all(r.backend == "b1" for r in on_b1.rows))
+        self.assertEqual(control.page(kind="iid").total, 0)
+        self.assertEqual(control.page(kind="nonsense").total, 0)
+        self.assertEqual(control.page("2001:db8:7::3").total, 3)  # ::3, ::30, ::31
+        self.assertEqual([r.key for r in control.page("aa::12").rows], ["addr 2001:db8:2::12"])
+
+    def test_scan_yields_between_slices(self) -> None:
+        """A scan gives the reactor a turn after the snapshot, after every slice it
+        filters, and every slice it merges on the way to a far page."""
+        from lbproxy.ops import control as control_module
+
+        control, _balancer, _clock = many(300)
+        self.patch(control_module, "SCAN_SLICE", 100)
+
+        def turns(offset: int = 0, limit: int = 100) -> tuple[int, Page]:
+            scan = control.scan(offset=offset, limit=limit)
+            count = 0
+            while True:
+                try:
+                    next(scan)
+                except StopIteration as done:
+                    return count, done.value
+                count += 1
+
+        count, page = turns(limit=5)
+        self.assertEqual((count, page.total), (1 + 4, 303))  # snapshot, 4 slices of 303
+        count, page = turns(offset=250, limit=50)
+        self.assertEqual((count, len(page.rows)), (1 + 4 + 3, 50))  # merged 100, 200, 300
+        self.assertEqual(page.rows, tuple(control.rows()[250:300]))
+
+    def test_bad_pages_refused(self) -> None:
+        """A negative offset, a limit above 10,000 or not an integer is refused clearly."""
+        control, _balancer, _clock = make_control()
+        for offset, limit in ((-1, 10), (0, 10_001), (0, -1), ("1", 10), (0, True)):
+            error = self.assertRaises(OperatorError, control.page, offset=offset, limit=limit)
+            self.assertRegex(str(error), "offset|limit")
+
+
+class WeightTests(SynchronousTestCase):
+    def test_weight_drain_undrain(self) -> None:
+        """weight and drain are overrides; undrain brings back the configured weight."""
+        control, balancer, _clock = make_control()
+        capture = AuditCapture(self)
+        info = control.weight("b1", 5, who="tester")
+        self.assertEqual((info["weight"], info["configured_weight"], info["override"]),
+                         (5, 1, True))  # fmt: skip
+        self.assertEqual(balancer.backends["b1"].weight, 5)
+        control.drain("b1", who="tester")
+        self.assertEqual(balancer.backends["b1"].weight, 0)
+        info = control.undrain("b1", who="tester")
+        self.assertEqual((info["weight"], info["override"]), (1, False))
+        self.assertEqual(balancer.backends["b1"].weight, 1)
+        self.assertEqual(capture.lines, [
+            "audit: who=tester action=weight backend=b1 weight=5 previous=1",
+            "audit: who=tester action=drain backend=b1 weight=0 previous=5",
+            "audit: who=tester action=undrain backend=b1 weight=1 previous=0",
+        ])
+
+    def test_bad_weights_refused(self) -> None:
+        """Weights outside 0..1000, or not integers, and unknown backends are refused."""
+        control, balancer, _clock = make_control()
+        for weight in (-1, 1001, True):
+            self.assertRaises(OperatorError, control.weight, "b1", weight)
+        self.assertRaises(OperatorError, control.undrain, "b9")
+        self.assertEqual(balancer.backends["b1"].weight, 1)
+
+    def test_overrides_survive_a_new_backend_list(self) -> None:
+        """A reload's backend list keeps the override; an override whose backend left,
+        or that the file now agrees with, ends; a changed file weight is reported."""
+        from lbproxy.core.selection import Backend
+
+        control, balancer, _clock = make_control()
+        control.drain("b1")
+        weights = control.weights
+        file_list = [Backend("b1", "2001:db8:100::1", weight=3), Backend("b2", "2001:db8:100::2")]
+        self.assertEqual(weights.configure(file_list), {"b1": (3, 0)})
+        balancer.set_backends(weights.running())
+        self.assertEqual(balancer.backends["b1"].weight, 0)
+        self.assertEqual(weights.configure(file_list), {})  # unchanged file: nothing to say
+        self.assertEqual(weights.configure([Backend("b1", "2001:db8:100::1", weight=0),
+                                            Backend("b2", "2001:db8:100::2")]), {})
+        self.assertEqual(weights.overrides, {})  # the file drains it now
+
+
+class AuditTests(SynchronousTestCase):
+    def test_every_change_is_one_audit_line(self) -> None:
+        """move, forget: one line each naming who; reading and forgetting nothing
+        change nothing and say nothing."""
+        control, _balancer, _clock = make_control()
+        capture = AuditCapture(self)
+        control.move("addr 2001:db8:1::10", "b2", who="manhole user=alice")
+        control.move("addr 2001:db8:9::1", "b1", who="manhole user=alice")
+        control.forget("addr 2001:db8:1::11", who="manhole user=bob")
+        control.forget("addr 2001:db8:1::11", who="manhole user=bob")
+        control.show()
+        control.backends()
+        control.stats()
+        control.info()
+        self.assertEqual(capture.lines, [
+            'audit: who="manhole user=alice" action=move key="addr 2001:db8:1::10" backend=b2 '
+            "previous=b1",
+            'audit: who="manhole user=alice" action=move key="addr 2001:db8:9::1" backend=b1 '
+            "previous=-",
+            'audit: who="manhole user=bob" action=forget key="addr 2001:db8:1::11" backend=b2',
+        ])
+
+    def test_refused_changes_leave_no_audit_line(self) -> None:
+        """A refused move (unknown backend) changes nothing and logs no audit line."""
+        control, _balancer, _clock = make_control()
+        capture = AuditCapture(self)
+        self.assertRaises(OperatorError, control.move, "addr 2001:db8:1::10", "b9")
+        self.assertEqual(capture.lines, [])
+
+
+class InfoHealthTests(SynchronousTestCase):
+    def test_info(self) -> None:
+        """info: version, uptime, mode, offload, table size and capacity, overrides, and
+        what the service adds."""
+        from lbproxy import __version__
+
+        control, _balancer, clock = make_control()
+        control.status = lambda: {"config": "/etc/lbproxy.toml", "pending_restart": []}
+        clock.advance(12.5)
+        control.drain("b2")
+        info = control.info()
+        self.assertEqual(info, {
+            "version": __version__, "uptime": 12.5, "mode": "translate", "offload": "none",
+            "bindings": 3, "capacity": 1000, "weight_overrides": {"b2": 0},
+            "config": "/etc/lbproxy.toml", "pending_restart": [],
+        })  # fmt: skip
+        from lbproxy.ops.control import format_info
+
+        self.assertIn("weight_overrides: b2=0", format_info(info))
+        self.assertIn("pending_restart: -", format_info(info))
+
+    def test_health(self) -> None:
+        """ok while forwarding and one backend is up with a weight; unavailable when all
+        are down or drained, or when not forwarding."""
+        control, balancer, _clock = make_control()
+        forwarding = [True]
+        control.forwarding = lambda: forwarding[0]
+        self.assertEqual(control.health(), {"status": "ok", "forwarding": True, "backends": 2,
+                                            "up": 2, "usable": 2})  # fmt: skip
+        balancer.set_backend_up("b1", False)
+        control.drain("b2")
+        self.assertEqual(control.health()["status"], "unavailable")
+        self.assertEqual((control.health()["up"], control.health()["usable"]), (1, 0))
+        control.undrain("b2")
+        self.assertEqual(control.health()["status"], "ok")
+        forwarding[0] = False
+        self.assertEqual(control.health()["status"], "unavailable")
+
+
+class PerBackendTests(SynchronousTestCase):
+    def test_counts_come_from_the_load_not_the_table(self) -> None:
+        """Per-backend bindings are the table's load counts: the table is not walked
+        (a table that refuses to be iterated still answers); expired bindings count
+        until the sweep."""
+        control, balancer, clock = many(10)
+
+        def refuse(table: Any) -> Any:
+            raise AssertionError("the table was walked")
+
+        table = balancer.table
+        per = control.per_backend()
+        self.assertEqual(per["b1"][0] + per["b2"][0], 13)
+        self.patch(type(table), "__iter__", refuse)
+        self.assertEqual(sum(b["bindings"] for b in control.backends()), 13)
+        self.assertRaises(AssertionError, control.rows)  # the patch holds
+        clock.advance(301)
+        self.assertEqual(sum(b["bindings"] for b in control.backends()), 13)
+        balancer.sweep()
+        self.assertEqual(sum(b["bindings"] for b in control.backends()), 0)

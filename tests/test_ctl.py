@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pwd
 import shutil
 import socket
 import stat
@@ -17,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from lbproxy.ops import ctl
 from lbproxy.ops.control import Control
 from tests.operating_fakes import real_key, real_packet, real_populated
+from tests.test_audit import AuditCapture
 
 REACTOR: Any = reactor
 
@@ -40,8 +42,8 @@ class ServerTests(TestCase):
         self.balancer, self.clock = real_populated()
         self.reloads: list[str] = []
 
-        def reload() -> str:
-            self.reloads.append("reload")
+        def reload(who: str) -> str:
+            self.reloads.append(who)
             if len(self.reloads) > 1:
                 raise ValueError("lbproxy.toml: backends.b3.address: not an IPv6 address")
             return "2 backends"
@@ -163,7 +165,93 @@ class ServerTests(TestCase):
         run = yield self.run_ctl("--json", "reload")
         self.assertEqual(run.code, 1)
         self.assertIn("backends.b3.address", run.err)
-        self.assertEqual(self.reloads, ["reload", "reload"])
+        me = f"lbproxyctl uid={os.geteuid()}({pwd.getpwuid(os.geteuid()).pw_name}) " \
+             f"pid={os.getpid()}"  # fmt: skip
+        self.assertEqual(self.reloads, [me, me])
+
+    @defer.inlineCallbacks
+    def test_reload_report(self) -> Any:
+        """A reload answer with parts is printed as its summary; --json gives the parts."""
+        from lbproxy.ops.reload import ReloadReport
+
+        report = ReloadReport(applied=("backend (added b3)",), restart=("balancer.mode",))
+        self.control.reload_callable = lambda who: report
+        run = yield self.run_ctl("reload")
+        self.assertEqual(run.out, "reloaded: applied: backend (added b3); needs a restart: "
+                                  "balancer.mode\n")  # fmt: skip
+        run = yield self.run_ctl("--json", "reload")
+        self.assertEqual(run.json()["restart"], ["balancer.mode"])
+        self.assertEqual(run.json()["applied"], ["backend (added b3)"])
+
+    @defer.inlineCallbacks
+    def test_changes_are_audited_with_the_peers_uid(self) -> Any:
+        """A move through the socket is one audit line naming the peer's uid and pid
+        (SO_PEERCRED; the client here is a thread of this process)."""
+        capture = AuditCapture(self)
+        run = yield self.run_ctl("move", "addr", "2001:db8:1::10", "b2")
+        self.assertEqual(run.code, 0, run.err)
+        name = pwd.getpwuid(os.geteuid()).pw_name
+        self.assertEqual(capture.lines, [
+            f'audit: who="lbproxyctl uid={os.geteuid()}({name}) pid={os.getpid()}" '
+            'action=move key="addr 2001:db8:1::10" backend=b2 previous=b1'
+        ])
+
+    @defer.inlineCallbacks
+    def test_show_pages(self) -> Any:
+        """show holds 100 rows unless told otherwise, --offset pages on, and the footer
+        says where the next page starts; more than 10,000 rows is refused."""
+        for i in range(150):
+            self.control.move(f"addr 2001:db8:7::{i:x}", "b1")
+        run = yield self.run_ctl("--json", "show")
+        page = run.json()
+        self.assertEqual((len(page["rows"]), page["total"], page["offset"], page["limit"]),
+                         (100, 153, 0, 100))  # fmt: skip
+        run = yield self.run_ctl("show", "--offset", "100")
+        lines = run.out.splitlines()
+        self.assertEqual(len(lines), 1 + 53 + 1)
+        self.assertEqual(lines[-1], "(53 of 153 bindings shown, from offset 100)")
+        run = yield self.run_ctl("show", "--limit", "10", "--offset", "20")
+        self.assertEqual(run.out.splitlines()[-1],
+                         "(10 of 153 bindings shown, from offset 20; the next page starts at "
+                         "offset 30)")  # fmt: skip
+        run = yield self.run_ctl("show", "--limit", "10001")
+        self.assertEqual(run.code, 1)
+        self.assertIn("limit must be an integer from 0 to 10000", run.err)
+
+    @defer.inlineCallbacks
+    def test_answers_keep_the_order_of_requests(self) -> Any:
+        """A show (answered after the reactor turns) and a stats sent together come back
+        in the order they were asked."""
+        answer = yield threads.deferToThread(
+            self.raw, b'{"command": "show"}\n{"command": "stats"}\n{"command": "info"}\n'
+        )
+        lines = [json.loads(line) for line in answer.splitlines()]
+        self.assertIn("rows", lines[0]["result"])
+        self.assertIn("packets_in", lines[1]["result"])
+        self.assertIn("version", lines[2]["result"])
+
+    @defer.inlineCallbacks
+    def test_weight_undrain_info(self) -> Any:
+        """weight and undrain change the running weight; info shows the override."""
+        run = yield self.run_ctl("weight", "b1", "7")
+        self.assertEqual((run.code, run.out),
+                         (0, "b1: weight 7 (operator override; the file says 1)\n"), run.err)
+        self.assertEqual(self.balancer.backends["b1"].weight, 7)
+        run = yield self.run_ctl("--json", "info")
+        self.assertEqual(run.json()["weight_overrides"], {"b1": 7})
+        self.assertEqual(run.json()["offload"], "none")
+        run = yield self.run_ctl("info")
+        self.assertIn("weight_overrides: b1=7\n", run.out)
+        run = yield self.run_ctl("drain", "b1")
+        self.assertIn("undrain b1 undoes it", run.out)
+        run = yield self.run_ctl("undrain", "b1")
+        self.assertEqual(run.out, "b1: weight 1 (the configuration file's)\n")
+        self.assertEqual(self.balancer.backends["b1"].weight, 1)
+        run = yield self.run_ctl("weight", "b1", "1001")
+        self.assertEqual(run.code, 1)
+        self.assertIn("0..1000", run.err)
+        run = yield self.run_ctl("weight", "b1", "x")
+        self.assertEqual(run.code, 2)
 
     @defer.inlineCallbacks
     def test_unknown_command(self) -> Any:
@@ -255,14 +343,76 @@ class ClientErrorTests(SynchronousTestCase):
         self.assertEqual(ctl.main(["move", "b1"], io.StringIO(), err), 2)
         self.assertIn("usage: lbproxyctl", err.getvalue())
 
-    def test_directory_writable_by_others_is_refused(self) -> None:
-        """The server will not listen in a directory others could write to."""
+
+
+
+class SocketDirectoryTests(SynchronousTestCase):
+    """The control socket's directory: created 0700 when missing, never changed when it
+    exists, refused when unsafe (the start-up checks' rule)."""
+
+    def directory(self, mode: int) -> str:
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
-        os.chmod(directory, 0o777)
-        self.assertRaises(
-            OSError, ctl.prepare_socket_directory, os.path.join(directory, "s")
-        )
-        os.chmod(directory, 0o750)
-        ctl.prepare_socket_directory(os.path.join(directory, "s"))
-        self.assertEqual(stat.S_IMODE(os.stat(directory).st_mode), 0o700)
+        os.chmod(directory, mode)
+        return directory
+
+    def test_missing_directories_are_created_private(self) -> None:
+        """Missing directories (parents too) are made mode 0700 whatever the umask."""
+        base = self.directory(0o755)
+        path = os.path.join(base, "a", "b", "ctl.sock")
+        old = os.umask(0)
+        try:
+            created = ctl.prepare_socket_directory(path)
+        finally:
+            os.umask(old)
+        self.assertEqual(created, [os.path.join(base, "a"), os.path.join(base, "a", "b")])
+        for directory in created:
+            self.assertEqual(stat.S_IMODE(os.stat(directory).st_mode), 0o700)
+        self.assertEqual(stat.S_IMODE(os.stat(base).st_mode), 0o755)
+
+    def test_an_existing_safe_directory_is_left_as_it_is(self) -> None:
+        """A shared parent like /run (0755, ours) is used and not changed."""
+        for mode in (0o755, 0o750, 0o711):
+            directory = self.directory(mode)
+            self.assertEqual(ctl.prepare_socket_directory(os.path.join(directory, "s")), [])
+            self.assertEqual(stat.S_IMODE(os.stat(directory).st_mode), mode)
+
+    def test_writable_by_others_is_refused_and_unchanged(self) -> None:
+        """World- or group-writable, sticky or not: refused, naming the directory and the
+        mode, and left as it was."""
+        for mode in (0o777, 0o1777, 0o775, 0o757):
+            directory = self.directory(mode)
+            error = self.assertRaises(ctl.UnsafeSocketPathError, ctl.prepare_socket_directory,
+                                      os.path.join(directory, "s"))  # fmt: skip
+            self.assertIn(f"{directory} is writable by others (mode {mode:04o})", str(error))
+            self.assertEqual(stat.S_IMODE(os.stat(directory).st_mode), mode)
+
+    def test_another_users_directory_is_refused(self) -> None:
+        """A directory owned by someone else (nobody) is refused and not changed."""
+        if os.geteuid() != 0:
+            raise self.failureException("run as root: the test gives a directory to nobody")
+        directory = self.directory(0o755)
+        os.chown(directory, 65534, 65534)
+        error = self.assertRaises(ctl.UnsafeSocketPathError, ctl.prepare_socket_directory,
+                                  os.path.join(directory, "s"))  # fmt: skip
+        self.assertIn("belongs to uid 65534", str(error))
+        self.assertEqual(os.stat(directory).st_uid, 65534)
+
+    def test_something_else_at_the_path_is_refused(self) -> None:
+        """A regular file where the socket goes is not replaced."""
+        directory = self.directory(0o700)
+        path = os.path.join(directory, "s")
+        with open(path, "w") as f:
+            f.write("precious")
+        error = self.assertRaises(ctl.UnsafeSocketPathError, ctl.prepare_socket_directory, path)
+        self.assertIn("is not a socket", str(error))
+        with open(path) as f:
+            self.assertEqual(f.read(), "precious")
+
+    def test_the_service_refuses_to_start(self) -> None:
+        """The listening service refuses an unsafe directory before it listens."""
+        directory = self.directory(0o777)
+        control = Control(real_populated()[0])
+        service = ctl.make_ctl_service(os.path.join(directory, "s"), control, REACTOR)
+        self.assertRaises(ctl.UnsafeSocketPathError, service.privilegedStartService)
+        self.assertFalse(os.path.exists(os.path.join(directory, "s")))

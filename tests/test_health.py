@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer, error, reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -273,3 +274,52 @@ class RealProbeTests(TestCase):
         yield self.assertFailure(
             HTTPProbe(REACTOR, "::1", number, 2.0, path="/sick").probe(), ValueError
         )
+
+
+class QuietProbeTests(TestCase):
+    """Probes leave nothing in the log: no "Starting factory"/"Stopping factory" per probe."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.events: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            self.events.append(formatEvent(event))
+
+        observer = cast(ILogObserver, observe)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    @defer.inlineCallbacks
+    def test_tcp_and_http_probes_are_quiet(self) -> Any:
+        """Twenty TCP and twenty HTTP probes, successful and refused, log no line."""
+        root = Resource()
+        root.putChild(b"ok", _Ok())
+        site = Site(root)
+        site.noisy = False
+        site.log = lambda request: None  # type: ignore[method-assign]  # the server's log
+        web = REACTOR.listenTCP(0, site, interface="::1")
+        self.addCleanup(web.stopListening)
+        tcp = REACTOR.listenTCP(0, Factory.forProtocol(_Accept), interface="::1")
+        self.addCleanup(tcp.stopListening)
+        closed = REACTOR.listenTCP(0, Factory.forProtocol(_Accept), interface="::1")
+        closed_port = closed.getHost().port
+        yield closed.stopListening()
+        del self.events[:]
+        for _ in range(20):
+            yield TCPProbe(REACTOR, "::1", tcp.getHost().port, 2.0).probe()
+            yield HTTPProbe(REACTOR, "::1", web.getHost().port, 2.0, path="/ok").probe()
+            yield self.assertFailure(TCPProbe(REACTOR, "::1", closed_port, 2.0).probe(),
+                                     error.ConnectionRefusedError)  # fmt: skip
+            yield self.assertFailure(HTTPProbe(REACTOR, "::1", closed_port, 2.0).probe(),
+                                     error.ConnectionRefusedError)  # fmt: skip
+        noise = [e for e in self.events if "factory" in e.lower() or "http" in e.lower()]
+        self.assertEqual(noise, [])
+
+
+class _Ok(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        return b"ok"

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import socket
-from typing import Any
+from typing import Any, cast
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from scapy.layers.inet import UDP
@@ -15,6 +16,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP6ClientEndpoint
 from twisted.internet.protocol import Factory
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lbproxy.core.balancer import Balancer
@@ -24,10 +26,12 @@ from lbproxy.core.table import StickyTable
 from lbproxy.ops.control import Control
 from lbproxy.ops.manhole import (
     AuthorizedKeysFile,
+    UnsafeKeyFileError,
     make_manhole_factory,
     make_manhole_service,
     manhole_namespace,
 )
+from tests.test_audit import AuditCapture
 
 REACTOR: Any = reactor
 VIP = "2001:db8:ff::1"
@@ -210,10 +214,11 @@ class ManholeSessionTests(TestCase):
         with open(self.authorized_path, "wb") as handle:
             handle.write(b"# operators\n" + self.user_key.public().toString("OPENSSH") + b"\n")
         self.control = live_control()
-        factory = make_manhole_factory(
-            lambda: manhole_namespace(self.control), self.host_key_path, self.authorized_path
+        self.factory = make_manhole_factory(
+            functools.partial(manhole_namespace, self.control), self.host_key_path,
+            self.authorized_path,
         )
-        self.port = REACTOR.listenTCP(0, factory, interface="::1")
+        self.port = REACTOR.listenTCP(0, self.factory, interface="::1")
         self.addCleanup(self.port.stopListening)
 
     def client(self, user_key: keys.Key | None, password: bytes | None = None) -> Client:
@@ -275,6 +280,84 @@ class ManholeSessionTests(TestCase):
         self.assertFalse(client.authenticated)
 
     @defer.inlineCallbacks
+    def test_changes_are_audited_with_the_ssh_user(self) -> Any:
+        """move() typed in the manhole is one audit line naming the SSH user; the new
+        verbs are there (info, weight, undrain) and page the table (show offset)."""
+        capture = AuditCapture(self)
+        client = self.client(self.user_key)
+        yield client.connect(self.port.getHost().port)
+        yield client.wait_for(b">>> ")
+        client.type("move('addr 2001:db8:1::16', 'web2')")
+        yield client.wait_for(b"web2")
+        client.type("weight('web1', 4)['weight']")
+        yield client.wait_for(b"\r\n4\r\n")
+        client.type("undrain('web1')['weight']")
+        yield client.wait_for(b"\r\n1\r\n")
+        client.type("info()['offload']")
+        yield client.wait_for(b"'none'")
+        client.type("show(limit=1, offset=1)")
+        yield client.wait_for(b"(1 of 2 bindings shown, from offset 1)")
+        self.assertEqual(capture.lines, [
+            'audit: who="manhole user=operator" action=move key="addr 2001:db8:1::16" '
+            "backend=web2 previous=web1",
+            'audit: who="manhole user=operator" action=weight backend=web1 weight=4 previous=1',
+            'audit: who="manhole user=operator" action=undrain backend=web1 weight=1 '
+            "previous=4",
+        ])
+
+    @defer.inlineCallbacks
+    def test_unsafe_authorized_keys_admit_no_one(self) -> Any:
+        """An authorized_keys file others may write (or, as root, one owned by nobody)
+        admits no one, even with a listed key, and the log says why."""
+        errors: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if "Manhole authorized keys refused" in event.get("log_format", ""):
+                errors.append(str(event["reason"]))
+
+        observer = cast(ILogObserver, observe)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        os.chmod(self.authorized_path, 0o666)
+        client = self.client(self.user_key)
+        yield client.connect(self.port.getHost().port)
+        yield client.closed
+        self.assertFalse(client.authenticated)
+        self.assertIn("writable by others (mode 0666)", errors[0])
+        if os.geteuid() == 0:
+            os.chmod(self.authorized_path, 0o644)
+            os.chown(self.authorized_path, 65534, 65534)
+            client = self.client(self.user_key)
+            yield client.connect(self.port.getHost().port)
+            yield client.closed
+            self.assertFalse(client.authenticated)
+            self.assertIn("owned by uid 65534", errors[-1])
+        os.chown(self.authorized_path, os.geteuid(), os.getegid())
+        os.chmod(self.authorized_path, 0o600)
+        client = self.client(self.user_key)
+        yield client.connect(self.port.getHost().port)
+        yield client.wait_for(b">>> ")
+        self.assertTrue(client.authenticated)
+
+    @defer.inlineCallbacks
+    def test_keys_changed_in_place(self) -> Any:
+        """use_keys (what a reload does when only the key files change): the new
+        authorized keys admit the new key and no longer the old one."""
+        other = new_key()
+        path = self.authorized_path + ".new"
+        with open(path, "wb") as handle:
+            handle.write(other.public().toString("OPENSSH") + b"\n")
+        self.factory.use_keys(self.host_key_path, path)
+        client = self.client(self.user_key)
+        yield client.connect(self.port.getHost().port)
+        yield client.closed
+        self.assertFalse(client.authenticated)
+        client = self.client(other)
+        yield client.connect(self.port.getHost().port)
+        yield client.wait_for(b">>> ")
+        self.assertTrue(client.authenticated)
+
+    @defer.inlineCallbacks
     def test_service_on_loopback_endpoint(self) -> Any:
         """make_manhole_service listens on its endpoint and serves the same shell."""
         probe = socket.socket(socket.AF_INET6)
@@ -308,6 +391,24 @@ class FactoryTests(SynchronousTestCase):
         )
         self.assertIn("private", str(error))
 
+    def test_unsafe_host_key_refused(self) -> None:
+        """A host key others may write is refused (they could impersonate the manhole),
+        and so, as root, is one owned by another user."""
+        path = self.mktemp()
+        with open(path, "wb") as handle:
+            handle.write(new_key().toString("OPENSSH"))
+        os.chmod(path, 0o620)
+        error = self.assertRaises(UnsafeKeyFileError, make_manhole_factory, dict, path,
+                                  "/nonexistent")  # fmt: skip
+        self.assertIn("writable by others (mode 0620)", str(error))
+        os.chmod(path, 0o600)
+        make_manhole_factory(dict, path, "/nonexistent")
+        if os.geteuid() == 0:
+            os.chown(path, 65534, 65534)
+            error = self.assertRaises(UnsafeKeyFileError, make_manhole_factory, dict, path,
+                                      "/nonexistent")  # fmt: skip
+            self.assertIn("owned by uid 65534", str(error))
+
     def test_host_keys_are_per_factory(self) -> None:
         """Two factories do not share host keys (no class-level dicts)."""
         paths = []
@@ -331,6 +432,6 @@ class FactoryTests(SynchronousTestCase):
         self.assertIs(namespace["table"], control.balancer.table)
         self.assertIs(namespace["counters"], control.balancer.counters)
         for name in ("balancer", "backends", "chain", "show", "trace", "move", "forget",
-                     "drain", "stats", "backend_list"):
+                     "weight", "drain", "undrain", "stats", "backend_list", "info", "reload"):
             self.assertIn(name, namespace)
         self.assertIn("(2 bindings)", repr(namespace["show"]()))

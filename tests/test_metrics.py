@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client.parser import text_string_to_metric_families
 from scapy.layers.inet import UDP
 from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
 from twisted.internet import defer, reactor, task
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
 
@@ -26,6 +28,7 @@ from lbproxy.ops.metrics import (
     make_registry,
     make_site,
 )
+from tests.operating_fakes import real_key
 
 REACTOR: Any = reactor
 VIP = "2001:db8:ff::1"
@@ -238,3 +241,120 @@ class ScrapeTests(TestCase):
         self.addCleanup(service.stopService)
         text = yield self.get(number)
         self.assertIn("lbproxy_packets_in_total 0.0", text)
+
+
+class NoWalkTable(StickyTable):
+    """The real table, except that walking it fails the test."""
+
+    def __iter__(self) -> Any:
+        raise AssertionError("a scrape walked the table")
+
+
+class ProductionMetricsTests(SynchronousTestCase):
+    """process_*, build_info, capacity, and a scrape that costs the same at any size."""
+
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.balancer = Balancer(
+            chain=KeyChain.from_names(["hoa", "src"]),
+            table=NoWalkTable(self.clock, lifetime=30.0, max_entries=50_000),
+            scheduler=RoundRobin(),
+            backends=[Backend("b1", "2001:db8:100::1"), Backend("b2", "2001:db8:100::2")],
+            virtual_addresses=[ipaddress.IPv6Address(VIP)],
+            clock=self.clock,
+        )
+        self.control = Control(self.balancer)
+
+    def scrape(self) -> dict[Any, float]:
+        from prometheus_client.exposition import generate_latest
+
+        return samples(generate_latest(make_registry(BalancerCollector(self.control))).decode())
+
+    def test_process_build_and_capacity(self) -> None:
+        """The process collector's families, lbproxy_build_info with the version, and the
+        table's capacity are on the page."""
+        import platform
+
+        from lbproxy import __version__
+
+        got = self.scrape()
+        names = {name for name, _ in got}
+        for name in ("process_cpu_seconds_total", "process_resident_memory_bytes",
+                     "process_open_fds", "process_start_time_seconds"):
+            self.assertIn(name, names)
+        self.assertEqual(got[("lbproxy_build_info", (("python", platform.python_version()),
+                                                     ("version", __version__)))], 1)
+        self.assertEqual(got[("lbproxy_table_capacity", ())], 50_000)
+
+    def test_scrape_does_not_walk_the_table(self) -> None:
+        """With 20,000 bindings in a table that fails when walked, a scrape still gives
+        every family, per-backend bindings included (from the load counts)."""
+        for i in range(20_000):
+            key = real_key(f"addr 2001:db8:7::{i:x}")
+            actions.move(self.balancer, key, "b1" if i % 4 else "b2")
+        got = self.scrape()
+        self.assertEqual(got[("lbproxy_backend_bindings", (("backend", "b1"),))], 15_000)
+        self.assertEqual(got[("lbproxy_backend_bindings", (("backend", "b2"),))], 5_000)
+        self.assertEqual(got[("lbproxy_table_bindings", ())], 20_000)
+
+
+class HealthzTests(TestCase):
+    """/healthz and /metrics over HTTP on the service's endpoint, and nothing in the log."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.balancer = real_balancer(self.clock)
+        self.forwarding = True
+        self.control = Control(self.balancer, forwarding=lambda: self.forwarding)
+        probe = socket.socket(socket.AF_INET6)
+        probe.bind(("::1", 0))
+        self.number = probe.getsockname()[1]
+        probe.close()
+        service = make_metrics_service(rf"tcp6:{self.number}:interface=\:\:1", self.control,
+                                       REACTOR)  # fmt: skip
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, self.events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    @defer.inlineCallbacks
+    def get(self, path: str) -> Any:
+        agent = Agent(REACTOR)
+        response = yield agent.request(b"GET", f"http://[::1]:{self.number}{path}".encode())
+        body = yield readBody(response)
+        return response.code, response.headers.getRawHeaders(b"content-type"), body
+
+    @defer.inlineCallbacks
+    def test_healthz(self) -> Any:
+        """200 and status ok while forwarding with a usable backend; 503 when every
+        backend is down or drained, or when forwarding stopped."""
+        code, kind, body = yield self.get("/healthz")
+        self.assertEqual((code, kind), (200, [b"application/json"]))
+        self.assertEqual(json.loads(body), {"status": "ok", "forwarding": True, "backends": 2,
+                                            "up": 2, "usable": 2})  # fmt: skip
+        self.balancer.set_backend_up("b1", False)
+        actions.drain(self.balancer, "b2", self.control.weights)
+        code, _, body = yield self.get("/healthz")
+        self.assertEqual((code, json.loads(body)["status"]), (503, "unavailable"))
+        actions.undrain(self.balancer, "b2", self.control.weights)
+        code, _, body = yield self.get("/healthz")
+        self.assertEqual(code, 200)
+        self.forwarding = False
+        code, _, body = yield self.get("/healthz")
+        self.assertEqual((code, json.loads(body)["forwarding"]), (503, False))
+
+    @defer.inlineCallbacks
+    def test_scrapes_are_not_logged(self) -> Any:
+        """Ten scrapes and health checks leave no line in the log."""
+        for _ in range(5):
+            code, _, _ = yield self.get("/metrics")
+            self.assertEqual(code, 200)
+            yield self.get("/healthz")
+        mine = [formatEvent(e) for e in self.events
+                if "GET" in formatEvent(e) or "Site" in formatEvent(e)
+                or "metrics" in str(e.get("log_namespace", ""))]
+        self.assertEqual(mine, [])

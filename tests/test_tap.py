@@ -18,6 +18,7 @@ from lbproxy.ops.control import format_stats
 from lbproxy.preflight import Refused
 from lbproxy.tap import BalancerService, Options
 from lbproxy.testing import MemoryPacketSystem
+from tests.test_preflight import FakeHost
 
 CONFIG = """
 [balancer]
@@ -68,7 +69,7 @@ class ServiceTests(SynchronousTestCase):
         Path(path).write_text(text)
         system = MemoryPacketSystem(interfaces=("lbc", "lbs"), queue_limit=queue_limit)
         service = BalancerService(load_config(path), MemoryReactorClock(),
-                                  install_sighup=False, system=system)
+                                  install_sighup=False, system=system, host=FakeHost())
         return service, system, path
 
     def test_forwards_through_fake_system(self) -> None:
@@ -121,15 +122,16 @@ class ServiceTests(SynchronousTestCase):
         for i, key in enumerate(keys):
             actions.move(balancer, key, "a" if i % 2 else "b")
         Path(path).write_text(CONFIG.format(backends=backends("a", "c")))
-        self.assertEqual(service.reload(), "applied")
+        report = self.successResultOf(service.reload())
+        self.assertEqual(report.applied, ("backend (added c; removed b)",))
+        self.assertEqual((report.restart, report.ignored, report.failed), ((), (), ()))
         self.assertEqual(sorted(balancer.backends), ["a", "c"])
         for i, key in enumerate(keys):
             binding = balancer.table.get(key)
             assert binding is not None
             self.assertEqual(binding.backend.name, "a" if i % 2 else "b")
         Path(path).write_text(CONFIG.format(backends=backends("a")).replace("hoa", "mac"))
-        with self.assertRaises(ConfigError):
-            service.reload()
+        self.failureResultOf(service.reload(), ConfigError)
         self.assertEqual(sorted(balancer.backends), ["a", "c"])
         self.assertEqual(service.config.backends[1].name, "c")
 
@@ -145,11 +147,11 @@ class ServiceTests(SynchronousTestCase):
         self.addCleanup(service.stopService)
         old = service.health
         Path(path).write_text(CONFIG.format(backends=backends("a")))
-        service.reload()
+        self.successResultOf(service.reload())
         self.assertIsNone(service.health)
         self.assertFalse(old.running)
         Path(path).write_text(checked)
-        service.reload()
+        self.successResultOf(service.reload())
         assert service.health is not None
         self.assertTrue(service.health.running)
         self.assertEqual(sorted(service.health.probes), ["b"])
@@ -158,7 +160,11 @@ class ServiceTests(SynchronousTestCase):
         """Changes that need a restart are named, not silently ignored."""
         service, _, path = self.make(CONFIG.format(backends=backends("a")))
         Path(path).write_text(CONFIG.format(backends=backends("a")).replace("lbs", "eth9"))
-        self.assertIn("server_interface", service.reload())
+        report = self.successResultOf(service.reload())
+        self.assertEqual(report.applied, ())
+        self.assertEqual(report.restart, ("interfaces.server (a restart would fail: no "
+                                          "network interface 'eth9' on this host)",))
+        self.assertEqual(service.forwarder.server.interface, "lbs")
 
 
 class RestartTests(SynchronousTestCase):

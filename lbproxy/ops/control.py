@@ -1,28 +1,53 @@
 """Operator operations over a live balancer, shared by the manhole and lbproxyctl.
 
 An operator needs the same few things whatever door they come through: see the
-sticky table, ask what the balancer would do with a packet, move or forget one
-terminal's binding, drain a backend, list backends, read the counters.  They are
-written once here, as plain methods that return values (``Row``, dicts of
-numbers and strings), so that the SSH manhole, the UNIX-socket runtime API
-and the tests all exercise one implementation.  Text rendering (``format_rows``)
-is also here so the manhole and the ``lbproxyctl`` client print the same table.
+sticky table a page at a time, ask what the balancer would do with a packet, move or
+forget one terminal's binding, change a backend's weight (drain, undrain), list
+backends, read the counters, see what is running (``info``).  They are written once
+here, as plain methods that return values (``Row``, ``Page``, dicts of numbers and
+strings), so that the SSH manhole, the UNIX-socket runtime API and the tests all
+exercise one implementation.  Text rendering (``format_rows``) is also here so the
+manhole and the ``lbproxyctl`` client print the same table.
 
-This module does no I/O and imports nothing from ``twisted.internet``: it reads
-the balancer's objects and the injected clock.
+Every change is logged as one audit line naming who asked (`lbproxy.ops.audit`): each
+changing verb takes ``who``, which the door fills in (the control socket's peer uid, the
+manhole's SSH user).
+
+Reading costs what it shows, not what the table holds, where it can: per-backend
+binding counts come from the table's incrementally kept load counts, and a page of
+``show`` is chosen from a snapshot of the table taken with the garbage collector paused
+(the collector, not the copy, is what makes a copy of 300,000 bindings slow) and
+filtered in slices (`Control.scan` yields between them, so a door can run it a slice per
+reactor turn).
+
+This module does no I/O other than logging and imports nothing from
+``twisted.internet``: it reads the balancer's objects and the injected clock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import heapq
 import ipaddress
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from lbproxy import __version__
 from lbproxy.core import actions
 from lbproxy.core.keys import Key as _Key
-from lbproxy.core.keys import canonical_kind
+from lbproxy.core.keys import canonical_kind, kind_named
+from lbproxy.ops.audit import audit
+
+#: Rows a page of ``show`` holds when no limit is given.
+DEFAULT_LIMIT = 100
+#: The most rows one page may hold (page with ``offset`` for more).
+MAX_LIMIT = 10_000
+#: Bindings filtered between two yields of `Control.scan`.
+SCAN_SLICE = 2_000
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -85,11 +110,14 @@ def _cells(row: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def format_rows(rows: Iterable[Row | Mapping[str, Any]], total: int | None = None) -> Text:
+def format_rows(
+    rows: Iterable[Row | Mapping[str, Any]], total: int | None = None, offset: int = 0
+) -> Text:
     """Render rows (``Row`` or their dicts) as an aligned text table.
 
-    ``total`` is the number of rows that matched before a limit, if any; a
-    footer says how many are shown.
+    ``total`` is the number of rows that matched before a limit, if any, and ``offset``
+    how many matching rows come before the first one shown; a footer says how many are
+    shown and where the next page starts.
     """
     body = [_cells(r.as_dict() if isinstance(r, Row) else r) for r in rows]
     table = [list(COLUMNS), *body]
@@ -103,8 +131,11 @@ def format_rows(rows: Iterable[Row | Mapping[str, Any]], total: int | None = Non
         ]
         lines.append("  ".join(cells).rstrip())
     shown = len(body)
-    if total is not None and total != shown:
-        lines.append(f"({shown} of {total} bindings shown)")
+    if total is not None and (total != shown or offset):
+        where = f", from offset {offset}" if offset else ""
+        after = offset + shown
+        more = f"; the next page starts at offset {after}" if after < total else ""
+        lines.append(f"({shown} of {total} bindings shown{where}{more})")
     else:
         lines.append(f"({shown} binding{'s' if shown != 1 else ''})")
     return Text("\n".join(lines))
@@ -155,6 +186,66 @@ def _counts(value: object) -> dict[str, int]:
     return {}
 
 
+@attrs.frozen
+class Page:
+    """One page of the table: the rows shown, how many matched, where the page starts."""
+
+    rows: tuple[Row, ...]
+    total: int
+    offset: int
+    limit: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The page as JSON-ready values."""
+        return {
+            "rows": [r.as_dict() for r in self.rows],
+            "total": self.total,
+            "offset": self.offset,
+            "limit": self.limit,
+        }
+
+    def text(self) -> Text:
+        """The page as an aligned text table with its footer."""
+        return format_rows(self.rows, total=self.total, offset=self.offset)
+
+
+def check_page(offset: object, limit: object) -> tuple[int, int]:
+    """``offset`` and ``limit`` as a page's: integers, ``0 <= offset``, ``0 <= limit <=
+    MAX_LIMIT`` (None: 0 and `DEFAULT_LIMIT`); `OperatorError` otherwise."""
+    if offset is None:
+        offset = 0
+    if limit is None:
+        limit = DEFAULT_LIMIT
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise OperatorError("offset must be a non-negative integer")
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= MAX_LIMIT:
+        raise OperatorError(f"limit must be an integer from 0 to {MAX_LIMIT} "
+                            "(use offset for the next page)")  # fmt: skip
+    return offset, limit
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The garbage collector off for a moment (a burst of short-lived objects)."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
+
+
+def run_scan(scan: Generator[None, None, Page]) -> Page:
+    """Run `Control.scan` to its end at once (the manhole, tests)."""
+    while True:
+        try:
+            next(scan)
+        except StopIteration as done:
+            page: Page = done.value
+            return page
+
+
 class Control:
     """The operator's verbs over one balancer.
 
@@ -162,9 +253,13 @@ class Control:
     ``expires - clock.seconds()``; default: the balancer's); ``backend_state``
     names each backend's health ("up", "down", "unknown"; default: whether the
     balancer has it marked down); ``reload`` is the callable that re-reads the
-    configuration, if the service wiring provides one; ``ports`` returns what the
-    sockets counted (`ForwarderService.port_stats`), shown under ``ports`` in
-    :meth:`stats`.
+    configuration, if the service wiring provides one (called with who asked);
+    ``ports`` returns what the sockets counted (`ForwarderService.port_stats`), shown
+    under ``ports`` in :meth:`stats`; ``weights`` holds the configured weights and the
+    operator's overrides (`actions.Weights`; default: the balancer's backends as
+    configured); ``status`` adds the service's view to :meth:`info` (configuration
+    file, pending restart, offload); ``forwarding`` says whether packets are being
+    forwarded (for :meth:`health`).
     """
 
     def __init__(
@@ -172,9 +267,12 @@ class Control:
         balancer: Balancer,
         clock: IReactorTime | None = None,
         backend_state: Callable[[str], str] | None = None,
-        reload: Callable[[], object] | None = None,
+        reload: Callable[[str], object] | None = None,
         parse_key: Callable[[str], Key] | None = None,
         ports: Callable[[], Mapping[str, Mapping[str, object]]] | None = None,
+        weights: actions.Weights | None = None,
+        status: Callable[[], Mapping[str, Any]] | None = None,
+        forwarding: Callable[[], bool] | None = None,
     ) -> None:
         self.balancer = balancer
         self.ports = ports
@@ -182,6 +280,13 @@ class Control:
         self.clock: IReactorTime = clock if clock is not None else balancer.clock
         self.backend_state = backend_state
         self.reload_callable = reload
+        self.weights = weights if weights is not None else actions.Weights(
+            balancer.backends.values()
+        )
+        self.status = status
+        self.forwarding = forwarding
+        #: When the service started (uptime); the service sets it when it starts.
+        self.started = self.clock.seconds()
 
     def _state(self, name: str) -> str:
         if self.backend_state is not None:
@@ -216,6 +321,99 @@ class Control:
             aliases=tuple(str(_as_key(a)) for a in binding.aliases or ()),
         )
 
+    def scan(
+        self,
+        filter: str | None = None,
+        *,
+        kind: str | None = None,
+        backend: str | None = None,
+        offset: int = 0,
+        limit: int | None = DEFAULT_LIMIT,
+    ) -> Generator[None, None, Page]:
+        """A page of live bindings in key order (kind, then the identity's bytes),
+        optionally filtered; a generator that yields after the snapshot and after each
+        `SCAN_SLICE` bindings filtered (or merged up to the page), and returns the
+        `Page` (``run_scan``).
+
+        ``filter`` keeps a binding when it equals the key kind or the backend name,
+        or is a substring of the key or the care-of address (only this one formats
+        every key, which costs about 3 µs a binding); ``kind`` and ``backend`` are
+        exact filters.  ``limit`` None: every match (for tests and small tables).
+        """
+        now = self.clock.seconds()
+        code: int | None = None
+        if kind is not None:
+            kind = canonical_kind(kind)
+            try:
+                code = kind_named(kind).code
+            except KeyError:
+                code = -1  # no key has it
+        with _collector_paused():
+            # One list of the bindings (objects that exist anyway): the table's (key,
+            # binding) pairs are made and freed while the collector is paused, so they
+            # neither slow the copy nor leave hundreds of thousands of young objects
+            # for the next collection to walk.
+            snapshot = [binding for _key, binding in self.balancer.table]
+        yield
+        # Filter a slice at a time, each slice sorted into a run of its own; then merge
+        # the runs as far as the page reaches.  Only lists of bindings are kept (keys
+        # are made and dropped as they are compared), and every step is a slice.
+        by_key = attrgetter("key")
+        runs: list[list[Binding]] = []
+        total = 0
+        for start in range(0, len(snapshot), SCAN_SLICE):
+            matched = []
+            for binding in snapshot[start : start + SCAN_SLICE]:
+                if binding.expires <= now:
+                    continue
+                if backend is not None and binding.backend.name != backend:
+                    continue
+                if code is not None or filter:
+                    key = binding.key
+                    if code is not None and key[0] != code:
+                        continue
+                    if filter and not self._matches(filter, key, binding):
+                        continue
+                matched.append(binding)
+            if matched:
+                matched.sort(key=by_key)
+                runs.append(matched)
+                total += len(matched)
+            yield
+        del snapshot
+        end = None if limit is None else offset + limit
+        chosen: list[Binding] = []
+        for i, binding in enumerate(heapq.merge(*runs, key=by_key)):
+            if end is not None and i >= end:
+                break
+            if i >= offset:
+                chosen.append(binding)
+            if i % SCAN_SLICE == SCAN_SLICE - 1:
+                yield
+        rows = tuple(self._row(binding.key, binding, now) for binding in chosen)
+        return Page(rows, total, offset, limit)
+
+    @staticmethod
+    def _matches(filter: str, key: Key, binding: Binding) -> bool:
+        if filter in (key.kind, binding.backend.name) or filter in str(key):
+            return True
+        care_of = _address(binding.care_of)
+        return care_of is not None and filter in care_of
+
+    def page(
+        self,
+        filter: str | None = None,
+        *,
+        kind: str | None = None,
+        backend: str | None = None,
+        offset: int | None = 0,
+        limit: int | None = DEFAULT_LIMIT,
+    ) -> Page:
+        """`scan` run at once, with ``offset`` and ``limit`` checked (`check_page`)."""
+        offset, limit = check_page(offset, limit)
+        return run_scan(self.scan(filter, kind=kind, backend=backend, offset=offset,
+                                  limit=limit))  # fmt: skip
+
     def rows(
         self,
         filter: str | None = None,
@@ -223,33 +421,8 @@ class Control:
         kind: str | None = None,
         backend: str | None = None,
     ) -> list[Row]:
-        """Live bindings, sorted by key, optionally filtered.
-
-        ``filter`` keeps a row when it equals the key kind or the backend name,
-        or is a substring of the key or the care-of address; ``kind`` and
-        ``backend`` are exact filters.
-        """
-        now = self.clock.seconds()
-        if kind is not None:
-            kind = canonical_kind(kind)
-        out = []
-        for key, binding in self.balancer.table:
-            if binding.expires <= now:
-                continue
-            row = self._row(key, binding, now)
-            if kind is not None and row.kind != kind:
-                continue
-            if backend is not None and row.backend != backend:
-                continue
-            if filter and not (
-                filter in (row.kind, row.backend)
-                or filter in row.key
-                or (row.care_of is not None and filter in row.care_of)
-            ):
-                continue
-            out.append(row)
-        out.sort(key=lambda r: (r.kind, r.key))
-        return out
+        """Every live binding that matches, in key order (see `scan` for the filters)."""
+        return list(run_scan(self.scan(filter, kind=kind, backend=backend, limit=None)).rows)
 
     def show(
         self,
@@ -257,12 +430,12 @@ class Control:
         *,
         kind: str | None = None,
         backend: str | None = None,
-        limit: int | None = None,
+        limit: int | None = DEFAULT_LIMIT,
+        offset: int | None = 0,
     ) -> Text:
-        """The table as aligned text (see ``rows`` for the filters)."""
-        rows = self.rows(filter, kind=kind, backend=backend)
-        shown = rows if limit is None else rows[:limit]
-        return format_rows(shown, total=len(rows))
+        """A page of the table as aligned text (see `scan` for the filters); at most
+        ``limit`` rows (100 by default, 10,000 at most) from ``offset``."""
+        return self.page(filter, kind=kind, backend=backend, offset=offset, limit=limit).text()
 
     def _key(self, key: Key | str) -> Key:
         if not isinstance(key, str):
@@ -278,33 +451,67 @@ class Control:
             raise OperatorError(f"bad key {key!r}: {exc}") from None
 
     def _backend_name(self, name: str) -> str:
-        if name not in self.balancer.backends:
+        if not isinstance(name, str) or name not in self.balancer.backends:
             known = ", ".join(self.balancer.backends) or "none"
             raise OperatorError(f"unknown backend {name!r} (known: {known})")
         return name
 
-    def move(self, key: Key | str, backend: str) -> Row:
+    def move(self, key: Key | str, backend: str, *, who: str = "unknown") -> Row:
         """Bind ``key`` to ``backend`` (creating the binding if needed)."""
         parsed = self._key(key)
         self._backend_name(backend)
+        before = self.balancer.table.get(parsed)
+        previous = None if before is None else before.backend.name
         try:
             binding = actions.move(self.balancer, parsed, backend)
         except (KeyError, ValueError, actions.TableFullError) as exc:
             raise OperatorError(f"cannot move {parsed}: {exc}") from None
+        audit(who, "move", key=str(parsed), backend=backend, previous=previous or "-")
         return self._row(parsed, binding, self.clock.seconds())
 
-    def forget(self, key: Key | str) -> Row | None:
+    def forget(self, key: Key | str, *, who: str = "unknown") -> Row | None:
         """Remove ``key``'s binding; its next packet is scheduled afresh."""
         parsed = self._key(key)
         now = self.clock.seconds()
         binding = actions.forget(self.balancer, parsed)
-        return None if binding is None else self._row(parsed, binding, now)
+        if binding is None:
+            return None
+        audit(who, "forget", key=str(parsed), backend=binding.backend.name)
+        return self._row(parsed, binding, now)
 
-    def drain(self, backend: str) -> dict[str, Any]:
-        """Give ``backend`` weight 0: existing bindings stay, no new ones."""
+    def weight(self, backend: str, weight: int, *, who: str = "unknown") -> dict[str, Any]:
+        """Give ``backend`` a new weight (0..1000; 0 drains), an operator override that
+        reloads keep until ``undrain`` (`actions.Weights`)."""
         self._backend_name(backend)
-        actions.drain(self.balancer, backend)
+        try:
+            previous = actions.set_weight(self.balancer, backend, weight, self.weights)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise OperatorError(f"cannot set the weight of {backend}: {exc}") from None
+        audit(who, "weight", backend=backend, weight=weight, previous=previous)
         return self._backend_info(backend, self.per_backend())
+
+    def drain(self, backend: str, *, who: str = "unknown") -> dict[str, Any]:
+        """Give ``backend`` weight 0: existing bindings stay, no new ones (an operator
+        override: ``undrain`` ends it)."""
+        self._backend_name(backend)
+        try:
+            previous = actions.drain(self.balancer, backend, self.weights)
+        except KeyError as exc:
+            raise OperatorError(f"cannot drain {backend}: {exc}") from None
+        audit(who, "drain", backend=backend, weight=0, previous=previous)
+        return self._backend_info(backend, self.per_backend())
+
+    def undrain(self, backend: str, *, who: str = "unknown") -> dict[str, Any]:
+        """End the operator's override of ``backend``'s weight: the configuration
+        file's weight is in force again."""
+        self._backend_name(backend)
+        try:
+            previous = actions.undrain(self.balancer, backend, self.weights)
+        except KeyError as exc:
+            raise OperatorError(f"cannot undrain {backend}: {exc}") from None
+        info = self._backend_info(backend, self.per_backend())
+        audit(who, "undrain", backend=backend, weight=info["weight"], previous=previous)
+        return info
 
     # -- packets ---------------------------------------------------------
 
@@ -327,20 +534,12 @@ class Control:
     # -- backends and counters --------------------------------------------
 
     def per_backend(self) -> dict[str, tuple[int, int]]:
-        """Live bindings and their packets per backend name.
-
-        Packets come from a ``backend_packets`` counter on the balancer's
-        counters when it keeps one; otherwise they are summed over the live
-        bindings (what the table remembers).
-        """
+        """Bindings and packets per backend name, at a cost in the number of backends
+        (not bindings): the table's load counts (bindings whose lifetime ran out count
+        until the next sweep) and the balancer's per-backend packet counter."""
         counts: dict[str, list[int]] = {name: [0, 0] for name in self.balancer.backends}
-        now = self.clock.seconds()
-        for _key, binding in self.balancer.table:
-            if binding.expires <= now:
-                continue
-            entry = counts.setdefault(binding.backend.name, [0, 0])
-            entry[0] += 1
-            entry[1] += binding.packets
+        for backend, bound in self.balancer.table.load().items():
+            counts.setdefault(backend.name, [0, 0])[0] += bound
         kept = getattr(self.balancer.counters, "backend_packets", None)
         if isinstance(kept, Mapping):
             for name, packets in kept.items():
@@ -353,10 +552,13 @@ class Control:
         backend = self.balancer.backends[name]
         bindings, packets = per_backend.get(name, (0, 0))
         state = self._state(name)
+        configured = self.weights.configured_weight(name)
         return {
             "name": backend.name,
             "address": str(backend.address),
             "weight": backend.weight,
+            "configured_weight": backend.weight if configured is None else configured,
+            "override": name in self.weights.overrides,
             "state": state,
             "bindings": bindings,
             "packets": packets,
@@ -366,6 +568,40 @@ class Control:
         """Every configured backend with weight, health, bindings and packets."""
         per = self.per_backend()
         return [self._backend_info(name, per) for name in self.balancer.backends]
+
+    def health(self) -> dict[str, Any]:
+        """Whether this balancer can take new terminals (``/healthz``): packets are being
+        forwarded and at least one backend is up with a weight above 0."""
+        forwarding = True if self.forwarding is None else bool(self.forwarding())
+        backends = self.balancer.backends
+        up = [name for name in backends if self._state(name) != "down"]
+        usable = [name for name in up if backends[name].weight > 0]
+        ok = forwarding and bool(usable)
+        return {
+            "status": "ok" if ok else "unavailable",
+            "forwarding": forwarding,
+            "backends": len(backends),
+            "up": len(up),
+            "usable": len(usable),
+        }
+
+    def info(self) -> dict[str, Any]:
+        """What is running: version, uptime, mode, offload, table size and capacity,
+        the operator's weight overrides, and the service's view (`status`: the
+        configuration file and which of its keys differ from what runs)."""
+        table = self.balancer.table
+        out: dict[str, Any] = {
+            "version": __version__,
+            "uptime": round(max(0.0, self.clock.seconds() - self.started), 3),
+            "mode": self.balancer.mode,
+            "offload": "none",
+            "bindings": len(table),
+            "capacity": getattr(table, "max_entries", None),
+            "weight_overrides": dict(self.weights.as_dict()),
+        }
+        if self.status is not None:
+            out.update(self.status())
+        return out
 
     def stats(self) -> dict[str, Any]:
         """The balancer's and the table's counters."""
@@ -384,6 +620,7 @@ class Control:
             "conflicts": _counts(getattr(counters, "conflicts", None)),
             "table": {
                 "size": len(table),
+                "capacity": _int(getattr(table, "max_entries", 0)),
                 "aliases": _int(getattr(table, "alias_count", 0)),
                 **{
                     name: _int(getattr(table_stats, name, 0))
@@ -402,11 +639,26 @@ class Control:
             **({"ports": _ports(self.ports())} if self.ports is not None else {}),
         }
 
-    def reload(self) -> object:
-        """Re-read the configuration through the service's reload callable."""
+    def reload(self, *, who: str = "unknown") -> object:
+        """Re-read the configuration through the service's reload callable (which logs
+        the audit line: it knows what changed)."""
         if self.reload_callable is None:
             raise OperatorError("reload is not available in this process")
-        return self.reload_callable()
+        return self.reload_callable(who)
+
+
+def format_info(info: Mapping[str, Any]) -> Text:
+    """Render ``Control.info()`` as ``name: value`` lines."""
+    lines = []
+    for name, value in info.items():
+        if isinstance(value, Mapping):
+            value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+        elif isinstance(value, list | tuple):
+            value = ", ".join(str(v) for v in value) or "-"
+        elif value is None:
+            value = "-"
+        lines.append(f"{name}: {value}")
+    return Text("\n".join(lines))
 
 
 def format_backends(backends: Sequence[Mapping[str, Any]]) -> Text:

@@ -1,10 +1,16 @@
 """Runtime control without Python: a line-JSON API on a UNIX socket, and ``lbproxyctl``.
 
 Scripts and operators who do not want a Python console need the same verbs as
-the manhole (show, trace, move, forget, drain, backends, stats, reload), as
-HAProxy's runtime API gives them.  The socket is the access control: it is
-created mode 0600 inside a directory only its owner (root) can enter, so only
-root can speak to it.
+the manhole (show, trace, move, forget, weight, drain, undrain, backends, stats, info,
+reload), as HAProxy's runtime API gives them.  The socket is the access control: it is
+created mode 0600, so only its owner (root, or the service's user) can speak to it, in a
+directory that is created mode 0700 when missing.  An existing directory is never
+changed: it is refused when it belongs to another user or others may write to it (they
+could replace the socket), the rule the start-up checks apply (``lbproxy.preflight``).
+
+Every change is logged as one audit line naming the peer: its uid (and pid), which the
+kernel gives for a UNIX socket (``SO_PEERCRED``), so the log says who moved a terminal
+even when several operators share the root account through sudo.
 
 The protocol is one JSON object per line each way::
 
@@ -14,18 +20,31 @@ The protocol is one JSON object per line each way::
 
 A connection may carry any number of requests.  Commands and their arguments:
 
-========  ==========================================  ========================================
-command   args                                        result
-========  ==========================================  ========================================
-show      filter, kind, backend, limit (optional)     {"rows": [...], "total": n}
-trace     packet (hex)                                strategy, key, backend, hit, reason, aliases
-move      key, backend                                the new row
-forget    key                                         the removed row, or null
-drain     backend                                     the backend
-backends  -                                           [backend, ...]
-stats     -                                           the counters
-reload    -                                           the reload callable's answer, as text
-========  ==========================================  ========================================
+========  ===========================================  =======================================
+command   args                                         result
+========  ===========================================  =======================================
+show      filter, kind, backend, offset, limit         {"rows": [...], "total": n,
+          (optional; limit 100 by default, 10000 max)  "offset": o, "limit": l}
+trace     packet (hex)                                 strategy, key, backend, hit, reason,
+                                                       aliases
+move      key, backend                                 the new row
+forget    key                                          the removed row, or null
+weight    backend, weight (0..1000)                    the backend
+drain     backend                                      the backend
+undrain   backend                                      the backend
+backends  -                                            [backend, ...]
+stats     -                                            the counters
+info      -                                            version, uptime, mode, offload, pending
+                                                       restart, ...
+reload    -                                            {"applied": [...], "restart": [...],
+                                                       "ignored": [...], "failed": [...],
+                                                       "summary": text}
+========  ===========================================  =======================================
+
+A page of ``show`` is chosen without building every row (`Control.scan`), a slice of the
+table per reactor turn, so a table of 300,000 bindings neither stalls forwarding nor
+sends megabytes; ``offset`` pages through it (the table changes between pages: a binding
+made or gone meanwhile shifts the rest by one).
 
 ``main()`` is the ``lbproxyctl`` client: plain blocking sockets, text output
 by default (the same tables as the manhole) or ``--json``.
@@ -40,26 +59,33 @@ import json
 import os
 import socket
 import stat
+import struct
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import IO, Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.protocol import Factory
+from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
 from lbproxy import __version__
+from lbproxy.ops.audit import peer_who
 from lbproxy.ops.control import (
     Control,
     OperatorError,
+    Page,
+    check_page,
     format_backends,
+    format_info,
     format_rows,
     format_stats,
 )
+from lbproxy.preflight import make_private_directories
 
 DEFAULT_SOCKET = "/run/lbproxy/control.sock"
 MAX_LINE = 1 << 20
@@ -82,63 +108,122 @@ def _str_arg(args: Mapping[str, Any], name: str, required: bool = True) -> str |
     return value
 
 
-def _show(control: Control, args: Mapping[str, Any]) -> Any:
-    limit = args.get("limit")
-    if limit is not None and (not isinstance(limit, int) or limit < 0):
-        raise CommandError("argument 'limit' must be a non-negative integer")
-    rows = control.rows(
+def _int_arg(args: Mapping[str, Any], name: str) -> int:
+    value = args.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise CommandError(f"argument {name!r} must be an integer")
+    return value
+
+
+#: What a command gets: the control, its arguments, who asked, and a way to run a
+#: `Control.scan` a slice per reactor turn.
+Command = Callable[["Request"], Any]
+
+
+class Request:
+    """One request being served: what the command functions read."""
+
+    def __init__(
+        self,
+        control: Control,
+        args: Mapping[str, Any],
+        who: str,
+        drive: Callable[[Generator[None, None, Page]], Deferred[Page]],
+    ) -> None:
+        self.control = control
+        self.args = args
+        self.who = who
+        self.drive = drive
+
+
+def _show(request: Request) -> Any:
+    args = request.args
+    try:
+        offset, limit = check_page(args.get("offset"), args.get("limit"))
+    except OperatorError as e:
+        raise CommandError(str(e)) from None
+    scan = request.control.scan(
         _str_arg(args, "filter", False),
         kind=_str_arg(args, "kind", False),
         backend=_str_arg(args, "backend", False),
+        offset=offset,
+        limit=limit,
     )
-    shown = rows if limit is None else rows[:limit]
-    return {"rows": [r.as_dict() for r in shown], "total": len(rows)}
+    return request.drive(scan).addCallback(Page.as_dict)
 
 
-def _trace(control: Control, args: Mapping[str, Any]) -> Any:
-    return control.trace_dict(_str_arg(args, "packet") or "")
+def _trace(request: Request) -> Any:
+    return request.control.trace_dict(_str_arg(request.args, "packet") or "")
 
 
-def _move(control: Control, args: Mapping[str, Any]) -> Any:
-    return control.move(_str_arg(args, "key") or "", _str_arg(args, "backend") or "").as_dict()
+def _move(request: Request) -> Any:
+    args = request.args
+    return request.control.move(
+        _str_arg(args, "key") or "", _str_arg(args, "backend") or "", who=request.who
+    ).as_dict()
 
 
-def _forget(control: Control, args: Mapping[str, Any]) -> Any:
-    row = control.forget(_str_arg(args, "key") or "")
+def _forget(request: Request) -> Any:
+    row = request.control.forget(_str_arg(request.args, "key") or "", who=request.who)
     return None if row is None else row.as_dict()
 
 
-def _drain(control: Control, args: Mapping[str, Any]) -> Any:
-    return control.drain(_str_arg(args, "backend") or "")
+def _weight(request: Request) -> Any:
+    args = request.args
+    return request.control.weight(
+        _str_arg(args, "backend") or "", _int_arg(args, "weight"), who=request.who
+    )
 
 
-def _reload(control: Control, args: Mapping[str, Any]) -> Any:
-    def refused(failure: Failure) -> Failure:
-        # The operator sees the answer; the log must say it too (as for SIGHUP).
-        if failure.check(ValueError):
-            log.error(
-                "reload refused, the running configuration stays: {error}",
-                error=failure.value,
-            )
-        return failure
+def _drain(request: Request) -> Any:
+    return request.control.drain(_str_arg(request.args, "backend") or "", who=request.who)
 
-    def applied(result: object) -> str | None:
-        log.info("reload (lbproxyctl): {outcome}", outcome=result)
+
+def _undrain(request: Request) -> Any:
+    return request.control.undrain(_str_arg(request.args, "backend") or "", who=request.who)
+
+
+def _reload(request: Request) -> Any:
+    def answer(result: object) -> object:
+        as_dict = getattr(result, "as_dict", None)
+        if callable(as_dict):
+            return as_dict()
         return None if result is None else str(result)
 
-    return maybeDeferred(control.reload).addCallbacks(applied, refused)
+    return maybeDeferred(request.control.reload, who=request.who).addCallback(answer)
 
 
-COMMANDS: dict[str, Callable[[Control, Mapping[str, Any]], Any]] = {
+COMMANDS: dict[str, Command] = {
     "show": _show,
     "trace": _trace,
     "move": _move,
     "forget": _forget,
+    "weight": _weight,
     "drain": _drain,
-    "backends": lambda control, args: control.backends(),
-    "stats": lambda control, args: control.stats(),
+    "undrain": _undrain,
+    "backends": lambda request: request.control.backends(),
+    "stats": lambda request: request.control.stats(),
+    "info": lambda request: request.control.info(),
     "reload": _reload,
 }
+
+
+def peer_credentials(transport: object) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of the process at the other end of a UNIX socket transport, as
+    the kernel recorded them when it connected (``SO_PEERCRED``); None when the
+    transport has no such socket."""
+    get_handle = getattr(transport, "getHandle", None)
+    if get_handle is None:
+        return None
+    try:
+        handle = get_handle()
+        if handle.family != socket.AF_UNIX:
+            return None
+        raw = handle.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError):
+        return None
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
 
 
 class ControlProtocol(LineOnlyReceiver):
@@ -147,15 +232,41 @@ class ControlProtocol(LineOnlyReceiver):
     delimiter = b"\n"
     MAX_LENGTH = MAX_LINE
 
-    def __init__(self, control: Control) -> None:
+    def __init__(self, control: Control, cooperator: Cooperator | None = None) -> None:
         self.control = control
+        self.cooperator = cooperator if cooperator is not None else Cooperator()
+        self.who = peer_who("lbproxyctl", None)
+        # Answers go out in the order of the requests, also when one waits (show, reload).
+        self._queue: Deferred[None] = Deferred()
+        self._queue.callback(None)
+
+    def connectionMade(self) -> None:
+        """Learn who is at the other end (for the audit lines)."""
+        credentials = peer_credentials(self.transport)
+        if credentials is not None:
+            pid, uid, _gid = credentials
+            self.who = peer_who("lbproxyctl", uid, pid)
+
+    def _drive(self, scan: Generator[None, None, Page]) -> Deferred[Page]:
+        """Run a scan a slice per reactor turn; fire with its page."""
+        pages: list[Page] = []
+
+        def steps() -> Generator[None, None, None]:
+            pages.append((yield from scan))
+
+        return self.cooperator.cooperate(steps()).whenDone().addCallback(lambda _: pages[0])
 
     def lineReceived(self, line: bytes) -> None:
-        """Answer one request (asynchronously when the command returns a Deferred)."""
+        """Answer one request (asynchronously when the command returns a Deferred), after
+        the answers to the requests before it."""
         if not line.strip():
             return
-        d = maybeDeferred(self._dispatch, line)
-        d.addCallbacks(self._ok, self._error)
+
+        def answer(_: object) -> Deferred[None]:
+            d = maybeDeferred(self._dispatch, line).addCallbacks(self._ok, self._error)
+            return d.addErrback(lambda f: log.failure("Control answer failed", f))
+
+        self._queue.addCallback(answer)
 
     def _dispatch(self, line: bytes) -> Any:
         try:
@@ -171,7 +282,7 @@ class ControlProtocol(LineOnlyReceiver):
         command = COMMANDS.get(name)
         if command is None:
             raise CommandError(f"unknown command {name!r} (known: {', '.join(COMMANDS)})")
-        return command(self.control, args)
+        return command(Request(self.control, args, self.who, self._drive))
 
     def _ok(self, result: Any) -> None:
         self._send({"ok": True, "result": result})
@@ -196,33 +307,75 @@ class ControlProtocol(LineOnlyReceiver):
 
 
 class ControlFactory(Factory):
-    """Builds a ``ControlProtocol`` per connection, all over one ``Control``."""
+    """Builds a ``ControlProtocol`` per connection, all over one ``Control``; scans run
+    a slice per turn of ``reactor``."""
 
-    def __init__(self, control: Control) -> None:
+    noisy = False  # no "Starting factory" lines
+
+    def __init__(self, control: Control, reactor: Any = None) -> None:
         self.control = control
+        if reactor is None:
+            self.cooperator = Cooperator()
+        else:
+            self.cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
 
     def buildProtocol(self, addr: Any) -> ControlProtocol:
         """A protocol for one client."""
-        proto = ControlProtocol(self.control)
+        proto = ControlProtocol(self.control, self.cooperator)
         proto.factory = self
         return proto
 
 
-def prepare_socket_directory(path: str) -> None:
-    """Make the socket's directory owner-only (0700), creating it if needed.
+class UnsafeSocketPathError(OSError):
+    """The control socket's directory (or what is at its path) is not safe to listen in;
+    ``str()`` says which and why."""
 
-    Refuse to listen in a directory others may write to: they could replace
-    the socket with their own.
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EPERM, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def prepare_socket_directory(path: str) -> list[str]:
+    """Make sure the socket at ``path`` can be listened on safely; return the directories
+    created.
+
+    A missing directory (and its missing parents) is created with mode 0700.  An
+    existing one is never changed (it may be ``/run``, shared by everything): it is
+    refused (`UnsafeSocketPathError`) when it belongs to another user or others may write to
+    it -- they could replace the socket with their own -- and so is something other than
+    a socket at ``path``.  The same rule as the start-up checks (``lbproxy.preflight``).
     """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    info = os.stat(directory)
-    if info.st_uid != os.geteuid():
-        raise OSError(errno.EPERM, f"control socket directory {directory} is not ours")
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise OSError(errno.EPERM, f"control socket directory {directory} is writable by others")
-    if info.st_mode & 0o077:
-        os.chmod(directory, 0o700)
+    try:
+        created = make_private_directories(directory)
+    except OSError as e:
+        raise UnsafeSocketPathError(
+            f"cannot create the control socket directory {directory}: {e.strerror or e}"
+        ) from None
+    if not created:
+        info = os.stat(directory)
+        if info.st_uid != os.geteuid():
+            raise UnsafeSocketPathError(
+                f"the control socket directory {directory} belongs to uid {info.st_uid}, not "
+                "to this process's user; its owner could replace the socket (use a "
+                "directory of its own)"
+            )
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise UnsafeSocketPathError(
+                f"the control socket directory {directory} is writable by others (mode "
+                f"{stat.S_IMODE(info.st_mode):04o}); they could replace the socket (use a "
+                "directory of its own)"
+            )
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        return created
+    if not stat.S_ISSOCK(existing.st_mode):
+        raise UnsafeSocketPathError(f"{path} exists and is not a socket; not replacing it")
+    return created
 
 
 class ControlSocketService(StreamServerEndpointService):
@@ -231,7 +384,7 @@ class ControlSocketService(StreamServerEndpointService):
     def __init__(self, reactor: Any, path: str, control: Control) -> None:
         self.path = path
         endpoint = UNIXServerEndpoint(reactor, path, mode=0o600, wantPID=True)
-        super().__init__(endpoint, ControlFactory(control))
+        super().__init__(endpoint, ControlFactory(control, reactor))
         self._raiseSynchronously = True
 
     def privilegedStartService(self) -> None:
@@ -328,9 +481,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     show = sub.add_parser("show", help="list bindings of the sticky table")
     show.add_argument("filter", nargs="?", help="key kind, backend name, or substring")
-    show.add_argument("--kind", help="only this key kind (hoa, iid, spi, src)")
+    show.add_argument("--kind",
+                      help="only this key kind (addr, iid, spi, ike; hoa and src mean addr)")
     show.add_argument("--backend", help="only bindings to this backend")
-    show.add_argument("--limit", type=int, help="show at most this many rows")
+    show.add_argument("--limit", type=int,
+                      help="show at most this many rows (default 100, at most 10000)")
+    show.add_argument("--offset", type=int, help="skip this many matching rows (next pages)")
     trace = sub.add_parser("trace", help="which key and backend a packet would get")
     trace.add_argument("packet", help="the IPv6 packet in hex, or - to read hex from stdin")
     move = sub.add_parser("move", help="bind a key to a backend")
@@ -338,10 +494,16 @@ def _parser() -> argparse.ArgumentParser:
     move.add_argument("backend")
     forget = sub.add_parser("forget", help="remove a key's binding")
     forget.add_argument("key", nargs="+")
+    weight = sub.add_parser("weight", help="give a backend a new weight (0..1000) until undrain")
+    weight.add_argument("backend")
+    weight.add_argument("weight", type=int)
     drain = sub.add_parser("drain", help="no new bindings to a backend; existing ones stay")
     drain.add_argument("backend")
+    undrain = sub.add_parser("undrain", help="undo drain or weight: the file's weight again")
+    undrain.add_argument("backend")
     sub.add_parser("backends", help="list backends with weight, health, bindings")
     sub.add_parser("stats", help="packet and table counters")
+    sub.add_parser("info", help="version, uptime, mode, offload, what needs a restart")
     sub.add_parser("reload", help="re-read the configuration")
     return parser
 
@@ -351,7 +513,7 @@ def _request_args(options: argparse.Namespace, stdin: IO[str]) -> dict[str, Any]
     if command == "show":
         return {
             name: getattr(options, name)
-            for name in ("filter", "kind", "backend", "limit")
+            for name in ("filter", "kind", "backend", "offset", "limit")
             if getattr(options, name) is not None
         }
     if command == "trace":
@@ -362,15 +524,18 @@ def _request_args(options: argparse.Namespace, stdin: IO[str]) -> dict[str, Any]
         if command == "move":
             args["backend"] = options.backend
         return args
-    if command == "drain":
+    if command in ("drain", "undrain"):
         return {"backend": options.backend}
+    if command == "weight":
+        return {"backend": options.backend, "weight": options.weight}
     return {}
 
 
 def render(command: str, result: Any) -> str:
     """The text output of ``command`` for its ``result``."""
     if command == "show":
-        return format_rows(result["rows"], total=result["total"])
+        return format_rows(result["rows"], total=result["total"],
+                           offset=result.get("offset") or 0)  # fmt: skip
     if command == "trace":
         lines = [
             f"{name}: {'-' if result[name] is None else result[name]}"
@@ -385,13 +550,23 @@ def render(command: str, result: Any) -> str:
     if command == "drain":
         return (
             f"{result['name']} drained: weight {result['weight']}, "
-            f"{result['bindings']} existing bindings stay"
+            f"{result['bindings']} existing bindings stay (undrain {result['name']} undoes it)"
         )
+    if command in ("weight", "undrain"):
+        source = (
+            f"operator override; the file says {result['configured_weight']}"
+            if result.get("override") else "the configuration file's"
+        )
+        return f"{result['name']}: weight {result['weight']} ({source})"
+    if command == "info":
+        return format_info(result)
     if command == "backends":
         return format_backends(result)
     if command == "stats":
         return format_stats(result)
     if command == "reload":
+        if isinstance(result, Mapping):
+            return f"reloaded: {result.get('summary')}"
         return "reloaded" if not result else f"reloaded: {result}"
     return json.dumps(result)
 

@@ -21,6 +21,11 @@ injected clock and feeds their outcomes to the states::
     up     fail      failures += 1; failures == fall -> down (callback)
     down   fail      successes = 0
     down   ok        successes += 1; successes == rise -> up (callback)
+
+Probes are quiet: a probe every two seconds per backend would otherwise log a
+"Starting factory" and a "Stopping factory" line each (Twisted's default for every
+connection a factory makes), drowning everything else.  Only a change of state is
+logged.
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ from typing import TYPE_CHECKING, Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import TCP6ClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import Attribute, Interface, implementer
 
 if TYPE_CHECKING:
@@ -111,6 +118,40 @@ class _Connected(Protocol):
         self.transport.loseConnection()
 
 
+class _QuietFactory(Factory):
+    """Makes `_Connected` protocols without logging each connection."""
+
+    noisy = False
+    protocol = _Connected
+
+
+@implementer(IStreamClientEndpoint)
+class _QuietEndpoint:
+    """An endpoint that silences the factories it connects (the HTTP agent's own)."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self.endpoint = endpoint
+
+    def connect(self, protocolFactory: Any) -> Deferred[Any]:
+        protocolFactory.noisy = False
+        return self.endpoint.connect(protocolFactory)
+
+
+@implementer(IAgentEndpointFactory)
+class _QuietEndpoints:
+    """The HTTP agent's endpoint factory: TCP over IPv6 to the probed backend, quiet."""
+
+    def __init__(self, reactor: Any, timeout: float) -> None:
+        self.reactor = reactor
+        self.timeout = timeout
+
+    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
+        host = uri.host.decode("ascii")
+        return _QuietEndpoint(
+            TCP6ClientEndpoint(self.reactor, host, uri.port, timeout=self.timeout)
+        )
+
+
 @implementer(IHealthProbe)
 class TCPProbe:
     """Success when a TCP connection to ``host``:``port`` opens."""
@@ -125,7 +166,7 @@ class TCPProbe:
     def probe(self) -> Deferred[Any]:
         """Connect and close at once."""
         endpoint = TCP6ClientEndpoint(self.reactor, self.host, self.port, timeout=self.timeout)
-        return endpoint.connect(Factory.forProtocol(_Connected))
+        return endpoint.connect(_QuietFactory())
 
 
 @implementer(IHealthProbe)
@@ -153,7 +194,9 @@ class HTTPProbe:
         from twisted.web.client import Agent, readBody
         from twisted.web.http_headers import Headers
 
-        agent = Agent(self.reactor, connectTimeout=self.timeout)
+        agent = Agent.usingEndpointFactory(
+            self.reactor, _QuietEndpoints(self.reactor, self.timeout)
+        )
         headers = Headers({b"User-Agent": [b"lbproxy-health"]})
         if self.host_header:
             headers.addRawHeader(b"Host", self.host_header.encode())

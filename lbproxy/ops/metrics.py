@@ -9,29 +9,47 @@ custom collector, so counting stays free and the numbers are always current.
 Objects the collector reads may be missing (no notification service
 configured, no health checks): their metrics are simply absent.
 
+A scrape costs the same whatever the table holds: per-backend bindings come from the
+table's load counts, kept as bindings come and go, never from walking the table.  Besides
+lbproxy's own families the page has ``process_*`` (prometheus_client's
+``ProcessCollector``: CPU, memory, file descriptors, start time), ``lbproxy_build_info``
+and the table's capacity.
+
 The page is rendered in the reactor thread, not through
 ``prometheus_client.twisted.MetricsResource``: that one runs the collector
-in a thread pool, where iterating the sticky table would race the reactor
-thread that mutates it.
+in a thread pool, where reading the live objects would race the reactor
+thread that mutates them.
+
+The same endpoint serves ``/healthz`` for load balancers and supervisors in front of
+this one: ``200`` and ``{"status": "ok", ...}`` when packets are being forwarded and at
+least one backend is up with a weight above 0, ``503`` and ``{"status": "unavailable",
+...}`` otherwise (`Control.health`).  Neither page is written to the log: a scrape every
+few seconds would drown everything else.
 """
 
 from __future__ import annotations
 
+import json
+import platform
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+from prometheus_client import ProcessCollector
 from prometheus_client.core import (
     CollectorRegistry,
     CounterMetricFamily,
     GaugeMetricFamily,
+    InfoMetricFamily,
     Metric,
 )
 from prometheus_client.exposition import choose_encoder
 from twisted.application import strports
 from twisted.application.service import IService
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from lbproxy import __version__
 from lbproxy.ops.control import Control
 
 PREFIX = "lbproxy"
@@ -75,6 +93,10 @@ class BalancerCollector:
 
     def collect(self) -> Iterator[Metric]:
         """Build every metric family from the live objects."""
+        yield InfoMetricFamily(
+            f"{PREFIX}_build", "lbproxy's version and the Python running it (always 1).",
+            value={"version": __version__, "python": platform.python_version()},
+        )
         yield from self._packets()
         yield from self._table()
         yield from self._backends()
@@ -160,6 +182,11 @@ class BalancerCollector:
             f"{PREFIX}_table_bindings", "Bindings in the sticky table.", table["size"]
         )
         yield GaugeMetricFamily(
+            f"{PREFIX}_table_capacity",
+            "Bindings the sticky table may hold (balancer.max_entries).",
+            table.get("capacity", 0),
+        )
+        yield GaugeMetricFamily(
             f"{PREFIX}_table_aliases",
             "Identities leading to another identity's binding (a terminal's other "
             "addresses, interface ID, SPI).",
@@ -178,7 +205,9 @@ class BalancerCollector:
     def _backends(self) -> Iterator[Metric]:
         backends = self.control.backends()
         bindings = GaugeMetricFamily(
-            f"{PREFIX}_backend_bindings", "Live bindings per backend.", labels=["backend"]
+            f"{PREFIX}_backend_bindings",
+            "Bindings per backend (those whose lifetime ran out count until the next sweep).",
+            labels=["backend"],
         )
         packets = CounterMetricFamily(
             f"{PREFIX}_backend_packets",
@@ -276,18 +305,51 @@ class MetricsPage(Resource):
         return output
 
 
-def make_registry(collector: BalancerCollector) -> CollectorRegistry:
-    """A registry holding only ``collector`` (no process-global state)."""
+class HealthPage(Resource):
+    """``/healthz``: 200 when this balancer can take new terminals, 503 otherwise, with
+    `Control.health` as a small JSON body."""
+
+    isLeaf = True
+
+    def __init__(self, control: Control) -> None:
+        super().__init__()
+        self.control = control
+
+    def render_GET(self, request: Request) -> bytes:
+        """The verdict and its parts."""
+        health = self.control.health()
+        request.setResponseCode(200 if health["status"] == "ok" else 503)
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-store")
+        return json.dumps(health, sort_keys=True).encode("ascii") + b"\n"
+
+
+class QuietSite(Site):
+    """A site that writes no access log and no "Starting factory" lines."""
+
+    noisy = False
+
+    def log(self, request: http.Request) -> None:
+        """No access log: a scrape every few seconds would drown the rest."""
+
+
+def make_registry(collector: BalancerCollector, process: bool = True) -> CollectorRegistry:
+    """A registry holding ``collector`` and (``process``) this process's ``process_*``
+    metrics (no process-global state)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
+    if process:
+        ProcessCollector(registry=registry)
     return registry
 
 
-def make_site(registry: CollectorRegistry) -> Site:
-    """A site serving ``/metrics``."""
+def make_site(registry: CollectorRegistry, control: Control | None = None) -> Site:
+    """A site serving ``/metrics`` (and ``/healthz`` for ``control``)."""
     root = Resource()
     root.putChild(b"metrics", MetricsPage(registry))
-    return Site(root)
+    if control is not None:
+        root.putChild(b"healthz", HealthPage(control))
+    return QuietSite(root)
 
 
 def make_metrics_service(
@@ -298,10 +360,12 @@ def make_metrics_service(
     peer_states: Callable[[], Mapping[str, object]] | None = None,
     subscriptions: Iterable[object] | None = None,
 ) -> IService:
-    """Serve the balancer's metrics at ``/metrics`` on the strports ``endpoint``.
+    """Serve the balancer's metrics at ``/metrics`` and its health at ``/healthz`` on
+    the strports ``endpoint``.
 
     ``endpoint`` is e.g. ``tcp6:9100:interface=\\:\\:1``.
     """
     registry = make_registry(BalancerCollector(control, notify, peer_states, subscriptions))
-    service: IService = strports.service(endpoint, make_site(registry), reactor=reactor)
+    site = make_site(registry, control)
+    service: IService = strports.service(endpoint, site, reactor=reactor)
     return service

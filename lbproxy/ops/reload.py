@@ -1,0 +1,208 @@
+"""What a reload does with each key of the configuration file, and what it answers.
+
+Why a module of its own: a reload must answer honestly -- what it applied, what it
+ignored, what needs a restart -- and for that it compares the file with what is
+*running*, not with the file it read last.  After a reload that changes ``mode`` (which
+needs a restart), the running mode is still the old one, so the next reload of the same
+file says again that ``balancer.mode`` needs a restart.  This module holds the table of
+every configuration field and what a reload does with it (`FIELDS`; a test checks that
+no field of `lbproxy.config.Config` is missing from it), the comparison, and the answer
+(`ReloadReport`).  `lbproxy.tap.BalancerService.reload` applies the changes.
+
+=============================  ===============================  ======================
+field                          file key                         a reload
+=============================  ===============================  ======================
+virtual addresses, ports       ``virtual.*``                    applies
+backends                       ``[[backend]]``                  applies (operator
+                                                                weight overrides stay)
+key chain, ``any_interface_id``  ``balancer.key_chain`` ...     applies
+scheduler                      ``balancer.scheduler``           applies
+health checks                  ``[health]``                     applies
+manhole, control socket,       ``[manhole]``, ``[control]``,    applies (restarts that
+metrics endpoint               ``[metrics]``                    listener in place)
+persistence                    ``[persistence]``                applies (the running
+                                                                table is kept)
+interfaces                     ``interfaces.*``                 needs a restart
+mode, lifetime, max_entries,   ``balancer.*``                   needs a restart
+sweep_interval, batch,
+link_send, offload
+notifications                  ``[notify]``                     needs a restart
+the fleet                      ``[fleet]``                      needs a restart
+log format                     ``logging.format``               needs a restart
+=============================  ===============================  ======================
+
+``[notify]`` needs a restart because the notification service (`lbproxy.notify.router`)
+offers no way to change its peers or TLS material while it runs; ``[fleet]`` because the
+fleet service (`lbproxy.fleet`) offers none to change its store or name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+if TYPE_CHECKING:
+    from lbproxy.config import BackendConfig, Config
+
+__all__ = [
+    "APPLIES",
+    "FIELDS",
+    "RESTART",
+    "Field",
+    "ReloadRefusedError",
+    "ReloadReport",
+    "backend_changes",
+    "differences",
+    "restart_fields",
+]
+
+APPLIES = "applies"
+RESTART = "restart"
+
+
+@attrs.frozen
+class Field:
+    """One field of `lbproxy.config.Config`: its key in the file and what a reload does."""
+
+    name: str
+    key: str
+    action: str
+
+    @property
+    def section(self) -> str:
+        """The file's section the key is in (``manhole`` for ``manhole.endpoint``)."""
+        return self.key.split(".", 1)[0]
+
+
+FIELDS: tuple[Field, ...] = tuple(
+    Field(name, key, action)
+    for name, key, action in (
+        ("virtual_addresses", "virtual.addresses", APPLIES),
+        ("ports", "virtual.ports", APPLIES),
+        ("client_interface", "interfaces.client", RESTART),
+        ("server_interface", "interfaces.server", RESTART),
+        ("backends", "backend", APPLIES),
+        ("mode", "balancer.mode", RESTART),
+        ("key_chain", "balancer.key_chain", APPLIES),
+        ("any_interface_id", "balancer.any_interface_id", APPLIES),
+        ("scheduler", "balancer.scheduler", APPLIES),
+        ("lifetime", "balancer.lifetime", RESTART),
+        ("max_entries", "balancer.max_entries", RESTART),
+        ("sweep_interval", "balancer.sweep_interval", RESTART),
+        ("batch", "balancer.batch", RESTART),
+        ("link_send", "balancer.link_send", RESTART),
+        ("offload", "balancer.offload", RESTART),
+        ("health", "health", APPLIES),
+        ("notify", "notify", RESTART),
+        ("fleet", "fleet", RESTART),
+        ("manhole_endpoint", "manhole.endpoint", APPLIES),
+        ("manhole_authorized_keys", "manhole.authorized_keys", APPLIES),
+        ("manhole_host_key", "manhole.host_key", APPLIES),
+        ("control_socket", "control.socket", APPLIES),
+        ("metrics_endpoint", "metrics.endpoint", APPLIES),
+        ("persistence_path", "persistence.path", APPLIES),
+        ("persistence_interval", "persistence.interval", APPLIES),
+        ("persistence_max_bytes", "persistence.max_bytes", APPLIES),
+        ("logging_format", "logging.format", RESTART),
+    )
+)
+
+
+def _fields(config: Config) -> list[Field]:
+    """The rules for the fields ``config`` has (a rule may be ahead of its field)."""
+    names = {a.name for a in attrs.fields(type(config))}
+    return [f for f in FIELDS if f.name in names]
+
+
+def differences(running: Config, new: Config) -> list[Field]:
+    """The fields whose value in ``new`` differs from ``running``, in `FIELDS` order."""
+    return [f for f in _fields(running) if getattr(running, f.name) != getattr(new, f.name)]
+
+
+def restart_fields(running: Config, new: Config) -> dict[str, Any]:
+    """``new``'s fields that a reload cannot apply, set back to ``running``'s: what is
+    in force after a reload (``attrs.evolve(new, **restart_fields(running, new))``)."""
+    return {f.name: getattr(running, f.name) for f in _fields(running) if f.action == RESTART}
+
+
+def _health_text(b: BackendConfig) -> str:
+    if b.health == "none":
+        return "none"
+    path = b.health_path if b.health == "http" else ""
+    return f"{b.health}:{b.health_port}{path}"
+
+
+def backend_changes(
+    old: Sequence[BackendConfig], new: Sequence[BackendConfig], overridden: Sequence[str] = ()
+) -> list[str]:
+    """What changed in the backend list, as short phrases: ``added b3``, ``removed b2``,
+    ``b1 weight 1 -> 2``, ``b1 address ...``, ``b1 health tcp:80 -> none``.  The weight
+    of a backend in ``overridden`` is left out (the operator's override stays)."""
+    before = {b.name: b for b in old}
+    after = {b.name: b for b in new}
+    phrases = [f"added {name}" for name in after if name not in before]
+    phrases += [f"removed {name}" for name in before if name not in after]
+    for name, b in after.items():
+        a = before.get(name)
+        if a is None:
+            continue
+        if a.address != b.address:
+            phrases.append(f"{name} address {a.address} -> {b.address}")
+        if a.weight != b.weight and name not in overridden:
+            phrases.append(f"{name} weight {a.weight} -> {b.weight}")
+        if _health_text(a) != _health_text(b):
+            phrases.append(f"{name} health {_health_text(a)} -> {_health_text(b)}")
+    if not phrases and [b.name for b in old] != [b.name for b in new]:
+        phrases.append("order")
+    return phrases
+
+
+class ReloadRefusedError(ValueError):
+    """The new file cannot be used here (problems the start-up checks find in a section
+    the reload would apply); nothing was changed.  ``str()`` is each problem's ``file:
+    key: reason``, joined by ``; ``."""
+
+    def __init__(self, problems: Sequence[object]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("; ".join(str(p) for p in self.problems))
+
+
+@attrs.frozen
+class ReloadReport:
+    """What a reload did: keys (with details) applied, needing a restart, ignored, and
+    those it tried to apply and could not (the old setting stays in force)."""
+
+    applied: tuple[str, ...] = ()
+    restart: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()
+    failed: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        """One line: ``applied: ...; needs a restart: ...; ignored: ...; failed: ...``,
+        or ``nothing changed``."""
+        parts = [
+            f"{label}: {', '.join(items)}"
+            for label, items in (
+                ("applied", self.applied),
+                ("needs a restart", self.restart),
+                ("ignored", self.ignored),
+                ("failed", self.failed),
+            )
+            if items
+        ]
+        return "; ".join(parts) or "nothing changed"
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready values (``lbproxyctl --json reload``)."""
+        return {
+            "applied": list(self.applied),
+            "restart": list(self.restart),
+            "ignored": list(self.ignored),
+            "failed": list(self.failed),
+            "summary": self.summary(),
+        }
