@@ -36,7 +36,7 @@ from lbproxy.core.balancer import Balancer
 from lbproxy.core.keys import KeyChain
 from lbproxy.core.selection import Backend, scheduler_from_name
 from lbproxy.core.table import StickyTable
-from lbproxy.fleet.service import FleetService
+from lbproxy.fleet.service import FleetCollector, FleetService
 from lbproxy.io.forwarder import ForwarderService
 from lbproxy.io.rawsocket import IPacketSystem, LinuxPacketSystem
 from lbproxy.notify.adapter import TableListener
@@ -186,6 +186,8 @@ class BalancerService(MultiService):
             weights=self.weights,
             status=self.status,
             forwarding=lambda: bool(self.forwarder.running),
+            notifier=self.notifier,
+            fleet=self.fleet,
         )
         self.ctl: IService | None = None
         self.manhole: IService | None = None
@@ -244,6 +246,7 @@ class BalancerService(MultiService):
                 else None
             ),
             subscriptions=notifier.subscriptions if notifier else None,
+            extra=[FleetCollector(self.fleet)] if self.fleet is not None else [],
         )
 
     def _terminal_seen(self, home: bytes | None, source: bytes) -> None:

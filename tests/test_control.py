@@ -413,3 +413,26 @@ class PerBackendTests(SynchronousTestCase):
         self.assertEqual(sum(b["bindings"] for b in control.backends()), 13)
         balancer.sweep()
         self.assertEqual(sum(b["bindings"] for b in control.backends()), 0)
+
+
+class NotifyAndFleetTests(SynchronousTestCase):
+    def test_off_says_so(self) -> None:
+        """Without notifications or a fleet the verbs are refused with what to configure,
+        and a bad limit is refused before the notifier is asked."""
+        control, _balancer, _clock = make_control()
+        error = self.assertRaises(OperatorError, control.notify)
+        self.assertIn("[notify] enabled = false", str(error))
+        error = self.assertRaises(OperatorError, control.fleet_view, "addr 2001:db8::1")
+        self.assertIn("[fleet]", str(error))
+
+    def test_lbproxyctl_arguments(self) -> None:
+        """``lbproxyctl notify --peer ha1 --limit 5`` and ``lbproxyctl fleet addr X`` send
+        what the server's verbs take."""
+        import io
+
+        from lbproxy.ops.ctl import _parser, _request_args
+
+        options = _parser().parse_args(["notify", "--peer", "ha1", "--limit", "5"])
+        self.assertEqual(_request_args(options, io.StringIO()), {"limit": 5, "peer": "ha1"})
+        options = _parser().parse_args(["fleet", "addr", "2001:db8::1"])
+        self.assertEqual(_request_args(options, io.StringIO()), {"key": "addr 2001:db8::1"})

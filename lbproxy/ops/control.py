@@ -273,8 +273,14 @@ class Control:
         weights: actions.Weights | None = None,
         status: Callable[[], Mapping[str, Any]] | None = None,
         forwarding: Callable[[], bool] | None = None,
+        notifier: Any | None = None,
+        fleet: Any | None = None,
     ) -> None:
         self.balancer = balancer
+        #: The notification service (`lbproxy.notify.router.Notifier`), if enabled.
+        self.notifier = notifier
+        #: The fleet service (`lbproxy.fleet.service.FleetService`), if configured.
+        self.fleet = fleet
         self.ports = ports
         self.parse_key = parse_key
         self.clock: IReactorTime = clock if clock is not None else balancer.clock
@@ -637,7 +643,26 @@ class Control:
                 },
             },
             **({"ports": _ports(self.ports())} if self.ports is not None else {}),
+            **({"fleet": self.fleet.stats()} if self.fleet is not None else {}),
         }
+
+    def notify(self, limit: int = 100, peer: str | None = None) -> dict[str, Any]:
+        """Notification peers, their states, subscriptions, last reports and refusals by
+        reason (``lbproxyctl notify``)."""
+        if self.notifier is None:
+            raise OperatorError("notifications are off ([notify] enabled = false)")
+        if not 0 <= limit <= 10_000:
+            raise OperatorError(f"limit must be within 0..10000, not {limit}")
+        result: dict[str, Any] = self.notifier.report(limit=limit, peer=peer)
+        return result
+
+    def fleet_view(self, key: Key | str) -> dict[str, Any]:
+        """One identity as this balancer, the fleet's shared store and Maglev see it
+        (``lbproxyctl fleet KEY``)."""
+        if self.fleet is None:
+            raise OperatorError("this balancer is not in a fleet (no [fleet] section)")
+        result: dict[str, Any] = self.fleet.view(self._key(key))
+        return result
 
     def reload(self, *, who: str = "unknown") -> object:
         """Re-read the configuration through the service's reload callable (which logs

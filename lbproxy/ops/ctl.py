@@ -14,7 +14,7 @@ even when several operators share the root account through sudo.
 
 The protocol is one JSON object per line each way::
 
-    -> {"command": "move", "args": {"key": "hoa 2001:db8::16", "backend": "b2"}}
+    -> {"command": "move", "args": {"key": "addr 2001:db8::16", "backend": "b2"}}
     <- {"ok": true, "result": {...}}
     <- {"ok": false, "error": "unknown backend 'b9' (known: b1, b2)"}
 
@@ -36,6 +36,10 @@ backends  -                                            [backend, ...]
 stats     -                                            the counters
 info      -                                            version, uptime, mode, offload, pending
                                                        restart, ...
+notify    peer, limit (optional; 100 by default)       peers, states, subscriptions, last
+                                                       reports, refusals by reason
+fleet     key                                          the key as this balancer, the fleet's
+                                                       store and Maglev see it
 reload    -                                            {"applied": [...], "restart": [...],
                                                        "ignored": [...], "failed": [...],
                                                        "summary": text}
@@ -204,6 +208,11 @@ COMMANDS: dict[str, Command] = {
     "backends": lambda request: request.control.backends(),
     "stats": lambda request: request.control.stats(),
     "info": lambda request: request.control.info(),
+    "notify": lambda request: request.control.notify(
+        limit=_int_arg(request.args, "limit") if "limit" in request.args else 100,
+        peer=_str_arg(request.args, "peer", required=False),
+    ),
+    "fleet": lambda request: request.control.fleet_view(_str_arg(request.args, "key") or ""),
     "reload": _reload,
 }
 
@@ -504,6 +513,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("backends", help="list backends with weight, health, bindings")
     sub.add_parser("stats", help="packet and table counters")
     sub.add_parser("info", help="version, uptime, mode, offload, what needs a restart")
+    notify = sub.add_parser("notify", help="notification peers, subscriptions, refusals")
+    notify.add_argument("--peer", help="only this peer")
+    notify.add_argument("--limit", type=int, default=100, help="dialled-in terminals shown")
+    fleet = sub.add_parser("fleet", help="a key as this balancer, the fleet and Maglev see it")
+    fleet.add_argument("key", nargs="+", help='key, e.g. "addr 2001:db8::16"')
     sub.add_parser("reload", help="re-read the configuration")
     return parser
 
@@ -528,6 +542,13 @@ def _request_args(options: argparse.Namespace, stdin: IO[str]) -> dict[str, Any]
         return {"backend": options.backend}
     if command == "weight":
         return {"backend": options.backend, "weight": options.weight}
+    if command == "notify":
+        args = {"limit": options.limit}
+        if options.peer is not None:
+            args["peer"] = options.peer
+        return args
+    if command == "fleet":
+        return {"key": " ".join(options.key)}
     return {}
 
 
@@ -560,6 +581,10 @@ def render(command: str, result: Any) -> str:
         return f"{result['name']}: weight {result['weight']} ({source})"
     if command == "info":
         return format_info(result)
+    if command == "notify":
+        from lbproxy.notify.router import format_report
+
+        return format_report(result)
     if command == "backends":
         return format_backends(result)
     if command == "stats":

@@ -359,13 +359,16 @@ def make_metrics_service(
     notify: object | None = None,
     peer_states: Callable[[], Mapping[str, object]] | None = None,
     subscriptions: Iterable[object] | None = None,
+    extra: Iterable[Any] = (),
 ) -> IService:
     """Serve the balancer's metrics at ``/metrics`` and its health at ``/healthz`` on
-    the strports ``endpoint``.
+    the strports ``endpoint``; ``extra`` collectors (the fleet's) are served too.
 
     ``endpoint`` is e.g. ``tcp6:9100:interface=\\:\\:1``.
     """
     registry = make_registry(BalancerCollector(control, notify, peer_states, subscriptions))
+    for collector in extra:
+        registry.register(collector)
     site = make_site(registry, control)
     service: IService = strports.service(endpoint, site, reactor=reactor)
     return service
