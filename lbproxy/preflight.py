@@ -323,6 +323,8 @@ def check_balancer(config: Config, host: Host | None = None) -> list[ConfigError
     checks.raw_sockets("interfaces", "forwarding (raw and packet sockets on the interfaces)")
     if config.notify.enabled:
         checks.tls("notify", config.notify.ca, config.notify.certificate, config.notify.key)
+        if config.notify.listen:
+            checks.listening("notify.listen", config.notify.listen)
     if config.manhole_endpoint:
         checks.listening("manhole.endpoint", config.manhole_endpoint)
         if checks.readable("manhole.authorized_keys", config.manhole_authorized_keys) \
