@@ -23,9 +23,10 @@ the wire:
   and fragmented datagrams, for a terminal keyed by each kind (hoa, iid, spi, src): the
   backend that holds the binding gets them, and its kernel accepts them.
 
-Two scenarios are marked ``todo`` (expected failures, with the reason): a MOBIKE address
-update that reaches the balancer from a new care-of address before any ESP does, and an
-operator's move after a notified move (docs/testbed.md).  Needs root; without it every
+One scenario is marked ``todo`` (an expected failure, with the reason): an operator's
+move after a notified move (docs/testbed.md).  A MOBIKE address update that reaches the
+balancer from a new care-of address before any ESP does finds the terminal's backend
+through the IKE SA's SPI (the ``ike`` key strategy).  Needs root; without it every
 test skips with the reason.
 """
 
@@ -681,10 +682,6 @@ class IkeAndEspTests(IdentityBedTestCase):
         self.assertEqual(served, {1: [backend], 2: [backend]},
                          f"table {self.rows(lb)}; stats {lb.ctl('stats')['conflicts']}")
 
-    test_mobike_address_update_before_esp.todo = (  # type: ignore[attr-defined]
-        "core: an IKE message (UDP 500/4500) shows no identity but its source address, and "
-        "UDP-encapsulated ESP is not read for its SPI, so MOBIKE's address update from a "
-        "new care-of address is bound afresh before any ESP links that address")
 
 
 class HomeAgentPoolTests(IdentityBedTestCase):
