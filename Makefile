@@ -13,7 +13,7 @@ STAMP   = $(VENV)/.installed
 BASELINE ?=
 
 .PHONY: demo test unit lint typecheck bench bench-dataplane bench-notify clean system-deps \
-	xdp bpf-deps
+	xdp bpf-deps lab lab-down changelog
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,17 @@ system-deps:
 	echo "installing Debian packages for:$$missing"; \
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	  nftables ethtool tcpdump iproute2 gcc redis-server >/dev/null
+	@# The operator kit's checks (tests/test_systemd.py, tests/test_kit.py): systemd-analyze
+	@# (verify, security) for the unit files, strace for the balancer's system calls against
+	@# their filter, promtool for the alert rules (prometheus, without its recommends).
+	@missing=""; \
+	for pair in systemd-analyze:systemd strace:strace promtool:prometheus; do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then echo "note: missing$$missing and not root: their checks will skip"; exit 0; fi; \
+	echo "installing Debian packages:$$missing"; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	  --no-install-recommends $$missing >/dev/null
 
 # The XDP program (lbproxy/xdp/, docs/xdp.md): compiled with clang for the BPF target,
 # loaded at run time through the distribution's libbpf.so.1.  Rebuilt when its source
@@ -85,6 +96,31 @@ typecheck: $(STAMP)
 
 demo: $(STAMP) system-deps
 	$(PY) -m lbproxy.demo
+
+# A namespace lab that stays up (lbproxy/lab.py; docs/tutorial.md): the test bed's
+# terminals, home agent and backends, the balancer under twistd, lbproxy-homeagent.
+# Root.  It prints how to use it and the command that tears it down: make lab-down.
+lab: $(STAMP) system-deps
+	$(PY) -m lbproxy.lab up
+
+lab-down:
+	$(PY) -m lbproxy.lab down
+
+# CHANGELOG.md from the fragments in changelog.d/ (towncrier, configured in pyproject.toml).
+# `make changelog` rewrites the file's "unreleased" section (between its two markers) from
+# the fragments, leaving them in place; `make changelog RELEASE=1.0.0` first makes the
+# release: towncrier writes the 1.0.0 section below it and removes the fragments.
+RELEASE ?=
+changelog: $(STAMP)
+	$(if $(RELEASE),$(VENV)/bin/towncrier build --yes --version $(RELEASE))
+	$(VENV)/bin/towncrier build --draft --date unreleased \
+	  --version "$$($(PY) -c 'import lbproxy; print(lbproxy.__version__)')" 2>/dev/null \
+	  > CHANGELOG.md.draft
+	awk '/<!-- unreleased end -->/ {skip = 0} !skip {print} \
+	  /<!-- unreleased start -->/ {while ((getline line < "CHANGELOG.md.draft") > 0) print line; skip = 1}' \
+	  CHANGELOG.md > CHANGELOG.md.new
+	mv CHANGELOG.md.new CHANGELOG.md
+	rm -f CHANGELOG.md.draft
 
 # The core's figures, then this tree's fast and general paths against the revision in
 # benchmarks/BASELINE (or `make bench BASELINE=<rev>`), in alternating rounds.
