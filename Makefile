@@ -138,3 +138,4 @@ bench-notify: $(STAMP) system-deps
 
 clean:
 	rm -rf $(VENV) .trial_temp _trial_temp .mypy_cache .ruff_cache build *.egg-info twisted/plugins/dropin.cache
+	rm -f $(XDP_OBJ)

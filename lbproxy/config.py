@@ -62,6 +62,9 @@ DEAD_BACKEND_POLICIES = ("reassign", "keep")
 #: ``[notify]``: the longest report interval (s) and the names of terminals that dial in.
 MAX_INTERVAL = 86_400
 DIAL_IN_PREFIX = "terminal:"
+#: ``[balancer] offload``: the XDP executor (lbproxy.io.xdp) when this host can run it,
+#: always (refuse to start otherwise), or never.
+OFFLOADS = ("auto", "xdp", "none")
 LOG_FORMATS = ("text", "json")
 
 
@@ -169,6 +172,8 @@ class Config:
     sweep_interval: float = 1.0
     batch: int = 256
     link_send: bool = True
+    #: ``[balancer] offload`` (`OFFLOADS`; docs/xdp.md).
+    offload: str = "auto"
     health: HealthConfig = HealthConfig()
     notify: NotifyConfig = NotifyConfig()
     fleet: FleetConfig = FleetConfig()
@@ -333,7 +338,7 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
     bal = checked(
         top.table("balancer"),
         ("mode", "key_chain", "any_interface_id", "scheduler", "lifetime", "max_entries",
-         "sweep_interval", "batch", "link_send"),
+         "sweep_interval", "batch", "link_send", "offload"),
     )
     any_interface_id = bal.get("any_interface_id", bool, False)
     chain = _key_chain(bal, _strategy_settings(any_interface_id))
@@ -441,6 +446,7 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
         sweep_interval=bal.number("sweep_interval", 1.0, 0.01, 60.0),
         batch=bal.integer("batch", 256, 1, 65536),
         link_send=bal.get("link_send", bool, True),
+        offload=bal.choice("offload", "auto", OFFLOADS),
         health=health,
         notify=notify,
         fleet=_fleet(top),

@@ -165,6 +165,8 @@ class BalancerService(MultiService):
             batch=config.batch,
             sweep_interval=config.sweep_interval,
             link_send=config.link_send,
+            offload=config.offload,
+            config_path=config.path,
         )
         self.forwarder.setServiceParent(self)
         self.notifier: Notifier | None = None

@@ -20,6 +20,16 @@ link's packet socket to the MAC the kernel's neighbour table has for them (read 
 goes through the raw socket, so the kernel resolves it) -- docs/performance.md has the
 figures and the trade-offs.
 
+With ``offload`` (``[balancer] offload``, docs/xdp.md) the XDP executor
+(`lbproxy.io.xdp.XdpOffload`) is loaded and attached to both links in driver mode when the
+service is built -- so that ``offload = "xdp"`` refuses to start, with ``file: key:
+reason``, before anything else starts -- and forwards the usual packets of established
+bindings in the driver; what it hands up arrives here as before.  The service keeps its
+maps in step: the bindings the core made are written after each batch (and, for changes
+made outside a batch, on the next reactor turn), the policy is compared after each batch,
+and the program's last-seen stamps are folded into the table right before each sweep
+(claim 10), with its counters.
+
 It owns the life cycle twistd expects: sockets are opened as root in
 ``privilegedStartService``, reading starts in ``startService``, and a `LoopingCall` on the
 injected clock sweeps expired bindings.
@@ -34,6 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorFDSet, IReactorTime
@@ -41,6 +52,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from lbproxy import preflight
 from lbproxy.core.balancer import Balancer
 from lbproxy.io import mmsg
 from lbproxy.io.fastpath import FastPath
@@ -53,6 +65,10 @@ from lbproxy.io.rawsocket import (
     PacketReader,
     PacketWriter,
 )
+from lbproxy.tomlconfig import ConfigError
+
+if TYPE_CHECKING:
+    from lbproxy.io.xdp import XdpOffload
 
 __all__ = ["Executing", "ForwarderService", "local_addresses"]
 
@@ -69,13 +85,15 @@ class Executing(PacketProtocol):
     (``general``: `Balancer.inbound` or `Balancer.outbound`), its result written to the
     port's transport; with ``fast``, every batch first through that executor
     (`FastPath.forward` or `FastPath.reply`), which delivers back, in order, each packet
-    it leaves to the general path."""
+    it leaves to the general path; ``after`` (when set) runs at the end of each batch
+    (or packet) -- the XDP executor writes the bindings the core made meanwhile."""
 
     def __init__(
         self, general: Callable[[bytearray], bytearray | None], fast: _BatchExecutor | None = None
     ) -> None:
         self.general = general
         self.fast = fast
+        self.after: Callable[[], object] | None = None
         self._write: Callable[..., object] | None = None
 
     def connectionMade(self) -> None:
@@ -86,6 +104,8 @@ class Executing(PacketProtocol):
         out = self.general(packet)
         if out is not None and self._write is not None:
             self._write(out)
+        if self.after is not None:
+            self.after()
 
     def batchReceived(
         self, batch: mmsg.Batch, count: int, deliver: Callable[[int, int], None]
@@ -95,6 +115,17 @@ class Executing(PacketProtocol):
                 deliver(batch.start(i), batch.length(i))
         else:
             self.fast(batch.data, batch.slot, batch.lengths, count, deliver)
+        if self.after is not None:
+            self.after()
+
+
+def _xdp_counts(counted: dict[str, int]) -> dict[str, int]:
+    """`XdpOffload.stats` under the names ``ports.xdp`` shows them."""
+    names = (("forwarded", "packets"), ("forwarded_bytes", "bytes"), ("replies", "replies"),
+             ("reply_bytes", "reply_bytes"), ("passed", "passed"),
+             ("replies_passed", "replies_passed"), ("stale", "stale"),
+             ("no_route", "no_route"))  # fmt: skip
+    return {shown: counted.get(name, 0) for shown, name in names}
 
 
 def local_addresses(proc_path: str = "/proc/net/if_inet6") -> set[bytes]:
@@ -129,11 +160,18 @@ class ForwarderService(Service):
         batch_io: bool | None = None,
         link_send: bool | None = None,
         neighbour_interval: float = 1.0,
+        offload: str = "none",
+        config_path: str = "<config>",
+        xdp_object: str | Path | None = None,
     ) -> None:
         """``batch_io``: use `lbproxy.io.mmsg`; None = when the system is the real Linux one.
         ``link_send``: send to backends with a neighbour entry on the server link
         through the server link's packet socket (module docstring); None = with
-        batched I/O.  ``neighbour_interval``: seconds between neighbour-table reads."""
+        batched I/O.  ``neighbour_interval``: seconds between neighbour-table reads.
+        ``offload``: ``"auto"`` (the XDP executor when this host can run it, else one
+        log line saying why not), ``"xdp"`` (`preflight.Refused`, naming
+        ``config_path`` and ``balancer.offload``, when it cannot), ``"none"``;
+        ``xdp_object``: the compiled program (default: `lbproxy.io.xdp.OBJECT`)."""
         self.balancer = balancer
         self.clock = clock
         self.sweep_interval = sweep_interval
@@ -176,6 +214,89 @@ class ForwarderService(Service):
         self._namespace: str | None = getattr(system, "namespace", None)
         self._refresher = LoopingCall(self._refresh_neighbours)
         self._refresher.clock = clock
+        self.offload = offload
+        #: The XDP executor, attached to both links (None: the Python paths serve all).
+        self.xdp: XdpOffload | None = None
+        #: Why the XDP executor does not run ("" when it does, or offload = "none").
+        self.offload_reason = ""
+        self._xdp_counts: dict[str, int] = _xdp_counts({})
+        self._flush_due = False
+        if offload != "none":
+            self._start_offload(system, config_path, xdp_object)
+
+    # -- the XDP executor ------------------------------------------------------------
+
+    def _start_offload(
+        self, system: IPacketSystem, config_path: str, path: str | Path | None
+    ) -> None:
+        """Load and attach the XDP executor, or fall back (``auto``) / refuse (``xdp``)."""
+        client, server = self.client.interface, self.server.interface
+        if isinstance(system, LinuxPacketSystem):
+            from lbproxy.io.xdp import OBJECT, XdpOffload, XdpUnavailable
+
+            try:
+                self.xdp = XdpOffload.open(
+                    self.balancer, self.clock, client, server, namespace=self._namespace,
+                    path=OBJECT if path is None else path,
+                )  # fmt: skip
+            except XdpUnavailable as e:
+                self.offload_reason = str(e)
+        else:
+            self.offload_reason = "not on the kernel's interfaces (an in-memory packet system)"
+        if self.xdp is None:
+            if self.offload == "xdp":
+                raise preflight.Refused([ConfigError(
+                    config_path, "balancer.offload",
+                    f'"xdp" cannot run here: {self.offload_reason} (offload = "auto" falls '
+                    "back to the Python paths)",
+                )])  # fmt: skip
+            _log.info("XDP offload off: {reason}; the Python paths serve every packet",
+                      reason=self.offload_reason)  # fmt: skip
+            return
+        xdp = self.xdp
+        xdp.on_dirty = self._flush_soon
+        for reader in (self.client, self.server):
+            protocol = reader.protocol
+            if isinstance(protocol, Executing):
+                protocol.after = self._after_batch
+        _log.info("XDP offload on: {client} and {server} (driver mode)", client=client,
+                  server=server)  # fmt: skip
+
+    def _after_batch(self) -> None:
+        """After each batch the Python paths handled: the bindings the core made or
+        changed into the program's maps (so the terminal's next packets stay in the
+        driver), and the policy if it changed."""
+        xdp = self.xdp
+        if xdp is not None:
+            xdp.flush()
+            xdp.refresh_policy()
+
+    def _flush_soon(self) -> None:
+        """A binding changed outside a batch, maybe (an operator's move, a
+        notification): flush on the next reactor turn (after the core is done)."""
+        if not self._flush_due:
+            self._flush_due = True
+            self.clock.callLater(0, self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_due = False
+        try:
+            self._after_batch()
+        except Exception:
+            _log.failure("XDP map update failed")
+
+    def _stop_offload(self) -> None:
+        """The program's last stamps into the table (saved after this), then off the
+        links: what it forwarded goes to the kernel (and the nftables drops) again."""
+        xdp, self.xdp = self.xdp, None
+        if xdp is None:
+            return
+        try:
+            xdp.sync()
+        except Exception:
+            _log.failure("XDP sync failed")
+        self._xdp_counts = _xdp_counts(xdp.stats())
+        xdp.close()
 
     def privilegedStartService(self) -> None:
         """Open the raw sockets (needs root or CAP_NET_RAW)."""
@@ -217,6 +338,7 @@ class ForwarderService(Service):
             self._sweeper.stop()
         if self._refresher.running:
             self._refresher.stop()
+        self._stop_offload()
         for reader in (self.client, self.server):
             reader.stopReading()
         self.writer.close()  # first: it flushes through the server link's socket
@@ -227,6 +349,15 @@ class ForwarderService(Service):
             self._neighbours = None
 
     def _sweep(self) -> None:
+        xdp = self.xdp
+        if xdp is not None:
+            # Claim 10 through the driver: the bindings the program kept alive are
+            # refreshed (at their last packet's time) before the sweep looks at them.
+            try:
+                xdp.prepare()
+                xdp.sync()
+            except Exception:
+                _log.failure("XDP sync failed")
         try:
             self.balancer.sweep()
         except Exception:  # never let a sweep bug stop the sweeper or reach the reactor
@@ -267,7 +398,30 @@ class ForwarderService(Service):
                 "inbound_off": self.fast.inbound_off or "",
                 "replies_off": self.fast.replies_off or "",
             }
+        if self.offload != "none":
+            ports["xdp"] = self._offload_stats()
         return ports
+
+    def _offload_stats(self) -> dict[str, object]:
+        """The XDP executor: the setting, whether it runs (and why not), and what the
+        program forwarded -- packets and bytes per direction -- and handed up (the
+        program's per-CPU counters, summed; kept after the service stops)."""
+        xdp = self.xdp
+        if xdp is not None:
+            xdp.fold_counters()
+            self._xdp_counts = _xdp_counts(xdp.stats())
+        out: dict[str, object] = {
+            "setting": self.offload,
+            "active": 1 if xdp is not None else 0,
+            "reason": self.offload_reason,
+            **self._xdp_counts,
+        }
+        if xdp is not None:
+            # Why the policy keeps a direction out of the driver ("" = it does not).
+            policy = self.balancer.policy
+            out["inbound_off"] = policy.fast_inbound or ""
+            out["replies_off"] = policy.fast_replies or ""
+        return out
 
     def _refresh_neighbours(self) -> None:
         """Give the writer the backends' current link-layer addresses (a backend with

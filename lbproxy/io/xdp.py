@@ -34,7 +34,9 @@ So the table sees a refresh, the last care-of address and the counts at most one
 late (one sweep interval), always with the packet's own time.
 
 Without BPF (no ``libbpf.so.1``, no object, no permission) `XdpOffload` raises
-`XdpUnavailable` with the reason; the caller falls back to the Python paths.
+`XdpUnavailable` with the reason; `XdpOffload.open` (what the forwarder calls) also
+checks the links (IPv6 forwarding on, native XDP) and attaches; the caller falls back to
+the Python paths or refuses to start (``[balancer] offload``).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -104,7 +106,7 @@ _U16 = struct.Struct("<H")
 _HOA_KIND: Final = Key("hoa", bytes(16))[:1]
 _BPF_ANY, _BPF_NOEXIST = 0, 1
 XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE = 1 << 1, 1 << 2
-_PROGRAMS: Final = ("lbproxy_inbound", "lbproxy_replies")
+_PROGRAMS: Final = ("lbproxy_inbound", "lbproxy_replies", "lbproxy_pass")
 
 
 class XdpUnavailable(Exception):  # noqa: N818 (a state, not an error of the caller's)
@@ -140,6 +142,19 @@ class _TestRunOpts(ctypes.Structure):
     ]
 
 
+class _LinkCreateOpts(ctypes.Structure):
+    """struct bpf_link_create_opts (libbpf's bpf.h): its size and the XDP mode flags."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("flags", ctypes.c_uint32),
+        ("_rest", ctypes.c_uint8 * 52),
+    ]
+
+
+#: enum bpf_attach_type's BPF_XDP (linux/bpf.h).
+_BPF_XDP: Final = 37
+
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 
 
@@ -172,8 +187,7 @@ class _Libbpf:
             ("bpf_map_get_next_key", i, [i, vp, vp]),
             ("bpf_map_lookup_batch", i, [i, vp, vp, vp, vp, ctypes.POINTER(u32), vp]),
             ("bpf_prog_test_run_opts", i, [i, ctypes.POINTER(_TestRunOpts)]),
-            ("bpf_xdp_attach", i, [i, i, u32, vp]),
-            ("bpf_xdp_detach", i, [i, u32, vp]),
+            ("bpf_link_create", i, [i, i, ctypes.c_int, ctypes.POINTER(_LinkCreateOpts)]),
             ("libbpf_num_possible_cpus", i, []),
             ("libbpf_set_print", vp, [_PRINT_FN]),
         ):
@@ -370,14 +384,21 @@ class XdpProgram:
         return opts.retval, data_out.raw[: opts.data_size_out]
 
     def attach(self, program: str, ifindex: int, flags: int = XDP_FLAGS_DRV_MODE) -> None:
-        """Attach `program` to interface `ifindex` (driver mode unless `flags` say)."""
-        _check(self._lib.lib.bpf_xdp_attach(ifindex, self.programs[program], flags, None),
-               f"attach {program} to interface {ifindex}")  # fmt: skip
-        self.attached.append(ifindex)
+        """Attach `program` to interface `ifindex` of this thread's network namespace
+        (driver mode unless `flags` say otherwise), through a BPF link: the attachment
+        lasts as long as this object (`detach`, `close`, or the process's end -- a
+        balancer that crashes leaves no program behind on its interfaces)."""
+        opts = _LinkCreateOpts(sz=ctypes.sizeof(_LinkCreateOpts), flags=flags)
+        fd = self._lib.lib.bpf_link_create(self.programs[program], ifindex, _BPF_XDP, opts)
+        if fd < 0:
+            err = ctypes.get_errno() or -fd
+            raise OSError(err, f"attach {program} to interface {ifindex}: {_attach_error(err)}")
+        self.attached.append(fd)
 
     def detach(self) -> None:
-        for ifindex in self.attached:
-            self._lib.lib.bpf_xdp_detach(ifindex, 0, None)
+        """Take the program off every interface it was attached to."""
+        for fd in self.attached:
+            os.close(fd)
         self.attached = []
 
     def close(self) -> None:
@@ -387,6 +408,17 @@ class XdpProgram:
         if self._obj:
             self._lib.lib.bpf_object__close(self._obj)
             self._obj = None
+
+
+def _attach_error(err: int) -> str:
+    """Why an XDP attachment was refused, in the operator's words."""
+    if err in (errno.EOPNOTSUPP, errno.ENOTSUP):
+        return "the driver has no native (driver-mode) XDP"
+    if err in (errno.EBUSY, errno.EEXIST):
+        return "another XDP program is attached to it (`ip link show` names it)"
+    if err == errno.EPERM:
+        return "not permitted (needs CAP_NET_ADMIN and CAP_BPF, or root)"
+    return os.strerror(err)
 
 
 def available(path: Path | str = OBJECT) -> str | None:
@@ -426,6 +458,10 @@ class XdpOffload:
         table = balancer.table
         self.program = program or XdpProgram(path, table.max_entries)
         self.attached = False
+        #: Called when a binding is marked for the next `flush` and none was (the
+        #: forwarder schedules a flush, so a change made outside a packet batch -- an
+        #: operator's move, a notification -- reaches the program at once).
+        self.on_dirty: Callable[[], object] | None = None
         self._policy: Policy | None = None
         self._config: bytes = b""
         # Backend address -> index in lb_backends (stable: bindings refer to it), and
@@ -530,6 +566,8 @@ class XdpOffload:
         packet -- its care-of address is set after the listeners are told), or gone
         (removed from the program now)."""
         if bound:
+            if not self._dirty and self.on_dirty is not None:
+                self.on_dirty()
             self._dirty[binding] = None
         else:
             self._dirty.pop(binding, None)
@@ -632,12 +670,14 @@ class XdpOffload:
                 i = self._index.get(binding.backend.packed)
                 if i is not None:
                     self._write_binding(home, binding, i)
-        self._fold_counters()
+        self.fold_counters()
         if not self.fixed_clock:
             self._write_config()  # the clock offset follows the reactor's clock
         return refreshed
 
-    def _fold_counters(self) -> None:
+    def fold_counters(self) -> None:
+        """Add what the program counted since the last fold to the shared `Counters`
+        (`sync` does it too; `lbproxyctl stats` does it so its totals are current)."""
         program, counters = self.program, self.balancer.counters
         now = [program.counters.per_cpu_sums(i) for i in range(len(_COUNTER_NAMES))]
         d_in = now[C_IN_PACKETS] - self._counted[C_IN_PACKETS]
@@ -671,15 +711,28 @@ class XdpOffload:
 
     # -- interfaces --------------------------------------------------------------------
 
-    def attach(self, client: str, server: str, flags: int = XDP_FLAGS_DRV_MODE) -> None:
+    def attach(self, client: str, server: str, flags: int = XDP_FLAGS_DRV_MODE,
+               namespace: str | None = None) -> None:  # fmt: skip
         """Put the program on the client link (terminals' packets) and the server link
-        (replies), in driver mode unless `flags` say otherwise."""
+        (replies), in driver mode unless `flags` say otherwise; the interfaces are
+        `namespace`'s (an ``ip netns`` name; None: this thread's)."""
+        from lbproxy.io.rawsocket import _network_namespace
+
         self.attached = True
         self._write_config()
         program = self.program
         try:
-            program.attach("lbproxy_inbound", socket.if_nametoindex(client), flags)
-            program.attach("lbproxy_replies", socket.if_nametoindex(server), flags)
+            with _network_namespace(namespace):
+                for name, interface in (("lbproxy_inbound", client), ("lbproxy_replies", server)):
+                    try:
+                        ifindex = socket.if_nametoindex(interface)
+                    except OSError as e:
+                        raise OSError(e.errno, f"no interface {interface}") from None
+                    try:
+                        program.attach(name, ifindex, flags)
+                    except OSError as e:
+                        why = _attach_error(e.errno or 0)
+                        raise OSError(e.errno, f"{interface}: {why}") from None
         except OSError:
             program.detach()
             self.attached = False
@@ -692,6 +745,63 @@ class XdpOffload:
         if self._mirror in listeners:
             listeners.remove(self._mirror)
         self.program.close()
+
+    @classmethod
+    def open(
+        cls,
+        balancer: Balancer,
+        clock: IReactorTime,
+        client: str,
+        server: str,
+        *,
+        namespace: str | None = None,
+        path: Path | str = OBJECT,
+        proc: str = "/proc/sys/net/ipv6/conf",
+    ) -> XdpOffload:
+        """The executor loaded and attached in driver mode to both links, or
+        `XdpUnavailable` saying why not in one line: no libbpf, no object, not
+        permitted, IPv6 forwarding off on a link (the program's next-hop lookup,
+        ``bpf_fib_lookup``, answers only on a forwarding interface), a driver without
+        native XDP, another program already there."""
+        try:
+            program = XdpProgram(path, balancer.table.max_entries)
+        except OSError as e:  # not permitted to create maps, say
+            raise XdpUnavailable(f"cannot load the XDP program: {e.strerror or e}") from None
+        off = [i for i in (client, server) if _forwarding(proc, i, namespace) == "0"]
+        if off:
+            program.close()
+            raise XdpUnavailable(
+                f"IPv6 forwarding is off on {' and '.join(off)}; the program's next-hop "
+                f"lookup needs it ({', '.join(f'net.ipv6.conf.{i}.forwarding=1' for i in off)};"
+                " docs/deploying.md)"
+            )
+        try:
+            offload = cls(balancer, clock, program=program)
+        except BaseException:
+            program.close()
+            raise
+        try:
+            offload.attach(client, server, namespace=namespace)
+        except BaseException as e:
+            offload.close()  # no longer a listener of the table either
+            if isinstance(e, OSError):
+                raise XdpUnavailable(
+                    f"cannot attach the XDP program: {e.strerror or e}") from None
+            raise
+        return offload
+
+
+def _forwarding(proc: str, interface: str, namespace: str | None) -> str | None:
+    """``net.ipv6.conf.<interface>.forwarding`` ("0", "1"), or None when it cannot be
+    read (no such interface: the attachment says so)."""
+    from lbproxy.io.rawsocket import _network_namespace
+
+    try:
+        # /proc/sys/net shows the namespace of whoever opens it.
+        with _network_namespace(namespace), open(f"{proc}/{interface}/forwarding") as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def _addresses(binding: Binding) -> tuple[bytes, ...]:

@@ -143,10 +143,13 @@ struct {
 	__type(value, __u8);
 } lb_own SEC(".maps");
 
-/* Sized by the loader to the table's bound (bpf_map__set_max_entries). */
+/* Sized by the loader to the table's bound (bpf_map__set_max_entries), and allocated
+ * entry by entry (a preallocated map of the default bound, 1,000,000, would hold
+ * hundreds of megabytes of kernel memory from the start).  Only user space inserts. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct addr);
 	__type(value, struct lb_binding);
 } lb_bindings SEC(".maps");
@@ -154,6 +157,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct addr);
 	__type(value, struct lb_seen);
 } lb_seen SEC(".maps");
@@ -161,6 +165,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct addr);
 	__type(value, struct addr);
 } lb_confirmed SEC(".maps");
@@ -552,6 +557,16 @@ int lbproxy_replies(struct xdp_md *ctx)
 	if (verdict == XDP_PASS)
 		count(C_REPLIES_PASSED, 1);
 	return verdict;
+}
+
+/* Every packet up, untouched.  Not lbproxy's data path: attached to the peer of a veth
+ * the balancer redirects into (a test bed, a container), it gives that end the NAPI
+ * context veth needs to take redirected frames, without turning GRO on there (which
+ * would coalesce TCP segments before a capture sees them).  docs/deploying.md. */
+SEC("xdp")
+int lbproxy_pass(struct xdp_md *ctx)
+{
+	return XDP_PASS;
 }
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
