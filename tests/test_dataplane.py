@@ -5,6 +5,11 @@ Each test builds the network test bed (docs/testbed.md) in fresh network namespa
 real Linux TCP/UDP endpoints through it.  What crossed the wire is captured with AF_PACKET
 sockets and dissected by scapy, the independent oracle.  Needs root; without it every test
 skips with the reason.
+
+The ``Xdp*`` classes run with ``[balancer] offload = "xdp"`` (docs/xdp.md) in a bed made
+for it: the same tests with the program attached, and `XdpOffloadTests`, what the program
+itself forwards (most of the 50 moving terminals' packets, transparent mode) and claim 10
+when a terminal's packets never leave the driver.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +32,7 @@ from scapy.layers.inet6 import (
 )
 from scapy.layers.ipsec import ESP, SecurityAssociation
 from scapy.packet import Packet, Raw
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from lbproxy.testbed import addresses
 from lbproxy.testbed.balancer import BedBalancer, bed_config
@@ -40,6 +46,10 @@ class BedTestCase(SynchronousTestCase):
     """Builds a bed and a balancer per test and always tears both down."""
 
     terminals = 5
+    #: Build the bed for the balancer's XDP executor (`TestBed(xdp=True)`).
+    bed_xdp = False
+    #: ``[balancer] offload`` for every balancer of the class (None: left out).
+    offload: str | None = None
 
     def setUp(self) -> None:
         require_bed()
@@ -48,9 +58,11 @@ class BedTestCase(SynchronousTestCase):
     def running(self, terminals: int | None = None, **config: Any) -> Iterator[
         tuple[TestBed, BedBalancer]
     ]:
-        bed = TestBed(terminals=terminals or self.terminals, backends=3)
+        bed = TestBed(terminals=terminals or self.terminals, backends=3, xdp=self.bed_xdp)
         self.addCleanup(bed.stop)
         bed.start()
+        if self.offload is not None:
+            config.setdefault("offload", self.offload)
         balancer = BedBalancer(bed, bed_config(bed, **config))
         self.addCleanup(balancer.stop)
         balancer.start()
@@ -304,3 +316,215 @@ class IcmpTests(BedTestCase):
             self.assertTrue(l4_checksum_ok(replies[0]))
             self.assertEqual(bytes(replies[0][Raw]) if Raw in replies[0] else
                              replies[0].data, b"ping")
+
+
+def _no_xdp() -> str | None:
+    """Why the XDP executor cannot run here (None: it can)."""
+    if os.geteuid() != 0:
+        return "the XDP executor needs root"
+    from lbproxy.io.xdp import available
+
+    return available()
+
+
+class XdpBed(BedTestCase):
+    """The bed with ``[balancer] offload = "xdp"`` (docs/xdp.md): the usual packets of
+    established bindings never reach the balancer's user space.  The bed gives the
+    balancer's links what the program needs (`TestBed(xdp=True)`)."""
+
+    bed_xdp = True
+    offload = "xdp"
+
+    def setUp(self) -> None:
+        super().setUp()
+        why = _no_xdp()
+        if why:
+            raise SkipTest(why)
+
+
+# What the Python paths must decide stays theirs with the program attached: the same
+# tests, the same outcomes.
+class XdpOtherKeysTests(XdpBed, OtherKeysTests):
+    pass
+
+
+class XdpEspTests(XdpBed, EspTests):
+    pass
+
+
+class XdpMalformedTests(XdpBed, MalformedTests):
+    pass
+
+
+class XdpTransparentTests(XdpBed, TransparentTests):
+    pass
+
+
+class XdpIcmpTests(XdpBed, IcmpTests):
+    pass
+
+
+class XdpOffloadTests(XdpBed):
+    """What the program itself forwards, through twistd in the bed."""
+
+    def test_fifty_moving_terminals_offloaded(self) -> None:
+        """Must-show 2 of issue 12: 50 terminals, TCP both ways, three care-of addresses
+        each, with the XDP executor: every byte arrives, each terminal stays on one
+        backend, checksums are valid by scapy, and most packets in each direction were
+        forwarded by the program (its own counters), not by the Python paths."""
+        with self.running(terminals=50, key_chain=("hoa", "src"), offload="xdp") as (
+            bed, balancer
+        ):
+            to_backends = Capture(bed, "srv1", "eth0")
+            to_terminals = Capture(bed, "net", "lbn")
+            self.addCleanup(to_backends.close)
+            self.addCleanup(to_terminals.close)
+            report = bed.workload(moves=[2, 3], connections=2, chunks=9, timeout=240)
+            summary = report["summary"]
+            self.assertEqual(summary["connections"], 100, summary)
+            self.assertEqual((summary["ok"], summary["errors"]), (100, 0), summary)
+            self.assertEqual((summary["moves"], summary["moves_failed"]), (100, 0), summary)
+            for index, terminal in report["terminals"].items():
+                self.assertEqual(len(terminal["backends"]), 1, (index, terminal))
+                for conn in terminal["connections"]:
+                    self.assertIsNone(conn["error"], conn)
+                    self.assertEqual(conn["bytes_ok"], conn["bytes_sent"], conn)
+                    self.assertEqual(conn["peer"], terminal["hoa"])
+                self.assertEqual(bed.served_by(terminal["hoa"]), terminal["backends"], index)
+            time.sleep(1.2)  # a sweep or two: the program's stamps and counts folded in
+            stats = balancer.ctl("stats")
+            self.assertEqual(stats["misses"], {"hoa": 50})
+            self.assertEqual(stats["dropped"], {})
+            self.assertEqual(balancer.ctl("show")["total"], 50)
+            xdp = stats["ports"]["xdp"]
+            self.assertEqual(xdp["active"], 1, stats["ports"])
+            self.assertGreater(xdp["forwarded"], stats["packets_in"] // 2, stats)
+            self.assertGreater(xdp["replies"], stats["replies_in"] // 2, stats)
+            self.assertGreater(xdp["forwarded_bytes"], 60 * xdp["forwarded"])
+            self.assertGreater(xdp["reply_bytes"], 60 * xdp["replies"])
+            self.assertEqual(xdp["no_route"], 0, xdp)
+            # What went up is what the Python paths forwarded: the rest.
+            fast = stats["ports"]["fast_path"]
+            self.assertLess(fast["forwarded"], xdp["forwarded"], stats)
+
+            emitted = [p for p in to_backends.packets() if TCP in p or UDP in p]
+            back = [p for p in to_terminals.packets() if p.src == VIP]
+            self.assertGreater(len(emitted), 100)
+            self.assertGreater(len(back), 100)
+            for pkt in emitted + back:
+                self.assertTrue(l4_checksum_ok(pkt), pkt.summary())
+            for pkt in emitted:
+                self.assertNotIn(IPv6ExtHdrDestOpt, pkt)  # translate: HAO removed
+
+    def test_transparent_in_the_driver(self) -> None:
+        """Transparent mode in the driver: after the first packet (a miss, the core's),
+        every packet of the terminal is forwarded by the program -- destination := the
+        backend, the Home Address Option and payload unchanged, a hop less from the
+        balancer, the transport checksum valid by scapy."""
+        with self.running(mode="transparent", key_chain=("hoa", "src")) as (bed, lb):
+            captures = {i: Capture(bed, f"srv{i}", "eth0") for i in bed.backend_indices}
+            for c in captures.values():
+                self.addCleanup(c.close)
+            hoa, coa = "2001:db8:100::1778", "2001:db8:a2::1778"
+            sent = [IPv6(src=coa, dst=VIP) / IPv6ExtHdrDestOpt(options=[HAO(hoa=hoa)])
+                    / UDP(sport=7, dport=addresses.UDP_PORT) / f"in the driver {n}".encode()
+                    for n in range(20)]  # fmt: skip
+            self.send_frames(bed, "term", "acc2", bed.mac("net", "acc2"), [bytes(sent[0])])
+            time.sleep(0.3)  # the binding reaches the program's map after that batch
+            before = lb.ctl("stats")["ports"]["xdp"]["forwarded"]
+            self.send_frames(bed, "term", "acc2", bed.mac("net", "acc2"),
+                             [bytes(p) for p in sent[1:]])  # fmt: skip
+            time.sleep(0.5)
+            got = [p for c in captures.values() for p in c.packets() if HAO in p]
+            self.assertEqual(len(got), 20)
+            self.assertEqual(lb.ctl("stats")["ports"]["xdp"]["forwarded"] - before, 19)
+            self.assertEqual(len({p.dst for p in got}), 1)
+            for pkt, original in zip(got, sent, strict=True):
+                self.assertEqual((pkt.src, pkt[HAO].hoa), (coa, hoa))
+                self.assertEqual(bytes(pkt[UDP].payload), bytes(original[UDP].payload))
+                self.assertEqual(pkt.hlim, original.hlim - 2)  # the router and the balancer
+                self.assertTrue(l4_checksum_ok(pkt), pkt.summary())
+
+    def test_claim_10_through_the_driver(self) -> None:
+        """Must-show 3 of issue 12, against twistd: a terminal whose packets after its
+        first all go through the program keeps its binding past several lifetimes (the
+        stamps are folded in before each sweep), while an idle one expires on time --
+        its expiry is its one packet's -- and is removed within a sweep (and the table's
+        timer grain) of it; the program does not outlive the table's decision: the
+        idle terminal's next packet is a miss again."""
+        lifetime, sweep, grain = 3.0, 0.5, 1.0  # bed_config's sweep_interval; table grain
+        with self.running(key_chain=("hoa", "src"), offload="xdp", lifetime=lifetime) as (
+            bed, lb
+        ):
+            busy, idle = ("2001:db8:100::7001", "2001:db8:a1::7001"), (
+                "2001:db8:100::7002", "2001:db8:a1::7002")
+            router = bytes.fromhex(bed.mac("net", "acc1").replace(":", ""))
+            sock = bed.socket("term", socket.AF_PACKET, socket.SOCK_RAW)
+            self.addCleanup(sock.close)
+            sock.bind(("acc1", 0))
+
+            def send(terminal: tuple[str, str], n: int) -> None:
+                hoa, coa = terminal
+                sock.send(router + bytes(6) + b"\x86\xdd" + bytes(
+                    IPv6(src=coa, dst=VIP) / IPv6ExtHdrDestOpt(options=[HAO(hoa=hoa)])
+                    / UDP(sport=41000, dport=addresses.UDP_PORT) / f"claim 10 {n}".encode()))
+
+            def rows() -> dict[str, dict[str, Any]]:
+                return {r["key"]: r for r in lb.ctl("show")["rows"]}
+
+            send(busy, 0)
+            send(idle, 0)
+            idle_sent = time.monotonic()
+            time.sleep(0.3)
+            before = lb.ctl("stats")["ports"]["xdp"]
+            asked = time.monotonic()
+            first = rows()
+            answered = time.monotonic()
+            self.assertEqual(set(first), {f"addr {busy[0]}", f"addr {idle[0]}"})
+            # Its expiry, from what was left of it at some moment of the request: its
+            # one packet's time + the lifetime.
+            left = first[f"addr {idle[0]}"]["left"]
+            self.assertLessEqual(asked + left - idle_sent, lifetime + 0.1)
+            self.assertGreaterEqual(answered + left - idle_sent, lifetime - 0.3)
+
+            # The busy terminal sends every 0.2 s, whatever the polling below costs.
+            stop, sent = threading.Event(), [1]
+
+            def keep_sending() -> None:
+                while not stop.wait(0.2):
+                    send(busy, sent[0])
+                    sent[0] += 1
+
+            sender = threading.Thread(target=keep_sending, daemon=True)
+            sender.start()
+            self.addCleanup(stop.set)
+            removed = None
+            while time.monotonic() < idle_sent + 3 * lifetime:
+                size = lb.ctl("stats")["table"]["size"]
+                if removed is None and size == 1:
+                    removed = time.monotonic() - idle_sent
+                time.sleep(0.1)
+            stop.set()
+            sender.join()
+            time.sleep(3 * sweep)  # the last stamps folded in
+            after = lb.ctl("stats")
+            table = rows()
+            # The busy terminal: alive after three lifetimes, every packet counted, and
+            # all but its first in the driver (the first made the binding, up there).
+            self.assertEqual(set(table), {f"addr {busy[0]}"})
+            row = table[f"addr {busy[0]}"]
+            self.assertEqual(row["packets"], sent[0])
+            self.assertEqual(after["ports"]["xdp"]["forwarded"] - before["forwarded"],
+                             sent[0] - 1, after["ports"])  # fmt: skip
+            self.assertEqual(after["ports"]["fast_path"]["forwarded"], 0, after["ports"])
+            echoed = [e for e in bed.backend_log()[row["backend"]] if e.get("peer") == busy[0]]
+            self.assertEqual(len(echoed), sent[0])
+            # The idle one: removed by a sweep within a sweep (and the grain) of its
+            # expiry, its map entry with it.
+            assert removed is not None
+            self.assertGreaterEqual(removed, lifetime)
+            self.assertLess(removed, lifetime + sweep + grain + 0.5)
+            self.assertEqual(after["misses"], {"hoa": 2})
+            send(idle, 1)
+            time.sleep(0.3)
+            self.assertEqual(lb.ctl("stats")["misses"], {"hoa": 3})

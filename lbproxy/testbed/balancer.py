@@ -26,19 +26,22 @@ def bed_config(
     bed: TestBed,
     *,
     mode: str = "translate",
-    key_chain: Sequence[str] = ("hoa", "iid", "spi", "src"),
+    key_chain: Sequence[str] = ("hoa", "iid", "spi", "ike", "src"),
     scheduler: str = "maglev",
     lifetime: float = 300.0,
     any_interface_id: bool = False,
     backends: Iterable[int] | None = None,
     weights: Mapping[int, int] | None = None,
     health: bool = False,
+    offload: str | None = None,
     extra: str = "",
 ) -> str:
     """A balancer configuration (TOML text) for ``bed``'s address plan.
 
     ``backends``: which of the bed's backends (default all), ``weights`` by backend
-    index, ``health``: TCP checks on the backends' server port.
+    index, ``health``: TCP checks on the backends' server port, ``offload``: the
+    ``[balancer] offload`` setting (None: the key is left out; ``"xdp"`` wants a bed
+    made with ``TestBed(xdp=True)``).
     """
     chain = ", ".join(f'"{k}"' for k in key_chain)
     lines = [
@@ -49,6 +52,7 @@ def bed_config(
         f'scheduler = "{scheduler}"',
         f"lifetime = {lifetime}",
         "sweep_interval = 0.5",
+        *([f'offload = "{offload}"'] if offload is not None else []),
         "[virtual]",
         f'addresses = ["{addresses.VIP}"]',
         "[interfaces]",

@@ -14,6 +14,14 @@ and tears everything down again, also when anything fails half-way::
 
 The balancer is not started: the bed only prepares its namespace (addresses,
 routes, and the nftables drops that let an AF_PACKET reader own the traffic).
+
+``TestBed(xdp=True)`` also prepares it for the balancer's XDP executor
+(``[balancer] offload``, docs/xdp.md): IPv6 forwarding on the balancer's two links (the
+program's next-hop lookup answers only there; the namespace as a whole still does not
+forward), and an XDP program that passes everything on the far end of each link (``lbn``
+in ``net``, ``p0`` in ``sw``), without which veth drops the frames redirected into it
+(docs/deploying.md).  GRO would do as well there, but it would coalesce TCP segments
+before the captures see them.
 """
 
 from __future__ import annotations
@@ -67,7 +75,7 @@ class TestBed:
                  initial_link: int = 1, tcp_ports: Sequence[int] = (addresses.TCP_PORT,),
                  udp_ports: Sequence[int] = (addresses.UDP_PORT,), lb_forwarding: bool = False,
                  register: bool = True, python: str = sys.executable,
-                 ready_timeout: float = 20.0) -> None:
+                 ready_timeout: float = 20.0, xdp: bool = False) -> None:
         if not 1 <= terminals <= addresses.MAX_TERMINALS:
             raise ValueError(f"terminals must be in 1..{addresses.MAX_TERMINALS}")
         if not 1 <= backends <= 255:
@@ -81,6 +89,8 @@ class TestBed:
         self.tcp_ports = list(tcp_ports)
         self.udp_ports = list(udp_ports)
         self.lb_forwarding = lb_forwarding
+        self.xdp = xdp
+        self._peer_xdp: Any = None  # lbproxy.io.xdp.XdpProgram on the links' far ends
         self.register = register
         self.python = python
         self.ready_timeout = ready_timeout
@@ -149,6 +159,8 @@ class TestBed:
             self._create_namespaces()
             self._create_links()
             self._configure()
+            if self.xdp:
+                self._prepare_xdp()
             self._start_programs()
         except BaseException:
             self.stop()
@@ -160,6 +172,9 @@ class TestBed:
         for _, process in reversed(self._processes):
             _terminate(process)
         self._processes.clear()
+        if self._peer_xdp is not None:
+            self._peer_xdp.close()  # its links: the programs leave lbn and p0
+            self._peer_xdp = None
         for stream in self._files:
             stream.close()
         self._files.clear()
@@ -314,6 +329,21 @@ class TestBed:
             # Conntrack (if a balancer's rules load it) must not drop HAO packets whose
             # checksum uses the home address (docs/testbed.md).
             self._sysctl(role, {"net/netfilter/nf_conntrack_checksum": "0"}, optional=True)
+
+    def _prepare_xdp(self) -> None:
+        """What the balancer's XDP executor needs of the bed (module docstring)."""
+        from lbproxy.io.xdp import XdpProgram, XdpUnavailable
+
+        self._sysctl("lb", {"net/ipv6/conf/lbc/forwarding": "1",
+                            "net/ipv6/conf/lbs/forwarding": "1"})
+        try:
+            program = XdpProgram(max_bindings=1)
+        except XdpUnavailable as e:
+            raise netns.BedUnavailableError(f"the XDP bed needs the XDP program: {e}") from None
+        self._peer_xdp = program
+        for role, ifname in (("net", "lbn"), ("sw", "p0")):
+            with netns.inside(self.ns(role)):
+                program.attach("lbproxy_pass", socket.if_nametoindex(ifname))
 
     def _program(self, module: str, *args: str) -> list[str]:
         return [self.python, "-m", f"lbproxy.testbed.{module}", *args]
