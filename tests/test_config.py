@@ -35,7 +35,7 @@ class ExampleTests(SynchronousTestCase):
         config = load_config(EXAMPLE)
         self.assertEqual([b.name for b in config.backends], ["srv1", "srv2", "srv3"])
         self.assertEqual(config.virtual_addresses, (ipaddress.IPv6Address("2001:db8:5::80"),))
-        self.assertEqual(config.key_chain, ("hoa", "iid", "spi", "src"))
+        self.assertEqual(config.key_chain, ("hoa", "iid", "spi", "ike", "src"))
 
     def test_defaults(self) -> None:
         """A minimal file gets the documented defaults."""
@@ -89,7 +89,8 @@ class ErrorTests(SynchronousTestCase):
         """An unknown key strategy is named, with the registered ones."""
         self.assertRefused(MINIMAL + "[balancer]\nkey_chain = ['hoa', 'mac']\n",
                            "balancer.key_chain",
-                           "'mac' is not a registered key strategy (registered: hoa, iid, spi, ike, src")
+                           "'mac' is not a registered key strategy "
+                           "(registered: hoa, iid, spi, ike, src")
         self.assertRefused(MINIMAL + "[balancer]\nkey_chain = ['hoa', 3]\n",
                            "balancer.key_chain", "expected a list of strategy names, got 3")
         self.assertRefused(MINIMAL + "[balancer]\nkey_chain = ['src', 'src']\n",

@@ -436,3 +436,31 @@ class NotifyAndFleetTests(SynchronousTestCase):
         self.assertEqual(_request_args(options, io.StringIO()), {"limit": 5, "peer": "ha1"})
         options = _parser().parse_args(["fleet", "addr", "2001:db8::1"])
         self.assertEqual(_request_args(options, io.StringIO()), {"key": "addr 2001:db8::1"})
+
+
+class TcpdumpInputTests(SynchronousTestCase):
+    def test_trace_reads_tcpdump_hex_output(self) -> None:
+        """``tcpdump -x`` (and ``-X``, with its ASCII column) output of several packets
+        gives the first packet's bytes exactly; the summary lines are skipped."""
+        from scapy.layers import inet, inet6
+
+        from lbproxy.ops.control import parse_packet
+
+        packet = bytes(inet6.IPv6(src="2001:db8:1::10", dst="2001:db8:5::80")
+                       / inet.UDP(sport=1, dport=80) / b"hello, world")  # fmt: skip
+
+        def dump(data: bytes, ascii_column: bool) -> str:
+            lines = ["12:00:00.000000 IP6 2001:db8:1::10.1 > 2001:db8:5::80.80: UDP, length 12"]
+            for offset in range(0, len(data), 16):
+                chunk = data[offset : offset + 16]
+                groups = " ".join(chunk[i : i + 2].hex() for i in range(0, len(chunk), 2))
+                line = f"\t0x{offset:04x}:  {groups}"
+                if ascii_column:
+                    line += "  " + "".join(chr(c) if 32 <= c < 127 else "." for c in chunk)
+                lines.append(line)
+            return "\n".join(lines)
+
+        for ascii_column in (False, True):
+            text = dump(packet, ascii_column) + "\n" + dump(b"\x60" + bytes(60), ascii_column)
+            self.assertEqual(parse_packet(text), packet)
+        self.assertEqual(parse_packet(packet.hex()), packet)

@@ -30,6 +30,7 @@ import contextlib
 import gc
 import heapq
 import ipaddress
+import re
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
@@ -141,10 +142,37 @@ def format_rows(
     return Text("\n".join(lines))
 
 
+#: A line of ``tcpdump -x``/``-xx``/``-X``: an offset, then up to eight groups of hex
+#: (``-X`` adds an ASCII column after two spaces).
+_DUMP_LINE = re.compile(r"^\s*0x([0-9a-fA-F]+):\s+((?:[0-9a-fA-F]{2,4} ?)+)")
+
+
+def _from_dump(text: str) -> str | None:
+    """The hex of the first packet in ``tcpdump -x`` output, or None if it is not that:
+    the offset lines' hex only (summary lines and the ASCII column left out), up to the
+    next packet's ``0x0000`` line."""
+    found: list[str] = []
+    for line in text.splitlines():
+        match = _DUMP_LINE.match(line)
+        if match is None:
+            if found and line.strip() and not line.startswith((" ", "\t")):
+                break  # the next packet's summary line
+            continue
+        if int(match.group(1), 16) == 0 and found:
+            break
+        found.append(match.group(2))
+    return "".join("".join(found).split()) if found else None
+
+
 def parse_packet(packet: bytes | bytearray | str) -> bytes:
-    """Bytes of a packet given as bytes or as hex text (spaces, colons allowed)."""
+    """Bytes of a packet given as bytes, as hex text (spaces, colons allowed), or as
+    ``tcpdump -x`` output (the first packet's bytes: what ``tcpdump -x ... | lbproxyctl
+    trace -`` gives)."""
     if isinstance(packet, bytes | bytearray):
         return bytes(packet)
+    dumped = _from_dump(packet)
+    if dumped is not None:
+        packet = dumped
     cleaned = "".join(packet.split()).replace(":", "")
     if cleaned.startswith(("0x", "0X")):
         cleaned = cleaned[2:]
