@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import functools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -126,6 +127,12 @@ class BuiltDistributionTests(SynchronousTestCase):
         path = line.split("file:///opt/lbproxy/venv/", 1)[1]
         self.assertTrue((self.venv / path).is_file(), path)
         self.assertTrue((self.venv / "share/lbproxy/etc/lbproxy.toml").is_file())
+        # every page of docs/ the installed index links to is installed too
+        index = (self.venv / "share/doc/lbproxy/index.md").read_text()
+        for link in re.findall(r"\]\(([^)#.][^)#]*\.md)\)", index):
+            self.assertTrue((self.venv / "share/doc/lbproxy" / link).is_file(), link)
+        for extra in ("grafana-lbproxy.json", "prometheus-lbproxy-alerts.yml"):
+            self.assertTrue((self.venv / "share/lbproxy/etc" / extra).is_file(), extra)
 
     def test_lbproxyctl_version(self) -> None:
         """The installed lbproxyctl reports the package's one version."""
