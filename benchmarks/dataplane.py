@@ -1,4 +1,4 @@
-"""Data-path benchmark: delivered packets/s through lbproxy vs kernel nftables DNAT.
+"""Data-path benchmark: delivered packets/s through lbproxy (Python, XDP) vs kernel DNAT.
 
 Why: the balancer's worth as a product depends on how much of a kernel forwarder's rate
 it keeps (GitHub issue 3: on two veth hops a naive Python AF_PACKET ``recv_into``/``send``
@@ -15,13 +15,19 @@ Topology (three network namespaces created here and removed at the end; root nee
 * ``gen``: ``dpgen`` (C, ``sendmmsg`` on AF_PACKET to lbc's MAC) sends IPv6/UDP with a
   Home Address Option, 64-byte payload, to the virtual address 2001:db8:d5::80,
   cycling through N terminals (care-of 2001:db8:d1::1:<i>, home 2001:db8:d100::<i>).
-* ``lb``, two configurations of the same namespace:
+* ``lb``, three configurations of the same namespace:
   - *kernel*: forwarding on, ``nf_conntrack_checksum=0`` (conntrack counts the checksums
     of HAO packets as invalid, their pseudo-header source being the home address, and
     DNAT then forwards none of them), and an nftables DNAT rule
     ``ip6 daddr VIP dnat to jhash ip6 saddr mod 3 map {backends}``;
-  - *lbproxy*: forwarding off and ``twistd -n lbproxy --config ...`` (the real
-    BalancerService; translate mode, key chain hoa/iid/spi/src, Maglev, 3 backends).
+  - *lbproxy* (the Python paths): forwarding off and ``twistd -n lbproxy --config ...``
+    (the real BalancerService; translate mode, key chain hoa/iid/spi/src, Maglev, 3
+    backends), ``offload = "none"``;
+  - *xdp*: the same with ``offload = "xdp"`` (docs/xdp.md): IPv6 forwarding on lbc and
+    lbs only (the program's next-hop lookup needs it; the namespace still forwards
+    nothing), the program attached to both in driver mode, and ``lbproxy_pass`` (an XDP
+    program that passes everything) on sink0, without which veth drops the frames
+    redirected into it.
 * ``sink``: ``dpsink`` (C, ``recvmmsg`` on AF_PACKET) counts packets that are ours and
   have a valid UDP checksum, and takes one-way latency from the kernel's receive
   timestamp and the generator's timestamp in the payload.  nftables drops everything in
@@ -30,16 +36,32 @@ Topology (three network namespaces created here and removed at the end; root nee
 Both C programs are compiled with gcc into a temporary directory at start.  Every
 address is in 2001:db8::/32 and no traffic leaves the namespaces.
 
-Runs come in rounds: per terminal count, each round runs the kernel and then lbproxy
-(started fresh) one right after the other, so that a slow spell of the shared machine
-falls on both.  Figures per run: offered packets/s (what the generator got out),
+CPUs: the generator, the sink and the sink's kernel work (RPS) share one CPU (the
+"other machines"); the forwarding runs on the other, the balancer's: the lbproxy
+process (pinned), the kernel's forwarding (lbc's receive processing steered there with
+RPS, ``--rx-cpu``) and the XDP executor (lbc's NAPI poll in a kernel thread pinned there
+-- threaded NAPI -- since on a veth the poll would otherwise run on the sending CPU, the
+generator's).  *CPU per packet* is the forwarding's CPU time per packet delivered: for
+the kernel, the softirq time on the balancer's CPU; for the Python paths, the lbproxy
+process's (as before; their receive processing stays on the sender's CPU: on the
+balancer's the softirq would starve the process); for XDP, the NAPI thread's (the
+program, the redirect and the softirq it raises on the sink's end of the veth),
+ksoftirqd's on that CPU and the lbproxy process's.
+
+Runs come in rounds: per terminal count, each round runs the kernel, lbproxy and XDP
+(both started fresh) one right after the other, so that a slow spell of the shared
+machine falls on all.  Figures per run: offered packets/s (what the generator got out),
 delivered packets/s (good packets at the sink), their share, CPU (the balancer
-process's, and the whole machine's); then lbproxy/kernel ratios, best against best and
-round by round; and latency p50/p99 at a moderate rate (default 10k packets/s, one
-packet per send).
+process's, the balancer CPU's, and the whole machine's); then the ratios to the kernel,
+best against best and round by round; CPU per packet; latency p50/p99 at a moderate
+rate (default 10k packets/s, one packet per send) and what each adds to the kernel's.
+One generator offers a few hundred thousand packets/s: a forwarder that delivers nearly
+all of it is not saturated, its rate says nothing of its capacity, and the summary
+says so and compares CPU per packet instead.
 
 Run: ``sudo .venv/bin/python benchmarks/dataplane.py [--duration 3] [--repeat 2]
-[--terminals 1,100000] [--latency-rate 10000]``.  See docs/performance.md.
+[--terminals 1,100000] [--latency-rate 10000] [--forwarders kernel,lbproxy,xdp]``.  See
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -50,6 +72,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -146,6 +169,159 @@ def steer_sink(cpus: str | None) -> None:
     in_ns(SINK, "sh", "-c", f"echo {mask:x} > /sys/class/net/sink0/queues/rx-0/rps_cpus")
 
 
+def steer_balancer(cpus: str | None) -> None:
+    """The balancer namespace's receive processing on lbc (RPS) on `cpus`, the balancer's
+    CPU: the kernel's forwarding, and the Python paths' packet-socket delivery, run
+    there instead of on the generator's CPU (a veth hands packets over on the sender's).
+    None: the sender's CPU."""
+    mask = sum(1 << int(c) for c in cpus.split(",")) if cpus else 0
+    in_ns(LB, "sh", "-c", f"echo {mask:x} > /sys/class/net/lbc/queues/rx-0/rps_cpus")
+
+
+class XdpTopology:
+    """What the XDP executor needs of this topology, for its runs only: IPv6 forwarding on
+    lbc and lbs (the program's next-hop lookup answers only there; ``all.forwarding``
+    stays 0, so the kernel forwards nothing), and ``lbproxy_pass`` on sink0: veth drops
+    the frames redirected into it unless its peer has an XDP program (or GRO).  sink0's
+    NAPI poll -- turning the redirected frames into the sink's packets -- then runs in a
+    thread on the sink's CPU (`sink_cpus`): the sink's receive work is the sink's, as RPS
+    makes it in the other runs; left where it is raised, it would be charged to the
+    balancer's CPU (a fifth to a quarter of it, measured)."""
+
+    def __init__(self, sink_cpus: str | None) -> None:
+        from lbproxy.io.xdp import XdpProgram
+
+        self.program = XdpProgram(max_bindings=1)
+        self.sink_cpus = sink_cpus
+
+    def on(self) -> None:
+        from lbproxy.io.rawsocket import _network_namespace
+
+        in_ns(LB, "sysctl", "-qw", "net.ipv6.conf.lbc.forwarding=1",
+              "net.ipv6.conf.lbs.forwarding=1")  # fmt: skip
+        with _network_namespace(SINK):
+            self.program.attach("lbproxy_pass", socket.if_nametoindex("sink0"))
+        if self.sink_cpus:
+            thread_napi(self.sink_cpus, SINK, "sink0", realtime=True)
+
+    def off(self) -> None:
+        self.program.detach()
+        in_ns(LB, "sysctl", "-qw", "net.ipv6.conf.lbc.forwarding=0",
+              "net.ipv6.conf.lbs.forwarding=0")  # fmt: skip
+
+    def close(self) -> None:
+        self.program.close()
+
+
+def napi_threads(device: str) -> set[int]:
+    """The kernel threads polling `device`'s NAPI contexts (``napi/<device>-<id>``)."""
+    found = set()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if Path(entry.path, "comm").read_text().startswith(f"napi/{device}-"):
+                    found.add(int(entry.name))
+    return found
+
+
+def thread_napi(cpus: str | None, ns: str = LB, device: str = "lbc",
+                realtime: bool = False) -> set[int]:  # fmt: skip
+    """`device`'s NAPI poll (lbc: where its XDP program runs) in kernel threads pinned to
+    `cpus` (threaded NAPI), instead of in the softirq of whichever CPU sent the frame;
+    their process ids.  `realtime`: at the lowest real-time priority, so that, like the
+    softirq it replaces, it runs before the CPU's ordinary processes (the generator
+    beside sink0's; the lbproxy process beside lbc's, which gets what the driver leaves,
+    as with a NIC's softirq)."""
+    before = napi_threads(device)
+    in_ns(ns, "sh", "-c", f"echo 0 > /sys/class/net/{device}/threaded; "
+                          f"echo 1 > /sys/class/net/{device}/threaded")  # fmt: skip
+    threads: set[int] = set()
+    for _ in range(50):
+        threads = napi_threads(device) - before
+        if threads:
+            break
+        time.sleep(0.02)
+    if not threads:
+        raise RuntimeError(f"no NAPI thread for {device} after enabling threaded NAPI")
+    for pid in threads:
+        if cpus:
+            os.sched_setaffinity(pid, {int(c) for c in cpus.split(",")})
+        if realtime:
+            os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(1))
+    return threads
+
+
+def idle_seconds(cpus: str | None) -> float:
+    """Seconds `cpus` have been idle (idle + iowait in /proc/stat: the kernel keeps it
+    exactly, tickless idle included; the busy kinds are sampled by a timer tick that an
+    idle CPU stops, so short bursts of softirq between idle spells go uncounted there)."""
+    if not cpus:
+        return 0.0
+    wanted = {f"cpu{c}" for c in cpus.split(",")}
+    ticks = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        fields = line.split()
+        if fields and fields[0] in wanted:
+            ticks += int(fields[4]) + int(fields[5])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class BusyMeter:
+    """How long `cpus` were not idle between `start` and `stop` (seconds), from the
+    wall clock and their idle time."""
+
+    def __init__(self, cpus: str | None) -> None:
+        self.cpus = cpus
+        self.count = len(cpus.split(",")) if cpus else 0
+
+    def start(self) -> None:
+        self.wall, self.idle = time.monotonic(), idle_seconds(self.cpus)
+
+    def stop(self) -> float:
+        wall = (time.monotonic() - self.wall) * self.count
+        return max(0.0, wall - (idle_seconds(self.cpus) - self.idle))
+
+    def background(self, seconds: float = 1.0) -> float:
+        """The busy share of `cpus` over `seconds` with no traffic (other load)."""
+        self.start()
+        time.sleep(seconds)
+        return self.stop() / seconds
+
+
+def program_stats(ns: str, device: str) -> tuple[int, int]:
+    """(run time in ns, runs) of the XDP program attached to `device` in `ns`, while
+    `BpfStats` is on ((0, 0) when none is attached or the stats are off)."""
+    try:
+        link = json.loads(run("ip", "-n", ns, "-j", "link", "show", "dev", device).stdout)[0]
+        prog = link["xdp"]["prog"]["id"]
+        info = json.loads(run("bpftool", "-j", "prog", "show", "id", str(prog)).stdout)
+    except (KeyError, IndexError, ValueError, OSError, subprocess.CalledProcessError):
+        return 0, 0
+    return int(info.get("run_time_ns", 0)), int(info.get("run_cnt", 0))
+
+
+class BpfStats:
+    """BPF programs' run-time statistics, on while this holds libbpf's
+    ``bpf_enable_stats`` descriptor (they go off when it is closed, or the process
+    ends: nothing global is left behind)."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self.fd = -1
+        if shutil.which("bpftool") is None:
+            return
+        with contextlib.suppress(OSError, AttributeError):
+            lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+            lib.bpf_enable_stats.argtypes = [ctypes.c_int]
+            self.fd = lib.bpf_enable_stats(0)  # BPF_STATS_RUN_TIME
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 def teardown() -> None:
     for ns in (GEN, LB, SINK):
         for _ in range(3):
@@ -221,10 +397,13 @@ def finish(proc: subprocess.Popen[str]) -> tuple[dict[str, Any], float]:
 class Tools:
     """The compiled helpers and where to run them."""
 
-    def __init__(self, built: dict[str, str], gen_cpu: str | None, sink_cpu: str | None):
+    def __init__(self, built: dict[str, str], gen_cpu: str | None, sink_cpu: str | None,
+                 balancer_cpu: str | None = None):  # fmt: skip
         self.built = built
         self.gen_cpu = gen_cpu
         self.sink_cpu = sink_cpu
+        #: The CPU every forwarder's work runs on (its busy time is their cost).
+        self.balancer_cpu = balancer_cpu
 
     def generate(self, terminals: int, rate: float, seconds: float,
                  batch: int) -> subprocess.Popen[str]:  # fmt: skip
@@ -251,18 +430,28 @@ class Tools:
 class Lbproxy:
     """``twistd -n lbproxy`` in the lb namespace, with a configuration for this topology."""
 
-    def __init__(self, directory: str, cpu: str | None, tree: str | None = None) -> None:
+    def __init__(self, directory: str, cpu: str | None, tree: str | None = None,
+                 offload: str | None = None, rx_cpu: str | None = None) -> None:  # fmt: skip
         name = "lbproxy" if tree is None else "lbproxy-baseline"
+        if offload == "xdp":
+            name = "lbproxy-xdp"
         self.config = os.path.join(directory, f"{name}.toml")
         self.log = os.path.join(directory, f"{name}.log")
+        self.errors = os.path.join(directory, f"{name}.err")
         self.control = os.path.join(directory, f"{name}.sock")
         self.cpu = cpu
         #: Another source tree to run lbproxy from (a baseline revision), or None.
         self.tree = tree
+        #: ``[balancer] offload`` (None: left out, for trees older than the key).
+        self.offload = offload
+        #: Where lbc's NAPI threads go (the XDP executor's runs).
+        self.rx_cpu = rx_cpu
+        self.napi: set[int] = set()
         lines = [
             "[balancer]", 'mode = "translate"', 'key_chain = ["hoa", "iid", "spi", "src"]',
             'scheduler = "maglev"', "lifetime = 600", "max_entries = 1000000",
             "sweep_interval = 1.0", "batch = 256",
+            *([f'offload = "{offload}"'] if offload is not None else []),
             "[virtual]", f'addresses = ["{VIP}"]',
             "[interfaces]", 'client = "lbc"', 'server = "lbs"',
             "[control]", f'socket = "{self.control}"',
@@ -282,20 +471,23 @@ class Lbproxy:
         env = dict(os.environ)
         if self.tree is not None:
             env["PYTHONPATH"] = self.tree
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", LB, *pinned(self.cpu, argv)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.tree or ROOT,
-            env=env,
-        )
+        with open(self.errors, "wb") as errors:
+            self.proc = subprocess.Popen(
+                ["ip", "netns", "exec", LB, *pinned(self.cpu, argv)],
+                stdout=subprocess.DEVNULL, stderr=errors, cwd=self.tree or ROOT, env=env,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if "lbproxy forwarding" in self.read_log():
+                if self.offload == "xdp":
+                    self.napi = thread_napi(self.rx_cpu, realtime=True)
                 return
             if self.proc.poll() is not None:
                 break
             time.sleep(0.1)
         self.stop()  # never leave it running behind an error
-        raise RuntimeError(f"lbproxy did not start: {self.read_log()[-2000:]}")
+        raise RuntimeError(f"lbproxy did not start: {Path(self.errors).read_text()[-2000:]}"
+                           f"{self.read_log()[-2000:]}")  # fmt: skip
 
     def read_log(self) -> str:
         try:
@@ -314,8 +506,10 @@ class Lbproxy:
         return dict(json.loads(result.stdout))
 
     def cpu_seconds(self) -> float:
+        """The process's CPU time (all its threads)."""
         assert self.proc is not None
         return cpu_seconds(self.proc.pid)
+
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -342,34 +536,51 @@ def baseline_tree(revision: str, directory: str) -> str:
     return tree
 
 
-def warm_up(tools: Tools, terminals: int) -> None:
+def warm_up(tools: Tools, terminals: int, balancer: Lbproxy | None = None) -> None:
     """Send every terminal's packets twice at a moderate rate: bindings, conntrack, caches.
 
     Twice so that lbproxy's new bindings (probationary until their second packet) are
-    established, as long-lived terminals' are.
+    established, as long-lived terminals' are.  With lbproxy, until its table holds every
+    terminal (a first packet dropped at a full socket queue makes no binding; up to three
+    more times, slower each time): the measured runs are of established terminals.
     """
     rate = 50_000.0
-    seconds = max(0.5, 2 * terminals / rate)
-    with tools.sink(seconds + 5) as sink:
-        gen = tools.generate(terminals, rate, seconds, 16)
-        finish(gen)
-        time.sleep(0.3)
-    finish(sink)
+    for _ in range(4):
+        seconds = max(0.5, 2 * terminals / rate)
+        with tools.sink(seconds + 5) as sink:
+            gen = tools.generate(terminals, rate, seconds, 16)
+            finish(gen)
+            time.sleep(0.3)
+        finish(sink)
+        if balancer is None:
+            return
+        time.sleep(1.2)  # a sweep: the XDP program's stamps folded in
+        size = balancer.stats()["table"]["size"]
+        if size >= terminals:
+            return
+        rate /= 2
+    print(f"  (warm-up: {size:,} of {terminals:,} terminals have a binding)", flush=True)
 
 
 def throughput(tools: Tools, terminals: int, seconds: float,
                balancer: Lbproxy | None) -> dict[str, float]:  # fmt: skip
     """Offer as much as the generator can for `seconds`; what arrived, and the CPU it took."""
     counted = balancer.stats() if balancer else {}
+    meter = BusyMeter(tools.balancer_cpu)
+    background = meter.background()
     with tools.sink(seconds + 10) as sink:
         links = (link_stats(GEN, "gen0"), link_stats(LB, "lbc"), link_stats(SINK, "sink0"))
         machine = machine_cpu()
         bal_cpu = balancer.cpu_seconds() if balancer else 0.0
+        meter.start()
         gen = tools.generate(terminals, 0, seconds, 64)
         gen_result, gen_cpu = finish(gen)
         time.sleep(0.3)  # what is queued in the balancer drains
         bal_cpu = (balancer.cpu_seconds() - bal_cpu) if balancer else 0.0
+        window = gen_result["elapsed"] + 0.3  # roughly what the meter covered
+        fwd_cpu = max(0.0, meter.stop() - background * window)
         after_machine = machine_cpu()
+        background_after = meter.background(0.5)
         after = (link_stats(GEN, "gen0"), link_stats(LB, "lbc"), link_stats(SINK, "sink0"))
     sink_result, sink_cpu = finish(sink)
     elapsed = gen_result["elapsed"]
@@ -385,6 +596,11 @@ def throughput(tools: Tools, terminals: int, seconds: float,
         "delivered": sink_result["good"] / elapsed,
         "bad": float(sink_result["received"] - sink_result["good"]),
         "balancer_cpu": bal_cpu / elapsed,
+        # The balancer CPU's busy share beyond its background, and that time per packet
+        # delivered (us).
+        "forwarding_cpu": fwd_cpu / window,
+        "background_cpu": max(background, background_after),
+        "us_per_packet": fwd_cpu / (sink_result["good"] or 1) * 1e6,
         "gen_cpu": gen_cpu / elapsed,
         "sink_cpu": sink_cpu / elapsed,
         "machine_busy": 1 - (spent["idle"] + spent["iowait"]) / total,
@@ -395,11 +611,21 @@ def throughput(tools: Tools, terminals: int, seconds: float,
 
 
 def latency(tools: Tools, terminals: int, rate: float, seconds: float) -> dict[str, float]:
-    """One packet per send at `rate`; one-way latency percentiles at the sink (us)."""
-    with tools.sink(seconds + 10) as sink:
-        gen_result, _ = finish(tools.generate(terminals, rate, seconds, 1))
-        time.sleep(0.3)
-    result, _ = finish(sink)
+    """One packet per send at `rate`; one-way latency percentiles at the sink (us), and
+    the XDP program's own run time per packet (ns; 0 when none is attached), from the
+    kernel's BPF statistics -- on for this run only, as they cost two clock reads per
+    program run, which the throughput runs must not pay."""
+    stats = BpfStats()
+    try:
+        before = program_stats(LB, "lbc")
+        with tools.sink(seconds + 10) as sink:
+            gen_result, _ = finish(tools.generate(terminals, rate, seconds, 1))
+            time.sleep(0.3)
+        result, _ = finish(sink)
+        after = program_stats(LB, "lbc")
+    finally:
+        stats.close()
+    runs = after[1] - before[1]
     return {
         "offered": gen_result["sent"] / gen_result["elapsed"],
         "delivered": result["good"] / gen_result["elapsed"],
@@ -407,6 +633,7 @@ def latency(tools: Tools, terminals: int, rate: float, seconds: float) -> dict[s
         "p90": float(result["lat_p90_us"]),
         "p99": float(result["lat_p99_us"]),
         "p999": float(result["lat_p999_us"]),
+        "program_ns": (after[0] - before[0]) / runs if runs > 0 else 0.0,
     }
 
 
@@ -424,40 +651,66 @@ def measure(args: argparse.Namespace, tools: Tools, directory: str) -> dict[str,
     the kernel's conntrack is).
     """
     results: dict[str, Any] = {"throughput": {}, "latency": {}}
-    forwarders = ["kernel", "lbproxy"]
+    forwarders = list(args.forwarders)
     if args.baseline:
         forwarders.append(f"@{args.baseline}")
     trees = {f: baseline_tree(args.baseline, directory) for f in forwarders if f[0] == "@"}
-    for terminals in args.terminals:
-        for forwarder in forwarders:
-            results["throughput"][forwarder, terminals] = []
-        for round_ in range(args.repeat):
-            last = round_ == args.repeat - 1
+    xdp_links = XdpTopology(args.sink_rps or None) if "xdp" in forwarders else None
+    try:
+        for terminals in args.terminals:
             for forwarder in forwarders:
-                balancer = None
-                kernel_dnat(forwarder == "kernel")
-                if forwarder != "kernel":
-                    balancer = Lbproxy(directory, args.balancer_cpu or None, trees.get(forwarder))
-                    balancer.start()
-                try:
-                    warm_up(tools, terminals)
-                    run = throughput(tools, terminals, args.duration, balancer)
-                    results["throughput"][forwarder, terminals].append(run)
-                    report_throughput(forwarder, terminals, [run])
-                    if last and args.latency_rate > 0:
-                        lat = latency(tools, terminals, args.latency_rate, args.latency_seconds)
-                        results["latency"][forwarder, terminals] = lat
-                        report_latency(forwarder, terminals, lat)
-                finally:
-                    if balancer is not None:
-                        balancer.stop()
-                        if args.show_log:
-                            print(balancer.read_log()[-3000:])
+                results["throughput"][forwarder, terminals] = []
+            for round_ in range(args.repeat):
+                last = round_ == args.repeat - 1
+                for forwarder in forwarders:
+                    one_run(args, tools, directory, results, forwarder, terminals, last,
+                            trees.get(forwarder), xdp_links)  # fmt: skip
+    finally:
+        if xdp_links is not None:
+            xdp_links.close()
     return results
 
 
+def one_run(args: argparse.Namespace, tools: Tools, directory: str, results: dict[str, Any],
+            forwarder: str, terminals: int, last: bool, tree: str | None,
+            xdp_links: XdpTopology | None) -> None:  # fmt: skip
+    """One forwarder's throughput run (and, in the last round, its latency run)."""
+    balancer = None
+    kernel_dnat(forwarder == "kernel")
+    # The kernel forwards in lbc's receive processing: on the balancer's CPU (RPS).  The
+    # Python paths' is left on the sender's CPU: on the balancer's, at full rate, the
+    # softirq would starve the lbproxy process (receive livelock).  XDP: threaded NAPI.
+    steer_balancer(args.rx_cpu or None if forwarder == "kernel" else None)
+    if forwarder == "xdp":
+        assert xdp_links is not None
+        xdp_links.on()
+    if forwarder != "kernel":
+        offload = {"lbproxy": "none", "xdp": "xdp"}.get(forwarder)  # None: a baseline tree
+        balancer = Lbproxy(directory, args.balancer_cpu or None, tree, offload,
+                           args.rx_cpu or None)  # fmt: skip
+        balancer.start()
+    try:
+        warm_up(tools, terminals, balancer)
+        run = throughput(tools, terminals, args.duration, balancer)
+        if forwarder == "xdp" and balancer is not None:
+            run["offloaded"] = balancer.stats()["ports"]["xdp"]["forwarded"]
+        results["throughput"][forwarder, terminals].append(run)
+        report_throughput(forwarder, terminals, [run])
+        if last and args.latency_rate > 0:
+            lat = latency(tools, terminals, args.latency_rate, args.latency_seconds)
+            results["latency"][forwarder, terminals] = lat
+            report_latency(forwarder, terminals, lat)
+    finally:
+        if balancer is not None:
+            balancer.stop()
+            if args.show_log:
+                print(balancer.read_log()[-3000:])
+        if forwarder == "xdp" and xdp_links is not None:
+            xdp_links.off()
+
+
 def round_ratios(results: dict[str, Any], forwarder: str, terminals: int) -> list[float]:
-    """lbproxy's delivered rate over the kernel's, round by round."""
+    """`forwarder`'s delivered rate over the kernel's, round by round."""
     ours = results["throughput"][forwarder, terminals]
     kernel = results["throughput"]["kernel", terminals]
     return [o["delivered"] / (k["delivered"] or 1) for o, k in zip(ours, kernel, strict=True)]
@@ -468,20 +721,35 @@ def best(runs: list[dict[str, float]]) -> dict[str, float]:
     return max(runs, key=lambda r: r["delivered"])
 
 
+#: A run whose balancer CPU was busier than this with no traffic, just before or just
+#: after it, shared that CPU with other work: its CPU per packet is not the forwarder's.
+DISTURBED = 0.05
+
+
+def cpu_per_packet(runs: list[dict[str, float]]) -> tuple[float, int]:
+    """The median CPU per packet of the runs whose balancer CPU was otherwise idle
+    (nan when none was), and how many runs that is."""
+    clean = [r["us_per_packet"] for r in runs if r["background_cpu"] <= DISTURBED]
+    return (statistics.median(clean) if clean else float("nan")), len(clean)
+
+
 def report_throughput(forwarder: str, terminals: int, runs: list[dict[str, float]]) -> None:
     for r in runs:
         print(f"{forwarder:<9} {terminals:>8,} {r['offered']:>11,.0f} {r['arrived']:>11,.0f} "
               f"{r['processed']:>11,.0f} "
               f"{r['delivered']:>11,.0f} {r['delivered'] / (r['offered'] or 1):>6.1%} "
-              f"{r['balancer_cpu']:>6.0%} {r['gen_cpu']:>6.0%} {r['sink_cpu']:>6.0%} "
+              f"{r['balancer_cpu']:>6.0%} {r['forwarding_cpu']:>6.0%} "
+              f"{r['us_per_packet']:>6.2f}{'!' if r['background_cpu'] > DISTURBED else ' '}"
+              f"{r['gen_cpu']:>6.0%} {r['sink_cpu']:>6.0%} "
               f"{r['machine_busy']:>6.0%} {r['machine_softirq']:>6.0%}",
               flush=True)  # fmt: skip
 
 
 def report_latency(forwarder: str, terminals: int, r: dict[str, float]) -> None:
+    program = f"; the XDP program {r['program_ns']:.0f} ns/packet" if r["program_ns"] else ""
     print(f"  latency {forwarder} {terminals:,} terminals at {r['offered']:,.0f}/s "
           f"(delivered {r['delivered']:,.0f}/s): p50 {r['p50']:.0f} us, p90 {r['p90']:.0f} us, "
-          f"p99 {r['p99']:.0f} us, p99.9 {r['p999']:.0f} us", flush=True)  # fmt: skip
+          f"p99 {r['p99']:.0f} us, p99.9 {r['p999']:.0f} us{program}", flush=True)  # fmt: skip
 
 
 # -- ablation: what each optimisation is worth, in-process --------------------------------
@@ -568,32 +836,87 @@ def ablation(tools: Tools, terminals: int, rounds: int, count: int = 30_000) -> 
               f"min {min(costs[name]):5.2f} us  ratio {statistics.median(ratios):.2f}")
 
 
+#: Issue 12's goals for the XDP executor.
+GOAL_RATIO, GOAL_US, GOAL_P99_ADDED = 2.0, 1.0, 50.0
+#: A forwarder delivering at least this share of what was offered is not saturated.
+UNSATURATED = 0.97
+
+
 def summary(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    print("\nsummary (best of each, and per round; ratio = lbproxy delivered / kernel delivered)")
+    print("\nsummary (best run of each; ratio = delivered / kernel's delivered; CPU per packet "
+          "= the forwarding's CPU time / packets delivered)")
+    forwarders = [f for f in (*args.forwarders, f"@{args.baseline}" if args.baseline else "")
+                  if f]  # fmt: skip
+    throughput, lat = results["throughput"], results["latency"]
     for terminals in args.terminals:
-        kernel = best(results["throughput"]["kernel", terminals])
-        ours = best(results["throughput"]["lbproxy", terminals])
-        ratio = ours["delivered"] / (kernel["delivered"] or 1)
-        median = statistics.median(r["delivered"] for r in results["throughput"]["lbproxy",
-                                                                              terminals])
-        print(f"  {terminals:>7,} terminals: kernel {kernel['delivered']:>9,.0f}/s  "
-              f"lbproxy {ours['delivered']:>9,.0f}/s (median {median:,.0f})  "
-              f"ratio {ratio:.2f}  lbproxy CPU {ours['balancer_cpu']:.0%} of a core, "
-              f"{ours['balancer_cpu'] / (ours['delivered'] or 1) * 1e6:.2f} us/packet")
-        rounds = round_ratios(results, "lbproxy", terminals)
-        print(f"  {'':>7}  ratio round by round: "
-              f"{', '.join(f'{r:.2f}' for r in rounds)} (median {statistics.median(rounds):.2f})")
-        if args.baseline:
-            old = best(results["throughput"][f"@{args.baseline}", terminals])
-            print(f"  {'':>7}  lbproxy at {args.baseline}: {old['delivered']:>9,.0f}/s, ratio "
-                  f"{old['delivered'] / (kernel['delivered'] or 1):.2f}, "
-                  f"{old['balancer_cpu'] / (old['delivered'] or 1) * 1e6:.2f} us/packet")
-        lat = results["latency"]
-        if ("kernel", terminals) in lat and ("lbproxy", terminals) in lat:
-            k, o = lat["kernel", terminals], lat["lbproxy", terminals]
-            print(f"  {'':>7}  latency at {args.latency_rate:,.0f}/s: kernel p50/p99 "
-                  f"{k['p50']:.0f}/{k['p99']:.0f} us, lbproxy {o['p50']:.0f}/{o['p99']:.0f} us,"
-                  f" added {o['p50'] - k['p50']:.0f}/{o['p99'] - k['p99']:.0f} us")
+        print(f"  {terminals:,} terminals:")
+        kernel = best(throughput["kernel", terminals]) if "kernel" in forwarders else None
+        for forwarder in forwarders:
+            runs = throughput[forwarder, terminals]
+            if not runs:
+                continue
+            ours = best(runs)
+            median = statistics.median(r["delivered"] for r in runs)
+            cpu, clean = cpu_per_packet(runs)
+            line = (f"    {forwarder:<9} {ours['delivered']:>9,.0f}/s (median {median:,.0f}; "
+                    f"{ours['delivered'] / (ours['offered'] or 1):.0%} of the "
+                    f"{ours['offered']:,.0f}/s offered)  CPU {cpu:.2f} us/packet (median of "
+                    f"{clean} undisturbed run{'s' if clean != 1 else ''})")  # fmt: skip
+            if kernel is not None and forwarder != "kernel":
+                rounds = round_ratios(results, forwarder, terminals)
+                line += (f"  ratio {ours['delivered'] / (kernel['delivered'] or 1):.2f} "
+                         f"(rounds {', '.join(f'{r:.2f}' for r in rounds)})")
+            if forwarder == "xdp" and "offloaded" in ours:
+                line += (f"  in the driver: {ours['offloaded']:,} packets since start")
+            print(line)
+            if (forwarder, terminals) in lat:
+                o = lat[forwarder, terminals]
+                added = ""
+                if ("kernel", terminals) in lat and forwarder != "kernel":
+                    k = lat["kernel", terminals]
+                    added = f", added {o['p50'] - k['p50']:.0f}/{o['p99'] - k['p99']:.0f} us"
+                program = (f"; the XDP program itself {o['program_ns']:.0f} ns/packet"
+                           if o.get("program_ns") else "")  # fmt: skip
+                print(f"    {'':<9} latency at {o['offered']:,.0f}/s: p50/p99 "
+                      f"{o['p50']:.0f}/{o['p99']:.0f} us{added}{program}")  # fmt: skip
+        if kernel is not None and throughput.get(("xdp", terminals)):
+            goals(results, terminals, throughput["kernel", terminals],
+                  throughput["xdp", terminals])  # fmt: skip
+
+
+def goals(results: dict[str, Any], terminals: int, kernel_runs: list[dict[str, float]],
+          xdp_runs: list[dict[str, float]]) -> None:  # fmt: skip
+    """Issue 12's goals, each with its evidence -- and where one generator cannot tell
+    the forwarders apart, that, and the comparison that can."""
+    kernel, xdp = best(kernel_runs), best(xdp_runs)
+    kernel_us, xdp_us = cpu_per_packet(kernel_runs)[0], cpu_per_packet(xdp_runs)[0]
+    ratio = xdp["delivered"] / (kernel["delivered"] or 1)
+    saturated = {name: r["delivered"] / (r["offered"] or 1) < UNSATURATED
+                 for name, r in (("kernel", kernel), ("xdp", xdp))}  # fmt: skip
+    print(f"    goals ({terminals:,} terminals):")
+    if ratio >= GOAL_RATIO:
+        print(f"      XDP >= {GOAL_RATIO:g}x kernel delivered: met ({ratio:.2f})")
+    elif not saturated["xdp"]:
+        print(f"      XDP >= {GOAL_RATIO:g}x kernel delivered: not measurable with one "
+              f"generator -- it offered {xdp['offered']:,.0f}/s and XDP delivered "
+              f"{xdp['delivered'] / (xdp['offered'] or 1):.0%} of it (ratio {ratio:.2f}; the "
+              f"kernel {'was' if saturated['kernel'] else 'was not'} saturated); by CPU per "
+              f"packet on the balancer's CPU, XDP {xdp_us:.2f} us against the kernel's "
+              f"{kernel_us:.2f} us: {kernel_us / xdp_us:.2f}x the kernel's capacity")
+    else:
+        print(f"      XDP >= {GOAL_RATIO:g}x kernel delivered: NOT met ({ratio:.2f}, XDP "
+              "saturated)")
+    lat = results["latency"]
+    program = lat.get(("xdp", terminals), {}).get("program_ns", 0.0)
+    print(f"      XDP <= {GOAL_US:g} us CPU per packet: "
+          f"{'met' if xdp_us <= GOAL_US else 'NOT met'} ({xdp_us:.2f} us of the balancer's "
+          "CPU on these veths"
+          + (f"; the program itself {program / 1000:.2f} us" if program else "") + ")")
+    if ("xdp", terminals) in lat and ("kernel", terminals) in lat:
+        added = lat["xdp", terminals]["p99"] - lat["kernel", terminals]["p99"]
+        print(f"      p99 added latency <= {GOAL_P99_ADDED:g} us: "
+              f"{'met' if added <= GOAL_P99_ADDED else 'NOT met'} ({added:.0f} us over the "
+              "kernel's)")
 
 
 def main() -> None:
@@ -608,7 +931,16 @@ def main() -> None:
     parser.add_argument("--latency-seconds", type=float, default=2.0)
     parser.add_argument("--gen-cpu", default="0", help="taskset CPU list ('' = any)")
     parser.add_argument("--balancer-cpu", default="1", help="taskset CPU list ('' = any)")
-    parser.add_argument("--sink-cpu", default="", help="taskset CPU list ('' = any)")
+    parser.add_argument("--sink-cpu", default="0",
+                        help="taskset CPU list ('' = any; not the balancer's: its busy "
+                             "time is the forwarders' cost)")
+    parser.add_argument("--rx-cpu", default="1",
+                        help="CPU list for the balancer namespace's receive processing, the "
+                             "kernel's forwarding (RPS on lbc) and XDP's (lbc's NAPI thread);"
+                             " '' = the sender's (then their CPU is not measured)")
+    parser.add_argument("--forwarders", default="kernel,lbproxy,xdp",
+                        help="comma-separated: kernel (nft DNAT), lbproxy (the Python "
+                             "paths), xdp (the XDP executor)")
     parser.add_argument("--sink-rps", default="0",
                         help="CPU list for the sink's receive processing ('' = the sender's)")
     parser.add_argument("--baseline", metavar="REV",
@@ -619,6 +951,9 @@ def main() -> None:
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     args.terminals = [int(t) for t in args.terminals.split(",")]
+    args.forwarders = [f for f in args.forwarders.split(",") if f]
+    if not set(args.forwarders) <= {"kernel", "lbproxy", "xdp"} or not args.forwarders:
+        parser.error("--forwarders: a list of kernel, lbproxy, xdp")
     if not 0 < args.duration <= 60 or not 0 < args.repeat <= 10 or not 0 <= args.ablation <= 20:
         parser.error("--duration must be in (0, 60], --repeat in 1..10, --ablation in 0..20")
     if any(not 0 < t <= 1_000_000 for t in args.terminals):
@@ -628,19 +963,33 @@ def main() -> None:
     for tool in ("gcc", "ip", "nft", "taskset"):
         if shutil.which(tool) is None:
             sys.exit(f"benchmarks/dataplane.py needs {tool}")
+    if "xdp" in args.forwarders:
+        from lbproxy.io.xdp import available
+
+        why = available()
+        if why:
+            print(f"no XDP runs: {why}")
+            args.forwarders.remove("xdp")
     directory = tempfile.mkdtemp(prefix="lbdp-")
     try:
-        tools = Tools(build(directory), args.gen_cpu or None, args.sink_cpu or None)
+        tools = Tools(build(directory), args.gen_cpu or None, args.sink_cpu or None,
+                      args.balancer_cpu or None)  # fmt: skip
         setup()
         steer_sink(args.sink_rps or None)
         print(f"data-path benchmark: {os.cpu_count()} CPUs, 64-byte UDP payloads with HAO, "
               f"{args.duration:g} s runs x {args.repeat}; gen CPU {args.gen_cpu or 'any'}, "
               f"lbproxy CPU {args.balancer_cpu or 'any'}, sink CPU {args.sink_cpu or 'any'}, "
-              f"sink softirq CPU {args.sink_rps or 'sender'}")
+              f"sink softirq CPU {args.sink_rps or 'sender'}, balancer receive CPU "
+              f"{args.rx_cpu or 'sender'}")
+        print("columns: lb cpu = the lbproxy process; fwd = the balancer CPU's busy share "
+              "(wall clock less its idle time, less its background measured just before); "
+              f"us/pkt = that per packet delivered; ! = that CPU was over {DISTURBED:.0%} busy "
+              "with no traffic just before or after (other work: the run's CPU figure is "
+              "left out)")
         print(f"{'forwarder':<9} {'terminals':>8} {'offered/s':>11} {'at lb/s':>11} "
               f"{'lbproxy/s':>11} "
-              f"{'delivered/s':>11} {'share':>6} {'lb cpu':>6} {'gen':>6} {'sink':>6} "
-              f"{'busy':>6} {'sirq':>6}")  # fmt: skip
+              f"{'delivered/s':>11} {'share':>6} {'lb cpu':>6} {'fwd':>6} {'us/pkt':>6} "
+              f"{'gen':>6} {'sink':>6} {'busy':>6} {'sirq':>6}")  # fmt: skip
         results = measure(args, tools, directory)
         summary(args, results)
         if args.ablation:
