@@ -130,6 +130,38 @@ class LifetimeTests(TableTestCase):
         self.assertEqual(self.table.expire(), 0)
 
 
+class MemoryTests(TableTestCase):
+    def test_stale_probation_filings_stay_bounded(self) -> None:
+        """Entries promoted out of probation leave filings behind in its FIFO; they are
+        compacted away once they outnumber the live ones, so the FIFO never holds much
+        more than the probationary entries."""
+        self.table = StickyTable(self.clock, LIFETIME, max_entries=100_000)
+        for i in range(20_000):
+            self.established(src(i))
+            self.assertLessEqual(len(self.table._probation), self.table.probationary + 1025)
+        for i in range(20_000, 21_000):
+            self.table.insert(src(i), A)
+        self.assertEqual(self.table.probationary, 1000)
+        self.assertLessEqual(len(self.table._probation), 2025)
+        self.assertEqual(self.table.expire(), 0)
+
+    def test_aliases_share_the_key_slot(self) -> None:
+        """A binding's key and aliases: the key alone while it has none, then a list
+        with the key first; back to the key alone when the last alias goes."""
+        binding = self.table.insert(src(1), A)
+        assert binding is not None
+        self.assertIsNone(binding.aliases)
+        self.assertTrue(self.table.link(binding, hoa(1)))
+        self.assertTrue(self.table.link(binding, hoa(2)))
+        self.assertEqual(binding.aliases, [bytes(hoa(1)), bytes(hoa(2))])
+        self.assertEqual(binding.key, src(1))
+        self.table.remove(hoa(1))
+        self.table.remove(hoa(2))
+        self.assertIsNone(binding.aliases)
+        self.assertEqual([k for k, _ in self.table], [src(1)])
+        self.assertIsNone(binding.created)
+
+
 class RestoreTests(TableTestCase):
     def test_restore_keeps_expiry_and_segment(self) -> None:
         """A restored binding keeps its remaining lifetime, counters and segment, is
@@ -313,20 +345,28 @@ class RekeyTests(TableTestCase):
         self.assertEqual(binding.care_of, src(9).value)
 
 
+def source(net: int, host: int) -> bytes:
+    """Address `host` of the /64 number `net` (all in 2001:db8:ab00::/40, one /48 each)."""
+    return (0x2001_0DB8_AB00 << 80 | net << 64 | host).to_bytes(16, "big")
+
+
 class BoundTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.table = StickyTable(self.clock, LIFETIME, max_entries=100)
 
-    def fill_established(self, n: int) -> None:
+    def fill_established(self, n: int, packets: int = 2) -> None:
         for i in range(n):
             self.table.insert(src(i), A if i % 2 else B)
-            self.table.lookup(src(i))
+            for _ in range(packets - 1):
+                self.table.lookup(src(i))
 
-    def test_flood_does_not_evict_established(self) -> None:
-        """A flood of one-packet keys never displaces established bindings; it only
-        evicts other one-packet entries, and the table stays within its bound."""
-        self.fill_established(60)
+    def test_flood_does_not_evict_frequent(self) -> None:
+        """A flood of new keys (one packet each) never displaces a binding that has
+        seen `frequent` packets while any other is left; it displaces the infrequent
+        ones least recently used first, and the table stays within its bound."""
+        self.fill_established(60, packets=self.table.frequent)
+        self.clock.advance(1)
         for i in range(1000, 11000):
             self.table.insert(hoa(i), C)
             self.assertLessEqual(len(self.table), 100)
@@ -335,11 +375,13 @@ class BoundTests(SynchronousTestCase):
             assert binding is not None
             self.assertEqual(binding.backend, A if i % 2 else B)
         self.assertEqual(self.table.stats.evictions, 10000 - 40)
+        self.assertEqual(self.table.stats.established_evictions, 0)
         self.assertEqual(self.table.stats.refusals, 0)
         self.assertEqual(dict(self.table.load()), {A: 30, B: 30, C: 40})
 
     def test_oldest_probationary_evicted_first(self) -> None:
-        """When full, the probationary entry inserted first is the one evicted."""
+        """When full, of entries used at the same time the probationary entry inserted
+        first is the one evicted."""
         self.fill_established(50)
         for i in range(50):
             self.table.insert(hoa(i), C)
@@ -347,9 +389,11 @@ class BoundTests(SynchronousTestCase):
         self.assertNotIn(hoa(0), self.table)
         self.assertIn(hoa(1), self.table)
         self.assertIn(hoa(99), self.table)
+        self.assertEqual(self.table.stats.established_evictions, 0)
 
     def test_second_packet_protects(self) -> None:
-        """A probationary entry that sees a second packet is no longer evictable."""
+        """Of entries last used at the same time, a probationary one goes before one
+        that has seen a second packet."""
         for i in range(100):
             self.table.insert(hoa(i), C)
         self.table.lookup(hoa(0))
@@ -357,13 +401,57 @@ class BoundTests(SynchronousTestCase):
         self.assertIn(hoa(0), self.table)
         self.assertNotIn(hoa(1), self.table)
 
-    def test_full_of_established_refuses(self) -> None:
-        """With every entry established and live, an insert is refused and counted,
-        and nothing is evicted."""
-        self.fill_established(100)
-        self.assertIsNone(self.table.insert(hoa(1), C))
-        self.assertIsNone(self.table.rekey(src(1), hoa(2)))
-        self.assertEqual((self.table.stats.refusals, self.table.stats.evictions), (2, 0))
+    def test_least_recently_used_goes(self) -> None:
+        """An established entry idle longer than every probationary one is evicted
+        before them: new identities push out what has been idle longest."""
+        self.fill_established(10)
+        self.clock.advance(5)
+        for i in range(90):
+            self.table.insert(hoa(i), C)
+        self.clock.advance(1)
+        self.table.lookup(src(3))  # used again: no longer the least recent
+        self.table.insert(hoa(500), C)
+        self.assertIn(src(3), self.table)
+        gone = [i for i in range(10) if src(i) not in self.table]
+        self.assertEqual(len(gone), 1)
+        self.assertNotIn(3, gone)
+        self.assertEqual(self.table.stats.established_evictions, 1)
+        self.assertIn(hoa(0), self.table)
+
+    def test_least_recent_within_a_second(self) -> None:
+        """Established entries last used within the same second of the wheel go in the
+        order they were used: a probationary entry used between two of them outlives
+        the earlier one."""
+        self.fill_established(99)  # used at 0
+        self.clock.advance(5.1)
+        self.table.insert(hoa(1), C)
+        self.table.lookup(hoa(1))  # established, used at 5.1
+        self.clock.advance(0.4)
+        self.table.insert(hoa(2), C)  # probationary, used at 5.5
+        self.clock.advance(0.4)
+        for i in range(99):
+            self.table.lookup(src(i))  # used at 5.9
+        self.table.insert(hoa(3), C)
+        self.assertNotIn(hoa(1), self.table)
+        self.assertIn(hoa(2), self.table)
+
+    def test_full_of_established_never_refuses(self) -> None:
+        """With every entry established and live, an insert (or a rekey) is not
+        refused: the least recently used infrequent entry makes room; frequent entries
+        go only when no infrequent one is left, least recently used first."""
+        self.table.insert(hoa(900), A)
+        for _ in range(self.table.frequent):
+            self.table.lookup(hoa(900))  # frequent
+        self.clock.advance(1)
+        self.fill_established(99, packets=self.table.frequent)
+        self.assertIsNotNone(self.table.insert(hoa(1), C))
+        self.assertNotIn(hoa(900), self.table)  # all frequent: the least recent went
+        self.clock.advance(1)
+        self.table.lookup(hoa(1))  # infrequent established
+        self.assertIsNotNone(self.table.rekey(src(1), hoa(2)))
+        self.assertNotIn(hoa(1), self.table)  # the only infrequent one went
+        self.assertEqual((self.table.stats.refusals, self.table.stats.evictions), (0, 2))
+        self.assertEqual(self.table.stats.established_evictions, 2)
         self.assertEqual(len(self.table), 100)
 
     def test_due_entries_make_room_first(self) -> None:
@@ -387,30 +475,87 @@ class BoundTests(SynchronousTestCase):
         self.assertEqual(self.table.load()[C], 1)
 
 
+class AdmissionTests(SynchronousTestCase):
+    """Admission by source prefix: when the table is full, a /64 or /48 that has made
+    many new entries lately is refused instead of pushing anyone out."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.table = StickyTable(self.clock, LIFETIME, max_entries=100)
+        admission = self.table.admission
+        assert admission is not None
+        self.per_64 = admission.per_64
+
+    def test_room_admits_everyone(self) -> None:
+        """While there is room, every insert is admitted, however busy its prefix."""
+        for i in range(100):
+            self.assertIsNotNone(self.table.insert(hoa(i), A, source=source(1, i)))
+        self.assertEqual(self.table.stats.throttled, 0)
+
+    def test_full_refuses_a_busy_prefix_and_admits_others(self) -> None:
+        """A full table refuses a new identity from a /64 that made more than its
+        limit of new entries lately (counted), and nothing is evicted for it; a newcomer
+        from another prefix is admitted, pushing out the least recently used entry."""
+        for i in range(100):
+            self.table.insert(hoa(i), A, source=source(1, i))
+        self.clock.advance(1)
+        for i in range(100, 200):
+            self.assertIsNone(self.table.insert(hoa(i), A, source=source(1, i)))
+        self.assertEqual((self.table.stats.throttled, self.table.stats.refusals), (100, 100))
+        self.assertEqual(self.table.stats.evictions, 0)
+        newcomer = self.table.insert(src(1), B, source=source(2, 1))
+        self.assertIsNotNone(newcomer)
+        self.assertNotIn(hoa(0), self.table)
+        self.assertEqual(len(self.table), 100)
+
+    def test_a_quiet_prefix_is_admitted_when_full(self) -> None:
+        """Under the limit, a prefix's new identities evict like anyone's."""
+        self.table = StickyTable(self.clock, LIFETIME, max_entries=self.per_64 * 4)
+        for i in range(self.per_64 * 4):
+            self.table.insert(hoa(i), A, source=source(3 + i % 64, i))
+        for i in range(self.per_64 // 2):
+            self.assertIsNotNone(self.table.insert(src(i), B, source=source(1, i)))
+        self.assertEqual(self.table.stats.throttled, 0)
+
+    def test_without_source_or_admission(self) -> None:
+        """An insert that names no source, or a table without admission, is never
+        refused: the bound is kept by eviction alone."""
+        table = StickyTable(self.clock, LIFETIME, max_entries=10, admission=False)
+        for i in range(50):
+            self.assertIsNotNone(table.insert(hoa(i), A, source=source(1, i)))
+            self.assertIsNotNone(self.table.insert(hoa(i), A))
+        self.assertEqual(len(table), 10)
+        self.assertEqual(table.stats.refusals + self.table.stats.refusals, 0)
+
+
 @dataclasses.dataclass
 class Entry:
     backend: Backend
     expires: float
     established: bool
     order: int
+    packets: int
 
 
 class TableModel(RuleBasedStateMachine):
     """The table against a plain-dict model of the documented semantics.
 
     Times are whole seconds and the lifetime is whole, so the rounding of expiry times
-    and the one-second wheel grain never blur the model's exact deadlines.
+    and the one-second wheel grain never blur the model's exact deadlines.  Where the
+    documented policy leaves a choice (which of several established entries last used
+    in the same second is evicted), the model accepts any of them and follows the table.
     """
 
     MAX = 4
     LIFE = 5
+    FREQUENT = 3
     KEYS = [src(i) for i in range(7)]
     BACKENDS = [A, B, C]
 
     def __init__(self) -> None:
         super().__init__()
         self.clock = Clock()
-        self.table = StickyTable(self.clock, self.LIFE, self.MAX)
+        self.table = StickyTable(self.clock, self.LIFE, self.MAX, frequent=self.FREQUENT)
         self.model: dict[Key, Entry] = {}
         self.order = 0
 
@@ -424,19 +569,29 @@ class TableModel(RuleBasedStateMachine):
             del self.model[k]
         return len(due)
 
-    def _model_room(self) -> bool:
-        """Room for one more: if full, sweep what is due, else evict the oldest
-        probationary entry."""
+    def _model_room(self) -> None:
+        """Room for one more, as the table made it: if full, sweep what is due; else
+        evict the infrequent entry used least recently (a probationary one, oldest
+        first, before an established one last used at the same time), or, with none,
+        the frequent one used least recently."""
         if len(self.model) < self.MAX:
-            return True
+            return
         self._model_expire()
         if len(self.model) < self.MAX:
-            return True
-        probation = [(e.order, k) for k, e in self.model.items() if not e.established]
-        if not probation:
-            return False
-        del self.model[min(probation)[1]]
-        return True
+            return
+        pool = [
+            (e.expires, e.established, e.order, k)
+            for k, e in self.model.items()
+            if not e.established or e.packets < self.FREQUENT
+        ] or [(e.expires, True, e.order, k) for k, e in self.model.items()]
+        first = min(pool)
+        if not first[1]:
+            victims = {first[3]}  # the FIFO's oldest
+        else:
+            victims = {k for x, est, _, k in pool if (x, est) == first[:2]}
+        gone = [k for k in self.model if k not in self.table]
+        assert len(gone) == 1 and gone[0] in victims, (gone, victims)
+        del self.model[gone[0]]
 
     def _live(self, key: Key) -> Entry | None:
         entry = self.model.get(key)
@@ -446,13 +601,12 @@ class TableModel(RuleBasedStateMachine):
     def insert(self, key: Key, backend: Backend) -> None:
         binding = self.table.insert(key, backend)
         old = self.model.pop(key, None)
-        if old is None and not self._model_room():
-            assert binding is None
-            return
+        if old is None:
+            self._model_room()
         assert binding is not None and binding.backend == backend
         self.order += 1
         established = old is not None and old.expires > self.now and old.established
-        self.model[key] = Entry(backend, self.now + self.LIFE, established, self.order)
+        self.model[key] = Entry(backend, self.now + self.LIFE, established, self.order, 1)
 
     @rule(key=st.sampled_from(KEYS))
     def lookup(self, key: Key) -> None:
@@ -465,6 +619,7 @@ class TableModel(RuleBasedStateMachine):
             assert binding is not None and binding.backend == entry.backend
             entry.expires = self.now + self.LIFE
             entry.established = True
+            entry.packets += 1
 
     @rule(old=st.sampled_from(KEYS), new=st.sampled_from(KEYS))
     def rekey(self, old: Key, new: Key) -> None:
@@ -480,10 +635,8 @@ class TableModel(RuleBasedStateMachine):
             target.established = True
         else:
             self.model.pop(new, None)
-            if not self._model_room():
-                assert binding is None
-                return
-            self.model[new] = Entry(source.backend, self.now + self.LIFE, True, 0)
+            self._model_room()
+            self.model[new] = Entry(source.backend, self.now + self.LIFE, True, 0, 0)
         assert binding is not None and binding.backend == source.backend
 
     @rule(key=st.sampled_from(KEYS))
@@ -502,8 +655,9 @@ class TableModel(RuleBasedStateMachine):
 
     @invariant()
     def same_entries(self) -> None:
-        want = {k: (e.backend, e.expires, e.established) for k, e in self.model.items()}
-        got = {k: (b.backend, b.expires, b.established) for k, b in self.table}
+        want = {k: (e.backend, e.expires, e.established, e.packets)
+                for k, e in self.model.items()}
+        got = {k: (b.backend, b.expires, b.established, b.packets) for k, b in self.table}
         assert got == want, (got, want)
 
     @invariant()
@@ -511,6 +665,7 @@ class TableModel(RuleBasedStateMachine):
         counts = collections.Counter(b.backend for _, b in self.table)
         assert dict(self.table.load()) == dict(counts)
         assert len(self.table) <= self.MAX
+        assert self.table.probationary == sum(not e.established for e in self.model.values())
 
 
 class TableModelTests(SynchronousTestCase):

@@ -14,26 +14,41 @@ times are rounded up to a multiple of ``resolution`` (default 1/128 s) and the f
 object is shared by every entry refreshed within the same interval, so a busy table
 does not allocate a float per packet, and an entry lives at least ``lifetime``.
 
-*Two segments* (a segmented LRU, bounded by ``max_entries``):
+*Two segments*:
 
 - **probationary**: a new entry (one packet seen) waits in a FIFO (``collections.deque``).
   Its expiry never changes while it is there, so the FIFO is also ordered by expiry: the
-  oldest is both the first to expire and the first to evict.
+  oldest is both the first to expire and the least recently used.
 - **established**: an entry that saw a second packet, or was made or refreshed by
   ``rekey`` (a continuing terminal).  It is filed in a coarse timer wheel: a dict from
-  integer deadline (``ceil(expires / sweep_grain)``) to a list of bindings, plus a heap
-  of those deadlines.  A hit does *not* move it; when its bucket comes due, the sweep
-  finds its real expiry later and files it again, once per lifetime at most.
+  integer deadline (``ceil(expires / sweep_grain)``) to the two ends of a chain of
+  bindings linked through their own ``_next`` slot, in the order they were filed (no
+  list per entry, no allocation), plus a heap of those deadlines.  A hit does *not* move
+  it; when its bucket comes due, the sweep finds its real expiry later and files it
+  again, once per lifetime at most.  There are two wheels: *infrequent* entries (fewer
+  than ``frequent`` packets, 8) and *frequent* ones; an entry moves to the second when
+  the first's walker meets it with enough packets.  Each wheel is also its entries'
+  recency order: the earliest bucket holds those used least recently (within it, the
+  first filed first).
 
 *Expiry* (:meth:`StickyTable.expire`) pops the due probationary entries from the FIFO's
-head and the due buckets from the heap: the work is proportional to what is due (plus
+head and the due buckets from the heaps: the work is proportional to what is due (plus
 stale filings, each examined once), never to the table's size.  Entries are removed up
 to one ``sweep_grain`` late; :meth:`lookup` and :meth:`get` never return an expired one.
 
-*Eviction*: when the table is full, an insert first sweeps what is due, then evicts the
-oldest probationary entry; if every entry is established the insert is *refused* and
-counted.  A flood of forged identities (one packet each) therefore only ever displaces
-other one-packet entries; established terminals keep their backend.
+*The bound* (docs/core.md, "The bound and the eviction policy").  When an insert finds
+the table full it sweeps what is due; then
+
+1. *admission*: an insert that names the packet's source address (``source``) from a
+   /64 or /48 that has made many new entries lately (`PrefixAdmission`) is refused: a
+   flood from a few prefixes cannot push anyone out;
+2. *eviction*: the infrequent entry used least recently goes -- the FIFO's oldest or
+   the first wheel's least recent, whichever was used longer ago -- and a frequent one
+   only when no infrequent one is left.  An insert is never refused for want of a
+   victim, so forged identities -- however many packets each sends -- cannot lock
+   newcomers out; they can only push out what has been idle longer than they have; and
+   a terminal that has sent ``frequent`` packets is never pushed out for an identity
+   that has sent fewer.
 
 *Aliases.*  A terminal carries several identities (its home address, its care-of
 address, an interface ID, an SPI...).  One of them is the binding's key; the others are
@@ -45,9 +60,15 @@ live entry of its own: only :meth:`rekey` (an authenticated notification) and
 binding keeps at most ``max_aliases`` aliases, the oldest dropped first, so no terminal
 (and no forger) can make one binding hold an unbounded number of identities.
 
-*Stale filings*: each :class:`Binding` records where it is filed (``_where``: the FIFO
-marker, a wheel bucket, or None once removed).  A filing whose binding has moved on or
-been removed is skipped and dropped when reached, so nothing is searched on removal.
+*Stale filings*: a filing whose binding has moved on or been removed is skipped and
+dropped when reached, so nothing is searched on removal.  A binding in the FIFO is
+current while its ``_next`` is the probation marker; one in a wheel chain while the
+table still maps its key to it.  Stale FIFO filings (left by promotions) are compacted
+away once they outnumber the live ones, so they never cost more than the live entries.
+
+*Memory.*  A :class:`Binding` is six slots (80 bytes): its key (or its key and aliases),
+the link of its wheel chain (or the probation marker), backend, care-of address, expiry
+and packet count.  Once established, its filing costs nothing more.
 """
 
 from __future__ import annotations
@@ -59,6 +80,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Final
 
+from lbproxy.core.admission import PrefixAdmission
 from lbproxy.core.keys import Key
 
 if TYPE_CHECKING:
@@ -87,37 +109,42 @@ _PROBATION: Final = _Probation()
 class Binding:
     """One terminal identity's binding to a backend (mutable, slotted to stay small).
 
-    ``expires`` and ``created`` are clock seconds (``created`` rounded down, ``expires``
-    rounded up, to the table's resolution); ``packets`` counts the packets that used the
-    entry; ``care_of`` is the last care-of address seen (16 bytes).  Whether replies may
-    go to it is not the binding's to say: `lbproxy.core.returnpaths` is the one record
-    of confirmed care-of addresses.
-    ``key`` is the key it is filed under.  Change ``backend`` only through
-    :meth:`StickyTable.insert` or :meth:`StickyTable.rekey`, which keep the load counts.
+    ``expires`` is clock seconds, rounded up to the table's resolution; ``packets``
+    counts the packets that used the entry; ``care_of`` is the last care-of address seen
+    (16 bytes).  Whether replies may go to it is not the binding's to say:
+    `lbproxy.core.returnpaths` is the one record of confirmed care-of addresses.
+    ``key`` is the key it is filed under, ``aliases`` its other identities.  Change
+    ``backend`` only through the table (:meth:`StickyTable.insert`, :meth:`rekey
+    <StickyTable.rekey>`, :meth:`repoint <StickyTable.repoint>`), which keeps the load
+    counts.
     """
 
-    __slots__ = ("_key", "_where", "aliases", "backend", "care_of", "created", "expires",
-                 "packets")
+    __slots__ = ("_keys", "_next", "backend", "care_of", "expires", "packets")
 
     def __init__(
         self,
         key: bytes,
         backend: Backend,
-        created: float,
         expires: float,
         packets: int = 1,
         care_of: bytes | None = None,
     ) -> None:
-        self._key = key  # the table's plain-bytes copy of the Key (see StickyTable)
+        #: The table's plain-bytes copy of the Key, or, once the binding has aliases, a
+        #: list: that key first, then the aliases (plain bytes of their Keys), oldest
+        #: first.  One slot for both: most bindings have no alias.
+        self._keys: bytes | list[bytes] = key
+        #: The next binding in this one's wheel chain (None at a chain's end), or
+        #: ``_PROBATION`` while it waits in the probationary FIFO.
+        self._next: Binding | _Probation | None = None
         self.backend = backend
-        self.created = created
         self.expires = expires
         self.packets = packets
         self.care_of = care_of
-        #: The other identities leading here (plain bytes of their Keys), oldest first;
-        #: None when there are none (the common case costs no list).
-        self.aliases: list[bytes] | None = None
-        self._where: object = None
+
+    @property
+    def _key(self) -> bytes:
+        keys = self._keys
+        return keys[0] if isinstance(keys, list) else keys
 
     @property
     def key(self) -> Key:
@@ -125,9 +152,22 @@ class Binding:
         return _as_key(self._key)
 
     @property
+    def aliases(self) -> list[bytes] | None:
+        """The other identities leading here (plain bytes of their Keys), oldest first;
+        None when there are none.  A copy: change them through the table."""
+        keys = self._keys
+        return keys[1:] if isinstance(keys, list) else None
+
+    @property
     def established(self) -> bool:
         """True once the entry left probation (second packet, or made by ``rekey``)."""
-        return self._where is not _PROBATION
+        return self._next is not _PROBATION
+
+    @property
+    def created(self) -> None:
+        """No longer recorded (it would cost 16 bytes per binding, and nothing read
+        it); always None."""
+        return None
 
     def __repr__(self) -> str:
         return (
@@ -141,10 +181,15 @@ class TableStats:
 
     ``swept`` counts filings examined by :meth:`StickyTable.expire`: it measures the
     sweep's work, which must follow what was due, not the table's size.
+    ``evictions`` counts every binding pushed out to make room, ``established_evictions``
+    those of them that were established; ``refusals`` every insert, rekey or restore
+    refused for want of room, ``throttled`` those of them refused by admission (the
+    packet's source prefix made too many new entries lately).
     """
 
-    __slots__ = ("alias_evictions", "evictions", "expirations", "hits", "inserts", "links",
-                 "misses", "refusals", "rekeys", "swept")
+    __slots__ = ("alias_evictions", "established_evictions", "evictions", "expirations",
+                 "hits", "inserts", "links", "misses", "refusals", "rekeys", "swept",
+                 "throttled")
 
     def __init__(self) -> None:
         self.hits = 0
@@ -152,7 +197,9 @@ class TableStats:
         self.inserts = 0
         self.expirations = 0
         self.evictions = 0
+        self.established_evictions = 0
         self.refusals = 0
+        self.throttled = 0
         self.rekeys = 0
         self.swept = 0
         #: Identities linked as aliases, and aliases dropped to keep a binding's bound.
@@ -166,14 +213,23 @@ class TableStats:
         return f"TableStats({self.as_dict()})"
 
 
+#: The default packet count from which an established entry is frequent.
+FREQUENT: Final = 8
+
+
 class StickyTable:
     """Key -> :class:`Binding`, with lifetimes, a bound and per-backend load counts.
 
     ``lifetime`` is the seconds an idle entry lives; ``max_entries`` bounds the table
     (see the module docstring for the eviction policy).  ``resolution`` is the rounding
     of expiry times, ``sweep_grain`` the width of a timer-wheel bucket (both seconds).
-    Every method taking ``now`` reads the clock when it is None; the data path can pass
-    one reading for a whole batch of packets.
+    When the table is full, room is made by evicting the entry used least recently
+    among those with fewer than ``frequent`` packets, and only when there is none among
+    the others.  ``admission`` decides, when the table is full, whether an insert from a
+    packet's source address may push anything out (a `PrefixAdmission` sized for the
+    table unless given; False admits everyone).  Every method taking ``now`` reads the
+    clock when it is None; the data path can pass one reading for a whole batch of
+    packets.
     """
 
     def __init__(
@@ -184,6 +240,8 @@ class StickyTable:
         resolution: float = 1 / 128,
         sweep_grain: float = 1.0,
         max_aliases: int = 8,
+        frequent: int = FREQUENT,
+        admission: PrefixAdmission | bool = True,
     ) -> None:
         if lifetime <= 0:
             raise ValueError(f"lifetime must be > 0, not {lifetime}")
@@ -191,12 +249,21 @@ class StickyTable:
             raise ValueError(f"max_entries must be >= 1, not {max_entries}")
         if resolution <= 0 or sweep_grain <= 0:
             raise ValueError("resolution and sweep_grain must be > 0")
+        if frequent < 2:
+            raise ValueError(f"frequent must be >= 2, not {frequent}")
         self.clock = clock
         self.lifetime: Final = float(lifetime)
         self.max_entries: Final = max_entries
         self.resolution: Final = resolution
         self.sweep_grain: Final = sweep_grain
         self.max_aliases: Final = max_aliases
+        #: Packets from which an established entry is *frequent*: it makes room only
+        #: when no infrequent one is left.
+        self.frequent: Final = frequent
+        if admission is True:
+            width = 1 << max(8, min(14, (max_entries // 8).bit_length()))
+            admission = PrefixAdmission(width=width)
+        self.admission: PrefixAdmission | None = admission or None
         self.stats = TableStats()
         #: Called with (binding, True) when a binding is made, points at another backend
         #: or gains or loses an alias (its identities are then ``binding.key`` and
@@ -213,11 +280,15 @@ class StickyTable:
         self.peek: Callable[[bytes], Binding | None] = self._entries.get
         self._load: dict[Backend, int] = {}
         self._probation: deque[Binding] = deque()
-        self._wheel: dict[int, list[Binding]] = {}
-        self._deadlines: list[int] = []
-        # The current rounding interval: readings up to _q_end share _q_now/_q_expires.
+        self._p_live = 0  # probationary bindings (live ones in the FIFO)
+        self._p_stale = 0  # stale filings in the FIFO
+        # The established entries, in two wheels: those with fewer than `frequent`
+        # packets, and the others.  Each: deadline -> [first, last] binding of its chain
+        # (in the order they were filed), and a heap of the deadlines.
+        self._wheels: tuple[dict[int, list[Binding]], dict[int, list[Binding]]] = ({}, {})
+        self._heaps: tuple[list[int], list[int]] = ([], [])
+        # The current rounding interval: readings up to _q_end share _q_expires.
         self._q_end = -math.inf
-        self._q_now = 0.0
         self._q_expires = 0.0
 
     # -- time ----------------------------------------------------------------------
@@ -228,7 +299,6 @@ class StickyTable:
         if end < now:  # float rounding
             end += res
         self._q_end = end
-        self._q_now = now
         self._q_expires = end + self.lifetime
 
     # -- the data path -------------------------------------------------------------
@@ -261,8 +331,8 @@ class StickyTable:
             self._requantize(now)
         b.expires = self._q_expires
         b.packets += 1
-        if b._where is _PROBATION:
-            self._file(b)
+        if b._next is _PROBATION:
+            self._promote(b)
         self.stats.hits += 1
 
     def repoint(self, b: Binding, backend: Backend) -> None:
@@ -295,14 +365,15 @@ class StickyTable:
             self.stats.expirations += 1
         k = bytes(key)
         entries[k] = b
-        aliases = b.aliases
-        if aliases is None:
-            aliases = b.aliases = []
-        aliases.append(k)
+        keys = b._keys
+        if isinstance(keys, list):
+            keys.append(k)
+        else:
+            keys = b._keys = [keys, k]  # sized exactly: most bindings get one alias
         self._alias_count += 1
         self.stats.links += 1
-        if len(aliases) > self.max_aliases:
-            del entries[aliases.pop(0)]
+        if len(keys) > self.max_aliases + 1:
+            del entries[keys.pop(1)]
             self._alias_count -= 1
             self.stats.alias_evictions += 1
         if self.listeners:
@@ -315,34 +386,49 @@ class StickyTable:
         backend: Backend,
         care_of: bytes | None = None,
         now: float | None = None,
+        source: bytes | None = None,
     ) -> Binding | None:
-        """Bind `key` to `backend` (its first packet counted); None if refused (full).
+        """Bind `key` to `backend` (its first packet counted); None if refused.
 
-        A new key starts probationary.  Inserting over an existing entry replaces it
+        A new key starts probationary.  Inserting over a key's own entry replaces it
         (never refused, and a live established entry's replacement stays established).
+        `source` is the source address of the packet that asks for the binding: when
+        given, the table's admission counts it, and refuses the insert when the table
+        is full and that address's /64 or /48 has made too many new entries lately.
+        Otherwise a full table makes room (see `StickyTable`): an insert is never
+        refused for want of something to evict.
         """
         if now is None:
             now = self.clock.seconds()
         old = self._entries.get(key)
+        established = full = False
         if old is not None:
             # An expired entry, not yet swept, is replaced like an absent one.
             established = old.established and old.expires > now
+            full = old._key != key  # an alias makes a binding of its own: room
             self._take(old, key)
-            if old._key != key and self._size() >= self.max_entries \
-                    and not self._make_room(now):  # fmt: skip
-                self.stats.refusals += 1  # an alias made a binding of its own: room
-                return None
         else:
-            established = False
-            if self._size() >= self.max_entries and not self._make_room(now):
-                self.stats.refusals += 1
-                return None
+            full = True
+        if full and self._size() >= self.max_entries:
+            self.expire(now)
+            full = self._size() >= self.max_entries
+        else:
+            full = False
+        admission = self.admission
+        if source is not None and admission is not None and not admission.admit(
+            source, now, full
+        ):
+            self.stats.throttled += 1
+            self.stats.refusals += 1
+            return None
+        if full and not (self._evict(0) or self._evict(1)):
+            self.stats.refusals += 1
+            return None
         b = self._add(key, backend, now, 1, care_of)
         if established:
             self._file(b)
         else:
-            self._probation.append(b)
-            b._where = _PROBATION
+            self._probate(b)
         self.stats.inserts += 1
         return b
 
@@ -369,10 +455,11 @@ class StickyTable:
         if expires <= now:
             return None
         old = self._entries.get(key)
+        own = False
         if old is not None:
+            own = old._key == key
             self._take(old, key)
-        if (old is None or old._key != key) and self._size() >= self.max_entries \
-                and not self._make_room(now):  # fmt: skip
+        if not own and self._size() >= self.max_entries and not self._make_room(now):
             self.stats.refusals += 1
             return None
         b = self._add(key, backend, now, packets, care_of)
@@ -380,8 +467,7 @@ class StickyTable:
         if established:
             self._file(b)
         else:
-            self._probation.append(b)
-            b._where = _PROBATION
+            self._probate(b)
         return b
 
     def rekey(
@@ -434,8 +520,8 @@ class StickyTable:
             nb.expires = self._q_expires
             if care_of is not None:
                 nb.care_of = care_of
-            if nb._where is _PROBATION:
-                self._file(nb)
+            if nb._next is _PROBATION:
+                self._promote(nb)
         self.stats.rekeys += 1
         return nb
 
@@ -452,26 +538,30 @@ class StickyTable:
         fifo = self._probation
         while fifo:
             b = fifo[0]
-            if b._where is _PROBATION:
+            if b._next is _PROBATION:
                 if b.expires > now:
                     break
                 self._drop(b)
                 removed += 1
             fifo.popleft()
+            self._p_stale -= 1
             touched += 1
-        heap = self._deadlines
+        entries = self._entries
         grain = self.sweep_grain
-        while heap and heap[0] * grain <= now:
-            bucket = self._wheel.pop(heapq.heappop(heap))
-            touched += len(bucket)
-            for b in bucket:
-                if b._where is not bucket:
-                    continue
-                if b.expires <= now:
-                    self._drop(b)
-                    removed += 1
-                else:
-                    self._file(b)
+        for heap, wheel in zip(self._heaps, self._wheels, strict=True):
+            while heap and heap[0] * grain <= now:
+                c: Binding | None = wheel.pop(heapq.heappop(heap))[0]
+                while c is not None:
+                    b, c = c, c._next  # type: ignore[assignment]
+                    touched += 1
+                    b._next = None
+                    if entries.get(b._key) is not b:
+                        continue  # removed meanwhile: a stale filing
+                    if b.expires <= now:
+                        self._drop(b)
+                        removed += 1
+                    else:
+                        self._file(b)
         self.stats.expirations += removed
         self.stats.swept += touched
         return removed
@@ -503,6 +593,11 @@ class StickyTable:
     def alias_count(self) -> int:
         """Aliases held (identities leading to another identity's binding)."""
         return self._alias_count
+
+    @property
+    def probationary(self) -> int:
+        """Probationary bindings held (the rest of `len` is established)."""
+        return self._p_live
 
     def _size(self) -> int:
         return len(self._entries) - self._alias_count
@@ -542,7 +637,7 @@ class StickyTable:
         # is a bytes subclass that overrides neither), so Key lookups find it, and it
         # is 16 bytes smaller than a Key (plain bytes are not tracked by the GC).
         k = bytes(key)
-        b = Binding(k, backend, self._q_now, self._q_expires, packets, care_of)
+        b = Binding(k, backend, self._q_expires, packets, care_of)
         self._entries[k] = b
         self._count(backend, 1)
         if self.listeners:
@@ -557,15 +652,22 @@ class StickyTable:
             del self._load[backend]
 
     def _drop(self, b: Binding) -> None:
+        """Remove `b` with its aliases.  A probationary binding's FIFO filing becomes
+        stale (``_next`` None); a wheel filing is left in its chain, whose walker sees
+        that the table no longer maps the key to `b`."""
         entries = self._entries
-        del entries[b._key]
-        aliases = b.aliases
-        if aliases:
-            for k in aliases:
+        keys = b._keys
+        if isinstance(keys, list):
+            for k in keys:
                 del entries[k]
-            self._alias_count -= len(aliases)
+            self._alias_count -= len(keys) - 1
+        else:
+            del entries[keys]
         self._count(b.backend, -1)
-        b._where = None
+        if b._next is _PROBATION:
+            b._next = None
+            self._p_live -= 1
+            self._p_stale += 1
         if self.listeners:
             self._tell(b, False)
 
@@ -578,8 +680,11 @@ class StickyTable:
             self._unlink(b, bytes(key))
 
     def _unlink(self, b: Binding, key: bytes) -> None:
-        assert b.aliases is not None
-        b.aliases.remove(key)
+        keys = b._keys
+        assert isinstance(keys, list)
+        keys.remove(key)  # never the first: `key` is an alias, not b's own key
+        if len(keys) == 1:
+            b._keys = keys[0]
         del self._entries[key]
         self._alias_count -= 1
         if self.listeners:
@@ -589,26 +694,103 @@ class StickyTable:
         for listener in self.listeners:
             listener(b, bound)
 
+    def _probate(self, b: Binding) -> None:
+        b._next = _PROBATION
+        self._probation.append(b)
+        self._p_live += 1
+
+    def _promote(self, b: Binding) -> None:
+        """Probationary `b` becomes established: filed in the wheel; its FIFO filing
+        goes stale, and the FIFO is compacted once stale filings outnumber live ones."""
+        self._p_live -= 1
+        self._file(b)
+        self._p_stale += 1
+        if self._p_stale > 1024 and self._p_stale > self._p_live:
+            self._probation = deque(x for x in self._probation if x._next is _PROBATION)
+            self._p_stale = 0
+
     def _file(self, b: Binding) -> None:
+        """File established `b` by its expiry, in the wheel of its frequency."""
         slot = math.ceil(b.expires / self.sweep_grain)
-        bucket = self._wheel.get(slot)
-        if bucket is None:
-            bucket = self._wheel[slot] = []
-            heapq.heappush(self._deadlines, slot)
-        bucket.append(b)
-        b._where = bucket
+        i = b.packets >= self.frequent
+        wheel = self._wheels[i]
+        ends = wheel.get(slot)
+        b._next = None
+        if ends is None:
+            wheel[slot] = [b, b]
+            heapq.heappush(self._heaps[i], slot)
+        else:
+            ends[1]._next = b
+            ends[1] = b
 
     def _make_room(self, now: float) -> bool:
-        """Free one entry for an insert: sweep what is due, else evict the oldest
-        probationary entry.  False if every entry is established and live."""
+        """Free one entry (for a rekey or a restore, or an insert's eviction, see
+        `insert`): sweep what is due; else evict the infrequent entry (fewer than
+        `frequent` packets, probationary or established) used least recently, else the
+        frequent one used least recently.  False if there is nothing to evict."""
         self.expire(now)
         if self._size() < self.max_entries:
             return True
-        fifo = self._probation
-        while fifo:
-            b = fifo.popleft()
-            if b._where is _PROBATION:
-                self._drop(b)
-                self.stats.evictions += 1
-                return True
-        return False
+        return self._evict(0) or self._evict(1)
+
+    def _evict(self, frequent: int) -> bool:
+        """Evict the entry used least recently among the infrequent ones (0: the oldest
+        probationary entry or the least recently used infrequent established one,
+        whichever was used longer ago; a tie keeps the established one) or among the
+        frequent ones (1).  False if there is none."""
+        p: Binding | None = None
+        if not frequent:
+            fifo = self._probation
+            while fifo and fifo[0]._next is not _PROBATION:
+                fifo.popleft()
+                self._p_stale -= 1
+            p = fifo[0] if fifo else None
+        e = self._least_recent(frequent)
+        if e is None and p is None:
+            return False
+        if e is None or (p is not None and p.expires <= e.expires):
+            assert p is not None
+            self._probation.popleft()
+            self._drop(p)
+            self._p_stale -= 1
+            self.stats.evictions += 1
+            return True
+        heap, wheel = self._heaps[frequent], self._wheels[frequent]
+        rest = e._next
+        if rest is None:
+            del wheel[heapq.heappop(heap)]
+        else:
+            wheel[heap[0]][0] = rest  # type: ignore[assignment]
+        e._next = None
+        self._drop(e)
+        self.stats.evictions += 1
+        self.stats.established_evictions += 1
+        return True
+
+    def _least_recent(self, frequent: int) -> Binding | None:
+        """The established entry used least recently (to within one sweep grain) of the
+        infrequent (0) or the frequent (1) wheel, left first in the earliest bucket's
+        chain: on the way, stale filings are dropped and the entries refreshed since
+        they were filed there (or become frequent meanwhile) are filed again.  A chain
+        is in the order its entries were filed, so its first is (nearly) its least
+        recent."""
+        heap, wheel = self._heaps[frequent], self._wheels[frequent]
+        entries, grain, threshold = self._entries, self.sweep_grain, self.frequent
+        while heap:
+            slot = heap[0]
+            ends = wheel[slot]
+            c: Binding | None = ends[0]
+            while c is not None:
+                if entries.get(c._key) is c and not (
+                    math.ceil(c.expires / grain) > slot
+                    or (not frequent and c.packets >= threshold)
+                ):
+                    ends[0] = c
+                    return c
+                b, c = c, c._next  # type: ignore[assignment]
+                b._next = None
+                if entries.get(b._key) is b:
+                    self._file(b)  # refreshed, or now frequent: never this bucket
+            del wheel[slot]
+            heapq.heappop(heap)
+        return None
