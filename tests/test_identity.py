@@ -299,3 +299,36 @@ class IpsecTerminalTests(SynchronousTestCase):
             self.assertEqual(to(balancer, esp_in_udp(coa(i, 2), 0x5000 + i)), first)
             self.assertEqual(to(balancer, esp(coa(i, 3), 0x5000 + i)), first)
         self.assertEqual(balancer.counters.conflicts.total(), 0)
+
+
+class FloodTests(SynchronousTestCase):
+    def test_a_flood_of_forged_identities_locks_nobody_out(self) -> None:
+        """A full table (200 bindings) under a flood of 5,000 forged home addresses sent
+        twice each, each from its own address of one /64 (no spoofing needed: the home
+        address is packet content, and the /64 is the attacker's): the established
+        terminals keep their backends, every newcomer from elsewhere is served, and the
+        flood's own new identities are throttled, counted.  (From one source address the
+        flood would not even take places: its claims become aliases of one binding.)"""
+        balancer, clock = make(max_entries=200)
+        established = {}
+        for i in range(50):
+            first = to(balancer, hao(coa(i), home(i)))
+            for _ in range(10):
+                to(balancer, hao(coa(i), home(i)))
+            established[i] = first
+        served = 0
+        for n in range(5000):
+            forged = f"2001:db8:666::{n + 1:x}"
+            for _ in range(2):
+                balancer.inbound(hao(f"2001:db8:bad::{n + 1:x}", forged))
+            if n % 100 == 0:
+                clock.advance(1)
+                newcomer = n // 100
+                source = f"2001:db8:c{newcomer % 10}:{newcomer}::1"
+                out = balancer.inbound(hao(source, f"2001:db8:200::{newcomer + 1:x}"))
+                served += out is not None
+                for i in range(50):  # the established terminals keep talking
+                    self.assertEqual(to(balancer, hao(coa(i), home(i))), established[i])
+        self.assertEqual(served, 50)
+        self.assertLessEqual(len(balancer.table), 200)
+        self.assertGreater(balancer.table.stats.throttled, 0)

@@ -310,8 +310,8 @@ class RealTableTests(SynchronousTestCase):
         table = RealTable(clock, lifetime=100.0, max_entries=4)
         busy = RealKey.parse("hoa 2001:db8:1::1")
         table.insert(busy, b1)
-        table.lookup(busy)
-        table.lookup(busy)
+        while table.get(busy).packets < table.frequent:  # type: ignore[union-attr]
+            table.lookup(busy)  # a busy terminal: frequent enough to outlast a flood
         clock.advance(50)
         table.insert(RealKey.parse("iid 0211:22ff:fe33:4455"), b2)
         path = self.mktemp()
@@ -323,7 +323,7 @@ class RealTableTests(SynchronousTestCase):
         self.assertEqual((result.restored, result.expired, result.error), (2, 0, None))
         restored = fresh.get(busy)
         assert restored is not None
-        self.assertEqual((restored.backend, restored.packets), (b1, 3))
+        self.assertEqual((restored.backend, restored.packets), (b1, fresh.frequent))
         self.assertTrue(restored.established)
         self.assertAlmostEqual(restored.expires - clock.seconds(), 20.0, places=1)
         for n in range(10):  # a flood of one-packet identities

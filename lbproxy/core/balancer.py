@@ -311,7 +311,7 @@ class Balancer:
         if chosen is None:
             self.counters.drop("no-backend")
             return None
-        binding = self.table.insert(key, chosen)
+        binding = self.table.insert(key, chosen, source=source)
         if binding is None:
             self.counters.drop("table-full")
             return None
