@@ -36,17 +36,21 @@ Topology (three network namespaces created here and removed at the end; root nee
 Both C programs are compiled with gcc into a temporary directory at start.  Every
 address is in 2001:db8::/32 and no traffic leaves the namespaces.
 
-CPUs: the generator, the sink and the sink's kernel work (RPS) share one CPU (the
-"other machines"); the forwarding runs on the other, the balancer's: the lbproxy
-process (pinned), the kernel's forwarding (lbc's receive processing steered there with
-RPS, ``--rx-cpu``) and the XDP executor (lbc's NAPI poll in a kernel thread pinned there
--- threaded NAPI -- since on a veth the poll would otherwise run on the sending CPU, the
-generator's).  *CPU per packet* is the forwarding's CPU time per packet delivered: for
-the kernel, the softirq time on the balancer's CPU; for the Python paths, the lbproxy
-process's (as before; their receive processing stays on the sender's CPU: on the
-balancer's the softirq would starve the process); for XDP, the NAPI thread's (the
-program, the redirect and the softirq it raises on the sink's end of the veth),
-ksoftirqd's on that CPU and the lbproxy process's.
+CPUs: the generator, the sink and the sink's kernel work share one CPU (the "other
+machines"); the forwarding runs on the other, the balancer's (``--balancer-cpu``,
+``--rx-cpu``): the lbproxy process (pinned) and lbc's NAPI poll in a kernel thread
+pinned there at the lowest real-time priority (threaded NAPI, as a softirq would run
+before the CPU's processes; on a veth the poll otherwise runs on the sending CPU, the
+generator's).  For XDP that poll runs the program and the redirect; for the kernel, GRO
+on lbc gives it a NAPI context, and the poll is the kernel's whole forwarding (DNAT,
+route, transmit; forwarded UDP is not coalesced).  *CPU per packet* is the forwarding's
+CPU time -- that thread's (exactly: schedstat) plus the lbproxy process's -- per packet
+delivered; other work on the machine does not count (a run whose balancer CPU was busy
+with it anyway is flagged).  The Python paths' receive processing stays on the sender's
+CPU as before (in the balancer's, at full rate, the softirq starves the process: receive
+livelock), so their figure is the process's alone.  For XDP, sink0's NAPI poll, which
+turns the redirected frames into the sink's packets, runs in a thread on the sink's CPU:
+RPS does that for the other forwarders.
 
 Runs come in rounds: per terminal count, each round runs the kernel, lbproxy and XDP
 (both started fresh) one right after the other, so that a slow spell of the shared
@@ -169,15 +173,6 @@ def steer_sink(cpus: str | None) -> None:
     in_ns(SINK, "sh", "-c", f"echo {mask:x} > /sys/class/net/sink0/queues/rx-0/rps_cpus")
 
 
-def steer_balancer(cpus: str | None) -> None:
-    """The balancer namespace's receive processing on lbc (RPS) on `cpus`, the balancer's
-    CPU: the kernel's forwarding, and the Python paths' packet-socket delivery, run
-    there instead of on the generator's CPU (a veth hands packets over on the sender's).
-    None: the sender's CPU."""
-    mask = sum(1 << int(c) for c in cpus.split(",")) if cpus else 0
-    in_ns(LB, "sh", "-c", f"echo {mask:x} > /sys/class/net/lbc/queues/rx-0/rps_cpus")
-
-
 class XdpTopology:
     """What the XDP executor needs of this topology, for its runs only: IPv6 forwarding on
     lbc and lbs (the program's next-hop lookup answers only there; ``all.forwarding``
@@ -251,41 +246,34 @@ def thread_napi(cpus: str | None, ns: str = LB, device: str = "lbc",
     return threads
 
 
-def idle_seconds(cpus: str | None) -> float:
-    """Seconds `cpus` have been idle (idle + iowait in /proc/stat: the kernel keeps it
-    exactly, tickless idle included; the busy kinds are sampled by a timer tick that an
-    idle CPU stops, so short bursts of softirq between idle spells go uncounted there)."""
+def runtime_seconds(pid: int) -> float:
+    """Time task `pid` spent on a CPU (/proc/<pid>/schedstat, in ns: a kernel thread's
+    whole work, the softirqs it ran when it enabled them again included)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def busy_share(cpus: str | None, seconds: float = 0.5) -> float:
+    """How busy `cpus` are with no traffic (other work on a shared machine), over
+    `seconds`: from their idle time, which the kernel keeps exactly (0 without `cpus`)."""
     if not cpus:
         return 0.0
     wanted = {f"cpu{c}" for c in cpus.split(",")}
-    ticks = 0
-    for line in Path("/proc/stat").read_text().splitlines():
-        fields = line.split()
-        if fields and fields[0] in wanted:
-            ticks += int(fields[4]) + int(fields[5])
-    return ticks / os.sysconf("SC_CLK_TCK")
 
+    def idle() -> float:
+        ticks = 0
+        for line in Path("/proc/stat").read_text().splitlines():
+            fields = line.split()
+            if fields and fields[0] in wanted:
+                ticks += int(fields[4]) + int(fields[5])
+        return ticks / os.sysconf("SC_CLK_TCK")
 
-class BusyMeter:
-    """How long `cpus` were not idle between `start` and `stop` (seconds), from the
-    wall clock and their idle time."""
-
-    def __init__(self, cpus: str | None) -> None:
-        self.cpus = cpus
-        self.count = len(cpus.split(",")) if cpus else 0
-
-    def start(self) -> None:
-        self.wall, self.idle = time.monotonic(), idle_seconds(self.cpus)
-
-    def stop(self) -> float:
-        wall = (time.monotonic() - self.wall) * self.count
-        return max(0.0, wall - (idle_seconds(self.cpus) - self.idle))
-
-    def background(self, seconds: float = 1.0) -> float:
-        """The busy share of `cpus` over `seconds` with no traffic (other load)."""
-        self.start()
-        time.sleep(seconds)
-        return self.stop() / seconds
+    before, start = idle(), time.monotonic()
+    time.sleep(seconds)
+    wall = (time.monotonic() - start) * len(wanted)
+    return max(0.0, 1 - (idle() - before) / wall)
 
 
 def program_stats(ns: str, device: str) -> tuple[int, int]:
@@ -562,25 +550,31 @@ def warm_up(tools: Tools, terminals: int, balancer: Lbproxy | None = None) -> No
     print(f"  (warm-up: {size:,} of {terminals:,} terminals have a binding)", flush=True)
 
 
-def throughput(tools: Tools, terminals: int, seconds: float,
-               balancer: Lbproxy | None) -> dict[str, float]:  # fmt: skip
+def forwarding_seconds(balancer: Lbproxy | None, napi: set[int]) -> float:
+    """The CPU time the forwarding has taken so far: the lbproxy process's (the Python
+    paths; with XDP, the misses, the stamps and the counters) and lbc's NAPI threads'
+    (the kernel's forwarding, or the XDP program's, with the redirect)."""
+    total = balancer.cpu_seconds() if balancer else 0.0
+    return total + sum(runtime_seconds(pid) for pid in napi)
+
+
+def throughput(tools: Tools, terminals: int, seconds: float, balancer: Lbproxy | None,
+               napi: set[int]) -> dict[str, float]:  # fmt: skip
     """Offer as much as the generator can for `seconds`; what arrived, and the CPU it took."""
     counted = balancer.stats() if balancer else {}
-    meter = BusyMeter(tools.balancer_cpu)
-    background = meter.background()
+    background = busy_share(tools.balancer_cpu)
     with tools.sink(seconds + 10) as sink:
         links = (link_stats(GEN, "gen0"), link_stats(LB, "lbc"), link_stats(SINK, "sink0"))
         machine = machine_cpu()
         bal_cpu = balancer.cpu_seconds() if balancer else 0.0
-        meter.start()
+        fwd_cpu = forwarding_seconds(balancer, napi)
         gen = tools.generate(terminals, 0, seconds, 64)
         gen_result, gen_cpu = finish(gen)
         time.sleep(0.3)  # what is queued in the balancer drains
         bal_cpu = (balancer.cpu_seconds() - bal_cpu) if balancer else 0.0
-        window = gen_result["elapsed"] + 0.3  # roughly what the meter covered
-        fwd_cpu = max(0.0, meter.stop() - background * window)
+        fwd_cpu = forwarding_seconds(balancer, napi) - fwd_cpu
         after_machine = machine_cpu()
-        background_after = meter.background(0.5)
+        background_after = busy_share(tools.balancer_cpu)
         after = (link_stats(GEN, "gen0"), link_stats(LB, "lbc"), link_stats(SINK, "sink0"))
     sink_result, sink_cpu = finish(sink)
     elapsed = gen_result["elapsed"]
@@ -596,9 +590,9 @@ def throughput(tools: Tools, terminals: int, seconds: float,
         "delivered": sink_result["good"] / elapsed,
         "bad": float(sink_result["received"] - sink_result["good"]),
         "balancer_cpu": bal_cpu / elapsed,
-        # The balancer CPU's busy share beyond its background, and that time per packet
-        # delivered (us).
-        "forwarding_cpu": fwd_cpu / window,
+        # The forwarding's CPU time as a share of the run, and per packet delivered (us);
+        # how busy the balancer's CPU was with no traffic, just before and after.
+        "forwarding_cpu": fwd_cpu / elapsed,
         "background_cpu": max(background, background_after),
         "us_per_packet": fwd_cpu / (sink_result["good"] or 1) * 1e6,
         "gen_cpu": gen_cpu / elapsed,
@@ -676,11 +670,14 @@ def one_run(args: argparse.Namespace, tools: Tools, directory: str, results: dic
             xdp_links: XdpTopology | None) -> None:  # fmt: skip
     """One forwarder's throughput run (and, in the last round, its latency run)."""
     balancer = None
+    napi: set[int] = set()
     kernel_dnat(forwarder == "kernel")
-    # The kernel forwards in lbc's receive processing: on the balancer's CPU (RPS).  The
-    # Python paths' is left on the sender's CPU: on the balancer's, at full rate, the
-    # softirq would starve the lbproxy process (receive livelock).  XDP: threaded NAPI.
-    steer_balancer(args.rx_cpu or None if forwarder == "kernel" else None)
+    if forwarder == "kernel":
+        # The kernel forwards in lbc's receive processing: GRO gives lbc a NAPI context,
+        # run in a thread on the balancer's CPU (as XDP's is), where its time is the
+        # kernel's forwarding, measured exactly.  (Forwarded UDP is not coalesced.)
+        in_ns(LB, "ethtool", "-K", "lbc", "gro", "on")
+        napi = thread_napi(args.rx_cpu or None, realtime=True)
     if forwarder == "xdp":
         assert xdp_links is not None
         xdp_links.on()
@@ -689,9 +686,11 @@ def one_run(args: argparse.Namespace, tools: Tools, directory: str, results: dic
         balancer = Lbproxy(directory, args.balancer_cpu or None, tree, offload,
                            args.rx_cpu or None)  # fmt: skip
         balancer.start()
+    if balancer is not None:
+        napi = balancer.napi
     try:
         warm_up(tools, terminals, balancer)
-        run = throughput(tools, terminals, args.duration, balancer)
+        run = throughput(tools, terminals, args.duration, balancer, napi)
         if forwarder == "xdp" and balancer is not None:
             run["offloaded"] = balancer.stats()["ports"]["xdp"]["forwarded"]
         results["throughput"][forwarder, terminals].append(run)
@@ -707,6 +706,9 @@ def one_run(args: argparse.Namespace, tools: Tools, directory: str, results: dic
                 print(balancer.read_log()[-3000:])
         if forwarder == "xdp" and xdp_links is not None:
             xdp_links.off()
+        if forwarder == "kernel":
+            in_ns(LB, "sh", "-c", "echo 0 > /sys/class/net/lbc/threaded")
+            in_ns(LB, "ethtool", "-K", "lbc", "gro", "off")
 
 
 def round_ratios(results: dict[str, Any], forwarder: str, terminals: int) -> list[float]:
@@ -722,15 +724,18 @@ def best(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 #: A run whose balancer CPU was busier than this with no traffic, just before or just
-#: after it, shared that CPU with other work: its CPU per packet is not the forwarder's.
+#: after it, shared that CPU with other work (the NAPI threads run before it, at a
+#: real-time priority; the lbproxy process shares it).
 DISTURBED = 0.05
 
 
 def cpu_per_packet(runs: list[dict[str, float]]) -> tuple[float, int]:
-    """The median CPU per packet of the runs whose balancer CPU was otherwise idle
-    (nan when none was), and how many runs that is."""
+    """The median CPU per packet of the runs whose balancer CPU was otherwise idle, or of
+    all when none was; and how many runs that is (negative: all, none undisturbed)."""
     clean = [r["us_per_packet"] for r in runs if r["background_cpu"] <= DISTURBED]
-    return (statistics.median(clean) if clean else float("nan")), len(clean)
+    if clean:
+        return statistics.median(clean), len(clean)
+    return statistics.median(r["us_per_packet"] for r in runs), -len(runs)
 
 
 def report_throughput(forwarder: str, terminals: int, runs: list[dict[str, float]]) -> None:
@@ -858,10 +863,12 @@ def summary(args: argparse.Namespace, results: dict[str, Any]) -> None:
             ours = best(runs)
             median = statistics.median(r["delivered"] for r in runs)
             cpu, clean = cpu_per_packet(runs)
+            which = (f"{clean} undisturbed run{'s' if clean != 1 else ''}" if clean > 0 else
+                     f"all {-clean} runs, every one disturbed")  # fmt: skip
             line = (f"    {forwarder:<9} {ours['delivered']:>9,.0f}/s (median {median:,.0f}; "
                     f"{ours['delivered'] / (ours['offered'] or 1):.0%} of the "
                     f"{ours['offered']:,.0f}/s offered)  CPU {cpu:.2f} us/packet (median of "
-                    f"{clean} undisturbed run{'s' if clean != 1 else ''})")  # fmt: skip
+                    f"{which})")  # fmt: skip
             if kernel is not None and forwarder != "kernel":
                 rounds = round_ratios(results, forwarder, terminals)
                 line += (f"  ratio {ours['delivered'] / (kernel['delivered'] or 1):.2f} "
@@ -935,9 +942,8 @@ def main() -> None:
                         help="taskset CPU list ('' = any; not the balancer's: its busy "
                              "time is the forwarders' cost)")
     parser.add_argument("--rx-cpu", default="1",
-                        help="CPU list for the balancer namespace's receive processing, the "
-                             "kernel's forwarding (RPS on lbc) and XDP's (lbc's NAPI thread);"
-                             " '' = the sender's (then their CPU is not measured)")
+                        help="CPU list for lbc's NAPI thread: the kernel's forwarding and "
+                             "the XDP program ('' = not pinned)")
     parser.add_argument("--forwarders", default="kernel,lbproxy,xdp",
                         help="comma-separated: kernel (nft DNAT), lbproxy (the Python "
                              "paths), xdp (the XDP executor)")
@@ -981,11 +987,10 @@ def main() -> None:
               f"lbproxy CPU {args.balancer_cpu or 'any'}, sink CPU {args.sink_cpu or 'any'}, "
               f"sink softirq CPU {args.sink_rps or 'sender'}, balancer receive CPU "
               f"{args.rx_cpu or 'sender'}")
-        print("columns: lb cpu = the lbproxy process; fwd = the balancer CPU's busy share "
-              "(wall clock less its idle time, less its background measured just before); "
-              f"us/pkt = that per packet delivered; ! = that CPU was over {DISTURBED:.0%} busy "
-              "with no traffic just before or after (other work: the run's CPU figure is "
-              "left out)")
+        print("columns: lb cpu = the lbproxy process; fwd = the forwarding's CPU time (the "
+              "lbproxy process and lbc's NAPI thread) per second of the run; us/pkt = that "
+              f"per packet delivered; ! = the balancer's CPU was over {DISTURBED:.0%} busy "
+              "with other work just before or after (the figure is kept, but flagged)")
         print(f"{'forwarder':<9} {'terminals':>8} {'offered/s':>11} {'at lb/s':>11} "
               f"{'lbproxy/s':>11} "
               f"{'delivered/s':>11} {'share':>6} {'lb cpu':>6} {'fwd':>6} {'us/pkt':>6} "
