@@ -160,7 +160,18 @@ class AliasMachine(RuleBasedStateMachine):
         if nm is not None and nm is not om and nm.key != new:
             nm.aliases.remove(new)
             nm = None
-        if nm is None:
+        if nm is None and om.key != old:
+            # `old` is one of the terminal's other identities: `new` joins them.
+            stale = self.find(new)
+            if stale is not None:
+                self.take(stale, new)
+            om.aliases.append(new)
+            if len(om.aliases) > MAX_ALIASES:
+                om.aliases.pop(0)
+            nm = om
+            nm.expires = self.now() + LIFETIME
+            nm.established = True
+        elif nm is None:
             stale = self.find(new)
             if stale is not None:
                 self.take(stale, new)

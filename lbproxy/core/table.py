@@ -489,8 +489,14 @@ class StickyTable:
           established and pointed at `old`'s backend (moving its load count).
         - `new` is an alias of another terminal's binding: it leaves that binding and
           gets an entry of its own, as in T233/T234 (this is an authenticated move).
-        - In both cases `care_of` (if given) is set on the returned
-          binding.  `old`'s entry is left alone to live out its lifetime.
+        - `old` is an alias -- one of the identities of a terminal whose binding is
+          keyed by another (its home address, typically) -- and `new` has no live entry
+          of its own: `new` becomes an alias of that binding too, which is refreshed.
+          Then every identity of the terminal keeps leading to one binding, and a later
+          move (an operator's, a reassignment) takes the new address with the rest.
+        - In every case `care_of` (if given) is set on the returned binding.  `old`'s
+          entry is left alone to live out its lifetime (an alias lives as long as its
+          binding, or until the binding's alias bound pushes it out).
         - ``old == new`` refreshes that entry.
         """
         if now is None:
@@ -502,6 +508,8 @@ class StickyTable:
         if nb is not None and nb is not ob and nb._key != new:
             self._unlink(nb, bytes(new))
             nb = None
+        if nb is None and ob.key != old and self.link(ob, new, now):
+            nb = ob  # refreshed below, as a continuing terminal's binding
         if nb is None:
             stale = self._entries.get(new)
             if stale is not None:
