@@ -28,13 +28,25 @@ class SubscriptionsTests(SynchronousTestCase):
         self.assertIs(subs.by_home("ha1", addr(1)), first)
 
     def test_bound(self) -> None:
-        """A flood of forged addresses stops at max_entries; established ones stay."""
+        """A flood of forged addresses stays within max_entries: it pushes out only
+        probationary subscriptions (no binding reported), oldest first, each handed to
+        ``evicted``; those an agent reported a binding for stay; newcomers keep being
+        admitted.  With every subscription established, a new one is refused."""
         subs = Subscriptions(100)
+        gone: list[bytes] = []
+        subs.evicted = lambda sub: gone.append(sub.address)
         kept = subs.add("ha1", addr(0), "coa", 0.0)
+        assert kept is not None
+        kept.seq = 1  # an agent reported its binding: established
         results = [subs.add("ha1", addr(i), "coa", 0.0) for i in range(1, 10_000)]
         self.assertEqual(len(subs), 100)
-        self.assertEqual(sum(r is None for r in results), 10_000 - 100)
+        self.assertTrue(all(r is not None for r in results))  # nobody locked out
         self.assertIs(subs.get("ha1", addr(0)), kept)
+        self.assertEqual(gone, [addr(i) for i in range(1, 10_000 - 99)])  # oldest first
+        self.assertEqual(subs.evictions, len(gone))
+        for sub in subs:
+            sub.seq = 1
+        self.assertIsNone(subs.add("ha1", addr(20_000), "coa", 0.0))
 
     def test_set_home_merges(self) -> None:
         """A care-of subscription resolving to an already followed home is merged away."""

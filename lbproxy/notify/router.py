@@ -109,8 +109,9 @@ CONFIG_KEYS = {
 }
 
 #: What the lifecycle counts (``Notifier.lifecycle``).
-LIFECYCLE = ("opened", "renewed", "ended", "lapsed", "restored", "resubscribed", "dialled_in")
-_COUNTED = ("opened", "renewed", "ended", "restored", "dialled_in")
+LIFECYCLE = ("opened", "renewed", "ended", "lapsed", "restored", "resubscribed", "dialled_in",
+             "evicted")
+_COUNTED = ("opened", "renewed", "ended", "restored", "dialled_in", "evicted")
 
 
 def _text(address: bytes | None) -> str | None:
@@ -148,6 +149,7 @@ class Notifier(MultiService):
         self.clock = clock
         self.counters = RefusalCounters()
         self.subscriptions = Subscriptions(max_subscriptions, idle_lifetime)
+        self.subscriptions.evicted = self._evicted
         self.addresses = AddressRules(local, forbidden, care_of_prefixes, allow_unique_local)
         self.gate = Gate(self.subscriptions, listener, clock, self.counters, self.addresses)
         if liveness is None and ITerminalLiveness.providedBy(listener):
@@ -289,6 +291,13 @@ class Notifier(MultiService):
         client.send_subscribe(sub)
         return sub
 
+    def _evicted(self, sub: Subscription) -> None:
+        """A probationary subscription pushed out of a full registry: stop it at its peer."""
+        self.lifecycle["evicted"] += 1
+        link = self.clients.get(sub.peer)
+        if link is not None:
+            link.send_unsubscribe(sub)
+
     # -- the lifecycle --------------------------------------------------------------------
 
     def _alive(self, sub: Subscription) -> float | None:
@@ -331,7 +340,8 @@ class Notifier(MultiService):
         """What the lifecycle did (:data:`LIFECYCLE`): subscriptions opened, renewed before
         they expired, ended with nothing left of their terminal, lapsed (ended, and their
         terminal seen again within the idle lifetime), restored from the saved table,
-        sent again on reconnections, terminals dialled in."""
+        sent again on reconnections, terminals dialled in, probationary ones pushed out
+        of a full registry (evicted)."""
         counts = dict(self.lifecycle)
         counts["lapsed"] = self.subscriptions.lapsed
         counts["resubscribed"] = sum(link.resubscribed for link in self.clients.values())
