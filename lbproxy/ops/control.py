@@ -667,6 +667,8 @@ class Control:
                         "refusals",
                         "links",
                         "alias_evictions",
+                        "established_evictions",
+                        "throttled",
                     )
                 },
             },

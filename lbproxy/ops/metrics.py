@@ -195,6 +195,10 @@ class BalancerCollector:
         for name, help_text in (
             ("links", "Identities linked to a binding as aliases."),
             ("alias_evictions", "Aliases dropped to keep a binding's bound."),
+            ("established_evictions", "Established bindings evicted to make room (only "
+                                      "when no less busy binding was left)."),
+            ("throttled", "New bindings refused because their source prefix made too "
+                          "many lately (admission, under a flood)."),
             ("inserts", "Bindings inserted."),
             ("expirations", "Bindings whose lifetime ran out."),
             ("evictions", "Bindings evicted to make room."),
