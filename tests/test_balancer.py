@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import TCP, UDP
 from scapy.layers.inet6 import (
     HAO,
@@ -385,3 +387,29 @@ class SharedBindingsTests(SynchronousTestCase):
         self.assertEqual(got[0], "2001:db8:b0::13")
         self.assertNotEqual(got[2], "2001:db8:b0::12")
         self.assertEqual(balancer.counters.shared_hits, 1)
+
+
+class ReplyRuleTests(SynchronousTestCase):
+    @given(destination=st.one_of(
+        st.binary(min_size=16, max_size=16),
+        st.sampled_from(["ff02::1", "ff05::2", "fe80::1", "febf::1", "fec0::1",
+                         "2001:db8:b0::1", "2001:db8:100::1", "::"]).map(
+            lambda a: ipaddress.IPv6Address(a).packed),
+    ))
+    @settings(max_examples=300, deadline=None)
+    def test_the_general_path_applies_the_policy_rule(self, destination: bytes) -> None:
+        """`Balancer.outbound` leaves to the kernel exactly what `policy.is_reply` says is
+        not a reply (multicast, link-local, this host's own address), whatever the
+        destination -- its inline copy of the rule is the rule."""
+        from lbproxy.core.policy import is_reply
+
+        balancer, _ = make()
+        own = ipaddress.IPv6Address("2001:db8:b0::1").packed
+        balancer.set_own_addresses({own})
+        packet = bytearray(bytes(IPv6(src=str(BACKENDS[0].address), dst="::")
+                                 / UDP(sport=80, dport=4000) / b"r"))  # fmt: skip
+        packet[24:40] = destination
+        before = balancer.counters.ignored
+        balancer.outbound(packet)
+        ignored = balancer.counters.ignored - before
+        self.assertEqual(ignored == 1, not is_reply(destination, {own}))
