@@ -159,6 +159,34 @@ class InboundTests(SynchronousTestCase):
         self.assertEqual(binding.care_of, address(COA2))
 
 
+    def test_a_care_of_address_bound_elsewhere_goes_up(self) -> None:
+        """A terminal's care-of address that is an identity of another binding (a source
+        bound on its own): even once the table has it as the terminal's care-of address,
+        the program hands the terminal's packets from it up, so the core sees (and counts)
+        the conflict; once that other binding is gone, the program takes them."""
+        from lbproxy.core import actions
+
+        balancer, clock = make(scheduler="round_robin")
+        xdp = offload(balancer, clock)
+        assert balancer.inbound(mobile(COA1)) is not None
+        # COA2 on its own (no HAO: the source-address key).
+        plain = bytearray(bytes(IPv6(src=COA2, dst=VIP) / UDP(sport=9, dport=80) / b"p"))
+        assert balancer.inbound(plain) is not None
+        xdp.flush()
+        moved = bytes(mobile(COA2))
+        self.assertEqual(run(xdp, "lbproxy_inbound", moved), (XDP_PASS, moved))
+        assert balancer.inbound(bytearray(moved)) is not None  # the raw socket's part
+        self.assertGreater(sum(balancer.counters.conflicts.values()), 0)
+        xdp.sync()  # what the table says now is written back
+        binding = balancer.table.get(Key("hoa", address(HOA)))
+        assert binding is not None
+        self.assertEqual(binding.care_of, address(COA2))
+        self.assertEqual(run(xdp, "lbproxy_inbound", moved), (XDP_PASS, moved))
+        actions.forget(balancer, Key("hoa", address(COA2)))
+        xdp.flush()
+        self.assertEqual(run(xdp, "lbproxy_inbound", moved)[0], XDP_TX)
+
+
 class RefreshTests(SynchronousTestCase):
     """Claim 10 through the driver: the program stamps, `sync` folds the stamps in."""
 

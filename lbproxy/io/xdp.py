@@ -480,6 +480,9 @@ class XdpOffload:
         # Address identity -> the binding it leads to, and each binding's identities.
         self._owner: dict[bytes, Binding] = {}
         self._homes: dict[Binding, tuple[bytes, ...]] = {}
+        # Care-of address -> the bindings whose entries name it, and each binding's.
+        self._care_of_users: dict[bytes, set[Binding]] = {}
+        self._care_of: dict[Binding, bytes] = {}
         # Bindings made or changed since the last flush (an ordered set).
         self._dirty: dict[Binding, None] = {}
         for _key, binding in table:
@@ -592,6 +595,7 @@ class XdpOffload:
         program = self.program
         owner, homes_of = self._owner, self._homes
         before = homes_of.pop(binding, ())
+        changed = [h for h in before if h not in now] + [h for h in now if h not in before]
         for home in before:
             if home not in now and owner.get(home) is binding:
                 del owner[home]
@@ -599,6 +603,8 @@ class XdpOffload:
                 program.seen.delete(home)
                 self._synced.pop(home, None)
         if not now:
+            self._forget_care_of(binding)
+            self._recheck(changed, binding)
             return
         homes_of[binding] = now
         i = self._index_of(binding.backend.packed)
@@ -613,13 +619,45 @@ class XdpOffload:
                 program.seen.update(home, bytes(_SEEN.size))
                 self._synced[home] = (0, 0)
             self._write_binding(home, binding, i)
+        self._recheck(changed, binding)
 
     def _write_binding(self, home: bytes, binding: Binding, index: int) -> None:
+        """`home`'s entry: the binding's backend, expiry and care-of address -- without
+        the care-of address (so the program hands the terminal's packets up) when that
+        address is an identity of another binding: the core then counts the conflict
+        of every such packet (an identity bound elsewhere is never linked)."""
         care_of = binding.care_of
+        if care_of is not None and self._care_of.get(binding) != care_of:
+            self._forget_care_of(binding)
+            self._care_of[binding] = care_of
+            self._care_of_users.setdefault(care_of, set()).add(binding)
+        usable = care_of is not None and self._owner.get(care_of, binding) is binding
         self.program.bindings.update(home, _BINDING.pack(
-            index, 0 if care_of is None else _HAS_CARE_OF, _ns(binding.expires),
+            index, _HAS_CARE_OF if usable else 0, _ns(binding.expires),
             care_of or bytes(16),
         ))  # fmt: skip
+
+    def _forget_care_of(self, binding: Binding) -> None:
+        care_of = self._care_of.pop(binding, None)
+        if care_of is not None:
+            users = self._care_of_users.get(care_of)
+            if users is not None:
+                users.discard(binding)
+                if not users:
+                    del self._care_of_users[care_of]
+
+    def _recheck(self, homes: list[bytes], changed: Binding) -> None:
+        """Identities that now lead to `changed`, or no longer do: the other bindings
+        whose care-of address is one of them are written again (a conflict came or
+        went)."""
+        users = self._care_of_users
+        for home in homes:
+            for other in list(users.get(home, ())):
+                if other is not changed and other in self._homes:
+                    i = self._index.get(other.backend.packed)
+                    if i is not None:
+                        for its in self._homes[other]:
+                            self._write_binding(its, other, i)
 
     def _mirror_routes(self) -> None:
         routes = self.balancer.return_paths.routes
