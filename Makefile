@@ -129,7 +129,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/compare.py $(if $(BASELINE),--baseline $(BASELINE))
 
 # Needs root: network namespaces, C generator and sink (gcc), kernel nft DNAT baseline.
-bench-dataplane: $(STAMP) system-deps
+bench-dataplane: $(STAMP) system-deps xdp
 	$(PY) benchmarks/dataplane.py
 
 bench-notify: $(STAMP) system-deps

@@ -198,10 +198,12 @@ def _int(value: object) -> int:
 
 
 def _ports(ports: Mapping[str, Mapping[str, object]]) -> dict[str, dict[str, Any]]:
-    """Port statistics as plain JSON: integers, and per-errno counts as dicts."""
+    """Port statistics as plain JSON: integers, per-errno counts as dicts, and texts (a
+    setting, the reason an executor is off) as they are."""
     return {
         port: {
-            name: _counts(value) if isinstance(value, Mapping) else _int(value)
+            name: _counts(value) if isinstance(value, Mapping)
+            else value if isinstance(value, str) else _int(value)
             for name, value in counters.items()
         }
         for port, counters in ports.items()

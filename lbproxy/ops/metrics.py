@@ -145,6 +145,25 @@ class BalancerCollector:
             family.add_metric(["to-backend"], fast["forwarded"])
             family.add_metric(["to-terminal"], fast.get("replies", 0))
             yield family
+        xdp = ports.get("xdp")
+        if xdp is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_xdp_active",
+                "Whether the XDP program forwards in the driver (1) or not (0; the reason "
+                "is in lbproxyctl stats, ports.xdp.reason).",
+                int(xdp.get("active", 0) or 0),
+            )
+            for unit, forwarded, replies, help_text in (
+                ("packets", "forwarded", "replies", "Packets forwarded by the XDP program"),
+                ("bytes", "forwarded_bytes", "reply_bytes", "Bytes forwarded by the XDP "
+                                                            "program"),
+            ):
+                family = CounterMetricFamily(f"{PREFIX}_xdp_{unit}",
+                                             f"{help_text}, by direction.",
+                                             labels=["direction"])  # fmt: skip
+                family.add_metric(["to-backend"], int(xdp.get(forwarded, 0) or 0))
+                family.add_metric(["to-terminal"], int(xdp.get(replies, 0) or 0))
+                yield family
 
     def _packets(self) -> Iterator[Metric]:
         stats = self.control.stats()
