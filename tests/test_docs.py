@@ -159,9 +159,10 @@ class TutorialTests(SynchronousTestCase):
                      "lbproxy_backend_up{backend=\"b1\"} 1.0",
                      "Lab removed: processes stopped, namespaces deleted."):
             self.assertIn(line, output)
-        (row,) = [r for r in output.splitlines() if r.startswith("addr  addr 2001:db8:100::1001")
-                  and "2001:db8:a3::1001" in r]
-        self.assertIn(" yes ", row)  # the care-of address confirmed by the agent
+        rows = [r for r in output.splitlines() if r.startswith("addr  addr 2001:db8:100::1001")
+                and "2001:db8:a3::1001" in r]
+        self.assertTrue(rows, output[-6000:])
+        self.assertIn(" yes ", rows[-1])  # the care-of address confirmed by the agent
         self.assertFalse((lab / "lab.json").exists())
 
 

@@ -128,7 +128,7 @@ name = "b"
 address = "2001:db8:b0::11"
 """
 
-BUILT_IN_STRATEGIES = "hoa, iid, spi, src"
+BUILT_IN_STRATEGIES = "hoa, iid, spi, ike, src"
 BUILT_IN_SCHEDULERS = "round_robin, weighted_round_robin, least_loaded, maglev"
 
 
@@ -213,7 +213,7 @@ class PluginStrategyTests(EntryPointTestCase):
         KeyChain.from_names(["hoa", "src"])
         self.assertNotIn("lbproxy_testkey", sys.modules)
         self.assertEqual(
-            known_strategies(), ("hoa", "iid", "spi", "src", "testflow", "testflow-opt")
+            known_strategies(), ("hoa", "iid", "spi", "ike", "src", "testflow", "testflow-opt")
         )
         module = sys.modules["lbproxy_testkey"]
         self.assertEqual(scheduler_names()[-1], "testlast")
@@ -276,7 +276,7 @@ class BrokenEntryPointTests(EntryPointTestCase):
         with capturedLogs() as events:
             names = known_strategies()
             known_strategies()  # read once: no second round of warnings
-        self.assertEqual(names, ("hoa", "iid", "spi", "src"))
+        self.assertEqual(names, ("hoa", "iid", "spi", "ike", "src"))
         logged = warnings(list(events))
         self.assertEqual(len(logged), 6, logged)
         expect = {

@@ -112,7 +112,11 @@ class NotifierTests(SynchronousTestCase):
     def test_path_and_abstract_addresses(self) -> None:
         """A path is used as it is; ``@name`` is the abstract name ``\\0name``; the
         assignments arrive in one datagram."""
-        for address in (os.path.abspath(self.mktemp()) + "/notify", abstract_name()):
+        # A short path: an AF_UNIX path has at most 107 bytes, and a checkout's own
+        # trial directory can be deeper than that.
+        directory = tempfile.mkdtemp(prefix="lbproxy-sd-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        for address in (os.path.join(directory, "notify"), abstract_name()):
             if not address.startswith("@"):
                 os.makedirs(os.path.dirname(address), exist_ok=True)
             listener = self.listen(address)

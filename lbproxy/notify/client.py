@@ -250,6 +250,9 @@ class PeerLink:
         self.connected_at: float | None = None
         # Subscribes waiting for room under max_outstanding, by address (oldest first).
         self._backlog: OrderedDict[bytes, Subscription] = OrderedDict()
+        # Unsubscribes (the agent's sub_id) waiting for room: sent before any Subscribe,
+        # so that a flood's churn never leaves the agent following what we dropped.
+        self._unsubscribes: OrderedDict[int, None] = OrderedDict()
         self._snapshot_due = False  # reconcile once the (re)subscriptions are sent
 
     # -- events -------------------------------------------------------------------------
@@ -308,6 +311,7 @@ class PeerLink:
         self.protocol = None
         self.connected_at = None
         self._backlog.clear()  # everything is sent again on the next connection
+        self._unsubscribes.clear()  # the agent's session, and its subscriptions, went too
         self._snapshot_due = False
         if self.machine.allows(PeerInput.CONNECTION_LOST):
             self.machine.feed(PeerInput.CONNECTION_LOST)
@@ -347,9 +351,36 @@ class PeerLink:
         d.addBoth(self._drain)
         return d
 
-    def _drain(self, result: object = None) -> object:
-        """Send waiting Subscribes while there is room; then the reconciling snapshot."""
+    def _unsubscribe(self, sub_id: int) -> None:
+        """Send Unsubscribe for the agent's ``sub_id`` now, or as soon as there is room
+        (bounded: the oldest waiting one is dropped past the registry's bound)."""
         protocol = self.protocol
+        if not self.connected or protocol is None:
+            return
+        if not self._unsubscribes and protocol.can_call:
+            d = protocol.call(c.Unsubscribe, sub_id=sub_id)
+            if d is not None:
+                d.addErrback(lambda f: None)
+                d.addBoth(self._drain)
+                return
+        self._unsubscribes[sub_id] = None
+        if len(self._unsubscribes) > self.gate.subscriptions.max_entries:
+            self._unsubscribes.popitem(last=False)
+
+    def _drain(self, result: object = None) -> object:
+        """Send waiting Unsubscribes, then waiting Subscribes, while there is room; then
+        the reconciling snapshot."""
+        protocol = self.protocol
+        while self._unsubscribes and protocol is not None and protocol.can_call \
+                and self.connected:  # fmt: skip
+            sub_id, _ = self._unsubscribes.popitem(last=False)
+            d = protocol.call(c.Unsubscribe, sub_id=sub_id)
+            if d is None:
+                self._unsubscribes[sub_id] = None
+                self._unsubscribes.move_to_end(sub_id, last=False)
+                break
+            d.addErrback(lambda f: None)
+            d.addBoth(self._drain)
         while self._backlog and protocol is not None and protocol.can_call and self.connected:
             address, sub = self._backlog.popitem(last=False)
             if self.gate.subscriptions.get(self.peer.name, address) is sub:
@@ -371,10 +402,8 @@ class PeerLink:
             # terminal for nothing unless another of our subscriptions wants that home.
             home, sub_id = answer.get("home"), answer.get("sub_id")
             wanted = isinstance(home, bytes) and registry.by_home(self.peer.name, home)
-            if not wanted and type(sub_id) is int and self.protocol is not None:
-                d = self.protocol.call(c.Unsubscribe, sub_id=sub_id)
-                if d is not None:
-                    d.addErrback(lambda f: None)
+            if not wanted and type(sub_id) is int:
+                self._unsubscribe(sub_id)
             return
         try:
             home, care_of = _opt(answer["home"]), _opt(answer["care_of"])
@@ -423,11 +452,8 @@ class PeerLink:
     def send_unsubscribe(self, sub: Subscription) -> None:
         """Tell the peer to stop ``sub`` (best effort; the registry forgets it anyway)."""
         self._backlog.pop(sub.address, None)
-        if self.connected and self.protocol is not None and sub.sub_id is not None:
-            d = self.protocol.call(c.Unsubscribe, sub_id=sub.sub_id)
-            if d is not None:
-                d.addErrback(lambda f: None)
-                d.addBoth(self._drain)
+        if sub.sub_id is not None:
+            self._unsubscribe(sub.sub_id)
 
     # -- snapshots ----------------------------------------------------------------------
 
