@@ -75,10 +75,12 @@ class SilentAgentTests(SynchronousTestCase):
         return samples
 
     def flat(self, samples: list[int]) -> None:
-        # From minute 10 to minute 60: no growth beyond allocator noise (a leak of one
-        # Subscribe or one connection per second would be megabytes).
+        # From minute 10 to minute 60: no growth beyond allocator noise and the objects
+        # in flight at the moment of a sample (a full registry churns: each new terminal
+        # pushes out a probationary subscription).  A leak of one Subscribe or one
+        # connection per second would be megabytes: 3,000 of them at a few hundred bytes.
         self.assertGreaterEqual(len(samples), 6)
-        self.assertLess(max(samples[1:]) - samples[0], 50_000, samples)
+        self.assertLess(max(samples[1:]) - samples[0], 200_000, samples)
 
     def test_silent_after_tls(self) -> None:
         """The agent verifies and never answers: every connection is dropped when its first
