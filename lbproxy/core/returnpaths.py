@@ -28,7 +28,7 @@ confirmed one in O(1).
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -120,10 +120,6 @@ class ReturnPaths:
 
     def __repr__(self) -> str:
         return f"<ReturnPaths {len(self)}/{self.max_entries}>"
-
-    def as_mapping(self) -> Mapping[bytes, bytes]:
-        """The home -> care-of mapping (live, read-only by convention)."""
-        return self.routes
 
     def _set(self, home: bytes, care_of: bytes) -> None:
         old = self.routes.get(home)

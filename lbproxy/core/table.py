@@ -159,6 +159,12 @@ class Binding:
         return keys[1:] if isinstance(keys, list) else None
 
     @property
+    def alias_keys(self) -> list[Key]:
+        """The aliases as Keys (what operators and persistence print), oldest first."""
+        keys = self._keys
+        return [_as_key(k) for k in keys[1:]] if isinstance(keys, list) else []
+
+    @property
     def established(self) -> bool:
         """True once the entry left probation (second packet, or made by ``rekey``)."""
         return self._next is not _PROBATION

@@ -39,7 +39,6 @@ import attrs
 
 from lbproxy import __version__
 from lbproxy.core import actions
-from lbproxy.core.keys import Key as _Key
 from lbproxy.core.keys import canonical_kind, kind_named
 from lbproxy.ops.audit import audit
 
@@ -181,10 +180,6 @@ def parse_packet(packet: bytes | bytearray | str) -> bytes:
     except ValueError as exc:
         raise OperatorError(f"not a hex packet: {exc}") from None
 
-
-def _as_key(data: bytes) -> _Key:
-    """The Key whose bytes are `data` (an alias as the table keeps it)."""
-    return bytes.__new__(_Key, data)
 
 
 def _address(raw: bytes | None) -> str | None:
@@ -354,7 +349,7 @@ class Control:
             packets=binding.packets,
             care_of=_address(binding.care_of),
             confirmed=self._confirmed(key, binding),
-            aliases=tuple(str(_as_key(a)) for a in binding.aliases or ()),
+            aliases=tuple(str(k) for k in getattr(binding, "alias_keys", ())),
         )
 
     def scan(

@@ -360,15 +360,16 @@ def snapshot(table: StickyTable, now: float) -> list[SavedBinding]:
                 left=left,
                 packets=binding.packets,
                 care_of=None if binding.care_of is None else bytes(binding.care_of),
-                aliases=_alias_texts(key, binding),
+                aliases=_alias_texts(binding),
             )
         )
     return out
 
 
-def _alias_texts(key: Key, binding: object) -> tuple[str, ...]:
-    """The text of each alias of `binding` (kept as its key's bytes by the table)."""
-    return tuple(str(bytes.__new__(type(key), a)) for a in getattr(binding, "aliases", None) or ())
+def _alias_texts(binding: object) -> tuple[str, ...]:
+    """The text of each alias of `binding`, oldest first (none for a table without
+    aliases)."""
+    return tuple(str(k) for k in getattr(binding, "alias_keys", ()))
 
 
 def snapshot_return_paths(return_paths: ReturnPaths, now: float) -> list[SavedReturnPath]:
