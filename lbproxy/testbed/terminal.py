@@ -20,8 +20,19 @@ this program plays the mobile node's part for the kernel's own sockets:
 * ``move`` switches a terminal's care-of address and sends a Binding Update
   to its home agent, retransmitted (1 s, 2 s, 4 s) until acknowledged.
 
+RFC mode (``--ro-mode rfc`` or the ``ro_mode`` control request).  By default a packet
+to the VIP prefix gets its HAO at once, without any binding at the correspondent --
+which no real mobile node does (RFC 6275 §9.3.1: the correspondent drops it and answers
+with a Binding Error).  In the RFC mode each terminal behaves as §11.6-§11.7 say towards
+each correspondent (:mod:`lbproxy.testbed.correspondents`): tunnel through the home
+agent, return routability (HoTI through the home agent, CoTI direct), a Binding Update
+authorised with Kbm, then route optimisation once the Binding Acknowledgement verifies;
+after every move, tunnelling again until the next acknowledgement.
+
 Control (JSON lines on a UNIX socket, see :mod:`lbproxy.testbed.control`):
-``status``, ``move {terminal, link, wait=true}``, ``register``, ``track_addresses``.
+``status``, ``move {terminal, link, wait=true}``, ``register``, ``track_addresses``,
+``ro_mode {mode: "always"|"rfc", delay=0}``, ``correspondents {terminal}`` (the RFC
+mode's registrations with their keys, for tests that forge Binding Updates).
 
 Kernel care-of addresses.  The bed puts every terminal's care-of address on every
 access link on the kernel's ``acc*`` interfaces, so the kernel's view never changes
@@ -47,6 +58,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from ipaddress import IPv6Address, IPv6Network
 from typing import Any
@@ -55,8 +67,9 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 
-from lbproxy.testbed import addresses, packets
+from lbproxy.testbed import addresses, packets, rrmessages
 from lbproxy.testbed.control import Message, serve
+from lbproxy.testbed.correspondents import Registrations
 from lbproxy.testbed.descriptor import PacketReader, packet_socket_reader, tun_reader
 
 ETH_P_IPV6 = 0x86DD
@@ -99,9 +112,14 @@ class MobileNodes:
     """
 
     def __init__(self, count: int, home_agent: bytes, link: int,
-                 route_optimized: Sequence[IPv6Network], first_seq: int = 0) -> None:
+                 route_optimized: Sequence[IPv6Network], first_seq: int = 0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.home_agent = home_agent
         self.route_optimized = list(route_optimized)
+        self.clock = clock
+        #: The RFC mode's registrations with correspondents (None: every packet to a
+        #: route-optimised prefix gets an HAO at once, the bed's default).
+        self.correspondents: Registrations | None = None
         self.terminals = {
             i: Terminal(i, addresses.home_address(i).packed, link, first_seq)
             for i in range(1, count + 1)}
@@ -111,6 +129,29 @@ class MobileNodes:
 
     def _count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
+
+    def set_ro_mode(self, mode: str, delay: float = 0.0) -> None:
+        """``"rfc"``: route optimisation only after return routability and a Binding
+        Update acknowledged by the correspondent (RFC 6275 §11.6, §11.7.2); before that,
+        and after each move until the next acknowledgement, packets to it are
+        reverse-tunnelled.  ``"always"``: an HAO on every packet to a route-optimised
+        prefix (the default).  ``delay``: seconds from a terminal's first packet to a
+        correspondent until return routability starts."""
+        if mode == "rfc":
+            if self.correspondents is None:
+                self.correspondents = Registrations(self.home_agent, delay)
+            self.correspondents.delay = delay
+        elif mode == "always":
+            self.correspondents = None
+        else:
+            raise ValueError(f"unknown route optimisation mode {mode!r} (always, rfc)")
+
+    def describe(self, terminal: Terminal, secrets: bool = False) -> Message:
+        """A terminal's state; in the RFC mode with its correspondent registrations."""
+        described = terminal.describe()
+        if self.correspondents is not None:
+            described.update(self.correspondents.describe(terminal, self.clock(), secrets))
+        return described
 
     def outbound(self, packet: bytes) -> tuple[int, bytes] | None:
         """``(link, packet)`` to send for a packet the kernel wrote into the TUN."""
@@ -123,6 +164,11 @@ class MobileNodes:
                 return None
             dst = IPv6Address(bytes(packet[24:40]))
             if any(dst in prefix for prefix in self.route_optimized):
+                if self.correspondents is not None and not self.correspondents.route(
+                        terminal, dst.packed, self.clock()):
+                    self._count("out-rr-tunnel")  # no binding at the correspondent yet
+                    return terminal.link, packets.encapsulate(packet, terminal.care_of(),
+                                                              self.home_agent)
                 self._count("out-hao")
                 return terminal.link, packets.add_hao(packet, terminal.care_of())
             self._count("out-reverse-tunnel")
@@ -140,30 +186,53 @@ class MobileNodes:
             terminal = self._terminal_at(link, bytes(packet[24:40]))
             if terminal is None:
                 return None
+            rfc = self.correspondents
+            src = bytes(packet[8:24])
             stripped = packets.strip_rh2(packet)
             if stripped is not None:
-                message = packets.parse_mobility(packet)
-                if message is not None:
-                    self._acknowledged(terminal, message)
-                    return None
+                if rfc is not None and src != self.home_agent:
+                    if self._from_correspondent(terminal, packet):
+                        return None
+                else:
+                    message = packets.parse_mobility(packet)
+                    if message is not None:
+                        self._acknowledged(terminal, message)
+                        return None
                 hoa, inner = stripped
                 if hoa != terminal.hoa:
                     self._count("in-rh2-foreign-hoa")
                     return None
                 self._count("in-rh2")
+                if rfc is not None:
+                    rfc.reply(terminal, src, "rh2", self.clock())
                 return inner
             inner_or_none = packets.decapsulate(packet)
             if inner_or_none is not None:
-                if bytes(packet[8:24]) != self.home_agent or inner_or_none[24:40] != terminal.hoa:
+                if src != self.home_agent or inner_or_none[24:40] != terminal.hoa:
                     self._count("in-tunnel-refused")
                     return None
+                if rfc is not None:
+                    if self._from_correspondent(terminal, inner_or_none):
+                        return None  # a Home Test, tunnelled by the home agent
+                    rfc.reply(terminal, bytes(inner_or_none[8:24]), "tunnel", self.clock())
                 self._count("in-tunnel")
                 return inner_or_none
+            if rfc is not None and self._from_correspondent(terminal, packet):
+                return None  # a Care-of Test or a Binding Error
             self._count("in-other")
             return None
         except packets.PacketError:
             self._count("in-malformed")
             return None
+
+    def _from_correspondent(self, terminal: Terminal, packet: bytes) -> bool:
+        """RFC mode: consume a correspondent's Mobility Header message (HoT, CoT, BA, BE);
+        False if ``packet`` carries none."""
+        message = rrmessages.parse(packet)
+        if message is None or self.correspondents is None:
+            return False
+        self._count("in-" + self.correspondents.received(terminal, message, self.clock()))
+        return True
 
     def _terminal_at(self, link: int, dst: bytes) -> Terminal | None:
         index = addresses.terminal_of(IPv6Address(dst))
@@ -181,6 +250,8 @@ class MobileNodes:
         terminal.last_status = message.status
         if message.status == packets.BA_ACCEPTED and message.seq == terminal.seq:
             terminal.registered = True
+            if self.correspondents is not None:
+                self.correspondents.home_registered(terminal)
         elif message.status == packets.BA_SEQ_OUT_OF_WINDOW:
             terminal.seq = message.seq  # RFC 6275 §11.7.1: resend above the HA's number
         self.acks.append((terminal, message))
@@ -192,6 +263,8 @@ class MobileNodes:
         if link is not None and link != terminal.link:
             terminal.link = link
             terminal.moves += 1
+            if self.correspondents is not None:
+                self.correspondents.moved(terminal, self.clock())
         terminal.seq = (terminal.seq + 1) & 0xFFFF
         terminal.registered = False
         self._count("out-bu")
@@ -212,6 +285,11 @@ class Emulator:
         self.lifetime = lifetime
         self._retries: dict[int, IDelayedCall] = {}
         self._waiters: dict[int, list[Deferred[Message]]] = {}
+        # RFC mode: per (terminal, correspondent) the next retransmission or refresh, and
+        # the pending start of return routability
+        self._rr_timers: dict[tuple[int, bytes], IDelayedCall] = {}
+        self._rr_starts: dict[tuple[int, bytes], IDelayedCall] = {}
+        self._mh_dropped = False
         self.kernel: KernelAddresses | None = None  # set by ``track_addresses``
 
     def start(self) -> None:
@@ -232,6 +310,70 @@ class Emulator:
         result = self.nodes.outbound(packet)
         if result is not None:
             self._send(*result)
+        if self.nodes.correspondents is not None:
+            self._settle()
+
+    # -- RFC mode: return routability and correspondent registration -------------------
+
+    def _settle(self) -> None:
+        """Send what the registrations produced and (re)arm their timers."""
+        rfc = self.nodes.correspondents
+        if rfc is None:
+            return
+        sends, rfc.to_send = rfc.to_send, []
+        for link, packet in sends:
+            self._send(link, packet)
+        touched, rfc.touched = rfc.touched, set()
+        now = self.reactor.seconds()
+        for key in touched:
+            call = self._rr_timers.pop(key, None)
+            if call is not None and call.active():
+                call.cancel()
+            deadline = rfc.by_key[key].deadline
+            if deadline is not None:
+                self._rr_timers[key] = self.reactor.callLater(
+                    max(0.0, deadline - now), self._rr_timeout, key)
+        for key in rfc.wanted:
+            pending = self._rr_starts.get(key)
+            if pending is None or not pending.active():
+                at = rfc.by_key[key].created + rfc.delay
+                self._rr_starts[key] = self.reactor.callLater(
+                    max(0.0, at - now), self._rr_begin, key)
+
+    def _rr_begin(self, key: tuple[int, bytes]) -> None:
+        self._rr_starts.pop(key, None)
+        if self.nodes.correspondents is not None:
+            self.nodes.correspondents.begin(key, self.reactor.seconds())
+            self._settle()
+
+    def _rr_timeout(self, key: tuple[int, bytes]) -> None:
+        self._rr_timers.pop(key, None)
+        if self.nodes.correspondents is not None:
+            self.nodes.correspondents.timeout(key, self.reactor.seconds())
+            self._settle()
+
+    def set_ro_mode(self, mode: str, delay: float = 0.0) -> Message:
+        """Switch the route optimisation mode (:meth:`MobileNodes.set_ro_mode`).
+
+        The RFC mode also has nftables drop Mobility Headers arriving on the access links
+        before the kernel (without MIPv6 it would answer a Care-of Test or a Binding Error
+        with a Parameter Problem); the emulator has read them already.
+        """
+        self.nodes.set_ro_mode(mode, delay)
+        if mode == "rfc" and not self._mh_dropped:
+            drop = ["nft", "add", "rule", "ip6", "lbtb", "prerouting", "iifname", "acc*",
+                    "meta", "l4proto", "mobility-header", "drop"]
+            result = subprocess.run(drop, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                return {"ok": False, "error": f"nft: {result.stderr.strip()}"}
+            self._mh_dropped = True
+        if self.nodes.correspondents is None:
+            for call in [*self._rr_timers.values(), *self._rr_starts.values()]:
+                if call.active():
+                    call.cancel()
+            self._rr_timers.clear()
+            self._rr_starts.clear()
+        return {"ok": True, "mode": mode, "delay": delay}
 
     def _from_link(self, link: int) -> Callable[[bytes], None]:
         def deliver(packet: bytes) -> None:
@@ -243,6 +385,8 @@ class Emulator:
                     self.nodes._count("in-tun-error")
             if self.nodes.acks:
                 self._handle_acks()
+            if self.nodes.correspondents is not None:
+                self._settle()
         return deliver
 
     def _handle_acks(self) -> None:
@@ -267,6 +411,7 @@ class Emulator:
         if self.kernel is not None and link is not None and link != terminal.link:
             self.kernel.move(terminal.care_of(), terminal.link, terminal.care_of(link), link)
         self._transmit(index, link, 0)
+        self._settle()
 
     def track_addresses(self) -> Message:
         """Keep only each terminal's current care-of address on the kernel's interfaces."""
@@ -305,8 +450,19 @@ class Emulator:
         """Answer one control request (see the module docstring)."""
         op = request.get("op")
         if op == "status":
-            return {"ok": True, "terminals": [t.describe() for t in self.nodes.terminals.values()],
+            return {"ok": True, "terminals": [self.nodes.describe(t)
+                                              for t in self.nodes.terminals.values()],
                     "counters": dict(self.nodes.counters)}
+        if op == "ro_mode":
+            return self.set_ro_mode(str(request["mode"]), float(request.get("delay", 0.0)))
+        if op == "correspondents":
+            index = int(request["terminal"])
+            if index not in self.nodes.terminals:
+                return {"ok": False, "error": f"no terminal {index}"}
+            if self.nodes.correspondents is None:
+                return {"ok": False, "error": "not in the RFC route optimisation mode"}
+            return {"ok": True, **self.nodes.describe(self.nodes.terminals[index],
+                                                      secrets=True)}
         if op == "move":
             index, link = int(request["terminal"]), int(request["link"])
             if index not in self.nodes.terminals or link not in self.links:
@@ -404,6 +560,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--control", required=True, help="UNIX socket path")
     parser.add_argument("--no-register", action="store_true",
                         help="do not send the initial Binding Updates")
+    parser.add_argument("--ro-mode", choices=("always", "rfc"), default="always",
+                        help="always: an HAO on every packet to a route-optimised prefix; "
+                        "rfc: tunnel through the home agent until return routability and a "
+                        "Binding Update acknowledged by the correspondent (RFC 6275)")
+    parser.add_argument("--ro-delay", type=float, default=0.0,
+                        help="rfc mode: seconds from first contact to return routability")
     return parser.parse_args(argv)
 
 
@@ -423,9 +585,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         link = int(key)
         links[link] = (open_link(f"acc{link}"), f"acc{link}", bytes.fromhex(mac.replace(":", "")))
     prefixes = [IPv6Network(p) for p in (args.route_optimized or [str(addresses.VIP_PREFIX)])]
-    nodes = MobileNodes(args.count, IPv6Address(args.home_agent).packed, args.link, prefixes)
+    nodes = MobileNodes(args.count, IPv6Address(args.home_agent).packed, args.link, prefixes,
+                        clock=reactor.seconds)
     emulator = Emulator(reactor, nodes, tun_fd, links, args.lifetime)
     emulator.start()
+    emulator.set_ro_mode(args.ro_mode, args.ro_delay)
     serve(reactor, args.control, emulator.control)
     if not args.no_register:
         for index in nodes.terminals:
