@@ -55,6 +55,7 @@ from zope.interface import Interface
 from lbproxy.core import nat
 from lbproxy.core.counters import Counters
 from lbproxy.core.fragments import FragmentFlows, flow_id
+from lbproxy.core.journey import Journeys
 from lbproxy.core.keys import HomeAddressStrategy, IKeyStrategy, Key, KeyChain
 from lbproxy.core.policy import Policy, build_policy
 from lbproxy.core.returnpaths import ReturnPaths
@@ -145,6 +146,9 @@ class Balancer:
         #: scheduler would choose, consulted on a miss before the scheduler (None: a
         #: balancer on its own).
         self.shared: ISharedBindings | None = None
+        #: The terminals' journeys (`follow_journeys`; None: not kept).  Told only on
+        #: slow branches: a miss, a new care-of address, a drop, a reassignment.
+        self.journeys: Journeys | None = None
         # home or source address -> the virtual address it last used (only needed with
         # several virtual addresses); bounded like the table, oldest first out.
         self._vip_of: dict[bytes, bytes] = {}
@@ -163,6 +167,13 @@ class Balancer:
         self.policy: Policy
         self.set_virtual_addresses(virtual_addresses, ports)
         self.set_backends(backends)
+
+    def follow_journeys(self, journeys: Journeys) -> None:
+        """Keep `journeys` (lbproxy.core.journey): told by the table's listeners, the
+        return paths and this balancer's slow branches."""
+        self.journeys = journeys
+        self.table.listeners.append(journeys.table_changed)
+        self.return_paths.observer = journeys.confirmed
 
     # -- the published policy -------------------------------------------------------
 
@@ -311,10 +322,14 @@ class Balancer:
             chosen = self.scheduler.choose(key, self.table.load())
         if chosen is None:
             self.counters.drop("no-backend")
+            if self.journeys is not None:  # a terminal seen before: its journey says so
+                self.journeys.dropped(key, "no-backend")
             return None
         binding = self.table.insert(key, chosen, source=source)
         if binding is None:
             self.counters.drop("table-full")
+            if self.journeys is not None:  # journey of a terminal seen before
+                self.journeys.dropped(key, "table-full")
             return None
         if self.terminal_seen is not None:
             self.terminal_seen(home, source)
@@ -367,12 +382,30 @@ class Balancer:
             winner = self.bind(key, strategy.kind, home, source)
             if winner is None:
                 return None
+            for key, strategy in found:
+                if not table.link(winner, key, now):
+                    self._conflict(winner, key, strategy.kind)
+            if hao:
+                winner.care_of = source
+            if self.journeys is not None:  # a miss: the journey keeps its first packet
+                self.journeys.first_packet(winner, source, buf, now)
+            return winner.backend
         for key, strategy in found:
             if not table.link(winner, key, now):
-                self.counters.conflicts[strategy.kind] += 1
+                self._conflict(winner, key, strategy.kind)
         if hao:
+            # Only a care-of address the binding had not seen gets here (the steady
+            # state returned above): the journey records the move with its packet.
+            if self.journeys is not None:
+                self.journeys.care_of_changed(winner, winner.care_of, source, buf, now)
             winner.care_of = source
         return winner.backend
+
+    def _conflict(self, winner: Binding, key: Key, kind: str) -> None:
+        """`key`, found by the strategy `kind`, has a binding of its own: counted."""
+        self.counters.conflicts[kind] += 1
+        if self.journeys is not None:  # the journey says which identity conflicted
+            self.journeys.conflict(winner, key)
 
     def _hit(self, b: Binding, key: Key, kind: str, now: float) -> Binding | None:
         """The winning binding `b` (found by `key`, of the strategy `kind`): refreshed,
@@ -386,10 +419,18 @@ class Balancer:
             # Down (with the reassign policy), or removed by a reload: a removed
             # backend's replies would be refused (not-from-backend), so always move.
             replacement = self.scheduler.choose(b.key, table.load())
+            journeys = self.journeys
             if replacement is None:
                 self.counters.drop("no-backend")
+                if journeys is not None:  # journey: dropped, no backend to move to
+                    journeys.dropped(key, "no-backend", binding=b)
                 return None
-            table.repoint(b, replacement)
+            if journeys is None:
+                table.repoint(b, replacement)
+            else:
+                why = "down" if name in policy.backends else "removed"
+                with journeys.cause(f"reassigned: {name} {why}"):  # journey
+                    table.repoint(b, replacement)
             self.counters.reassigned += 1
         self.counters.hits[kind] += 1
         return b
@@ -473,6 +514,9 @@ class Balancer:
             out = nat.transparent(buf, view, backend.packed)
         if isinstance(out, nat.Drop):
             counters.drop(out.value)
+            if self.journeys is not None:  # journey of the terminal the packet is from
+                terminal = buf[view.hoa : view.hoa + 16] if view.hoa >= 0 else buf[8:24]
+                self.journeys.dropped(Key("addr", terminal), out.value, buf)
             return None
         counters.packets_out += 1
         counters.backend_packets[backend.name] += 1
@@ -542,6 +586,8 @@ class Balancer:
         out = nat.reply(buf, view, vip, self._routes.get(home), home)
         if isinstance(out, nat.Drop):
             counters.drop(out.value)
+            if self.journeys is not None:  # journey: a reply to this terminal dropped
+                self.journeys.dropped(Key("addr", home), f"reply: {out.value}", buf)
             return None
         counters.replies_out += 1
         return out

@@ -28,7 +28,7 @@ confirmed one in O(1).
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -53,6 +53,9 @@ class ReturnPaths:
         self._by_care_of: dict[bytes, int] = {}
         #: Confirmations that ended by their lifetime (not by a deregistration).
         self.expired = 0
+        #: Told (home, care-of or None when it ends, lifetime) of every confirmation
+        #: made, renewed or ended (a terminal's journey: lbproxy.core.journey).
+        self.observer: Callable[[bytes, bytes | None, float | None], object] | None = None
 
     def confirm(
         self, home: bytes, care_of: bytes, lifetime: float | None = None, now: float | None = None
@@ -72,6 +75,8 @@ class ReturnPaths:
             deadline = (self.clock.seconds() if now is None else now) + lifetime
             self._until[home] = deadline
             heapq.heappush(self._deadlines, (deadline, home))
+        if self.observer is not None:  # the terminal's journey
+            self.observer(home, care_of, lifetime)
 
     def unconfirm(self, home: bytes) -> bytes | None:
         """The binding ended (deregistration): replies go towards the home address again.
@@ -80,6 +85,8 @@ class ReturnPaths:
         self._until.pop(home, None)
         if care_of is not None:
             self._uncount(care_of)
+            if self.observer is not None:  # the terminal's journey
+                self.observer(home, None, None)
         return care_of
 
     def care_of(self, home: bytes) -> bytes | None:

@@ -43,6 +43,7 @@ import attrs
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from lbproxy.core.journey import Journeys
 from lbproxy.core.keys import Key
 from lbproxy.core.table import Binding
 from lbproxy.notify.listener import IBindingListener, ITerminalLiveness
@@ -85,9 +86,12 @@ class TableListener:
         table: _Table,
         return_paths: _ReturnPaths | None = None,
         max_owned: int = 100_000,
+        journeys: Journeys | None = None,
     ) -> None:
         self.table = table
         self.return_paths = return_paths
+        #: The terminals' journeys, told of every change applied (lbproxy.core.journey).
+        self.journeys = journeys
         self.applied = 0  # changes that moved or confirmed a table entry
         self.refused = 0  # binding_changed calls refused by the entitlement rule
         self.not_copied = 0  # given old care-of bindings that were not the home's: passed over
@@ -206,6 +210,8 @@ class TableListener:
         ):
             self.not_copied += 1  # a binding that is not the home's: passed over
         if plan.deregistering:
+            if self.journeys is not None:  # the journey: the terminal is at home
+                self.journeys.notified(home, old_care_of, new_care_of, 0)
             self._deregistered(home, plan.source)
             return
         moved = None
@@ -225,6 +231,9 @@ class TableListener:
         hoa = self.table.rekey(Key("hoa", home), Key("hoa", home), care_of=new_care_of)
         if moved is not None or hoa is not None:
             self.applied += 1
+        if self.journeys is not None:  # the journey: the move, before its confirmation
+            self.journeys.notified(home, plan.source or old_care_of, new_care_of, lifetime,
+                                   moved)
         if self.return_paths is not None:
             self.return_paths.confirm(home, new_care_of, float(lifetime))
 

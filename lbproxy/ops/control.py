@@ -494,7 +494,8 @@ class Control:
         before = self.balancer.table.get(parsed)
         previous = None if before is None else before.backend.name
         try:
-            binding = actions.move(self.balancer, parsed, backend)
+            with self._journey_cause(f"operator move by {who}"):
+                binding = actions.move(self.balancer, parsed, backend)
         except (KeyError, ValueError, actions.TableFullError) as exc:
             raise OperatorError(f"cannot move {parsed}: {exc}") from None
         audit(who, "move", key=str(parsed), backend=backend, previous=previous or "-")
@@ -504,7 +505,8 @@ class Control:
         """Remove ``key``'s binding; its next packet is scheduled afresh."""
         parsed = self._key(key)
         now = self.clock.seconds()
-        binding = actions.forget(self.balancer, parsed)
+        with self._journey_cause(f"operator forget by {who}"):
+            binding = actions.forget(self.balancer, parsed)
         if binding is None:
             return None
         audit(who, "forget", key=str(parsed), backend=binding.backend.name)
@@ -543,6 +545,31 @@ class Control:
         info = self._backend_info(backend, self.per_backend())
         audit(who, "undrain", backend=backend, weight=info["weight"], previous=previous)
         return info
+
+    def _journey_cause(self, text: str) -> contextlib.AbstractContextManager[None]:
+        """Journeys record what happens inside as caused by `text` (the operator)."""
+        journeys = getattr(self.balancer, "journeys", None)
+        return contextlib.nullcontext() if journeys is None else journeys.cause(text)
+
+    def journey(self, key: Key | str) -> dict[str, Any]:
+        """The journey of the terminal ``key`` identifies -- any of its identities, as
+        ``show`` prints them (`lbproxy.core.journey`): its identities, backend, care-of
+        address and events, oldest first (packets as hex), with ``now`` on the same
+        clock."""
+        journeys = getattr(self.balancer, "journeys", None)
+        if journeys is None:
+            raise OperatorError("journeys are not kept by this balancer (control.journeys = 0)")
+        parsed = self._key(key)
+        found = journeys.find(parsed, self.balancer.table.get(parsed))
+        if found is None:
+            raise OperatorError(
+                f"no journey for {parsed}: the balancer keeps the journeys of the "
+                f"{journeys.max_terminals} terminals that changed last, none has this "
+                "identity")
+        result: dict[str, Any] = found.as_dict()
+        result["asked"] = str(parsed)
+        result["now"] = self.clock.seconds()
+        return result
 
     # -- packets ---------------------------------------------------------
 
