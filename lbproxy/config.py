@@ -30,6 +30,8 @@ from typing import Any
 
 import attrs
 
+from lbproxy.core.correspondent import MAX_RR_BINDING_LIFETIME
+from lbproxy.core.correspondent import MODES as CORRESPONDENT_MODES
 from lbproxy.core.keys import STRATEGY_REGISTRY, KeyChain, declared_options
 from lbproxy.core.selection import SCHEDULER_REGISTRY, scheduler_from_name
 from lbproxy.ops.persistence import DEFAULT_MAX_BYTES, max_bytes_for
@@ -154,6 +156,19 @@ class FleetConfig:
 
 
 @attrs.frozen
+class CorrespondentConfig:
+    """``[correspondent]``: the balancer as the terminals' correspondent node for the
+    virtual addresses (RFC 6275 return routability; docs/correspondent.md)."""
+
+    #: off | lenient | strict (`lbproxy.core.correspondent.MODES`).
+    mode: str = "off"
+    #: The longest binding a Binding Update gets (s; RFC 6275 MAX_RR_BINDING_LIFETIME).
+    max_lifetime: int = int(MAX_RR_BINDING_LIFETIME)
+    #: Binding Errors sent per second at most.
+    binding_error_rate: float = 10.0
+
+
+@attrs.frozen
 class Config:
     """The whole configuration of one balancer process."""
 
@@ -174,6 +189,8 @@ class Config:
     link_send: bool = True
     #: ``[balancer] offload`` (`OFFLOADS`; docs/xdp.md).
     offload: str = "auto"
+    #: ``[correspondent]`` (docs/correspondent.md).
+    correspondent: CorrespondentConfig = CorrespondentConfig()
     health: HealthConfig = HealthConfig()
     notify: NotifyConfig = NotifyConfig()
     fleet: FleetConfig = FleetConfig()
@@ -319,6 +336,22 @@ def _fleet(top: Section) -> FleetConfig:
     )
 
 
+def _correspondent(top: Section, mode: str) -> CorrespondentConfig:
+    """``[correspondent]`` (docs/correspondent.md); not with the transparent mode."""
+    s = checked(top.table("correspondent"), ("mode", "max_lifetime", "binding_error_rate"))
+    chosen = s.choice("mode", "off", CORRESPONDENT_MODES)
+    if chosen != "off" and mode != "translate":
+        raise s.fail("mode", f"{chosen!r} needs balancer.mode = \"translate\" (in transparent "
+                             "mode the backends receive the Home Address Option and must be "
+                             "the correspondent node themselves)")  # fmt: skip
+    return CorrespondentConfig(
+        mode=chosen,
+        max_lifetime=s.integer("max_lifetime", int(MAX_RR_BINDING_LIFETIME), 4,
+                               int(MAX_RR_BINDING_LIFETIME)),
+        binding_error_rate=s.number("binding_error_rate", 10.0, 0.0, 100_000.0),
+    )
+
+
 def parse_config(text: str, path: str = "<config>") -> Config:
     """Parse configuration text; raise `ConfigError` naming file, key and reason."""
     return parse_data(parse_toml(text, path), path)
@@ -331,7 +364,7 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
         "",
         data,
         (
-            "balancer", "virtual", "interfaces", "backend", "health", "notify",
+            "balancer", "virtual", "interfaces", "backend", "health", "notify", "correspondent",
             "manhole", "control", "metrics", "persistence", "logging", "fleet",
         ),
     )
@@ -447,6 +480,7 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
         batch=bal.integer("batch", 256, 1, 65536),
         link_send=bal.get("link_send", bool, True),
         offload=bal.choice("offload", "auto", OFFLOADS),
+        correspondent=_correspondent(top, bal.choice("mode", "translate", MODES)),
         health=health,
         notify=notify,
         fleet=_fleet(top),

@@ -33,6 +33,7 @@ from lbproxy import preflight
 from lbproxy.config import Config, load_config
 from lbproxy.core.actions import Weights
 from lbproxy.core.balancer import Balancer
+from lbproxy.core.correspondent import Correspondent
 from lbproxy.core.keys import KeyChain
 from lbproxy.core.selection import Backend, scheduler_from_name
 from lbproxy.core.table import StickyTable
@@ -101,8 +102,9 @@ def key_chain_from(config: Config) -> KeyChain:
 
 
 def build_balancer(config: Config, clock: Any) -> Balancer:
-    """The pure core for a configuration: key chain, table, scheduler, balancer."""
-    return Balancer(
+    """The pure core for a configuration: key chain, table, scheduler, balancer (and
+    the correspondent node, ``[correspondent]``)."""
+    balancer = Balancer(
         chain=key_chain_from(config),
         table=StickyTable(clock, config.lifetime, config.max_entries),
         scheduler=scheduler_from_name(config.scheduler),
@@ -113,6 +115,13 @@ def build_balancer(config: Config, clock: Any) -> Balancer:
         ports=config.ports,
         reassign_dead=config.health.dead_backend == "reassign",
     )
+    cn = config.correspondent
+    if cn.mode != "off":
+        balancer.serve_as_correspondent(Correspondent(
+            clock, strict=cn.mode == "strict", max_entries=config.max_entries,
+            max_lifetime=cn.max_lifetime, binding_error_rate=cn.binding_error_rate,
+        ))  # fmt: skip
+    return balancer
 
 
 class BalancerService(MultiService):

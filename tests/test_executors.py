@@ -16,6 +16,7 @@ and the same return paths.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 from typing import Any, ClassVar
@@ -31,6 +32,8 @@ from scapy.layers.inet6 import (
     IPv6,
     IPv6ExtHdrDestOpt,
     IPv6ExtHdrFragment,
+    MIP6MH_CoTI,
+    MIP6MH_HoTI,
     PadN,
 )
 from scapy.layers.ipsec import ESP
@@ -39,7 +42,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from lbproxy.core import actions
 from lbproxy.core.balancer import Balancer
+from lbproxy.core.correspondent import Correspondent, keygen_token, sign
 from lbproxy.core.keys import Key
+from lbproxy.wire import mobility
 from tests.executors import (
     VIP,
     Executor,
@@ -206,6 +211,46 @@ def apply(op: Op, balancer: Balancer, clock: Clock) -> None:
         actions.move(balancer, Key("hoa", home(t)), BACKENDS[n % len(BACKENDS)].name)
 
 
+# -- the correspondent node's packets (issue 15) -------------------------------------------
+
+#: (kind, terminal, care-of, sequence number)
+MhSpec = tuple[int, int, int, int]
+
+mh_specs = st.tuples(st.integers(0, 4), st.integers(0, 4), st.integers(0, 2), st.integers(0, 9))
+
+
+def correspondent_for(balancer: Balancer, clock: Clock, strict: bool) -> None:
+    """The same correspondent node for both balancers of a pair: one node key, one
+    nonce sequence."""
+    balancer.serve_as_correspondent(Correspondent(
+        clock, strict=strict, node_key=b"N" * 20, random=lambda n: b"\x5a" * n))  # fmt: skip
+
+
+def mobility_packet(spec: MhSpec, balancer: Balancer) -> bytes:
+    """Return routability and Binding Updates (valid ones made with `balancer`'s node
+    key and current nonce, as a mobile node would after its Tests), and forgeries."""
+    kind, t, c, seq = spec
+    hoa, coa = home(t), care_of(t, c)
+    hoa_text, coa_text = str(ipaddress.IPv6Address(hoa)), str(ipaddress.IPv6Address(coa))
+    if kind == 0:
+        return bytes(IPv6(src=hoa_text, dst=VIP) / MIP6MH_HoTI(cookie=b"c" * 8))
+    if kind == 1:
+        return bytes(IPv6(src=coa_text, dst=VIP) / MIP6MH_CoTI(cookie=b"d" * 8))
+    cn = balancer.correspondent
+    assert cn is not None
+    index, nonce = cn.nonces.current()
+    kbm = hashlib.sha1(keygen_token(cn.node_key, hoa, nonce, False)
+                       + keygen_token(cn.node_key, coa, nonce, True)).digest()  # fmt: skip
+    if kind == 2:  # forged: another key
+        kbm = bytes(20)
+    bu = mobility.BindingUpdate(seq, 0 if kind == 4 else 30, mobility.BU_ACK, None,
+                                (mobility.nonce_indices_option(index, index),))  # fmt: skip
+    mh = sign(bu, kbm, coa, address(VIP), hoa, address(VIP))
+    dest = bytes((135, 2, 1, 2, 0, 0, 0xC9, 16)) + hoa
+    payload = dest + mh
+    return bytes(IPv6(src=coa_text, dst=VIP, nh=60, plen=len(payload)))[:40] + payload
+
+
 def state(balancer: Balancer) -> dict[str, Any]:
     """Everything an executor may change, as comparable values."""
     table = balancer.table
@@ -219,6 +264,8 @@ def state(balancer: Balancer) -> dict[str, Any]:
         "table_stats": table.stats.as_dict(),
         "return_paths": sorted(balancer.return_paths.items(), key=repr),
         "fragments": len(balancer.fragments),
+        "binding_cache": sorted(balancer.correspondent.bindings.items())
+        if balancer.correspondent is not None else None,
     }
 
 
@@ -227,7 +274,7 @@ class ExecutorContract:
 
     executor: ClassVar[type[Executor]]
 
-    def _pair(self, mode: str, ports: tuple[int, ...]) -> tuple[
+    def _pair(self, mode: str, ports: tuple[int, ...], correspondent: str = "off") -> tuple[
         tuple[Balancer, Clock, Executor], tuple[Balancer, Clock, Executor]
     ]:
         made = []
@@ -235,19 +282,29 @@ class ExecutorContract:
             balancer, clock = make(mode=mode, scheduler="round_robin")
             balancer.set_virtual_addresses([ipaddress.IPv6Address(VIP)], ports)
             balancer.set_own_addresses({OWN})
+            if correspondent != "off":
+                correspondent_for(balancer, clock, correspondent == "strict")
             made.append((balancer, clock, kind(balancer, clock)))
         return made[0], made[1]
 
-    def check(self, mode: str, ports: tuple[int, ...], plan: list[tuple[str, Any]]) -> None:
-        (balancer, clock, executor), (reference, ref_clock, general) = self._pair(mode, ports)
+    def check(self, mode: str, ports: tuple[int, ...], plan: list[tuple[str, Any]],
+              correspondent: str = "off") -> None:  # fmt: skip
+        (balancer, clock, executor), (reference, ref_clock, general) = self._pair(
+            mode, ports, correspondent)
         case: Any = self
         for n, (what, arg) in enumerate(plan):
             if what == "op":
                 apply(arg, balancer, clock)
                 apply(arg, reference, ref_clock)
                 continue
+            if what == "register":  # an accepted Binding Update, in both
+                for b in (balancer, reference):
+                    assert b.correspondent is not None
+                    b.correspondent.register(home(arg % 5), care_of(arg % 5, arg % 3), 1, 60.0)
+                continue
             if what == "in":
-                packets = [inbound_packet(spec) for spec in arg]
+                packets = [inbound_packet(spec) if len(spec) == 8 else
+                           mobility_packet(spec, reference) for spec in arg]  # fmt: skip
                 got: Sent = executor.inbound(packets)
                 want = general.inbound(packets)
             else:
@@ -272,6 +329,23 @@ class ExecutorContract:
         moves: the same packets out in the same order, the same counters, bindings
         (expiry and established flag included), table statistics and return paths."""
         self.check(mode, ports, plan)
+
+    @settings(max_examples=150, deadline=None,
+              suppress_health_check=[HealthCheck.differing_executors])  # fmt: skip
+    @given(correspondent=st.sampled_from(["lenient", "strict"]), plan=st.lists(st.one_of(
+        st.tuples(st.just("in"), st.lists(in_specs | mh_specs, min_size=1, max_size=12)),
+        st.tuples(st.just("out"), st.lists(out_specs, min_size=1, max_size=12)),
+        st.tuples(st.just("op"), ops),
+        st.tuples(st.just("register"), st.integers(0, 14)),
+    ), min_size=1, max_size=10))  # fmt: skip
+    def test_same_as_the_general_path_as_correspondent(
+        self, correspondent: str, plan: list[tuple[str, Any]]
+    ) -> None:
+        """The balancer as correspondent node (lenient and strict): return routability,
+        Binding Updates valid and forged, Binding Errors, bindings registered between
+        batches -- every executor sends and keeps what the general path does (in strict
+        mode no other executor forwards an HAO packet the binding cache would refuse)."""
+        self.check("translate", (), plan, correspondent)
 
     def test_a_terminal_moving_and_replies_confirmed(self) -> None:
         """A fixed walk through the common case: a terminal's first packet (a miss), its

@@ -53,6 +53,7 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import Interface
 
 from lbproxy.core import nat
+from lbproxy.core.correspondent import Correspondent
 from lbproxy.core.counters import Counters
 from lbproxy.core.fragments import FragmentFlows, flow_id
 from lbproxy.core.journey import Journeys
@@ -135,6 +136,9 @@ class Balancer:
         self.clock = clock
         self.mode = mode
         self.counters = Counters()
+        #: The correspondent node for the virtual addresses (`serve_as_correspondent`;
+        #: None: ``[correspondent] mode = "off"``, Mobility Headers forwarded as any packet).
+        self.correspondent: Correspondent | None = None
         #: Confirmed care-of addresses: the one source of truth for the return path.
         self.return_paths = ReturnPaths(clock, table.max_entries)
         self._routes = self.return_paths.routes  # home -> confirmed care-of (never rebound)
@@ -192,6 +196,7 @@ class Balancer:
             own=self._own,
             fast_wanted=self._fast_wanted,
             fast_chain=_chain_reason(self._chain),
+            strict_hao=self.correspondent is not None and self.correspondent.strict,
         )
 
     @property
@@ -290,6 +295,8 @@ class Balancer:
         now = self.clock.seconds()
         self.fragments.expire(now)
         self.return_paths.expire(now)
+        if self.correspondent is not None:
+            self.correspondent.expire(now)
         expired = self.table.expire(now)
         if self._gone:
             left = self._gone & {b.name for b, n in self.table.load().items() if n > 0}
@@ -297,6 +304,14 @@ class Balancer:
                 self._gone = left
                 self._publish()
         return expired
+
+    def serve_as_correspondent(self, correspondent: Correspondent | None) -> None:
+        """Answer return routability and Binding Updates to the virtual addresses with
+        `correspondent` (lbproxy.core.correspondent; None: forward them as before).  In
+        its strict mode the policy keeps other executors off terminals' packets: only
+        the general path checks a Home Address Option against the binding cache."""
+        self.correspondent = correspondent
+        self._publish()
 
     # -- decisions (public: every executor uses these) ---------------------------------
 
@@ -488,6 +503,10 @@ class Balancer:
         if policy.ports and view.dport >= 0 and view.dport not in policy.ports:
             counters.drop("port")
             return None
+        cn = self.correspondent
+        if cn is not None and (view.mh >= 0 or (cn.strict and view.hoa >= 0 and cn.bindings.get(
+                bytes(buf[view.hoa : view.hoa + 16])) != bytes(buf[8:24]))):  # fmt: skip
+            return self._correspondent(buf, view, cn)
         if view.proto == _ICMPV6 and buf[view.l4] < 128:
             return self._icmp_error(buf, view)
 
@@ -521,6 +540,36 @@ class Balancer:
         counters.packets_out += 1
         counters.backend_packets[backend.name] += 1
         return out
+
+    def _correspondent(
+        self, buf: bytearray, view: PacketView, cn: Correspondent
+    ) -> bytearray | None:
+        """A Mobility Header to a virtual address, answered here (never forwarded), or,
+        in strict mode, a packet with a Home Address Option the binding cache does not
+        hold at its source: dropped with a Binding Error (rate limited)."""
+        counters = self.counters
+        if view.mh < 0:
+            counters.drop("hao-without-binding")
+            error = cn.binding_error(buf, view.hoa)
+            counters.correspondent["be-sent" if error else "be-rate-limited"] += 1
+            return None if error is None else bytearray(error)
+        outcome = cn.handle(buf, view.mh, view.hoa, view.end)
+        if outcome.refused:
+            counters.drop(outcome.what)
+        else:
+            counters.correspondent[outcome.what] += 1
+        if outcome.sent:
+            counters.correspondent[f"{outcome.sent}-sent"] += 1
+        home, entry = outcome.home, outcome.entry
+        if entry is not None and home is not None:
+            # An authenticated care-of address: replies may go there (RFC 6275 §9.3.2),
+            # and the terminal's binding learns it as today's keying would.
+            now = self.clock.seconds()
+            self.return_paths.confirm(home, entry.care_of, entry.expires - now, now=now)
+            self.backend_for(buf, view)
+        elif outcome.deleted and home is not None:
+            self.return_paths.unconfirm(home)
+        return None if outcome.reply is None else bytearray(outcome.reply)
 
     def _remember_vip(self, home: bytes, vip: bytes) -> None:
         mapping = self._vip_of

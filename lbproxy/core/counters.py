@@ -40,6 +40,10 @@ class Counters:
         #: bound identity, chain order settles the packet.
         self.conflicts: Counter[str] = Counter()
         self.icmp_errors_in = 0
+        #: The correspondent node's outcomes (lbproxy.core.correspondent): Test Inits
+        #: answered, Binding Updates accepted, messages sent ("hot-sent", "ba-sent",
+        #: "be-sent"...), Binding Errors rate limited; its refusals are drops.
+        self.correspondent: Counter[str] = Counter()
         #: Misses answered by the fleet's shared bindings rather than the scheduler.
         self.shared_hits = 0
         #: Server-link packets that are not replies (`lbproxy.core.policy.is_reply`):
@@ -92,6 +96,7 @@ class Counters:
             "reassigned": self.reassigned,
             "conflicts": dict(self.conflicts),
             "icmp_errors_in": self.icmp_errors_in,
+            "correspondent": dict(self.correspondent),
             "ignored": self.ignored,
             "shared_hits": self.shared_hits,
         }

@@ -92,9 +92,12 @@ def build_policy(
     own: Iterable[bytes] = (),
     fast_wanted: bool = True,
     fast_chain: str | None = None,
+    strict_hao: bool = False,
 ) -> Policy:
     """A policy from its parts; `fast_chain` is why the key chain rules the fast path
-    out (None: it starts with the home-address strategy, the shape the fast path keys)."""
+    out (None: it starts with the home-address strategy, the shape the fast path keys);
+    `strict_hao`: the correspondent's strict mode, whose binding-cache check of Home
+    Address Options only the general path makes."""
     if not vips:
         raise ValueError("at least one virtual address is required")
     down_set, gone_set = frozenset(down), frozenset(gone)
@@ -108,6 +111,8 @@ def build_policy(
     if inbound_reason is None:
         if fast_chain is not None:
             inbound_reason = fast_chain
+        elif strict_hao:
+            inbound_reason = "correspondent mode strict (the binding cache checks every HAO)"
         elif down_set:
             inbound_reason = f"backend {sorted(down_set)[0]} is down"
         elif gone_set:

@@ -94,6 +94,7 @@ FIELDS: tuple[Field, ...] = tuple(
         ("batch", "balancer.batch", RESTART),
         ("link_send", "balancer.link_send", RESTART),
         ("offload", "balancer.offload", RESTART),
+        ("correspondent", "correspondent", RESTART),
         ("health", "health", APPLIES),
         ("notify", "notify", RESTART),
         ("fleet", "fleet", RESTART),
