@@ -59,14 +59,7 @@ from lbproxy.notify.session import (
     GuardedAMP,
 )
 from lbproxy.notify.subscriptions import Subscription
-from lbproxy.notify.tls import (
-    SERVER_AUTH,
-    Credentials,
-    PeerRefused,
-    TlsMaterial,
-    client_factory,
-    peer_verdict,
-)
+from lbproxy.notify.tls import SERVER_AUTH, PeerRefused, TlsMaterial, client_factory, peer_verdict
 
 log = Logger()
 
@@ -195,8 +188,6 @@ class BalancerProtocol(GuardedAMP):
         if self.client is None or not self.handshaken:
             self.owner.refuse(Refusal.PROTOCOL, "command before the peer was verified")
             raise c.OutOfOrder()
-        if self.client.retired:  # removed by a reload, its connection closing
-            raise c.OutOfOrder()
         return self.client
 
     @c.BindingChanged.responder
@@ -263,10 +254,6 @@ class PeerLink:
         # so that a flood's churn never leaves the agent following what we dropped.
         self._unsubscribes: OrderedDict[int, None] = OrderedDict()
         self._snapshot_due = False  # reconcile once the (re)subscriptions are sent
-        # Removed or replaced by a reload: what its closing connection still brings (answers,
-        # notifications) is not believed, and touches no subscription (they may be a
-        # replacement's now).
-        self.retired = False
 
     # -- events -------------------------------------------------------------------------
 
@@ -409,8 +396,6 @@ class PeerLink:
             self.refuse(Refusal.PROTOCOL, f"GetSnapshot: {failure.getErrorMessage()}")
 
     def _subscribed(self, answer: dict[str, Any], sub: Subscription) -> None:
-        if self.retired:
-            return
         registry = self.gate.subscriptions
         if registry.get(self.peer.name, sub.address) is not sub:
             # Ended or merged while the Subscribe was in flight: the agent follows the
@@ -453,8 +438,6 @@ class PeerLink:
             self.machine.feed(PeerInput.SUBSCRIBE_REFUSED)
 
     def _subscribe_failed(self, failure: Failure, sub: Subscription) -> None:
-        if self.retired:
-            return
         error = failure.check(*c.ERRORS)
         if error is not None:  # the agent refused it: forget it
             refusal = getattr(error, "refusal", Refusal.PROTOCOL)
@@ -498,8 +481,6 @@ class PeerLink:
             return d
 
         def got(answer: dict[str, Any], after: int) -> Any:
-            if self.retired:
-                return totals
             counts = self.apply_snapshot(answer["bindings"])
             totals["accepted"] += counts["accepted"]
             totals["refused"] += counts["refused"]
@@ -569,7 +550,7 @@ class NotificationClient(PeerLink, Service):
         self,
         peer: Peer,
         endpoint: IStreamClientEndpoint,
-        material: TlsMaterial | Credentials,
+        material: TlsMaterial,
         gate: Gate,
         clock: IReactorTime,
         interval: int = 0,
@@ -637,7 +618,7 @@ class NotificationClient(PeerLink, Service):
         connected_at = self.connected_at if protocol is self.protocol else None
         lived = None if connected_at is None else self.clock.seconds() - connected_at
         state = self.machine.state
-        if protocol is self.protocol and not self.retired:
+        if protocol is self.protocol:
             for sub in self.gate.subscriptions.for_peer(self.peer.name):
                 sub.sub_id = None
         self.lost(protocol)
