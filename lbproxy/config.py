@@ -198,6 +198,8 @@ class Config:
     manhole_authorized_keys: str = ""
     manhole_host_key: str = ""
     control_socket: str = ""
+    #: ``[control] journeys``: terminals whose journeys are kept (0: none; docs/journey.md).
+    journeys: int = 1024
     metrics_endpoint: str = ""
     persistence_path: str = ""
     persistence_interval: float = 60.0
@@ -446,7 +448,7 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
                 raise notify_s.fail(name, "required when notifications are enabled")
 
     manhole = checked(top.table("manhole"), ("endpoint", "authorized_keys", "host_key"))
-    control = checked(top.table("control"), ("socket",))
+    control = checked(top.table("control"), ("socket", "journeys"))
     metrics = checked(top.table("metrics"), ("endpoint",))
     persist = checked(top.table("persistence"), ("path", "interval", "max_bytes"))
     logging = checked(top.table("logging"), ("format",))
@@ -488,6 +490,7 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
         manhole_authorized_keys=manhole.filename("authorized_keys", ""),
         manhole_host_key=manhole.filename("host_key", ""),
         control_socket=control.filename("socket", "", absolute=True, unix_socket=True),
+        journeys=control.integer("journeys", 1024, 0, 1_000_000),
         metrics_endpoint=metrics.endpoint("endpoint", "server", ""),
         persistence_path=persist.filename("path", ""),
         persistence_interval=persist.number("interval", 60.0, 1.0, 86400.0),

@@ -34,6 +34,7 @@ from lbproxy.config import Config, load_config
 from lbproxy.core.actions import Weights
 from lbproxy.core.balancer import Balancer
 from lbproxy.core.correspondent import Correspondent
+from lbproxy.core.journey import Journeys
 from lbproxy.core.keys import KeyChain
 from lbproxy.core.selection import Backend, scheduler_from_name
 from lbproxy.core.table import StickyTable
@@ -148,6 +149,8 @@ class BalancerService(MultiService):
         #: What reload's start-up checks ask about this host (tests give a fake).
         self.host = host if host is not None else preflight.Host()
         self.balancer = build_balancer(config, reactor)
+        if config.journeys:  # the terminals' journeys (lbproxyctl journey)
+            self.balancer.follow_journeys(Journeys(reactor, config.journeys))
         #: The configured weights and the operator's overrides over them.
         self.weights = Weights(self.balancer.backends.values())
         self._reload_lock = DeferredLock()
@@ -184,7 +187,8 @@ class BalancerService(MultiService):
                 config.notify,
                 reactor,
                 TableListener(self.balancer.table, self.fleet.return_paths() if self.fleet
-                              else self.balancer.return_paths),  # fleet: confirmations shared
+                              else self.balancer.return_paths,  # fleet: confirmations shared
+                              journeys=self.balancer.journeys),
                 local=lambda: self.balancer.policy,  # care-of addresses: not VIPs, backends, us
             )
             self.notifier.setServiceParent(self)

@@ -176,6 +176,39 @@ class PropagationTests(FleetTestCase):
         self.assertEqual(fa.stats()["confirm_writes"], 1)
         self.assertEqual(fb.stats()["confirm_writes"], 0)
 
+    async def test_new_address_first_on_another_balancer(self) -> None:
+        """The race after a move, across balancers: keyed by source address, a terminal's
+        first packet from its new care-of address reaches balancer B (ECMP) before any
+        notification of the move.  B holds no entry for the old address -- A does -- but
+        has A's confirmation from the store: the new address joins the old address's
+        backend as the fleet knows it (Maglev's answer, or the shared record of an
+        exception), not Maglev's answer for the new address.  A balancer outside the
+        fleet with the same confirmation schedules afresh (the test can fail)."""
+        a, b, alone = (self.balancer(chain=("src",)) for _ in range(3))
+        fa = await self.fleet(a, "lb-a")
+        await self.fleet(b, "lb-b")
+        listener = TableListener(a.table, fa.return_paths())
+        expected = {}
+        for i, moved in ((0x1001, False), (0x1002, True)):
+            home, coa1 = f"2001:db8:100::{i:x}", f"2001:db8:a1::{i:x}"
+            first = backend_of(a.inbound(mobile(coa1, home)))
+            if moved:  # an operator's move: the old address is an exception, shared
+                first = not_maglev(addr(coa1))
+                actions.move(a, addr(coa1), first)
+            listener.binding_changed(packed(home), None, packed(coa1), 1, 600)
+            coa2 = next(c for c in (f"2001:db8:a2::{j:x}" for j in range(0x1001, 0x1100))
+                        if maglev().choose(addr(c), {}).name != first)  # type: ignore[union-attr]
+            expected[home] = (coa1, coa2, first)
+        await self.until(lambda: all(b.return_paths.care_of(packed(h)) == packed(c1)
+                                     for h, (c1, _, _) in expected.items())
+                         and fb_knows(b, addr(expected["2001:db8:100::1002"][0])),
+                         what="B learns the confirmations and the operator's move")
+        for home, (coa1, coa2, first) in expected.items():
+            self.assertIsNone(b.table.get(addr(coa1)))
+            self.assertEqual(backend_of(b.inbound(mobile(coa2, home))), first, home)
+            alone.return_paths.confirm(packed(home), packed(coa1), 600)
+            self.assertNotEqual(backend_of(alone.inbound(mobile(coa2, home))), first, home)
+
     async def test_only_what_differs_from_maglev_is_published(self) -> None:
         """Fresh bindings Maglev made are not written; an alias that Maglev would put
         elsewhere (a care-of address linked to its terminal's binding) is."""
@@ -530,3 +563,9 @@ def _moved_fraction(old: Sequence[Backend], new: Sequence[Backend], n: int) -> f
 
 def _text(key: Key) -> str:
     return str(ipaddress.IPv6Address(key.value))
+
+
+def fb_knows(balancer: Balancer, key: Key) -> bool:
+    """Whether `balancer`'s fleet replica has a record for `key`."""
+    assert balancer.shared is not None
+    return balancer.shared.backend_name(key) is not None

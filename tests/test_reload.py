@@ -149,7 +149,7 @@ CASES: list[tuple[str, Mutation, tuple[str, ...], tuple[str, ...], Check]] = [
     ("batch", _set("balancer", "batch", 64), (), ("balancer.batch",), lambda t, s: None),
     ("link_send", _set("balancer", "link_send", False), (), ("balancer.link_send",),
      lambda t, s: None),
-    ("[notify]", _set("notify", "max_subscriptions", 5), (), ("notify",),
+    ("[notify]", _set("notify", "max_subscriptions", 5), (), ("notify.max_subscriptions",),
      lambda t, s: t.assertIsNone(s.notifier)),
     ("[logging]", _set("logging", "format", "json"), (), ("logging.format",),
      lambda t, s: None),

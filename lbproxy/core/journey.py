@@ -291,6 +291,10 @@ class Journeys:
         if journey is None:
             return
         journey.care_of = new
+        for event in reversed(journey.events):  # the links this packet made: at `new`
+            if event.packet is not None or event.at < now:
+                break
+            event.care_of = new
         self._record(journey, "care-of", f"{_text(old)} -> {_text(new)}")
         self.sample(binding, packet, now)
 
@@ -432,10 +436,10 @@ class Journeys:
 
     def _name(self, journey: Journey, name: bytes) -> None:
         names = journey.names
-        if name in names:
-            names.remove(name)
-        names.append(name)
         self.index[name] = journey
+        if name in names:
+            return
+        names.append(name)
         if len(names) > self.max_names:
             # The oldest name that is not a live binding's own key goes.
             own = {bytes(b.key) for b in journey.bindings}

@@ -59,7 +59,14 @@ from lbproxy.notify.session import (
     GuardedAMP,
 )
 from lbproxy.notify.subscriptions import Subscription
-from lbproxy.notify.tls import SERVER_AUTH, PeerRefused, TlsMaterial, client_factory, peer_verdict
+from lbproxy.notify.tls import (
+    SERVER_AUTH,
+    Credentials,
+    PeerRefused,
+    TlsMaterial,
+    client_factory,
+    peer_verdict,
+)
 
 log = Logger()
 
@@ -188,6 +195,8 @@ class BalancerProtocol(GuardedAMP):
         if self.client is None or not self.handshaken:
             self.owner.refuse(Refusal.PROTOCOL, "command before the peer was verified")
             raise c.OutOfOrder()
+        if self.client.retired:  # removed by a reload, its connection closing
+            raise c.OutOfOrder()
         return self.client
 
     @c.BindingChanged.responder
@@ -254,6 +263,10 @@ class PeerLink:
         # so that a flood's churn never leaves the agent following what we dropped.
         self._unsubscribes: OrderedDict[int, None] = OrderedDict()
         self._snapshot_due = False  # reconcile once the (re)subscriptions are sent
+        # Removed or replaced by a reload: what its closing connection still brings (answers,
+        # notifications) is not believed, and touches no subscription (they may be a
+        # replacement's now).
+        self.retired = False
 
     # -- events -------------------------------------------------------------------------
 
@@ -396,6 +409,8 @@ class PeerLink:
             self.refuse(Refusal.PROTOCOL, f"GetSnapshot: {failure.getErrorMessage()}")
 
     def _subscribed(self, answer: dict[str, Any], sub: Subscription) -> None:
+        if self.retired:
+            return
         registry = self.gate.subscriptions
         if registry.get(self.peer.name, sub.address) is not sub:
             # Ended or merged while the Subscribe was in flight: the agent follows the
@@ -438,6 +453,8 @@ class PeerLink:
             self.machine.feed(PeerInput.SUBSCRIBE_REFUSED)
 
     def _subscribe_failed(self, failure: Failure, sub: Subscription) -> None:
+        if self.retired:
+            return
         error = failure.check(*c.ERRORS)
         if error is not None:  # the agent refused it: forget it
             refusal = getattr(error, "refusal", Refusal.PROTOCOL)
@@ -481,6 +498,8 @@ class PeerLink:
             return d
 
         def got(answer: dict[str, Any], after: int) -> Any:
+            if self.retired:
+                return totals
             counts = self.apply_snapshot(answer["bindings"])
             totals["accepted"] += counts["accepted"]
             totals["refused"] += counts["refused"]
@@ -550,7 +569,7 @@ class NotificationClient(PeerLink, Service):
         self,
         peer: Peer,
         endpoint: IStreamClientEndpoint,
-        material: TlsMaterial,
+        material: TlsMaterial | Credentials,
         gate: Gate,
         clock: IReactorTime,
         interval: int = 0,
@@ -618,7 +637,7 @@ class NotificationClient(PeerLink, Service):
         connected_at = self.connected_at if protocol is self.protocol else None
         lived = None if connected_at is None else self.clock.seconds() - connected_at
         state = self.machine.state
-        if protocol is self.protocol:
+        if protocol is self.protocol and not self.retired:
             for sub in self.gate.subscriptions.for_peer(self.peer.name):
                 sub.sub_id = None
         self.lost(protocol)

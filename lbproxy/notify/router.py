@@ -45,11 +45,12 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import (
     IReactorTime,
     IStreamClientEndpoint,
@@ -85,11 +86,13 @@ from lbproxy.notify.session import (
 from lbproxy.notify.subscriptions import KINDS, Subscription, Subscriptions
 from lbproxy.notify.tls import (
     CLIENT_AUTH,
+    Credentials,
     PeerRefused,
     TlsMaterial,
     check_terminal_certificate,
     dial_in_factory,
     peer_verdict,
+    untrusted,
 )
 
 log = Logger()
@@ -110,8 +113,11 @@ CONFIG_KEYS = {
 
 #: What the lifecycle counts (``Notifier.lifecycle``).
 LIFECYCLE = ("opened", "renewed", "ended", "lapsed", "restored", "resubscribed", "dialled_in",
-             "evicted")
-_COUNTED = ("opened", "renewed", "ended", "restored", "dialled_in", "evicted")
+             "evicted", "dropped")
+_COUNTED = ("opened", "renewed", "ended", "restored", "dialled_in", "evicted", "dropped")
+#: What reloads of ``[notify]`` count (``Notifier.reloads``).
+RELOADS = ("peers_added", "peers_removed", "peers_changed", "material_rotated",
+           "closed_untrusted")
 
 
 def _text(address: bytes | None) -> str | None:
@@ -144,9 +150,16 @@ class Notifier(MultiService):
         liveness: ITerminalLiveness | None = None,
         listen: IStreamServerEndpoint | None = None,
         max_dial_in: int | None = None,
+        terminals: Callable[[], Iterable[tuple[bytes, bool]]] | None = None,
     ) -> None:
         super().__init__()
         self.clock = clock
+        #: The TLS material in force, shared by every connection maker (a reload rotates it).
+        self.credentials = Credentials(material)
+        #: The terminals the balancer holds bindings for, as (address, is it a home
+        #: address): a peer added by a reload is asked about those it may speak for.
+        self.terminals = terminals
+        self._backoff = (initial_delay, max_delay, jitter)
         self.counters = RefusalCounters()
         self.subscriptions = Subscriptions(max_subscriptions, idle_lifetime)
         self.subscriptions.evicted = self._evicted
@@ -160,31 +173,18 @@ class Notifier(MultiService):
         self.handshake_timeout = handshake_timeout
         self.max_outstanding = max_outstanding
         self.lifecycle: Counter[str] = Counter(dict.fromkeys(_COUNTED, 0))
+        #: What reloads changed (:data:`RELOADS`).
+        self.reloads: Counter[str] = Counter(dict.fromkeys(RELOADS, 0))
         self.clients: dict[str, PeerLink] = {}
         self._terminals: dict[bytes, PeerLink] = {}
         self._home_agents: list[tuple[PeerLink, PrefixEntitlement]] = []
         self._dial_in: dict[str, DialInPeer] = {}
         self.max_dial_in = max_subscriptions if max_dial_in is None else max_dial_in
         for peer, endpoint in peers:
-            if peer.name.startswith(DIAL_IN_PREFIX):
-                raise ValueError(f"peer name {peer.name!r}: {DIAL_IN_PREFIX!r} names terminals "
-                                 "that dial in")  # fmt: skip
-            client = NotificationClient(
-                peer, endpoint, material, self.gate, clock, interval,
-                initial_delay, max_delay, jitter,
-                call_timeout=call_timeout,
-                handshake_timeout=handshake_timeout,
-                max_outstanding=max_outstanding,
-            )
-            client.setServiceParent(self)
-            self.clients[peer.name] = client
-            if peer.home is not None:
-                self._terminals[peer.home] = client
-            elif isinstance(peer.entitlement, PrefixEntitlement):
-                self._home_agents.append((client, peer.entitlement))
+            self._add_client(peer, endpoint)
         self.dial_in_server: DialInServer | None = None
         if listen is not None:
-            self.dial_in_server = DialInServer(self, listen, material)
+            self.dial_in_server = DialInServer(self, listen, self.credentials)
             self.dial_in_server.setServiceParent(self)
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = clock
@@ -193,6 +193,29 @@ class Notifier(MultiService):
         self.sweep_interval = (
             min(5.0, max(0.05, idle_lifetime / 4)) if sweep_interval is None else sweep_interval
         )
+
+    def _add_client(self, peer: Peer, endpoint: IStreamClientEndpoint) -> NotificationClient:
+        """A configured peer's client, made, registered and (when running) started."""
+        if peer.name.startswith(DIAL_IN_PREFIX):
+            raise ValueError(f"peer name {peer.name!r}: {DIAL_IN_PREFIX!r} names terminals "
+                             "that dial in")  # fmt: skip
+        if peer.name in self.clients:
+            raise ValueError(f"peer name {peer.name!r} is used twice")
+        initial_delay, max_delay, jitter = self._backoff
+        client = NotificationClient(
+            peer, endpoint, self.credentials, self.gate, self.clock, self.interval,
+            initial_delay, max_delay, jitter,
+            call_timeout=self.call_timeout,
+            handshake_timeout=self.handshake_timeout,
+            max_outstanding=self.max_outstanding,
+        )  # fmt: skip
+        client.setServiceParent(self)
+        self.clients[peer.name] = client
+        if peer.home is not None:
+            self._terminals[peer.home] = client
+        elif isinstance(peer.entitlement, PrefixEntitlement):
+            self._home_agents.append((client, peer.entitlement))
+        return client
 
     @classmethod
     def from_config(
@@ -341,7 +364,8 @@ class Notifier(MultiService):
         they expired, ended with nothing left of their terminal, lapsed (ended, and their
         terminal seen again within the idle lifetime), restored from the saved table,
         sent again on reconnections, terminals dialled in, probationary ones pushed out
-        of a full registry (evicted)."""
+        of a full registry (evicted), dropped with a peer a reload removed (or whose new
+        entitlement no longer covers them)."""
         counts = dict(self.lifecycle)
         counts["lapsed"] = self.subscriptions.lapsed
         counts["resubscribed"] = sum(link.resubscribed for link in self.clients.values())
@@ -399,6 +423,140 @@ class Notifier(MultiService):
             return "the registry is full or already follows it"
         self.lifecycle["restored"] += 1
         return None
+
+    # -- reload: peers added, removed, changed; TLS material rotated ------------------------
+
+    def add_peer(self, peer: Peer, endpoint: IStreamClientEndpoint) -> NotificationClient:
+        """A peer a reload added: dialled at once (when running), and asked about every
+        terminal the balancer follows or holds a binding for that it may speak for -- as
+        if each had just been seen (``peers_for``), the registry's bound respected."""
+        client = self._add_client(peer, endpoint)
+        self.reloads["peers_added"] += 1
+        self._ask_about_known(client)
+        return client
+
+    def remove_peer(self, name: str) -> Deferred[None]:
+        """A configured peer a reload removed: its connection closed (a TLS close_notify;
+        the agent ends that session's subscriptions with it) and its service stopped;
+        nothing it says from now on is believed; its subscriptions are dropped from the
+        registry (counted ``dropped``) and their terminals asked of the remaining peers
+        that may speak for them.  Fires when the connection is closed."""
+        client = self._retire(name)
+        homes = [sub.home for sub in self._drop(self.subscriptions.for_peer(name))
+                 if sub.home is not None]  # fmt: skip
+        self.reloads["peers_removed"] += 1
+        closed = maybeDeferred(client.disownServiceParent)
+        self._ask_others(homes)
+        return closed
+
+    def replace_peer(self, peer: Peer, endpoint: IStreamClientEndpoint) -> Deferred[None]:
+        """A configured peer whose settings a reload changed (endpoint, identity,
+        entitlement, interval): the old connection is closed and a new client dials with
+        the new settings.  Its subscriptions stay, sent again once the new connection is
+        verified, but those for homes the new entitlement does not allow, which are
+        dropped (counted) and asked of the other peers.  Fires when the old connection
+        is closed."""
+        old = self._retire(peer.name)
+        keep: list[Subscription] = []
+        drop: list[Subscription] = []
+        for sub in self.subscriptions.for_peer(peer.name):
+            (keep if sub.home is None or peer.entitlement.allows(sub.home) else drop).append(sub)
+        for sub in keep:
+            sub.sub_id = None  # the old connection's ids mean nothing to the new one
+        homes = [sub.home for sub in self._drop(drop) if sub.home is not None]
+        self.reloads["peers_changed"] += 1
+        closed = maybeDeferred(old.disownServiceParent)
+        self._ask_about_known(self._add_client(peer, endpoint))
+        self._ask_others(homes)
+        return closed
+
+    def use_material(self, material: TlsMaterial) -> dict[str, int]:
+        """Rotate the TLS material (a reload): connections made from now on present the new
+        certificate and trust the new CA.  Connections already up are kept -- the
+        certificate is only shown in the handshake, and with ephemeral key exchange the old
+        key protects nothing of them -- unless the CA changed: each is then checked
+        against the new CA (``tls.untrusted``), and one whose peer it would not accept is
+        closed and counted ``tls_failed`` (a configured peer is dialled again; the new
+        handshake decides).  Returns ``{"kept": n, "closed": m}``."""
+        ca_changed = not self.credentials.material.same_ca(material)
+        self.credentials.use(material)
+        self.reloads["material_rotated"] += 1
+        kept = closed = 0
+        if not ca_changed:
+            return {"kept": sum(1 for link in self.clients.values() if link.connected),
+                    "closed": 0}  # fmt: skip
+        for link in list(self.clients.values()):
+            protocol = link.protocol
+            if protocol is None or protocol.transport is None or not link.connected:
+                continue
+            why = untrusted(protocol.transport.getHandle(), material.ca)  # type: ignore[attr-defined]
+            if why is None:
+                kept += 1
+                continue
+            closed += 1
+            self.reloads["closed_untrusted"] += 1
+            link.refuse(Refusal.TLS_FAILED, f"after the CA changed: {why}")
+            protocol.transport.loseConnection()
+        return {"kept": kept, "closed": closed}
+
+    def _retire(self, name: str) -> NotificationClient:
+        """Take the configured peer ``name`` out of every index; it believes nothing more."""
+        client = self.clients.get(name)
+        if not isinstance(client, NotificationClient):
+            raise KeyError(f"no configured peer {name!r}")
+        del self.clients[name]
+        if client.peer.home is not None and self._terminals.get(client.peer.home) is client:
+            del self._terminals[client.peer.home]
+        self._home_agents = [(c, e) for c, e in self._home_agents if c is not client]
+        client.retired = True
+        return client
+
+    def _drop(self, subs: Iterable[Subscription]) -> list[Subscription]:
+        """Forget subscriptions whose peer went (or may no longer speak for them)."""
+        dropped = list(subs)
+        for sub in dropped:
+            self.subscriptions.remove(sub)
+            self.lifecycle["dropped"] += 1
+        return dropped
+
+    def _ask_others(self, homes: Iterable[bytes]) -> None:
+        """Ask the peers that may speak for ``homes`` (now) about them."""
+        now = self.clock.seconds()
+        for home in dict.fromkeys(homes):
+            for link in self.peers_for(home, True):
+                self._subscribe(link, home, "hoa", now)
+
+    def _ask_about_known(self, client: PeerLink) -> int:
+        """Subscribe ``client`` to the known terminals it is one of the peers for: the
+        registry's homes and care-of-only subscriptions, and (``terminals``) the table's
+        bindings; stops when the registry is full.  Returns how many were opened."""
+        homes: dict[bytes, None] = {}
+        care_ofs: dict[bytes, None] = {}
+        for sub in self.subscriptions:
+            if sub.home is not None:
+                homes[sub.home] = None
+            else:
+                care_ofs[sub.address] = None
+        if self.terminals is not None:
+            for address, is_home in self.terminals():
+                (homes if is_home else care_ofs)[address] = None
+        now = self.clock.seconds()
+        opened = 0
+        known = [(h, True) for h in homes] + [(c, False) for c in care_ofs]
+        for address, is_home in known:
+            if len(self.subscriptions) >= self.subscriptions.max_entries:
+                break
+            if (self.addresses.home if is_home else self.addresses.care_of)(address) is not None:
+                continue
+            if not is_home and any(s.home is not None
+                                   for s in self.subscriptions.following(address)):  # fmt: skip
+                continue  # followed by its home already
+            if client not in self.peers_for(address, is_home):
+                continue
+            before = len(self.subscriptions)
+            self._subscribe(client, address, "hoa" if is_home else "coa", now)
+            opened += len(self.subscriptions) - before
+        return opened
 
     # -- terminals that dial in -----------------------------------------------------------
 
@@ -493,6 +651,7 @@ class Notifier(MultiService):
                 "listed": listing,
             },
             "lifecycle": self.lifecycle_counts(),
+            "reloads": {k: self.reloads[k] for k in RELOADS},
             "notifications": {"accepted": self.counters.accepted,
                               "refreshed": self.counters.refreshed},
             "refused": {reason.value: n for reason, n in self.counters.counts.items()},
@@ -534,6 +693,9 @@ def format_report(report: dict[str, Any]) -> str:
                      f" expires in {s['expires_in']:.1f}s")  # fmt: skip
     life = report["lifecycle"]
     lines.append("lifecycle: " + " ".join(f"{k} {v}" for k, v in life.items()))
+    reloads = report.get("reloads") or {}
+    if any(reloads.values()):
+        lines.append("reloads: " + " ".join(f"{k} {v}" for k, v in reloads.items()))
     n = report["notifications"]
     lines.append(f"notifications: accepted {n['accepted']}, re-registrations {n['refreshed']}")
     refused = {k: v for k, v in report["refused"].items() if v}
@@ -578,7 +740,7 @@ class DialInServer(Service):
         self,
         notifier: Notifier,
         endpoint: IStreamServerEndpoint,
-        material: TlsMaterial,
+        material: TlsMaterial | Credentials,
         max_unverified: int = 1024,
     ) -> None:
         self.notifier = notifier

@@ -101,6 +101,31 @@ class TlsMaterial:
             Path(ca).read_bytes(), Path(certificate).read_bytes(), Path(key).read_bytes()
         )
 
+    def same_as(self, other: TlsMaterial) -> bool:
+        """The same CA, certificate and key (the same files read twice)."""
+        return (self.ca.dump(), self.own.dump(), self.own.privateKey.dump()) == (
+            other.ca.dump(), other.own.dump(), other.own.privateKey.dump())
+
+    def same_ca(self, other: TlsMaterial) -> bool:
+        """The same CA certificate."""
+        return bool(self.ca.dump() == other.ca.dump())
+
+
+class Credentials:
+    """The TLS material in force, shared by every connection maker of one party, so that a
+    reload can rotate it (`lbproxy.notify.reload`): connections made after `use` present
+    the new certificate and trust the new CA; connections already up keep the context
+    they were made with (the certificate is only shown in the handshake)."""
+
+    def __init__(self, material: TlsMaterial) -> None:
+        self.material = material
+        self.rotations = 0  # times `use` changed the material
+
+    def use(self, material: TlsMaterial) -> None:
+        """From now on, new connections use ``material``."""
+        self.material = material
+        self.rotations += 1
+
 
 @attrs.frozen
 class Verdict:
@@ -244,6 +269,26 @@ def peer_verdict(
         return Verdict(None, Refusal.WRONG_IDENTITY, f"cannot read the certificate: {e}")
 
 
+def untrusted(connection: SSL.Connection, ca: ssl.Certificate) -> str | None:
+    """Why ``ca`` would not accept the certificate the peer of ``connection`` presented
+    (chain and validity dates; the identity and role are unchanged), or None: after the CA
+    changed, the connections verified under the old one are checked again with this."""
+    from OpenSSL import crypto
+
+    try:
+        peer = connection.get_peer_certificate()
+        if peer is None:
+            return "no peer certificate"
+        store = crypto.X509Store()
+        store.add_cert(ca.original)
+        crypto.X509StoreContext(store, peer).verify_certificate()
+    except crypto.X509StoreContextError as e:
+        return f"not trusted by the new CA ({e})"
+    except Exception as e:  # fail closed
+        return f"cannot check the certificate: {e}"
+    return None
+
+
 def _verify_callback(
     protocol: TLSMemoryBIOProtocol, check: Check
 ) -> Callable[[SSL.Connection, Any, int, int, int], bool]:
@@ -290,7 +335,7 @@ class VerifyingOptions:
 
     def __init__(
         self,
-        material: TlsMaterial,
+        material: TlsMaterial | Credentials,
         names: Sequence[str],
         usage: ObjectIdentifier,
         addresses: Sequence[bytes] = (),
@@ -301,12 +346,23 @@ class VerifyingOptions:
         self.addresses = tuple(addresses)
         self.check: Check = check if check is not None else (
             lambda cert: check_certificate(cert, self.names, self.usage, self.addresses))
-        self.options = ssl.CertificateOptions(
-            privateKey=material.own.privateKey.original,
-            certificate=material.own.original,
-            trustRoot=material.ca,
-            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        self.credentials = (
+            material if isinstance(material, Credentials) else Credentials(material)
         )
+        self._built: tuple[TlsMaterial, ssl.CertificateOptions] | None = None
+
+    @property
+    def options(self) -> ssl.CertificateOptions:
+        """The OpenSSL options for the material in force (made again after a rotation)."""
+        material = self.credentials.material
+        if self._built is None or self._built[0] is not material:
+            self._built = (material, ssl.CertificateOptions(
+                privateKey=material.own.privateKey.original,
+                certificate=material.own.original,
+                trustRoot=material.ca,
+                raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+            ))  # fmt: skip
+        return self._built[1]
 
     def _verifying(self, connection: SSL.Connection, tls: TLSMemoryBIOProtocol) -> SSL.Connection:
         connection.set_verify(
@@ -323,7 +379,7 @@ class VerifyingOptions:
 
 
 def client_factory(
-    material: TlsMaterial,
+    material: TlsMaterial | Credentials,
     identity: str | Sequence[str],
     factory: IProtocolFactory,
     addresses: Sequence[bytes] = (),
@@ -339,7 +395,7 @@ def client_factory(
 
 
 def server_factory(
-    material: TlsMaterial,
+    material: TlsMaterial | Credentials,
     factory: IProtocolFactory,
     allowed: Sequence[str],
     clock: IReactorTime | None = None,
@@ -351,7 +407,9 @@ def server_factory(
 
 
 def dial_in_factory(
-    material: TlsMaterial, factory: IProtocolFactory, clock: IReactorTime | None = None
+    material: TlsMaterial | Credentials,
+    factory: IProtocolFactory,
+    clock: IReactorTime | None = None,
 ) -> TLSMemoryBIOFactory:
     """``factory`` wrapped in server TLS for terminal agents that dial in: a certificate
     from the CA with ``clientAuth`` and exactly one IPv6 iPAddress SAN, the terminal's

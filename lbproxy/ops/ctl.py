@@ -2,7 +2,7 @@
 
 Scripts and operators who do not want a Python console need the same verbs as
 the manhole (show, trace, move, forget, weight, drain, undrain, backends, stats, info,
-reload), as HAProxy's runtime API gives them.  The socket is the access control: it is
+journey, reload), as HAProxy's runtime API gives them.  The socket is the access control: it is
 created mode 0600, so only its owner (root, or the service's user) can speak to it, in a
 directory that is created mode 0700 when missing.  An existing directory is never
 changed: it is refused when it belongs to another user or others may write to it (they
@@ -40,6 +40,8 @@ notify    peer, limit (optional; 100 by default)       peers, states, subscripti
                                                        reports, refusals by reason
 fleet     key                                          the key as this balancer, the fleet's
                                                        store and Maglev see it
+journey   key                                          the terminal's journey: identities,
+                                                       backend, events (packets as hex)
 reload    -                                            {"applied": [...], "restart": [...],
                                                        "ignored": [...], "failed": [...],
                                                        "summary": text}
@@ -89,6 +91,8 @@ from lbproxy.ops.control import (
     format_rows,
     format_stats,
 )
+from lbproxy.ops.journeyview import format_journey, journey_frames, journey_svg
+from lbproxy.ops.pcapng import write_pcapng
 from lbproxy.preflight import make_private_directories
 
 DEFAULT_SOCKET = "/run/lbproxy/control.sock"
@@ -213,6 +217,7 @@ COMMANDS: dict[str, Command] = {
         peer=_str_arg(request.args, "peer", required=False),
     ),
     "fleet": lambda request: request.control.fleet_view(_str_arg(request.args, "key") or ""),
+    "journey": lambda request: request.control.journey(_str_arg(request.args, "key") or ""),
     "reload": _reload,
 }
 
@@ -518,6 +523,12 @@ def _parser() -> argparse.ArgumentParser:
     notify.add_argument("--limit", type=int, default=100, help="dialled-in terminals shown")
     fleet = sub.add_parser("fleet", help="a key as this balancer, the fleet and Maglev see it")
     fleet.add_argument("key", nargs="+", help='key, e.g. "addr 2001:db8::16"')
+    journey = sub.add_parser("journey", help="a terminal's journey: events, capture, picture")
+    journey.add_argument("key", nargs="+", help='any identity of the terminal, as show prints '
+                                                'it, e.g. "addr 2001:db8::16"')
+    journey.add_argument("--pcap", metavar="FILE",
+                         help="also write it as pcap-ng (events as comments) for Wireshark")
+    journey.add_argument("--svg", metavar="FILE", help="also draw it as an SVG picture")
     sub.add_parser("reload", help="re-read the configuration")
     return parser
 
@@ -547,7 +558,7 @@ def _request_args(options: argparse.Namespace, stdin: IO[str]) -> dict[str, Any]
         if options.peer is not None:
             args["peer"] = options.peer
         return args
-    if command == "fleet":
+    if command in ("fleet", "journey"):
         return {"key": " ".join(options.key)}
     return {}
 
@@ -589,6 +600,8 @@ def render(command: str, result: Any) -> str:
         return format_backends(result)
     if command == "stats":
         return format_stats(result)
+    if command == "journey":
+        return format_journey(result)
     if command == "reload":
         if isinstance(result, Mapping):
             return f"reloaded: {result.get('summary')}"
@@ -620,11 +633,35 @@ def main(
     except CommandError as exc:
         err.write(f"lbproxyctl: {options.command}: {exc}\n")
         return 1
+    if options.command == "journey":
+        try:
+            written = _journey_files(options, result)
+        except OSError as exc:
+            err.write(f"lbproxyctl: journey: cannot write {exc.filename}: "
+                      f"{exc.strerror or exc}\n")
+            return 1
     if options.json:
         out.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
     else:
         out.write(render(options.command, result) + "\n")
+        if options.command == "journey":
+            out.writelines(f"wrote {path}\n" for path in written)
     return 0
+
+
+def _journey_files(options: argparse.Namespace, result: Mapping[str, Any]) -> list[str]:
+    """Write the journey's pcap-ng and SVG files the options ask for; their paths."""
+    written = []
+    if options.pcap:
+        with open(options.pcap, "wb") as f:
+            write_pcapng(f, journey_frames(result), application=f"lbproxyctl {__version__}",
+                         interface="lbproxy journey")
+        written.append(options.pcap)
+    if options.svg:
+        with open(options.svg, "w", encoding="utf-8") as f:
+            f.write(journey_svg(result))
+        written.append(options.svg)
+    return written
 
 
 if __name__ == "__main__":

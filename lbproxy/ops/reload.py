@@ -26,14 +26,18 @@ interfaces                     ``interfaces.*``                 needs a restart
 mode, lifetime, max_entries,   ``balancer.*``                   needs a restart
 sweep_interval, batch,
 link_send, offload
-notifications                  ``[notify]``                     needs a restart
+notifications: peers, TLS      ``notify.peer``, ``notify.ca``,  applies (`NOTIFY_FIELDS`;
+material                       ``.certificate``, ``.key``       `lbproxy.notify.reconfigure`)
+notifications: the rest        ``notify.*``                     needs a restart
 the fleet                      ``[fleet]``                      needs a restart
 log format                     ``logging.format``               needs a restart
 =============================  ===============================  ======================
 
-``[notify]`` needs a restart because the notification service (`lbproxy.notify.router`)
-offers no way to change its peers or TLS material while it runs; ``[fleet]`` because the
-fleet service (`lbproxy.fleet`) offers none to change its store or name.
+``[notify]`` is applied key by key (`NOTIFY_FIELDS`): its peers and TLS material change
+while the notifier runs; its limits, deadlines, address rules and dial-in listener are
+built into the running registry, gate and sessions, so they need a restart, as does
+switching notifications on or off.  ``[fleet]`` needs a restart because the fleet service
+(`lbproxy.fleet`) offers no way to change its store or name.
 """
 
 from __future__ import annotations
@@ -44,22 +48,27 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 if TYPE_CHECKING:
-    from lbproxy.config import BackendConfig, Config
+    from lbproxy.config import BackendConfig, Config, NotifyConfig
 
 __all__ = [
     "APPLIES",
     "FIELDS",
+    "NOTIFY_FIELDS",
+    "PARTLY",
     "RESTART",
     "Field",
     "ReloadRefusedError",
     "ReloadReport",
     "backend_changes",
     "differences",
+    "notify_differences",
+    "pending",
     "restart_fields",
 ]
 
 APPLIES = "applies"
 RESTART = "restart"
+PARTLY = "partly"  # a section some of whose keys apply, the others needing a restart
 
 
 @attrs.frozen
@@ -96,12 +105,13 @@ FIELDS: tuple[Field, ...] = tuple(
         ("offload", "balancer.offload", RESTART),
         ("correspondent", "correspondent", RESTART),
         ("health", "health", APPLIES),
-        ("notify", "notify", RESTART),
+        ("notify", "notify", PARTLY),
         ("fleet", "fleet", RESTART),
         ("manhole_endpoint", "manhole.endpoint", APPLIES),
         ("manhole_authorized_keys", "manhole.authorized_keys", APPLIES),
         ("manhole_host_key", "manhole.host_key", APPLIES),
         ("control_socket", "control.socket", APPLIES),
+        ("journeys", "control.journeys", RESTART),
         ("metrics_endpoint", "metrics.endpoint", APPLIES),
         ("persistence_path", "persistence.path", APPLIES),
         ("persistence_interval", "persistence.interval", APPLIES),
@@ -109,6 +119,60 @@ FIELDS: tuple[Field, ...] = tuple(
         ("logging_format", "logging.format", RESTART),
     )
 )
+
+
+#: ``[notify]``, key by key: the fields of `lbproxy.config.NotifyConfig` (a test checks
+#: that none is missing).  Switching notifications on or off needs a restart for all.
+NOTIFY_FIELDS: tuple[Field, ...] = tuple(
+    Field(name, "notify." + key, action)
+    for name, key, action in (
+        ("enabled", "enabled", RESTART),
+        ("ca", "ca", APPLIES),
+        ("certificate", "certificate", APPLIES),
+        ("key", "key", APPLIES),
+        ("peers", "peer", APPLIES),
+        ("max_subscriptions", "max_subscriptions", RESTART),
+        ("forbidden_prefixes", "forbidden_prefixes", RESTART),
+        ("care_of_prefixes", "care_of_prefixes", RESTART),
+        ("allow_unique_local", "allow_unique_local", RESTART),
+        ("call_timeout", "call_timeout", RESTART),
+        ("handshake_timeout", "handshake_timeout", RESTART),
+        ("max_outstanding", "max_outstanding", RESTART),
+        ("interval", "interval", RESTART),
+        ("idle_lifetime", "idle_lifetime", RESTART),
+        ("listen", "listen", RESTART),
+        ("max_dial_in", "max_dial_in", RESTART),
+    )
+)
+
+
+def notify_differences(running: NotifyConfig, new: NotifyConfig) -> list[Field]:
+    """The ``[notify]`` keys whose value differs, each with what a reload does with it
+    (all need a restart when ``enabled`` changes)."""
+    names = {a.name for a in attrs.fields(type(running))}
+    found = [f for f in NOTIFY_FIELDS
+             if f.name in names and getattr(running, f.name) != getattr(new, f.name)]
+    if running.enabled != new.enabled:
+        return [attrs.evolve(f, action=RESTART) for f in found]
+    return found
+
+
+def _notify_in_force(running: NotifyConfig, new: NotifyConfig) -> NotifyConfig:
+    """``[notify]`` after a reload: ``new``'s keys that apply, ``running``'s others."""
+    return attrs.evolve(running, **{f.name: getattr(new, f.name)
+                                    for f in notify_differences(running, new)
+                                    if f.action == APPLIES})  # fmt: skip
+
+
+def pending(running: Config, disk: Config) -> tuple[list[str], list[str]]:
+    """The keys of ``disk`` that differ from what runs: (needing a restart, a reload)."""
+    restart: list[str] = []
+    reload: list[str] = []
+    for f in differences(running, disk):
+        fields = notify_differences(running.notify, disk.notify) if f.action == PARTLY else [f]
+        for part in fields:
+            (restart if part.action == RESTART else reload).append(part.key)
+    return restart, reload
 
 
 def _fields(config: Config) -> list[Field]:
@@ -125,7 +189,10 @@ def differences(running: Config, new: Config) -> list[Field]:
 def restart_fields(running: Config, new: Config) -> dict[str, Any]:
     """``new``'s fields that a reload cannot apply, set back to ``running``'s: what is
     in force after a reload (``attrs.evolve(new, **restart_fields(running, new))``)."""
-    return {f.name: getattr(running, f.name) for f in _fields(running) if f.action == RESTART}
+    kept = {f.name: getattr(running, f.name) for f in _fields(running) if f.action == RESTART}
+    if any(f.name == "notify" for f in _fields(running)):
+        kept["notify"] = _notify_in_force(running.notify, new.notify)
+    return kept
 
 
 def _health_text(b: BackendConfig) -> str:
