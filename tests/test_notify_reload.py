@@ -33,6 +33,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lbproxy.config import ConfigError, load_config
 from lbproxy.core.keys import Key
+from lbproxy.notify import commands as c
 from lbproxy.notify.agent import NotificationAgent
 from lbproxy.notify.cache import BindingCache
 from lbproxy.notify.client import NotificationClient, Peer
@@ -284,6 +285,40 @@ class NotifierRotationTests(TestCase):
         self.assertEqual(outcome, {"kept": 1, "closed": 0})
         self.assertEqual(list(agent.agent.sessions), [session])
         self.assertTrue(client.connected)
+        self.assertEqual(notifier.counters.total(), 0)
+
+
+class NotifierPeerTests(TestCase):
+    """Notifier.remove_peer over TLS on loopback: a removed peer is believed no more."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_removed_peer_is_not_believed_while_its_connection_closes(self) -> Any:
+        agent = HomeAgent(self, HA1, P1)
+        agent.cache.update(HOME1, COA1, 1, 400, reactor.seconds())
+        listener = RecordingListener()
+        peer = Peer.home_agent("ha1", "ha1.test", [P1])
+        notifier = Notifier([(peer, TCP4ClientEndpoint(reactor, "127.0.0.1", agent.number))],
+                            CA.material(LB_A), listener, reactor)  # fmt: skip
+        notifier.startService()
+        self.addCleanup(notifier.stopService)
+        client = notifier.clients["ha1"]
+        notifier.terminal_seen(HOME1, home=True)
+        yield wait_until(lambda: len(listener.changes) == 1)
+        protocol = client.protocol
+        assert protocol is not None
+        closed = notifier.remove_peer("ha1")
+        # Still open this turn: what it says now changes nothing.
+        with self.assertRaises(c.OutOfOrder):
+            protocol.binding_changed(HOME1, COA1, COA2, 2, 400)
+        self.assertEqual(len(listener.changes), 1)
+        self.assertEqual(notifier.subscriptions.for_peer("ha1"), [])
+        self.assertEqual(notifier.lifecycle_counts()["dropped"], 1)
+        self.assertEqual(notifier.report()["reloads"]["peers_removed"], 1)
+        yield closed
+        yield wait_until(lambda: not agent.agent.sessions)
+        self.assertNotIn("ha1", notifier.clients)
         self.assertEqual(notifier.counters.total(), 0)
 
 
