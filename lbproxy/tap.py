@@ -42,6 +42,8 @@ from lbproxy.fleet.service import FleetCollector, FleetService
 from lbproxy.io.forwarder import ForwarderService
 from lbproxy.io.rawsocket import IPacketSystem, LinuxPacketSystem
 from lbproxy.notify.adapter import TableListener
+from lbproxy.notify.reconfigure import NotifyChange
+from lbproxy.notify.reconfigure import prepare as prepare_notify
 from lbproxy.notify.router import Notifier
 from lbproxy.ops import logs
 from lbproxy.ops.audit import audit
@@ -54,12 +56,15 @@ from lbproxy.ops.persistence import TablePersistence, remove_orphans
 from lbproxy.ops.reload import (
     APPLIES,
     FIELDS,
+    PARTLY,
     RESTART,
     Field,
     ReloadRefusedError,
     ReloadReport,
     backend_changes,
     differences,
+    notify_differences,
+    pending,
     restart_fields,
 )
 from lbproxy.ops.systemd import for_balancer as systemd_service
@@ -190,6 +195,7 @@ class BalancerService(MultiService):
                               else self.balancer.return_paths,  # fleet: confirmations shared
                               journeys=self.balancer.journeys),
                 local=lambda: self.balancer.policy,  # care-of addresses: not VIPs, backends, us
+                terminals=self._known_terminals,  # asked of a peer a reload adds (notify)
             )
             self.notifier.setServiceParent(self)
             self.balancer.terminal_seen = self._terminal_seen
@@ -264,6 +270,12 @@ class BalancerService(MultiService):
             extra=[FleetCollector(self.fleet)] if self.fleet is not None else [],
         )
 
+    def _known_terminals(self) -> list[tuple[bytes, bool]]:
+        """The table's address bindings, for a notify peer a reload adds: (address, is it a
+        home address -- a binding made with a Home Address option records a care-of)."""
+        return [(key.value, binding.care_of is not None)
+                for key, binding in self.balancer.table if key.kind == "addr"]  # fmt: skip
+
     def _terminal_seen(self, home: bytes | None, source: bytes) -> None:
         """A terminal's first packet: subscribe to its care-of address changes (claims 5, 6)."""
         if self.notifier is None:
@@ -325,6 +337,7 @@ class BalancerService(MultiService):
             new = load_config(running.path)
             changed = differences(running, new)
             notes = self._check(new, changed)
+            notify_change = self._notify_change(running, new)
         except ValueError as e:
             _log.error("reload refused, the running configuration stays ({who}): {error}",
                        who=who, error=e)  # fmt: skip
@@ -338,6 +351,14 @@ class BalancerService(MultiService):
         for f in changed:
             if f.action == RESTART:
                 restart.append(f.key + (f" ({notes[f.key]})" if f.key in notes else ""))
+            elif f.action == PARTLY:  # [notify], key by key (reload.NOTIFY_FIELDS)
+                for part in notify_differences(running.notify, new.notify):
+                    if part.action == RESTART:
+                        restart.append(part.key)
+                    elif notify_change is None:  # notify is off, or nothing to do
+                        applied.append(part.key)
+        if notify_change is not None and self.notifier is not None:
+            applied += notify_change.apply(self.notifier)[0]
         balancer = self.balancer
         if "backends" in names:
             overridden = self.weights.configure(backends_from(new))
@@ -415,14 +436,28 @@ class BalancerService(MultiService):
         notes: dict[str, str] = {}
         for problem in preflight.check_balancer(new, self.host):
             section = problem.key.split(".", 1)[0].split("[", 1)[0]
-            if section in applies and section in _LISTENING_SECTIONS:
-                refused.append(problem)
+            if (section in applies and section in _LISTENING_SECTIONS) or (
+                    problem.key in _NOTIFY_TLS and self.notifier is not None
+                    and new.notify.enabled):  # fmt: skip
+                refused.append(problem)  # notify: its TLS files are read on every reload
             for key in restarts:
                 if problem.key == key or problem.key.startswith(key + "."):
                     notes[key] = f"a restart would fail: {problem.reason}"
         if refused:
             raise ReloadRefusedError(refused)
         return notes
+
+    def _notify_change(self, running: Config, new: Config) -> NotifyChange | None:
+        """What the reload changes in the running notifier (peers, TLS material, read
+        again even from unchanged paths); refused whole (`ReloadRefusedError`) when the
+        new ``[notify]`` cannot be used (lbproxy.notify.reconfigure)."""
+        if self.notifier is None or not (running.notify.enabled and new.notify.enabled):
+            return None
+        found = prepare_notify(self.notifier, running.notify, new.notify, new.path,
+                               self.reactor)  # fmt: skip
+        if not isinstance(found, NotifyChange):
+            raise ReloadRefusedError(found)
+        return None if found.empty else found
 
     def _replace_persistence(self, new: Config) -> None:
         """Save to the new path, at the new interval, from now on: the old service
@@ -511,9 +546,7 @@ class BalancerService(MultiService):
         except ValueError as e:
             out["config_error"] = str(e)
             return out
-        changed = differences(self.config, disk)
-        out["pending_restart"] = [f.key for f in changed if f.action == RESTART]
-        out["pending_reload"] = [f.key for f in changed if f.action == APPLIES]
+        out["pending_restart"], out["pending_reload"] = pending(self.config, disk)  # notify
         return out
 
     def startService(self) -> None:
@@ -534,6 +567,7 @@ class BalancerService(MultiService):
 
 
 _LISTENING_SECTIONS = frozenset({"manhole", "control", "metrics", "persistence"})
+_NOTIFY_TLS = frozenset({"notify.ca", "notify.certificate", "notify.key"})
 
 
 def _probed(config: Config) -> list[tuple[str, str, str, int, str]]:
