@@ -128,7 +128,7 @@ name = "b"
 address = "2001:db8:b0::11"
 """
 
-BUILT_IN_STRATEGIES = "hoa, iid, spi, ike, src"
+BUILT_IN_STRATEGIES = "hoa, iid, spi, ike, src, quic"
 BUILT_IN_SCHEDULERS = "round_robin, weighted_round_robin, least_loaded, maglev"
 
 
@@ -213,7 +213,8 @@ class PluginStrategyTests(EntryPointTestCase):
         KeyChain.from_names(["hoa", "src"])
         self.assertNotIn("lbproxy_testkey", sys.modules)
         self.assertEqual(
-            known_strategies(), ("hoa", "iid", "spi", "ike", "src", "testflow", "testflow-opt")
+            known_strategies(),
+            ("hoa", "iid", "spi", "ike", "src", "quic", "testflow", "testflow-opt"),
         )
         module = sys.modules["lbproxy_testkey"]
         self.assertEqual(scheduler_names()[-1], "testlast")
@@ -235,12 +236,12 @@ class PluginStrategyTests(EntryPointTestCase):
     def test_unknown_name(self) -> None:
         """An unknown name is a ConfigError in the file: key: reason form, listing every
         registered strategy, entry points included."""
-        path = self.write_config('["quic", "src"]')
+        path = self.write_config('["flowlabel", "src"]')
         with self.assertRaises(ConfigError) as caught:
             load_config(path)
         self.assertEqual(
             str(caught.exception),
-            f"{path}: balancer.key_chain: 'quic' is not a registered key strategy "
+            f"{path}: balancer.key_chain: 'flowlabel' is not a registered key strategy "
             f"(registered: {BUILT_IN_STRATEGIES}, testflow, testflow-opt)",
         )
 
@@ -276,7 +277,7 @@ class BrokenEntryPointTests(EntryPointTestCase):
         with capturedLogs() as events:
             names = known_strategies()
             known_strategies()  # read once: no second round of warnings
-        self.assertEqual(names, ("hoa", "iid", "spi", "ike", "src"))
+        self.assertEqual(names, ("hoa", "iid", "spi", "ike", "src", "quic"))
         logged = warnings(list(events))
         self.assertEqual(len(logged), 6, logged)
         expect = {

@@ -57,7 +57,13 @@ from lbproxy.core.correspondent import Correspondent
 from lbproxy.core.counters import Counters
 from lbproxy.core.fragments import FragmentFlows, flow_id
 from lbproxy.core.journey import Journeys
-from lbproxy.core.keys import HomeAddressStrategy, IKeyStrategy, Key, KeyChain
+from lbproxy.core.keys import (
+    HomeAddressStrategy,
+    IKeyStrategy,
+    INamedKeyStrategy,
+    Key,
+    KeyChain,
+)
 from lbproxy.core.policy import Policy, build_policy
 from lbproxy.core.returnpaths import ReturnPaths
 from lbproxy.core.selection import Backend, IScheduler
@@ -112,6 +118,11 @@ def _chain_reason(chain: KeyChain) -> str | None:
     return f"key chain starts with {getattr(first, 'kind', type(first).__name__)!r}, not 'hoa'"
 
 
+def _named_strategies(chain: KeyChain) -> dict[IKeyStrategy, Callable[[Key], str | None]]:
+    """The chain's strategies whose keys name their backend, with how to read the name."""
+    return {s: s.backend_name for s in chain.strategies if INamedKeyStrategy.providedBy(s)}
+
+
 class Balancer:
     """The balancer's decisions over bytes, and the general path that executes them."""
 
@@ -158,6 +169,7 @@ class Balancer:
         self._vip_of: dict[bytes, bytes] = {}
         # What the policy is built from.
         self._chain = chain
+        self._named = _named_strategies(chain)
         self._vips: tuple[ipaddress.IPv6Address, ...] = ()
         self._ports: frozenset[int] = frozenset()
         self._backends: tuple[Backend, ...] = ()
@@ -207,6 +219,7 @@ class Balancer:
     @chain.setter
     def chain(self, chain: KeyChain) -> None:
         self._chain = chain
+        self._named = _named_strategies(chain)
         self._publish()
 
     @property
@@ -365,6 +378,8 @@ class Balancer:
         with a Home Address Option whose source is already the winner's care-of address
         has nothing new to link (the steady state, which the fast path serves).
         """
+        if self._named:
+            return self._backend_for_named(buf, view)
         table = self.table
         now = self.clock.seconds()
         peek = table.peek
@@ -421,6 +436,135 @@ class Balancer:
         self.counters.conflicts[kind] += 1
         if self.journeys is not None:  # the journey says which identity conflicted
             self.journeys.conflict(winner, key)
+
+    def _backend_for_named(self, buf: bytearray, view: PacketView) -> Backend | None:
+        """`backend_for` for a chain with strategies whose keys name their backend
+        (`INamedKeyStrategy`: a QUIC-LB server ID).  The same walk in chain order, with
+        one more kind of winner: a named key whose backend may take packets wins as a
+        live binding would, and is itself neither bound nor linked (it names a backend,
+        not a terminal; every balancer reads it alike).  The packet's other identities
+        follow that backend: those without a binding are bound to it (the first) and
+        linked (the rest), so the terminal's packets without the key -- another
+        connection, plain UDP or TCP -- find the same backend; one bound elsewhere stays
+        there and is a counted conflict.  Kept apart so that chains without such a
+        strategy pay nothing for it."""
+        table = self.table
+        now = self.clock.seconds()
+        peek = table.peek
+        source = bytes(buf[8:24])
+        hao = view.hoa >= 0
+        named = self._named
+        winner: Binding | None = None
+        chosen: Backend | None = None  # the backend a named key chose
+        chosen_by = ""
+        found: list[tuple[Key, IKeyStrategy]] = []
+        for strategy in self._chain.strategies:
+            key = strategy.key_for(buf, view)
+            if key is None:
+                continue
+            resolve = named.get(strategy)
+            if resolve is not None:
+                if winner is None and chosen is None:
+                    chosen = self._named_backend(resolve(key))
+                    chosen_by = strategy.kind
+                continue
+            if winner is None and chosen is None:
+                b = peek(key)
+                if b is not None and b.expires > now:
+                    winner = self._hit(b, key, strategy.kind, now)
+                    if winner is None:
+                        return None  # dropped, counted
+                    if hao and winner.care_of == source:
+                        return winner.backend  # nothing new: the steady state
+            found.append((key, strategy))
+        if chosen is not None:
+            self.counters.hits[chosen_by] += 1
+            winner = self._follow(chosen, found, source, now)
+            if winner is not None and hao and winner.care_of != source:
+                if self.journeys is not None:
+                    self.journeys.care_of_changed(winner, winner.care_of, source, buf, now)
+                winner.care_of = source
+            return chosen
+        if not found:
+            self.counters.drop("no-key")
+            return None
+        if winner is None:
+            table.stats.misses += 1
+            key, strategy = found[0]
+            home = bytes(buf[view.hoa : view.hoa + 16]) if hao else None
+            winner = self.bind(key, strategy.kind, home, source)
+            if winner is None:
+                return None
+            for key, strategy in found:
+                if not table.link(winner, key, now):
+                    self._named_conflict(winner, key, strategy.kind)
+            if hao:
+                winner.care_of = source
+            if self.journeys is not None:  # a miss: the journey keeps its first packet
+                self.journeys.first_packet(winner, source, buf, now)
+            return winner.backend
+        for key, strategy in found:
+            if not table.link(winner, key, now):
+                self._named_conflict(winner, key, strategy.kind)
+        if hao:
+            # Only a care-of address the binding had not seen gets here (the steady
+            # state returned above): the journey records the move with its packet.
+            if self.journeys is not None:
+                self.journeys.care_of_changed(winner, winner.care_of, source, buf, now)
+            winner.care_of = source
+        return winner.backend
+
+    def _named_conflict(self, winner: Binding, key: Key, kind: str) -> None:
+        """`key`, found by the strategy `kind`, has a binding of its own: counted, and
+        told to the winner's journey."""
+        self.counters.conflicts[kind] += 1
+        if self.journeys is not None:
+            self.journeys.conflict(winner, key)
+
+    def _named_backend(self, name: str | None) -> Backend | None:
+        """The backend a named key names, if it may take packets."""
+        policy = self.policy
+        backend = policy.backends.get(name) if name is not None else None
+        if backend is None or not policy.usable(backend):
+            return None
+        return backend
+
+    def _follow(
+        self,
+        chosen: Backend,
+        found: list[tuple[Key, IKeyStrategy]],
+        source: bytes,
+        now: float,
+    ) -> Binding | None:
+        """The packet's identities (`found`) follow the backend a named key chose: the
+        first with a live binding to it is refreshed, else the first without one is
+        bound to it; the others are linked.  Returns that binding (None: there was
+        nothing to bind, or the table refused it -- the packet goes to `chosen` anyway)."""
+        table = self.table
+        anchor: Binding | None = None
+        for key, _ in found:
+            b = table.peek(key)
+            if b is not None and b.expires > now and b.backend == chosen:
+                anchor = b
+                table.refresh(b, now)
+                break
+        if anchor is None:
+            for key, _ in found:
+                b = table.peek(key)
+                if b is None or b.expires <= now:
+                    anchor = table.insert(key, chosen, source=source)
+                    if anchor is not None and self.terminal_seen is not None:
+                        self.terminal_seen(None, source)
+                    break
+        for key, strategy in found:
+            if anchor is not None:
+                if not table.link(anchor, key, now):
+                    self._named_conflict(anchor, key, strategy.kind)
+            else:
+                b = table.peek(key)
+                if b is not None and b.expires > now and b.backend != chosen:
+                    self.counters.conflicts[strategy.kind] += 1
+        return anchor
 
     def _hit(self, b: Binding, key: Key, kind: str, now: float) -> Binding | None:
         """The winning binding `b` (found by `key`, of the strategy `kind`): refreshed,
@@ -655,12 +799,22 @@ class Balancer:
         found = self._chain.keys_for(buf, view)
         if not found:
             return TraceResult(None, None, None, False, "no-key")
-        others = tuple(k for k, _ in found)
+        named = self._named
+        others = tuple(k for k, s in found if s not in named)
         for key, strategy in found:
+            resolve = named.get(strategy)
+            if resolve is not None:
+                backend = self._named_backend(resolve(key))
+                if backend is not None:
+                    return TraceResult(strategy.kind, key, backend, True, None, others)
+                continue
             binding = self.table.get(key)
             if binding is not None and self.policy.usable(binding.backend):
                 aliases = tuple(k for k in others if k != key)
                 return TraceResult(strategy.kind, key, binding.backend, True, None, aliases)
+        found = [(k, s) for k, s in found if s not in named]
+        if not found:
+            return TraceResult(None, None, None, False, "no-key")
         key, strategy = found[0]
         backend = self.scheduler.choose(key, self.table.load())
         return TraceResult(strategy.kind, key, backend, False, None if backend else "no-backend",

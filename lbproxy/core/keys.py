@@ -60,6 +60,7 @@ __all__ = [
     "STRATEGY_REGISTRY",
     "HomeAddressStrategy",
     "IKeyStrategy",
+    "INamedKeyStrategy",
     "IkeStrategy",
     "InterfaceIdStrategy",
     "Key",
@@ -120,6 +121,17 @@ def _parse_ike(text: str) -> bytes:
 
 def _parse_hex(text: str) -> bytes:
     return bytes.fromhex(text.removeprefix("0x"))
+
+
+def _format_server_id(value: bytes) -> str:
+    return value[1 : 1 + value[0]].hex()
+
+
+def _parse_server_id(text: str) -> bytes:
+    sid = _parse_hex(text)
+    if not 1 <= len(sid) <= 15:
+        raise ValueError(f"a server ID is 1 to 15 octets, not {len(sid)}")
+    return bytes((len(sid),)) + sid.ljust(15, b"\0")
 
 
 @attrs.frozen
@@ -201,6 +213,9 @@ IID: Final = register_kind("iid", 8, _format_iid, _parse_iid, code=2)
 SPI: Final = register_kind("spi", 4, _format_spi, _parse_spi, code=3)
 #: An IKE SA initiator's SPI (8 bytes), see `IkeStrategy`.
 IKE: Final = register_kind("ike", 8, _format_ike, _parse_ike, code=5)
+#: A QUIC-LB server ID (1-15 octets, stored as its length then the ID, zero-padded to
+#: 16), see `lbproxy.core.quiclb`: printed as the ID's hex digits, ``quic 0a0b``.
+QUIC: Final = register_kind("quic", 16, _format_server_id, _parse_server_id, code=6)
 # The names the strategies yielding addresses used for their keys before addresses were
 # one namespace: still read (saved tables, operators' habits), never written.
 _KINDS_BY_NAME["hoa"] = _KINDS_BY_NAME["src"] = ADDR
@@ -295,6 +310,18 @@ class IKeyStrategy(Interface):
 
         `view` is ``lbproxy.wire.view.parse(buf)``; the strategy must not modify `buf`.
         """
+
+
+class INamedKeyStrategy(IKeyStrategy):
+    """A strategy whose keys name their backend (a QUIC-LB server ID: the backend that
+    wrote it into the connection ID).
+
+    The balancer neither binds such a key nor links it: while its backend may take
+    packets, a packet whose first identity in chain order is such a key goes there, and
+    the packet's other identities follow it (`lbproxy.core.balancer`)."""
+
+    def backend_name(key: Key) -> str | None:  # noqa: N805
+        """The name of the backend `key` names, or None."""
 
 
 @implementer(IKeyStrategy)
@@ -482,6 +509,15 @@ register_strategy("iid", _interface_id, options=["any_interface_id"])
 register_strategy("spi", SpiStrategy)
 register_strategy("ike", IkeStrategy)
 register_strategy("src", SourceAddressStrategy)
+
+
+def _quic_lb(quic: Any = None) -> IKeyStrategy:
+    from lbproxy.core.quiclb import QuicLbStrategy  # it imports this module
+
+    return QuicLbStrategy(quic)
+
+
+register_strategy("quic", _quic_lb, options=["quic"])
 
 
 # -- the chain ---------------------------------------------------------------------------
