@@ -31,6 +31,7 @@ from scapy.layers.inet6 import (
     MIP6MH_CoTI,
     MIP6MH_HoT,
     MIP6MH_HoTI,
+    MIP6OptAltCoA,
     MIP6OptBindingAuthData,
     MIP6OptNonceIndices,
 )
@@ -653,3 +654,63 @@ address = "2001:db8:b0::11"
                 parse_config(self.BASE + text, "x.toml")
             self.assertEqual(caught.exception.key, key, str(caught.exception))
             self.assertIn(part, caught.exception.reason)
+
+
+class AlternateCareOfTests(SynchronousTestCase):
+    def test_alternate_care_of_address_is_the_care_of_address(self) -> None:
+        """A BU sent from one address with an Alternate Care-of Address option registers
+        the alternate one: its Care-of Test, its authenticator, the BA goes there."""
+        clock = Clock()
+        cn = correspondent(clock)
+        mn = MobileNode(handler(cn), care_of=COA2)
+        hot, cot = mn.home_test(), mn.care_of_test()
+        kbm = hashlib.sha1(hot[MIP6MH_HoT].token + cot[MIP6MH_CoT].token).digest()
+        packet = (IPv6(src=COA, dst=VIP) / IPv6ExtHdrDestOpt(options=[HAO(hoa=HOA)])
+                  / MIP6MH_BU(seq=1, flags="A", mhtime=10, options=[
+                      MIP6OptAltCoA(acoa=COA2),
+                      MIP6OptNonceIndices(olen=4, hni=hot[MIP6MH_HoT].index,
+                                          coni=cot[MIP6MH_CoT].index),
+                      MIP6OptBindingAuthData(olen=12, authenticator=0)]))  # fmt: skip
+        result = outcome(cn, sign_bu(packet, kbm, COA2))
+        self.assertEqual(result.what, "bu-accepted")
+        self.assertEqual(cn.bindings, {packed(HOA): packed(COA2)})
+        self.assertEqual(IPv6(result.reply).dst, COA2)
+        # Signed for the source address instead of the alternate one: refused.
+        packet[MIP6MH_BU].seq = 2
+        result = outcome(cn, sign_bu(packet, kbm, COA))
+        self.assertEqual(result.what, "bu-bad-authenticator")
+
+
+class OperatorTests(SynchronousTestCase):
+    """The binding cache in lbproxyctl, the outcomes in stats and the metrics."""
+
+    def test_cache_stats_and_metrics(self) -> None:
+        from prometheus_client.exposition import generate_latest
+
+        from lbproxy.ops.control import Control
+        from lbproxy.ops.ctl import render
+        from lbproxy.ops.metrics import BalancerCollector, make_registry
+        from tests.test_metrics import samples
+
+        balancer, clock = balancer_with("strict")
+        control = Control(balancer)
+        self.assertEqual(control.correspondent()["entries"], [])
+        mn = MobileNode(lambda data: inbound(balancer, data))
+        inbound(balancer, mn.update(mn.home_test(), mn.care_of_test(), lifetime=25))
+        inbound(balancer, mn.update(mn.home_test(), mn.care_of_test(), seq=1))  # replayed
+        clock.advance(10)
+        view = control.correspondent()
+        self.assertEqual((view["mode"], view["size"]), ("strict", 1))
+        self.assertEqual(view["entries"], [{"home": HOA, "care_of": COA, "seq": 1,
+                                            "left": 90.0}])  # fmt: skip
+        self.assertIn(f"{HOA} -> {COA}  seq 1  90.0 s left", render("cache", view))
+        stats = control.stats()
+        self.assertEqual(stats["correspondent"]["bu-accepted"], 1)
+        self.assertEqual(stats["dropped"]["bu-sequence"], 1)
+        got = samples(generate_latest(make_registry(BalancerCollector(control))).decode())
+        self.assertEqual(got[("lbproxy_correspondent_total", (("event", "bu-accepted"),))], 1)
+        self.assertEqual(got[("lbproxy_correspondent_total", (("event", "hoti"),))], 2)
+        self.assertEqual(got[("lbproxy_packets_dropped_total", (("reason", "bu-sequence"),))],
+                         1)  # fmt: skip
+        off = Control(balancer_with("off")[0]).correspondent()
+        self.assertEqual((off["mode"], off["entries"]), ("off", []))

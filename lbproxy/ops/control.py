@@ -676,6 +676,7 @@ class Control:
             "hits": _counts(getattr(counters, "hits", None)),
             "misses": _counts(getattr(counters, "misses", None)),
             "conflicts": _counts(getattr(counters, "conflicts", None)),
+            "correspondent": _counts(getattr(counters, "correspondent", None)),
             "table": {
                 "size": len(table),
                 "capacity": _int(getattr(table, "max_entries", 0)),
@@ -698,6 +699,23 @@ class Control:
             },
             **({"ports": _ports(self.ports())} if self.ports is not None else {}),
             **({"fleet": self.fleet.stats()} if self.fleet is not None else {}),
+        }
+
+    def correspondent(self) -> dict[str, Any]:
+        """The correspondent node's binding cache (docs/correspondent.md): mode, size,
+        bound and each entry's home and care-of address, sequence number, seconds left."""
+        cn = getattr(self.balancer, "correspondent", None)
+        if cn is None:
+            return {"mode": "off", "size": 0, "entries": []}
+        now = self.balancer.clock.seconds()
+        return {
+            "mode": "strict" if cn.strict else "lenient",
+            "size": len(cn),
+            "capacity": cn.max_entries,
+            "expired": cn.expired,
+            "entries": [{"home": _address(e.home), "care_of": _address(e.care_of), "seq": e.seq,
+                         "left": round(max(0.0, e.expires - now), 1)}
+                        for e in cn.entries()],
         }
 
     def notify(self, limit: int = 100, peer: str | None = None) -> dict[str, Any]:

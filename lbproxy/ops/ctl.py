@@ -34,6 +34,8 @@ drain     backend                                      the backend
 undrain   backend                                      the backend
 backends  -                                            [backend, ...]
 stats     -                                            the counters
+cache     -                                            the correspondent node's binding
+                                                       cache: mode, size, entries
 info      -                                            version, uptime, mode, offload, pending
                                                        restart, ...
 notify    peer, limit (optional; 100 by default)       peers, states, subscriptions, last
@@ -211,6 +213,7 @@ COMMANDS: dict[str, Command] = {
     "undrain": _undrain,
     "backends": lambda request: request.control.backends(),
     "stats": lambda request: request.control.stats(),
+    "cache": lambda request: request.control.correspondent(),
     "info": lambda request: request.control.info(),
     "notify": lambda request: request.control.notify(
         limit=_int_arg(request.args, "limit") if "limit" in request.args else 100,
@@ -517,6 +520,7 @@ def _parser() -> argparse.ArgumentParser:
     undrain.add_argument("backend")
     sub.add_parser("backends", help="list backends with weight, health, bindings")
     sub.add_parser("stats", help="packet and table counters")
+    sub.add_parser("cache", help="the correspondent node's binding cache (RFC 6275)")
     sub.add_parser("info", help="version, uptime, mode, offload, what needs a restart")
     notify = sub.add_parser("notify", help="notification peers, subscriptions, refusals")
     notify.add_argument("--peer", help="only this peer")
@@ -600,6 +604,10 @@ def render(command: str, result: Any) -> str:
         return format_backends(result)
     if command == "stats":
         return format_stats(result)
+    if command == "cache":
+        head = f"correspondent mode {result['mode']}: {result['size']} bindings"
+        return "\n".join([head, *(f"{e['home']} -> {e['care_of']}  seq {e['seq']}  "
+                                   f"{e['left']} s left" for e in result["entries"])])
     if command == "journey":
         return format_journey(result)
     if command == "reload":

@@ -194,6 +194,13 @@ class BalancerCollector:
             for kind, count in sorted(stats[name].items()):
                 family.add_metric([kind], count)
             yield family
+        correspondent = CounterMetricFamily(
+            f"{PREFIX}_correspondent", "The correspondent node's outcomes (Test Inits "
+            "answered, Binding Updates accepted, messages sent), by event; its refusals are "
+            "in packets_dropped.", labels=["event"])  # fmt: skip
+        for event, count in sorted(stats.get("correspondent", {}).items()):
+            correspondent.add_metric([event], count)
+        yield correspondent
 
     def _table(self) -> Iterator[Metric]:
         table = self.control.stats()["table"]
