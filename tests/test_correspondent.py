@@ -610,12 +610,15 @@ class BalancerTests(SynchronousTestCase):
         assert out is not None
         self.assertEqual(IPv6(out).src, HOA)
         self.assertEqual(sent(strict, data_packet(COA2))[MIP6MH_BE].status, 1)
-        self.assertIsNotNone(strict.policy.fast_inbound)
+        # The fast path checks the cache itself; the XDP program hands HAO packets up.
+        self.assertIsNone(strict.policy.fast_inbound)
+        self.assertIn("strict", strict.policy.offload_inbound or "")
         lenient, _ = balancer_with("lenient")
         out = inbound(lenient, data_packet())
         assert out is not None
         self.assertNotIn(MIP6MH_BE, IPv6(out))
         self.assertIsNone(lenient.policy.fast_inbound)
+        self.assertIsNone(lenient.policy.offload_inbound)
 
 
 class ConfigTests(SynchronousTestCase):
@@ -714,3 +717,15 @@ class OperatorTests(SynchronousTestCase):
                          1)  # fmt: skip
         off = Control(balancer_with("off")[0]).correspondent()
         self.assertEqual((off["mode"], off["entries"]), ("off", []))
+
+
+class TraceTests(SynchronousTestCase):
+    def test_trace_says_what_the_correspondent_does(self) -> None:
+        strict, _ = balancer_with("strict")
+        self.assertEqual(strict.trace(bytes(IPv6(src=HOA, dst=VIP) / MIP6MH_HoTI())).reason,
+                         "answered by the correspondent node")  # fmt: skip
+        self.assertEqual(strict.trace(data_packet()).reason, "hao-without-binding")
+        lenient, _ = balancer_with("lenient")
+        self.assertIsNotNone(lenient.trace(data_packet()).backend)
+        off, _ = balancer_with("off")
+        self.assertIsNotNone(off.trace(bytes(IPv6(src=HOA, dst=VIP) / MIP6MH_HoTI())).backend)

@@ -347,6 +347,18 @@ class ExecutorContract:
         mode no other executor forwards an HAO packet the binding cache would refuse)."""
         self.check("translate", (), plan, correspondent)
 
+    def test_strict_mode_follows_the_binding_cache(self) -> None:
+        """Strict mode, a fixed walk: a registered terminal's packets (the steady state
+        an executor may take), then its cache entry moves to another care-of address,
+        then expires -- its packets from the old address, then from any, get Binding
+        Errors from every executor, whatever the table still holds."""
+        usual = [(0, 17, 1, c, 64, 80, 0, b"x") for c in (0, 1)]
+        self.check("translate", (), [
+            ("register", 6), ("in", usual[:1]), ("in", usual[:1] * 3), ("register", 1),
+            ("in", usual[:1] * 2), ("in", usual[1:] * 2), ("op", ("advance", 3)),
+            ("op", ("sweep", 0)), ("in", usual), ("op", ("advance", 1)), ("in", usual),
+        ], "strict")  # fmt: skip
+
     def test_a_terminal_moving_and_replies_confirmed(self) -> None:
         """A fixed walk through the common case: a terminal's first packet (a miss), its
         move, a confirmation, replies before and after it, time passing to expiry."""

@@ -796,6 +796,12 @@ class Balancer:
             return TraceResult(None, None, None, False, e.reason.value)
         if bytes(buf[24:40]) not in self.policy.vip_set:
             return TraceResult(None, None, None, False, "not-virtual")
+        cn = self.correspondent
+        if cn is not None and view.mh >= 0:
+            return TraceResult(None, None, None, False, "answered by the correspondent node")
+        if cn is not None and cn.strict and view.hoa >= 0 and cn.bindings.get(
+                bytes(buf[view.hoa : view.hoa + 16])) != bytes(buf[8:24]):  # fmt: skip
+            return TraceResult(None, None, None, False, "hao-without-binding")
         found = self._chain.keys_for(buf, view)
         if not found:
             return TraceResult(None, None, None, False, "no-key")

@@ -30,6 +30,9 @@ from lbproxy.wire.checksum import delta16
 
 __all__ = ["Policy", "build_policy", "is_reply"]
 
+#: Why the XDP program hands terminals' packets up in the correspondent's strict mode.
+STRICT_HAO_OFFLOAD = "correspondent mode strict (the binding cache checks every HAO)"
+
 
 def is_reply(destination: bytes, own: Collection[bytes]) -> bool:
     """Whether a packet read on the server link, to `destination` (16 bytes), is a
@@ -72,6 +75,18 @@ class Policy:
     #: policy (None: it can).
     fast_inbound: str | None
     fast_replies: str | None
+    #: The correspondent node's strict mode (lbproxy.core.correspondent): a packet with
+    #: a Home Address Option is forwarded only if the binding cache maps its home
+    #: address to its source.  The fast path makes that check; the XDP program cannot
+    #: (`offload_inbound`).
+    strict_hao: bool = False
+
+    @property
+    def offload_inbound(self) -> str | None:
+        """Why the XDP program may not take terminals' packets (None: it may)."""
+        if self.fast_inbound is None and self.strict_hao:
+            return STRICT_HAO_OFFLOAD
+        return self.fast_inbound
 
     def usable(self, backend: Backend) -> bool:
         """Whether a binding to `backend` may keep its packets (not removed; not down
@@ -96,8 +111,7 @@ def build_policy(
 ) -> Policy:
     """A policy from its parts; `fast_chain` is why the key chain rules the fast path
     out (None: it starts with the home-address strategy, the shape the fast path keys);
-    `strict_hao`: the correspondent's strict mode, whose binding-cache check of Home
-    Address Options only the general path makes."""
+    `strict_hao`: the correspondent's strict mode (`Policy.strict_hao`)."""
     if not vips:
         raise ValueError("at least one virtual address is required")
     down_set, gone_set = frozenset(down), frozenset(gone)
@@ -111,8 +125,6 @@ def build_policy(
     if inbound_reason is None:
         if fast_chain is not None:
             inbound_reason = fast_chain
-        elif strict_hao:
-            inbound_reason = "correspondent mode strict (the binding cache checks every HAO)"
         elif down_set:
             inbound_reason = f"backend {sorted(down_set)[0]} is down"
         elif gone_set:
@@ -132,4 +144,5 @@ def build_policy(
         reply_deltas={a: delta16(a, first) for a in by_address},
         fast_inbound=inbound_reason,
         fast_replies=reply_reason,
+        strict_hao=strict_hao,
     )

@@ -180,6 +180,11 @@ class FastPath:
         balancer = self.balancer
         peek, refresh, counters = balancer.table.peek, balancer.table.refresh, balancer.counters
         drop, backends = counters.drop, self._backends
+        # The correspondent's strict mode: home -> the care-of address its binding cache
+        # entry holds; a packet from any other source is the general path's (a Binding
+        # Error).  None otherwise.
+        cn = balancer.correspondent
+        strict = cn.bindings if policy.strict_hao and cn is not None else None
         # Bytes 24..47 of the shape: the virtual address, then the Destination Options
         # header's next header (UDP or TCP) and length (2: 24 bytes), PadN(2)+HAO.
         udp_shape = vip + bytes([_UDP, 2]) + PADN2_HAO
@@ -218,9 +223,11 @@ class FastPath:
                         other(s, n)
                         continue
                     binding = peek(_ADDR_KIND + hoa)
-                    if binding is None or binding.expires <= now or binding.care_of != src:
+                    if (binding is None or binding.expires <= now or binding.care_of != src
+                            or (strict is not None and strict.get(hoa) != src)):  # fmt: skip
                         # A miss, or a care-of address the binding has not seen: the
-                        # identities to link are the core's business (the general path).
+                        # identities to link are the core's business (the general path);
+                        # so is a packet the correspondent's strict mode refuses.
                         other(s, n)
                         continue
                     taken += 1

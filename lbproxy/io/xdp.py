@@ -534,7 +534,7 @@ class XdpOffload:
         policy = self._policy
         assert policy is not None
         flags = 0
-        if policy.fast_inbound is None:
+        if policy.offload_inbound is None:  # not in the correspondent's strict mode
             flags |= _INBOUND
         if policy.fast_replies is None:
             flags |= _REPLIES
