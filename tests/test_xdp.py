@@ -282,6 +282,34 @@ class ReplyTests(SynchronousTestCase):
         balancer.return_paths.unconfirm(address(HOA))
         self.assertEqual(IPv6(run(xdp, "lbproxy_replies", packet)[1]).dst, HOA)
 
+    def test_a_confirmation_reaches_the_program_at_once(self) -> None:
+        """A confirmation made, moved to another care-of address or ended (by a
+        notification, outside any batch) is in the program's map before the next reply,
+        with no `prepare` or sweep in between: its replies never go on to the care-of
+        address the terminal left."""
+        balancer, clock = make(scheduler="round_robin")
+        xdp = offload(balancer, clock)
+        pkt = IPv6(raw_reply(17, BACKENDS[0].packed, address(HOA), 64, 0, b"reply"))
+        del pkt[UDP].chksum
+        frame = ETHERNET + bytes(pkt)
+        paths = balancer.return_paths
+
+        def destination() -> str:
+            verdict, out = xdp.program.test_run("lbproxy_replies", frame)
+            self.assertEqual(verdict, XDP_TX)
+            return str(IPv6(out[14:]).dst)
+
+        self.assertEqual(destination(), HOA)
+        for care_of in (COA1, COA2):
+            paths.confirm(address(HOA), address(care_of), 30.0)
+            self.assertEqual(destination(), care_of)
+        paths.unconfirm(address(HOA))
+        self.assertEqual(destination(), HOA)
+        paths.confirm(address(HOA), address(COA1), 30.0)
+        clock.advance(31)
+        self.assertEqual(paths.expire(), 1)
+        self.assertEqual(destination(), HOA)
+
     def test_not_replies_go_up(self) -> None:
         """Not from a backend, to multicast or link-local, to this host: XDP_PASS."""
         balancer, clock = make(scheduler="round_robin")

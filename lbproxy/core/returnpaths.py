@@ -56,6 +56,9 @@ class ReturnPaths:
         #: Told (home, care-of or None when it ends, lifetime) of every confirmation
         #: made, renewed or ended (a terminal's journey: lbproxy.core.journey).
         self.observer: Callable[[bytes, bytes | None, float | None], object] | None = None
+        #: Told (home, care-of or None) whenever `routes` changes for a home: executors
+        #: that keep their own copy (the XDP program's map) follow at once.
+        self.listeners: list[Callable[[bytes, bytes | None], object]] = []
 
     def confirm(
         self, home: bytes, care_of: bytes, lifetime: float | None = None, now: float | None = None
@@ -85,6 +88,8 @@ class ReturnPaths:
         self._until.pop(home, None)
         if care_of is not None:
             self._uncount(care_of)
+            for listener in self.listeners:
+                listener(home, None)
             if self.observer is not None:  # the terminal's journey
                 self.observer(home, None, None)
         return care_of
@@ -136,6 +141,8 @@ class ReturnPaths:
             self._uncount(old)
         self.routes[home] = care_of
         self._by_care_of[care_of] = self._by_care_of.get(care_of, 0) + 1
+        for listener in self.listeners:
+            listener(home, care_of)
 
     def _uncount(self, care_of: bytes) -> None:
         n = self._by_care_of[care_of] - 1

@@ -16,8 +16,9 @@ with the core, using only what every executor uses:
 - **the table** through `StickyTable.listeners`: a home-address binding made or
   re-pointed is written into ``lb_bindings`` (backend, expiry), one that goes is
   deleted.  The program never makes a binding: a miss goes up;
-- **the return paths** (`ReturnPaths.routes`): confirmed care-of addresses, for the
-  Type 2 Routing Header of replies (compared with the last copy at each `sync`).
+- **the return paths** (`ReturnPaths.listeners`): confirmed care-of addresses, for the
+  Type 2 Routing Header of replies, written as each is made or ends (and compared with
+  the last copy at each `prepare`).
 
 What the program did comes back at `sync`, which the forwarder runs before every
 sweep (and the contract's executor after every batch):
@@ -488,6 +489,10 @@ class XdpOffload:
         for _key, binding in table:
             self._dirty[binding] = None
         table.listeners.append(self._mirror)
+        # A confirmation made or ended (a notification, persistence, its lifetime)
+        # reaches the program at once: replies must not go on to a care-of address the
+        # terminal left, nor to the home address once another is confirmed.
+        balancer.return_paths.listeners.append(self._route_changed)
         self.prepare()
 
     # -- the policy and the clock ---------------------------------------------------
@@ -659,7 +664,18 @@ class XdpOffload:
                         for its in self._homes[other]:
                             self._write_binding(its, other, i)
 
+    def _route_changed(self, home: bytes, care_of: bytes | None) -> None:
+        """`ReturnPaths.listeners`: `home`'s confirmed care-of address, now (None: none)."""
+        if care_of is None:
+            if self._routes.pop(home, None) is not None:
+                self.program.confirmed.delete(home)
+        elif self._routes.get(home) != care_of:
+            self.program.confirmed.update(home, care_of)
+            self._routes[home] = care_of
+
     def _mirror_routes(self) -> None:
+        """The whole of `ReturnPaths.routes` against the last copy (at `prepare`: a
+        store replaced, or changes made before this executor listened)."""
         routes = self.balancer.return_paths.routes
         if routes == self._routes:
             return
@@ -789,6 +805,9 @@ class XdpOffload:
         listeners = self.balancer.table.listeners
         if self._mirror in listeners:
             listeners.remove(self._mirror)
+        routes = self.balancer.return_paths.listeners
+        if self._route_changed in routes:
+            routes.remove(self._route_changed)
         self.program.close()
 
     @classmethod
