@@ -188,6 +188,24 @@ class VerbTests(SynchronousTestCase):
         self.assertEqual(stats["table"]["size"], 3)
         self.assertEqual(stats["table"]["inserts"], 3)
 
+    def test_stats_count_what_the_ports_fold_in(self) -> None:
+        """Reading the ports folds an executor's counts into the shared counters (the
+        XDP program's, `ForwarderService.port_stats`): `stats` reads the ports first,
+        so its totals include what the driver forwarded since the last sweep."""
+        balancer, clock = real_populated()
+
+        def ports() -> dict[str, dict[str, object]]:
+            balancer.counters.packets_in += 10  # as XdpOffload.fold_counters does
+            balancer.counters.replies_in += 7
+            return {"xdp": {"forwarded": 10, "replies": 7}}
+
+        control = Control(balancer, clock, ports=ports)
+        before = balancer.counters.packets_in
+        stats = control.stats()
+        self.assertEqual(stats["packets_in"], before + 10)
+        self.assertEqual(stats["replies_in"], 7)
+        self.assertEqual(stats["ports"]["xdp"], {"forwarded": 10, "replies": 7})
+
     def test_state_defaults_to_the_balancers_marks(self) -> None:
         """Without a health view, a backend marked down on the balancer shows 'down'."""
         control, balancer, _clock = make_control()

@@ -662,7 +662,9 @@ class Control:
         return out
 
     def stats(self) -> dict[str, Any]:
-        """The balancer's and the table's counters."""
+        """The balancer's and the table's counters.  The ports are read first: that folds
+        what the XDP program counted since the last sweep into the counters below."""
+        ports = _ports(self.ports()) if self.ports is not None else None
         counters = self.balancer.counters
         table = self.balancer.table
         table_stats = getattr(table, "stats", None)
@@ -697,7 +699,7 @@ class Control:
                     )
                 },
             },
-            **({"ports": _ports(self.ports())} if self.ports is not None else {}),
+            **({"ports": ports} if ports is not None else {}),
             **({"fleet": self.fleet.stats()} if self.fleet is not None else {}),
         }
 
