@@ -240,6 +240,7 @@ class BalancerService(MultiService):
             return_paths=self.balancer.return_paths,
             max_bytes=config.persistence_max_bytes,
             subscriptions=lambda: self.notifier,  # saved and restored with the table
+            correspondent=self.balancer.correspondent,  # its binding cache, too
         )
 
     def _ctl_service(self, config: Config) -> IService:

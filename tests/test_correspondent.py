@@ -729,3 +729,63 @@ class TraceTests(SynchronousTestCase):
         self.assertIsNotNone(lenient.trace(data_packet()).backend)
         off, _ = balancer_with("off")
         self.assertIsNotNone(off.trace(bytes(IPv6(src=HOA, dst=VIP) / MIP6MH_HoTI())).backend)
+
+
+class PersistenceTests(SynchronousTestCase):
+    """The binding cache survives a restart with the table (lbproxy.ops.persistence)."""
+
+    def test_saved_and_restored(self) -> None:
+        from lbproxy.ops import persistence
+
+        path = self.mktemp()
+        balancer, clock = balancer_with("strict")
+        mn = MobileNode(lambda data: inbound(balancer, data))
+        inbound(balancer, mn.update(mn.home_test(), mn.care_of_test(), lifetime=50))  # 200 s
+        cn = balancer.correspondent
+        assert cn is not None
+        persistence.save(balancer.table, path, clock.seconds(), balancer.return_paths,
+                         correspondent=cn)  # fmt: skip
+        # A new process, 50 s later: the entry is back with 150 s left, sequence
+        # number kept (a replay is still refused), the return path too.
+        again, clock2 = balancer_with("strict")
+        clock2.advance(50)
+        result = persistence.load(again.table, path, again.backends, clock2.seconds(),
+                                  return_paths=again.return_paths,
+                                  correspondent=again.correspondent)  # fmt: skip
+        self.assertEqual((result.error, result.binding_cache, result.return_paths), (None, 1, 1))
+        restored = again.correspondent
+        assert restored is not None
+        entry = restored.entry(packed(HOA))
+        assert entry is not None
+        self.assertEqual((entry.care_of, entry.seq, entry.expires),
+                         (packed(COA), 1, clock2.seconds() + 150))  # fmt: skip
+        out = inbound(again, data_packet())  # strict: forwarded, no Binding Error
+        assert out is not None
+        self.assertEqual(IPv6(out).src, HOA)
+        # Past its lifetime at restore time: not restored.
+        late, clock3 = balancer_with("strict")
+        clock3.advance(201)
+        result = persistence.load(late.table, path, late.backends, clock3.seconds(),
+                                  correspondent=late.correspondent)  # fmt: skip
+        self.assertEqual(result.binding_cache, 0)
+
+    def test_damaged_entry_refuses_the_file(self) -> None:
+        from lbproxy.ops import persistence
+
+        path = self.mktemp()
+        balancer, clock = balancer_with("lenient")
+        assert balancer.correspondent is not None
+        balancer.correspondent.register(packed(HOA), packed(COA), 7, 100.0)
+        persistence.save(balancer.table, path, clock.seconds(),
+                         correspondent=balancer.correspondent)  # fmt: skip
+        with open(path) as handle:
+            text = handle.read()
+        self.assertIn('"seq":7', text)
+        bad = text.replace('"seq":7', '"seq":70000')
+        with open(path, "w") as handle:
+            handle.write(bad)
+        again, clock2 = balancer_with("lenient")
+        result = persistence.load(again.table, path, again.backends, clock2.seconds(),
+                                  correspondent=again.correspondent)  # fmt: skip
+        self.assertIn("seq must be an integer", result.error or "")
+        self.assertEqual(len(again.correspondent or []), 0)

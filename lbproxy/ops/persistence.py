@@ -15,15 +15,21 @@ Theory of operation:
   null}``; then one object per notification subscription (`lbproxy.notify.router`):
   ``{"peer": ..., "address": ..., "kind": "hoa"|"coa", "home": ... or null, "care_of":
   ... or null, "seq": 0..65535 or null, "left": seconds, "binding_left": seconds or
-  null}`` (the header's ``"subscriptions": K``, 0 when absent); then a trailer
-  ``{"sha256": HEX}``, the SHA-256 of every byte before it.
+  null}`` (the header's ``"subscriptions": K``, 0 when absent); then one object per
+  entry of the correspondent node's binding cache (`lbproxy.core.correspondent`):
+  ``{"cache_home": ..., "care_of": ..., "seq": 0..65535, "left": seconds}`` (the
+  header's ``"binding_cache": C``, 0 when absent); then a trailer ``{"sha256": HEX}``,
+  the SHA-256 of every byte before it.
   Backends are saved by name so that a restart with a changed address or
   weight still finds them.  Return paths are saved because replies use them: without
   them a restart would send every confirmed terminal's replies towards its home
   address, without the Type 2 Routing Header, until its next notification.
   Subscriptions are saved for the same reason: without them a restarted balancer would
   not ask its peers about its terminals again until their next table miss, and their
-  moves meanwhile would go unreported.  Each field is checked as strictly as a binding's
+  moves meanwhile would go unreported.  The binding cache is saved so that, in the
+  correspondent's strict mode, a registered mobile node's packets are not answered with
+  Binding Errors after a restart, and its sequence numbers still refuse a replayed
+  Binding Update.  Each field is checked as strictly as a binding's
   when read; the notifier then checks what it restores as it checks what a peer says
   (known peer, acceptable addresses, entitlement, the registry's bound) and sends the
   subscriptions when its peers connect.
@@ -80,6 +86,7 @@ from lbproxy.tomlconfig import NAME
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
+    from lbproxy.core.correspondent import Correspondent
     from lbproxy.core.keys import Key
     from lbproxy.core.returnpaths import ReturnPaths
     from lbproxy.core.selection import Backend
@@ -298,6 +305,36 @@ class SavedSubscription:
         )
 
 
+@attrs.frozen
+class SavedCacheEntry:
+    """One entry of the correspondent node's binding cache, as written and read."""
+
+    home: bytes
+    care_of: bytes
+    seq: int
+    #: Seconds of lifetime the entry had left when saved.
+    left: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cache_home": str(ipaddress.IPv6Address(self.home)),
+            "care_of": str(ipaddress.IPv6Address(self.care_of)),
+            "seq": self.seq,
+            "left": round(self.left, 3),
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> SavedCacheEntry:
+        """Parse one line's object; raise ``ValueError`` when it is not one."""
+        if not isinstance(obj, dict) or "cache_home" not in obj:
+            raise ValueError("not a binding cache entry object")
+        seq = obj.get("seq")
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= 0xFFFF:
+            raise ValueError("seq must be an integer within 0..65535")
+        return cls(_address(obj, "cache_home"), _address(obj, "care_of"), seq,
+                   _number(obj.get("left"), "left", 0.0, MAX_LEFT))  # fmt: skip
+
+
 class SubscriptionStore(Protocol):
     """What persistence needs of the notification service (``Notifier``)."""
 
@@ -326,6 +363,7 @@ class SavedTable:
     bindings: list[SavedBinding]
     return_paths: list[SavedReturnPath]
     subscriptions: list[SavedSubscription] = attrs.Factory(list)
+    binding_cache: list[SavedCacheEntry] = attrs.Factory(list)
 
 
 @attrs.frozen
@@ -344,6 +382,8 @@ class RestoreResult:
     #: Notification subscriptions restored, and those the notifier would not take back.
     subscriptions: int = 0
     subscriptions_dropped: int = 0
+    #: Binding cache entries of the correspondent node live again.
+    binding_cache: int = 0
 
 
 def snapshot(table: StickyTable, now: float) -> list[SavedBinding]:
@@ -391,11 +431,18 @@ def snapshot_subscriptions(store: SubscriptionStore, now: float) -> list[SavedSu
     return out
 
 
+def snapshot_cache(correspondent: Correspondent, now: float) -> list[SavedCacheEntry]:
+    """The correspondent node's live binding cache entries, lifetimes relative to ``now``."""
+    return [SavedCacheEntry(e.home, e.care_of, e.seq, min(MAX_LEFT, e.expires - now))
+            for e in correspondent.entries() if e.expires > now]  # fmt: skip
+
+
 def _lines(
     saved: list[SavedBinding],
     paths: list[SavedReturnPath],
     now: float,
     subscriptions: list[SavedSubscription] | None = None,
+    cache: list[SavedCacheEntry] | None = None,
 ) -> Iterator[bytes]:
     """The file's lines, each ending in a newline, the checksum trailer last."""
     subs = subscriptions or []
@@ -403,8 +450,10 @@ def _lines(
               "return_paths": len(paths)}  # fmt: skip
     if subs:
         header["subscriptions"] = len(subs)
+    if cache:
+        header["binding_cache"] = len(cache)
     digest = hashlib.sha256()
-    for obj in _objects(header, saved, paths, subs):
+    for obj in _objects(header, saved, paths, subs, cache or []):
         line = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode() + b"\n"
         digest.update(line)
         yield line
@@ -416,6 +465,7 @@ def _objects(
     saved: list[SavedBinding],
     paths: list[SavedReturnPath],
     subscriptions: list[SavedSubscription],
+    cache: list[SavedCacheEntry],
 ) -> Iterator[dict[str, Any]]:
     yield header
     for entry in saved:
@@ -424,6 +474,8 @@ def _objects(
         yield path.to_json()
     for sub in subscriptions:
         yield sub.to_json()
+    for cached in cache:
+        yield cached.to_json()
 
 
 def save(
@@ -433,9 +485,11 @@ def save(
     return_paths: ReturnPaths | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     subscriptions: SubscriptionStore | None = None,
+    correspondent: Correspondent | None = None,
 ) -> int:
-    """Write ``table`` (and ``return_paths``, and the notifier's ``subscriptions``) to
-    ``path`` atomically; return the number of bindings saved.
+    """Write ``table`` (and ``return_paths``, the notifier's ``subscriptions``, the
+    ``correspondent`` node's binding cache) to ``path`` atomically; return the number of
+    bindings saved.
 
     Raises ``OSError`` when it cannot, also when the file would exceed ``max_bytes``
     (``EFBIG``: it could not be read back); the previous file then stays as it was.
@@ -443,13 +497,14 @@ def save(
     saved = snapshot(table, now)
     paths = [] if return_paths is None else snapshot_return_paths(return_paths, now)
     subs = [] if subscriptions is None else snapshot_subscriptions(subscriptions, now)
+    cache = [] if correspondent is None else snapshot_cache(correspondent, now)
     directory = os.path.dirname(os.path.abspath(path))
     temporary = f"{path}.tmp.{os.getpid()}"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as handle:
             size = 0
-            for line in _lines(saved, paths, now, subs):
+            for line in _lines(saved, paths, now, subs, cache):
                 size += len(line)
                 if size > max_bytes:
                     raise OSError(
@@ -583,11 +638,13 @@ def _read_lines(path: str, lines: _LineReader) -> SavedTable:
         count = _count(header, "count", None)
         paths_count = _count(header, "return_paths", 0)
         subs_count = _count(header, "subscriptions", 0)
+        cache_count = _count(header, "binding_cache", 0)
     except ValueError as exc:
         raise CorruptTableFile(f"{path}:1: header: {exc}") from None
     entries = []
     paths = []
     subs = []
+    cache = []
     try:
         for _ in range(count):
             entries.append(SavedBinding.from_json(lines.next("binding")))
@@ -598,8 +655,12 @@ def _read_lines(path: str, lines: _LineReader) -> SavedTable:
         for _ in range(subs_count):
             subs.append(SavedSubscription.from_json(lines.next("subscription")))
             lines.hash_last()
+        for _ in range(cache_count):
+            cache.append(SavedCacheEntry.from_json(lines.next("binding cache entry")))
+            lines.hash_last()
     except EOFError:
         also = f", {subs_count} subscriptions" if subs_count else ""
+        also += f", {cache_count} binding cache entries" if cache_count else ""
         raise CorruptTableFile(
             f"{path}: header says {count} bindings and {paths_count} return paths{also}, "
             f"the file ends after {lines.number - 2} (truncated?)"
@@ -629,7 +690,7 @@ def _read_lines(path: str, lines: _LineReader) -> SavedTable:
             for e in entries
             if e.confirmed and e.care_of is not None and _v1_home(e.key)
         ]
-    return SavedTable(saved_at, entries, paths, subs)
+    return SavedTable(saved_at, entries, paths, subs, cache)
 
 
 def _v1_home(key: str) -> bytes:
@@ -719,6 +780,24 @@ def restore_return_paths(
     return restored
 
 
+def restore_cache(
+    correspondent: Correspondent, saved_at: float, saved: list[SavedCacheEntry], now: float
+) -> int:
+    """Put saved binding cache entries back (the downtime counts against their
+    lifetimes, none longer than the node grants, none past its bound); returns how many
+    are live again."""
+    elapsed = max(0.0, now - saved_at)
+    restored = 0
+    for entry in saved:
+        left = min(entry.left - elapsed, correspondent.max_lifetime)
+        if left <= 0 or (correspondent.entry(entry.home) is None
+                         and len(correspondent) >= correspondent.max_entries):  # fmt: skip
+            continue
+        correspondent.register(entry.home, entry.care_of, entry.seq, left)
+        restored += 1
+    return restored
+
+
 def restore_subscriptions(
     store: SubscriptionStore, saved_at: float, saved: list[SavedSubscription], now: float
 ) -> tuple[int, int]:
@@ -750,6 +829,7 @@ def load(
     return_paths: ReturnPaths | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     subscriptions: SubscriptionStore | None = None,
+    correspondent: Correspondent | None = None,
 ) -> RestoreResult:
     """Restore ``table`` from ``path`` if it exists, refusing a corrupt file.
 
@@ -784,6 +864,9 @@ def load(
         subs, dropped = restore_subscriptions(subscriptions, saved.saved_at,
                                               saved.subscriptions, now)  # fmt: skip
         result = attrs.evolve(result, subscriptions=subs, subscriptions_dropped=dropped)
+    if correspondent is not None:
+        cached = restore_cache(correspondent, saved.saved_at, saved.binding_cache, now)
+        result = attrs.evolve(result, binding_cache=cached)
     return result
 
 
@@ -849,8 +932,11 @@ class TablePersistence(Service):
         return_paths: ReturnPaths | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
         subscriptions: Callable[[], SubscriptionStore | None] | None = None,
+        correspondent: Correspondent | None = None,
     ) -> None:
         self.parse_key = parse_key
+        #: The correspondent node whose binding cache is saved too (None: off).
+        self.correspondent = correspondent
         self.return_paths = return_paths
         #: The notifier, asked for when needed (it may be made after this service).
         self.subscriptions = subscriptions
@@ -870,7 +956,7 @@ class TablePersistence(Service):
         try:
             result = load(
                 self.table, self.path, self.backends(), self.clock.seconds(), self.parse_key,
-                self.return_paths, self.max_bytes, self._store(),
+                self.return_paths, self.max_bytes, self._store(), self.correspondent,
             )
         except Exception:  # a bug, not a file: keep running with what there is
             log.failure("Restoring the saved table from {path} failed", path=self.path)
@@ -898,9 +984,11 @@ class TablePersistence(Service):
                 expired=result.expired,
                 unknown=result.unknown_backend,
                 refused=result.refused,
-                subs="" if self._store() is None else
-                f"; {result.subscriptions} notification subscriptions "
-                f"({result.subscriptions_dropped} not taken back)",
+                subs=("" if self._store() is None else
+                      f"; {result.subscriptions} notification subscriptions "
+                      f"({result.subscriptions_dropped} not taken back)")
+                + ("" if self.correspondent is None else
+                   f"; {result.binding_cache} binding cache entries"),
             )
         if self.interval > 0:
             self._loop = LoopingCall(self.save)
@@ -933,7 +1021,7 @@ class TablePersistence(Service):
         """Save now; log and swallow I/O errors (the next save will retry)."""
         try:
             return save(self.table, self.path, self.clock.seconds(), self.return_paths,
-                        self.max_bytes, self._store())  # fmt: skip
+                        self.max_bytes, self._store(), self.correspondent)  # fmt: skip
         except OSError as exc:
             log.error("Could not save the table to {path}: {exc}", path=self.path,
                       exc=exc.strerror or exc)  # fmt: skip
