@@ -33,6 +33,8 @@ import attrs
 from lbproxy.core.correspondent import MAX_RR_BINDING_LIFETIME
 from lbproxy.core.correspondent import MODES as CORRESPONDENT_MODES
 from lbproxy.core.keys import STRATEGY_REGISTRY, KeyChain, declared_options
+from lbproxy.core.quiclb import DEFAULT_PORTS as QUIC_PORTS
+from lbproxy.core.quiclb import QuicLbSettings
 from lbproxy.core.selection import SCHEDULER_REGISTRY, scheduler_from_name
 from lbproxy.ops.persistence import DEFAULT_MAX_BYTES, max_bytes_for
 from lbproxy.tomlconfig import (
@@ -80,6 +82,8 @@ class BackendConfig:
     health: str = "none"  # none | tcp | http
     health_port: int = 0
     health_path: str = "/"
+    #: Its QUIC-LB server ID (``[[backend]] quic_server_id``; docs/quic.md), or None.
+    quic_server_id: bytes | None = None
 
 
 @attrs.frozen
@@ -207,17 +211,20 @@ class Config:
     persistence_max_bytes: int = DEFAULT_MAX_BYTES
     #: ``[logging] format``: twistd's text lines, or one JSON object per line.
     logging_format: str = "text"
+    #: ``[quic]`` and the backends' server IDs: the ``quic`` strategy's settings.
+    quic: QuicLbSettings = attrs.field(factory=QuicLbSettings)
 
     def key_chain_options(self) -> dict[str, Any]:
         """The options for ``KeyChain.from_names(self.key_chain, **options)``: each
         strategy option this file sets (``any_interface_id``) that a strategy in the
         chain declares."""
-        return _chain_options(self.key_chain, _strategy_settings(self.any_interface_id))
+        return _chain_options(self.key_chain,
+                              _strategy_settings(self.any_interface_id, self.quic))  # fmt: skip
 
 
-def _strategy_settings(any_interface_id: bool) -> dict[str, Any]:
+def _strategy_settings(any_interface_id: bool, quic: QuicLbSettings) -> dict[str, Any]:
     """Every strategy option the file offers, for the strategies that declare it."""
-    return {"any_interface_id": any_interface_id}
+    return {"any_interface_id": any_interface_id, "quic": quic}
 
 
 def _chain_options(chain: Sequence[str], settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -255,7 +262,8 @@ def _scheduler(bal: Section) -> str:
 
 
 def _backend(s: Section) -> BackendConfig:
-    s = checked(s, ("name", "address", "weight", "health", "health_port", "health_path"))
+    s = checked(s, ("name", "address", "weight", "health", "health_port", "health_path",
+                    "quic_server_id"))  # fmt: skip
     health = s.choice("health", "none", ("none", "tcp", "http"))
     port = s.integer("health_port", 0, 0, 65535)
     if health != "none" and port == 0:
@@ -272,6 +280,64 @@ def _backend(s: Section) -> BackendConfig:
         health=health,
         health_port=port,
         health_path=path,
+        quic_server_id=_server_id(s) if "quic_server_id" in s.data else None,
+    )
+
+
+def _server_id(s: Section) -> bytes:
+    """``[[backend]] quic_server_id``: hex digits, 1 to 15 octets."""
+    text = s.get("quic_server_id", str)
+    try:
+        sid = bytes.fromhex(text)
+    except ValueError:
+        raise s.fail("quic_server_id", f"{show(text)} is not hex digits (e.g. \"0a0b\": two "
+                                       "per octet)") from None  # fmt: skip
+    if not 1 <= len(sid) <= 15:
+        raise s.fail("quic_server_id", f"{show(text)} is {len(sid)} octets; a server ID is "
+                                       "1 to 15")  # fmt: skip
+    return sid
+
+
+def _quic(top: Section, backends: Sequence[BackendConfig]) -> QuicLbSettings:
+    """``[quic]`` and the backends' ``quic_server_id`` (docs/quic.md)."""
+    s = checked(top.table("quic"), ("ports", "config_rotation", "server_id_length",
+                                    "nonce_length", "length_self_description"))
+    ports = tuple(s.get("ports", list, list(QUIC_PORTS)))
+    for p in ports:
+        if not isinstance(p, int) or isinstance(p, bool) or not 0 < p < 65536:
+            raise s.fail("ports", f"{show(p)} is not a port number (1..65535)")
+    if not ports:
+        raise s.fail("ports", "at least one UDP port carries QUIC")
+    s.distinct("ports", ports)
+    sid_length = s.integer("server_id_length", 2, 1, 15)
+    nonce_length = s.integer("nonce_length", 5, 4, 18)
+    if sid_length + nonce_length > 19:
+        raise s.fail("nonce_length", f"server_id_length + nonce_length = "
+                                     f"{sid_length + nonce_length}; with the first octet a "
+                                     "connection ID is at most 20 octets: at most 19")  # fmt: skip
+    rotation = s.integer("config_rotation", 0, 0, 7)
+    if rotation == 7:
+        raise s.fail("config_rotation", "7 marks unroutable connection IDs in QUIC-LB; "
+                                        "use 0 to 6")  # fmt: skip
+    seen: dict[bytes, str] = {}
+    for i, b in enumerate(backends):
+        sid = b.quic_server_id
+        if sid is None:
+            continue
+        if len(sid) != sid_length:
+            raise top.fail(f"backend[{i}].quic_server_id", f"{sid.hex()!r} is {len(sid)} "
+                           f"octets, not quic.server_id_length = {sid_length}")  # fmt: skip
+        if sid in seen:
+            raise top.fail(f"backend[{i}].quic_server_id", f"{sid.hex()!r} is also the "
+                           f"server ID of backend {seen[sid]!r}")  # fmt: skip
+        seen[sid] = b.name
+    return QuicLbSettings(
+        config_rotation=rotation,
+        server_id_length=sid_length,
+        nonce_length=nonce_length,
+        length_self_description=s.get("length_self_description", bool, True),
+        ports=frozenset(ports),
+        server_ids=seen,
     )
 
 
@@ -367,7 +433,7 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
         data,
         (
             "balancer", "virtual", "interfaces", "backend", "health", "notify", "correspondent",
-            "manhole", "control", "metrics", "persistence", "logging", "fleet",
+            "manhole", "control", "metrics", "persistence", "logging", "fleet", "quic",
         ),
     )
     bal = checked(
@@ -376,7 +442,7 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
          "sweep_interval", "batch", "link_send", "offload"),
     )
     any_interface_id = bal.get("any_interface_id", bool, False)
-    chain = _key_chain(bal, _strategy_settings(any_interface_id))
+    chain = _key_chain(bal, _strategy_settings(any_interface_id, QuicLbSettings()))
     scheduler = _scheduler(bal)
 
     virt = checked(top.table("virtual"), ("addresses", "ports"))
@@ -401,6 +467,10 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
         if names.count(b.name) > 1:
             raise top.fail("backend", f"backend name {b.name!r} is used twice")
     _check_backend_addresses(top, backends, vips)
+    quic = _quic(top, backends)
+    if "quic" in chain and not quic.server_ids:
+        raise bal.fail("key_chain", "'quic' needs a quic_server_id on at least one "
+                                    "[[backend]] (docs/quic.md)")  # fmt: skip
 
     health_s = checked(
         top.table("health"), ("interval", "timeout", "rise", "fall", "dead_backend")
@@ -496,6 +566,7 @@ def parse_data(data: dict[str, Any], path: str) -> Config:
         persistence_interval=persist.number("interval", 60.0, 1.0, 86400.0),
         persistence_max_bytes=max_bytes,
         logging_format=logging.choice("format", "text", LOG_FORMATS),
+        quic=quic,
     )
 
 

@@ -369,9 +369,10 @@ class BalancerService(MultiService):
             for name, (file_weight, override) in overridden.items():
                 ignored.append(f"backend {name} weight {file_weight} (the operator's "
                                f"{override} stays until undrain {name})")  # fmt: skip
-        if names & {"key_chain", "any_interface_id"}:
+        if names & {"key_chain", "any_interface_id", "quic"}:
             balancer.chain = key_chain_from(new)
-            applied += [f.key for f in changed if f.name in ("key_chain", "any_interface_id")]
+            applied += [f.key for f in changed
+                        if f.name in ("key_chain", "any_interface_id", "quic")]  # fmt: skip
         if "scheduler" in names:
             balancer.scheduler = scheduler_from_name(new.scheduler)
             applied.append("balancer.scheduler")

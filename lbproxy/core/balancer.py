@@ -497,7 +497,7 @@ class Balancer:
                 return None
             for key, strategy in found:
                 if not table.link(winner, key, now):
-                    self._named_conflict(winner, key, strategy.kind)
+                    self._conflict(winner, key, strategy.kind)
             if hao:
                 winner.care_of = source
             if self.journeys is not None:  # a miss: the journey keeps its first packet
@@ -505,7 +505,7 @@ class Balancer:
             return winner.backend
         for key, strategy in found:
             if not table.link(winner, key, now):
-                self._named_conflict(winner, key, strategy.kind)
+                self._conflict(winner, key, strategy.kind)
         if hao:
             # Only a care-of address the binding had not seen gets here (the steady
             # state returned above): the journey records the move with its packet.
@@ -513,13 +513,6 @@ class Balancer:
                 self.journeys.care_of_changed(winner, winner.care_of, source, buf, now)
             winner.care_of = source
         return winner.backend
-
-    def _named_conflict(self, winner: Binding, key: Key, kind: str) -> None:
-        """`key`, found by the strategy `kind`, has a binding of its own: counted, and
-        told to the winner's journey."""
-        self.counters.conflicts[kind] += 1
-        if self.journeys is not None:
-            self.journeys.conflict(winner, key)
 
     def _named_backend(self, name: str | None) -> Backend | None:
         """The backend a named key names, if it may take packets."""
@@ -559,7 +552,7 @@ class Balancer:
         for key, strategy in found:
             if anchor is not None:
                 if not table.link(anchor, key, now):
-                    self._named_conflict(anchor, key, strategy.kind)
+                    self._conflict(anchor, key, strategy.kind)
             else:
                 b = table.peek(key)
                 if b is not None and b.expires > now and b.backend != chosen:

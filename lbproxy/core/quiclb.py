@@ -77,6 +77,10 @@ def server_id_key(server_id: bytes) -> Key:
     return Key("quic", bytes((len(server_id),)) + server_id.ljust(_VALUE - 1, b"\0"))
 
 
+def _ports(value: Iterable[int]) -> frozenset[int]:
+    return frozenset(value)
+
+
 def _server_ids(
     value: Mapping[bytes, str] | Iterable[tuple[bytes, str]],
 ) -> tuple[tuple[bytes, str], ...]:
@@ -95,7 +99,7 @@ class QuicLbSettings:
     nonce_length: int = 5
     #: Whether the first octet's 5 low bits are the CID length minus one (else random).
     length_self_description: bool = True
-    ports: frozenset[int] = attrs.field(default=frozenset(DEFAULT_PORTS), converter=frozenset)
+    ports: frozenset[int] = attrs.field(default=frozenset(DEFAULT_PORTS), converter=_ports)
     #: (server ID, backend name) pairs (a mapping is accepted); frozen, so hashable.
     server_ids: tuple[tuple[bytes, str], ...] = attrs.field(default=(), converter=_server_ids)
 

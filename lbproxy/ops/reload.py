@@ -16,6 +16,8 @@ virtual addresses, ports       ``virtual.*``                    applies
 backends                       ``[[backend]]``                  applies (operator
                                                                 weight overrides stay)
 key chain, ``any_interface_id``  ``balancer.key_chain`` ...     applies
+QUIC-LB settings, server IDs   ``[quic]``, ``quic_server_id``   applies (the chain is
+                                                                rebuilt)
 scheduler                      ``balancer.scheduler``           applies
 health checks                  ``[health]``                     applies
 manhole, control socket,       ``[manhole]``, ``[control]``,    applies (restarts that
@@ -96,6 +98,7 @@ FIELDS: tuple[Field, ...] = tuple(
         ("mode", "balancer.mode", RESTART),
         ("key_chain", "balancer.key_chain", APPLIES),
         ("any_interface_id", "balancer.any_interface_id", APPLIES),
+        ("quic", "quic", APPLIES),
         ("scheduler", "balancer.scheduler", APPLIES),
         ("lifetime", "balancer.lifetime", RESTART),
         ("max_entries", "balancer.max_entries", RESTART),
