@@ -789,3 +789,26 @@ class PersistenceTests(SynchronousTestCase):
                                   correspondent=again.correspondent)  # fmt: skip
         self.assertIn("seq must be an integer", result.error or "")
         self.assertEqual(len(again.correspondent or []), 0)
+
+
+class JourneyTests(SynchronousTestCase):
+    def test_binding_updates_and_binding_errors_in_the_journey(self) -> None:
+        """A terminal's journey (lbproxy.core.journey) shows its Binding Updates,
+        accepted and forged, and the Binding Errors strict mode answered."""
+        from lbproxy.core.journey import Journeys
+
+        balancer, clock = balancer_with("strict")
+        journeys = Journeys(clock)
+        balancer.follow_journeys(journeys)
+        inbound(balancer, IPv6(src=HOA, dst=VIP) / UDP(sport=4000, dport=80) / b"home")
+        mn = MobileNode(lambda data: inbound(balancer, data))
+        hot, cot = mn.home_test(), mn.care_of_test()
+        inbound(balancer, mn.update(hot, cot, kbm=b"x" * 20))
+        inbound(balancer, mn.update(hot, cot))
+        inbound(balancer, data_packet(COA2))
+        journey = journeys.find(bytes(Key("addr", packed(HOA))))
+        assert journey is not None
+        texts = [(e.kind, e.text) for e in journey.events]
+        self.assertIn(("drop", f"Binding Update from {COA}: bu-bad-authenticator"), texts)
+        self.assertIn(("correspondent", f"Binding Update from {COA}: bu-accepted"), texts)
+        self.assertIn("hao-without-binding", [t for k, t in texts if k == "drop"])

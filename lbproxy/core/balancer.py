@@ -687,6 +687,9 @@ class Balancer:
         counters = self.counters
         if view.mh < 0:
             counters.drop("hao-without-binding")
+            if self.journeys is not None:
+                self.journeys.dropped(Key("addr", bytes(buf[view.hoa : view.hoa + 16])),
+                                      "hao-without-binding", buf)  # fmt: skip
             error = cn.binding_error(buf, view.hoa)
             counters.correspondent["be-sent" if error else "be-rate-limited"] += 1
             return None if error is None else bytearray(error)
@@ -706,6 +709,11 @@ class Balancer:
             self.backend_for(buf, view)
         elif outcome.deleted and home is not None:
             self.return_paths.unconfirm(home)
+        if self.journeys is not None and view.hoa >= 0:  # a Binding Update: its journey
+            text = f"Binding Update from {ipaddress.IPv6Address(bytes(buf[8:24]))}: {outcome.what}"
+            self.journeys.note(Key("addr", bytes(buf[view.hoa : view.hoa + 16])),
+                               "drop" if outcome.refused else "correspondent", text, buf,
+                               entry.care_of if entry is not None else None)  # fmt: skip
         return None if outcome.reply is None else bytearray(outcome.reply)
 
     def _remember_vip(self, home: bytes, vip: bytes) -> None:
