@@ -23,7 +23,11 @@ something changes, which are slow branches already:
   drops whose terminal is known (``drop``, with the reason the counters count);
 - notifications (`lbproxy.notify.adapter`): a care-of address change a home agent or
   terminal reported (``notified``), and the return paths' confirmations
-  (`lbproxy.core.returnpaths`: ``confirmed``, ``unconfirmed``).
+  (`lbproxy.core.returnpaths`: ``confirmed``, ``unconfirmed``);
+- the correspondent node (`lbproxy.core.correspondent`, through the balancer): a Binding
+  Update accepted (``correspondent``) or refused (``drop``, with the reason), and the
+  packets strict mode answered with a Binding Error (``drop``), through `note` and
+  `dropped`.
 
 *One journey per terminal.*  A terminal has several identities (the table's aliases); a
 journey belongs to the live binding that holds them, and is found by any identity it
@@ -69,8 +73,7 @@ MAX_NAMES = 16
 
 #: The kinds of event, in the order a legend lists them.
 KINDS = ("created", "linked", "unlinked", "care-of", "notified", "confirmed", "unconfirmed",
-         "backend", "conflict", "drop", "gone", "packet", "bu-accepted", "bu-refused",
-         "binding-error")
+         "correspondent", "backend", "conflict", "drop", "gone")
 
 
 def _as_key(data: bytes) -> Key:
@@ -372,8 +375,10 @@ class Journeys:
 
     def note(self, key: bytes, kind: str, text: str, packet: bytes | bytearray | None = None,
              care_of: bytes | None = None) -> bool:
-        """An event another module reports (the correspondent node's Binding Updates)
-        for the terminal `key` identifies; False when it has no journey."""
+        """An event another module reports (the correspondent node's Binding Updates:
+        kind ``correspondent``, or ``drop`` when refused) for the terminal `key`
+        identifies, with the `packet` that caused it and the `care_of` address it
+        establishes; False when it has no journey."""
         journey = self.index.get(bytes(key))
         if journey is None:
             return False

@@ -36,9 +36,10 @@ KIND_COLOURS = {
     "created": "#2ca02c", "linked": "#1f77b4", "unlinked": "#7f7f7f", "care-of": "#17becf",
     "notified": "#9467bd", "confirmed": "#8c564b", "unconfirmed": "#c49c94",
     "backend": "#ff7f0e", "conflict": "#bcbd22", "drop": "#d62728", "gone": "#000000",
-    "bu-accepted": "#9467bd", "bu-refused": "#d62728", "binding-error": "#d62728",
+    "correspondent": "#e377c2",
 }
-_CROSS_KINDS = frozenset({"drop", "bu-refused", "binding-error"})
+#: Kinds drawn as a cross (a refusal: a drop, a refused Binding Update).
+_CROSS_KINDS = frozenset({"drop"})
 
 
 def _utc(at: float) -> str:
