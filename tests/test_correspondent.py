@@ -91,6 +91,26 @@ def checksum_valid(packet: bytes, layer: type[Packet]) -> bool:
     return IPv6(bytes(dissected))[layer].cksum == wire
 
 
+#: What the balancer emits as correspondent node, as scapy names it.
+EMITTED = (MIP6MH_HoT, MIP6MH_CoT, MIP6MH_BA, MIP6MH_BE)
+#: Every kind each test run saw emitted (Must show 2: checked below for all of them).
+SEEN: set[str] = set()
+
+
+def dissects_cleanly(packet: bytes) -> None:
+    """Must show 2, for every message any test here makes the balancer emit: scapy
+    dissects it as one of the four messages, with nothing left over, the IPv6 payload
+    length right, and scapy's checksum equal to the one on the wire."""
+    dissected = IPv6(packet)
+    [layer] = [layer for layer in EMITTED if layer in dissected]
+    mh = dissected[layer]
+    assert not mh.payload, f"bytes after the Mobility Header: {mh.payload!r}"
+    assert dissected.plen == len(packet) - 40, dissected.summary()
+    assert checksum_valid(packet, layer), dissected.summary()
+    SEEN.add(f"{layer.__name__}" + (f" {mh.status}" if layer in (MIP6MH_BA, MIP6MH_BE)
+                                      else ""))  # fmt: skip
+
+
 class MobileNode:
     """What a mobile node does, from the RFC (tests' own code): Test Inits, tokens from
     the Tests, the Binding Update, all built with scapy."""
@@ -228,16 +248,17 @@ def correspondent(clock: Clock, **kwargs: Any) -> Correspondent:
 
 def handler(cn: Correspondent) -> Any:
     def handle(data: bytes) -> bytes | None:
-        buf = bytearray(data)
-        view = parse(buf)
-        return cn.handle(buf, view.mh, view.hoa, view.end).reply
+        return outcome(cn, IPv6(data)).reply
     return handle
 
 
 def outcome(cn: Correspondent, packet: Packet) -> Any:
     buf = bytearray(bytes(packet))
     view = parse(buf)
-    return cn.handle(buf, view.mh, view.hoa, view.end)
+    result = cn.handle(buf, view.mh, view.hoa, view.end)
+    if result.reply is not None:
+        dissects_cleanly(result.reply)
+    return result
 
 
 class NonceTableTests(SynchronousTestCase):
@@ -355,6 +376,9 @@ class CorrespondentTests(SynchronousTestCase):
                                  / UDP(dport=80)))  # fmt: skip
         view = parse(packet)
         errors = [cn.binding_error(packet, view.hoa) for _ in range(5)]
+        for error in errors:
+            if error is not None:
+                dissects_cleanly(error)
         self.assertEqual([e is not None for e in errors], [True, True, False, False, False])
         first = errors[0]
         assert first is not None
@@ -516,6 +540,8 @@ def reply_packet(balancer: Balancer, home: str = HOA) -> bytes:
 
 def inbound(balancer: Balancer, data: bytes | Packet) -> bytes | None:
     out = balancer.inbound(bytearray(bytes(data)))
+    if out is not None and IPv6(bytes(out)).dst not in {str(b.address) for b in BACKENDS}:
+        dissects_cleanly(bytes(out))  # not forwarded: the balancer's own answer
     return None if out is None else bytes(out)
 
 
@@ -812,3 +838,38 @@ class JourneyTests(SynchronousTestCase):
         self.assertIn(("drop", f"Binding Update from {COA}: bu-bad-authenticator"), texts)
         self.assertIn(("correspondent", f"Binding Update from {COA}: bu-accepted"), texts)
         self.assertIn("hao-without-binding", [t for k, t in texts if k == "drop"])
+
+
+class EveryMessageTests(SynchronousTestCase):
+    """Must show 2: every kind of message the balancer emits, each status included,
+    dissects cleanly in scapy with a valid checksum (`dissects_cleanly`, which every
+    test here also applies to whatever the balancer answers)."""
+
+    def test_every_kind(self) -> None:
+        SEEN.clear()
+        clock = Clock()
+        clock.advance(1000)
+        cn = correspondent(clock, max_entries=1)
+        mn = MobileNode(handler(cn))
+        hot, cot = mn.home_test(), mn.care_of_test()
+        outcome(cn, mn.update(hot, cot))  # BA 0
+        outcome(cn, mn.update(hot, cot, seq=1))  # BA 135
+        outcome(cn, mn.update(hot, cot, flags="AH"))  # BA 131
+        other = MobileNode(handler(cn), OTHER_HOA, COA2)
+        outcome(cn, other.update(other.home_test(), other.care_of_test()))  # BA 130
+        index = hot[MIP6MH_HoT].index
+        never = (index + 0x100) & 0xFFFF  # an index never issued
+        outcome(cn, mn.update(hot, cot, indices=(index, never)))  # BA 137
+        outcome(cn, mn.update(hot, cot, indices=(never, index)))  # BA 136
+        outcome(cn, mn.update(hot, cot, indices=(never, never)))  # BA 138
+        outcome(cn, mn.update(hot, cot, lifetime=0))  # BA 0, deregistration
+        unknown = bytes(IPv6(src=COA, dst=VIP, nh=135)) + m.build(
+            m.OtherMobilityMessage(42, bytes(2)), packed(COA), packed(VIP))
+        unknown = unknown[:4] + struct.pack("!H", len(unknown) - 40) + unknown[6:]
+        outcome(cn, IPv6(unknown))  # BE 2
+        strict, _ = balancer_with("strict")
+        inbound(strict, data_packet())  # BE 1
+        self.assertEqual(SEEN, {"MIP6MH_HoT", "MIP6MH_CoT", "MIP6MH_BA 0", "MIP6MH_BA 130",
+                                "MIP6MH_BA 131", "MIP6MH_BA 135", "MIP6MH_BA 136",
+                                "MIP6MH_BA 137", "MIP6MH_BA 138", "MIP6MH_BE 1",
+                                "MIP6MH_BE 2"})  # fmt: skip
