@@ -15,7 +15,12 @@ balancer link                2001:db8:f0::/64, router ``::1``, balancer ``::2``
 virtual address (VIP)        2001:db8:5::80 (the VIP prefix is 2001:db8:5::/64)
 server link                  2001:db8:b0::/64, balancer ``::1``
 backend b<i>                 2001:db8:b0::1<i>
+balancer k of a fleet        client link 2001:db8:f0:<k-1>::/64 (router ``::1``,
+                             balancer ``::2``), server side 2001:db8:b0::<k>
 ===========================  ===================================================
+
+Balancer 1 of a fleet has the single balancer's addresses, so ``TestBed(balancers=1)``
+is the bed as it always was.
 
 ``<1000+i>`` is the decimal number written as one hexadecimal group, so
 terminal 1 has home address 2001:db8:100::1001 and terminal 50 has
@@ -28,6 +33,7 @@ from ipaddress import IPv6Address, IPv6Network
 
 MAX_TERMINALS = 8999
 MAX_LINKS = 9
+MAX_BALANCERS = 9
 
 HOME_PREFIX = IPv6Network("2001:db8:100::/64")
 HOME_AGENT = IPv6Address("2001:db8:100::1")
@@ -94,6 +100,35 @@ def terminal_of(address: IPv6Address | str) -> int | None:
         if 1 <= index <= MAX_TERMINALS:
             return index
     return None
+
+
+def _check_balancer(index: int) -> None:
+    if not 1 <= index <= MAX_BALANCERS:
+        raise ValueError(f"balancer index {index} outside 1..{MAX_BALANCERS}")
+
+
+def balancer_link(index: int) -> IPv6Network:
+    """Balancer ``index``'s own link to the router (balancer 1: `BALANCER_LINK`)."""
+    _check_balancer(index)
+    return IPv6Network(f"2001:db8:f0:{index - 1:x}::/64")
+
+
+def balancer_router(index: int) -> IPv6Address:
+    """The router's address on balancer ``index``'s link (balancer 1: `BALANCER_ROUTER`)."""
+    return balancer_link(index)[1]
+
+
+def balancer_client_side(index: int) -> IPv6Address:
+    """Balancer ``index``'s address towards the router, an ECMP next hop of the virtual
+    prefix (balancer 1: `BALANCER_CLIENT_SIDE`)."""
+    return balancer_link(index)[2]
+
+
+def balancer_server_side(index: int) -> IPv6Address:
+    """Balancer ``index``'s address on the server link, a gateway of the backends
+    (balancer 1: `BALANCER_SERVER_SIDE`)."""
+    _check_balancer(index)
+    return SERVER_LINK[index]
 
 
 def backend_name(index: int) -> str:

@@ -17,9 +17,15 @@ from lbproxy.testbed import addresses
 from lbproxy.testbed.bed import TestBed
 from lbproxy.testbed.twistd import TwistdProcess
 
-__all__ = ["BedBalancer", "bed_config"]
+__all__ = ["BedBalancer", "bed_config", "control_socket"]
 
 READY_LINE = "lbproxy forwarding"
+
+
+def control_socket(bed: TestBed, balancer: int = 1) -> str:
+    """Balancer ``balancer``'s control socket in ``bed`` (each of a fleet has its own)."""
+    return bed.path("lbproxy-control.sock" if balancer == 1
+                    else f"lbproxy{balancer}-control.sock")
 
 
 def bed_config(
@@ -35,13 +41,16 @@ def bed_config(
     health: bool = False,
     offload: str | None = None,
     extra: str = "",
+    balancer: int = 1,
 ) -> str:
     """A balancer configuration (TOML text) for ``bed``'s address plan.
 
     ``backends``: which of the bed's backends (default all), ``weights`` by backend
     index, ``health``: TCP checks on the backends' server port, ``offload``: the
     ``[balancer] offload`` setting (None: the key is left out; ``"xdp"`` wants a bed
-    made with ``TestBed(xdp=True)``).
+    made with ``TestBed(xdp=True)``), ``balancer``: which of a fleet's balancers this is
+    for (its control socket; the interfaces have the same names in every balancer's
+    namespace).
     """
     chain = ", ".join(f'"{k}"' for k in key_chain)
     lines = [
@@ -59,7 +68,7 @@ def bed_config(
         'client = "lbc"',
         'server = "lbs"',
         "[control]",
-        f'socket = "{bed.path("lbproxy-control.sock")}"',
+        f'socket = "{control_socket(bed, balancer)}"',
     ]
     for i in bed.backend_indices if backends is None else backends:
         lines += [
@@ -76,12 +85,15 @@ def bed_config(
 class BedBalancer(TwistdProcess):
     """The balancer process in a bed: started under twistd, stopped with the bed."""
 
-    def __init__(self, bed: TestBed, config: str, name: str = "lbproxy") -> None:
-        super().__init__(bed, "lb", "lbproxy", config, name, READY_LINE)
+    def __init__(self, bed: TestBed, config: str, name: str = "lbproxy",
+                 balancer: int = 1) -> None:
+        super().__init__(bed, bed.balancer_role(balancer), "lbproxy", config, name,
+                         READY_LINE)
+        self.index = balancer
 
     @property
     def control_socket(self) -> str:
-        return self.bed.path("lbproxy-control.sock")
+        return control_socket(self.bed, self.index)
 
     def ctl(self, *args: str) -> Any:
         """Run ``lbproxyctl --json`` against this balancer; the decoded answer."""

@@ -22,6 +22,14 @@ forward), and an XDP program that passes everything on the far end of each link 
 in ``net``, ``p0`` in ``sw``), without which veth drops the frames redirected into it
 (docs/deploying.md).  GRO would do as well there, but it would coalesce TCP segments
 before the captures see them.
+
+``TestBed(balancers=3)`` builds a fleet's network (docs/testbed.md, "A fleet of
+balancers"): namespaces ``lb``, ``lb2``, ``lb3``, each with its own link to the router and
+a port on the backends' bridge, the virtual prefix an ECMP route over the three in ``net``
+(hashing on L4), and the backends' default route an ECMP route over the balancers'
+server-side addresses.  `withdraw_balancer` and `restore_balancer` take a balancer's next
+hops out of both routes and put them back, as a routing protocol does when a balancer's
+session drops and comes back.  ``balancers=1`` (the default) is the bed with one ``lb``.
 """
 
 from __future__ import annotations
@@ -38,15 +46,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from lbproxy.testbed import addresses, control, netns
 from lbproxy.testbed.addresses import (
-    BALANCER_CLIENT_SIDE,
-    BALANCER_ROUTER,
-    BALANCER_SERVER_SIDE,
     HOME_AGENT,
     HOME_PREFIX,
     HOME_ROUTER,
@@ -75,13 +80,17 @@ class TestBed:
                  initial_link: int = 1, tcp_ports: Sequence[int] = (addresses.TCP_PORT,),
                  udp_ports: Sequence[int] = (addresses.UDP_PORT,), lb_forwarding: bool = False,
                  register: bool = True, python: str = sys.executable,
-                 ready_timeout: float = 20.0, xdp: bool = False) -> None:
+                 ready_timeout: float = 20.0, xdp: bool = False, balancers: int = 1) -> None:
         if not 1 <= terminals <= addresses.MAX_TERMINALS:
             raise ValueError(f"terminals must be in 1..{addresses.MAX_TERMINALS}")
         if not 1 <= backends <= 255:
             raise ValueError("backends must be in 1..255")
         if not 1 <= links <= addresses.MAX_LINKS or not 1 <= initial_link <= links:
             raise ValueError("bad access link count or initial link")
+        if not 1 <= balancers <= addresses.MAX_BALANCERS:
+            raise ValueError(f"balancers must be in 1..{addresses.MAX_BALANCERS}")
+        if xdp and balancers > 1:
+            raise ValueError("the XDP bed has one balancer")
         self.terminals = terminals
         self.backends = backends
         self.links = list(range(1, links + 1))
@@ -90,6 +99,9 @@ class TestBed:
         self.udp_ports = list(udp_ports)
         self.lb_forwarding = lb_forwarding
         self.xdp = xdp
+        self.balancers = balancers
+        #: The balancers whose next hops the routes hold (`withdraw_balancer`).
+        self.live_balancers = set(range(1, balancers + 1))
         self._peer_xdp: Any = None  # lbproxy.io.xdp.XdpProgram on the links' far ends
         self.register = register
         self.python = python
@@ -106,7 +118,27 @@ class TestBed:
     @property
     def roles(self) -> list[str]:
         """Every role, hence every namespace, of this bed."""
-        return ["net", "term", "ha", "lb", "sw"] + [f"srv{i}" for i in self.backend_indices]
+        return (["net", "term", "ha"] + [self.balancer_role(k) for k in self.balancer_indices]
+                + ["sw"] + [f"srv{i}" for i in self.backend_indices])
+
+    @property
+    def balancer_indices(self) -> range:
+        return range(1, self.balancers + 1)
+
+    @staticmethod
+    def balancer_role(index: int) -> str:
+        """The namespace role of balancer ``index``: ``lb``, ``lb2``, ``lb3``..."""
+        return "lb" if index == 1 else f"lb{index}"
+
+    @staticmethod
+    def _uplink(index: int) -> str:
+        """The router's interface towards balancer ``index`` (in ``net``)."""
+        return "lbn" if index == 1 else f"lbn{index}"
+
+    @staticmethod
+    def _bridge_port(index: int) -> str:
+        """Balancer ``index``'s port on the backends' bridge (in ``sw``)."""
+        return "p0" if index == 1 else f"lbs{index}"
 
     @property
     def backend_indices(self) -> range:
@@ -127,6 +159,10 @@ class TestBed:
                  ("lb", "lbs"): "02:00:00:00:b0:01"}
         if (role, ifname) in fixed:
             return fixed[role, ifname]
+        if role == "net" and ifname.startswith("lbn") and ifname[3:].isdigit():
+            return f"02:00:00:{int(ifname[3:]):02x}:f0:01"
+        if role.startswith("lb") and role[2:].isdigit() and ifname in ("lbc", "lbs"):
+            return f"02:00:00:{int(role[2:]):02x}:{'f0:02' if ifname == 'lbc' else 'b0:01'}"
         if role.startswith("srv") and ifname == "eth0":
             return f"02:00:00:00:b1:{int(role[3:]):02x}"
         raise KeyError(f"no fixed MAC for {ifname} in {role}")
@@ -214,8 +250,14 @@ class TestBed:
             self._sysctl(role, {"net/ipv6/conf/all/accept_dad": "0",
                                 "net/ipv6/conf/default/accept_dad": "0",
                                 "net/ipv6/conf/all/forwarding":
-                                    "1" if role == "net" or (role == "lb" and self.lb_forwarding)
+                                    "1" if role == "net" or (self._is_balancer(role)
+                                                             and self.lb_forwarding)
                                     else "0"})
+        if self.balancers > 1:  # ECMP hashes addresses *and ports* (docs/testbed.md)
+            self._sysctl("net", {"net/ipv6/fib_multipath_hash_policy": "1"})
+
+    def _is_balancer(self, role: str) -> bool:
+        return role in {self.balancer_role(k) for k in self.balancer_indices}
 
     def _sysctl(self, role: str, values: dict[str, str], optional: bool = False) -> None:
         with netns.inside(self.ns(role)):
@@ -239,11 +281,15 @@ class TestBed:
     def _create_links(self) -> None:
         lines = [self._veth("net", f"acc{k}", "term", f"acc{k}") for k in self.links]
         lines.append(self._veth("net", "home", "ha", "home"))
-        lines.append(self._veth("net", "lbn", "lb", "lbc"))
+        lines += [self._veth("net", self._uplink(k), self.balancer_role(k), "lbc")
+                  for k in self.balancer_indices]
         netns.ip_batch(lines, self.ns("net"))
-        lines = [self._veth("sw", "p0", "lb", "lbs")]
+        lines = [self._veth("sw", self._bridge_port(k), self.balancer_role(k), "lbs")
+                 for k in self.balancer_indices]
         lines += [self._veth("sw", f"p{i}", f"srv{i}", "eth0") for i in self.backend_indices]
         lines.append("link add br0 type bridge mcast_snooping 0")
+        lines += [f"link set {self._bridge_port(k)} master br0 up"
+                  for k in self.balancer_indices[1:]]
         lines += [f"link set p{i} master br0 up" for i in range(0, self.backends + 1)]
         lines.append("link set br0 up")
         netns.ip_batch(lines, self.ns("sw"))
@@ -264,12 +310,13 @@ class TestBed:
         # them to its MAC (a static stand-in for proxy neighbour discovery).
         net += [f"neigh replace {addresses.home_address(i)} lladdr {self.mac('ha', 'home')} "
                 "dev home nud permanent" for i in range(1, n + 1)]
-        net += ["link set lbn up", f"addr add {BALANCER_ROUTER}/64 dev lbn nodad",
-                f"neigh replace {BALANCER_CLIENT_SIDE} lladdr {self.mac('lb', 'lbc')} dev lbn "
-                "nud permanent",
-                f"route add {VIP}/128 via {BALANCER_CLIENT_SIDE} dev lbn",
-                f"route add {VIP_PREFIX} via {BALANCER_CLIENT_SIDE} dev lbn",
-                f"route add {SERVER_LINK} via {BALANCER_CLIENT_SIDE} dev lbn"]
+        for k in self.balancer_indices:
+            uplink = self._uplink(k)
+            net += [f"link set {uplink} up",
+                    f"addr add {addresses.balancer_router(k)}/64 dev {uplink} nodad",
+                    f"neigh replace {addresses.balancer_client_side(k)} lladdr "
+                    f"{self.mac(self.balancer_role(k), 'lbc')} dev {uplink} nud permanent"]
+        net += self._router_routes("add")
         netns.ip_batch(net, self.ns("net"))
 
         term = ["link set lo up"]
@@ -287,36 +334,95 @@ class TestBed:
                         "dev home nud permanent",
                         f"route add default via {HOME_ROUTER} dev home"], self.ns("ha"))
 
-        lb = ["link set lo up", "link set lbc up", "link set lbs up",
-              f"addr add {BALANCER_CLIENT_SIDE}/64 dev lbc nodad",
-              f"addr add {BALANCER_SERVER_SIDE}/64 dev lbs nodad",
-              f"neigh replace {BALANCER_ROUTER} lladdr {self.mac('net', 'lbn')} dev lbc "
-              "nud permanent",
-              f"route add default via {BALANCER_ROUTER} dev lbc"]
-        lb += [f"neigh replace {addresses.backend_address(i)} lladdr "
-               f"{self.mac(f'srv{i}', 'eth0')} dev lbs nud permanent"
-               for i in self.backend_indices]
-        netns.ip_batch(lb, self.ns("lb"))
+        for k in self.balancer_indices:
+            role, router = self.balancer_role(k), addresses.balancer_router(k)
+            lb = ["link set lo up", "link set lbc up", "link set lbs up",
+                  f"addr add {addresses.balancer_client_side(k)}/64 dev lbc nodad",
+                  f"addr add {addresses.balancer_server_side(k)}/64 dev lbs nodad",
+                  f"neigh replace {router} lladdr {self.mac('net', self._uplink(k))} dev lbc "
+                  "nud permanent",
+                  f"route add default via {router} dev lbc"]
+            lb += [f"neigh replace {addresses.backend_address(i)} lladdr "
+                   f"{self.mac(f'srv{i}', 'eth0')} dev lbs nud permanent"
+                   for i in self.backend_indices]
+            netns.ip_batch(lb, self.ns(role))
 
         for i in self.backend_indices:
-            netns.ip_batch(["link set lo up", "link set eth0 up",
-                            f"addr add {addresses.backend_address(i)}/64 dev eth0 nodad",
-                            f"neigh replace {BALANCER_SERVER_SIDE} lladdr "
-                            f"{self.mac('lb', 'lbs')} dev eth0 nud permanent",
-                            f"route add default via {BALANCER_SERVER_SIDE} dev eth0"],
-                           self.ns(f"srv{i}"))
+            srv = ["link set lo up", "link set eth0 up",
+                   f"addr add {addresses.backend_address(i)}/64 dev eth0 nodad"]
+            srv += [f"neigh replace {addresses.balancer_server_side(k)} lladdr "
+                    f"{self.mac(self.balancer_role(k), 'lbs')} dev eth0 nud permanent"
+                    for k in self.balancer_indices]
+            netns.ip_batch(srv + self._backend_routes("add"), self.ns(f"srv{i}"))
         netns.ip_batch(["link set lo up"], self.ns("sw"))
+        if self.balancers > 1:
+            # Each balancer reads its server link with AF_PACKET, whatever the frame's
+            # destination MAC: the bridge must never flood a reply meant for one balancer
+            # to the others (as it would before learning where a MAC is).
+            netns.shell(self.ns("sw"), "\n".join(
+                f"bridge fdb replace {self.mac(self.balancer_role(k), 'lbs')} "
+                f"dev {self._bridge_port(k)} master static" for k in self.balancer_indices))
 
         self._filters()
+
+    def _next_hops(self, address: Callable[[int], object],
+                   device: Callable[[int], str]) -> str:
+        """``via A dev D`` for one live balancer, ``nexthop via A dev D ...`` for several
+        (``address``, ``device``: functions of the balancer's index)."""
+        live = sorted(self.live_balancers)
+        if len(live) == 1:
+            return f"via {address(live[0])} dev {device(live[0])}"
+        return " ".join(f"nexthop via {address(k)} dev {device(k)}" for k in live)
+
+    def _router_routes(self, verb: str) -> list[str]:
+        """``net``'s routes to the virtual prefix and the server link, over every live
+        balancer (ECMP when there are several)."""
+        hops = self._next_hops(addresses.balancer_client_side, self._uplink)
+        return [f"route {verb} {VIP}/128 {hops}", f"route {verb} {VIP_PREFIX} {hops}",
+                f"route {verb} {SERVER_LINK} {hops}"]
+
+    def _backend_routes(self, verb: str) -> list[str]:
+        """A backend's default route: through every live balancer (the balancers are
+        the backends' gateway; any of them rewrites a reply)."""
+        hops = self._next_hops(addresses.balancer_server_side, lambda k: "eth0")
+        return [f"route {verb} ::/0 {hops}"]
+
+    def withdraw_balancer(self, index: int) -> None:
+        """Take balancer ``index``'s next hops out of the router's ECMP routes and the
+        backends' default routes -- what BGP or BFD does when the balancer's session
+        drops.  Its namespace and whatever runs there stay."""
+        if index not in self.live_balancers:
+            raise ValueError(f"balancer {index} is not in the routes")
+        if len(self.live_balancers) == 1:
+            raise ValueError("cannot withdraw the last balancer")
+        self.live_balancers.discard(index)
+        self._reroute()
+
+    def restore_balancer(self, index: int) -> None:
+        """Put balancer ``index``'s next hops back (its session is up again)."""
+        if index not in self.balancer_indices:
+            raise ValueError(f"no balancer {index} in this bed")
+        self.live_balancers.add(index)
+        self._reroute()
+
+    def _reroute(self) -> None:
+        netns.ip_batch(self._router_routes("replace"), self.ns("net"))
+        for i in self.backend_indices:
+            netns.ip_batch(self._backend_routes("replace"), self.ns(f"srv{i}"))
 
     def _filters(self) -> None:
         """TX checksum offload off on every veth; the nftables drops; conntrack checksums."""
         veths = {"net": [f"acc{k}" for k in self.links] + ["home", "lbn"],
                  "term": [f"acc{k}" for k in self.links], "ha": ["home"],
-                 "lb": ["lbc", "lbs"], "sw": [f"p{i}" for i in range(self.backends + 1)]}
+                 "sw": [f"p{i}" for i in range(self.backends + 1)]}
+        veths["net"] += [self._uplink(k) for k in self.balancer_indices[1:]]
+        veths["sw"] += [self._bridge_port(k) for k in self.balancer_indices[1:]]
+        veths.update({self.balancer_role(k): ["lbc", "lbs"] for k in self.balancer_indices})
         veths.update({f"srv{i}": ["eth0"] for i in self.backend_indices})
-        rules = {"term": _TERM_RULES, "ha": _HA_RULES.format(ha=HOME_AGENT, home=HOME_PREFIX),
-                 "lb": _LB_RULES.format(vip=VIP_PREFIX, servers=SERVER_LINK)}
+        rules = {"term": _TERM_RULES, "ha": _HA_RULES.format(ha=HOME_AGENT, home=HOME_PREFIX)}
+        rules.update({self.balancer_role(k): _LB_RULES.format(vip=VIP_PREFIX,
+                                                              servers=SERVER_LINK)
+                      for k in self.balancer_indices})
         for role, devices in veths.items():
             script = "\n".join(f"ethtool -K {dev} tx off >/dev/null" for dev in devices)
             if role in rules:
@@ -325,7 +431,7 @@ class TestBed:
                     f.write(rules[role])
                 script += f"\nnft -f {path}"
             netns.shell(self.ns(role), script)
-        for role in ("lb", "net"):
+        for role in [self.balancer_role(k) for k in self.balancer_indices] + ["net"]:
             # Conntrack (if a balancer's rules load it) must not drop HAO packets whose
             # checksum uses the home address (docs/testbed.md).
             self._sysctl(role, {"net/netfilter/nf_conntrack_checksum": "0"}, optional=True)
