@@ -181,3 +181,19 @@ class ReloadTests(SynchronousTestCase):
                          {bytes.fromhex("0a01"): "a", bytes.fromhex("0a03"): "b"})  # fmt: skip
         self.assertEqual(ipaddress.IPv6Address(service.balancer.backends["b"].address),
                          ipaddress.IPv6Address("2001:db8:b0::11"))  # fmt: skip
+
+
+class DocumentedTests(SynchronousTestCase):
+    def test_every_key_documented(self) -> None:
+        """Each ``[quic]`` key and ``quic_server_id`` is in the reference and in the
+        commented example; docs/quic.md is linked from the index."""
+        root = Path(__file__).resolve().parent.parent
+        reference = (root / "docs" / "configuration.md").read_text()
+        example = (root / "etc" / "lbproxy.toml").read_text()
+        for key in ("ports", "config_rotation", "server_id_length", "nonce_length",
+                    "length_self_description"):  # fmt: skip
+            self.assertIn(f"`quic.{key}`", reference)
+            self.assertIn(f"\n{key} = ", example[example.index("\n[quic]\n"):])
+        self.assertIn("`[[backend]] quic_server_id`", reference)
+        self.assertIn("quic_server_id = ", example)
+        self.assertIn("(quic.md)", (root / "docs" / "index.md").read_text())
