@@ -6,6 +6,7 @@ tests, not in ``lbproxy.testbed``.
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 
@@ -28,6 +29,19 @@ def require_bed() -> None:
         check_host()
     except BedUnavailableError as e:
         raise SkipTest(str(e)) from None
+
+
+def require_xdp() -> None:
+    """Skip, saying why, where the balancer's XDP executor cannot run (no bed, not root,
+    no loadable program: `lbproxy.io.xdp.available` says which)."""
+    require_bed()
+    if os.geteuid() != 0:
+        raise SkipTest("the XDP executor needs root")
+    from lbproxy.io.xdp import available
+
+    why = available()
+    if why:
+        raise SkipTest(why)
 
 
 class Capture:

@@ -13,6 +13,13 @@ backends' logs say who served it, and ``lbproxyctl show --json`` shows the table
 Without a notification, the balancer would schedule the new care-of address afresh: each
 test first checks (with the balancer's own Maglev) that CoA2 hashes to another backend than
 CoA1, so staying on one backend is the notification's doing.  Needs root; skips otherwise.
+
+The ``Xdp*`` classes run the same tests with ``[balancer] offload = "xdp"`` (docs/xdp.md) in
+a bed made for it.  With the key on the source address the terminals' packets still go up
+(the policy keeps that direction out of the driver); the backends' replies leave through
+the XDP program, Type 2 Routing Header included, so a confirmation must reach its map
+before the next reply.  (The soak, tests/test_notify_soak.py, runs without offload only:
+two minutes for what these cover.)
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from lbproxy.testbed import addresses, control
 from lbproxy.testbed.agents import BedAgent, BedPki, notify_section, track_addresses
 from lbproxy.testbed.balancer import BedBalancer, bed_config
 from lbproxy.testbed.bed import TestBed
-from tests.bedtools import Capture, l4_checksum_ok, require_bed
+from tests.bedtools import Capture, l4_checksum_ok, require_bed, require_xdp
 
 VIP = str(addresses.VIP)
 LIFETIME = 300.0
@@ -109,11 +116,17 @@ class Connection:
 class NotifyBedTestCase(SynchronousTestCase):
     """Builds a bed, agents and the balancer per test; always tears everything down."""
 
+    #: ``[balancer] offload = "xdp"`` in a bed made for it (`TestBed(xdp=True)`).
+    xdp = False
+
     def setUp(self) -> None:
-        require_bed()
+        if self.xdp:
+            require_xdp()
+        else:
+            require_bed()
 
     def bed(self, terminals: int, register: bool = True) -> TestBed:
-        bed = TestBed(terminals=terminals, backends=3, register=register)
+        bed = TestBed(terminals=terminals, backends=3, register=register, xdp=self.xdp)
         self.addCleanup(bed.stop)
         bed.start()
         return bed
@@ -125,9 +138,12 @@ class NotifyBedTestCase(SynchronousTestCase):
     def balancer(self, bed: TestBed, pki: BedPki, *agents: BedAgent) -> BedBalancer:
         extra = notify_section(pki, [a.peer for a in agents])
         balancer = BedBalancer(bed, bed_config(bed, key_chain=["src"], lifetime=LIFETIME,
-                                               extra=extra))
+                                               offload="xdp" if self.xdp else None,
+                                               extra=extra))  # fmt: skip
         self.addCleanup(balancer.stop)
         balancer.start()
+        if self.xdp:
+            self.assertEqual(balancer.ctl("stats")["ports"]["xdp"]["active"], 1)
         for a in agents:
             line = f"notify: connected to {a.peer.name}"
             wait_for(f"the balancer's connection to {a.peer.name}",
@@ -217,6 +233,14 @@ class NotifyBedTestCase(SynchronousTestCase):
         self.assertGreater(rows[coa1]["packets"], first["packets"])
         self.assertEqual(balancer.ctl("stats")["table"]["inserts"], inserts)
 
+        if self.xdp:
+            # Key = source address: terminals' packets go up (the policy keeps the
+            # inbound direction out of the driver); the replies, Type 2 Routing Header
+            # included, left through the program.
+            offload = balancer.ctl("stats")["ports"]["xdp"]
+            self.assertIn("'src'", offload["inbound_off"])
+            self.assertEqual((offload["forwarded"], offload["replies_off"]), (0, ""))
+            self.assertGreaterEqual(offload["replies"], len(replies), offload)
         sent = conn.sent
         conn.close()
         self.assertEqual(bed.served_by(home), [conn.backend])
@@ -298,3 +322,15 @@ class TerminalNotificationTests(NotifyBedTestCase):
         self.assertIn(f"care-of address {coa(1, 2)}", agent.log())
         self.assertIn("balancer lb.bed.example connected", agent.log())
         self.assert_no_refusals(balancer, agent)
+
+
+class XdpHomeAgentNotificationTests(HomeAgentNotificationTests):
+    """The home agent's notifications with the XDP executor (`NotifyBedTestCase.xdp`)."""
+
+    xdp = True
+
+
+class XdpTerminalNotificationTests(TerminalNotificationTests):
+    """The terminal's notifications with the XDP executor."""
+
+    xdp = True

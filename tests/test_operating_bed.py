@@ -18,6 +18,11 @@ Linux TCP servers behind it and real kernel TCP sessions from moving terminals i
 Needs root; without it every test skips with the reason.  The schedulers are round robin,
 not Maglev, so that stickiness can only come from the table (a consistent hash would put a
 terminal back on its backend anyway).
+
+The ``Xdp*`` classes run tests with ``[balancer] offload = "xdp"`` (docs/xdp.md) in a bed
+made for it (`OperatingBedTestCase.xdp`): the established sessions' packets then stay in
+the XDP program, so what an operator changes (a backend down, drained, removed by a
+reload; a restart) must reach its maps.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from lbproxy.testbed import addresses, control
 from lbproxy.testbed.balancer import BedBalancer, bed_config
 from lbproxy.testbed.bed import TestBed
 from lbproxy.wire import mobility
-from tests.bedtools import require_bed
+from tests.bedtools import require_bed, require_xdp
 
 VIP = str(addresses.VIP)
 
@@ -53,7 +58,8 @@ def operating_config(
     **options: Any,
 ) -> str:
     """The bed's balancer configuration with this module's defaults (round robin, so
-    stickiness can only come from the table)."""
+    stickiness can only come from the table); a bed made for XDP offloads."""
+    options.setdefault("offload", "xdp" if bed.xdp else None)
     return bed_config(bed, key_chain=key_chain, scheduler=scheduler, **options)
 
 
@@ -126,10 +132,15 @@ class OperatingBedTestCase(SynchronousTestCase):
     """A bed and one balancer per test, always torn down."""
 
     terminals = 12
+    #: ``[balancer] offload = "xdp"`` in a bed made for it (`TestBed(xdp=True)`).
+    xdp = False
 
     def setUp(self) -> None:
-        require_bed()
-        self.bed = TestBed(terminals=self.terminals, backends=3)
+        if self.xdp:
+            require_xdp()
+        else:
+            require_bed()
+        self.bed = TestBed(terminals=self.terminals, backends=3, xdp=self.xdp)
         self.addCleanup(self.bed.stop)
         self.bed.start()
 
@@ -138,6 +149,8 @@ class OperatingBedTestCase(SynchronousTestCase):
         self.addCleanup(lb.stop)
         lb.start()
         self.addCleanup(self.diagnostics, lb)
+        if self.xdp:
+            self.assertEqual(lb.ctl("stats")["ports"]["xdp"]["active"], 1)
         return lb
 
     def diagnostics(self, lb: BedBalancer) -> None:
@@ -153,6 +166,23 @@ class OperatingBedTestCase(SynchronousTestCase):
             counters = repr(e)
         log.msg(f"{self.id()}: balancer stats {stats}; terminal emulator {counters}; "
                 f"balancer log tail:\n{lb.log()[-3000:]}")
+
+    def assert_offloaded(self, forwarded: bool = True) -> dict[str, Any]:
+        """With ``xdp``: the program is attached and forwarded packets in both directions
+        (`forwarded`), or handed every packet up (not `forwarded`: nothing it may take)."""
+        stats = self.request("stats")
+        offload = stats["ports"]["xdp"]
+        self.assertEqual(offload["active"], 1, offload)
+        # The shared counters include what the program forwarded (`stats` folds it in).
+        self.assertGreaterEqual(stats["packets_in"], offload["forwarded"], stats)
+        self.assertGreaterEqual(stats["replies_in"], offload["replies"], stats)
+        if forwarded:
+            self.assertGreater(offload["forwarded"], 0, offload)
+            self.assertGreater(offload["replies"], 0, offload)
+        else:
+            self.assertEqual((offload["forwarded"], offload["replies"]), (0, 0), offload)
+            self.assertGreater(offload["passed"], 0, offload)
+        return offload
 
     def request(self, command: str, timeout: float = 10.0, **args: Any) -> Any:
         """The control socket, in process (quick enough to poll)."""
@@ -508,6 +538,52 @@ class HomeAgentPoolTests(OperatingBedTestCase):
                          {f"addr {hoa}": addresses.backend_name(h[0])
                           for hoa, h in holders.items()})
         self.assertEqual(lb.ctl("stats")["misses"], {"hoa": len(terminals)})
+
+
+class XdpHealthAndDrainTests(HealthAndDrainTests):
+    """Health and drain with the sessions' packets in the XDP program: a backend down
+    takes its bindings' packets out of the driver (the core reassigns them)."""
+
+    xdp = True
+
+    def test_dead_server_gets_no_new_terminals_and_returns(self) -> None:
+        super().test_dead_server_gets_no_new_terminals_and_returns()
+        self.assert_offloaded()
+
+    def test_drain_keeps_sessions_new_terminals_elsewhere(self) -> None:
+        super().test_drain_keeps_sessions_new_terminals_elsewhere()
+        self.assert_offloaded()
+
+
+class XdpReloadTests(ReloadTests):
+    """A reload with the program attached: a removed backend's bindings go up."""
+
+    xdp = True
+
+    def test_reload_keeps_surviving_bindings_and_refuses_broken_file(self) -> None:
+        super().test_reload_keeps_surviving_bindings_and_refuses_broken_file()
+        self.assert_offloaded()
+
+
+class XdpPersistenceTests(PersistenceTests):
+    """A restart with the program: the old process's links go with it, the new one
+    mirrors the restored table before its first packet."""
+
+    xdp = True
+
+    def test_restart_keeps_terminals_on_their_backends(self) -> None:
+        super().test_restart_keeps_terminals_on_their_backends()
+        self.assert_offloaded()
+
+
+class XdpHomeAgentPoolTests(HomeAgentPoolTests):
+    """Binding Updates are the core's (mobility headers): the program hands each up."""
+
+    xdp = True
+
+    def test_binding_updates_of_a_terminal_reach_one_home_agent(self) -> None:
+        super().test_binding_updates_of_a_terminal_reach_one_home_agent()
+        self.assert_offloaded(forwarded=False)
 
 
 def _answers(path: str) -> bool:
