@@ -145,6 +145,8 @@ def main() -> None:
     parser.add_argument("--snap", type=int, default=DEFAULT_SNAP)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--packets", type=int, default=50_000)
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the memory figures (no timing: no need of a quiet machine)")
     args = parser.parse_args()
     worst = memory(args.terminals, args.events, args.snap, own_packets=True)
     usual = memory(args.terminals, args.events, args.snap, own_packets=False)
@@ -154,6 +156,8 @@ def main() -> None:
           f"{worst * args.terminals / 2**20:6.1f} MiB in all")
     print(f"  events without packets:               {usual / 1024:7.1f} KiB per terminal, "
           f"{usual * args.terminals / 2**20:6.1f} MiB in all")
+    if args.memory_only:
+        return
     print(f"\nthe general path per packet, {args.rounds} rounds of {args.packets} packets "
           "(best / median, microseconds):")
     for case in ("hit", "hit-src", "miss"):

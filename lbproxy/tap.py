@@ -154,8 +154,9 @@ class BalancerService(MultiService):
         #: What reload's start-up checks ask about this host (tests give a fake).
         self.host = host if host is not None else preflight.Host()
         self.balancer = build_balancer(config, reactor)
-        if config.journeys:  # the terminals' journeys (lbproxyctl journey)
-            self.balancer.follow_journeys(Journeys(reactor, config.journeys))
+        #: The terminals' journeys (lbproxyctl journey), followed once started: after
+        #: persistence restored the table (journeys are not saved; docs/journey.md).
+        self.journeys = Journeys(reactor, config.journeys) if config.journeys else None
         #: The configured weights and the operator's overrides over them.
         self.weights = Weights(self.balancer.backends.values())
         self._reload_lock = DeferredLock()
@@ -193,7 +194,7 @@ class BalancerService(MultiService):
                 reactor,
                 TableListener(self.balancer.table, self.fleet.return_paths() if self.fleet
                               else self.balancer.return_paths,  # fleet: confirmations shared
-                              journeys=self.balancer.journeys),
+                              journeys=self.journeys),
                 local=lambda: self.balancer.policy,  # care-of addresses: not VIPs, backends, us
                 terminals=self._known_terminals,  # asked of a peer a reload adds (notify)
             )
@@ -553,6 +554,8 @@ class BalancerService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        if self.journeys is not None and self.balancer.journeys is None:  # journeys
+            self.balancer.follow_journeys(self.journeys)
         self.control.started = self.reactor.seconds()
         if self.install_sighup:
             signal.signal(signal.SIGHUP, self._sighup)

@@ -11,6 +11,8 @@ a steady-state hit records nothing.
 from __future__ import annotations
 
 import ipaddress
+import os
+from typing import Any
 
 from scapy.layers.inet import UDP
 from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
@@ -330,3 +332,65 @@ class ControlTests(SynchronousTestCase):
         with self.assertRaises(OperatorError) as e:
             Control(plain).journey(f"addr {HOA}")
         self.assertIn("not kept", str(e.exception))
+
+
+class ServiceWiringTests(SynchronousTestCase):
+    """``twistd lbproxy``'s service tree (real core, in-memory packet system): journeys
+    are followed once started -- after persistence restored the table, so restored
+    bindings start none -- and ``[control] journeys = 0`` keeps none."""
+
+    def make(self, extra: str, directory: str) -> Any:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from lbproxy.config import load_config
+        from lbproxy.tap import BalancerService
+        from lbproxy.testing import MemoryPacketSystem
+        from tests.test_preflight import FakeHost
+        from tests.test_tap import CONFIG, backends
+
+        path = os.path.join(directory, "lbproxy.toml")
+        with open(path, "w") as f:
+            f.write(CONFIG.format(backends=backends("a", "b")) + extra)
+        system = MemoryPacketSystem(interfaces=("lbc", "lbs"))
+        service = BalancerService(load_config(path), MemoryReactorClock(),
+                                  install_sighup=False, system=system, host=FakeHost())
+        return service, system
+
+    def test_followed_after_the_restore(self) -> None:
+        from tests.test_tap import mobile as tap_mobile
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        saved = os.path.join(directory, "table.jsonl")
+        persist = f'[persistence]\npath = "{saved}"\ninterval = 60\n'
+        first, _system = self.make(persist, directory)
+        first.privilegedStartService()
+        first.startService()
+        first.balancer.table.insert(Key("addr", packed("2001:db8:100::7")),
+                                    first.balancer.backends["a"])
+        first.stopService()
+        service, system = self.make(persist + "[control]\njourneys = 8\n", directory)
+        self.assertIsNone(service.balancer.journeys)  # not before it starts
+        service.privilegedStartService()
+        service.startService()
+        self.addCleanup(service.stopService)
+        journeys = service.balancer.journeys
+        assert journeys is not None
+        self.assertEqual(journeys.max_terminals, 8)
+        self.assertEqual(len(service.balancer.table), 1)  # restored ...
+        self.assertEqual(len(journeys), 0)  # ... without a journey
+        system.inject("lbc", tap_mobile("2001:db8:100::1"))
+        service.forwarder.client.doRead()
+        self.assertEqual(service.control.journey("addr 2001:db8:100::1")["events"][0]["kind"],
+                         "created")
+
+    def test_none_kept(self) -> None:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        service, _system = self.make("[control]\njourneys = 0\n", directory)
+        service.privilegedStartService()
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertIsNone(service.balancer.journeys)
+        with self.assertRaises(OperatorError):
+            service.control.journey("addr 2001:db8:100::1")

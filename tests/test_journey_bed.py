@@ -82,13 +82,16 @@ class JourneyBedTests(SynchronousTestCase):
         self.assertIn(f"linked: addr {coas[1]} ", comments[2])
         self.assertIn(f"care-of: {coas[0]} -> {coas[1]} ", comments[3])
         self.assertIn(f"care-of: {coas[1]} -> {coas[2]} ", comments[5])
-        # every event's packet is the terminal's TCP packet that caused it
-        for frame, coa in zip(frames, [coas[0], coas[0], coas[1], coas[1], coas[2], coas[2]],
-                              strict=True):
+        # the terminal's TCP packet that caused each pair of events is the first one's
+        # frame (the second names it)
+        for i, coa in ((0, coas[0]), (2, coas[1]), (4, coas[2])):
+            frame = frames[i]
             self.assertEqual(frame[IPv6].src, coa)
             self.assertEqual(frame[IPv6].dst, str(addresses.VIP))
             self.assertEqual(frame[HAO].hoa, hoa)
             self.assertEqual(frame[TCP].dport, addresses.TCP_PORT)
+            self.assertEqual((frames[i + 1].original, frames[i + 1].wirelen), (b"", 0))
+            self.assertTrue(comments[i + 1].endswith(f" (its packet: frame {i + 1})"))
         self.assertTrue(frames[0][TCP].flags.S)  # the session's SYN made the binding
         times = [float(f.time) for f in frames]
         self.assertEqual(times, sorted(times))
@@ -111,8 +114,8 @@ class JourneyBedTests(SynchronousTestCase):
                                      "-e", "frame.comment"], capture_output=True, text=True,
                                     timeout=60, check=True).stdout.splitlines()
             self.assertEqual([f.split("\t") for f in fields],
-                             [[frame[IPv6].src, c] for frame, c in zip(frames, comments,
-                                                                        strict=True)])
+                             [[frame[IPv6].src if frame.original else "", c]
+                              for frame, c in zip(frames, comments, strict=True)])
 
     def test_unknown_terminal(self) -> None:
         result = self.lbproxyctl("journey", "addr", "2001:db8:100::dead")

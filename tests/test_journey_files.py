@@ -94,7 +94,8 @@ class PcapNgTests(SynchronousTestCase):
         """scapy's reader: one frame per event, in order, at the event's time; the
         comment is the event's line; frames of events with a packet are those IPv6
         packets (dissected: source, HAO, payload), truncated to the snap length with
-        the original length kept; the others are empty."""
+        the original length kept -- once: the other events the same packet caused name
+        its frame; the others are empty."""
         journey, sent, _control = a_journey(snap=128)
         path = self.write(journey)
         frames = rdpcap(path)
@@ -102,9 +103,13 @@ class PcapNgTests(SynchronousTestCase):
         with PcapNgReader(path) as reader:
             reader.read_packet()
             self.assertEqual([i[0] for i in reader.interfaces], [LINKTYPE_IPV6])
-        for frame, event in zip(frames, journey["events"], strict=True):
-            self.assertEqual(frame.comments,
-                             [f"lbproxy journey of addr {COA1}: {event_line(event)}".encode()])
+        shared = {2: 1, 4: 3, 6: 5}  # frame -> the frame carrying its packet
+        for number, (frame, event) in enumerate(zip(frames, journey["events"], strict=True),
+                                                start=1):
+            line = f"lbproxy journey of addr {COA1}: {event_line(event)}"
+            if number in shared:
+                line += f" (its packet: frame {shared[number]})"
+            self.assertEqual(frame.comments, [line.encode()])
             self.assertTrue(event_line(event).startswith(f"{event['kind']}: {event['text']}"))
             self.assertAlmostEqual(float(frame.time), event["at"], places=5)
         first = frames[0]
@@ -112,12 +117,14 @@ class PcapNgTests(SynchronousTestCase):
         self.assertEqual(first.wirelen, len(sent[0]))
         self.assertEqual(first[IPv6].src, COA1)
         self.assertEqual(first[HAO].hoa, HOA)
-        moved = frames[3]
+        moved = frames[2]  # COA2 linked, then the move (frame 4) by the same packet
         self.assertEqual(bytes(moved), sent[1])
         self.assertEqual(moved[IPv6].src, COA2)
         self.assertEqual(moved[UDP].dport, 80)
-        self.assertIn(f"care-of: {COA1} -> {COA2}".encode(), moved.comments[0])
-        for i in (6, 7, 8):  # notified, confirmed, operator move: no packet
+        self.assertIn(f"linked: addr {COA2}".encode(), moved.comments[0])
+        self.assertIn(f"care-of: {COA1} -> {COA2}".encode(), frames[3].comments[0])
+        self.assertEqual(bytes(frames[4]), sent[2])
+        for i in (1, 3, 5, 6, 7, 8):  # shared, notified, confirmed, operator move: empty
             self.assertEqual((frames[i].original, frames[i].wirelen), (b"", 0), EXPECTED[i])
         self.assertEqual(bytes(frames[9]), sent[3])
         self.assertEqual(frames[9][IPv6].hlim, 1)
@@ -137,7 +144,8 @@ class PcapNgTests(SynchronousTestCase):
         rows = [line.split("|") for line in result.stdout.splitlines()]
         self.assertEqual(len(rows), len(EXPECTED))
         self.assertEqual(rows[0][:3], [str(len(sent[0])), "256", COA1])  # the snap length
-        self.assertEqual(rows[3][2], COA2)
+        self.assertEqual(rows[2][2], COA2)
+        self.assertEqual(rows[3][:3], ["0", "0", ""])  # the move: its packet is frame 3
         self.assertEqual(rows[6][:3], ["0", "0", ""])
         for row, event in zip(rows, journey["events"], strict=True):
             self.assertIn(f"{event['kind']}: {event['text']}", row[3])

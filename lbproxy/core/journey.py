@@ -256,7 +256,11 @@ class Journeys:
             if binding.care_of is not None:
                 journey.care_of = binding.care_of
             self._name(journey, own)
-            self._record(journey, "created", f"{binding.key} -> {name}")
+            # A binding older than its journey (restored at start, or its journey pushed
+            # out by the bound) says so: its first events are not known here.
+            older = " (made earlier; its first events are not kept)" \
+                if binding.packets > 1 else ""  # fmt: skip
+            self._record(journey, "created", f"{binding.key} -> {name}{older}")
             for alias in sorted(keys - {own}):
                 self._name(journey, alias)
             return

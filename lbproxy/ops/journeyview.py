@@ -88,14 +88,29 @@ def format_journey(journey: Mapping[str, Any]) -> str:
 
 
 def journey_frames(journey: Mapping[str, Any]) -> list[Frame]:
-    """The journey's events as pcap-ng frames (time, bytes, original length, comment)."""
+    """The journey's events as pcap-ng frames (time, bytes, original length, comment).
+
+    Events one packet caused together (a binding made and its first identities linked,
+    a new care-of address linked and the move) share that packet: it is the first
+    one's frame; the others are empty frames whose comment names it (the same bytes
+    twice would look like a retransmission to Wireshark)."""
     frames: list[Frame] = []
     asked = journey.get("asked", "?")
-    for event in journey.get("events") or []:
+    previous: tuple[float, str] | None = None
+    carrier = 0
+    for number, event in enumerate(journey.get("events") or [], start=1):
+        comment = f"lbproxy journey of {asked}: {event_line(event)}"
         data = _packet(event)
+        at = float(event["at"])
+        if data and previous == (at, event.get("packet")):
+            comment += f" (its packet: frame {carrier})"
+            data = b""
+        elif data:
+            previous, carrier = (at, event.get("packet")), number
+        else:
+            previous = None
         length = int(event.get("length") or 0) if data else 0
-        frames.append((float(event["at"]), data, length,
-                       f"lbproxy journey of {asked}: {event_line(event)}"))
+        frames.append((at, data, length, comment))
     return frames
 
 
