@@ -11,16 +11,19 @@ move between care-of addresses mid-connection:
 2. then with lbproxy's key chain (home address first): every terminal stays on its
    backend, every byte arrives.
 
-It prints the sticky table, which backend served each terminal, and the counters, then
-tears everything down.  It needs root (network namespaces); without it it says so and
-exits non-zero.
+It prints the sticky table, which backend served each terminal, and the counters, and
+ends by drawing one terminal's journey (``lbproxyctl journey``: an SVG picture and a
+pcap-ng capture, whose paths it prints), then tears everything down.  It needs root
+(network namespaces); without it it says so and exits non-zero.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,7 +60,29 @@ def _print_terminals(report: dict[str, Any], served: dict[int, set[str]]) -> Non
             print(f"  {terminal['hoa']:<22} {' -> '.join(coas):<62} {backends:<9} {result}")
 
 
-def _run(bed: TestBed, title: str, key_chain: Sequence[str], moves: Sequence[int]) -> bool:
+def _journey(balancer: BedBalancer, index: int, directory: str) -> None:
+    """Draw terminal `index`'s journey with ``lbproxyctl journey`` (docs/journey.md) and
+    print where the picture and the capture are."""
+    hoa = addresses.home_address(index)
+    pcap = os.path.join(directory, f"journey-terminal-{index}.pcapng")
+    svg = os.path.join(directory, f"journey-terminal-{index}.svg")
+    result = subprocess.run(
+        [sys.executable, "-m", "lbproxy.ops.ctl", "--socket", balancer.control_socket,
+         "journey", "addr", str(hoa), "--pcap", pcap, "--svg", svg],
+        capture_output=True, text=True, timeout=30, check=False)
+    if result.returncode != 0:
+        print(f"\n  journey of terminal {index}: {result.stderr.strip()}")
+        return
+    print(f"\n  terminal {index}'s journey (lbproxyctl journey addr {hoa}):")
+    for line in result.stdout.splitlines():
+        if not line.startswith("wrote "):
+            print("   ", line)
+    print(f"  journey picture: {svg}")
+    print(f"  journey capture (Wireshark): {pcap}")
+
+
+def _run(bed: TestBed, title: str, key_chain: Sequence[str], moves: Sequence[int],
+         journey_dir: str | None = None) -> bool:
     print(f"\n=== {title}: key chain {list(key_chain)} ===")
     balancer = BedBalancer(bed, bed_config(bed, key_chain=key_chain), name="lbproxy-demo")
     balancer.start()
@@ -78,6 +103,8 @@ def _run(bed: TestBed, title: str, key_chain: Sequence[str], moves: Sequence[int
         one = sum(1 for i in report["terminals"] if len(served.get(int(i), ())) == 1)
         print(f"  => {summary['ok']}/{summary['connections']} sessions intact, "
               f"{one}/{len(report['terminals'])} terminals kept on one backend")
+        if journey_dir is not None:  # the demo ends by drawing one terminal's journey
+            _journey(balancer, 1, journey_dir)
         return one == len(report["terminals"]) and summary["errors"] == 0
     finally:
         balancer.stop()
@@ -90,6 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--terminals", type=int, default=6)
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the address-keyed run")
+    parser.add_argument("--journey-dir", default=None,
+                        help="where to write terminal 1's journey (SVG and pcap-ng); "
+                             "default: a new directory under the system's temporary one")
     args = parser.parse_args(argv)
     try:
         check_host()
@@ -107,8 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                  ["src"], [2, 3])
             for i in range(1, args.terminals + 1):
                 bed.move(i, 1)
+        journey_dir = args.journey_dir or tempfile.mkdtemp(prefix="lbproxy-demo-")
+        os.makedirs(journey_dir, exist_ok=True)
         ok = _run(bed, "lbproxy: keyed on the home address", ["hoa", "iid", "spi", "src"],
-                  [2, 3])
+                  [2, 3], journey_dir)
     print("\nTest bed removed.")
     if ok:
         print("Every terminal stayed on its backend while it moved.")
