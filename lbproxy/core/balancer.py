@@ -170,6 +170,7 @@ class Balancer:
         # What the policy is built from.
         self._chain = chain
         self._named = _named_strategies(chain)
+        self._named_walk = tuple((s, self._named.get(s)) for s in chain.strategies)
         self._vips: tuple[ipaddress.IPv6Address, ...] = ()
         self._ports: frozenset[int] = frozenset()
         self._backends: tuple[Backend, ...] = ()
@@ -220,6 +221,7 @@ class Balancer:
     def chain(self, chain: KeyChain) -> None:
         self._chain = chain
         self._named = _named_strategies(chain)
+        self._named_walk = tuple((s, self._named.get(s)) for s in chain.strategies)
         self._publish()
 
     @property
@@ -453,16 +455,16 @@ class Balancer:
         peek = table.peek
         source = bytes(buf[8:24])
         hao = view.hoa >= 0
-        named = self._named
         winner: Binding | None = None
         chosen: Backend | None = None  # the backend a named key chose
         chosen_by = ""
         found: list[tuple[Key, IKeyStrategy]] = []
-        for strategy in self._chain.strategies:
+        # (strategy, how its keys name a backend or None), in chain order: no hashing of
+        # strategies per packet.
+        for strategy, resolve in self._named_walk:
             key = strategy.key_for(buf, view)
             if key is None:
                 continue
-            resolve = named.get(strategy)
             if resolve is not None:
                 if winner is None and chosen is None:
                     chosen = self._named_backend(resolve(key))
@@ -534,29 +536,28 @@ class Balancer:
         bound to it; the others are linked.  Returns that binding (None: there was
         nothing to bind, or the table refused it -- the packet goes to `chosen` anyway)."""
         table = self.table
+        seen = [(key, strategy, table.peek(key)) for key, strategy in found]
         anchor: Binding | None = None
-        for key, _ in found:
-            b = table.peek(key)
-            if b is not None and b.expires > now and b.backend == chosen:
+        for _, _, b in seen:
+            if b is not None and b.expires > now and (b.backend is chosen or b.backend == chosen):
                 anchor = b
                 table.refresh(b, now)
                 break
         if anchor is None:
-            for key, _ in found:
-                b = table.peek(key)
+            for key, _, b in seen:
                 if b is None or b.expires <= now:
                     anchor = table.insert(key, chosen, source=source)
                     if anchor is not None and self.terminal_seen is not None:
                         self.terminal_seen(None, source)
                     break
-        for key, strategy in found:
+        for key, strategy, b in seen:
+            if b is anchor:
+                continue  # the anchor's own key, or one already linked to it
             if anchor is not None:
                 if not table.link(anchor, key, now):
                     self._conflict(anchor, key, strategy.kind)
-            else:
-                b = table.peek(key)
-                if b is not None and b.expires > now and b.backend != chosen:
-                    self.counters.conflicts[strategy.kind] += 1
+            elif b is not None and b.expires > now and b.backend != chosen:
+                self.counters.conflicts[strategy.kind] += 1
         return anchor
 
     def _hit(self, b: Binding, key: Key, kind: str, now: float) -> Binding | None:

@@ -152,7 +152,7 @@ class QuicLbStrategy:
     when it names a configured backend (see the module's docstring)."""
 
     kind = "quic"
-    __slots__ = ("_cid", "_first", "_mask", "_names", "_ports", "_sid", "settings")
+    __slots__ = ("_cid", "_first", "_keys", "_mask", "_names", "_ports", "_sid", "settings")
 
     def __init__(self, settings: QuicLbSettings | None = None) -> None:
         self.settings = settings = settings or QuicLbSettings()
@@ -168,6 +168,8 @@ class QuicLbStrategy:
             self._mask = 0xE0
             self._first = settings.config_rotation << 5
         self._names = {server_id_key(s): n for s, n in settings.server_ids}
+        # Server ID -> its key, built once: a packet's key costs a slice and a lookup.
+        self._keys = {s: server_id_key(s) for s, _ in settings.server_ids}
 
     def key_for(self, buf: Buffer, view: PacketView) -> Key | None:
         if view.proto != _UDP or view.dport not in self._ports:
@@ -189,11 +191,7 @@ class QuicLbStrategy:
                 return None
         if buf[cid] & self._mask != self._first:
             return None
-        sid = self._sid
-        key: Key = bytes.__new__(
-            Key, _PREFIX + bytes((sid,)) + buf[cid + 1 : cid + 1 + sid] + bytes(_VALUE - 1 - sid)
-        )
-        return key if key in self._names else None
+        return self._keys.get(bytes(buf[cid + 1 : cid + 1 + self._sid]))
 
     def backend_name(self, key: Key) -> str | None:
         return self._names.get(key)
