@@ -363,3 +363,22 @@ class BalancerTests(SynchronousTestCase):
         self.assertEqual(b._named, {})
         b.chain = KeyChain.from_names(["quic", "src"], quic=SETTINGS)
         self.assertEqual(len(b._named), 1)
+
+    def test_forged_server_id(self) -> None:
+        """A client claiming another backend's server ID steers only its own packets:
+        a victim's binding, and where the victim's packets go, are unchanged."""
+        b, _ = balancer(["quic", "src"], scheduler="round_robin")
+        victim, forger = "2001:db8:c1::10", "2001:db8:c1::66"
+        victim_backend = to(b, udp(b"plain", source=victim, dport=80))
+        other = next(s.name for s in BACKENDS if s.name != victim_backend)
+        before = {str(k): v.backend.name for k, v in b.table}
+        # The forger claims backend `other`: only his own, unbound address follows it.
+        self.assertEqual(to(b, udp(short_header(self.cid(other)), source=forger)), other)
+        after = {str(k): v.backend.name for k, v in b.table}
+        self.assertEqual({k: v for k, v in after.items() if k in before}, before)
+        self.assertEqual(set(after) - set(before), {f"addr {forger}"})
+        self.assertEqual(to(b, udp(b"plain", source=victim, dport=80)), victim_backend)
+        # The victim's own QUIC packets still go where their server ID says.
+        self.assertEqual(to(b, udp(short_header(self.cid(victim_backend)), source=victim)),
+                         victim_backend)  # fmt: skip
+        self.assertEqual([k for k, _ in b.table if k.kind == "quic"], [])
