@@ -733,6 +733,9 @@ class OperatorTests(SynchronousTestCase):
         self.assertEqual(view["entries"], [{"home": HOA, "care_of": COA, "seq": 1,
                                             "left": 90.0}])  # fmt: skip
         self.assertIn(f"{HOA} -> {COA}  seq 1  90.0 s left", render("cache", view))
+        limited = control.correspondent(limit=0)
+        self.assertEqual((limited["size"], limited["entries"]), (1, []))
+        self.assertIn("1 bindings (0 shown)", render("cache", limited))
         stats = control.stats()
         self.assertEqual(stats["correspondent"]["bu-accepted"], 1)
         self.assertEqual(stats["dropped"]["bu-sequence"], 1)

@@ -74,6 +74,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import hmac
+import itertools
 import os
 import struct
 from collections import deque
@@ -285,9 +286,9 @@ class Correspondent:
         """The live entry for ``home``, or None."""
         return self._entries.get(home)
 
-    def entries(self) -> Iterator[CacheEntry]:
-        """Every entry (the operator's view, persistence)."""
-        return iter(list(self._entries.values()))
+    def entries(self, limit: int | None = None) -> Iterator[CacheEntry]:
+        """Every entry, or the first ``limit`` (the operator's view, persistence)."""
+        return iter(list(itertools.islice(self._entries.values(), limit)))
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -703,9 +703,10 @@ class Control:
             **({"fleet": self.fleet.stats()} if self.fleet is not None else {}),
         }
 
-    def correspondent(self) -> dict[str, Any]:
+    def correspondent(self, limit: int = 100) -> dict[str, Any]:
         """The correspondent node's binding cache (docs/correspondent.md): mode, size,
-        bound and each entry's home and care-of address, sequence number, seconds left."""
+        bound and the first `limit` entries' home and care-of address, sequence number,
+        seconds left."""
         cn = getattr(self.balancer, "correspondent", None)
         if cn is None:
             return {"mode": "off", "size": 0, "entries": []}
@@ -717,7 +718,7 @@ class Control:
             "expired": cn.expired,
             "entries": [{"home": _address(e.home), "care_of": _address(e.care_of), "seq": e.seq,
                          "left": round(max(0.0, e.expires - now), 1)}
-                        for e in cn.entries()],
+                        for e in cn.entries(max(0, min(limit, 10_000)))],
         }
 
     def notify(self, limit: int = 100, peer: str | None = None) -> dict[str, Any]:

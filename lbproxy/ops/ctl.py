@@ -34,7 +34,7 @@ drain     backend                                      the backend
 undrain   backend                                      the backend
 backends  -                                            [backend, ...]
 stats     -                                            the counters
-cache     -                                            the correspondent node's binding
+cache     limit (optional; 100 by default, 10000 max)  the correspondent node's binding
                                                        cache: mode, size, entries
 info      -                                            version, uptime, mode, offload, pending
                                                        restart, ...
@@ -213,7 +213,8 @@ COMMANDS: dict[str, Command] = {
     "undrain": _undrain,
     "backends": lambda request: request.control.backends(),
     "stats": lambda request: request.control.stats(),
-    "cache": lambda request: request.control.correspondent(),
+    "cache": lambda request: request.control.correspondent(
+        limit=_int_arg(request.args, "limit") if "limit" in request.args else 100),
     "info": lambda request: request.control.info(),
     "notify": lambda request: request.control.notify(
         limit=_int_arg(request.args, "limit") if "limit" in request.args else 100,
@@ -520,7 +521,8 @@ def _parser() -> argparse.ArgumentParser:
     undrain.add_argument("backend")
     sub.add_parser("backends", help="list backends with weight, health, bindings")
     sub.add_parser("stats", help="packet and table counters")
-    sub.add_parser("cache", help="the correspondent node's binding cache (RFC 6275)")
+    cache = sub.add_parser("cache", help="the correspondent node's binding cache (RFC 6275)")
+    cache.add_argument("--limit", type=int, default=100, help="entries shown (10000 at most)")
     sub.add_parser("info", help="version, uptime, mode, offload, what needs a restart")
     notify = sub.add_parser("notify", help="notification peers, subscriptions, refusals")
     notify.add_argument("--peer", help="only this peer")
@@ -564,6 +566,8 @@ def _request_args(options: argparse.Namespace, stdin: IO[str]) -> dict[str, Any]
         return args
     if command in ("fleet", "journey"):
         return {"key": " ".join(options.key)}
+    if command == "cache":
+        return {"limit": options.limit}
     return {}
 
 
@@ -605,7 +609,9 @@ def render(command: str, result: Any) -> str:
     if command == "stats":
         return format_stats(result)
     if command == "cache":
-        head = f"correspondent mode {result['mode']}: {result['size']} bindings"
+        head = (f"correspondent mode {result['mode']}: {result['size']} bindings"
+                + (f" ({len(result['entries'])} shown)"
+                   if len(result["entries"]) < result["size"] else ""))
         return "\n".join([head, *(f"{e['home']} -> {e['care_of']}  seq {e['seq']}  "
                                    f"{e['left']} s left" for e in result["entries"])])
     if command == "journey":
