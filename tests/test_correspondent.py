@@ -876,3 +876,27 @@ class EveryMessageTests(SynchronousTestCase):
                                 "MIP6MH_BA 131", "MIP6MH_BA 135", "MIP6MH_BA 136",
                                 "MIP6MH_BA 137", "MIP6MH_BA 138", "MIP6MH_BE 1",
                                 "MIP6MH_BE 2"})  # fmt: skip
+
+
+class BoundedTests(SynchronousTestCase):
+    def test_refreshes_do_not_grow_the_deadline_heaps(self) -> None:
+        """A mobile node refreshing its binding as fast as it can (each Binding Update
+        valid) leaves the cache's and the return paths' deadline heaps bounded."""
+        balancer, clock = balancer_with("lenient")
+        mn = MobileNode(lambda data: inbound(balancer, data))
+        hot, cot = mn.home_test(), mn.care_of_test()
+        for _ in range(1000):
+            clock.advance(0.01)
+            inbound(balancer, mn.update(hot, cot, flags=""))
+        cn = balancer.correspondent
+        assert cn is not None
+        self.assertEqual(balancer.counters.correspondent["bu-accepted"], 1000)
+        self.assertLessEqual(len(cn._deadlines), 2 * len(cn) + 65)
+        self.assertLessEqual(len(balancer.return_paths._deadlines), 2 * 1 + 65)
+        # Expiry still ends both at the last refresh's lifetime.
+        clock.advance(400 - 0.01)
+        balancer.sweep()
+        self.assertEqual(len(cn), 1)
+        clock.advance(0.02)
+        balancer.sweep()
+        self.assertEqual((len(cn), len(balancer.return_paths)), (0, 0))

@@ -302,7 +302,14 @@ class Correspondent:
         else:
             entry.care_of, entry.seq, entry.expires = care_of, seq, expires
         self.bindings[home] = care_of
-        heapq.heappush(self._deadlines, (expires, home))
+        deadlines = self._deadlines
+        heapq.heappush(deadlines, (expires, home))
+        if len(deadlines) > 2 * len(self._entries) + 64:
+            # A refreshed entry leaves its old deadline behind: Binding Updates sent as
+            # fast as a mobile node can must not grow the heap without bound (rebuilt
+            # in O(n), at most once per n refreshes).
+            self._deadlines = [(e.expires, h) for h, e in self._entries.items()]
+            heapq.heapify(self._deadlines)
         return entry
 
     def delete(self, home: bytes) -> CacheEntry | None:

@@ -77,7 +77,15 @@ class ReturnPaths:
         else:
             deadline = (self.clock.seconds() if now is None else now) + lifetime
             self._until[home] = deadline
-            heapq.heappush(self._deadlines, (deadline, home))
+            deadlines = self._deadlines
+            heapq.heappush(deadlines, (deadline, home))
+            if len(deadlines) > 2 * len(self._until) + 64:
+                # Refreshed confirmations leave their old deadlines behind: a terminal
+                # confirming again and again (Binding Updates as fast as it can send
+                # them) must not grow the heap without bound.  Rebuilt in O(n), at most
+                # once per n refreshes.
+                self._deadlines = [(d, h) for h, d in self._until.items()]
+                heapq.heapify(self._deadlines)
         if self.observer is not None:  # the terminal's journey
             self.observer(home, care_of, lifetime)
 
