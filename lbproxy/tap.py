@@ -210,6 +210,7 @@ class BalancerService(MultiService):
             forwarding=lambda: bool(self.forwarder.running),
             notifier=self.notifier,
             fleet=self.fleet,
+            offload=lambda: self.forwarder.xdp,
         )
         self.ctl: IService | None = None
         self.manhole: IService | None = None

@@ -43,6 +43,7 @@ class RowsTests(SynchronousTestCase):
         )
         self.assertEqual({r.backend for r in rows}, {"b1", "b2"})
         self.assertEqual([r.left for r in rows], [200.0, 200.0, 200.0])
+        self.assertEqual([r.idle for r in rows], [100.0, 100.0, 100.0])
         confirmed = rows[2]
         self.assertEqual(confirmed.care_of, "2001:db8:aa::12")
         self.assertTrue(confirmed.confirmed)
@@ -80,8 +81,8 @@ class FormatTests(SynchronousTestCase):
         self.assertIsInstance(text, Text)
         self.assertEqual(repr(text), str(text))  # the manhole prints it as is
         lines = text.splitlines()
-        self.assertEqual(lines[0].split(), ["kind", "key", "backend", "left", "packets",
-                                            "care-of", "confirmed", "aliases"])
+        self.assertEqual(lines[0].split(), ["kind", "key", "backend", "left", "idle",
+                                            "packets", "care-of", "confirmed", "aliases"])
         self.assertEqual(len(lines), 1 + 3 + 1)
         self.assertEqual(lines[-1], "(3 bindings)")
         starts = {line.index("addr 2001") for line in lines[1:4]}

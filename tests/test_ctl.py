@@ -92,7 +92,8 @@ class ServerTests(TestCase):
         self.assertEqual(result["rows"][0]["backend"], "b1")
         self.assertEqual(
             set(result["rows"][0]),
-            {"kind", "key", "backend", "left", "packets", "care_of", "confirmed", "aliases"},
+            {"kind", "key", "backend", "left", "idle", "packets", "care_of", "confirmed",
+             "aliases"},
         )
         run = yield self.run_ctl("--json", "show", "aa::12")
         self.assertEqual([r["care_of"] for r in run.json()["rows"]], ["2001:db8:aa::12"])

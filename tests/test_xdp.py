@@ -326,6 +326,157 @@ class ReplyTests(SynchronousTestCase):
             self.assertEqual(run(xdp, "lbproxy_replies", packet), (XDP_PASS, packet))
 
 
+class DecisionTests(SynchronousTestCase):
+    """`XdpOffload.decide` (``lbproxyctl trace``) is the program's decision: the same
+    packets through both, offloaded exactly where the program returns ``XDP_TX``."""
+
+    skip = SKIP
+
+    def same(self, xdp: XdpOffload, program: str, packet: bytes) -> str:
+        """The decision, checked against the program's verdict; its reason."""
+        xdp.prepare()
+        decision = xdp.decide(packet)  # first: the run stamps and counts
+        verdict, _out = xdp.program.test_run(program, ETHERNET + packet)
+        self.assertEqual(decision.offloaded, verdict == XDP_TX, (decision, verdict))
+        self.assertIn(verdict, (XDP_TX, XDP_PASS))
+        return decision.reason
+
+    def test_each_reason_is_the_programs(self) -> None:
+        """Every way a terminal's packet or a reply goes up, and both offloaded, with
+        the reason an operator reads."""
+        from lbproxy.core import actions
+
+        balancer, clock = make(scheduler="round_robin")
+        xdp = offload(balancer, clock)
+        usual = bytes(mobile(COA1))
+        self.assertIn("no binding for home address", self.same(xdp, "lbproxy_inbound", usual))
+        assert balancer.inbound(mobile(COA1)) is not None  # the core makes the binding
+        reason = self.same(xdp, "lbproxy_inbound", usual)
+        self.assertIn("to srv", reason)
+        self.assertEqual(xdp.decide(usual).text()[:20], "would be offloaded (")
+        cases = {
+            "hop limit 1": raw_mobile(17, address(HOA), address(COA1), 1, 80, 0, b"x"),
+            "not the binding's care-of": bytes(mobile(COA2)),
+            "payload length": usual[:-1],
+            "neither UDP nor a full TCP": usual[:40] + bytes([58]) + usual[41:],
+            "PadN(2)": usual[:42] + b"\x01\x03" + usual[44:],
+            "no Destination Options": bytes(IPv6(src=HOA, dst=VIP) / UDP(dport=80) / (b"x" * 40)),
+        }
+        for words, packet in cases.items():
+            self.assertIn(words, self.same(xdp, "lbproxy_inbound", packet), words)
+        balancer.set_virtual_addresses([ipaddress.IPv6Address(VIP)], [443])
+        self.assertIn("port 80 is not served", self.same(xdp, "lbproxy_inbound", usual))
+        balancer.set_virtual_addresses([ipaddress.IPv6Address(VIP)], [])
+        binding = balancer.table.get(Key("hoa", address(HOA)))
+        assert binding is not None
+        name = binding.backend.name
+        balancer.set_backend_up(name, False)
+        self.assertIn(f"out of the driver: backend {name} is down",
+                      self.same(xdp, "lbproxy_inbound", usual))
+        balancer.set_backend_up(name, True)
+        clock.advance(301)
+        self.assertIn("expired", self.same(xdp, "lbproxy_inbound", usual))
+        actions.forget(balancer, Key("hoa", address(HOA)))
+        self.assertIn("no binding", self.same(xdp, "lbproxy_inbound", usual))
+
+        reply = raw_reply(17, BACKENDS[0].packed, address(HOA), 64, 0, b"r")
+        self.assertEqual(self.same(xdp, "lbproxy_replies", reply)[:len(HOA) + 3], f"to {HOA}")
+        balancer.return_paths.confirm(address(HOA), address(COA2))
+        self.assertIn(f"confirmed care-of address {COA2}",
+                      self.same(xdp, "lbproxy_replies", reply))
+        for words, packet in {
+            "not a backend": raw_reply(17, address(COA1), address(HOA), 64, 0, b"r"),
+            "multicast or link-local": raw_reply(17, BACKENDS[0].packed,
+                                                 address("ff02::1"), 64, 0, b"r"),
+            "not UDP or TCP": reply[:6] + bytes([58]) + reply[7:],
+            "hop limit": raw_reply(17, BACKENDS[0].packed, address(HOA), 1, 0, b"r"),
+        }.items():  # fmt: skip
+            self.assertIn(words, self.same(xdp, "lbproxy_replies", packet), words)
+        balancer.set_backends(BACKENDS[1:])
+        self.assertIn("a backend no longer configured", self.same(xdp, "lbproxy_replies", reply))
+
+    def test_any_byte_changed(self) -> None:
+        """Each byte of the headers of an offloaded packet, in each direction, changed
+        to a few values: the decision follows the program every time."""
+        balancer, clock = make(scheduler="round_robin")
+        xdp = offload(balancer, clock)
+        assert balancer.inbound(mobile(COA1)) is not None
+        balancer.set_own_addresses({address("2001:db8:b0::1")})
+        inbound = bytes(mobile(COA1))
+        reply = raw_reply(6, BACKENDS[1].packed, address(HOA), 64, 0, b"reply" * 4)
+        offloaded = 0
+        for program, packet, header in (("lbproxy_inbound", inbound, 68),
+                                        ("lbproxy_replies", reply, 60)):  # fmt: skip
+            for at in range(header):
+                for value in {0, 1, 0xFF, packet[at] ^ 0x01, packet[at] ^ 0x80}:
+                    changed = packet[:at] + bytes([value]) + packet[at + 1 :]
+                    self.same(xdp, program, changed)
+                    offloaded += xdp.program.test_run(program, ETHERNET + changed)[0] == XDP_TX
+        self.assertGreater(offloaded, 100)  # both outcomes were compared, many times
+
+
+class OperatorViewTests(SynchronousTestCase):
+    """``lbproxyctl show`` and ``trace`` with the XDP executor (`Control`'s ``offload``)."""
+
+    skip = SKIP
+
+    def test_show_takes_the_programs_last_seen(self) -> None:
+        """A terminal whose packets stay in the driver is not idle in ``show``, before
+        any sweep folds the program's stamps into the table: its row's idle time, lifetime
+        left and packets are the program's; an idle terminal's are the table's."""
+        from lbproxy.ops.control import Control
+
+        balancer, clock = make(scheduler="round_robin")
+        xdp = offload(balancer, clock)
+        idle = "2001:db8:100::2002"
+        for hoa, coa in ((HOA, COA1), (idle, "2001:db8:a1::2002")):
+            assert balancer.inbound(mobile(coa, hoa=hoa)) is not None
+        clock.advance(250)
+        self.assertEqual(run(xdp, "lbproxy_inbound", bytes(mobile(COA1)))[0], XDP_TX)
+        clock.advance(1)
+        without = {r.key: r for r in Control(balancer, clock).rows()}
+        rows = {r.key: r for r in Control(balancer, clock, offload=lambda: xdp).rows()}
+        busy, quiet = f"addr {HOA}", f"addr {idle}"
+        # The table alone (no sweep since): idle for 251 s, 49 s left, one packet.
+        self.assertEqual((without[busy].idle, without[busy].left), (251.0, 49.0))
+        self.assertEqual(without[busy].packets, 1)
+        self.assertEqual((rows[busy].idle, rows[busy].left, rows[busy].packets), (1.0, 299.0, 2))
+        self.assertEqual((rows[quiet].idle, rows[quiet].left, rows[quiet].packets),
+                         (251.0, 49.0, 1))  # fmt: skip
+        self.assertIn(" 1.0 ", Control(balancer, clock, offload=lambda: xdp).show())
+        xdp.sync()  # the sweep's fold: the table now agrees
+        table = {r.key: r for r in Control(balancer, clock).rows()}
+        self.assertEqual((table[busy].left, table[busy].packets), (299.0, 2))
+        self.assertEqual(Control(balancer, clock, offload=lambda: xdp).rows()[0], table[busy])
+
+    def test_trace_says_whether_the_program_would_forward_it(self) -> None:
+        """``trace``'s ``xdp`` entry: offloaded for an established terminal's usual packet,
+        not (with the reason) for a miss; absent without the executor."""
+        from lbproxy.ops.control import Control
+        from lbproxy.ops.ctl import render
+
+        balancer, clock = make(scheduler="round_robin")
+        xdp = offload(balancer, clock)
+        control = Control(balancer, clock, offload=lambda: xdp)
+        usual = bytes(mobile(COA1)).hex()
+        miss = control.trace_dict(usual)
+        self.assertFalse(miss["hit"])
+        self.assertEqual((miss["xdp"]["offloaded"], miss["xdp"]["direction"]),
+                         (False, "inbound"))  # fmt: skip
+        self.assertIn("no binding for home address", miss["xdp"]["reason"])
+        self.assertIn("xdp: not offloaded: no binding", render("trace", miss))
+        assert balancer.inbound(mobile(COA1)) is not None
+        xdp.flush()
+        hit = control.trace_dict(usual)
+        self.assertTrue(hit["hit"])
+        self.assertTrue(hit["xdp"]["offloaded"], hit)
+        self.assertIn(f"to {hit['backend']}", hit["xdp"]["reason"])
+        self.assertIn("xdp: would be offloaded (to ", render("trace", hit))
+        self.assertEqual(xdp.stats()["packets"], 0)  # nothing ran, nothing counted
+        self.assertIsNone(Control(balancer, clock).trace_dict(usual)["xdp"])
+        self.assertNotIn("xdp:", render("trace", Control(balancer, clock).trace_dict(usual)))
+
+
 class LoaderTests(SynchronousTestCase):
     def test_missing_object_is_a_reason(self) -> None:
         """No object: `available` says so in one line (what `auto` logs)."""

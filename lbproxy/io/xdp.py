@@ -60,6 +60,7 @@ from lbproxy.core.balancer import Balancer
 from lbproxy.core.keys import Key
 from lbproxy.core.policy import Policy
 from lbproxy.core.table import Binding
+from lbproxy.io.xdpverdict import Decision, ProgramView, decide
 from lbproxy.wire.checksum import delta16
 
 __all__ = [
@@ -769,6 +770,75 @@ class XdpOffload:
             return None
         seen_ns = _SEEN.unpack(raw)[0]
         return seen_ns / 1e9 if seen_ns else None
+
+    def seen(self, binding: Binding) -> tuple[float, float, int] | None:
+        """What the program knows of `binding` that the table may not have yet (it
+        folds in at the next sweep): its last hit on any of the binding's address
+        identities as (table-clock time, the expiry that hit gave, hits not yet
+        folded in); None when the program never forwarded a packet of it.  The
+        operator's ``show`` reads it: a binding whose traffic stays in the driver is
+        not idle."""
+        synced = self._synced
+        found: tuple[float, float, int] | None = None
+        new = 0
+        for home in self._homes.get(binding, ()):
+            raw = self.program.seen.lookup(home)
+            if raw is None:
+                continue
+            seen_ns, expires_ns, hits, _stale, _source = _SEEN.unpack(raw)
+            if not hits:
+                continue
+            new += max(0, hits - synced.get(home, (0, 0))[0])
+            if found is None or seen_ns / 1e9 > found[0]:
+                found = (seen_ns / 1e9, expires_ns / 1e9, 0)
+        return None if found is None else (found[0], found[1], new)
+
+    def view(self) -> ProgramView:
+        """What the program reads to decide, read from its maps as questions come
+        (`lbproxy.io.xdpverdict.decide`: ``lbproxyctl trace``)."""
+        program = self.program
+        raw = program.config.lookup(_U32.pack(0)) or bytes(_CONFIG.size)
+        vip, flags, _pad, _lifetime, _resolution, offset, fixed = _CONFIG.unpack(raw)
+        now = fixed if flags & _FIXED_CLOCK else time.monotonic_ns() + offset
+
+        def binding(home: bytes) -> tuple[int, int, int, bytes] | None:
+            raw = program.bindings.lookup(home)
+            return None if raw is None else _BINDING.unpack(raw)
+
+        def seen_expires(home: bytes) -> int | None:
+            raw = program.seen.lookup(home)
+            return None if raw is None else int(_SEEN.unpack(raw)[1])
+
+        def backend(index: int) -> tuple[bytes, int] | None:
+            if not 0 <= index < _MAX_BACKENDS:
+                return None
+            raw = program.backends.lookup(_U32.pack(index))
+            return None if raw is None else _BACKEND.unpack(raw)[:2]
+
+        def backend_index(address: bytes) -> int | None:
+            raw = program.backend_ix.lookup(address)
+            return None if raw is None else int(_U32.unpack(raw)[0])
+
+        def name(index: int) -> str:
+            names = self._names
+            return names[index] if 0 <= index < len(names) and names[index] else f"#{index}"
+
+        policy = self._policy
+        return ProgramView(
+            flags=flags, vip=vip, now_ns=now, binding=binding, seen_expires=seen_expires,
+            backend=backend, backend_index=backend_index,
+            port_served=lambda port: program.ports.lookup(_U16.pack(port)) is not None,
+            own=lambda address: program.own.lookup(address) is not None,
+            confirmed=program.confirmed.lookup, names=name,
+            inbound_off=(policy.offload_inbound or "") if policy is not None else "",
+            replies_off=(policy.fast_replies or "") if policy is not None else "",
+        )  # fmt: skip
+
+    def decide(self, packet: bytes) -> Decision:
+        """Whether the program would forward `packet` (an IPv6 packet) itself, and why
+        not: its own tests on what its maps hold now, without running it (which would
+        stamp and count).  ``lbproxyctl trace`` shows it."""
+        return decide(packet, self.view())
 
     # -- interfaces --------------------------------------------------------------------
 

@@ -87,22 +87,29 @@ class Row:
     confirmed: bool
     #: The terminal's other identities leading to this binding (`StickyTable.link`).
     aliases: tuple[str, ...] = ()
+    #: Seconds since its lifetime last started again (its last packet -- the XDP
+    #: program's own stamp when that is later -- or a notification), to the table's
+    #: grain; None when the table does not say.
+    idle: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The row as JSON-ready values."""
         return attrs.asdict(self)
 
 
-COLUMNS = ("kind", "key", "backend", "left", "packets", "care-of", "confirmed", "aliases")
+COLUMNS = ("kind", "key", "backend", "left", "idle", "packets", "care-of", "confirmed",
+           "aliases")  # fmt: skip
 
 
 def _cells(row: Mapping[str, Any]) -> list[str]:
     care_of = row.get("care_of")
+    idle = row.get("idle")
     return [
         str(row["kind"]),
         str(row["key"]),
         str(row["backend"]),
         f"{float(row['left']):.1f}",
+        "-" if idle is None else f"{float(idle):.1f}",
         str(row["packets"]),
         care_of if care_of else "-",
         "yes" if row["confirmed"] else "no",
@@ -122,7 +129,7 @@ def format_rows(
     body = [_cells(r.as_dict() if isinstance(r, Row) else r) for r in rows]
     table = [list(COLUMNS), *body]
     widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
-    numeric = {3, 4}
+    numeric = {3, 4, 5}
     lines = []
     for line in table:
         cells = [
@@ -284,7 +291,10 @@ class Control:
     operator's overrides (`actions.Weights`; default: the balancer's backends as
     configured); ``status`` adds the service's view to :meth:`info` (configuration
     file, pending restart, offload); ``forwarding`` says whether packets are being
-    forwarded (for :meth:`health`).
+    forwarded (for :meth:`health`); ``offload`` returns the XDP executor while it runs
+    (`lbproxy.io.xdp.XdpOffload`, else None): ``show`` then takes the program's
+    last-seen stamps (a binding whose packets stay in the driver is not idle) and
+    ``trace`` says whether the program would forward the packet itself.
     """
 
     def __init__(
@@ -300,8 +310,10 @@ class Control:
         forwarding: Callable[[], bool] | None = None,
         notifier: Any | None = None,
         fleet: Any | None = None,
+        offload: Callable[[], Any] | None = None,
     ) -> None:
         self.balancer = balancer
+        self.offload = offload
         #: The notification service (`lbproxy.notify.router.Notifier`), if enabled.
         self.notifier = notifier
         #: The fleet service (`lbproxy.fleet.service.FleetService`), if configured.
@@ -340,13 +352,26 @@ class Control:
         care_of = binding.care_of
         return care_of is not None and paths.is_confirmed_care_of(care_of)
 
-    def _row(self, key: Key, binding: Binding, now: float) -> Row:
+    def _xdp(self) -> Any:
+        """The XDP executor while it runs, else None."""
+        return None if self.offload is None else self.offload()
+
+    def _row(self, key: Key, binding: Binding, now: float, xdp: Any = None) -> Row:
+        expires, packets = binding.expires, binding.packets
+        lifetime = getattr(self.balancer.table, "lifetime", None)
+        refreshed = None if lifetime is None else expires - lifetime
+        seen = None if xdp is None else xdp.seen(binding)
+        if seen is not None:  # the program's, not folded into the table yet
+            at, until, new = seen
+            expires, packets = max(expires, until), packets + new
+            refreshed = at if refreshed is None else max(refreshed, at)
         return Row(
             kind=key.kind,
             key=str(key),
             backend=binding.backend.name,
-            left=max(0.0, binding.expires - now),
-            packets=binding.packets,
+            left=max(0.0, expires - now),
+            idle=None if refreshed is None else max(0.0, now - refreshed),
+            packets=packets,
             care_of=_address(binding.care_of),
             confirmed=self._confirmed(key, binding),
             aliases=tuple(str(k) for k in getattr(binding, "alias_keys", ())),
@@ -421,7 +446,8 @@ class Control:
                 chosen.append(binding)
             if i % SCAN_SLICE == SCAN_SLICE - 1:
                 yield
-        rows = tuple(self._row(binding.key, binding, now) for binding in chosen)
+        xdp = self._xdp()
+        rows = tuple(self._row(binding.key, binding, now, xdp) for binding in chosen)
         return Page(rows, total, offset, limit)
 
     @staticmethod
@@ -577,9 +603,19 @@ class Control:
         """What the balancer would do with ``packet``, without forwarding it."""
         return self.balancer.trace(parse_packet(packet))
 
+    def would_offload(self, packet: bytes | bytearray | str) -> Any:
+        """Whether the XDP program would forward ``packet`` itself, and why not
+        (`lbproxy.io.xdpverdict.Decision`), or None when the XDP executor is not
+        running."""
+        xdp = self._xdp()
+        return None if xdp is None else xdp.decide(parse_packet(packet))
+
     def trace_dict(self, packet: bytes | bytearray | str) -> dict[str, Any]:
-        """``trace`` as JSON-ready values."""
-        result = self.trace(packet)
+        """``trace`` as JSON-ready values; ``xdp``: `would_offload`'s decision (None
+        without the XDP executor)."""
+        raw = parse_packet(packet)
+        result = self.trace(raw)
+        decision = self.would_offload(raw)
         return {
             "strategy": result.strategy,
             "key": None if result.key is None else str(result.key),
@@ -587,6 +623,7 @@ class Control:
             "hit": bool(result.hit),
             "reason": result.reason,
             "aliases": [str(k) for k in getattr(result, "aliases", ())],
+            "xdp": None if decision is None else decision.as_dict(),
         }
 
     # -- backends and counters --------------------------------------------

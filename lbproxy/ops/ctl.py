@@ -26,7 +26,9 @@ command   args                                         result
 show      filter, kind, backend, offset, limit         {"rows": [...], "total": n,
           (optional; limit 100 by default, 10000 max)  "offset": o, "limit": l}
 trace     packet (hex)                                 strategy, key, backend, hit, reason,
-                                                       aliases
+                                                       aliases, xdp (would the XDP program
+                                                       forward it, and why not; null
+                                                       without it)
 move      key, backend                                 the new row
 forget    key                                          the removed row, or null
 weight    backend, weight (0..1000)                    the backend
@@ -571,6 +573,13 @@ def _request_args(options: argparse.Namespace, stdin: IO[str]) -> dict[str, Any]
     return {}
 
 
+def _offload_text(decision: Mapping[str, Any]) -> str:
+    """`lbproxy.io.xdpverdict.Decision.text` of a decision's JSON."""
+    if decision.get("offloaded"):
+        return f"would be offloaded ({decision.get('reason')})"
+    return f"not offloaded: {decision.get('reason')}"
+
+
 def render(command: str, result: Any) -> str:
     """The text output of ``command`` for its ``result``."""
     if command == "show":
@@ -582,6 +591,9 @@ def render(command: str, result: Any) -> str:
             for name in ("strategy", "key", "backend", "hit", "reason")
         ]
         lines.append(f"aliases: {', '.join(result.get('aliases') or ()) or '-'}")
+        offload = result.get("xdp")
+        if offload is not None:  # the XDP executor runs: does the packet stay in it?
+            lines.append(f"xdp: {_offload_text(offload)}")
         return "\n".join(lines)
     if command == "move":
         return f"{result['key']} -> {result['backend']}"
