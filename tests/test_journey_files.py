@@ -20,15 +20,17 @@ from scapy.layers.inet import UDP
 from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
 from scapy.utils import PcapNgReader, rdpcap
 from twisted.internet import defer, reactor, threads
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from lbproxy.core.journey import Journeys
 from lbproxy.core.keys import Key
 from lbproxy.notify.adapter import TableListener
 from lbproxy.ops import ctl
 from lbproxy.ops.control import Control
 from lbproxy.ops.journeyview import event_line, format_journey, journey_frames, journey_svg
 from lbproxy.ops.pcapng import LINKTYPE_IPV6, write_pcapng
-from tests.test_balancer import BACKENDS, COA1, COA2, HOA, VIP, mobile
+from tests.test_balancer import BACKENDS, COA1, COA2, HOA, VIP, make, mobile
 from tests.test_journey import COA3, following, packed
 
 REACTOR: Any = reactor
@@ -270,3 +272,32 @@ class CtlTests(TestCase):
         self.assertEqual(code, 1)
         self.assertIn(f"cannot write {self.directory}: Is a directory", err)
         self.assertNotIn("Traceback", err)
+
+
+class TickingClock(Clock):
+    """A clock that moves on by a microsecond at every reading, like the reactor's."""
+
+    def seconds(self) -> float:
+        self.advance(1e-6)
+        return super().seconds()
+
+
+class SharedPacketTests(SynchronousTestCase):
+    def test_one_packet_one_frame_on_a_moving_clock(self) -> None:
+        """The events one packet caused take its time, so the capture carries the packet
+        once even when the clock moved between them (the reactor's does)."""
+        clock = TickingClock()
+        balancer, _ = make()
+        balancer.clock = balancer.table.clock = clock
+        journeys = Journeys(clock)
+        balancer.follow_journeys(journeys)
+        balancer.inbound(mobile(COA1))
+        balancer.inbound(mobile(COA2))
+        journey = Control(balancer, clock).journey(f"addr {HOA}")
+        events = journey["events"]
+        self.assertEqual([e["kind"] for e in events], ["created", "linked", "linked", "care-of"])
+        self.assertEqual(events[0]["at"], events[1]["at"])
+        self.assertEqual(events[2]["at"], events[3]["at"])
+        self.assertLess(events[1]["at"], events[2]["at"])
+        frames = journey_frames(journey)
+        self.assertEqual([len(f[1]) for f in frames], [len(mobile(COA1)), 0, len(mobile(COA2)), 0])

@@ -84,6 +84,28 @@ def _text(address: bytes | None) -> str:
     return "-" if address is None else str(ipaddress.IPv6Address(bytes(address)))
 
 
+class _Address(bytes):
+    """An IPv6 address in an event's text, formatted only when the text is read (the
+    formatting costs more than the rest of recording an event)."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return str(ipaddress.IPv6Address(bytes(self)))
+
+
+def _addr(address: bytes | None) -> object:
+    return "-" if address is None else bytes.__new__(_Address, address)
+
+
+#: An event's text: a string, or parts (strings, Keys, addresses) joined when read.
+Text = str | tuple[object, ...]
+
+
+def _render(text: Text) -> str:
+    return text if isinstance(text, str) else "".join(map(str, text))
+
+
 class Event:
     """One thing that happened to a terminal.
 
@@ -94,18 +116,23 @@ class Event:
     whole length; ``repeat`` how many times it happened in a row.
     """
 
-    __slots__ = ("at", "backend", "care_of", "kind", "length", "packet", "repeat", "text")
+    __slots__ = ("_text", "at", "backend", "care_of", "kind", "length", "packet", "repeat")
 
-    def __init__(self, at: float, kind: str, text: str, care_of: bytes | None,
+    def __init__(self, at: float, kind: str, text: Text, care_of: bytes | None,
                  backend: str | None, packet: bytes | None = None, length: int = 0) -> None:
         self.at = at
         self.kind = kind
-        self.text = text
+        self._text = text
         self.care_of = care_of
         self.backend = backend
         self.packet = packet
         self.length = length
         self.repeat = 1
+
+    @property
+    def text(self) -> str:
+        """What happened, in words."""
+        return _render(self._text)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready values (the packet as hex)."""
@@ -166,7 +193,7 @@ class _Followed:
 
     __slots__ = ("backend", "journey", "keys")
 
-    def __init__(self, journey: Journey, keys: frozenset[bytes], backend: str) -> None:
+    def __init__(self, journey: Journey, keys: tuple[bytes, ...], backend: str) -> None:
         self.journey = journey
         self.keys = keys
         self.backend = backend
@@ -241,12 +268,12 @@ class Journeys:
                 if binding in journey.bindings:
                     journey.bindings.remove(binding)
                 how = "expired" if binding.expires <= self.clock.seconds() else "removed"
-                self._record(journey, "gone", f"{binding.key} -> {binding.backend.name} {how}",
+                self._record(journey, "gone", (binding.key, f" -> {binding.backend.name} {how}"),
                              packet=b"")
             return
-        own = bytes(binding.key)
+        own = binding.key
         aliases = binding.aliases
-        keys = frozenset((own,) if aliases is None else (own, *aliases))
+        keys = (own,) if aliases is None else (own, *aliases)
         name = binding.backend.name
         if followed is None:
             journey = self._journey_for(keys)
@@ -255,26 +282,29 @@ class Journeys:
             journey.backend = name
             if binding.care_of is not None:
                 journey.care_of = binding.care_of
-            self._name(journey, own)
+            for key in keys:
+                self._name(journey, key)
             # A binding older than its journey (restored at start, or its journey pushed
             # out by the bound) says so: its first events are not known here.
             older = " (made earlier; its first events are not kept)" \
                 if binding.packets > 1 else ""  # fmt: skip
-            self._record(journey, "created", f"{binding.key} -> {name}{older}")
-            for alias in sorted(keys - {own}):
-                self._name(journey, alias)
+            self._record(journey, "created", (own, f" -> {name}{older}"))
             return
         journey = followed.journey
         if name != followed.backend:
             old = followed.backend
             followed.backend = journey.backend = name
             self._record(journey, "backend", f"{old} -> {name}")
-        for added in sorted(keys - followed.keys):
-            self._name(journey, added)
-            self._record(journey, "linked", str(_as_key(added)))
-        for removed in sorted(followed.keys - keys):
-            self._record(journey, "unlinked", str(_as_key(removed)))
-        followed.keys = keys
+        before = followed.keys
+        if keys != before:
+            for added in keys:
+                if added not in before:
+                    self._name(journey, added)
+                    self._record(journey, "linked", (_as_key(added),))
+            for removed in before:
+                if removed not in keys:
+                    self._record(journey, "unlinked", (_as_key(removed),))
+            followed.keys = keys
 
     def first_packet(self, binding: Binding, address: bytes, packet: bytes | bytearray,
                      now: float) -> None:
@@ -302,12 +332,13 @@ class Journeys:
             if event.packet is not None or event.at < now:
                 break
             event.care_of = new
-        self._record(journey, "care-of", f"{_text(old)} -> {_text(new)}")
+        self._record(journey, "care-of", (_addr(old), " -> ", _addr(new)))
         self.sample(binding, packet, now)
 
     def sample(self, binding: Binding, packet: bytes | bytearray, now: float) -> None:
         """The general path, after a miss or a change: `packet` caused the events of
-        `binding`'s journey recorded since `now` that have none yet."""
+        `binding`'s journey recorded since `now` that have none yet; they take its time
+        (`now`, when the general path took it) as theirs."""
         journey = self._journey_of(binding)
         if journey is None:
             return
@@ -319,6 +350,7 @@ class Journeys:
                 data = bytes(packet[: self.snap])
             event.packet = data
             event.length = len(packet)
+            event.at = now
 
     def dropped(self, key: bytes, reason: str, packet: bytes | bytearray | None = None,
                 binding: Binding | None = None) -> None:
@@ -334,7 +366,7 @@ class Journeys:
         its own (not linked; the packet followed chain order)."""
         journey = self._journey_of(binding)
         if journey is not None:
-            self._record(journey, "conflict", f"{_as_key(bytes(key))} is bound apart: not linked")
+            self._record(journey, "conflict", (_as_key(bytes(key)), " is bound apart: not linked"))
 
     def notified(self, home: bytes, old: bytes | None, new: bytes, lifetime: int,
                  binding: Binding | None = None) -> None:
@@ -356,11 +388,9 @@ class Journeys:
             if event.packet is not None:
                 break
             event.packet = b""
-        home_again = lifetime == 0 or new == home
-        if home_again:
-            what = "deregistered: at home"
-        else:
-            what = f"{_text(old)} -> {_text(new)}, lifetime {lifetime} s"
+        what: Text = "deregistered: at home"
+        if not (lifetime == 0 or new == home):
+            what = (_addr(old), " -> ", _addr(new), f", lifetime {lifetime} s")
             journey.care_of = new
         self._record(journey, "notified", what, packet=b"")
 
@@ -370,11 +400,11 @@ class Journeys:
         if journey is None:
             return
         if care_of is None:
-            self._record(journey, "unconfirmed", f"replies to {_text(home)} go home",
+            self._record(journey, "unconfirmed", ("replies to ", _addr(home), " go home"),
                          packet=b"")
         else:
             until = "" if lifetime is None else f" for {lifetime:g} s"
-            self._record(journey, "confirmed", f"replies via {_text(care_of)}{until}",
+            self._record(journey, "confirmed", ("replies via ", _addr(care_of), until),
                          packet=b"")
 
     def note(self, key: bytes, kind: str, text: str, packet: bytes | bytearray | None = None,
@@ -398,10 +428,10 @@ class Journeys:
             return b"", 0
         return bytes(packet[: self.snap]), len(packet)
 
-    def _journey_for(self, keys: frozenset[bytes]) -> Journey:
+    def _journey_for(self, keys: tuple[bytes, ...]) -> Journey:
         """The journey an identity of a new binding had (the terminal came back), if
         no live binding holds it; else a new one."""
-        for key in sorted(keys):
+        for key in keys:
             found = self.index.get(key)
             if found is not None and not found.bindings:
                 return found
@@ -428,11 +458,11 @@ class Journeys:
         if journey in self._main:
             self._main.move_to_end(journey)
         elif journey in self._probation:
-            del self._probation[journey]
             if promote:
+                del self._probation[journey]
                 self._enter_main(journey)
             else:
-                self._probation[journey] = None
+                self._probation.move_to_end(journey)
 
     def _evict(self, journey: Journey) -> None:
         self.evicted += 1
@@ -456,11 +486,11 @@ class Journeys:
             if self.index.get(gone) is journey:
                 del self.index[gone]
 
-    def _record(self, journey: Journey, kind: str, text: str,
+    def _record(self, journey: Journey, kind: str, text: Text,
                 packet: bytes | None = None, length: int = 0) -> None:
         cause = self._cause
         if cause is not None:
-            text = f"{text} ({cause})"
+            text = (text, f" ({cause})") if isinstance(text, str) else (*text, f" ({cause})")
             if packet is None:
                 packet = b""
         events = journey.events
@@ -470,7 +500,7 @@ class Journeys:
         promote = bool(events) and events[-1].packet is not None
         if events:
             last = events[-1]
-            if last.kind == kind and last.text == text and last.care_of == journey.care_of:
+            if last.kind == kind and last._text == text and last.care_of == journey.care_of:
                 last.repeat += 1
                 if packet and not last.packet:
                     last.packet, last.length = packet, length
