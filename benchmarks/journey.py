@@ -29,8 +29,13 @@ from collections.abc import Callable
 from twisted.internet.task import Clock
 
 from lbproxy.core.balancer import Balancer
-from lbproxy.core.journey import DEFAULT_EVENTS, DEFAULT_SNAP, DEFAULT_TERMINALS, Journeys
-from lbproxy.core.keys import KeyChain
+from lbproxy.core.journey import (
+    DEFAULT_EVENTS,
+    DEFAULT_SNAP,
+    DEFAULT_TERMINALS,
+    Journeys,
+)
+from lbproxy.core.keys import Key, KeyChain
 from lbproxy.core.selection import Backend, scheduler_from_name
 from lbproxy.core.table import StickyTable
 
@@ -54,7 +59,7 @@ def memory(terminals: int, events: int, snap: int, own_packets: bool) -> float:
     journeys = Journeys(clock, terminals, events, snap)
     shared = bytes(snap)
     for t in range(terminals - terminals // 4):
-        journey = journeys._journey_for(frozenset())
+        journey = journeys._journey_for(())
         name = b"\x01" + t.to_bytes(16, "big")
         journeys._name(journey, name)
         journey.backend = "backend-1"
@@ -62,9 +67,14 @@ def memory(terminals: int, events: int, snap: int, own_packets: bool) -> float:
             clock.advance(0.001)
             packet = (t.to_bytes(4, "big") + e.to_bytes(4, "big") + shared)[:snap] \
                 if own_packets else b""  # fmt: skip
-            # A text of the usual length (a care-of move names two addresses).
-            journeys._record(journey, "care-of",
-                             f"2001:db8:a1::{t:x} -> 2001:db8:a2::{e:x}", packet, 1400)
+            # Alternately a care-of move (its text formatted at once) and an identity
+            # linked (the Key kept, formatted when read).
+            if e % 2:
+                journeys._record(journey, "care-of",
+                                 f"2001:db8:a1::{t:x} -> 2001:db8:a2::{e:x}", packet, 1400)
+            else:
+                journeys._record(journey, "linked", (Key("addr", _address(e, 0xA2)),),
+                                 packet, 1400)
     gc.collect()
     used = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()

@@ -84,21 +84,9 @@ def _text(address: bytes | None) -> str:
     return "-" if address is None else str(ipaddress.IPv6Address(bytes(address)))
 
 
-class _Address(bytes):
-    """An IPv6 address in an event's text, formatted only when the text is read (the
-    formatting costs more than the rest of recording an event)."""
-
-    __slots__ = ()
-
-    def __str__(self) -> str:
-        return str(ipaddress.IPv6Address(bytes(self)))
-
-
-def _addr(address: bytes | None) -> object:
-    return "-" if address is None else bytes.__new__(_Address, address)
-
-
-#: An event's text: a string, or parts (strings, Keys, addresses) joined when read.
+#: An event's text: a string, or parts (strings, Keys) joined when read -- the events a
+#: miss records name identities, and formatting them would cost more than the rest of
+#: recording (the rarer events -- moves, notifications -- are formatted at once).
 Text = str | tuple[object, ...]
 
 
@@ -332,7 +320,7 @@ class Journeys:
             if event.packet is not None or event.at < now:
                 break
             event.care_of = new
-        self._record(journey, "care-of", (_addr(old), " -> ", _addr(new)))
+        self._record(journey, "care-of", f"{_text(old)} -> {_text(new)}")
         self.sample(binding, packet, now)
 
     def sample(self, binding: Binding, packet: bytes | bytearray, now: float) -> None:
@@ -390,7 +378,7 @@ class Journeys:
             event.packet = b""
         what: Text = "deregistered: at home"
         if not (lifetime == 0 or new == home):
-            what = (_addr(old), " -> ", _addr(new), f", lifetime {lifetime} s")
+            what = f"{_text(old)} -> {_text(new)}, lifetime {lifetime} s"
             journey.care_of = new
         self._record(journey, "notified", what, packet=b"")
 
@@ -400,11 +388,11 @@ class Journeys:
         if journey is None:
             return
         if care_of is None:
-            self._record(journey, "unconfirmed", ("replies to ", _addr(home), " go home"),
+            self._record(journey, "unconfirmed", f"replies to {_text(home)} go home",
                          packet=b"")
         else:
             until = "" if lifetime is None else f" for {lifetime:g} s"
-            self._record(journey, "confirmed", ("replies via ", _addr(care_of), until),
+            self._record(journey, "confirmed", f"replies via {_text(care_of)}{until}",
                          packet=b"")
 
     def note(self, key: bytes, kind: str, text: str, packet: bytes | bytearray | None = None,
