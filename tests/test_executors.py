@@ -43,7 +43,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from lbproxy.core import actions
 from lbproxy.core.balancer import Balancer
 from lbproxy.core.correspondent import Correspondent, keygen_token, sign
-from lbproxy.core.keys import Key
+from lbproxy.core.keys import Key, KeyChain
+from lbproxy.core.quiclb import QuicLbSettings, encode_cid
 from lbproxy.wire import mobility
 from tests.executors import (
     VIP,
@@ -193,6 +194,32 @@ steps = st.lists(
 )
 
 
+# -- QUIC packets for a chain with the quic strategy (docs/quic.md) -----------------------
+
+#: Server IDs 0b01..0b03 name srv1..srv3.
+QUIC = QuicLbSettings(server_ids={bytes((0x0B, i)): f"srv{i}" for i in (1, 2, 3)})
+quic_payloads = st.builds(
+    lambda sid, nonce, rest: b"\x41" + encode_cid(QUIC, bytes((0x0B, sid)), nonce) + rest,
+    st.integers(1, 4),  # 4: a server ID no backend has
+    st.binary(min_size=5, max_size=5),
+    st.binary(max_size=8),
+)
+quic_in_specs = st.tuples(
+    st.integers(0, 15), st.just(17), st.integers(0, 4), st.integers(0, 2),
+    st.sampled_from([0, 1, 64]), st.just(443), st.integers(0, 0xFFFF),
+    quic_payloads | st.binary(max_size=24),
+)  # fmt: skip
+quic_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("in"), st.lists(quic_in_specs | in_specs, min_size=1, max_size=12)),
+        st.tuples(st.just("out"), st.lists(out_specs, min_size=1, max_size=12)),
+        st.tuples(st.just("op"), ops),
+    ),
+    min_size=1,
+    max_size=10,
+)
+
+
 def apply(op: Op, balancer: Balancer, clock: Clock) -> None:
     """One thing that happens between batches, to both balancers alike."""
     name, n = op
@@ -274,12 +301,15 @@ class ExecutorContract:
 
     executor: ClassVar[type[Executor]]
 
-    def _pair(self, mode: str, ports: tuple[int, ...], correspondent: str = "off") -> tuple[
+    def _pair(self, mode: str, ports: tuple[int, ...], correspondent: str = "off",
+              chain: tuple[str, ...] = ()) -> tuple[
         tuple[Balancer, Clock, Executor], tuple[Balancer, Clock, Executor]
-    ]:
+    ]:  # fmt: skip
         made = []
         for kind in (self.executor, GeneralPath):
             balancer, clock = make(mode=mode, scheduler="round_robin")
+            if chain:
+                balancer.chain = KeyChain.from_names(chain, quic=QUIC)
             balancer.set_virtual_addresses([ipaddress.IPv6Address(VIP)], ports)
             balancer.set_own_addresses({OWN})
             if correspondent != "off":
@@ -288,9 +318,9 @@ class ExecutorContract:
         return made[0], made[1]
 
     def check(self, mode: str, ports: tuple[int, ...], plan: list[tuple[str, Any]],
-              correspondent: str = "off") -> None:  # fmt: skip
+              correspondent: str = "off", chain: tuple[str, ...] = ()) -> None:  # fmt: skip
         (balancer, clock, executor), (reference, ref_clock, general) = self._pair(
-            mode, ports, correspondent)
+            mode, ports, correspondent, chain)
         case: Any = self
         for n, (what, arg) in enumerate(plan):
             if what == "op":
@@ -346,6 +376,38 @@ class ExecutorContract:
         batches -- every executor sends and keeps what the general path does (in strict
         mode no other executor forwards an HAO packet the binding cache would refuse)."""
         self.check("translate", (), plan, correspondent)
+
+    @settings(max_examples=150, deadline=None,
+              suppress_health_check=[HealthCheck.differing_executors])  # fmt: skip
+    @given(mode=st.sampled_from(["translate", "transparent"]), plan=quic_steps)
+    def test_same_as_the_general_path_with_quic(
+        self, mode: str, plan: list[tuple[str, Any]]
+    ) -> None:
+        """The key chain ["hoa", "quic", "src"] (docs/quic.md), QUIC packets naming a
+        backend by their server ID (or none) mixed with the rest: every executor sends
+        and keeps what the general path does (a server ID never outranks a live home
+        address binding, so the steady state an executor takes is the same)."""
+        self.check(mode, (), plan, chain=("hoa", "quic", "src"))
+
+    def test_quic_server_id_then_the_steady_state(self) -> None:
+        """A fixed walk: a terminal's first HAO packet carries a QUIC connection ID
+        naming srv2 (the server ID decides, its home and care-of addresses follow), then
+        its usual packets (the steady state, an executor's to take) and a move."""
+        cid = b"\x41" + encode_cid(QUIC, b"\x0b\x02", bytes(5)) + b"q"
+        first = [(0, 17, 1, 0, 64, 443, 0, cid)]
+        usual = [(0, 17, 1, c, 64, 443, 0, cid) for c in (0, 0, 1, 1)]
+        plan: list[tuple[str, Any]] = [("in", first), ("in", usual), ("op", ("advance", 2)),
+                                       ("in", usual)]  # fmt: skip
+        self.check("translate", (), plan, chain=("hoa", "quic", "src"))
+        reference, _ = make(scheduler="round_robin")
+        reference.chain = KeyChain.from_names(["hoa", "quic", "src"], quic=QUIC)
+        general = GeneralPath(reference, Clock())
+        general.inbound([inbound_packet(spec) for spec in first])
+        case: Any = self
+        case.assertEqual(reference.counters.hits["quic"], 1)
+        binding = reference.table.get(Key("addr", home(1)))
+        assert binding is not None
+        case.assertEqual(binding.backend.name, "srv2")
 
     def test_strict_mode_follows_the_binding_cache(self) -> None:
         """Strict mode, a fixed walk: a registered terminal's packets (the steady state
