@@ -93,6 +93,41 @@ class BatchLayoutTests(SynchronousTestCase):
         link.append(b"!", 1)
         self.assertRaises(IndexError, link.append, b"full", 1)
 
+    def test_writer_send_lays_out_as_append(self) -> None:
+        """`BatchPacketWriter.send` fills its queue's slot inline (the general path's
+        every packet): the same bytes, iov_len, msg_name and sockaddr_in6 as
+        `Batch.append`, on the raw socket's queue and on the link's."""
+        system = MemoryPacketSystem(["c"])
+        writer = mmsg.BatchPacketWriter(system, slots=4)
+        writer.open()
+        self.addCleanup(writer.close)
+        writer.use_link(system.open_reader("c"), system.interface_index("c"))
+        writer.set_link_neighbours({packed(FAR): b"\x02\x00\x00\x00\x00\x07"})
+        sent = [packet(NEAR, FAR, 1), packet(NEAR, TARGET, 2, 90),
+                packet(NEAR, FAR, 3, 70), packet(NEAR, UNROUTED, 4, 61)]  # fmt: skip
+        for p in sent:
+            assert writer.send(p)
+        raw, _ = writer.raw_route
+        link, name = writer.route(packed(FAR))
+        assert name and link is not raw
+        want_raw = mmsg.Batch(raw.count, raw.slot, addressed=True)
+        want_link = mmsg.Batch(link.count, link.slot)
+        for p in sent:
+            if p[24:40] == packed(FAR):
+                want_link.append(p, name)
+            else:
+                want_raw.append(p, 0, p[24:40])
+        for got, want in ((raw, want_raw), (link, want_link)):
+            assert got.queued == want.queued == 2
+            for i in range(want.queued):
+                assert bytes(got.queued_packet(i)) == bytes(want.queued_packet(i))
+                assert got.iov_length(i) == want.iov_length(i)
+            if got is raw:
+                assert [got.destination(i) for i in range(2)] == [
+                    want.destination(i) for i in range(2)] == [packed(TARGET), packed(UNROUTED)]
+            else:
+                assert [got.name(i) for i in range(2)] == [want.name(i) for i in range(2)]
+
 
 def memory_reader(
     handle: Callable[[bytearray], object], **kw: Any

@@ -780,3 +780,33 @@ class ErrorToBackendTests(ChecksumAssertions, SynchronousTestCase):
             buf = bytearray(raw)
             self.assertIs(nat.error_to_backend(buf, parse(buf), packed(BACKEND)), reason)
             self.assertEqual(bytes(buf), raw)
+
+
+class FixL4Tests(SynchronousTestCase):
+    """`nat._fix_l4` writes `update_transport`'s arithmetic out (the general path's every
+    packet): held here to the reference, for each protocol it fixes and one it does not."""
+
+    @given(
+        csum=st.integers(0, 0xFFFF),
+        old=st.binary(min_size=16, max_size=16),
+        new=st.binary(min_size=16, max_size=16),
+        proto=st.sampled_from([6, 17, 58, 135, 50]),
+    )
+    def test_same_as_update_transport(self, csum: int, old: bytes, new: bytes,
+                                      proto: int) -> None:
+        from lbproxy.wire.checksum import update_transport
+
+        l4 = bytes(20) if proto == 6 else bytes(8)
+        raw = bytearray(struct.pack("!IHBB", 6 << 28, len(l4), proto, 64) + old + new + l4)
+        at = _CSUM_AT.get(proto)
+        if at is not None:
+            raw[40 + at : 42 + at] = csum.to_bytes(2, "big")
+        view = parse(raw)
+        before = bytes(raw)
+        nat._fix_l4(raw, view, old, new)
+        if at is None:  # ESP: nothing covers the addresses
+            self.assertEqual(bytes(raw), before)
+            return
+        want = update_transport(csum, old, new, proto == 17)
+        self.assertEqual(int.from_bytes(raw[40 + at : 42 + at], "big"), want)
+        self.assertEqual(raw[: 40 + at] + raw[42 + at :], before[: 40 + at] + before[42 + at :])

@@ -398,9 +398,21 @@ class Balancer:
             if winner is None:
                 b = peek(key)
                 if b is not None and b.expires > now:
-                    winner = self._hit(b, key, strategy.kind, now)
-                    if winner is None:
-                        return None  # dropped, counted
+                    if b.backend.name in self.policy.usable_names:
+                        # `_hit` when the binding keeps its backend, written out (every
+                        # packet of the general path): refreshed, its hit counted (a
+                        # home-address hit as the fast path counts it).
+                        table.refresh(b, now)
+                        kind = strategy.kind
+                        if kind == "hoa":
+                            self.counters.hoa_hits_pending += 1
+                        else:
+                            self.counters.hits[kind] += 1
+                        winner = b
+                    else:
+                        winner = self._hit(b, key, strategy.kind, now)
+                        if winner is None:
+                            return None  # dropped, counted
                     if hao and winner.care_of == source:
                         return winner.backend  # nothing new: the steady state
             found.append((key, strategy))
@@ -567,8 +579,7 @@ class Balancer:
         table.refresh(b, now)
         policy = self.policy
         name = b.backend.name
-        # `Policy.usable`, inlined (this runs for every packet of the general path).
-        if name not in policy.backends or (policy.reassign_dead and name in policy.down):
+        if name not in policy.usable_names:  # `Policy.usable`
             # Down (with the reassign policy), or removed by a reload: a removed
             # backend's replies would be refused (not-from-backend), so always move.
             replacement = self.scheduler.choose(b.key, table.load())
@@ -661,7 +672,7 @@ class Balancer:
             if view.frag >= 0 and view.frag_more:
                 self.fragments.learn(flow_id(buf, view.frag_id), backend, self.clock.seconds())
 
-        if len(policy.vips) > 1:
+        if policy.only_vip is None:  # several virtual addresses
             home = bytes(buf[view.hoa : view.hoa + 16]) if view.hoa >= 0 else bytes(buf[8:24])
             self._remember_vip(home, dst)
 
@@ -676,7 +687,7 @@ class Balancer:
                 self.journeys.dropped(Key("addr", terminal), out.value, buf)
             return None
         counters.packets_out += 1
-        counters.backend_packets[backend.name] += 1
+        counters.backend_cell(backend.name)[0] += 1  # cheaper than backend_packets
         return out
 
     def _correspondent(
@@ -776,9 +787,10 @@ class Balancer:
             return None
         if view.rh2 >= 0:
             home = bytes(buf[view.rh2 : view.rh2 + 16])
-        vips = policy.vips
-        vip = self._vip_of.get(home, vips[0]) if len(vips) > 1 else vips[0]
-        out = nat.reply(buf, view, vip, self._routes.get(home), home)
+        vip = policy.only_vip or self._vip_of.get(home, policy.vips[0])
+        # No `home` for nat.reply: the destination is the home address already, and a
+        # packet with a Routing Header (the Type 2's home address read above) keeps it.
+        out = nat.reply(buf, view, vip, self._routes.get(home))
         if isinstance(out, nat.Drop):
             counters.drop(out.value)
             if self.journeys is not None:  # journey: a reply to this terminal dropped

@@ -75,6 +75,11 @@ class Policy:
     #: policy (None: it can).
     fast_inbound: str | None
     fast_replies: str | None
+    #: Precomputed for the general path's every packet (`Balancer.inbound`/`outbound`):
+    #: the names of the backends a binding may keep its packets on (`usable`), and the
+    #: virtual address when there is only one (None: several; replies look theirs up).
+    usable_names: frozenset[str]
+    only_vip: bytes | None
     #: The correspondent node's strict mode (lbproxy.core.correspondent): a packet with
     #: a Home Address Option is forwarded only if the binding cache maps its home
     #: address to its source.  The fast path makes that check; the XDP program cannot
@@ -91,8 +96,7 @@ class Policy:
     def usable(self, backend: Backend) -> bool:
         """Whether a binding to `backend` may keep its packets (not removed; not down
         when down backends are reassigned)."""
-        name = backend.name
-        return name in self.backends and not (self.reassign_dead and name in self.down)
+        return backend.name in self.usable_names
 
 
 def build_policy(
@@ -144,5 +148,9 @@ def build_policy(
         reply_deltas={a: delta16(a, first) for a in by_address},
         fast_inbound=inbound_reason,
         fast_replies=reply_reason,
+        usable_names=frozenset(
+            b.name for b in backends if not (reassign_dead and b.name in down_set)
+        ),
+        only_vip=first if len(vips) == 1 else None,
         strict_hao=strict_hao,
     )
