@@ -301,7 +301,7 @@ def _server_id(s: Section) -> bytes:
 def _quic(top: Section, backends: Sequence[BackendConfig]) -> QuicLbSettings:
     """``[quic]`` and the backends' ``quic_server_id`` (docs/quic.md)."""
     s = checked(top.table("quic"), ("ports", "config_rotation", "server_id_length",
-                                    "nonce_length", "length_self_description"))
+                                    "nonce_length", "length_self_description", "key"))
     ports = tuple(s.get("ports", list, list(QUIC_PORTS)))
     for p in ports:
         if not isinstance(p, int) or isinstance(p, bool) or not 0 < p < 65536:
@@ -331,7 +331,17 @@ def _quic(top: Section, backends: Sequence[BackendConfig]) -> QuicLbSettings:
             raise top.fail(f"backend[{i}].quic_server_id", f"{sid.hex()!r} is also the "
                            f"server ID of backend {seen[sid]!r}")  # fmt: skip
         seen[sid] = b.name
+    key_text = s.get("key", str, "")
+    key = None
+    if key_text:
+        try:
+            key = bytes.fromhex(key_text)
+        except ValueError:
+            raise s.fail("key", "not hex digits (32 of them: an AES-128 key)") from None
+        if len(key) != 16:
+            raise s.fail("key", f"{len(key)} octets; an AES-128 key is 16 (32 hex digits)")
     return QuicLbSettings(
+        key=key,
         config_rotation=rotation,
         server_id_length=sid_length,
         nonce_length=nonce_length,

@@ -16,6 +16,7 @@ import ipaddress
 import os
 import tempfile
 
+import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import TCP, UDP
@@ -28,6 +29,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from lbproxy.core.balancer import Balancer
 from lbproxy.core.keys import INamedKeyStrategy, Key, KeyChain
 from lbproxy.core.quiclb import QuicLbSettings, QuicLbStrategy, encode_cid, server_id_key
+from lbproxy.core.quiclb_cipher import ServerIdCipher
 from lbproxy.core.selection import Backend, scheduler_from_name
 from lbproxy.core.table import StickyTable
 from lbproxy.wire.view import parse
@@ -224,6 +226,15 @@ class AioquicTests(SynchronousTestCase):
             raise SkipTest(f"aioquic is not installed ({e})") from None
 
     def test_handshake_and_transfer(self) -> None:
+        """Unencrypted connection IDs: the server ID in clear after the first octet."""
+        self.handshake(SETTINGS)
+
+    def test_handshake_and_transfer_encrypted(self) -> None:
+        """Encrypted connection IDs (four-pass, 7 octets): nothing of the server ID in
+        clear, and the strategy still finds it."""
+        self.handshake(ENCRYPTED)
+
+    def handshake(self, settings: QuicLbSettings) -> None:
         from aioquic.buffer import Buffer
         from aioquic.quic.configuration import QuicConfiguration
         from aioquic.quic.connection import QuicConnection
@@ -236,7 +247,7 @@ class AioquicTests(SynchronousTestCase):
         directory = tempfile.mkdtemp()
         ca_path, cert, key = ca.write(directory, "server", ca.issue(dns=[SERVER_NAME]))
         server_config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN],
-                                          connection_id_length=SETTINGS.cid_length)  # fmt: skip
+                                          connection_id_length=settings.cid_length)  # fmt: skip
         server_config.load_cert_chain(cert, key)
         client_config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN],
                                           server_name=SERVER_NAME)  # fmt: skip
@@ -252,11 +263,11 @@ class AioquicTests(SynchronousTestCase):
             now += 0.01
             for data, _ in client.datagrams_to_send(now):
                 dcid = pull_quic_header(Buffer(data=data), host_cid_length=8).destination_cid
-                keys.append((dcid, key_of(udp(data))))
+                keys.append((dcid, key_of(udp(data), settings)))
                 if server is None:
                     server = QuicLbConnection(
                         configuration=server_config, original_destination_connection_id=dcid,
-                        cid_factory=lambda: encode_cid(SETTINGS, b"\x0b\x02"))  # fmt: skip
+                        cid_factory=lambda: encode_cid(settings, b"\x0b\x02"))  # fmt: skip
                 server.receive_datagram(data, (CLIENT, 50000), now)
             assert server is not None
             for data, _ in server.datagrams_to_send(now):
@@ -276,8 +287,84 @@ class AioquicTests(SynchronousTestCase):
         self.assertGreater(len(routable), 3)
         self.assertGreaterEqual(len({d for d, _ in routable}), 2)  # a fresh CID too
         for dcid, found in routable:
-            self.assertEqual(dcid[1:3], b"\x0b\x02")
+            self.assertEqual(dcid[0], 0x27)
+            if settings.key is None:
+                self.assertEqual(dcid[1:3], b"\x0b\x02")
+            else:
+                self.assertEqual(ServerIdCipher(settings.key, 2, 5).server_id(dcid[1:]),
+                                 b"\x0b\x02")  # fmt: skip
             self.assertEqual(str(found), "quic 0b02")
+        if settings.key is not None:  # encrypted: the nonces differ, so do the IDs' octets
+            self.assertGreater(len({d[1:3] for d, _ in routable}), 1)
+
+
+#: The draft's test vectors (draft-ietf-quic-load-balancers-19, appendix B; the same in
+#: QUICHE's load balancer tests): key, server ID, and per configuration (config
+#: rotation, server ID length, nonce length) a connection ID.
+VECTOR_KEY = bytes.fromhex("8f95f09245765f80256934e50c66207f")
+VECTOR_SID = bytes.fromhex("ed793a51d49b8f5fab65ba04c3330a")
+VECTORS = [
+    (0, 3, 4, "0720b1d07b359d3c"),  # 8 octets: four passes, odd, server ID in the left half
+    (1, 10, 5, "2fcc381bc74cb4fbad2823a3d1f8fed2"),  # the fourth pass needed
+    (2, 8, 8, "504dd2d05a7b0de9b2b9907afb5ecf8cc3"),  # 16 octets: a single pass
+    (0, 9, 9, "125779c9cc86beb3a3a4a3ca96fce4bfe0cdbc"),  # even
+]
+UNENCRYPTED_VECTORS = [(0, 3, 4, "07ed793a8049718a"), (1, 8, 5, "2ded793a51d49b8f5fee15da27c4")]
+ENCRYPTED = attrs.evolve(SETTINGS, key=VECTOR_KEY)
+
+
+class CipherTests(SynchronousTestCase):
+    def test_draft_vectors(self) -> None:
+        """Each of the draft's encrypted connection IDs gives its server ID, through the
+        cipher and through the strategy (first octet, length, lookup)."""
+        for rotation, sid_length, nonce_length, text in VECTORS:
+            cid = bytes.fromhex(text)
+            cipher = ServerIdCipher(VECTOR_KEY, sid_length, nonce_length)
+            self.assertEqual(cipher.server_id(cid[1:]), VECTOR_SID[:sid_length], text)
+            settings = QuicLbSettings(config_rotation=rotation, server_id_length=sid_length,
+                                      nonce_length=nonce_length, key=VECTOR_KEY,
+                                      server_ids={VECTOR_SID[:sid_length]: "srv1"})  # fmt: skip
+            self.assertEqual(key_of(udp(short_header(cid)), settings),
+                             server_id_key(VECTOR_SID[:sid_length]), text)  # fmt: skip
+            # The same settings without the key read the ciphertext, not the server ID.
+            clear = attrs.evolve(settings, key=None)
+            self.assertIsNone(key_of(udp(short_header(cid)), clear), text)
+        for rotation, sid_length, nonce_length, text in UNENCRYPTED_VECTORS:
+            settings = QuicLbSettings(config_rotation=rotation, server_id_length=sid_length,
+                                      nonce_length=nonce_length,
+                                      server_ids={VECTOR_SID[:sid_length]: "srv1"})  # fmt: skip
+            self.assertEqual(key_of(udp(short_header(bytes.fromhex(text))), settings),
+                             server_id_key(VECTOR_SID[:sid_length]), text)  # fmt: skip
+
+    def test_round_trip_every_length(self) -> None:
+        """Every server ID and nonce length the draft allows: what a backend encrypts
+        (`encode_cid`) the strategy reads back; the ciphertext is not the plaintext."""
+        for sid_length in range(1, 16):
+            for nonce_length in range(4, 20 - sid_length):
+                sid = os.urandom(sid_length)
+                settings = QuicLbSettings(server_id_length=sid_length, nonce_length=nonce_length,
+                                          key=os.urandom(16), server_ids={sid: "srv1"})  # fmt: skip
+                nonce = os.urandom(nonce_length)
+                cid = encode_cid(settings, sid, nonce)
+                self.assertEqual(len(cid), settings.cid_length)
+                self.assertNotEqual(cid[1:], sid + nonce)
+                self.assertEqual(key_of(udp(short_header(cid)), settings), server_id_key(sid))
+
+    def test_bad_keys_refused(self) -> None:
+        for key in (b"", bytes(15), bytes(17), bytes(32)):
+            with self.assertRaises(ValueError) as caught:
+                QuicLbSettings(key=key)
+            self.assertIn("a key is 16 octets (AES-128)", str(caught.exception))
+        self.assertNotIn("8f95", repr(ENCRYPTED))  # the key is never shown
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=40))
+    def test_garbage_encrypted(self, payload: bytes) -> None:
+        """Arbitrary payloads under a key: a key only for a configured server ID, never
+        an exception."""
+        key = key_of(udp(payload), ENCRYPTED)
+        if key is not None:
+            self.assertIn(key, {server_id_key(bytes((0x0B, i))) for i in (1, 2, 3)})
 
 
 class BalancerTests(SynchronousTestCase):

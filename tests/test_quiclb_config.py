@@ -123,6 +123,12 @@ class ConfigTests(SynchronousTestCase):
              "backend[1].quic_server_id", "is 2 octets, not quic.server_id_length = 3"),
             (('quic_server_id = "0a0b02"', 'quic_server_id = "0A0B01"'),
              "backend[1].quic_server_id", "also the server ID of backend 'srv1'"),
+            (("nonce_length = 6", 'nonce_length = 6\nkey = "secret"'), "quic.key",
+             "not hex digits (32 of them: an AES-128 key)"),
+            (("nonce_length = 6", 'nonce_length = 6\nkey = "00112233"'), "quic.key",
+             "4 octets; an AES-128 key is 16 (32 hex digits)"),
+            (("nonce_length = 6", "nonce_length = 6\nkey = 5"), "quic.key",
+             "expected str, got int 5"),
         ]
         for (old, new), key, reason in cases:
             text = BALANCER.replace(old, new)
@@ -134,6 +140,23 @@ class ConfigTests(SynchronousTestCase):
             self.assertEqual(message.count("\n"), 0)
             self.assertTrue(message.startswith(f"{path}: {key}: "), (new, message))
             self.assertIn(reason, message, new)
+
+    def test_encrypted(self) -> None:
+        """``key``: the backends' connection IDs are encrypted; the strategy reads them.
+        The key never appears in the settings' text."""
+        key = "8f95f09245765f80256934e50c66207f"
+        config = load_config(self.write(BALANCER.replace("nonce_length = 6",
+                                                         f'nonce_length = 6\nkey = "{key}"')))
+        self.assertEqual(config.quic.key, bytes.fromhex(key))
+        self.assertNotIn(key[:8], repr(config))
+        balancer = build_balancer(config, Clock())
+        cid = encode_cid(config.quic, bytes.fromhex("0a0b01"))
+        self.assertNotIn(bytes.fromhex("0a0b01"), cid)
+        packet = bytes(IPv6(src="2001:db8:c1::1", dst="2001:db8:5::80")
+                       / UDP(sport=5, dport=443) / (b"\x40" + cid + b"\0" * 20))
+        out = balancer.inbound(bytearray(packet))
+        assert out is not None
+        self.assertEqual(IPv6(bytes(out)).dst, "2001:db8:b0::11")
 
     def test_chain_without_server_ids(self) -> None:
         text = BALANCER.replace('quic_server_id = "0a0b01"\n', "").replace(
@@ -191,7 +214,7 @@ class DocumentedTests(SynchronousTestCase):
         reference = (root / "docs" / "configuration.md").read_text()
         example = (root / "etc" / "lbproxy.toml").read_text()
         for key in ("ports", "config_rotation", "server_id_length", "nonce_length",
-                    "length_self_description"):  # fmt: skip
+                    "length_self_description", "key"):  # fmt: skip
             self.assertIn(f"`quic.{key}`", reference)
             self.assertIn(f"\n{key} = ", example[example.index("\n[quic]\n"):])
         self.assertIn("`[[backend]] quic_server_id`", reference)

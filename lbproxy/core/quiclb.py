@@ -8,11 +8,13 @@ backend wrote into every connection ID it issued, the scheme of QUIC-LB
 needs no state: every balancer of a fleet, after any restart, sends the packet to the
 backend that encoded it.
 
-What is implemented of the draft: the *unencrypted* connection ID ("plaintext" in its
-earlier versions)::
+What is implemented of the draft: the connection ID, unencrypted ("plaintext" in its
+earlier versions) or encrypted with an AES-128 key (single pass for 16 octets, four-pass
+Feistel otherwise: `lbproxy.core.quiclb_cipher`)::
 
     first octet: config rotation (3 high bits) | length self-description (5 low bits)
-    then:        server ID (server_id_length octets) | nonce (nonce_length octets)
+    then:        server ID (server_id_length octets) | nonce (nonce_length octets),
+                 both encrypted when a key is configured
 
 read at the packet's Destination Connection ID by the QUIC invariants (RFC 8999): a
 short header's starts at its second octet, with the configured length; a long header's
@@ -21,8 +23,9 @@ is UDP to one of the configured ports, long enough, its first CID octet carries 
 configured config rotation codepoint (and, if configured, the right length), and the
 server ID is one a backend was configured with.  A client's first Initial (its own
 random DCID) therefore falls through and is scheduled like any miss; the backend's
-answer gives the client a routable CID for everything after.  The encrypted modes
-(single-pass AES-ECB, four-pass Feistel) are not implemented: `docs/quic.md`.
+answer gives the client a routable CID for everything after.  With a key, a random DCID
+that passes the first octet's checks decrypts to a random server ID, which names a
+backend only by chance (server IDs over-provision the space, as the draft advises).
 
 The strategy is a :class:`~lbproxy.core.keys.INamedKeyStrategy`: its key names the
 backend (`backend_name`), so the balancer sends the packet there rather than looking
@@ -40,6 +43,7 @@ import attrs
 from zope.interface import implementer
 
 from lbproxy.core.keys import INamedKeyStrategy, Key, kind_named
+from lbproxy.core.quiclb_cipher import KEY_LENGTH, ServerIdCipher
 
 if TYPE_CHECKING:
     from lbproxy.core.keys import Buffer
@@ -102,6 +106,9 @@ class QuicLbSettings:
     ports: frozenset[int] = attrs.field(default=frozenset(DEFAULT_PORTS), converter=_ports)
     #: (server ID, backend name) pairs (a mapping is accepted); frozen, so hashable.
     server_ids: tuple[tuple[bytes, str], ...] = attrs.field(default=(), converter=_server_ids)
+    #: The AES-128 key of encrypted connection IDs (16 octets), or None: unencrypted.
+    #: Never shown (``repr``).
+    key: bytes | None = attrs.field(default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
         problem = self.problem()
@@ -126,6 +133,8 @@ class QuicLbSettings:
             return (f"server ID and nonce ({self.server_id_length} + {self.nonce_length} "
                     f"octets) do not fit a {MAX_CID}-octet connection ID with its first "
                     "octet")  # fmt: skip
+        if self.key is not None and len(self.key) != KEY_LENGTH:
+            return f"a key is {KEY_LENGTH} octets (AES-128), not {len(self.key)}"
         for sid, _ in self.server_ids:
             if len(sid) != self.server_id_length:
                 return (f"server ID {sid.hex()} is {len(sid)} octets, not "
@@ -135,7 +144,8 @@ class QuicLbSettings:
 
 def encode_cid(settings: QuicLbSettings, server_id: bytes, nonce: bytes | None = None) -> bytes:
     """A connection ID naming `server_id` under `settings` (what a backend issues):
-    the first octet, the server ID, then `nonce` (random when None)."""
+    the first octet, then the server ID and `nonce` (random when None) -- encrypted
+    with the settings' key when they have one (`lbproxy.core.quiclb_cipher`)."""
     if len(server_id) != settings.server_id_length:
         raise ValueError(f"server ID {server_id.hex()} is not {settings.server_id_length} octets")
     if nonce is None:
@@ -143,7 +153,10 @@ def encode_cid(settings: QuicLbSettings, server_id: bytes, nonce: bytes | None =
     if len(nonce) != settings.nonce_length:
         raise ValueError(f"a nonce is {settings.nonce_length} octets, not {len(nonce)}")
     low = settings.cid_length - 1 if settings.length_self_description else os.urandom(1)[0] & 0x1F
-    return bytes(((settings.config_rotation << 5) | low,)) + server_id + nonce
+    body = server_id + nonce
+    if settings.key is not None:
+        body = ServerIdCipher(settings.key, len(server_id), len(nonce)).encrypt(body)
+    return bytes(((settings.config_rotation << 5) | low,)) + body
 
 
 @implementer(INamedKeyStrategy)
@@ -152,7 +165,8 @@ class QuicLbStrategy:
     when it names a configured backend (see the module's docstring)."""
 
     kind = "quic"
-    __slots__ = ("_cid", "_first", "_keys", "_mask", "_names", "_ports", "_sid", "settings")
+    __slots__ = ("_cid", "_cipher", "_first", "_keys", "_mask", "_names", "_ports", "_sid",
+                 "settings")  # fmt: skip
 
     def __init__(self, settings: QuicLbSettings | None = None) -> None:
         self.settings = settings = settings or QuicLbSettings()
@@ -170,6 +184,8 @@ class QuicLbStrategy:
         self._names = {server_id_key(s): n for s, n in settings.server_ids}
         # Server ID -> its key, built once: a packet's key costs a slice and a lookup.
         self._keys = {s: server_id_key(s) for s, _ in settings.server_ids}
+        self._cipher = (None if settings.key is None else
+                        ServerIdCipher(settings.key, self._sid, settings.nonce_length))  # fmt: skip
 
     def key_for(self, buf: Buffer, view: PacketView) -> Key | None:
         if view.proto != _UDP or view.dport not in self._ports:
@@ -191,6 +207,8 @@ class QuicLbStrategy:
                 return None
         if buf[cid] & self._mask != self._first:
             return None
+        if self._cipher is not None:
+            return self._keys.get(self._cipher.server_id(buf[cid + 1 : cid + self._cid]))
         return self._keys.get(bytes(buf[cid + 1 : cid + 1 + self._sid]))
 
     def backend_name(self, key: Key) -> str | None:
