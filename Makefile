@@ -128,6 +128,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/core.py
 	$(PY) benchmarks/compare.py $(if $(BASELINE),--baseline $(BASELINE))
 
+# Floods of forged identities (docs/performance.md, "Memory and floods"): in-process at
+# 1,000,000 identities, then (root: network namespaces, gcc) a scaled-down flood through
+# the real `twistd -n lbproxy` in the test bed.  A few minutes each.
+bench-flood: $(STAMP) system-deps
+	$(PY) benchmarks/flood.py
+	$(PY) benchmarks/flood_bed.py
+
 # Needs root: network namespaces, C generator and sink (gcc), kernel nft DNAT baseline.
 bench-dataplane: $(STAMP) system-deps xdp
 	$(PY) benchmarks/dataplane.py

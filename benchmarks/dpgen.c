@@ -16,8 +16,15 @@
  * as RFC 6275 wants); the varying payload words are added incrementally.
  *
  * usage: dpgen IFNAME DSTMAC COA_PREFIX HOA_PREFIX VIP PORT TERMINALS
- *              RATE SECONDS BATCH
+ *              RATE SECONDS BATCH [REPEAT [SPREAD]]
  *   RATE 0 = as fast as possible; otherwise packets/s, paced per batch.
+ *   REPEAT (benchmarks/flood_bed.py): each terminal sends REPEAT packets back to
+ *   back, and the run ends after one pass over the terminals (or SECONDS) --
+ *   TERMINALS forged identities sending REPEAT packets each.  Without it, the
+ *   terminals take turns, one packet each, until SECONDS.
+ *   SPREAD 1: terminal i's source also carries a scatter of i in its third
+ *   group (bits 32-47), so consecutive identities come from different /48s of
+ *   the prefix's /32 (a spoofed flood, still inside 2001:db8::/32).
  * Prints one JSON line: {"sent":..,"errors":..,"elapsed":..}
  */
 #define _GNU_SOURCE
@@ -69,8 +76,9 @@ static void with_index(uint8_t *addr, const uint8_t *prefix, uint32_t i) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 11) {
-        fprintf(stderr, "usage: dpgen IFNAME DSTMAC COA HOA VIP PORT TERMINALS RATE SECONDS BATCH\n");
+    if (argc < 11 || argc > 13) {
+        fprintf(stderr, "usage: dpgen IFNAME DSTMAC COA HOA VIP PORT TERMINALS RATE SECONDS BATCH"
+                        " [REPEAT [SPREAD]]\n");
         return 2;
     }
     const char *ifname = argv[1];
@@ -91,7 +99,9 @@ int main(int argc, char **argv) {
     double rate = atof(argv[8]);
     double seconds = atof(argv[9]);
     int batch = atoi(argv[10]);
-    if (terminals < 1 || batch < 1 || batch > MAXBATCH || seconds <= 0) {
+    int repeat = argc > 11 ? atoi(argv[11]) : 0;
+    int spread = argc > 12 ? atoi(argv[12]) : 0;
+    if (terminals < 1 || batch < 1 || batch > MAXBATCH || seconds <= 0 || repeat < 0) {
         fprintf(stderr, "bad numbers\n");
         return 2;
     }
@@ -108,6 +118,11 @@ int main(int argc, char **argv) {
         p[6] = 60; /* Destination Options */
         p[7] = 64;
         with_index(p + 8, coa, i + 1);
+        if (spread) { /* an odd multiplier: a permutation of the 16-bit group */
+            uint16_t g = (uint16_t)((i + 1) * 40503u);
+            p[12] = (uint8_t)(g >> 8);
+            p[13] = (uint8_t)g;
+        }
         memcpy(p + 24, vip, 16);
         uint8_t *d = p + 40; /* NH, len 2 (24 bytes), PadN(2), HAO type 0xC9 len 16 */
         d[0] = 17; d[1] = 2; d[2] = 1; d[3] = 2; d[4] = 0; d[5] = 0; d[6] = 0xC9; d[7] = 16;
@@ -155,11 +170,13 @@ int main(int argc, char **argv) {
     signal(SIGTERM, on_signal);
     uint64_t sent = 0, errors = 0, seq = 0;
     uint32_t next = 0;
+    int again = 0; /* packets of terminal `next` sent so far (REPEAT) */
+    uint64_t total = repeat ? (uint64_t)terminals * (uint64_t)repeat : 0;
     uint64_t start = now_ns(CLOCK_MONOTONIC);
     uint64_t end = start + (uint64_t)(seconds * 1e9);
     for (;;) {
         uint64_t t = now_ns(CLOCK_MONOTONIC);
-        if (t >= end || stop) break;
+        if (t >= end || stop || (total && seq >= total)) break;
         if (rate > 0) {
             uint64_t due = start + (uint64_t)((double)seq * 1e9 / rate);
             if (due > t) {
@@ -172,7 +189,9 @@ int main(int argc, char **argv) {
             }
         }
         uint64_t stamp = now_ns(CLOCK_REALTIME);
-        for (int k = 0; k < batch; k++) {
+        int count = batch;
+        if (total && seq + (uint64_t)count > total) count = (int)(total - seq);
+        for (int k = 0; k < count; k++) {
             uint8_t *p = bufs[k];
             memcpy(p, templates + (size_t)next * PKT, PKT);
             uint8_t *pay = p + 72;
@@ -185,17 +204,19 @@ int main(int argc, char **argv) {
             if (c == 0) c = 0xffff;
             p[70] = (uint8_t)(c >> 8);
             p[71] = (uint8_t)c;
+            if (repeat && ++again < repeat) continue;
+            again = 0;
             if (++next == terminals) next = 0;
         }
-        int n = sendmmsg(fd, msgs, (unsigned)batch, 0);
+        int n = sendmmsg(fd, msgs, (unsigned)count, 0);
         if (n < 0) {
-            errors += (uint64_t)batch;
+            errors += (uint64_t)count;
             if (errno != ENOBUFS && errno != EAGAIN && errno != EINTR) { perror("sendmmsg"); break; }
         } else {
             sent += (uint64_t)n;
-            errors += (uint64_t)(batch - n);
+            errors += (uint64_t)(count - n);
         }
-        seq += (uint64_t)batch;
+        seq += (uint64_t)count;
     }
     double elapsed = (double)(now_ns(CLOCK_MONOTONIC) - start) / 1e9;
     printf("{\"sent\": %llu, \"errors\": %llu, \"elapsed\": %.6f}\n", (unsigned long long)sent,

@@ -35,6 +35,7 @@ def bed_config(
     key_chain: Sequence[str] = ("hoa", "iid", "spi", "ike", "src"),
     scheduler: str = "maglev",
     lifetime: float = 300.0,
+    max_entries: int | None = None,
     any_interface_id: bool = False,
     backends: Iterable[int] | None = None,
     weights: Mapping[int, int] | None = None,
@@ -48,9 +49,9 @@ def bed_config(
     ``backends``: which of the bed's backends (default all), ``weights`` by backend
     index, ``health``: TCP checks on the backends' server port, ``offload``: the
     ``[balancer] offload`` setting (None: the key is left out; ``"xdp"`` wants a bed
-    made with ``TestBed(xdp=True)``), ``balancer``: which of a fleet's balancers this is
-    for (its control socket; the interfaces have the same names in every balancer's
-    namespace).
+    made with ``TestBed(xdp=True)``), ``max_entries`` the table bound (None: the
+    default), ``balancer``: which of a fleet's balancers this is for (its control socket;
+    the interfaces have the same names in every balancer's namespace).
     """
     chain = ", ".join(f'"{k}"' for k in key_chain)
     lines = [
@@ -61,6 +62,7 @@ def bed_config(
         f'scheduler = "{scheduler}"',
         f"lifetime = {lifetime}",
         "sweep_interval = 0.5",
+        *([f"max_entries = {max_entries}"] if max_entries is not None else []),
         *([f'offload = "{offload}"'] if offload is not None else []),
         "[virtual]",
         f'addresses = ["{addresses.VIP}"]',
