@@ -435,3 +435,20 @@ class FactoryTests(SynchronousTestCase):
                      "weight", "drain", "undrain", "stats", "backend_list", "info", "reload"):
             self.assertIn(name, namespace)
         self.assertIn("(2 bindings)", repr(namespace["show"]()))
+
+    def test_journey(self) -> None:
+        """``journey(key)`` prints the terminal's journey as lbproxyctl does."""
+        from scapy.layers.inet import UDP
+        from scapy.layers.inet6 import HAO, IPv6ExtHdrDestOpt
+
+        from lbproxy.core.journey import Journeys
+
+        coa1, home = "2001:db8:a1::5", "2001:db8:100::5"
+        control = live_control()
+        balancer = control.balancer
+        balancer.follow_journeys(Journeys(balancer.clock))
+        balancer.inbound(bytearray(bytes(IPv6(src=coa1, dst=VIP) / IPv6ExtHdrDestOpt(
+            options=[HAO(hoa=home)]) / UDP(dport=80) / b"x")))
+        shown = repr(manhole_namespace(control)["journey"](f"addr {coa1}"))
+        self.assertTrue(shown.startswith(f"journey of addr {coa1}: bound by addr {home} to "))
+        self.assertIn(f"created: addr {home} -> ", shown)

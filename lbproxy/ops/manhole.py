@@ -48,7 +48,8 @@ from twisted.cred.portal import IRealm
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from lbproxy.ops.control import Control
+from lbproxy.ops.control import Control, Text
+from lbproxy.ops.journeyview import format_journey
 
 DEFAULT_ENDPOINT = r"tcp6:port=2222:interface=\:\:1"
 
@@ -141,6 +142,7 @@ def manhole_namespace(control: Control, user: str = "unknown") -> dict[str, Any]
         "backend_list": control.backends,
         "stats": control.stats,
         "info": control.info,
+        "journey": lambda key: Text(format_journey(control.journey(key))),
     }
 
 
