@@ -12,7 +12,8 @@ STAMP   = $(VENV)/.installed
 # `make bench`'s baseline revision; empty = the one in benchmarks/BASELINE.
 BASELINE ?=
 
-.PHONY: demo test unit lint typecheck bench bench-dataplane bench-notify clean system-deps \
+.PHONY: demo test unit lint typecheck bench bench-dataplane bench-notify bench-fleet clean \
+	system-deps \
 	xdp bpf-deps lab lab-down changelog
 
 $(STAMP): setup.cfg pyproject.toml
@@ -142,6 +143,12 @@ bench-dataplane: $(STAMP) system-deps xdp
 bench-notify: $(STAMP) system-deps
 	$(PY) benchmarks/notify.py
 	$(PY) benchmarks/notify_bed.py
+
+# The fleet (docs/fleet.md): propagation between two balancers through redis-server, then
+# (root: network namespaces, gcc) delivered packets/s through 1 and 3 balancers behind ECMP.
+bench-fleet: $(STAMP) system-deps
+	$(PY) benchmarks/fleet.py
+	$(PY) benchmarks/fleet_bed.py
 
 clean:
 	rm -rf $(VENV) .trial_temp _trial_temp .mypy_cache .ruff_cache build *.egg-info twisted/plugins/dropin.cache
