@@ -225,6 +225,28 @@ class BoundTests(SynchronousTestCase):
         kept = [h for h in movers if journeys.find(Key("addr", packed(h))) is not None]
         self.assertEqual(len(kept), 50)
 
+    def test_garbage_and_refusals_start_no_journey(self) -> None:
+        """Malformed packets, packets to other addresses and first packets the table
+        refuses (a flood from one /64 into a full table) leave no journey: nothing a
+        peer sends that changes nothing in the table costs journey memory."""
+        balancer, clock = make(max_entries=4)
+        journeys = Journeys(clock, 16)
+        balancer.follow_journeys(journeys)
+        for junk in (b"", b"\x60" * 39, b"\x45" + bytes(60), bytes(mobile(COA1))[:50]):
+            self.assertIsNone(balancer.inbound(bytearray(junk)))
+        other = bytearray(bytes(IPv6(src=COA1, dst="2001:db8:5::99") / UDP(dport=80)))
+        self.assertIsNone(balancer.inbound(other))
+        self.assertEqual(len(journeys), 0)
+        refused = 0
+        for i in range(400):  # one /64: admission throttles it once the table is full
+            clock.advance(0.001)
+            packet = mobile(f"2001:db8:a1::{i + 1:x}", hoa=f"2001:db8:666::{i + 1:x}")
+            refused += balancer.inbound(packet) is None
+        self.assertGreater(refused, 0)
+        self.assertEqual(balancer.counters.dropped["table-full"], refused)
+        self.assertLessEqual(len(journeys), 16)
+        self.assertLessEqual(len(journeys), 400 - refused)
+
     def test_bad_bounds_refused(self) -> None:
         for bad in ({"max_terminals": 0}, {"max_events": 0}, {"snap": -1}):
             with self.assertRaises(ValueError):
