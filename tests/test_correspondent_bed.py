@@ -316,6 +316,38 @@ class MovingMobileNodesTests(CorrespondentBedTestCase):
                 self.assertLess(acks[0], data[0], (k, i))
 
 
+class WorkloadTests(CorrespondentBedTestCase):
+    """Fifty RFC-mode terminals under the bed's workload, each moving three times."""
+
+    def test_fifty_terminals_three_moves(self) -> None:
+        bed, lb = self.start(50)
+        control.request(bed.terminal_control, "ro_mode", mode="rfc", delay=0.0)
+        report = bed.workload(moves=list(MOVES), chunks=8, chunk_size=4096)
+        summary = report["summary"]
+        self.assertEqual((summary["connections"], summary["ok"], summary["errors"],
+                          summary["sticky"], summary["moves"], summary["moves_failed"]),
+                         (50, 50, 0, 50, 150, 0), summary)
+        self.assertEqual(summary["bytes_ok"], 50 * 8 * 4096)
+        # Chunks follow every move (after chunks 2, 4 and 6 of 8), and their echoes can
+        # only come route-optimised to the new address (the balancer's binding names the
+        # old one until the new BU): every care-of address was acknowledged, and no RH2
+        # reply reached one before.
+        for view in control.request(bed.terminal_control, "status")["terminals"]:
+            i = view["terminal"]
+            [registration] = view["correspondents"]
+            epochs = registration["epochs"]
+            self.assertEqual([e["coa"] for e in epochs], [coa(i, k) for k in (1, *MOVES)])
+            for epoch in epochs:
+                self.assertIsNotNone(epoch["ba_at"], (i, epoch))
+                self.assertEqual(epoch["rh2_before_ba"], 0, (i, epoch))
+                self.assertGreater(epoch["rh2_after_ba"], 0, (i, epoch))
+            self.assertEqual(view["binding_errors"], 0, view)
+        rows = {r["key"]: r for r in lb.ctl("show", "--limit", "10000")["rows"]}
+        for i in range(1, 51):
+            [backend] = report["terminals"][str(i)]["backends"]
+            self.assertEqual(rows[f"addr {hoa(i)}"]["backend"], backend)
+
+
 class ForgedBindingUpdateTests(CorrespondentBedTestCase):
     """Binding Updates that must not be accepted: refused, and nothing changes."""
 
@@ -369,6 +401,7 @@ class ForgedBindingUpdateTests(CorrespondentBedTestCase):
                 and p.src == VIP]
         self.assertEqual([p for p in acks if p[MIP6MH_BA].status == 0], [],
                          [p.summary() for p in acks])
+        self.assertTrue(all(mh_checksum_ok(p, MIP6MH_BA) for p in acks))
         # the stale indices are answered 136-138 (no authenticator possible), the old
         # sequence number 135 with the balancer's number (authenticated)
         stale = [p for p in acks if p[MIP6MH_BA].status in (136, 137, 138)]
