@@ -281,6 +281,44 @@ class HostTests(SynchronousTestCase):
         assert moved is not None
         self.assertEqual(int.from_bytes(moved[:4], "little"), int(other[1:]))
 
+    def test_next_hops_from_the_neighbour_table(self) -> None:
+        """At each sweep the backends' next hops on the server link (their MAC from the
+        kernel's neighbour table, the link's MAC, index and MTU) go into the program,
+        which then needs no lookup of its own for them; a backend whose entry goes
+        goes back to the kernel's lookup."""
+        import struct
+
+        service = self.service("xdp")
+        self.addCleanup(service.stopService)
+        xdp = service.xdp
+        assert xdp is not None
+        service.startService()
+        sh(f"ip -n {self.ns} neigh replace {BACKENDS[0]} dev s0 lladdr 02:00:00:00:b1:01 "
+           "nud permanent")  # fmt: skip
+        clock = service.clock
+        assert isinstance(clock, Clock)
+
+        def entry(address: str) -> tuple[int, int, bytes, int]:
+            i = int.from_bytes(xdp.program.backend_ix.lookup(
+                ipaddress.IPv6Address(address).packed) or b"", "little")
+            raw = xdp.program.backends.lookup(i.to_bytes(4, "little"))
+            assert raw is not None
+            _a, flags, _d, _e, ifindex, eth, mtu, _p = struct.unpack("<16sIHHI12sHH", raw)
+            return flags & 4, ifindex, eth, mtu
+
+        self.assertEqual(entry(BACKENDS[0])[0], 0)
+        clock.advance(service.sweep_interval)
+        out = subprocess.run(["ip", "netns", "exec", self.ns, "cat", "/sys/class/net/s0/address",
+                              "/sys/class/net/s0/ifindex"], check=True, capture_output=True,
+                             text=True).stdout.split()  # fmt: skip
+        mine = bytes.fromhex(out[0].replace(":", ""))
+        self.assertEqual(entry(BACKENDS[0]),
+                         (4, int(out[1]), bytes.fromhex("02000000b101") + mine, 1500))
+        self.assertEqual(entry(BACKENDS[1])[0], 0)  # no neighbour entry: the kernel's
+        sh(f"ip -n {self.ns} neigh del {BACKENDS[0]} dev s0")
+        clock.advance(service.sweep_interval)
+        self.assertEqual(entry(BACKENDS[0])[0], 0)
+
 
 class TwistdTests(SynchronousTestCase):
     """``twistd lbproxy`` as an operator runs it, without the capabilities BPF needs

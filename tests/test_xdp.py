@@ -624,3 +624,57 @@ class AttachedTests(SynchronousTestCase):
         binding = balancer.table.get(Key("hoa", address(HOA)))
         assert binding is not None
         self.assertEqual(binding.packets, 6)
+
+    def test_next_hop_from_user_space(self) -> None:
+        """With the backend's next hop given (`XdpOffload.set_next_hops`) the program
+        forwards without the kernel's neighbour entry; without either, it hands the
+        packets up (no route, counted)."""
+        import subprocess
+        import sys
+
+        term, lb, srv = self.NS
+        balancer, clock = make(scheduler="round_robin")
+        balancer.set_backends([BACKENDS[0]])
+        balancer.sweep()
+        xdp = XdpOffload(balancer, clock, program=XdpProgram(max_bindings=1000))
+        self.addCleanup(xdp.close)
+        assert balancer.inbound(mobile(COA1)) is not None
+        xdp.prepare()
+        with _InNamespace(lb):
+            xdp.attach("c0", "s0")
+        _sh(f"ip -n {lb} neigh del {BACKENDS[0].address} dev s0")
+
+        def read(name: str, ns: str, what: str) -> str:
+            return subprocess.run(["ip", "netns", "exec", ns, "cat",
+                                   f"/sys/class/net/{name}/{what}"], capture_output=True,
+                                  text=True, check=True).stdout.strip()  # fmt: skip
+
+        mac = bytes.fromhex(read("c0", lb, "address").replace(":", ""))
+        frame = mac + bytes.fromhex("020000000001" "86dd") + bytes(mobile(COA1))
+
+        def send(count: int) -> list[IPv6]:
+            receiver = subprocess.Popen(
+                ["ip", "netns", "exec", srv, sys.executable, "-c", _RECEIVE, "b0", "2"],
+                stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            assert receiver.stdout is not None
+            self.assertEqual(receiver.stdout.readline().strip(), "ready")
+            subprocess.run(["ip", "netns", "exec", term, sys.executable, "-c", _SEND, "t0",
+                            frame.hex(), str(count)], check=True)  # fmt: skip
+            out, _ = receiver.communicate(timeout=10)
+            got = [IPv6(bytes.fromhex(line)) for line in out.split()]
+            return [p for p in got if p.dst == str(BACKENDS[0].address) and UDP in p]
+
+        self.assertEqual(send(3), [])  # the kernel has no neighbour: up, no route
+        xdp.fold_counters()
+        self.assertEqual(xdp.stats()["no_route"], 3)
+        their = bytes.fromhex(read("b0", srv, "address").replace(":", ""))
+        ours = bytes.fromhex(read("s0", lb, "address").replace(":", ""))
+        xdp.set_next_hops({BACKENDS[0].packed: (int(read("s0", lb, "ifindex")), their + ours,
+                                                1500)})  # fmt: skip
+        arrived = send(4)
+        self.assertEqual(len(arrived), 4, xdp.stats())
+        for pkt in arrived:
+            self.assertEqual((pkt.src, pkt.hlim), (HOA, 63))
+        xdp.fold_counters()
+        self.assertEqual((xdp.stats()["packets"], xdp.stats()["no_route"]), (4, 3))

@@ -211,6 +211,8 @@ class ForwarderService(Service):
         self.link_send = batch_io if link_send is None else link_send and batch_io
         self.neighbour_interval = neighbour_interval
         self._neighbours: NeighbourTable | None = None
+        #: The server link's neighbours, for the XDP program's next hops to backends.
+        self._xdp_neighbours: NeighbourTable | None = None
         self._namespace: str | None = getattr(system, "namespace", None)
         self._refresher = LoopingCall(self._refresh_neighbours)
         self._refresher.clock = clock
@@ -255,6 +257,11 @@ class ForwarderService(Service):
             return
         xdp = self.xdp
         xdp.on_dirty = self._flush_soon
+        try:
+            self._xdp_neighbours = NeighbourTable(server, self._namespace)
+        except OSError:
+            _log.failure("no neighbour table: the XDP program looks up every next hop")
+        self._xdp_next_hops(xdp)
         for reader in (self.client, self.server):
             protocol = reader.protocol
             if isinstance(protocol, Executing):
@@ -297,6 +304,28 @@ class ForwarderService(Service):
             _log.failure("XDP sync failed")
         self._xdp_counts = _xdp_counts(xdp.stats())
         xdp.close()
+        if self._xdp_neighbours is not None:
+            self._xdp_neighbours.close()
+            self._xdp_neighbours = None
+
+    def _xdp_next_hops(self, xdp: XdpOffload) -> None:
+        """The backends' next hops from the server link's neighbour table into the
+        program (`XdpOffload.set_next_hops`): one dump a sweep instead of the kernel's
+        lookup per packet.  A backend without a usable entry, or any failure, leaves it
+        to the kernel's lookup (which hands the packet up when it has no neighbour
+        either; the general path's sending resolves it)."""
+        table = self._xdp_neighbours
+        if table is None:
+            return
+        try:
+            found = table.read()
+            mac, mtu = table.link()
+        except Exception:
+            _log.failure("neighbour table read failed: the XDP program looks up next hops")
+            found, mac, mtu = {}, b"", 0
+        backends = {b.packed for b in self.balancer.backends.values()}
+        xdp.set_next_hops({address: (table.ifindex, their + mac, mtu)
+                           for address, their in found.items() if address in backends})
 
     def privilegedStartService(self) -> None:
         """Open the raw sockets (needs root or CAP_NET_RAW)."""
@@ -354,6 +383,7 @@ class ForwarderService(Service):
             # Claim 10 through the driver: the bindings the program kept alive are
             # refreshed (at their last packet's time) before the sweep looks at them.
             try:
+                self._xdp_next_hops(xdp)
                 xdp.prepare()
                 xdp.sync()
             except Exception:

@@ -80,6 +80,23 @@ class NeighbourTable:
                 found[socket.inet_pton(socket.AF_INET6, destination)] = mac
         return found
 
+    def link(self) -> tuple[bytes, int]:
+        """The interface's own link-layer address (6 bytes) and MTU (the XDP executor's
+        next hops to backends: `lbproxy.io.xdp.XdpOffload.set_next_hops`).  Failures
+        raise ``OSError``."""
+        if self._ipr is None:
+            raise OSError(errno.EBADF, "the neighbour table is closed")
+        from pyroute2 import NetlinkError
+
+        try:
+            messages = list(self._ipr.get_links(self.ifindex))
+        except NetlinkError as e:
+            raise OSError(e.code, f"link query refused: {e}") from e
+        if not messages:
+            raise OSError(errno.ENODEV, f"no interface {self.interface!r}")
+        address = messages[0].get_attr("IFLA_ADDRESS") or ""
+        return bytes.fromhex(address.replace(":", "")), int(messages[0].get_attr("IFLA_MTU") or 0)
+
     def close(self) -> None:
         """Close the netlink socket.  Safe to call twice."""
         ipr, self._ipr = self._ipr, None

@@ -49,7 +49,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -96,8 +96,10 @@ _COUNTER_NAMES: Final = ("packets", "bytes", "replies", "reply_bytes", "passed",
 
 #: struct lb_config: vip, flags, pad, lifetime, resolution, clock offset, fixed now.
 _CONFIG = struct.Struct("<16sII QQqQ")
-#: struct lb_backend: address, flags, checksum constants (inbound, reply).
-_BACKEND = struct.Struct("<16sIHH")
+#: struct lb_backend: address, flags, checksum constants (inbound, reply), and the next
+#: hop user space resolved: link index, destination and source MACs, the link's MTU.
+_BACKEND = struct.Struct("<16sIHHI12sHH")
+_NEXT_HOP = 4
 #: struct lb_binding: backend index, flags, expiry (ns), care-of address.
 _BINDING = struct.Struct("<IIQ16s")
 _HAS_CARE_OF = 1
@@ -476,6 +478,9 @@ class XdpOffload:
         # Home address -> (hits, stale passes) of lb_seen already folded in.
         self._synced: dict[bytes, tuple[int, int]] = {}
         self._routes: dict[bytes, bytes] = {}
+        # Backend address -> (link index, destination + source MAC, MTU): the next hop
+        # of terminals' packets to it (`set_next_hops`), instead of the kernel's lookup.
+        self._next_hops: dict[bytes, tuple[int, bytes, int]] = {}
         self._counted = [0] * len(_COUNTER_NAMES)
         self._backend_counted: list[int] = []
         self.refresh_policy()
@@ -524,7 +529,33 @@ class XdpOffload:
                 flags |= _USABLE
             self._names[self._index[address]] = backend.name
         vip = policy.vips[0]
-        return _BACKEND.pack(address, flags, delta16(vip, address), delta16(address, vip))
+        hop = self._next_hops.get(address)
+        if hop is not None:
+            flags |= _NEXT_HOP
+        ifindex, eth, mtu = hop or (0, bytes(12), 0)
+        return _BACKEND.pack(address, flags, delta16(vip, address), delta16(address, vip),
+                             ifindex, eth, mtu, 0)  # fmt: skip
+
+    def set_next_hops(self, hops: Mapping[bytes, tuple[int, bytes, int]]) -> None:
+        """The next hop of terminals' packets to each backend address: (link index,
+        the backend's MAC followed by the link's, the link's MTU), as user space reads
+        them from the neighbour table (the forwarder, at every sweep); a backend left
+        out goes back to the kernel's lookup (``bpf_fib_lookup``), which also takes
+        what the link's MTU does not.  Why: that lookup was a sixth of the program's
+        cost per packet (docs/performance.md)."""
+        hops = {a: h for a, h in hops.items() if len(h[1]) == 12}
+        if hops == self._next_hops:
+            return
+        changed = {a for a in hops.keys() | self._next_hops.keys()
+                   if hops.get(a) != self._next_hops.get(a)}  # fmt: skip
+        self._next_hops = dict(hops)
+        policy = self._policy
+        if policy is None:
+            return
+        for address in changed:
+            i = self._index.get(address)
+            if i is not None:
+                self.program.backends.update(_U32.pack(i), self._backend_entry(policy, address))
 
     def _index_of(self, address: bytes) -> int | None:
         i = self._index.get(address)

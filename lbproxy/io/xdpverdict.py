@@ -24,7 +24,7 @@ __all__ = ["INBOUND", "REPLIES", "Decision", "ProgramView", "decide"]
 
 # lb_config.flags and the map entries' flags (lbproxy.bpf.c)
 INBOUND, REPLIES, PORTS = 1, 2, 8
-_USABLE, _CONFIGURED = 1, 2
+_USABLE, _CONFIGURED, _NEXT_HOP = 1, 2, 4
 _HAS_CARE_OF = 1
 
 _DSTOPTS, _UDP, _TCP = 60, 17, 6
@@ -144,8 +144,9 @@ def _inbound(p: bytes, view: ProgramView) -> Decision:
     if backend is None or not backend[1] & _USABLE:
         return _up(d, f"backend {view.names(index)} may not take packets in the driver "
                       "(down, removed, or the policy's)")  # fmt: skip
-    return Decision(True, d, f"to {view.names(index)} at {_addr(backend[0])}, if the kernel "
-                             "has a next hop for it")  # fmt: skip
+    hop = ("through its next hop from the neighbour table" if backend[1] & _NEXT_HOP
+           else "if the kernel has a next hop for it")  # fmt: skip
+    return Decision(True, d, f"to {view.names(index)} at {_addr(backend[0])}, {hop}")
 
 
 def _reply(p: bytes, view: ProgramView) -> Decision:
