@@ -27,6 +27,7 @@ from lbproxy.core.table import StickyTable
 from lbproxy.fleet.codec import Layout, Refused
 from lbproxy.fleet.service import FleetService
 from lbproxy.notify.adapter import TableListener
+from lbproxy.ops.control import Control
 from lbproxy.testbed.store import RedisServer, StoreUnavailableError
 
 VIP = "2001:db8:5::80"
@@ -400,6 +401,28 @@ class OutageTests(FleetTestCase):
         await task.deferLater(reactor, 0.1)
         self.assertEqual(self.redis.command("KEYS", f"{self.prefix}b:*"), [])
         self.assertEqual(fa.stats()["exceptions"], 0)
+
+
+class ReadinessTests(FleetTestCase):
+    async def test_health_waits_for_the_first_load(self) -> None:
+        """``/healthz`` says unavailable until the fleet's records are loaded once (a
+        balancer that starts while the store is away would place another balancer's
+        exceptions by Maglev: its route must not be announced yet); a later outage does
+        not make it unavailable (forwarding goes on from local state)."""
+        a = self.balancer()
+        self.redis.stop()
+        fa = await self.fleet(a, "lb-a", up=False)
+        control = Control(a, reactor, fleet=fa)
+        await task.deferLater(reactor, 0.3)  # it tried, and failed, to reach the store
+        health = control.health()
+        self.assertEqual((health["status"], health["fleet_loaded"]), ("unavailable", False))
+        self.redis.start()
+        await self.until(lambda: fa.loaded, what="the first load")
+        self.assertEqual(control.health()["status"], "ok")
+        self.redis.stop()
+        await self.until(lambda: fa.store.state == "down", what="the outage seen")
+        self.assertEqual((control.health()["status"], control.health()["fleet_loaded"]),
+                         ("ok", True))
 
 
 class GarbageTests(FleetTestCase):

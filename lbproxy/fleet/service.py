@@ -93,6 +93,12 @@ class FleetService(Service):
         self.sync.stop()
         return self.store.stop()
 
+    @property
+    def loaded(self) -> bool:
+        """Whether the store's records have been loaded into the replica at least once
+        (``/healthz`` waits for it: until then this balancer knows no exception)."""
+        return self.replica.loads > 0
+
     # -- the operator's view ---------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:

@@ -666,18 +666,23 @@ class Control:
 
     def health(self) -> dict[str, Any]:
         """Whether this balancer can take new terminals (``/healthz``): packets are being
-        forwarded and at least one backend is up with a weight above 0."""
+        forwarded, at least one backend is up with a weight above 0, and, in a fleet, the
+        store's records have been loaded once (before that, a terminal another balancer
+        bound off Maglev would be placed by Maglev here: announce no route yet).  A
+        later store outage does not count: forwarding goes on from local state."""
         forwarding = True if self.forwarding is None else bool(self.forwarding())
         backends = self.balancer.backends
         up = [name for name in backends if self._state(name) != "down"]
         usable = [name for name in up if backends[name].weight > 0]
-        ok = forwarding and bool(usable)
+        fleet_loaded = self.fleet is None or bool(self.fleet.loaded)
+        ok = forwarding and bool(usable) and fleet_loaded
         return {
             "status": "ok" if ok else "unavailable",
             "forwarding": forwarding,
             "backends": len(backends),
             "up": len(up),
             "usable": len(usable),
+            **({"fleet_loaded": fleet_loaded} if self.fleet is not None else {}),
         }
 
     def info(self) -> dict[str, Any]:

@@ -22,9 +22,10 @@ thread that mutates them.
 
 The same endpoint serves ``/healthz`` for load balancers and supervisors in front of
 this one: ``200`` and ``{"status": "ok", ...}`` when packets are being forwarded and at
-least one backend is up with a weight above 0, ``503`` and ``{"status": "unavailable",
-...}`` otherwise (`Control.health`).  Neither page is written to the log: a scrape every
-few seconds would drown everything else.
+least one backend is up with a weight above 0 (and, in a fleet, the store's records were
+loaded once), ``503`` and ``{"status": "unavailable", ...}`` otherwise
+(`Control.health`).  Neither page is written to the log: a scrape every few seconds would
+drown everything else.
 """
 
 from __future__ import annotations
