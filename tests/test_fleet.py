@@ -209,6 +209,18 @@ class PropagationTests(FleetTestCase):
             self.assertEqual(backend_of(b.inbound(mobile(coa2, home))), first, home)
             alone.return_paths.confirm(packed(home), packed(coa1), 600)
             self.assertNotEqual(backend_of(alone.inbound(mobile(coa2, home))), first, home)
+        # The shared record's backend is down on B: that record steers nothing there (the
+        # new address is scheduled as any other, not by Maglev's answer for the old one).
+        home = "2001:db8:100::1002"
+        coa1, _, first = expected[home]
+        b.set_backend_up(first, False)
+        old = b.scheduler.choose(addr(coa1), {})
+        assert old is not None
+        coa3 = next(c for c in (f"2001:db8:a3::{j:x}" for j in range(0x1001, 0x1100))
+                    if b.scheduler.choose(addr(c), {}).name != old.name)  # type: ignore[union-attr]
+        fresh = b.scheduler.choose(addr(coa3), {})
+        assert fresh is not None
+        self.assertEqual(backend_of(b.inbound(mobile(coa3, home))), fresh.name)
 
     async def test_only_what_differs_from_maglev_is_published(self) -> None:
         """Fresh bindings Maglev made are not written; an alias that Maglev would put

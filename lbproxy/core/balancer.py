@@ -621,12 +621,24 @@ class Balancer:
         has a confirmed care-of address whose entry is still live, the new address
         joins that backend (the notification's rekey then finds the same backend).  The
         claim only steers the claimant's own packets.
+
+        In a fleet the confirmation may come from the store and the old address's entry
+        live on another balancer (ECMP sent the new address here): then the fleet's
+        answer for the old address -- its shared record, else Maglev's, which is where
+        every balancer binds an address nobody excepted (fleet-confirmed race).
         """
         care_of = self.return_paths.care_of(home)
         if care_of is None:
             return None
-        binding = self.table.get(Key("addr", care_of))
-        if binding is None or not self.policy.usable(binding.backend):
+        key = Key("addr", care_of)
+        binding = self.table.get(key)
+        if binding is None:
+            if self.shared is None:
+                return None
+            if self.shared.backend_name(key) is not None:
+                return self._shared_backend(key)  # None if that backend is unusable here
+            return self.scheduler.choose(key, self.table.load())
+        if not self.policy.usable(binding.backend):
             return None
         return binding.backend
 
