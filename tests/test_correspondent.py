@@ -636,15 +636,15 @@ class BalancerTests(SynchronousTestCase):
         assert out is not None
         self.assertEqual(IPv6(out).src, HOA)
         self.assertEqual(sent(strict, data_packet(COA2))[MIP6MH_BE].status, 1)
-        # The fast path checks the cache itself; the XDP program hands HAO packets up.
+        # The fast path and the XDP executor check the cache themselves.
         self.assertIsNone(strict.policy.fast_inbound)
-        self.assertIn("strict", strict.policy.offload_inbound or "")
+        self.assertTrue(strict.policy.strict_hao)
         lenient, _ = balancer_with("lenient")
         out = inbound(lenient, data_packet())
         assert out is not None
         self.assertNotIn(MIP6MH_BE, IPv6(out))
         self.assertIsNone(lenient.policy.fast_inbound)
-        self.assertIsNone(lenient.policy.offload_inbound)
+        self.assertFalse(lenient.policy.strict_hao)
 
 
 class ConfigTests(SynchronousTestCase):

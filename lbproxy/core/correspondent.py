@@ -276,6 +276,9 @@ class Correspondent:
         self._entries: dict[bytes, CacheEntry] = {}
         self._deadlines: list[tuple[float, bytes]] = []
         self.expired = 0
+        #: Told the home address of every entry made, changed or ended (the XDP
+        #: executor writes what the strict check allows into its program's map).
+        self.listeners: list[Callable[[bytes], object]] = []
         self._rate = binding_error_rate
         self._tokens = binding_error_rate
         self._filled = clock.seconds()
@@ -310,12 +313,18 @@ class Correspondent:
             # in O(n), at most once per n refreshes).
             self._deadlines = [(e.expires, h) for h, e in self._entries.items()]
             heapq.heapify(self._deadlines)
+        for listener in self.listeners:
+            listener(home)
         return entry
 
     def delete(self, home: bytes) -> CacheEntry | None:
         """End ``home``'s entry (a deregistration, or the operator)."""
         self.bindings.pop(home, None)
-        return self._entries.pop(home, None)
+        entry = self._entries.pop(home, None)
+        if entry is not None:
+            for listener in self.listeners:
+                listener(home)
+        return entry
 
     def expire(self, now: float | None = None) -> list[bytes]:
         """End the entries whose lifetime ran out; returns their home addresses."""

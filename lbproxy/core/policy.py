@@ -30,8 +30,6 @@ from lbproxy.wire.checksum import delta16
 
 __all__ = ["Policy", "build_policy", "is_reply"]
 
-#: Why the XDP program hands terminals' packets up in the correspondent's strict mode.
-STRICT_HAO_OFFLOAD = "correspondent mode strict (the binding cache checks every HAO)"
 
 
 def is_reply(destination: bytes, own: Collection[bytes]) -> bool:
@@ -82,15 +80,16 @@ class Policy:
     only_vip: bytes | None
     #: The correspondent node's strict mode (lbproxy.core.correspondent): a packet with
     #: a Home Address Option is forwarded only if the binding cache maps its home
-    #: address to its source.  The fast path makes that check; the XDP program cannot
-    #: (`offload_inbound`).
+    #: address to its source.  The fast path looks the cache up; the XDP executor
+    #: writes a binding's care-of address into the program only while the cache maps
+    #: the home address to it.
     strict_hao: bool = False
 
     @property
     def offload_inbound(self) -> str | None:
-        """Why the XDP program may not take terminals' packets (None: it may)."""
-        if self.fast_inbound is None and self.strict_hao:
-            return STRICT_HAO_OFFLOAD
+        """Why the XDP program may not take terminals' packets (None: it may): the
+        fast path's reason (in strict mode the program is kept in step with the binding
+        cache, as the fast path reads it)."""
         return self.fast_inbound
 
     def usable(self, backend: Backend) -> bool:

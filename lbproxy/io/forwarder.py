@@ -449,7 +449,7 @@ class ForwarderService(Service):
         if xdp is not None:
             # Why the policy keeps a direction out of the driver ("" = it does not).
             policy = self.balancer.policy
-            out["inbound_off"] = policy.offload_inbound or ""
+            out["inbound_off"] = policy.fast_inbound or ""
             out["replies_off"] = policy.fast_replies or ""
         return out
 

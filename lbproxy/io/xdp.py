@@ -483,6 +483,9 @@ class XdpOffload:
         self._next_hops: dict[bytes, tuple[int, bytes, int]] = {}
         self._counted = [0] * len(_COUNTER_NAMES)
         self._backend_counted: list[int] = []
+        # The correspondent's strict mode: its binding cache (home -> care-of), which a
+        # binding's care-of address must match to be written (None: not strict).
+        self._strict: dict[bytes, bytes] | None = None
         self.refresh_policy()
         # Address identity -> the binding it leads to, and each binding's identities.
         self._owner: dict[bytes, Binding] = {}
@@ -495,6 +498,8 @@ class XdpOffload:
         for _key, binding in table:
             self._dirty[binding] = None
         table.listeners.append(self._mirror)
+        if balancer.correspondent is not None:  # strict mode: entries follow the cache
+            balancer.correspondent.listeners.append(self._cache_changed)
         # A confirmation made or ended (a notification, persistence, its lifetime)
         # reaches the program at once: replies must not go on to a care-of address the
         # terminal left, nor to the home address once another is confirmed.
@@ -509,6 +514,12 @@ class XdpOffload:
         if policy is self._policy:
             return False
         self._policy = policy
+        cn = self.balancer.correspondent
+        strict = cn.bindings if policy.strict_hao and cn is not None else None
+        if strict is not self._strict:
+            self._strict = strict
+            for binding in getattr(self, "_homes", ()):  # written again at the next flush
+                self._dirty[binding] = None
         program = self.program
         for address in policy.by_address:
             self._index_of(address)
@@ -571,7 +582,7 @@ class XdpOffload:
         policy = self._policy
         assert policy is not None
         flags = 0
-        if policy.offload_inbound is None:  # not in the correspondent's strict mode
+        if policy.fast_inbound is None:
             flags |= _INBOUND
         if policy.fast_replies is None:
             flags |= _REPLIES
@@ -662,17 +673,27 @@ class XdpOffload:
         """`home`'s entry: the binding's backend, expiry and care-of address -- without
         the care-of address (so the program hands the terminal's packets up) when that
         address is an identity of another binding: the core then counts the conflict
-        of every such packet (an identity bound elsewhere is never linked)."""
+        of every such packet (an identity bound elsewhere is never linked); and, in the
+        correspondent's strict mode, unless the binding cache maps `home` to it: the
+        general path answers the others with a Binding Error."""
         care_of = binding.care_of
         if care_of is not None and self._care_of.get(binding) != care_of:
             self._forget_care_of(binding)
             self._care_of[binding] = care_of
             self._care_of_users.setdefault(care_of, set()).add(binding)
-        usable = care_of is not None and self._owner.get(care_of, binding) is binding
+        usable = care_of is not None and self._owner.get(care_of, binding) is binding and (
+            self._strict is None or self._strict.get(home) == care_of)
         self.program.bindings.update(home, _BINDING.pack(
             index, _HAS_CARE_OF if usable else 0, _ns(binding.expires),
             care_of or bytes(16),
         ))  # fmt: skip
+
+    def _cache_changed(self, home: bytes) -> None:
+        """`Correspondent.listeners`: `home`'s binding cache entry was made, changed or
+        ended: its binding's entries are written again at the next flush."""
+        binding = self._owner.get(home)
+        if binding is not None:
+            self._mirror(binding, True)
 
     def _forget_care_of(self, binding: Binding) -> None:
         care_of = self._care_of.pop(binding, None)
