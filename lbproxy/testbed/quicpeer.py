@@ -117,7 +117,7 @@ class _Server:
             server_id_length=len(sid),
             nonce_length=args.nonce_length,
             server_ids={sid: args.name},
-            key=bytes.fromhex(args.key) if args.key else None,
+            key=bytes.fromhex(args.lb_key) if args.lb_key else None,
         )
         self.server_id = sid
         self.name = args.name
@@ -274,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     srv.add_argument("--server-id", required=True, help="hex")
     srv.add_argument("--config-rotation", type=int, default=0)
     srv.add_argument("--nonce-length", type=int, default=5)
-    srv.add_argument("--key", default="", help="hex AES-128 key: encrypted CIDs")
+    srv.add_argument("--lb-key", default="", help="QUIC-LB AES-128 key (hex): encrypted CIDs")
     srv.add_argument("--certificate", required=True)
     srv.add_argument("--key", required=True)
     srv.add_argument("--log", required=True)
