@@ -288,6 +288,54 @@ class NotifierRotationTests(TestCase):
         self.assertEqual(notifier.counters.total(), 0)
 
 
+def bundle(*cas: CertificateAuthority) -> bytes:
+    return b"".join(ca.cert_pem for ca in cas)
+
+
+class CaBundleTests(TestCase):
+    """A CA rotated without a gap: trust the old and the new CA (a bundle), reissue the
+    peers' certificates, then trust the new one alone."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_rotation_through_a_bundle(self) -> Any:
+        from lbproxy.notify.tls import TlsMaterial
+
+        old_peer = HomeAgent(self, HA1, P1)  # certificate from CA
+        new_peer = HomeAgent(self, OTHER_CA.issue(dns=["ha2.test"]), P2, ca=OTHER_CA)
+        peers = [(Peer.home_agent("ha1", "ha1.test", [P1]),
+                  TCP4ClientEndpoint(reactor, "127.0.0.1", old_peer.number))]
+        notifier = Notifier(peers, CA.material(LB_A), RecordingListener(), reactor,
+                            initial_delay=0.05, max_delay=0.2, jitter=lambda: 0.0)
+        notifier.startService()
+        self.addCleanup(notifier.stopService)
+        ha1 = notifier.clients["ha1"]
+        yield wait_until(lambda: ha1.connected)
+        (session,) = old_peer.agent.sessions
+        # Both CAs trusted; the balancer's certificate is still CA's: ha1 stays up.
+        both = TlsMaterial.from_pem(bundle(CA, OTHER_CA), LB_A.cert_pem, LB_A.key_pem)
+        self.assertEqual(len(both.cas), 2)
+        self.assertEqual(notifier.use_material(both), {"kept": 1, "closed": 0})
+        self.assertEqual(list(old_peer.agent.sessions), [session])
+        # The balancer's certificate reissued by OTHER_CA, which the new peer trusts (and
+        # whose certificate the balancer now trusts): it is reached.
+        lb_other = OTHER_CA.issue(dns=["lb1.test"])
+        notifier.use_material(TlsMaterial.from_pem(bundle(OTHER_CA, CA), lb_other.cert_pem,
+                                                   lb_other.key_pem))  # fmt: skip
+        notifier.add_peer(Peer.home_agent("ha2", "ha2.test", [P2]),
+                          TCP4ClientEndpoint(reactor, "127.0.0.1", new_peer.number))
+        yield wait_until(lambda: notifier.clients["ha2"].connected)
+        self.assertEqual(presented_to(new_peer.agent), [fingerprint_pem(lb_other.cert_pem)])
+        self.assertTrue(ha1.connected)  # still trusted, still up
+        # The old CA dropped: ha1's certificate is from it, so its connection closes.
+        outcome = notifier.use_material(OTHER_CA.material(lb_other))
+        self.assertEqual(outcome, {"kept": 1, "closed": 1})
+        yield wait_until(lambda: not old_peer.agent.sessions and not ha1.connected)
+        self.assertTrue(notifier.clients["ha2"].connected)
+        self.assertGreaterEqual(notifier.counters[Refusal.TLS_FAILED], 1)
+
+
 class NotifierPeerTests(TestCase):
     """Notifier.remove_peer over TLS on loopback: a removed peer is believed no more."""
 
@@ -382,6 +430,13 @@ class RefusedReloadTests(SynchronousTestCase):
     def test_not_a_ca(self) -> None:
         Path(self.files.sections["notify"]["ca"]).write_text("not PEM\n")
         self.assertIn(f"{self.files.path}: notify.ca: ", self.refused())
+
+    def test_a_bundle_with_garbage_after_the_first_ca(self) -> None:
+        ca = self.files.sections["notify"]["ca"]
+        Path(ca).write_bytes(CA.cert_pem + b"-----BEGIN CERTIFICATE-----\nAAAA\n"
+                             b"-----END CERTIFICATE-----\n")
+        text = self.refused()
+        self.assertIn(f"{self.files.path}: notify.ca: {ca}: not a PEM certificate bundle", text)
 
     def test_bad_peer_address(self) -> None:
         self.files.peers[0] = self.files.peers[0].replace("port=7440", "port=port")

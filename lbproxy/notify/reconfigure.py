@@ -26,7 +26,9 @@ What a reload changes (``lbproxy.ops.reload.NOTIFY_FIELDS`` lists every key):
   subscriptions and a snapshot -- would buy nothing.  A changed CA is different: it changes
   whom the balancer trusts, so each connection up is checked against the new CA at once
   and closed when its peer's certificate would no longer be accepted (counted
-  ``tls_failed``; a configured peer is dialled again and the handshake decides).
+  ``tls_failed``; a configured peer is dialled again and the handshake decides).  The CA
+  file may be a bundle (`lbproxy.notify.tls.load_cas`): trusting the old and the new CA
+  for a while rotates a CA without closing anything.
 
 Everything else in ``[notify]`` needs a restart, and the reload's answer says so.
 """
@@ -34,13 +36,14 @@ Everything else in ``[notify]`` needs a restart, and the reload's answer says so
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet.defer import Deferred, gatherResults
 
 from lbproxy.notify.client import Peer
-from lbproxy.notify.tls import TlsMaterial
+from lbproxy.notify.tls import TlsMaterial, load_cas
 from lbproxy.tomlconfig import ConfigError
 
 if TYPE_CHECKING:
@@ -138,11 +141,16 @@ def prepare(
     problems: list[ConfigError] = []
     material: TlsMaterial | None = None
     try:
-        material = TlsMaterial.from_files(new.ca, new.certificate, new.key)
-    except Exception as e:
-        problems.append(ConfigError(path, "notify.key" if "key" in str(e).lower()
-                                    else "notify.certificate",
-                                    f"the TLS material cannot be loaded ({_why(e)})"))
+        load_cas(Path(new.ca).read_bytes())
+    except Exception as e:  # the whole bundle, where the start-up checks read the first
+        problems.append(ConfigError(path, "notify.ca", f"{new.ca}: not a PEM certificate "
+                                                       f"bundle ({_why(e)})"))  # fmt: skip
+    else:
+        try:
+            material = TlsMaterial.from_files(new.ca, new.certificate, new.key)
+        except Exception as e:  # changed since the start-up checks read them
+            problems.append(ConfigError(path, "notify.certificate", f"{new.certificate} and "
+                                        f"{new.key} cannot be loaded ({_why(e)})"))
     before = {p.name: p for p in running.peers}
     after = {p.name: p for p in new.peers}
     added: list[tuple[Peer, Any]] = []

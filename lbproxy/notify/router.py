@@ -489,7 +489,7 @@ class Notifier(MultiService):
             protocol = link.protocol
             if protocol is None or protocol.transport is None or not link.connected:
                 continue
-            why = untrusted(protocol.transport.getHandle(), material.ca)  # type: ignore[attr-defined]
+            why = untrusted(protocol.transport.getHandle(), material.cas)  # type: ignore[attr-defined]
             if why is None:
                 kept += 1
                 continue

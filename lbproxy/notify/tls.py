@@ -41,6 +41,7 @@ from typing import Any
 
 import attrs
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 from OpenSSL import SSL
 from twisted.internet import ssl
@@ -79,19 +80,44 @@ _CHAIN_ERRORS = {
 _INVALID_PURPOSE = 26
 
 
+def load_cas(pem: bytes) -> tuple[ssl.Certificate, ...]:
+    """Every certificate of a CA file (a bundle: one or more PEM certificates), in order;
+    raises ``ValueError`` when there is none or one cannot be read."""
+    certificates = x509.load_pem_x509_certificates(pem)
+    return tuple(ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM))
+                 for c in certificates)  # fmt: skip
+
+
 @attrs.frozen
 class TlsMaterial:
-    """The deployment CA and this party's own certificate and key."""
+    """The deployment CA and this party's own certificate and key.
+
+    The CA file may be a bundle: every CA in it is trusted (``ca`` is the first,
+    ``extra_cas`` the others).  That is how a CA is rotated without a gap: trust the old
+    and the new one while the peers' certificates are reissued, then the new one alone."""
 
     ca: ssl.Certificate
     own: ssl.PrivateCertificate
+    extra_cas: tuple[ssl.Certificate, ...] = ()
+
+    @property
+    def cas(self) -> tuple[ssl.Certificate, ...]:
+        """Every trusted CA."""
+        return (self.ca, *self.extra_cas)
+
+    @property
+    def trust_root(self) -> Any:
+        """What OpenSSL is told to trust: the CA, or every CA of the bundle."""
+        return self.ca if not self.extra_cas else ssl.trustRootFromCertificates(list(self.cas))
 
     @classmethod
     def from_pem(cls, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> TlsMaterial:
-        """From PEM bytes."""
+        """From PEM bytes (``ca_pem`` may hold several CA certificates)."""
+        cas = load_cas(ca_pem)
         return cls(
-            ssl.Certificate.loadPEM(ca_pem),
+            cas[0],
             ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem),
+            cas[1:],
         )
 
     @classmethod
@@ -102,13 +128,13 @@ class TlsMaterial:
         )
 
     def same_as(self, other: TlsMaterial) -> bool:
-        """The same CA, certificate and key (the same files read twice)."""
-        return (self.ca.dump(), self.own.dump(), self.own.privateKey.dump()) == (
-            other.ca.dump(), other.own.dump(), other.own.privateKey.dump())
+        """The same CAs, certificate and key (the same files read twice)."""
+        return self.same_ca(other) and (self.own.dump(), self.own.privateKey.dump()) == (
+            other.own.dump(), other.own.privateKey.dump())
 
     def same_ca(self, other: TlsMaterial) -> bool:
-        """The same CA certificate."""
-        return bool(self.ca.dump() == other.ca.dump())
+        """The same CA certificates, in the same order."""
+        return [c.dump() for c in self.cas] == [c.dump() for c in other.cas]
 
 
 class Credentials:
@@ -269,10 +295,11 @@ def peer_verdict(
         return Verdict(None, Refusal.WRONG_IDENTITY, f"cannot read the certificate: {e}")
 
 
-def untrusted(connection: SSL.Connection, ca: ssl.Certificate) -> str | None:
-    """Why ``ca`` would not accept the certificate the peer of ``connection`` presented
-    (chain and validity dates; the identity and role are unchanged), or None: after the CA
-    changed, the connections verified under the old one are checked again with this."""
+def untrusted(connection: SSL.Connection, cas: Sequence[ssl.Certificate]) -> str | None:
+    """Why none of ``cas`` would accept the certificate the peer of ``connection``
+    presented (chain and validity dates; the identity and role are unchanged), or None:
+    after the CA changed, the connections verified under the old one are checked again
+    with this."""
     from OpenSSL import crypto
 
     try:
@@ -280,7 +307,8 @@ def untrusted(connection: SSL.Connection, ca: ssl.Certificate) -> str | None:
         if peer is None:
             return "no peer certificate"
         store = crypto.X509Store()
-        store.add_cert(ca.original)
+        for ca in cas:
+            store.add_cert(ca.original)
         crypto.X509StoreContext(store, peer).verify_certificate()
     except crypto.X509StoreContextError as e:
         return f"not trusted by the new CA ({e})"
@@ -359,7 +387,7 @@ class VerifyingOptions:
             self._built = (material, ssl.CertificateOptions(
                 privateKey=material.own.privateKey.original,
                 certificate=material.own.original,
-                trustRoot=material.ca,
+                trustRoot=material.trust_root,
                 raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
             ))  # fmt: skip
         return self._built[1]
