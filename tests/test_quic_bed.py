@@ -18,8 +18,10 @@ In one test, with the same servers and addresses:
   address, which knows none of its connection IDs (it logs them as unknown), and the
   transfer does not complete.
 
-The servers' certificate comes from a throw-away CA made by the test; the client checks
-it.  Needs root and aioquic; without them the test skips, saying why.
+`EncryptedQuicMigrationTests` runs the same with encrypted connection IDs (``[quic] key``,
+the servers encrypting, the balancer decrypting).  The servers' certificate comes from a
+throw-away CA made by the test; the client checks it.  Needs root and aioquic; without
+them the tests skip, saying why.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from lbproxy.core.keys import Key
+from lbproxy.core.quiclb_cipher import ServerIdCipher
 from lbproxy.core.selection import Backend, scheduler_from_name
 from lbproxy.testbed import addresses
 from lbproxy.testbed.agents import BedPki
@@ -58,10 +61,10 @@ def server_id(index: int) -> str:
     return f"0b{index:02x}"
 
 
-def quic_extra(bed: TestBed) -> str:
+def quic_extra(bed: TestBed, lb_key: str = "") -> str:
     """The ``[quic]`` section (the backends' server IDs are added per backend)."""
     return (f"[quic]\nports = [{QUIC_PORT}]\nconfig_rotation = 1\n"
-            f"server_id_length = 2\nnonce_length = {NONCE_LENGTH}\n")  # fmt: skip
+            f'server_id_length = 2\nnonce_length = {NONCE_LENGTH}\nkey = "{lb_key}"\n')  # fmt: skip
 
 
 def with_server_ids(config: str, bed: TestBed) -> str:
@@ -87,6 +90,17 @@ def maglev_choice(bed: TestBed, address: ipaddress.IPv6Address) -> str:
 
 class QuicMigrationTests(SynchronousTestCase):
     stats: dict[str, Any]
+    #: The QUIC-LB key (hex) of the servers' and the balancer's configuration: "" means
+    #: unencrypted connection IDs.
+    lb_key = ""
+
+    def sid_of(self, cid_hex: str) -> str:
+        """The server ID a connection ID (hex, first octet included) carries."""
+        cid = bytes.fromhex(cid_hex)
+        if not self.lb_key:
+            return cid[1:3].hex()
+        cipher = ServerIdCipher(bytes.fromhex(self.lb_key), 2, NONCE_LENGTH)
+        return cipher.server_id(cid[1:]).hex()
 
     def setUp(self) -> None:
         require_bed()
@@ -104,7 +118,8 @@ class QuicMigrationTests(SynchronousTestCase):
                 "--address", str(addresses.backend_address(i)), "--port", str(QUIC_PORT),
                 "--server-id", server_id(i), "--config-rotation", "1",
                 "--nonce-length", str(NONCE_LENGTH), "--certificate", certificate, "--key", key,
-                "--log", self.bed.path(f"quic-{i}.log")), name=f"quic{i}")  # fmt: skip
+                "--lb-key", self.lb_key, "--log", self.bed.path(f"quic-{i}.log")),
+                name=f"quic{i}")  # fmt: skip
         self.first = CLIENT_PREFIX[1]
         home = maglev_choice(self.bed, self.first)
         self.moved = next(a for a in (CLIENT_PREFIX[n] for n in range(2, 200))
@@ -136,7 +151,8 @@ class QuicMigrationTests(SynchronousTestCase):
         report and where each server's log stood before (`self.stats`: the balancer's
         ``lbproxyctl stats`` at the end)."""
         config = with_server_ids(bed_config(self.bed, key_chain=key_chain,
-                                            extra=quic_extra(self.bed)), self.bed)  # fmt: skip
+                                            extra=quic_extra(self.bed, self.lb_key)),
+                                 self.bed)  # fmt: skip
         balancer = BedBalancer(self.bed, config, name=f"lbproxy-{'-'.join(key_chain)}")
         since = {addresses.backend_name(i): len(self.log(i)) for i in self.bed.backend_indices}
         balancer.start()
@@ -169,7 +185,9 @@ class QuicMigrationTests(SynchronousTestCase):
         home_index = int(self.home[1:])
         for cid in (first, after):
             self.assertEqual(cid[:2], f"{(1 << 5) | 7:02x}")
-            self.assertEqual(cid[2:6], server_id(home_index))
+            self.assertEqual(self.sid_of(cid), server_id(home_index))
+            if not self.lb_key:  # in clear, right after the first octet
+                self.assertEqual(cid[2:6], server_id(home_index))
         # Every packet after the handshake's first flight was decided by the server ID.
         self.assertGreater(self.stats["hits"].get("quic", 0), 10, self.stats)
         self.assertEqual(self.stats["misses"], {"src": 1}, self.stats)
@@ -195,6 +213,13 @@ class QuicMigrationTests(SynchronousTestCase):
         lost = [e for e in self.events(self.elsewhere, since) if e["event"] == "unknown-cid"]
         self.assertTrue(lost, self.events(self.elsewhere, since))
         self.assertEqual({e["peer"] for e in lost}, {str(self.moved)})
-        self.assertEqual({e["dcid"][2:6] for e in lost}, {server_id(home_index)})
+        self.assertEqual({self.sid_of(e["dcid"]) for e in lost}, {server_id(home_index)})
         home_paths = [e["peer"] for e in self.events(self.home, since) if e["event"] == "path"]
         self.assertNotIn(str(self.moved), home_paths)
+
+
+class EncryptedQuicMigrationTests(QuicMigrationTests):
+    """The same with encrypted connection IDs (``[quic] key``; four AES passes over the
+    7 octets after the first): the servers encrypt, the real balancer decrypts."""
+
+    lb_key = "8f95f09245765f80256934e50c66207f"
