@@ -558,3 +558,98 @@ def _mh_name(packet: bytes | None) -> str:
     assert message is not None
     return {1: "HoTI", 2: "CoTI", 3: "HoT", 4: "CoT", 5: "BU", 6: "BA", 7: "BE"}[
         message.mh_type]
+
+
+class FakeLink:
+    """An access link's socket: what the emulator sends, with the time it sent it."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.sent: list[tuple[float, bytes]] = []
+
+    def sendto(self, packet: bytes, address: object) -> None:
+        self.sent.append((self.clock.seconds(), packet))
+
+
+class EmulatorTimerTests(SynchronousTestCase):
+    """The program around MobileNodes: when return routability starts, retransmissions,
+    a move cancelling what was under way (fake clock, fake link sockets)."""
+
+    def setUp(self) -> None:
+        from lbproxy.testbed.terminal import Emulator
+
+        self.clock = Clock()
+        self.nodes = MobileNodes(1, HA, 1, [addresses.VIP_PREFIX], clock=self.clock.seconds)
+        self.nodes.set_ro_mode("rfc", delay=0.5)
+        self.nodes.terminals[1].registered = True
+        self.links = {k: FakeLink(self.clock) for k in (1, 2)}
+        self.emulator = Emulator(self.clock, self.nodes, -1,
+                                 {k: (link, f"acc{k}", b"\x02" * 6)  # type: ignore[misc]
+                                  for k, link in self.links.items()})
+        self.cn = ScapyCorrespondent()
+
+    def names(self, link: int) -> list[tuple[float, str]]:
+        found = []
+        for at, packet in self.links[link].sent:
+            bare = packets.decapsulate(packet) or packet
+            found.append((at, _mh_name(bare) if rrmessages.parse(bare) is not None
+                          else "data"))
+        return found
+
+    def test_start_after_delay_and_retransmit(self) -> None:
+        self.emulator.from_tun(bytes(IPv6(src=text(HOA1), dst=text(VIP)) / UDP() / b"x"))
+        self.assertEqual(self.names(1), [(0.0, "data")])
+        self.clock.advance(0.5)
+        self.assertEqual(self.names(1)[1:], [(0.5, "HoTI"), (0.5, "CoTI")])
+        self.clock.pump([1.0, 2.0])
+        self.assertEqual(self.names(1)[3:],
+                         [(1.5, "HoTI"), (1.5, "CoTI"), (3.5, "HoTI"), (3.5, "CoTI")])
+
+    def test_answers_lead_to_route_optimisation_and_a_move_cancels(self) -> None:
+        self.emulator.from_tun(bytes(IPv6(src=text(HOA1), dst=text(VIP)) / UDP() / b"x"))
+        self.clock.advance(0.5)
+        deliver = self.emulator._from_link(1)
+        for _, packet in list(self.links[1].sent[1:]):
+            inner = packets.decapsulate(packet)
+            answer = self.cn.answer(inner if inner is not None else packet)
+            assert answer is not None
+            deliver(packets.encapsulate(answer, HA, coa(1, 1)) if inner is not None
+                    else answer)
+        self.assertEqual(self.names(1)[-1], (0.5, "BU"))
+        _, bu = self.links[1].sent[-1]
+        ack = self.cn.answer(bu)
+        assert ack is not None
+        deliver(ack)
+        registration = self.nodes.correspondents.by_key[(1, VIP)]  # type: ignore[union-attr]
+        self.assertEqual(registration.state, correspondents.BOUND)
+        self.emulator.from_tun(bytes(IPv6(src=text(HOA1), dst=text(VIP)) / UDP() / b"y"))
+        self.assertEqual(packets.find_hao(self.links[1].sent[-1][1]), HOA1)
+        # a move: the refresh timer goes, nothing more on link 1; tunnelled on link 2
+        sent_on_1 = len(self.links[1].sent)
+        self.assertEqual(list(self.emulator._rr_timers), [(1, VIP)])  # the refresh
+        self.emulator.register(1, 2)
+        self.assertEqual(self.emulator._rr_timers, {})
+        self.clock.advance(5)
+        self.assertEqual(len(self.links[1].sent), sent_on_1)
+        self.emulator.from_tun(bytes(IPv6(src=text(HOA1), dst=text(VIP)) / UDP() / b"z"))
+        tunnelled = [p for _, p in self.links[2].sent if p[24:40] == HA and p[6] == 41]
+        self.assertTrue(tunnelled)
+        self.assertIsNone(packets.find_hao(tunnelled[-1]))
+        # no care-of test before the home agent has the new address; then at once, alone
+        self.assertNotIn("CoTI", [name for _, name in self.names(2)])
+        os_write = self.patch_tun()
+        self.emulator._from_link(2)(packets.binding_ack(
+            HA, coa(1, 2), HOA1, 0, self.nodes.terminals[1].seq, 900))
+        self.clock.advance(0)
+        now = [name for at, name in self.names(2) if at == self.clock.seconds()]
+        self.assertIn("CoTI", now)
+        self.assertNotIn("HoTI", now)  # the home token is 5 s old
+        self.assertEqual(os_write, [])
+
+    def patch_tun(self) -> list[bytes]:
+        """Packets the emulator writes into its TUN device (collected, not written)."""
+        written: list[bytes] = []
+        from lbproxy.testbed import terminal
+
+        self.patch(terminal.os, "write", lambda fd, data: written.append(data))
+        return written
