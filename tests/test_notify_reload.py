@@ -40,7 +40,7 @@ from lbproxy.notify.client import NotificationClient, Peer
 from lbproxy.notify.listener import RecordingListener
 from lbproxy.notify.pki import CertificateAuthority, Issued
 from lbproxy.notify.policy import PrefixEntitlement, Refusal
-from lbproxy.notify.router import Notifier
+from lbproxy.notify.router import Notifier, format_report
 from lbproxy.ops.reload import NOTIFY_FIELDS, ReloadRefusedError
 from lbproxy.tap import BalancerService
 from lbproxy.testing import MemoryPacketSystem
@@ -364,6 +364,10 @@ class NotifierPeerTests(TestCase):
         self.assertEqual(notifier.subscriptions.for_peer("ha1"), [])
         self.assertEqual(notifier.lifecycle_counts()["dropped"], 1)
         self.assertEqual(notifier.report()["reloads"]["peers_removed"], 1)
+        self.assertIn("reloads: peers_added 0 peers_removed 1 peers_changed 0 "
+                      "material_rotated 0 closed_untrusted 0",
+                      format_report(notifier.report()).splitlines())  # lbproxyctl notify
+        self.assertIn("dropped 1", format_report(notifier.report()))
         yield closed
         yield wait_until(lambda: not agent.agent.sessions)
         self.assertNotIn("ha1", notifier.clients)
