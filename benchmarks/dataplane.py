@@ -64,8 +64,11 @@ all of it is not saturated, its rate says nothing of its capacity, and the summa
 says so and compares CPU per packet instead.
 
 Run: ``sudo .venv/bin/python benchmarks/dataplane.py [--duration 3] [--repeat 2]
-[--terminals 1,100000] [--latency-rate 10000] [--forwarders kernel,lbproxy,xdp]``.  See
-docs/performance.md.
+[--terminals 1,100000] [--latency-rate 10000] [--forwarders kernel,lbproxy,xdp]
+[--baseline REV]``.  ``--baseline`` also runs lbproxy as of git revision REV in every
+round (``@REV``: its Python paths; ``xdp@REV``, with ``xdp`` among the forwarders: its
+XDP executor, its program built from REV's source), for before/after figures against
+the same kernel runs.  See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -422,7 +425,7 @@ class Lbproxy:
                  offload: str | None = None, rx_cpu: str | None = None) -> None:  # fmt: skip
         name = "lbproxy" if tree is None else "lbproxy-baseline"
         if offload == "xdp":
-            name = "lbproxy-xdp"
+            name = "lbproxy-xdp" if tree is None else "lbproxy-xdp-baseline"
         self.config = os.path.join(directory, f"{name}.toml")
         self.log = os.path.join(directory, f"{name}.log")
         self.errors = os.path.join(directory, f"{name}.err")
@@ -521,6 +524,11 @@ def baseline_tree(revision: str, directory: str) -> str:
                                  capture_output=True, timeout=COMMAND_TIMEOUT).stdout  # fmt: skip
         subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True,
                        timeout=COMMAND_TIMEOUT)  # fmt: skip
+        source = os.path.join(tree, "lbproxy", "xdp", "lbproxy.bpf.c")
+        if os.path.exists(source):  # its XDP program, built as `make xdp` builds ours
+            subprocess.run(["clang", "-O2", "-g", "-Wall", "-target", "bpf",
+                            "-I/usr/include/x86_64-linux-gnu", "-c", source, "-o",
+                            source[:-1] + "o"], check=True, timeout=COMMAND_TIMEOUT)  # fmt: skip
     return tree
 
 
@@ -648,7 +656,9 @@ def measure(args: argparse.Namespace, tools: Tools, directory: str) -> dict[str,
     forwarders = list(args.forwarders)
     if args.baseline:
         forwarders.append(f"@{args.baseline}")
-    trees = {f: baseline_tree(args.baseline, directory) for f in forwarders if f[0] == "@"}
+        if "xdp" in forwarders:  # the XDP executor as of the baseline too: before/after
+            forwarders.append(f"xdp@{args.baseline}")
+    trees = {f: baseline_tree(args.baseline, directory) for f in forwarders if "@" in f}
     xdp_links = XdpTopology(args.sink_rps or None) if "xdp" in forwarders else None
     try:
         for terminals in args.terminals:
@@ -671,6 +681,7 @@ def one_run(args: argparse.Namespace, tools: Tools, directory: str, results: dic
     """One forwarder's throughput run (and, in the last round, its latency run)."""
     balancer = None
     napi: set[int] = set()
+    kind = forwarder.split("@")[0]  # "xdp@REV": the XDP executor of a baseline tree
     kernel_dnat(forwarder == "kernel")
     if forwarder == "kernel":
         # The kernel forwards in lbc's receive processing: GRO gives lbc a NAPI context,
@@ -678,11 +689,11 @@ def one_run(args: argparse.Namespace, tools: Tools, directory: str, results: dic
         # kernel's forwarding, measured exactly.  (Forwarded UDP is not coalesced.)
         in_ns(LB, "ethtool", "-K", "lbc", "gro", "on")
         napi = thread_napi(args.rx_cpu or None, realtime=True)
-    if forwarder == "xdp":
+    if kind == "xdp":
         assert xdp_links is not None
         xdp_links.on()
     if forwarder != "kernel":
-        offload = {"lbproxy": "none", "xdp": "xdp"}.get(forwarder)  # None: a baseline tree
+        offload = {"lbproxy": "none", "xdp": "xdp"}.get(kind)  # None: a baseline tree
         balancer = Lbproxy(directory, args.balancer_cpu or None, tree, offload,
                            args.rx_cpu or None)  # fmt: skip
         balancer.start()
@@ -691,7 +702,7 @@ def one_run(args: argparse.Namespace, tools: Tools, directory: str, results: dic
     try:
         warm_up(tools, terminals, balancer)
         run = throughput(tools, terminals, args.duration, balancer, napi)
-        if forwarder == "xdp" and balancer is not None:
+        if kind == "xdp" and balancer is not None:
             run["offloaded"] = balancer.stats()["ports"]["xdp"]["forwarded"]
         results["throughput"][forwarder, terminals].append(run)
         report_throughput(forwarder, terminals, [run])
@@ -704,7 +715,7 @@ def one_run(args: argparse.Namespace, tools: Tools, directory: str, results: dic
             balancer.stop()
             if args.show_log:
                 print(balancer.read_log()[-3000:])
-        if forwarder == "xdp" and xdp_links is not None:
+        if kind == "xdp" and xdp_links is not None:
             xdp_links.off()
         if forwarder == "kernel":
             in_ns(LB, "sh", "-c", "echo 0 > /sys/class/net/lbc/threaded")
@@ -850,8 +861,9 @@ UNSATURATED = 0.97
 def summary(args: argparse.Namespace, results: dict[str, Any]) -> None:
     print("\nsummary (best run of each; ratio = delivered / kernel's delivered; CPU per packet "
           "= the forwarding's CPU time / packets delivered)")
-    forwarders = [f for f in (*args.forwarders, f"@{args.baseline}" if args.baseline else "")
-                  if f]  # fmt: skip
+    baseline = [f"@{args.baseline}", *([f"xdp@{args.baseline}"] if "xdp" in args.forwarders
+                                       else [])] if args.baseline else []  # fmt: skip
+    forwarders = [*args.forwarders, *baseline]
     throughput, lat = results["throughput"], results["latency"]
     for terminals in args.terminals:
         print(f"  {terminals:,} terminals:")
@@ -873,7 +885,7 @@ def summary(args: argparse.Namespace, results: dict[str, Any]) -> None:
                 rounds = round_ratios(results, forwarder, terminals)
                 line += (f"  ratio {ours['delivered'] / (kernel['delivered'] or 1):.2f} "
                          f"(rounds {', '.join(f'{r:.2f}' for r in rounds)})")
-            if forwarder == "xdp" and "offloaded" in ours:
+            if forwarder.startswith("xdp") and "offloaded" in ours:
                 line += (f"  in the driver: {ours['offloaded']:,} packets since start")
             print(line)
             if (forwarder, terminals) in lat:
