@@ -463,11 +463,14 @@ class XdpOffloadTests(XdpBed):
             self.addCleanup(sock.close)
             sock.bind(("acc1", 0))
 
-            def send(terminal: tuple[str, str], n: int) -> None:
+            def packet(terminal: tuple[str, str], n: int) -> bytes:
                 hoa, coa = terminal
-                sock.send(router + bytes(6) + b"\x86\xdd" + bytes(
-                    IPv6(src=coa, dst=VIP) / IPv6ExtHdrDestOpt(options=[HAO(hoa=hoa)])
-                    / UDP(sport=41000, dport=addresses.UDP_PORT) / f"claim 10 {n}".encode()))
+                return bytes(IPv6(src=coa, dst=VIP) / IPv6ExtHdrDestOpt(options=[HAO(hoa=hoa)])
+                             / UDP(sport=41000, dport=addresses.UDP_PORT)
+                             / f"claim 10 {n}".encode())  # fmt: skip
+
+            def send(terminal: tuple[str, str], n: int) -> None:
+                sock.send(router + bytes(6) + b"\x86\xdd" + packet(terminal, n))
 
             def rows() -> dict[str, dict[str, Any]]:
                 return {r["key"]: r for r in lb.ctl("show")["rows"]}
@@ -525,6 +528,14 @@ class XdpOffloadTests(XdpBed):
             self.assertGreaterEqual(removed, lifetime)
             self.assertLess(removed, lifetime + sweep + grain + 0.5)
             self.assertEqual(after["misses"], {"hoa": 2})
+            # lbproxyctl trace: the busy terminal's next packet would stay in the driver;
+            # the idle one's would go up (its binding is gone from the program's map).
+            busy_trace = lb.ctl("trace", packet(busy, 99).hex())
+            self.assertTrue(busy_trace["xdp"]["offloaded"], busy_trace)
+            self.assertIn(f"to {row['backend']}", busy_trace["xdp"]["reason"])
+            idle_trace = lb.ctl("trace", packet(idle, 99).hex())
+            self.assertFalse(idle_trace["xdp"]["offloaded"], idle_trace)
+            self.assertIn(f"no binding for home address {idle[0]}", idle_trace["xdp"]["reason"])
             send(idle, 1)
             time.sleep(0.3)
             self.assertEqual(lb.ctl("stats")["misses"], {"hoa": 3})
