@@ -900,3 +900,55 @@ class BoundedTests(SynchronousTestCase):
         clock.advance(0.02)
         balancer.sweep()
         self.assertEqual((len(cn), len(balancer.return_paths)), (0, 0))
+
+
+class ReplayAfterDeletionTests(SynchronousTestCase):
+    """RFC 6275 §5.2.8: a correspondent keeps a deleted binding's sequence number as
+    long as the nonces that authorised it are accepted; otherwise a recorded Binding
+    Update replayed after a deregistration (or after its entry expired) is taken as
+    new (no entry: any sequence number goes, §9.5.1) and binds the home address again."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.cn = correspondent(self.clock)
+        self.mn = MobileNode(handler(self.cn))
+        self.hot, self.cot = self.mn.home_test(), self.mn.care_of_test()
+
+    def test_replay_after_deregistration(self) -> None:
+        recorded = self.mn.update(self.hot, self.cot)  # seq 1
+        self.assertEqual(outcome(self.cn, recorded).what, "bu-accepted")
+        self.assertEqual(outcome(self.cn, self.mn.update(self.hot, self.cot, lifetime=0)).what,
+                         "bu-deregistered")  # seq 2  # fmt: skip
+        self.clock.advance(10)
+        result = outcome(self.cn, recorded)
+        self.assertEqual((result.what, self.cn.bindings), ("bu-sequence", {}))
+        self.assertEqual((IPv6(result.reply)[MIP6MH_BA].status, IPv6(result.reply)[MIP6MH_BA].seq),
+                         (135, 2))  # fmt: skip
+        # The mobile node's own next update is newer: accepted.
+        self.assertEqual(outcome(self.cn, self.mn.update(self.hot, self.cot)).what,
+                         "bu-accepted")  # fmt: skip
+
+    def test_replay_after_expiry(self) -> None:
+        recorded = self.mn.update(self.hot, self.cot, lifetime=1)  # 4 s
+        self.assertEqual(outcome(self.cn, recorded).what, "bu-accepted")
+        self.clock.advance(5)
+        self.assertEqual(self.cn.expire(), [packed(HOA)])
+        self.assertEqual(outcome(self.cn, recorded).what, "bu-sequence")
+        self.assertEqual(self.cn.bindings, {})
+
+    def test_forgotten_once_its_nonces_are(self) -> None:
+        """The sequence number is kept no longer than a nonce is accepted (interval +
+        lifetime), and no more of them than the cache holds entries."""
+        recorded = self.mn.update(self.hot, self.cot)
+        outcome(self.cn, recorded)
+        outcome(self.cn, self.mn.update(self.hot, self.cot, lifetime=0))
+        self.clock.advance(30 + 240)
+        self.cn.expire()
+        self.assertEqual(len(self.cn._retired), 0)
+        self.assertEqual(outcome(self.cn, recorded).what, "bu-stale-nonce")
+        cn = correspondent(self.clock, max_entries=2)
+        for i in range(5):
+            cn.register(bytes(15) + bytes([i + 1]), packed(COA), 1, 60)
+            cn.delete(bytes(15) + bytes([i + 1]))
+        self.assertEqual(len(cn._retired), 2)

@@ -48,8 +48,12 @@ changes nothing:
    = First(96, HMAC_SHA1(Kbm, care-of address | correspondent | MH Data)), MH Data being
    the Mobility Header without the authenticator, its checksum taken as zero (§6.2.7).
    A mismatch is silently discarded;
-5. the sequence number, modulo 2**16, greater than the cached entry's (any value without
-   one): otherwise BA status 135 carrying the cached number;
+5. the sequence number, modulo 2**16, greater than the cached entry's -- or, without one,
+   than the last of an entry ended (deregistered, expired, deleted) less than
+   ``nonce_interval + nonce_lifetime`` ago, the longest its nonces may still be
+   accepted (RFC 6275 §5.2.8: else a recorded update replayed after a deregistration
+   binds again); any value without either: otherwise BA status 135 carrying that
+   number.  At most ``max_entries`` ended entries are remembered, oldest dropped first;
 6. accepted: lifetime 0 or care-of address = home address deletes the entry; otherwise
    the entry (care-of address, sequence number) lives min(requested, ``max_lifetime``)
    seconds (MAX_RR_BINDING_LIFETIME, 420 s).  A full cache refuses a new home address
@@ -275,6 +279,11 @@ class Correspondent:
         self.bindings: dict[bytes, bytes] = {}
         self._entries: dict[bytes, CacheEntry] = {}
         self._deadlines: list[tuple[float, bytes]] = []
+        # home -> (last sequence number, until) of entries ended while the nonces that
+        # authorised them may still be accepted (RFC 6275 §5.2.8: else a recorded
+        # Binding Update replayed after a deregistration or an expiry binds again);
+        # oldest first, at most ``max_entries``.
+        self._retired: dict[bytes, tuple[int, float]] = {}
         self.expired = 0
         #: Told the home address of every entry made, changed or ended (the XDP
         #: executor writes what the strict check allows into its program's map).
@@ -305,6 +314,7 @@ class Correspondent:
         else:
             entry.care_of, entry.seq, entry.expires = care_of, seq, expires
         self.bindings[home] = care_of
+        self._retired.pop(home, None)
         deadlines = self._deadlines
         heapq.heappush(deadlines, (expires, home))
         if len(deadlines) > 2 * len(self._entries) + 64:
@@ -322,6 +332,7 @@ class Correspondent:
         self.bindings.pop(home, None)
         entry = self._entries.pop(home, None)
         if entry is not None:
+            self._retire(home, entry.seq)
             for listener in self.listeners:
                 listener(home)
         return entry
@@ -339,7 +350,23 @@ class Correspondent:
                 self.delete(home)
                 ended.append(home)
         self.expired += len(ended)
+        retired = self._retired
+        while retired:
+            home = next(iter(retired))
+            if retired[home][1] > now:
+                break
+            del retired[home]
         return ended
+
+    def _retire(self, home: bytes, seq: int) -> None:
+        """Keep ``home``'s last sequence number while a nonce that authorised it may
+        still be accepted (the module docstring, step 5)."""
+        retired = self._retired
+        retired.pop(home, None)
+        if len(retired) >= self.max_entries:
+            del retired[next(iter(retired))]
+        until = self.clock.seconds() + self.nonces.interval + self.nonces.lifetime
+        retired[home] = (seq, until)
 
     # -- Mobility Header packets ----------------------------------------------------------
 
@@ -430,11 +457,16 @@ class Correspondent:
         if kbm is None:
             return _refused("bu-bad-authenticator")
         entry = self._entries.get(home)
-        if entry is not None and not 0 < (bu.seq - entry.seq) & 0xFFFF < 0x8000:
-            ack = m.BindingAck(BA_SEQUENCE_OUT_OF_WINDOW, entry.seq, 0)
+        retired = self._retired.get(home) if entry is None else None
+        if retired is not None and retired[1] <= self.clock.seconds():
+            retired = None
+        last = entry.seq if entry is not None else retired[0] if retired is not None else None
+        if last is not None and not 0 < (bu.seq - last) & 0xFFFF < 0x8000:
+            ack = m.BindingAck(BA_SEQUENCE_OUT_OF_WINDOW, last, 0)
             return _refused("bu-sequence", self._ack(ack, kbm, home, care_of, cn))
         if bu.lifetime == 0 or returning:
             self.delete(home)
+            self._retire(home, bu.seq)
             ack = m.BindingAck(BA_ACCEPTED, bu.seq, 0)
             reply = self._ack(ack, kbm, home, care_of, cn) if bu.ack else None
             return Outcome(reply, "bu-deregistered", home=home, deleted=True,
