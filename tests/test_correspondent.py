@@ -952,3 +952,25 @@ class ReplayAfterDeletionTests(SynchronousTestCase):
             cn.register(bytes(15) + bytes([i + 1]), packed(COA), 1, 60)
             cn.delete(bytes(15) + bytes([i + 1]))
         self.assertEqual(len(cn._retired), 2)
+
+
+class BalancerGarbageTests(SynchronousTestCase):
+    @given(nh=st.sampled_from([0, 43, 44, 51, 58, 60, 135, 17, 6, 59]),
+           payload=st.binary(max_size=96), hao=st.booleans())
+    @settings(max_examples=400, deadline=None)
+    def test_inbound_never_raises_and_garbage_binds_nothing(self, nh: int, payload: bytes,
+                                                             hao: bool) -> None:  # fmt: skip
+        """Any payload after an IPv6 header to the virtual address (a Home Address Option
+        before it or not), in strict mode after a registration: `Balancer.inbound`
+        returns, and nothing but a Binding Update proven by return routability changes
+        the binding cache or the return paths."""
+        balancer, _ = balancer_with("strict")
+        mn = MobileNode(lambda data: inbound(balancer, data))
+        inbound(balancer, mn.update(mn.home_test(), mn.care_of_test()))
+        cn = balancer.correspondent
+        assert cn is not None
+        before = (dict(cn.bindings), balancer.return_paths.care_of(packed(HOA)))
+        body = (bytes([nh, 2, 1, 2, 0, 0, 0xC9, 16]) + packed(OTHER_HOA) if hao else b"") + payload
+        header = struct.pack("!IHBB", 6 << 28, len(body), 60 if hao else nh, 64)
+        balancer.inbound(bytearray(header + packed(COA2) + packed(VIP) + body))
+        self.assertEqual((dict(cn.bindings), balancer.return_paths.care_of(packed(HOA))), before)
