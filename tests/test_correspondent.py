@@ -709,6 +709,32 @@ class AlternateCareOfTests(SynchronousTestCase):
         result = outcome(cn, sign_bu(packet, kbm, COA))
         self.assertEqual(result.what, "bu-bad-authenticator")
 
+    def test_unauthenticated_acks_to_an_alternate_address_are_rate_limited(self) -> None:
+        """A forged BU naming any address as its Alternate Care-of Address, with nonce
+        indices the node never issued, is answered (BA 138) before an authenticator can be
+        checked: those BAs draw on the Binding Errors' budget, so a stream of forgeries
+        cannot aim a stream of BAs at a victim.  Refused and counted either way; the cache
+        and return paths unchanged."""
+        clock = Clock()
+        clock.advance(1000)
+        cn = correspondent(clock, binding_error_rate=2.0)
+        victim = "2001:db8:dead::1"
+        forged = (IPv6(src=COA, dst=VIP) / IPv6ExtHdrDestOpt(options=[HAO(hoa=HOA)])
+                  / MIP6MH_BU(seq=1, flags="A", mhtime=10, options=[
+                      MIP6OptAltCoA(acoa=victim),
+                      MIP6OptNonceIndices(olen=4, hni=4000, coni=4001),
+                      MIP6OptBindingAuthData(olen=12, authenticator=0)]))  # fmt: skip
+        results = [outcome(cn, bytes(forged)) for _ in range(5)]
+        self.assertEqual({r.what for r in results}, {"bu-stale-nonce"})
+        sent = [r.reply for r in results if r.reply is not None]
+        self.assertEqual(len(sent), 2)
+        for reply in sent:
+            self.assertEqual((IPv6(reply).dst, IPv6(reply)[MIP6MH_BA].status), (victim, 138))
+            self.assertTrue(checksum_valid(reply, MIP6MH_BA))
+        self.assertEqual(cn.bindings, {})
+        clock.advance(0.5)
+        self.assertIsNotNone(outcome(cn, bytes(forged)).reply)
+
 
 class OperatorTests(SynchronousTestCase):
     """The binding cache in lbproxyctl, the outcomes in stats and the metrics."""

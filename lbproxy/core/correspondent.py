@@ -66,7 +66,9 @@ home address (straight to the home address when they are one).
 
 *Binding Error* (§9.3.3): status 1 (unknown binding for the HAO) to the packet's source,
 status 2 (unrecognised MH type) likewise; at most ``binding_error_rate`` per second
-(a token bucket holding one second's worth), the rest counted as rate limited.
+(a token bucket holding one second's worth), the rest counted as rate limited.  The
+Binding Acknowledgements sent before an authenticator could be checked (131, 136-138)
+draw on the same budget: they may go to an Alternate Care-of Address nothing proved.
 
 The cache expires on `expire` (the balancer's sweep), so the strict check -- does
 ``bindings`` map this home address to this source? -- is a dictionary lookup that every
@@ -481,9 +483,17 @@ class Correspondent:
         return Outcome(reply, "bu-accepted", home=home, entry=entry, sent="ba" if reply else "")
 
     def _ack(self, ack: m.BindingAck, kbm: bytes | None, home: bytes, care_of: bytes,
-             cn: bytes) -> bytes:  # fmt: skip
+             cn: bytes) -> bytes | None:  # fmt: skip
         """The Binding Acknowledgement packet: to the care-of address with a Type 2
-        Routing Header (§9.5.4), straight to the home address when they are one."""
+        Routing Header (§9.5.4), straight to the home address when they are one.
+
+        An unauthenticated one (``kbm`` None: status 131, 136-138, sent before the
+        authenticator could be checked) goes wherever the update's Alternate Care-of
+        Address option says, with nothing proven: it draws on the Binding Errors' budget
+        (None when that is spent), so forged updates cannot aim a stream of them at an
+        address of the forger's choosing."""
+        if kbm is None and not self._take_token():
+            return None
         mh = m.build(ack, cn, home) if kbm is None else sign(ack, kbm, care_of, cn, cn, home)
         if care_of == home:
             return _packet(cn, home, mh)
@@ -491,13 +501,20 @@ class Correspondent:
         return _packet(cn, care_of, rh2 + mh, next_header=43)
 
     def _binding_error(self, cn: bytes, to: bytes, status: int, home: bytes) -> bytes | None:
+        if not self._take_token():
+            return None
+        return _packet(cn, to, m.build(m.BindingError(status, home), cn, to))
+
+    def _take_token(self) -> bool:
+        """One answer from the budget of ``binding_error_rate`` per second (a token
+        bucket holding one second's worth): False when it is spent."""
         now = self.clock.seconds()
         self._tokens = min(self._rate, self._tokens + (now - self._filled) * self._rate)
         self._filled = now
         if self._tokens < 1:
-            return None
+            return False
         self._tokens -= 1
-        return _packet(cn, to, m.build(m.BindingError(status, home), cn, to))
+        return True
 
 
 def _packet(src: bytes, dst: bytes, payload: bytes, next_header: int = _MH) -> bytes:
