@@ -724,7 +724,7 @@ class AlternateCareOfTests(SynchronousTestCase):
                       MIP6OptAltCoA(acoa=victim),
                       MIP6OptNonceIndices(olen=4, hni=4000, coni=4001),
                       MIP6OptBindingAuthData(olen=12, authenticator=0)]))  # fmt: skip
-        results = [outcome(cn, bytes(forged)) for _ in range(5)]
+        results = [outcome(cn, forged) for _ in range(5)]
         self.assertEqual({r.what for r in results}, {"bu-stale-nonce"})
         sent = [r.reply for r in results if r.reply is not None]
         self.assertEqual(len(sent), 2)
@@ -733,7 +733,7 @@ class AlternateCareOfTests(SynchronousTestCase):
             self.assertTrue(checksum_valid(reply, MIP6MH_BA))
         self.assertEqual(cn.bindings, {})
         clock.advance(0.5)
-        self.assertIsNotNone(outcome(cn, bytes(forged)).reply)
+        self.assertIsNotNone(outcome(cn, forged).reply)
 
 
 class OperatorTests(SynchronousTestCase):
