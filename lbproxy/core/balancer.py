@@ -384,7 +384,7 @@ class Balancer:
             return self._backend_for_named(buf, view)
         table = self.table
         now = self.clock.seconds()
-        peek = table.peek
+        peek, peek_alias = table.peek_primary, table.peek_alias  # `table.peek`, inlined
         source = bytes(buf[8:24])
         hao = view.hoa >= 0
         winner: Binding | None = None
@@ -397,6 +397,8 @@ class Balancer:
                 continue
             if winner is None:
                 b = peek(key)
+                if b is None:
+                    b = peek_alias(key)
                 if b is not None and b.expires > now:
                     if b.backend.name in self.policy.usable_names:
                         # `_hit` when the binding keeps its backend, written out (every
@@ -464,7 +466,7 @@ class Balancer:
         strategy pay nothing for it."""
         table = self.table
         now = self.clock.seconds()
-        peek = table.peek
+        peek, peek_alias = table.peek_primary, table.peek_alias  # `table.peek`, inlined
         source = bytes(buf[8:24])
         hao = view.hoa >= 0
         winner: Binding | None = None
@@ -484,6 +486,8 @@ class Balancer:
                 continue
             if winner is None and chosen is None:
                 b = peek(key)
+                if b is None:
+                    b = peek_alias(key)
                 if b is not None and b.expires > now:
                     winner = self._hit(b, key, strategy.kind, now)
                     if winner is None:

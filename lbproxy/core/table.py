@@ -52,13 +52,18 @@ the table full it sweeps what is due; then
 
 *Aliases.*  A terminal carries several identities (its home address, its care-of
 address, an interface ID, an SPI...).  One of them is the binding's key; the others are
-*aliases* (:meth:`StickyTable.link`): further dict keys for the same :class:`Binding`, so
-a lookup by any of them is the same hit (same backend, lifetime, counters).  They go with
-the binding (expiry, eviction, removal).  Linking never takes an identity that has a
-live entry of its own: only :meth:`rekey` (an authenticated notification) and
-:meth:`insert` (the scheduler, the operator) change where a bound identity leads.  A
-binding keeps at most ``max_aliases`` aliases, the oldest dropped first, so no terminal
-(and no forger) can make one binding hold an unbounded number of identities.
+*aliases* (:meth:`StickyTable.link`): keys of a second dict that lead to the same
+:class:`Binding`, so a lookup by any of them is the same hit (same backend, lifetime,
+counters).  Two dicts, not one: the fast path looks a terminal's home address -- a
+binding's own key -- up in a dict that holds only bindings' own keys (one per binding,
+not one per identity), which stays smaller and misses the CPU caches less; `peek`
+looks there first and in the aliases' dict only on a miss.  A key is in one of the two,
+never both.  Aliases go with the binding (expiry, eviction, removal).  Linking never
+takes an identity that has a live entry of its own: only :meth:`rekey` (an authenticated
+notification) and :meth:`insert` (the scheduler, the operator) change where a bound
+identity leads.  A binding keeps at most ``max_aliases`` aliases, the oldest dropped
+first, so no terminal (and no forger) can make one binding hold an unbounded number of
+identities.
 
 *Stale filings*: a filing whose binding has moved on or been removed is skipped and
 dropped when reached, so nothing is searched on removal.  A binding in the FIFO is
@@ -278,12 +283,17 @@ class StickyTable:
         #: executor that keeps its own copy of the table (an XDP map) mirrors changes
         #: through.  Not called for refreshes.
         self.listeners: list[Callable[[Binding, bool], object]] = []
+        #: Each binding by its own key (only those: the dict the fast path reads).
         self._entries: dict[bytes, Binding] = {}
-        self._alias_count = 0
-        #: The entry `key` leads to -- live or not, a binding's own key or an alias --
-        #: with nothing counted or refreshed: ``dict.get`` itself, for executors that
-        #: check an entry before taking it (then `refresh`).
-        self.peek: Callable[[bytes], Binding | None] = self._entries.get
+        #: Each binding by its aliases (a key is in one of the two dicts, never both).
+        self._aliases: dict[bytes, Binding] = {}
+        #: The binding whose own key is `key` -- live or not -- with nothing counted or
+        #: refreshed: ``dict.get`` itself, for executors that check an entry before
+        #: taking it (then `refresh`).  None for an alias: call `peek_alias` then (or
+        #: `peek`, which does both).
+        self.peek_primary: Callable[[bytes], Binding | None] = self._entries.get
+        #: The binding `key` is an alias of, live or not (``dict.get`` of the aliases).
+        self.peek_alias: Callable[[bytes], Binding | None] = self._aliases.get
         self._load: dict[Backend, int] = {}
         self._probation: deque[Binding] = deque()
         self._p_live = 0  # probationary bindings (live ones in the FIFO)
@@ -309,6 +319,13 @@ class StickyTable:
 
     # -- the data path -------------------------------------------------------------
 
+    def peek(self, key: bytes) -> Binding | None:
+        """The binding `key` leads to -- live or not, a binding's own key or an alias --
+        with nothing counted or refreshed.  A hot loop binds `peek_primary` and
+        `peek_alias` instead, and calls the second only when the first finds nothing."""
+        b = self._entries.get(key)
+        return self._aliases.get(key) if b is None else b
+
     def lookup(self, key: Key, now: float | None = None) -> Binding | None:
         """The live binding for `key`, refreshed (claim 10) and counted; None on a miss.
 
@@ -316,6 +333,8 @@ class StickyTable:
         found here is removed and reported as a miss.
         """
         b = self._entries.get(key)
+        if b is None:
+            b = self._aliases.get(key)
         if b is None:
             self.stats.misses += 1
             return None
@@ -358,8 +377,10 @@ class StickyTable:
         An expired entry under `key` is removed first.  Past ``max_aliases`` the
         binding's oldest alias is dropped.
         """
-        entries = self._entries
-        found = entries.get(key)
+        aliases = self._aliases
+        found = self._entries.get(key)
+        if found is None:
+            found = aliases.get(key)
         if found is b:
             return True
         if found is not None:
@@ -370,17 +391,15 @@ class StickyTable:
             self._take(found, key)
             self.stats.expirations += 1
         k = bytes(key)
-        entries[k] = b
+        aliases[k] = b
         keys = b._keys
         if isinstance(keys, list):
             keys.append(k)
         else:
             keys = b._keys = [keys, k]  # sized exactly: most bindings get one alias
-        self._alias_count += 1
         self.stats.links += 1
         if len(keys) > self.max_aliases + 1:
-            del entries[keys.pop(1)]
-            self._alias_count -= 1
+            del aliases[keys.pop(1)]
             self.stats.alias_evictions += 1
         if self.listeners:
             self._tell(b, True)
@@ -406,7 +425,7 @@ class StickyTable:
         """
         if now is None:
             now = self.clock.seconds()
-        old = self._entries.get(key)
+        old = self.peek(key)
         established = full = False
         if old is not None:
             # An expired entry, not yet swept, is replaced like an absent one.
@@ -460,7 +479,7 @@ class StickyTable:
             now = self.clock.seconds()
         if expires <= now:
             return None
-        old = self._entries.get(key)
+        old = self.peek(key)
         own = False
         if old is not None:
             own = old._key == key
@@ -517,7 +536,7 @@ class StickyTable:
         if nb is None and ob.key != old and self.link(ob, new, now):
             nb = ob  # refreshed below, as a continuing terminal's binding
         if nb is None:
-            stale = self._entries.get(new)
+            stale = self.peek(new)
             if stale is not None:
                 self._take(stale, new)
                 self.stats.expirations += 1
@@ -589,7 +608,7 @@ class StickyTable:
     def remove(self, key: Key) -> Binding | None:
         """Remove `key`'s entry (live or not yet swept) and return its binding: a
         binding's own key takes the binding and its aliases; an alias only itself."""
-        b = self._entries.get(key)
+        b = self.peek(key)
         if b is not None:
             self._take(b, key)
         return b
@@ -606,7 +625,7 @@ class StickyTable:
     @property
     def alias_count(self) -> int:
         """Aliases held (identities leading to another identity's binding)."""
-        return self._alias_count
+        return len(self._aliases)
 
     @property
     def probationary(self) -> int:
@@ -614,16 +633,16 @@ class StickyTable:
         return self._p_live
 
     def _size(self) -> int:
-        return len(self._entries) - self._alias_count
+        return len(self._entries)
 
     def __iter__(self) -> Iterator[tuple[Key, Binding]]:
         """(key, binding) for every binding held, by its own key (aliases are in
         ``binding.aliases``), from a snapshot (safe to mutate)."""
-        return iter([(_as_key(k), b) for k, b in self._entries.items() if b._key is k])
+        return iter([(_as_key(k), b) for k, b in self._entries.items()])
 
     def __contains__(self, key: object) -> bool:
         """True if `key` has a live entry."""
-        b = self._entries.get(key) if isinstance(key, bytes) else None
+        b = self.peek(key) if isinstance(key, bytes) else None
         return b is not None and b.expires > self.clock.seconds()
 
     def __repr__(self) -> str:
@@ -632,7 +651,7 @@ class StickyTable:
     # -- internals -----------------------------------------------------------------
 
     def _live(self, key: Key, now: float) -> Binding | None:
-        b = self._entries.get(key)
+        b = self.peek(key)
         if b is None or b.expires <= now:
             return None
         return b
@@ -669,14 +688,14 @@ class StickyTable:
         """Remove `b` with its aliases.  A probationary binding's FIFO filing becomes
         stale (``_next`` None); a wheel filing is left in its chain, whose walker sees
         that the table no longer maps the key to `b`."""
-        entries = self._entries
         keys = b._keys
         if isinstance(keys, list):
-            for k in keys:
-                del entries[k]
-            self._alias_count -= len(keys) - 1
+            del self._entries[keys[0]]
+            aliases = self._aliases
+            for k in keys[1:]:
+                del aliases[k]
         else:
-            del entries[keys]
+            del self._entries[keys]
         self._count(b.backend, -1)
         if b._next is _PROBATION:
             b._next = None
@@ -699,8 +718,7 @@ class StickyTable:
         keys.remove(key)  # never the first: `key` is an alias, not b's own key
         if len(keys) == 1:
             b._keys = keys[0]
-        del self._entries[key]
-        self._alias_count -= 1
+        del self._aliases[key]
         if self.listeners:
             self._tell(b, True)
 

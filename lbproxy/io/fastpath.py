@@ -13,10 +13,11 @@ It is an *executor*: the decisions are the core's.  Per batch it reads the publi
 `lbproxy.core.policy.Policy` (virtual address, ports, mode, the checksum constant of
 "destination := backend" per backend, and whether the fast path may serve this
 configuration at all -- if not, why not, said once in the log and in ``lbproxyctl
-stats``); per packet it calls only public operations: `StickyTable.peek` with the
-home-address key, and `StickyTable.refresh` when the binding is live and already knows
-this care-of address (the steady state: the packet has no identity to link), and the
-shared `Counters`.  Then the hop limit and the rewrite -- translate mode: HAO removed,
+stats``); per packet it calls only public operations: `StickyTable.peek_primary` with
+the home-address key (usually the binding's own key; `StickyTable.peek_alias` only when
+that finds nothing), and `StickyTable.refresh` when the binding is live and already
+knows this care-of address (the steady state: the packet has no identity to link), and
+the shared `Counters`.  Then the hop limit and the rewrite -- translate mode: HAO removed,
 source := home address, destination := backend; transparent mode: destination :=
 backend -- as `nat` does it.  Any other packet -- a miss, a new care-of address (whose
 identities the core links), another layout, a fragment, ICMPv6, a packet the writer
@@ -178,7 +179,9 @@ class FastPath:
             return
         vip, ports, translate = policy.vips[0], policy.ports, policy.translate
         balancer = self.balancer
-        peek, refresh, counters = balancer.table.peek, balancer.table.refresh, balancer.counters
+        table = balancer.table
+        peek, peek_alias = table.peek_primary, table.peek_alias
+        refresh, counters = table.refresh, balancer.counters
         drop, backends = counters.drop, self._backends
         # The correspondent's strict mode: home -> the care-of address its binding cache
         # entry holds; a packet from any other source is the general path's (a Binding
@@ -223,7 +226,12 @@ class FastPath:
                         other(s, n)
                         continue
                     binding = peek(_ADDR_KIND + hoa)
-                    if (binding is None or binding.expires <= now or binding.care_of != src
+                    if binding is None:  # not a binding's own key: an alias, or a miss
+                        binding = peek_alias(_ADDR_KIND + hoa)
+                        if binding is None:
+                            other(s, n)
+                            continue
+                    if (binding.expires <= now or binding.care_of != src
                             or (strict is not None and strict.get(hoa) != src)):  # fmt: skip
                         # A miss, or a care-of address the binding has not seen: the
                         # identities to link are the core's business (the general path);
