@@ -418,9 +418,25 @@ class Balancer:
                     if hao and winner.care_of == source:
                         return winner.backend  # nothing new: the steady state
             found.append((key, strategy))
+        return self._settle(winner, found, buf, view, source, now)
+
+    def _settle(
+        self,
+        winner: Binding | None,
+        found: list[tuple[Key, IKeyStrategy]],
+        buf: bytearray,
+        view: PacketView,
+        source: bytes,
+        now: float,
+    ) -> Backend | None:
+        """The end of both walks, once no named key decided: with no winner the first
+        identity is bound (a miss); then the packet's identities are linked to the
+        winner (conflicts counted) and a new care-of address recorded."""
         if not found:
             self.counters.drop("no-key")
             return None
+        table = self.table
+        hao = view.hoa >= 0
         if winner is None:
             table.stats.misses += 1
             key, strategy = found[0]
@@ -441,7 +457,7 @@ class Balancer:
                 self._conflict(winner, key, strategy.kind)
         if hao:
             # Only a care-of address the binding had not seen gets here (the steady
-            # state returned above): the journey records the move with its packet.
+            # state returned before): the journey records the move with its packet.
             if self.journeys is not None:
                 self.journeys.care_of_changed(winner, winner.care_of, source, buf, now)
             winner.care_of = source
@@ -503,34 +519,7 @@ class Balancer:
                     self.journeys.care_of_changed(winner, winner.care_of, source, buf, now)
                 winner.care_of = source
             return chosen
-        if not found:
-            self.counters.drop("no-key")
-            return None
-        if winner is None:
-            table.stats.misses += 1
-            key, strategy = found[0]
-            home = bytes(buf[view.hoa : view.hoa + 16]) if hao else None
-            winner = self.bind(key, strategy.kind, home, source)
-            if winner is None:
-                return None
-            for key, strategy in found:
-                if not table.link(winner, key, now):
-                    self._conflict(winner, key, strategy.kind)
-            if hao:
-                winner.care_of = source
-            if self.journeys is not None:  # a miss: the journey keeps its first packet
-                self.journeys.first_packet(winner, source, buf, now)
-            return winner.backend
-        for key, strategy in found:
-            if not table.link(winner, key, now):
-                self._conflict(winner, key, strategy.kind)
-        if hao:
-            # Only a care-of address the binding had not seen gets here (the steady
-            # state returned above): the journey records the move with its packet.
-            if self.journeys is not None:
-                self.journeys.care_of_changed(winner, winner.care_of, source, buf, now)
-            winner.care_of = source
-        return winner.backend
+        return self._settle(winner, found, buf, view, source, now)
 
     def _named_backend(self, name: str | None) -> Backend | None:
         """The backend a named key names, if it may take packets."""
