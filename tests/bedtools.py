@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 import select
 import socket
+import time
+from collections.abc import Callable
+from typing import Any
 
 from scapy.layers.inet import TCP, UDP
 from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrRouting, _ICMPv6
@@ -17,6 +20,7 @@ from scapy.packet import Packet
 from scapy.utils import checksum
 from twisted.trial.unittest import SkipTest
 
+from lbproxy.testbed import addresses
 from lbproxy.testbed.bed import TestBed
 from lbproxy.testbed.netns import BedUnavailableError, check_host
 
@@ -92,3 +96,67 @@ def l4_checksum_ok(pkt: Packet) -> bool | None:
             )
             return checksum(pseudo + l4) == 0
     return None
+
+
+def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll ``predicate`` until it returns something true; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Session:
+    """A kernel TCP session from terminal ``index``'s home address to VIP:80 (ns term);
+    the backend's greeting says who serves it, ``echo`` that the session still works."""
+
+    def __init__(self, bed: TestBed, index: int, timeout: float = 10.0) -> None:
+        self.index = index
+        self.hoa = str(addresses.home_address(index))
+        self.sock = bed.socket("term", socket.AF_INET6, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.buffer = b""
+        self.sent = 0
+        self.sock.bind((self.hoa, 0))
+        self.sock.connect((str(addresses.VIP), addresses.TCP_PORT))
+        greeting = self._line().split()
+        if len(greeting) != 4 or greeting[0] != "backend" or greeting[3] != self.hoa:
+            raise AssertionError(f"terminal {index}: bad greeting {greeting!r}")
+        self.backend = greeting[1]
+
+    def _line(self) -> str:
+        while b"\n" not in self.buffer:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionError(f"terminal {self.index}: closed before the greeting")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode()
+
+    def echo(self, size: int = 6000) -> None:
+        """Send ``size`` random bytes and read every one back."""
+        data = os.urandom(size)
+        self.sock.sendall(data)
+        got, self.buffer = self.buffer, b""
+        while len(got) < size:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"terminal {self.index}: closed after {len(got)} bytes")
+            got += chunk
+        if got != data:
+            raise AssertionError(f"terminal {self.index}: echo differs")
+        self.sent += size
+
+    def close(self) -> None:
+        """Half-close, read the end of the stream, close."""
+        self.sock.shutdown(socket.SHUT_WR)
+        rest = self.buffer
+        while chunk := self.sock.recv(65536):
+            rest += chunk
+        self.sock.close()
+        if rest:
+            raise AssertionError(f"terminal {self.index}: {len(rest)} bytes after the echo")

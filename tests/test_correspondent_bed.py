@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from ipaddress import IPv6Address
 from typing import Any
 
@@ -47,7 +47,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from lbproxy.testbed import addresses, control, packets, rrmessages
 from lbproxy.testbed.balancer import BedBalancer, bed_config
 from lbproxy.testbed.bed import TestBed
-from tests.bedtools import Capture, require_bed
+from tests.bedtools import Capture, Session, require_bed, wait_for
 
 bind_layers(IPv6, IPv6, nh=41)
 VIP = str(addresses.VIP)
@@ -66,17 +66,6 @@ def coa(index: int, link: int) -> str:
     return str(addresses.care_of_address(index, link))
 
 
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
 def from_access_link(bed: TestBed, link: int, frames: Iterable[bytes]) -> None:
     """IPv6 packets sent as a terminal on access link ``link`` sends them (to the router)."""
     sock = bed.socket("term", socket.AF_PACKET, socket.SOCK_RAW)
@@ -93,51 +82,6 @@ def mh_checksum_ok(packet: Packet, layer: type[Packet]) -> bool:
     """scapy's verdict on a Mobility Header's checksum (RH2: the final destination)."""
     upper = packet[layer]
     return in6_chksum(135, upper, bytes(upper)) == 0
-
-
-class Session:
-    """A kernel TCP session from terminal ``index``'s home address to VIP:80 (ns term)."""
-
-    def __init__(self, bed: TestBed, index: int, timeout: float = 15.0) -> None:
-        self.index = index
-        self.sock = bed.socket("term", socket.AF_INET6, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.bind((hoa(index), 0))
-        self.sock.connect((VIP, addresses.TCP_PORT))
-        self.buffer = b""
-        self.sent = 0
-        while b"\n" not in self.buffer:
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                raise ConnectionError(f"terminal {index}: closed before the greeting")
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        greeting = line.decode().split()
-        if len(greeting) != 4 or greeting[0] != "backend" or greeting[3] != hoa(index):
-            raise AssertionError(f"terminal {index}: bad greeting {greeting!r}")
-        self.backend = greeting[1]
-
-    def echo(self, size: int = 6000) -> None:
-        data = os.urandom(size)
-        self.sock.sendall(data)
-        got, self.buffer = self.buffer, b""
-        while len(got) < size:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"terminal {self.index}: closed after {len(got)} bytes")
-            got += chunk
-        if got != data:
-            raise AssertionError(f"terminal {self.index}: echo differs")
-        self.sent += size
-
-    def close(self) -> None:
-        self.sock.shutdown(socket.SHUT_WR)
-        rest = self.buffer
-        while chunk := self.sock.recv(65536):
-            rest += chunk
-        self.sock.close()
-        if rest:
-            raise AssertionError(f"terminal {self.index}: {len(rest)} bytes after the echo")
 
 
 class CorrespondentBedTestCase(SynchronousTestCase):
@@ -232,7 +176,7 @@ class MovingMobileNodesTests(CorrespondentBedTestCase):
         bed, lb = self.start(len(self.TERMINALS))
         links = [1, *MOVES]
         downlink = {k: self.capture(bed, "term", f"acc{k}") for k in sorted(set(links))}
-        sessions = {i: Session(bed, i) for i in self.TERMINALS}
+        sessions = {i: Session(bed, i, timeout=15.0) for i in self.TERMINALS}
         for session in sessions.values():
             session.echo()
         # Before any Binding Update: every reply came through the home agent.
@@ -353,7 +297,7 @@ class ForgedBindingUpdateTests(CorrespondentBedTestCase):
 
     def test_forged_binding_updates_change_nothing(self) -> None:
         bed, lb = self.start(1)
-        session = Session(bed, 1)
+        session = Session(bed, 1, timeout=15.0)
         session.echo()
         registration = self.wait_bound(bed, 1, 1)
         session.echo()

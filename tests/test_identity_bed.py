@@ -71,7 +71,14 @@ from lbproxy.testbed.balancer import BedBalancer, bed_config
 from lbproxy.testbed.bed import TestBed
 from lbproxy.testbed.hapool import start_home_agent_pool
 from lbproxy.testbed.homelink import HOME_PORT, HomeLink
-from tests.bedtools import Capture, l4_checksum_ok, pseudo_addresses, require_bed
+from tests.bedtools import (
+    Capture,
+    Session,
+    l4_checksum_ok,
+    pseudo_addresses,
+    require_bed,
+    wait_for,
+)
 
 VIP = str(addresses.VIP)
 IKE_PORT, NAT_T_PORT = 500, 4500
@@ -79,18 +86,6 @@ IKE_PORT, NAT_T_PORT = 500, 4500
 ROUTER_MTU = 1280
 IPV6_RECVERR = 25  # <linux/in6.h>; not in Python's socket module
 SO_EE_ORIGIN_ICMP6 = 3  # <linux/errqueue.h>
-
-
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Poll ``predicate`` until it returns something true; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def packed(address: str) -> bytes:
@@ -181,58 +176,6 @@ def backend_datagrams(bed: TestBed, peer: str,
         if mine:
             found[name] = mine
     return found
-
-
-class Session:
-    """A kernel TCP session from terminal ``index``'s home address to VIP:80 (ns term);
-    the backend's greeting says who serves it, ``echo`` that the session still works."""
-
-    def __init__(self, bed: TestBed, index: int, timeout: float = 10.0) -> None:
-        self.index = index
-        self.hoa = hoa(index)
-        self.sock = bed.socket("term", socket.AF_INET6, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.buffer = b""
-        self.sent = 0
-        self.sock.bind((self.hoa, 0))
-        self.sock.connect((VIP, addresses.TCP_PORT))
-        greeting = self._line().split()
-        if len(greeting) != 4 or greeting[0] != "backend" or greeting[3] != self.hoa:
-            raise AssertionError(f"terminal {index}: bad greeting {greeting!r}")
-        self.backend = greeting[1]
-
-    def _line(self) -> str:
-        while b"\n" not in self.buffer:
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                raise ConnectionError(f"terminal {self.index}: closed before the greeting")
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return line.decode()
-
-    def echo(self, size: int = 6000) -> None:
-        """Send ``size`` random bytes and read every one back."""
-        data = os.urandom(size)
-        self.sock.sendall(data)
-        got, self.buffer = self.buffer, b""
-        while len(got) < size:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"terminal {self.index}: closed after {len(got)} bytes")
-            got += chunk
-        if got != data:
-            raise AssertionError(f"terminal {self.index}: echo differs")
-        self.sent += size
-
-    def close(self) -> None:
-        """Half-close, read the end of the stream, close."""
-        self.sock.shutdown(socket.SHUT_WR)
-        rest = self.buffer
-        while chunk := self.sock.recv(65536):
-            rest += chunk
-        self.sock.close()
-        if rest:
-            raise AssertionError(f"terminal {self.index}: {len(rest)} bytes after the echo")
 
 
 class IdentityBedTestCase(SynchronousTestCase):

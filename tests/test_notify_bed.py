@@ -28,7 +28,6 @@ import ipaddress
 import random
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 from scapy.layers.inet import TCP
@@ -41,22 +40,10 @@ from lbproxy.testbed import addresses, control
 from lbproxy.testbed.agents import BedAgent, BedPki, notify_section, track_addresses
 from lbproxy.testbed.balancer import BedBalancer, bed_config
 from lbproxy.testbed.bed import TestBed
-from tests.bedtools import Capture, l4_checksum_ok, require_bed, require_xdp
+from tests.bedtools import Capture, l4_checksum_ok, require_bed, require_xdp, wait_for
 
 VIP = str(addresses.VIP)
 LIFETIME = 300.0
-
-
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Poll ``predicate`` until it returns something true; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def coa(index: int, link: int) -> str:
