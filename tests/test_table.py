@@ -720,3 +720,81 @@ class ListenerTests(TableTestCase):
         self.table.expire()
         check()
         self.assertEqual(mirror, {})
+
+
+class DueTests(TableTestCase):
+    """`StickyTable.due`: the bindings the sweeps up to a time would look at and
+    remove, for an executor that folds its own record of hits in first (XDP)."""
+
+    def oracle(self, until: float) -> set[int]:
+        """Every binding (own entries, not aliases) whose expiry is at or before
+        `until`, found by walking the whole table."""
+        return {id(b) for key, b in self.table if key == b.key and b.expires <= until}
+
+    def test_probationary_and_established_alike(self) -> None:
+        """Both kinds come due; a refreshed one does not until its new expiry; a
+        removed one never; nothing is changed or counted."""
+        self.table.insert(src(1), A)  # probationary, expires at 30
+        self.established(src(2))  # established, expires at 30
+        self.clock.advance(10)
+        self.established(src(3))  # expires at 40
+        self.table.insert(src(4), B)  # expires at 40, then forgotten
+        self.table.remove(src(4))
+        self.clock.advance(10)
+        self.assertIsNotNone(self.table.lookup(src(2)))  # refreshed: now 50
+        stats = [getattr(self.table.stats, name) for name in self.table.stats.__slots__]
+        self.assertEqual(self.table.due(29.0), [])
+        self.assertEqual({b.key for b in self.table.due(30.0)}, {src(1)})
+        self.assertEqual({b.key for b in self.table.due(45.0)}, {src(1), src(3)})
+        self.assertEqual({b.key for b in self.table.due(50.0)}, {src(1), src(2), src(3)})
+        self.assertEqual([getattr(self.table.stats, n) for n in self.table.stats.__slots__], stats)
+        self.assertEqual(len(self.table), 3)
+
+    def test_expiry_inside_a_wheel_bucket(self) -> None:
+        """An established binding whose expiry falls inside its wheel bucket (not on
+        the bucket's end) is due from its expiry on, not from the bucket's end."""
+        self.table = StickyTable(self.clock, LIFETIME, max_entries=1000, sweep_grain=4.0)
+        self.clock.advance(0.4)
+        self.established(src(1))
+        b = self.table.get(src(1))
+        assert b is not None
+        self.assertEqual(self.table.due(b.expires - 0.01), [])
+        self.assertEqual(self.table.due(b.expires), [b])
+
+    def test_is_what_the_sweep_removes(self) -> None:
+        """Random inserts, hits, aliases and sweeps: `due(t)` is always the oracle's
+        set, and `due(now)` is exactly what `expire(now)` removes."""
+        from hypothesis import given
+
+        ops = st.lists(st.tuples(st.sampled_from("ihlaed"), st.integers(0, 30)), max_size=80)
+
+        @settings(max_examples=150, deadline=None)
+        @given(ops, st.floats(0, 2 * LIFETIME))
+        def walk(steps: list[tuple[str, int]], ahead: float) -> None:
+            self.clock = Clock()
+            # A wide wheel bucket: expiries fall inside buckets, not on their edges.
+            self.table = StickyTable(self.clock, LIFETIME, max_entries=1000, sweep_grain=4.0)
+            for op, i in steps:
+                if op == "i":
+                    self.table.insert(src(i), A)
+                elif op == "h":
+                    self.table.lookup(src(i))
+                elif op == "l":
+                    b = self.table.get(src(i))
+                    if b is not None:
+                        self.table.link(b, hoa(i))
+                elif op == "a":
+                    self.clock.advance(i / 3)
+                elif op == "e":
+                    self.table.expire()
+                else:
+                    self.table.remove(src(i))
+                until = self.clock.seconds() + ahead
+                self.assertEqual({id(b) for b in self.table.due(until)}, self.oracle(until))
+            now = self.clock.seconds()
+            due = {id(b) for b in self.table.due(now)}
+            before = {id(b) for _, b in self.table}
+            self.assertEqual(self.table.expire(now), len(due))
+            self.assertEqual(before - {id(b) for _, b in self.table}, due)
+
+        walk()

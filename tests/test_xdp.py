@@ -223,6 +223,85 @@ class RefreshTests(SynchronousTestCase):
         balancer.sweep()
         self.assertIsNone(balancer.table.get(Key("hoa", address(HOA))))
 
+    def test_the_sweeps_fold_only_what_comes_due(self) -> None:
+        """The forwarder's sweeps (`sync` of what comes due within two sweeps, then the
+        sweep): a terminal whose packets all go through the program lives on past
+        several lifetimes, an idle one goes at the first sweep after its lifetime, and
+        a stamp is read only for a binding coming due -- once per lifetime, not once per
+        sweep -- while its table expiry lags until then."""
+        balancer, clock = make(scheduler="round_robin")
+        xdp = offload(balancer, clock)
+        idle = "2001:db8:100::2002"
+        for hoa, coa in ((HOA, COA1), (idle, "2001:db8:a1::2002")):
+            assert balancer.inbound(mobile(coa, hoa=hoa)) is not None
+        xdp.flush()
+        program = xdp.program
+        reads: list[bytes] = []
+        lookup = program.seen.lookup
+
+        def counted(home: bytes) -> bytes | None:
+            reads.append(home)
+            return lookup(home)
+
+        program.seen.lookup = counted  # type: ignore[method-assign]
+        scans = []
+        items = program.seen.items
+        program.seen.items = lambda chunk=256: scans.append(1) or items(chunk)  # type: ignore[method-assign]
+        gone_at = None
+        for second in range(1, 1001):
+            clock.advance(1)
+            if second % 50 == 0:
+                self.assertEqual(run(xdp, "lbproxy_inbound", bytes(mobile(COA1)))[0], XDP_TX)
+            xdp.sync(2.0)
+            balancer.sweep()
+            if gone_at is None and balancer.table.get(Key("hoa", address(idle))) is None:
+                gone_at = second
+            if second == 250:  # stamped at 50..250, not due: the table still says 300
+                binding = balancer.table.get(Key("hoa", address(HOA)))
+                assert binding is not None
+                self.assertEqual(binding.expires, 300.0)
+        kept = balancer.table.get(Key("hoa", address(HOA)))
+        assert kept is not None
+        # Folded when last due (at 1,048: the stamp of 750), so not yet the last stamp's.
+        self.assertEqual(kept.expires, 750.0 + 300.0)
+        self.assertEqual(gone_at, 300)
+        self.assertIsNone(program.bindings.lookup(address(idle)))
+        self.assertEqual(scans, [])  # no stale pass: never a whole fold
+        # Coming due at ~300, ~600 (stamp 298/300 + 300)...: a handful of reads of HOA's
+        # stamp in 1,000 sweeps, and the idle one's at its end.
+        self.assertLessEqual(reads.count(address(HOA)), 3 * 4)
+        self.assertLessEqual(reads.count(address(idle)), 3)
+        xdp.sync()  # a whole fold: the expiry and the counts catch up
+        self.assertEqual((kept.expires, kept.packets), (1000.0 + 300.0, 1 + 20))
+        self.assertEqual(scans, [1])
+
+    def test_a_stale_pass_makes_the_next_sweep_fold_everything(self) -> None:
+        """A packet the program hands up as stale (its expiry passed as far as it knew)
+        makes the next `sync` of the sweeps read every stamp, so the table's expiry is
+        written back and the terminal's packets return to the driver."""
+        balancer, clock = make(scheduler="round_robin")
+        xdp = offload(balancer, clock)
+        assert balancer.inbound(mobile(COA1)) is not None
+        xdp.flush()
+        clock.advance(250)
+        assert balancer.inbound(mobile(COA1)) is not None  # the general path refreshes
+        clock.advance(100)
+        usual = bytes(mobile(COA1))
+        self.assertEqual(run(xdp, "lbproxy_inbound", usual), (XDP_PASS, usual))
+        assert balancer.inbound(bytearray(usual)) is not None
+        xdp.sync(2.0)  # nothing due within 2 s: only the stale pass makes it look
+        self.assertEqual(run(xdp, "lbproxy_inbound", usual)[0], XDP_TX)
+        # A packet in the driver now, and no stale pass: the next such `sync` leaves
+        # the binding to its due time (the table's expiry, 650, stays).
+        clock.advance(100)
+        self.assertEqual(run(xdp, "lbproxy_inbound", usual)[0], XDP_TX)
+        self.assertEqual(xdp.sync(2.0), 0)
+        binding = balancer.table.get(Key("hoa", address(HOA)))
+        assert binding is not None
+        self.assertEqual(binding.expires, 650.0)
+        self.assertEqual(xdp.sync(), 1)  # a whole fold takes the stamp of 450
+        self.assertEqual(binding.expires, 750.0)
+
     def test_expired_in_the_program_goes_up(self) -> None:
         """Past the expiry the program knows, a packet goes up: the table decides (here:
         refreshed by the general path meanwhile), and the next sync gives the program

@@ -74,6 +74,13 @@ __all__ = ["Executing", "ForwarderService", "local_addresses"]
 
 _log = Logger()
 
+#: Seconds between two sweeps that fold every stamp of the XDP program into the table
+#: (`XdpOffload.sync`); the sweeps between fold only the bindings coming due.  What it
+#: bounds: how far behind the program the table's packet counts and the expiries of
+#: bindings not yet due are for the readers that take them from the table (the fleet's
+#: store, a periodic save; ``show`` adds what the program knows).
+FULL_SYNC = 30.0
+
 #: One batch as ``recvmmsg`` left it, for an executor: (data, slot, lengths, count,
 #: deliver), where ``deliver(start, length)`` hands one packet to the general path.
 _BatchExecutor = Callable[[memoryview, int, memoryview, int, Callable[[int, int], None]], object]
@@ -223,6 +230,7 @@ class ForwarderService(Service):
         self.offload_reason = ""
         self._xdp_counts: dict[str, int] = _xdp_counts({})
         self._flush_due = False
+        self._full_sync_at = 0.0  # when the sweep next folds every XDP stamp
         if offload != "none":
             self._start_offload(system, config_path, xdp_object)
 
@@ -382,10 +390,16 @@ class ForwarderService(Service):
         if xdp is not None:
             # Claim 10 through the driver: the bindings the program kept alive are
             # refreshed (at their last packet's time) before the sweep looks at them.
+            # Every stamp each FULL_SYNC seconds (counts and expiries for `show`, the
+            # fleet and a save); in between only those of the bindings coming due.
+            now = self.clock.seconds()
+            full = now >= self._full_sync_at
+            if full:
+                self._full_sync_at = now + FULL_SYNC
             try:
                 self._xdp_next_hops(xdp)
                 xdp.prepare()
-                xdp.sync()
+                xdp.sync(None if full else 2 * self.sweep_interval)
             except Exception:
                 _log.failure("XDP sync failed")
         try:
