@@ -148,16 +148,17 @@ class XdpExecutor:
     """
 
     name: ClassVar[str] = "XDP program"
-    #: One loaded program for every instance (loading costs milliseconds): each new
-    #: executor empties its maps.
-    _program: ClassVar[XdpProgram | None] = None
+    #: One loaded program per table bound (loading costs milliseconds; its maps are
+    #: sized by the bound): each new executor empties its maps.
+    _programs: ClassVar[dict[int, XdpProgram]] = {}
 
     def __init__(self, balancer: Balancer, clock: Clock) -> None:
         from lbproxy.io.xdp import XdpOffload, XdpProgram
 
-        if XdpExecutor._program is None:
-            XdpExecutor._program = XdpProgram(max_bindings=balancer.table.max_entries)
-        program = XdpExecutor._program
+        bound = balancer.table.max_entries
+        program = XdpExecutor._programs.get(bound)
+        if program is None:
+            program = XdpExecutor._programs[bound] = XdpProgram(max_bindings=bound)
         program.reset()
         self.balancer = balancer
         self.xdp = XdpOffload(balancer, clock, fixed_clock=True, program=program)

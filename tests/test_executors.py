@@ -302,14 +302,15 @@ class ExecutorContract:
     executor: ClassVar[type[Executor]]
 
     def _pair(self, mode: str, ports: tuple[int, ...], correspondent: str = "off",
-              chain: tuple[str, ...] = ()) -> tuple[
+              chain: tuple[str, ...] = (), max_entries: int = 1000) -> tuple[
         tuple[Balancer, Clock, Executor], tuple[Balancer, Clock, Executor]
     ]:  # fmt: skip
         made = []
         for kind in (self.executor, GeneralPath):
-            balancer, clock = make(mode=mode, scheduler="round_robin")
+            balancer, clock = make(mode=mode, scheduler="round_robin", max_entries=max_entries)
             if chain:
-                balancer.chain = KeyChain.from_names(chain, quic=QUIC)
+                options = {"quic": QUIC} if "quic" in chain else {}
+                balancer.chain = KeyChain.from_names(chain, **options)
             balancer.set_virtual_addresses([ipaddress.IPv6Address(VIP)], ports)
             balancer.set_own_addresses({OWN})
             if correspondent != "off":
@@ -318,9 +319,10 @@ class ExecutorContract:
         return made[0], made[1]
 
     def check(self, mode: str, ports: tuple[int, ...], plan: list[tuple[str, Any]],
-              correspondent: str = "off", chain: tuple[str, ...] = ()) -> None:  # fmt: skip
+              correspondent: str = "off", chain: tuple[str, ...] = (),
+              max_entries: int = 1000) -> None:  # fmt: skip
         (balancer, clock, executor), (reference, ref_clock, general) = self._pair(
-            mode, ports, correspondent, chain)
+            mode, ports, correspondent, chain, max_entries)
         case: Any = self
         for n, (what, arg) in enumerate(plan):
             if what == "op":
@@ -431,6 +433,32 @@ class ExecutorContract:
             ("op", ("advance", 3)), ("in", usual[:1]), ("op", ("advance", 4)),
             ("op", ("sweep", 0)), ("in", usual), ("out", replies),
         ])  # fmt: skip
+
+    def test_a_hit_counts_before_a_later_packet_of_its_batch(self) -> None:
+        """A full table (2 bindings), a fixed walk: in one batch, terminal 0's second
+        packet (a hit, which makes its binding established) and then a new terminal's
+        first packet (an insert that must evict one).  The general path evicts the
+        probationary terminal 1, not terminal 0: an executor that took the hit must
+        have left the table so before the next packet of the batch is decided."""
+        first = [(0, 17, t, 0, 64, 80, 0, b"x") for t in (0, 1, 2)]
+        plan: list[tuple[str, Any]] = [
+            ("in", first[:1]), ("op", ("advance", 1)), ("in", first[1:2]),
+            ("op", ("advance", 1)), ("in", [first[0], first[2]]),
+        ]  # fmt: skip
+        # The home address alone (no care-of address linked): two identities, two
+        # bindings, for an executor that keeps its own copy sized by the table's bound.
+        self.check("translate", (), plan, chain=("hoa",), max_entries=2)
+        reference, clock = make(scheduler="round_robin", max_entries=2, chain=("hoa",))
+        general = GeneralPath(reference, clock)
+        for what, arg in plan:
+            if what == "op":
+                apply(arg, reference, clock)
+            else:
+                general.inbound([inbound_packet(spec) for spec in arg])
+        case: Any = self
+        case.assertEqual(sorted(bytes(k)[1:] for k, _ in reference.table),
+                         sorted([home(0), home(2)]))  # fmt: skip
+        case.assertEqual(reference.table.stats.evictions, 1)
 
 
 class GeneralPathContractTests(ExecutorContract, SynchronousTestCase):

@@ -93,6 +93,59 @@ class LifetimeTests(TableTestCase):
         self.assertEqual((binding.expires, binding.packets), (LIFETIME, 1))
         self.assertEqual(self.table.stats.hits, 0)
 
+    def test_refresh_all_is_refresh_of_each(self) -> None:
+        """refresh_all(bindings, now) leaves the table as refresh(b, now) for each, in
+        order -- a binding listed twice refreshed twice, a probationary one made
+        established, the hits counted -- and the same evictions and expiries follow."""
+        tables = [StickyTable(self.clock, LIFETIME, max_entries=4, frequent=3)
+                  for _ in range(2)]  # fmt: skip
+        for i in (1, 2, 3, 4):
+            for table in tables:
+                self.assertIsNotNone(table.insert(src(i), A))
+            self.clock.advance(1)
+        for table in tables:
+            self.assertIsNotNone(table.lookup(src(4)))  # established, 2 packets
+        self.clock.advance(2)
+        now = self.clock.seconds() + 0.3  # off the rounding grid
+        picks = [1, 4, 1, 3, 4]
+        each, batched = tables
+        for i in picks:
+            b = each.peek(src(i))
+            assert b is not None
+            each.refresh(b, now)
+        found = [batched.peek(src(i)) for i in picks]
+        batched.refresh_all([b for b in found if b is not None], now)
+
+        def state(table: StickyTable) -> object:
+            return (sorted((k, b.expires, b.packets, b.established) for k, b in table),
+                    table.stats.as_dict(), table.probationary)  # fmt: skip
+
+        self.assertEqual(state(batched), state(each))
+        self.assertEqual(batched.stats.hits, 1 + len(picks))
+        b1 = batched.get(src(1))
+        assert b1 is not None
+        self.assertEqual((b1.packets, b1.established), (3, True))
+        # Full: each insert evicts the same entry in both (first src(2), the one left
+        # probationary).
+        for i in (5, 6):
+            for table in tables:
+                self.assertIsNotNone(table.insert(src(i), B))
+            self.assertEqual(state(batched), state(each))
+            self.assertNotIn(src(2), batched)
+        self.clock.advance(LIFETIME)
+        self.assertEqual(batched.expire(), each.expire())
+        self.assertEqual(state(batched), state(each))
+
+    def test_refresh_all_of_nothing(self) -> None:
+        """An empty batch of hits changes and counts nothing."""
+        binding = self.table.insert(src(1), A)
+        assert binding is not None
+        self.clock.advance(5)
+        self.table.refresh_all([], self.clock.seconds())
+        self.assertEqual((binding.expires, binding.packets, binding.established),
+                         (LIFETIME, 1, False))  # fmt: skip
+        self.assertEqual(self.table.stats.hits, 0)
+
     def test_expiry_is_never_early(self) -> None:
         """With clock readings off the rounding grid, an entry still lives at least
         its lifetime, and at most one resolution step more."""
@@ -620,6 +673,21 @@ class TableModel(RuleBasedStateMachine):
             entry.expires = self.now + self.LIFE
             entry.established = True
             entry.packets += 1
+
+    @rule(keys=st.lists(st.sampled_from(KEYS), max_size=5))
+    def refresh_all(self, keys: list[Key]) -> None:
+        """An executor's batch of hits: the live bindings of `keys` (found with peek,
+        repeats kept), refreshed at once; each as a lookup's hit."""
+        live = [b for k in keys if (b := self.table.peek(k)) is not None and b.expires > self.now]
+        hits = self.table.stats.hits
+        self.table.refresh_all(live, self.now)
+        for key in keys:
+            entry = self._live(key)
+            if entry is not None:
+                entry.expires = self.now + self.LIFE
+                entry.established = True
+                entry.packets += 1
+        assert self.table.stats.hits == hits + len(live)
 
     @rule(old=st.sampled_from(KEYS), new=st.sampled_from(KEYS))
     def rekey(self, old: Key, new: Key) -> None:

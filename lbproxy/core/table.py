@@ -82,7 +82,7 @@ import heapq
 import math
 import types
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Final
 
 from lbproxy.core.admission import PrefixAdmission
@@ -359,6 +359,27 @@ class StickyTable:
         if b._next is _PROBATION:
             self._promote(b)
         self.stats.hits += 1
+
+    def refresh_all(self, bindings: Sequence[Binding], now: float) -> None:
+        """`refresh` of each of `bindings` (live ones, found with `peek`), in order, at
+        the one time `now`: the table ends as after ``refresh(b, now)`` for each -- a
+        binding listed twice is refreshed twice.
+
+        Why: an executor that takes a batch of packets at one reading of the clock
+        collects the bindings it hits and hands them over at once (before anything else
+        reads the table, and at the end of the batch), which costs per packet a list
+        append instead of a call (3-4 % of the fast path's work per packet)."""
+        if not bindings:
+            return
+        if now > self._q_end:
+            self._requantize(now)
+        expires = self._q_expires
+        for b in bindings:
+            b.expires = expires
+            b.packets += 1
+            if b._next is _PROBATION:
+                self._promote(b)
+        self.stats.hits += len(bindings)
 
     def repoint(self, b: Binding, backend: Backend) -> None:
         """Send live binding `b` -- with its aliases -- to `backend` (a reassignment, an

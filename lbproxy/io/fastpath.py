@@ -13,11 +13,14 @@ It is an *executor*: the decisions are the core's.  Per batch it reads the publi
 `lbproxy.core.policy.Policy` (virtual address, ports, mode, the checksum constant of
 "destination := backend" per backend, and whether the fast path may serve this
 configuration at all -- if not, why not, said once in the log and in ``lbproxyctl
-stats``); per packet it calls only public operations: `StickyTable.peek_primary` with
+stats``); it calls only public operations: per packet `StickyTable.peek_primary` with
 the home-address key (usually the binding's own key; `StickyTable.peek_alias` only when
-that finds nothing), and `StickyTable.refresh` when the binding is live and already
-knows this care-of address (the steady state: the packet has no identity to link), and
-the shared `Counters`.  Then the hop limit and the rewrite -- translate mode: HAO removed,
+that finds nothing), and it refreshes the binding when it is live and already knows
+this care-of address (the steady state: the packet has no identity to link) --
+`StickyTable.refresh_all` of the batch's hits, in order, before the general handling
+sees a packet and at the batch's end, which leaves the table as a `StickyTable.refresh`
+per packet would whenever anything else reads it; and the shared `Counters`, once per
+batch.  Then the hop limit and the rewrite -- translate mode: HAO removed,
 source := home address, destination := backend; transparent mode: destination :=
 backend -- as `nat` does it.  Any other packet -- a miss, a new care-of address (whose
 identities the core links), another layout, a fragment, ICMPv6, a packet the writer
@@ -51,6 +54,7 @@ from lbproxy.core import nat
 from lbproxy.core.balancer import Balancer
 from lbproxy.core.keys import Key
 from lbproxy.core.policy import Policy
+from lbproxy.core.table import Binding
 from lbproxy.io.mmsg import (
     ADDRESS_AT,
     ADDRESS_STRIDE,
@@ -70,10 +74,15 @@ PADN2_HAO = b"\x01\x02\x00\x00\xc9\x10"
 #: Version/class/flow, payload length, next header, hop limit, source; then 24 bytes
 #: that are constant for the shape (destination, the Destination Options header's next
 #: header and length, PadN(2)+HAO type and length: see `FastPath.forward`), the home
-#: address, and the transport header's destination port (its source port skipped).
-_IN = struct.Struct("!IHBB16s24s16sxxH")
+#: address, the transport header's destination port (its source port skipped), and the
+#: UDP checksum (a TCP packet's bytes 70..71 are read too, and not used: its checksum is
+#: further on).
+_IN = struct.Struct("!IHBB16s24s16sxxHxxH")
 #: The rewritten IPv6 header.
 _OUT = struct.Struct("!IHBB16s16s")
+#: A reply's IPv6 header and its UDP checksum (a TCP reply's bytes 46..47 are read too,
+#: and not used: its checksum is further on).
+_REPLY = struct.Struct("!IHBB16s16s6xH")
 #: The first byte of every address key (see `lbproxy.core.keys.Key`).
 _ADDR_KIND = Key("addr", bytes(16))[:1]
 _MASK = 0xFFFF
@@ -181,7 +190,7 @@ class FastPath:
         balancer = self.balancer
         table = balancer.table
         peek, peek_alias = table.peek_primary, table.peek_alias
-        refresh, counters = table.refresh, balancer.counters
+        refresh_all, counters = table.refresh_all, balancer.counters
         drop, backends = counters.drop, self._backends
         # The correspondent's strict mode: home -> the care-of address its binding cache
         # entry holds; a packet from any other source is the general path's (a Binding
@@ -199,17 +208,30 @@ class FastPath:
         # or a health change, or new neighbours, come between batches, never inside one).
         targets: dict[bytes, _Target] = {}
         now = self.clock.seconds()
-        taken = forwarded = hits = 0
+        taken = forwarded = 0
         ls, la, ios, iol, ns, ast, aat = _STRIDES
+        # The bindings hit, in order, not yet refreshed: `StickyTable.refresh_all` takes
+        # them before the general handling sees a packet (`general`) and at the end, so
+        # the table is as per-packet `refresh` calls leave it whenever anything else
+        # reads it -- for a list append per packet instead of a call.
+        hit: list[Binding] = []
+        push = hit.append
+
+        def general(start: int, length: int) -> None:
+            if hit:
+                refresh_all(hit, now)
+                hit.clear()
+            other(start, length)
+
         try:
             for i in range(count):
                 try:
                     n = lengths[ls * i + la]
                     s = i * slot
                     if n < 72 or n > slot:
-                        other(s, n)
+                        general(s, n)
                         continue
-                    vtf, plen, nh, hop, src, shape, hoa, dport = unpack(data, s)
+                    vtf, plen, nh, hop, src, shape, hoa, dport, csum = unpack(data, s)
                     if shape == udp_shape:
                         nh2 = _UDP
                     elif shape == tcp_shape and n >= 84:
@@ -223,24 +245,23 @@ class FastPath:
                         or vtf >> 28 != 6
                         or (ports and dport not in ports)
                     ):
-                        other(s, n)
+                        general(s, n)
                         continue
                     binding = peek(_ADDR_KIND + hoa)
                     if binding is None:  # not a binding's own key: an alias, or a miss
                         binding = peek_alias(_ADDR_KIND + hoa)
                         if binding is None:
-                            other(s, n)
+                            general(s, n)
                             continue
                     if (binding.expires <= now or binding.care_of != src
                             or (strict is not None and strict.get(hoa) != src)):  # fmt: skip
                         # A miss, or a care-of address the binding has not seen: the
                         # identities to link are the core's business (the general path);
                         # so is a packet the correspondent's strict mode refuses.
-                        other(s, n)
+                        general(s, n)
                         continue
-                    taken += 1
-                    refresh(binding, now)
-                    hits += 1
+                    taken += 1  # a home-address hit, too
+                    push(binding)
                     if hop <= 1:
                         drop(_HOP_LIMIT)
                         continue
@@ -257,9 +278,14 @@ class FastPath:
                     # The transport checksum: destination := backend (the pseudo-header's
                     # source is the home address before and after).  A UDP checksum of 0
                     # (none) stays 0, as `nat` leaves it.
-                    pos = 70 if nh2 == _UDP else 80
+                    # The UDP checksum came with the header (reading its two bytes here
+                    # was 6 % of this loop); TCP's is at 80.
+                    if nh2 == _UDP:
+                        pos = 70
+                    else:
+                        pos = 80
+                        csum = data[s + 80] << 8 | data[s + 81]
                     # `checksum.apply_delta16`, inlined (a call is 6 % of this loop).
-                    csum = data[s + pos] << 8 | data[s + pos + 1]
                     if csum or nh2 == _TCP:
                         csum = _MASK - (((_MASK - csum + delta) % _MASK) or _MASK)
                         if not csum and nh2 == _UDP:
@@ -292,8 +318,9 @@ class FastPath:
         finally:
             counters.packets_in += taken
             counters.packets_out += forwarded
-            counters.hoa_hits_pending += hits
+            counters.hoa_hits_pending += taken
             self.forwarded += forwarded
+            refresh_all(hit, now)
 
     def reply(
         self,
@@ -317,7 +344,7 @@ class FastPath:
         vip, deltas, own = policy.vips[0], policy.reply_deltas, policy.own
         counters = self.balancer.counters
         drop, confirmed = counters.drop, self.balancer.return_paths.routes
-        unpack, pack = _OUT.unpack_from, _OUT.pack_into
+        unpack, pack = _REPLY.unpack_from, _OUT.pack_into
         routes, raw = writer.routes, writer.raw_route
         queue: Batch | None = None  # the last queue used, and its buffers below
         tx = tx_lengths = tx_names = tx_addresses = data
@@ -332,7 +359,7 @@ class FastPath:
                     if n < 48 or n > slot:
                         other(s, n)
                         continue
-                    vtf, plen, nh, hop, src, dst = unpack(data, s)
+                    vtf, plen, nh, hop, src, dst, csum = unpack(data, s)
                     delta = deltas.get(src)
                     if (
                         delta is None
@@ -353,9 +380,14 @@ class FastPath:
                         continue
                     # The transport checksum: source := virtual address (the destination,
                     # the home address, stays the final one).  A UDP checksum of 0 stays.
-                    pos = 46 if nh == _UDP else 56
+                    # UDP's came with the header (reading its two bytes here was 8 % of
+                    # this loop); TCP's is at 56.
+                    if nh == _UDP:
+                        pos = 46
+                    else:
+                        pos = 56
+                        csum = data[s + 56] << 8 | data[s + 57]
                     # `checksum.apply_delta16`, inlined (a call is 6 % of this loop).
-                    csum = data[s + pos] << 8 | data[s + pos + 1]
                     if csum or nh == _TCP:
                         csum = _MASK - (((_MASK - csum + delta) % _MASK) or _MASK)
                         if not csum and nh == _UDP:
