@@ -275,6 +275,40 @@ class RefreshTests(SynchronousTestCase):
         self.assertEqual((kept.expires, kept.packets), (1000.0 + 300.0, 1 + 20))
         self.assertEqual(scans, [1])
 
+    def test_a_rolling_share_folds_every_stamp_in_turn(self) -> None:
+        """With a rolling share of a quarter, four syncs fold every binding's stamp
+        (not due, no stale pass), a quarter or so each, and the fifth goes round again."""
+        balancer, clock = make(scheduler="round_robin")
+        xdp = offload(balancer, clock)
+        homes = [f"2001:db8:100::{i:x}" for i in range(1, 13)]
+        for i, hoa in enumerate(homes, 1):
+            assert balancer.inbound(mobile(f"2001:db8:a1::{i:x}", hoa=hoa)) is not None
+        xdp.flush()
+        clock.advance(10)
+        for i, hoa in enumerate(homes, 1):
+            packet = bytes(mobile(f"2001:db8:a1::{i:x}", hoa=hoa))
+            self.assertEqual(run(xdp, "lbproxy_inbound", packet)[0], XDP_TX)
+
+        def refreshed() -> int:
+            bindings = [balancer.table.get(Key("hoa", address(h))) for h in homes]
+            return sum(1 for b in bindings if b is not None and b.expires == 310.0)
+
+        counts = []
+        for _ in range(4):
+            xdp.sync(2.0, 0.25)
+            counts.append(refreshed())
+        self.assertEqual(counts[-1], len(homes))
+        self.assertTrue(all(0 < a < b for a, b in zip(counts, counts[1:3], strict=False)),
+                        counts)  # fmt: skip
+        clock.advance(10)
+        self.assertEqual(run(xdp, "lbproxy_inbound", bytes(mobile("2001:db8:a1::1",
+                                                                  hoa=homes[0])))[0], XDP_TX)  # fmt: skip
+        for _ in range(4):
+            xdp.sync(2.0, 0.25)
+        first = balancer.table.get(Key("hoa", address(homes[0])))
+        assert first is not None
+        self.assertEqual(first.expires, 320.0)
+
     def test_a_stale_pass_makes_the_next_sweep_fold_everything(self) -> None:
         """A packet the program hands up as stale (its expiry passed as far as it knew)
         makes the next `sync` of the sweeps read every stamp, so the table's expiry is

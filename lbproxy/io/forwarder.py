@@ -74,12 +74,13 @@ __all__ = ["Executing", "ForwarderService", "local_addresses"]
 
 _log = Logger()
 
-#: Seconds between two sweeps that fold every stamp of the XDP program into the table
-#: (`XdpOffload.sync`); the sweeps between fold only the bindings coming due.  What it
-#: bounds: how far behind the program the table's packet counts and the expiries of
-#: bindings not yet due are for the readers that take them from the table (the fleet's
-#: store, a periodic save; ``show`` adds what the program knows).
-FULL_SYNC = 30.0
+#: Seconds within which every stamp of the XDP program is folded into the table: each
+#: sweep folds the stamps of the bindings coming due, and the next slice of all the
+#: others (`XdpOffload.sync`).  What it bounds: how far behind the program the table's
+#: packet counts and the expiries of bindings not yet due are for the readers that take
+#: them from the table (the fleet's store, a periodic save; ``show`` adds what the
+#: program knows).
+ROLLING_SYNC = 30.0
 
 #: One batch as ``recvmmsg`` left it, for an executor: (data, slot, lengths, count,
 #: deliver), where ``deliver(start, length)`` hands one packet to the general path.
@@ -230,7 +231,6 @@ class ForwarderService(Service):
         self.offload_reason = ""
         self._xdp_counts: dict[str, int] = _xdp_counts({})
         self._flush_due = False
-        self._full_sync_at = 0.0  # when the sweep next folds every XDP stamp
         if offload != "none":
             self._start_offload(system, config_path, xdp_object)
 
@@ -390,16 +390,10 @@ class ForwarderService(Service):
         if xdp is not None:
             # Claim 10 through the driver: the bindings the program kept alive are
             # refreshed (at their last packet's time) before the sweep looks at them.
-            # Every stamp each FULL_SYNC seconds (counts and expiries for `show`, the
-            # fleet and a save); in between only those of the bindings coming due.
-            now = self.clock.seconds()
-            full = now >= self._full_sync_at
-            if full:
-                self._full_sync_at = now + FULL_SYNC
             try:
                 self._xdp_next_hops(xdp)
                 xdp.prepare()
-                xdp.sync(None if full else 2 * self.sweep_interval)
+                xdp.sync(2 * self.sweep_interval, self.sweep_interval / ROLLING_SYNC)
             except Exception:
                 _log.failure("XDP sync failed")
         try:

@@ -45,6 +45,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import itertools
+import math
 import os
 import socket
 import struct
@@ -483,6 +485,8 @@ class XdpOffload:
         self._next_hops: dict[bytes, tuple[int, bytes, int]] = {}
         self._counted = [0] * len(_COUNTER_NAMES)
         self._stale_synced = 0  # the program's stale passes when `sync` last looked
+        # Where the rolling fold stands in lb_seen (`_roll`).
+        self._rolling: Iterator[tuple[bytes, bytes]] | None = None
         self._backend_counted: list[int] = []
         # The correspondent's strict mode: its binding cache (home -> care-of), which a
         # binding's care-of address must match to be written (None: not strict).
@@ -743,20 +747,24 @@ class XdpOffload:
 
     # -- what the program did -----------------------------------------------------------
 
-    def sync(self, within: float | None = None) -> int:
+    def sync(self, within: float | None = None, rolling: float = 0.0) -> int:
         """Fold the program's stamps into the table (claim 10) and its counters into the
         shared `Counters`; returns the bindings refreshed.  Run it before every sweep.
 
-        `within` None folds every stamp (a stop, before a save, the executor contract,
-        and the forwarder every `FULL_SYNC` seconds).  A number folds only the stamps of
-        the bindings the table would expire within that many seconds (`StickyTable.due`):
-        the sweep after it keeps exactly the bindings in use all the same, at a cost
-        proportional to the bindings coming due instead of to the table -- a whole fold
-        every second was a quarter of a core at 100,000 terminals.  Every stamp is still
-        read when the program handed a packet up as stale since the last sync (expired
-        as far as it knew, or from another care-of address), so that what the table says
-        now is written back.  Until then a binding's packet count in the table, and its
-        expiry while it is not due, lag the program's (``show`` adds `seen`)."""
+        `within` None folds every stamp (a stop, before a save, the executor contract).
+        A number folds the stamps of the bindings the table would expire within that
+        many seconds (`StickyTable.due`): the sweep after it keeps exactly the bindings
+        in use all the same, at a cost proportional to the bindings coming due instead
+        of to the table -- a whole fold every second was a quarter of a core at 100,000
+        terminals, and held the reactor for a third of a second.  Besides, `rolling`
+        (a share) folds the next such share of all the stamps, going on where the last
+        call stopped: with the forwarder's share (sweep interval / ``ROLLING_SYNC``,
+        `lbproxy.io.forwarder`) every stamp is folded within ``ROLLING_SYNC`` seconds,
+        for the readers that take counts and expiries from the table (the fleet's store,
+        a periodic save; ``show`` adds `seen`), in slices instead of one long call.  Every stamp is read when the
+        program handed a packet up as stale since the last sync (expired as far as it
+        knew, or from another care-of address), so that what the table says now is
+        written back and the terminal's next packets stay in the driver."""
         self.flush()
         program = self.program
         stale_now = program.counters.per_cpu_sums(C_STALE)
@@ -768,7 +776,10 @@ class XdpOffload:
             due = self.balancer.table.due(self.clock.seconds() + (within or 0.0))
             homes = self._homes
             lookup = program.seen.lookup
-            stamps = ((home, lookup(home)) for b in due for home in homes.get(b, ()))
+            stamps = itertools.chain(
+                ((home, lookup(home)) for b in due for home in homes.get(b, ())),
+                self._roll(rolling),
+            )
         refreshed = 0
         stale_homes = []
         for home, raw in stamps:
@@ -792,6 +803,24 @@ class XdpOffload:
         if not self.fixed_clock:
             self._write_config()  # the clock offset follows the reactor's clock
         return refreshed
+
+    def _roll(self, share: float) -> Iterator[tuple[bytes, bytes]]:
+        """The next `share` of ``lb_seen``'s entries, where the last call stopped (a
+        new pass over the map once one ends)."""
+        if share <= 0:
+            return
+        left = max(1, math.ceil(len(self._synced) * share))
+        while left > 0:
+            if self._rolling is None:
+                self._rolling = self.program.seen.items()
+            for item in self._rolling:
+                yield item
+                left -= 1
+                if left == 0:
+                    return
+            self._rolling = None  # the pass ended: the next starts afresh
+            if not self._synced:
+                return
 
     def _fold(self, home: bytes, raw: bytes) -> int:
         """`home`'s stamp `raw` into the table: 1 if its binding was refreshed, plus 2
