@@ -413,3 +413,17 @@ class ReplyRuleTests(SynchronousTestCase):
         balancer.outbound(packet)
         ignored = balancer.counters.ignored - before
         self.assertEqual(ignored == 1, not is_reply(destination, {own}))
+
+    def test_shorter_than_an_ipv6_header(self) -> None:
+        """Server-link bytes too short to hold a destination address are not a reply:
+        left to the kernel and counted as ignored, at every length up to 39; from 40
+        on, a reply from a source that is no backend is refused as such."""
+        balancer, _ = make()
+        packet = bytes(IPv6(src="2001:db8:77::1", dst="2001:db8:100::1") / UDP() / b"r")
+        for length in range(40):
+            self.assertIsNone(balancer.outbound(bytearray(packet[:length])))
+        self.assertEqual(balancer.counters.ignored, 40)
+        self.assertEqual(balancer.counters.replies_in, 0)
+        self.assertIsNone(balancer.outbound(bytearray(packet)))
+        self.assertEqual(balancer.counters.ignored, 40)
+        self.assertEqual(balancer.counters.dropped["not-from-backend"], 1)

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import attrs
@@ -71,6 +72,8 @@ from lbproxy.core.table import Binding, StickyTable
 from lbproxy.wire.view import MalformedPacket, PacketView, parse
 
 _ICMPV6 = 58
+#: An IPv6 header's source and destination (bytes 8..39), in one call.
+_ADDRESSES = struct.Struct("16s16s")
 
 __all__ = ["Balancer", "Counters", "ISharedBindings", "TraceResult", "Verdict"]
 
@@ -776,11 +779,14 @@ class Balancer:
         kernel (None, counted as ``ignored``)."""
         counters = self.counters
         policy = self.policy
-        home = bytes(buf[24:40])
+        if len(buf) < 40:  # no destination address: not a reply
+            counters.ignored += 1
+            return None
+        # Both addresses in one call (two slices copied into bytes cost 3-4 % of a reply).
+        source, home = _ADDRESSES.unpack_from(buf, 8)
         # `policy.is_reply`, inlined (it runs for every reply of the general path;
         # tests/test_balancer.py holds this copy to it).
-        if len(home) < 16 or home[0] == 0xFF or (home[0] == 0xFE and home[1] & 0xC0 == 0x80) \
-                or home in policy.own:  # fmt: skip
+        if home[0] == 0xFF or (home[0] == 0xFE and home[1] & 0xC0 == 0x80) or home in policy.own:
             counters.ignored += 1
             return None
         counters.replies_in += 1
@@ -789,7 +795,7 @@ class Balancer:
         except MalformedPacket as e:
             counters.drop(e.reason.value)
             return None
-        if bytes(buf[8:24]) not in policy.by_address:
+        if source not in policy.by_address:
             counters.drop("not-from-backend")
             return None
         if view.rh2 >= 0:
