@@ -36,6 +36,24 @@ Topology (three network namespaces created here and removed at the end; root nee
 Both C programs are compiled with gcc into a temporary directory at start.  Every
 address is in 2001:db8::/32 and no traffic leaves the namespaces.
 
+**The throughput runs' generator and sink** (``--generator``, default ``frames``):
+dpgen's AF_PACKET socket buffers reach lbc as socket buffers, which veth must copy into
+a fresh page before an XDP program may run on them -- a cost no NIC driver has, which
+then dominated the XDP executor's figure.  With ``frames``, ``dpxgen`` (C, libbpf:
+``dpxgen.bpf.c`` run by ``BPF_PROG_TEST_RUN`` in live-frames mode) sends raw frames out
+of gen0, as a NIC's driver hands them over: the XDP executor runs on them in place, the
+kernel and the Python paths get socket buffers built from them (lbc has GRO on for the
+NAPI context raw frames need).  One such generator offers well over a million packets a
+second, more than any forwarder here takes, so the delivered rates tell the forwarders
+apart.  At that rate dpsink (AF_PACKET, on the CPU it shares with the generator) would
+become the limit, so ``dpxsink.bpf.c`` on sink0 counts the good packets (dpsink's rules)
+where veth hands them over and drops them, its NAPI poll in a real-time thread on the
+sink's CPU (`FrameSink`); it passes everything on for the warm-ups and latency runs,
+which keep dpgen (paced, one packet per send) and dpsink (timestamps).  Both BPF
+programs are compiled with clang at start; without clang or libbpf the run falls back
+to ``sockets`` and says so.  tests/test_dataplane_tools.py holds both instruments to
+scapy.
+
 CPUs: the generator, the sink and the sink's kernel work share one CPU (the "other
 machines"); the forwarding runs on the other, the balancer's (``--balancer-cpu``,
 ``--rx-cpu``): the lbproxy process (pinned) and lbc's NAPI poll in a kernel thread
@@ -75,6 +93,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -186,17 +205,21 @@ class XdpTopology:
     makes it in the other runs; left where it is raised, it would be charged to the
     balancer's CPU (a fifth to a quarter of it, measured)."""
 
-    def __init__(self, sink_cpus: str | None) -> None:
+    def __init__(self, sink_cpus: str | None, frame_sink: bool = False) -> None:
         from lbproxy.io.xdp import XdpProgram
 
         self.program = XdpProgram(max_bindings=1)
         self.sink_cpus = sink_cpus
+        #: sink0 already has a program and its thread (`FrameSink`).
+        self.frame_sink = frame_sink
 
     def on(self) -> None:
         from lbproxy.io.rawsocket import _network_namespace
 
         in_ns(LB, "sysctl", "-qw", "net.ipv6.conf.lbc.forwarding=1",
               "net.ipv6.conf.lbs.forwarding=1")  # fmt: skip
+        if self.frame_sink:
+            return
         with _network_namespace(SINK):
             self.program.attach("lbproxy_pass", socket.if_nametoindex("sink0"))
         if self.sink_cpus:
@@ -209,6 +232,79 @@ class XdpTopology:
 
     def close(self) -> None:
         self.program.close()
+
+
+class FrameSink:
+    """dpxsink.bpf.o on sink0 for the whole benchmark (frames mode): it counts what
+    arrives, and good packets, where veth hands sink0 its frames, before any socket
+    buffer is made -- dpsink's counting, at a fraction of its cost (dpxsink.bpf.c says
+    why that matters with two CPUs).  It drops what it counted during a throughput run
+    (`counting`) and passes everything on otherwise (warm-ups and latency runs, whose
+    dpsink reads the kernel's receive timestamps).  sink0's NAPI poll runs in a thread
+    on the sink's CPU at the lowest real-time priority, in every run: the sink's work
+    is the sink's, and ahead of the generator beside it.  With it on sink0, the XDP
+    runs need no `lbproxy_pass` there (`XdpTopology`)."""
+
+    def __init__(self, path: str, sink_cpus: str | None) -> None:
+        from lbproxy.io import xdp
+        from lbproxy.io.rawsocket import _network_namespace
+
+        lib = xdp._Libbpf.get()
+        self._l = l = lib.lib  # noqa: E741
+        self._obj = l.bpf_object__open_file(path.encode(), None)
+        if not self._obj or l.bpf_object__load(self._obj) < 0:
+            raise RuntimeError(f"cannot load {path}: {' '.join(lib.messages[-3:])}")
+
+        def map_fd(name: bytes) -> int:
+            return int(l.bpf_map__fd(l.bpf_object__find_map_by_name(self._obj, name)))
+
+        self.config = xdp._Map(l, map_fd(b"dpx_config"), 4, 4)
+        self.counts = xdp._Map(l, map_fd(b"dpx_counts"), 4, 8, lib.cpus)
+        self.config.update(_u32(1), _u32(PORT))
+        self.config.update(_u32(0), _u32(1))  # passing, until a throughput run
+        prog = l.bpf_program__fd(l.bpf_object__find_program_by_name(self._obj, b"dpxsink"))
+        opts = xdp._LinkCreateOpts(sz=ctypes.sizeof(xdp._LinkCreateOpts),
+                                   flags=xdp.XDP_FLAGS_DRV_MODE)  # fmt: skip
+        with _network_namespace(SINK):
+            self.link = l.bpf_link_create(prog, socket.if_nametoindex("sink0"), xdp._BPF_XDP,
+                                          opts)  # fmt: skip
+        if self.link < 0:
+            self.close()
+            raise RuntimeError(f"cannot attach dpxsink to sink0: {os.strerror(ctypes.get_errno())}")
+        self.napi = thread_napi(sink_cpus, SINK, "sink0", realtime=True)
+
+    def totals(self) -> tuple[int, int, float]:
+        """IPv6 frames and good packets counted so far, and the sink's NAPI CPU time."""
+        return (self.counts.per_cpu_sums(0), self.counts.per_cpu_sums(1),
+                sum(runtime_seconds(pid) for pid in self.napi))  # fmt: skip
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[dict[str, Any]]:
+        """A throughput run: frames counted and dropped; the dict gets dpsink's result
+        keys (``received``, ``good``; no latency) and the sink's CPU seconds when the
+        block ends."""
+        result: dict[str, Any] = {}
+        before = self.totals()
+        self.config.update(_u32(0), _u32(0))
+        try:
+            yield result
+        finally:
+            self.config.update(_u32(0), _u32(1))
+            after = self.totals()
+            result.update(received=after[0] - before[0], good=after[1] - before[1],
+                          cpu=after[2] - before[2], lat_p50_us=0, lat_p99_us=0)  # fmt: skip
+
+    def close(self) -> None:
+        if getattr(self, "link", -1) >= 0:
+            os.close(self.link)
+            self.link = -1
+        if self._obj:
+            self._l.bpf_object__close(self._obj)
+            self._obj = None
+
+
+def _u32(value: int) -> bytes:
+    return value.to_bytes(4, "little")
 
 
 def napi_threads(device: str) -> set[int]:
@@ -347,12 +443,25 @@ def link_stats(ns: str, dev: str) -> dict[str, int]:
 
 
 def build(directory: str) -> dict[str, str]:
-    """Compile dpgen.c and dpsink.c into `directory`; their paths by name."""
+    """Compile dpgen.c and dpsink.c into `directory`, and the frame generator (dpxgen.c,
+    with libbpf, and its program dpxgen.bpf.c, with clang) when the tools are there;
+    their paths by name ("dpxgen-missing": why there is no frame generator)."""
     built = {}
     for name in ("dpgen", "dpsink"):
         out = os.path.join(directory, name)
         run("gcc", "-O2", "-Wall", "-o", out, str(HERE / f"{name}.c"))
         built[name] = out
+    try:
+        for name in ("dpxgen", "dpxsink"):
+            built[f"{name}.bpf.o"] = os.path.join(directory, f"{name}.bpf.o")
+            run("clang", "-O2", "-g", "-Wall", "-target", "bpf",
+                f"-I/usr/include/{os.uname().machine}-linux-gnu", "-c",
+                str(HERE / f"{name}.bpf.c"), "-o", built[f"{name}.bpf.o"])  # fmt: skip
+        built["dpxgen"] = os.path.join(directory, "dpxgen")
+        run("gcc", "-O2", "-Wall", "-o", built["dpxgen"], str(HERE / "dpxgen.c"), "-lbpf")
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        built["dpxgen-missing"] = f"cannot build the frame generator: {detail.strip()[-300:]}"
     return built
 
 
@@ -389,8 +498,12 @@ class Tools:
     """The compiled helpers and where to run them."""
 
     def __init__(self, built: dict[str, str], gen_cpu: str | None, sink_cpu: str | None,
-                 balancer_cpu: str | None = None):  # fmt: skip
+                 balancer_cpu: str | None = None, frames: bool = False):  # fmt: skip
         self.built = built
+        #: Throughput runs offer raw frames (dpxgen) instead of socket buffers (dpgen),
+        #: and count them with `frame_sink` instead of dpsink.
+        self.frames = frames
+        self.frame_sink: FrameSink | None = None
         self.gen_cpu = gen_cpu
         self.sink_cpu = sink_cpu
         #: The CPU every forwarder's work runs on (its busy time is their cost).
@@ -398,8 +511,15 @@ class Tools:
 
     def generate(self, terminals: int, rate: float, seconds: float,
                  batch: int) -> subprocess.Popen[str]:  # fmt: skip
-        argv = [self.built["dpgen"], "gen0", MACS["lbc"], COA_PREFIX, HOA_PREFIX, VIP,
-                str(PORT), str(terminals), str(rate), str(seconds), str(batch)]  # fmt: skip
+        """A generator offering `rate` packets/s (0: as fast as it can) for `seconds`:
+        dpgen, or at full rate with `frames`, dpxgen (which offers raw frames)."""
+        if self.frames and rate == 0:
+            argv = [self.built["dpxgen"], self.built["dpxgen.bpf.o"], "gen0", MACS["lbc"],
+                    MACS["gen0"], COA_PREFIX, HOA_PREFIX, VIP, str(PORT), str(terminals),
+                    str(seconds)]  # fmt: skip
+        else:
+            argv = [self.built["dpgen"], "gen0", MACS["lbc"], COA_PREFIX, HOA_PREFIX, VIP,
+                    str(PORT), str(terminals), str(rate), str(seconds), str(batch)]  # fmt: skip
         return subprocess.Popen(["ip", "netns", "exec", GEN, *pinned(self.gen_cpu, argv)],
                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
 
@@ -571,7 +691,8 @@ def throughput(tools: Tools, terminals: int, seconds: float, balancer: Lbproxy |
     """Offer as much as the generator can for `seconds`; what arrived, and the CPU it took."""
     counted = balancer.stats() if balancer else {}
     background = busy_share(tools.balancer_cpu)
-    with tools.sink(seconds + 10) as sink:
+    frame_sink = tools.frame_sink
+    with (tools.sink(seconds + 10) if frame_sink is None else frame_sink.counting()) as sink:
         links = (link_stats(GEN, "gen0"), link_stats(LB, "lbc"), link_stats(SINK, "sink0"))
         machine = machine_cpu()
         bal_cpu = balancer.cpu_seconds() if balancer else 0.0
@@ -584,7 +705,10 @@ def throughput(tools: Tools, terminals: int, seconds: float, balancer: Lbproxy |
         after_machine = machine_cpu()
         background_after = busy_share(tools.balancer_cpu)
         after = (link_stats(GEN, "gen0"), link_stats(LB, "lbc"), link_stats(SINK, "sink0"))
-    sink_result, sink_cpu = finish(sink)
+    if isinstance(sink, dict):  # the frame sink's counts
+        sink_result, sink_cpu = sink, sink["cpu"]
+    else:
+        sink_result, sink_cpu = finish(sink)
     elapsed = gen_result["elapsed"]
     processed = 0.0
     if balancer:
@@ -659,7 +783,8 @@ def measure(args: argparse.Namespace, tools: Tools, directory: str) -> dict[str,
         if "xdp" in forwarders:  # the XDP executor as of the baseline too: before/after
             forwarders.append(f"xdp@{args.baseline}")
     trees = {f: baseline_tree(args.baseline, directory) for f in forwarders if "@" in f}
-    xdp_links = XdpTopology(args.sink_rps or None) if "xdp" in forwarders else None
+    xdp_links = (XdpTopology(args.sink_rps or None, tools.frame_sink is not None)
+                 if "xdp" in forwarders else None)  # fmt: skip
     try:
         for terminals in args.terminals:
             for forwarder in forwarders:
@@ -692,6 +817,10 @@ def one_run(args: argparse.Namespace, tools: Tools, directory: str, results: dic
     if kind == "xdp":
         assert xdp_links is not None
         xdp_links.on()
+    elif forwarder != "kernel" and tools.frames:
+        # Raw frames reach lbc only through a NAPI context: GRO gives the Python paths
+        # one, polled (unthreaded) on the sender's CPU, where their receive work was.
+        in_ns(LB, "ethtool", "-K", "lbc", "gro", "on")
     if forwarder != "kernel":
         offload = {"lbproxy": "none", "xdp": "xdp"}.get(kind)  # None: a baseline tree
         balancer = Lbproxy(directory, args.balancer_cpu or None, tree, offload,
@@ -719,6 +848,7 @@ def one_run(args: argparse.Namespace, tools: Tools, directory: str, results: dic
             xdp_links.off()
         if forwarder == "kernel":
             in_ns(LB, "sh", "-c", "echo 0 > /sys/class/net/lbc/threaded")
+        if forwarder == "kernel" or (kind != "xdp" and tools.frames):
             in_ns(LB, "ethtool", "-K", "lbc", "gro", "off")
 
 
@@ -965,6 +1095,11 @@ def main() -> None:
                         help="also run lbproxy as of this git revision (before/after figures)")
     parser.add_argument("--ablation", type=int, default=0, metavar="ROUNDS",
                         help="also compare fast path / batched I/O on and off in-process")
+    parser.add_argument("--generator", choices=("frames", "sockets"), default="frames",
+                        help="the throughput runs' generator: frames (dpxgen: raw frames, "
+                             "as a NIC's driver hands them over; the default) or sockets "
+                             "(dpgen: AF_PACKET socket buffers, which veth copies before "
+                             "an XDP program may see them); latency runs always use dpgen")
     parser.add_argument("--show-log", action="store_true", help="print lbproxy's log tail")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
@@ -989,16 +1124,30 @@ def main() -> None:
             print(f"no XDP runs: {why}")
             args.forwarders.remove("xdp")
     directory = tempfile.mkdtemp(prefix="lbdp-")
+    tools: Tools | None = None
     try:
-        tools = Tools(build(directory), args.gen_cpu or None, args.sink_cpu or None,
-                      args.balancer_cpu or None)  # fmt: skip
+        built = build(directory)
+        frames = args.generator == "frames"
+        if frames and "dpxgen-missing" in built:
+            print(f"generator: sockets, not frames -- {built['dpxgen-missing']}")
+            frames = False
+        tools = Tools(built, args.gen_cpu or None, args.sink_cpu or None,
+                      args.balancer_cpu or None, frames)  # fmt: skip
         setup()
         steer_sink(args.sink_rps or None)
+        if frames:
+            tools.frame_sink = FrameSink(built["dpxsink.bpf.o"], args.sink_cpu or None)
         print(f"data-path benchmark: {os.cpu_count()} CPUs, 64-byte UDP payloads with HAO, "
               f"{args.duration:g} s runs x {args.repeat}; gen CPU {args.gen_cpu or 'any'}, "
               f"lbproxy CPU {args.balancer_cpu or 'any'}, sink CPU {args.sink_cpu or 'any'}, "
               f"sink softirq CPU {args.sink_rps or 'sender'}, balancer receive CPU "
               f"{args.rx_cpu or 'sender'}")
+        print("throughput generator: " + (
+            "frames (dpxgen: BPF_PROG_TEST_RUN live frames out of gen0; lbc receives raw "
+            "frames, as from a NIC's driver: XDP runs on them in place, the kernel and the "
+            "Python paths get socket buffers built from them)" if frames else
+            "sockets (dpgen: AF_PACKET sendmmsg; veth copies each socket buffer into a "
+            "page before lbc's XDP program sees it)") + "; latency runs: dpgen, paced")
         print("columns: lb cpu = the lbproxy process; fwd = the forwarding's CPU time (the "
               "lbproxy process and lbc's NAPI thread) per second of the run; us/pkt = that "
               f"per packet delivered; ! = the balancer's CPU was over {DISTURBED:.0%} busy "
@@ -1018,6 +1167,8 @@ def main() -> None:
                     for (f, t), v in results[kind].items()}  # fmt: skip
             Path(args.json).write_text(json.dumps(flat, indent=1))
     finally:
+        if tools is not None and tools.frame_sink is not None:
+            tools.frame_sink.close()
         teardown()
         shutil.rmtree(directory, ignore_errors=True)
 
