@@ -113,6 +113,17 @@ class NeighbourTableTests(SynchronousTestCase):
              for n in USABLE},
         )  # fmt: skip
         self.assertEqual(table.read(), found)  # the socket is kept and reusable
+        # Asked for addresses: the usable ones among them, one query each -- not an
+        # unusable entry, another interface's (0xBB), nor one the table does not have.
+        def packed(n: int) -> bytes:
+            return socket.inet_pton(socket.AF_INET6, address(n))
+
+        asked = [packed(n) for n in (*USABLE, *UNUSABLE, 0xBB, 0x77)]
+        self.assertEqual(table.read(asked), found)
+        first = next(iter(USABLE))
+        self.assertEqual(table.read([packed(first), packed(0x77)]),
+                         {packed(first): found[packed(first)]})  # fmt: skip
+        self.assertEqual(table.read([]), {})
 
     def test_ifindex_in_the_namespace(self) -> None:
         """``ifindex`` is the interface's index in the table's namespace."""

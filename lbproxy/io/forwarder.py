@@ -325,15 +325,15 @@ class ForwarderService(Service):
         table = self._xdp_neighbours
         if table is None:
             return
+        backends = {b.packed for b in self.balancer.backends.values()}
         try:
-            found = table.read()
+            found = table.read(backends)
             mac, mtu = table.link()
         except Exception:
             _log.failure("neighbour table read failed: the XDP program looks up next hops")
             found, mac, mtu = {}, b"", 0
-        backends = {b.packed for b in self.balancer.backends.values()}
         xdp.set_next_hops({address: (table.ifindex, their + mac, mtu)
-                           for address, their in found.items() if address in backends})
+                           for address, their in found.items()})
 
     def privilegedStartService(self) -> None:
         """Open the raw sockets (needs root or CAP_NET_RAW)."""
@@ -467,10 +467,10 @@ class ForwarderService(Service):
         writer = self.writer
         if self._neighbours is None or not isinstance(writer, mmsg.BatchPacketWriter):
             return
+        backends = {b.packed for b in self.balancer.backends.values()}
         try:
-            found = self._neighbours.read()
+            found = self._neighbours.read(backends)
         except Exception:  # never let it stop the refresher; the kernel path still works
             _log.failure("neighbour table read failed")
             found = {}
-        backends = {b.packed for b in self.balancer.backends.values()}
-        writer.set_link_neighbours({a: m for a, m in found.items() if a in backends})
+        writer.set_link_neighbours(found)

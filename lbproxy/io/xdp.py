@@ -761,10 +761,11 @@ class XdpOffload:
         call stopped: with the forwarder's share (sweep interval / ``ROLLING_SYNC``,
         `lbproxy.io.forwarder`) every stamp is folded within ``ROLLING_SYNC`` seconds,
         for the readers that take counts and expiries from the table (the fleet's store,
-        a periodic save; ``show`` adds `seen`), in slices instead of one long call.  Every stamp is read when the
-        program handed a packet up as stale since the last sync (expired as far as it
-        knew, or from another care-of address), so that what the table says now is
-        written back and the terminal's next packets stay in the driver."""
+        a periodic save; ``show`` adds `seen`), in slices instead of one long call.
+        Every stamp is read when the program handed a packet up as stale since the last
+        sync (expired as far as it knew, or from another care-of address), so that what
+        the table says now is written back and the terminal's next packets stay in the
+        driver."""
         self.flush()
         program = self.program
         stale_now = program.counters.per_cpu_sums(C_STALE)
