@@ -307,7 +307,8 @@ class _Map:
 class XdpProgram:
     """The compiled object, loaded: its two programs and its maps (no interface yet).
 
-    `max_bindings` sizes the binding maps (the table's bound)."""
+    `max_bindings` sizes the binding maps (the table's bound): two identities each in
+    ``lb_bindings`` and ``lb_seen``, one confirmed care-of address each."""
 
     def __init__(self, path: Path | str = OBJECT, max_bindings: int = 65536) -> None:
         lib = _Libbpf.get()
@@ -322,9 +323,12 @@ class XdpProgram:
             raise XdpUnavailable(f"cannot open {path}: {os.strerror(ctypes.get_errno())}")
         self._obj: int | None = obj
         try:
-            for name in ("lb_bindings", "lb_seen", "lb_confirmed"):
+            # A binding's identities: its home address and its care-of address, the
+            # usual terminal; lb_confirmed holds one care-of address per home address.
+            for name, size in (("lb_bindings", 2 * max_bindings), ("lb_seen", 2 * max_bindings),
+                               ("lb_confirmed", max_bindings)):  # fmt: skip
                 m = l.bpf_object__find_map_by_name(obj, name.encode())
-                if not m or l.bpf_map__set_max_entries(m, max(1, max_bindings)) < 0:
+                if not m or l.bpf_map__set_max_entries(m, max(1, size)) < 0:
                     raise XdpUnavailable(f"{path}: no map {name}")
             if l.bpf_object__load(obj) < 0:
                 err = ctypes.get_errno()
@@ -485,6 +489,8 @@ class XdpOffload:
         self._next_hops: dict[bytes, tuple[int, bytes, int]] = {}
         self._counted = [0] * len(_COUNTER_NAMES)
         self._stale_synced = 0  # the program's stale passes when `sync` last looked
+        #: Identities not written for want of room in the maps (`_write`).
+        self.full = 0
         # Where the rolling fold stands in lb_seen (`_roll`).
         self._rolling: Iterator[tuple[bytes, bytes]] | None = None
         self._backend_counted: list[int] = []
@@ -668,11 +674,28 @@ class XdpOffload:
             if i is None:  # no room for another backend: the general path serves it
                 program.bindings.delete(home)
                 continue
-            if home not in self._synced:
-                program.seen.update(home, bytes(_SEEN.size))
-                self._synced[home] = (0, 0)
-            self._write_binding(home, binding, i)
+            try:
+                if home not in self._synced:
+                    program.seen.update(home, bytes(_SEEN.size))
+                    self._synced[home] = (0, 0)
+                self._write_binding(home, binding, i)
+            except OSError as e:
+                if e.errno != errno.E2BIG:
+                    raise
+                # The maps are full (two identities per binding of the table's bound:
+                # a terminal that moved a lot has more): this one is not offloaded,
+                # its packets go up to the Python paths, which serve them as before.
+                program.bindings.delete(home)
+                program.seen.delete(home)
+                self._synced.pop(home, None)
+                self._map_full()
         self._recheck(changed, binding)
+
+    def _map_full(self) -> None:
+        self.full += 1
+        if self.full & (self.full - 1) == 0:  # the 1st, 2nd, 4th... (a bounded log)
+            _log.warn("XDP maps full: {count} identities not offloaded so far (their "
+                      "packets take the Python paths)", count=self.full)
 
     def _write_binding(self, home: bytes, binding: Binding, index: int) -> None:
         """`home`'s entry: the binding's backend, expiry and care-of address -- without
@@ -873,8 +896,9 @@ class XdpOffload:
 
     def stats(self) -> dict[str, int]:
         """What the program counted since it was loaded (all CPUs): packets and bytes
-        forwarded per direction, packets handed up, stale passes, next hops missing."""
-        return dict(zip(_COUNTER_NAMES, self._counted, strict=True))
+        forwarded per direction, packets handed up, stale passes, next hops missing;
+        and identities not offloaded for want of room in the maps (``full``)."""
+        return {**dict(zip(_COUNTER_NAMES, self._counted, strict=True)), "full": self.full}
 
     def last_seen(self, home: bytes) -> float | None:
         """The table-clock time of the program's last hit for `home` (None: none yet)."""
