@@ -205,12 +205,13 @@ class XdpTopology:
     makes it in the other runs; left where it is raised, it would be charged to the
     balancer's CPU (a fifth to a quarter of it, measured)."""
 
-    def __init__(self, sink_cpus: str | None, frame_sink: bool = False) -> None:
+    def __init__(self, sink_cpus: str | None, frame_sink: FrameSink | None = None) -> None:
         from lbproxy.io.xdp import XdpProgram
 
         self.program = XdpProgram(max_bindings=1)
         self.sink_cpus = sink_cpus
-        #: sink0 already has a program and its thread (`FrameSink`).
+        #: In frames mode, sink0's program for the whole XDP run (passing, and counting
+        #: during the throughput run) instead of ``lbproxy_pass``.
         self.frame_sink = frame_sink
 
     def on(self) -> None:
@@ -218,7 +219,8 @@ class XdpTopology:
 
         in_ns(LB, "sysctl", "-qw", "net.ipv6.conf.lbc.forwarding=1",
               "net.ipv6.conf.lbs.forwarding=1")  # fmt: skip
-        if self.frame_sink:
+        if self.frame_sink is not None:
+            self.frame_sink.attach()
             return
         with _network_namespace(SINK):
             self.program.attach("lbproxy_pass", socket.if_nametoindex("sink0"))
@@ -227,6 +229,8 @@ class XdpTopology:
 
     def off(self) -> None:
         self.program.detach()
+        if self.frame_sink is not None:
+            self.frame_sink.detach()
         in_ns(LB, "sysctl", "-qw", "net.ipv6.conf.lbc.forwarding=0",
               "net.ipv6.conf.lbs.forwarding=0")  # fmt: skip
 
@@ -235,19 +239,20 @@ class XdpTopology:
 
 
 class FrameSink:
-    """dpxsink.bpf.o on sink0 for the whole benchmark (frames mode): it counts what
-    arrives, and good packets, where veth hands sink0 its frames, before any socket
-    buffer is made -- dpsink's counting, at a fraction of its cost (dpxsink.bpf.c says
-    why that matters with two CPUs).  It drops what it counted during a throughput run
-    (`counting`) and passes everything on otherwise (warm-ups and latency runs, whose
-    dpsink reads the kernel's receive timestamps).  sink0's NAPI poll runs in a thread
-    on the sink's CPU at the lowest real-time priority, in every run: the sink's work
-    is the sink's, and ahead of the generator beside it.  With it on sink0, the XDP
-    runs need no `lbproxy_pass` there (`XdpTopology`)."""
+    """dpxsink.bpf.o, loaded for the whole benchmark (frames mode) and attached to sink0
+    while it counts (`counting`, a throughput run): it counts what arrives, and good
+    packets, where veth hands sink0 its frames, before any socket buffer is made --
+    dpsink's counting, at a fraction of its cost (dpxsink.bpf.c says why that matters
+    with two CPUs) -- and drops them.  sink0's NAPI poll then runs in a thread on the
+    sink's CPU at the lowest real-time priority: the sink's work is the sink's, and
+    ahead of the generator beside it.  Otherwise (warm-ups, latency runs: dpsink, with
+    the kernel's receive timestamps) it is off sink0, as before it existed -- except
+    in the XDP runs, where it stays attached, passing everything on, in the place of
+    `lbproxy_pass` (`XdpTopology`: veth drops frames redirected to a peer without an
+    XDP program)."""
 
     def __init__(self, path: str, sink_cpus: str | None) -> None:
         from lbproxy.io import xdp
-        from lbproxy.io.rawsocket import _network_namespace
 
         lib = xdp._Libbpf.get()
         self._l = l = lib.lib  # noqa: E741
@@ -262,16 +267,37 @@ class FrameSink:
         self.counts = xdp._Map(l, map_fd(b"dpx_counts"), 4, 8, lib.cpus)
         self.config.update(_u32(1), _u32(PORT))
         self.config.update(_u32(0), _u32(1))  # passing, until a throughput run
-        prog = l.bpf_program__fd(l.bpf_object__find_program_by_name(self._obj, b"dpxsink"))
+        self._prog = l.bpf_program__fd(l.bpf_object__find_program_by_name(self._obj,
+                                                                          b"dpxsink"))  # fmt: skip
+        self._sink_cpus = sink_cpus
+        self.link = -1
+        self.napi: set[int] = set()
+
+    def attach(self) -> bool:
+        """On sink0, its poll threaded on the sink's CPU; False if it already was."""
+        from lbproxy.io import xdp
+        from lbproxy.io.rawsocket import _network_namespace
+
+        if self.link >= 0:
+            return False
         opts = xdp._LinkCreateOpts(sz=ctypes.sizeof(xdp._LinkCreateOpts),
                                    flags=xdp.XDP_FLAGS_DRV_MODE)  # fmt: skip
         with _network_namespace(SINK):
-            self.link = l.bpf_link_create(prog, socket.if_nametoindex("sink0"), xdp._BPF_XDP,
-                                          opts)  # fmt: skip
+            self.link = self._l.bpf_link_create(self._prog, socket.if_nametoindex("sink0"),
+                                                xdp._BPF_XDP, opts)  # fmt: skip
         if self.link < 0:
-            self.close()
             raise RuntimeError(f"cannot attach dpxsink to sink0: {os.strerror(ctypes.get_errno())}")
-        self.napi = thread_napi(sink_cpus, SINK, "sink0", realtime=True)
+        self.napi = thread_napi(self._sink_cpus, SINK, "sink0", realtime=True)
+        return True
+
+    def detach(self) -> None:
+        """Off sink0 (its NAPI context goes with it: the sink's receive work is RPS's
+        again)."""
+        if self.link >= 0:
+            in_ns(SINK, "sh", "-c", "echo 0 > /sys/class/net/sink0/threaded", check=False)
+            os.close(self.link)
+            self.link = -1
+            self.napi = set()
 
     def totals(self) -> tuple[int, int, float]:
         """IPv6 frames and good packets counted so far, and the sink's NAPI CPU time."""
@@ -284,6 +310,7 @@ class FrameSink:
         keys (``received``, ``good``; no latency) and the sink's CPU seconds when the
         block ends."""
         result: dict[str, Any] = {}
+        attached = self.attach()
         before = self.totals()
         self.config.update(_u32(0), _u32(0))
         try:
@@ -291,13 +318,14 @@ class FrameSink:
         finally:
             self.config.update(_u32(0), _u32(1))
             after = self.totals()
+            if attached:
+                self.detach()
             result.update(received=after[0] - before[0], good=after[1] - before[1],
                           cpu=after[2] - before[2], lat_p50_us=0, lat_p99_us=0)  # fmt: skip
 
     def close(self) -> None:
         if getattr(self, "link", -1) >= 0:
-            os.close(self.link)
-            self.link = -1
+            self.detach()
         if self._obj:
             self._l.bpf_object__close(self._obj)
             self._obj = None
@@ -783,8 +811,9 @@ def measure(args: argparse.Namespace, tools: Tools, directory: str) -> dict[str,
         if "xdp" in forwarders:  # the XDP executor as of the baseline too: before/after
             forwarders.append(f"xdp@{args.baseline}")
     trees = {f: baseline_tree(args.baseline, directory) for f in forwarders if "@" in f}
-    xdp_links = (XdpTopology(args.sink_rps or None, tools.frame_sink is not None)
-                 if "xdp" in forwarders else None)  # fmt: skip
+    xdp_links = None
+    if "xdp" in forwarders:
+        xdp_links = XdpTopology(args.sink_rps or None, tools.frame_sink)
     try:
         for terminals in args.terminals:
             for forwarder in forwarders:
