@@ -865,6 +865,11 @@ def one_run(args: argparse.Namespace, tools: Tools, directory: str, results: dic
         results["throughput"][forwarder, terminals].append(run)
         report_throughput(forwarder, terminals, [run])
         if last and args.latency_rate > 0:
+            if kind == "xdp":
+                # sink0's poll unthreaded: it runs right after the redirect, and RPS
+                # hands the packets to the sink's CPU, as for the other forwarders
+                # (a thread woken there would add its wake-up to the XDP path alone).
+                in_ns(SINK, "sh", "-c", "echo 0 > /sys/class/net/sink0/threaded")
             lat = latency(tools, terminals, args.latency_rate, args.latency_seconds)
             results["latency"][forwarder, terminals] = lat
             report_latency(forwarder, terminals, lat)
