@@ -43,37 +43,12 @@
 #include <time.h>
 #include <unistd.h>
 
-#define PAYLOAD 64
-#define PKT (40 + 24 + 8 + PAYLOAD)
+#include "dpcommon.h"
+
 #define MAXBATCH 1024
 
 static volatile sig_atomic_t stop;
 static void on_signal(int sig) { (void)sig; stop = 1; }
-
-static uint64_t now_ns(clockid_t clk) {
-    struct timespec ts;
-    clock_gettime(clk, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static uint32_t sum16(const uint8_t *p, size_t n, uint32_t s) {
-    for (size_t i = 0; i + 1 < n; i += 2) s += (uint32_t)(p[i] << 8 | p[i + 1]);
-    if (n & 1) s += (uint32_t)p[n - 1] << 8;
-    return s;
-}
-
-static uint16_t fold(uint32_t s) {
-    while (s >> 16) s = (s & 0xffff) + (s >> 16);
-    return (uint16_t)s;
-}
-
-static void with_index(uint8_t *addr, const uint8_t *prefix, uint32_t i) {
-    memcpy(addr, prefix, 16);
-    addr[12] = (uint8_t)(i >> 24);
-    addr[13] = (uint8_t)(i >> 16);
-    addr[14] = (uint8_t)(i >> 8);
-    addr[15] = (uint8_t)i;
-}
 
 int main(int argc, char **argv) {
     if (argc < 11 || argc > 13) {
@@ -112,34 +87,12 @@ int main(int argc, char **argv) {
     if (!templates || !base) return 1;
     for (uint32_t i = 0; i < terminals; i++) {
         uint8_t *p = templates + (size_t)i * PKT;
-        p[0] = 0x60;
-        p[4] = (PKT - 40) >> 8;
-        p[5] = (PKT - 40) & 0xff;
-        p[6] = 60; /* Destination Options */
-        p[7] = 64;
-        with_index(p + 8, coa, i + 1);
+        base[i] = terminal_packet(p, coa, hoa, vip, port, i + 1);
         if (spread) { /* an odd multiplier: a permutation of the 16-bit group */
             uint16_t g = (uint16_t)((i + 1) * 40503u);
             p[12] = (uint8_t)(g >> 8);
             p[13] = (uint8_t)g;
         }
-        memcpy(p + 24, vip, 16);
-        uint8_t *d = p + 40; /* NH, len 2 (24 bytes), PadN(2), HAO type 0xC9 len 16 */
-        d[0] = 17; d[1] = 2; d[2] = 1; d[3] = 2; d[4] = 0; d[5] = 0; d[6] = 0xC9; d[7] = 16;
-        with_index(d + 8, hoa, i + 1);
-        uint8_t *u = p + 64;
-        u[0] = 4000 >> 8; u[1] = 4000 & 0xff;
-        u[2] = (uint8_t)(port >> 8); u[3] = (uint8_t)port;
-        u[4] = 0; u[5] = 8 + PAYLOAD;
-        memcpy(u + 8, "LBDP", 4);
-        for (int k = 24; k < PAYLOAD; k++) u[8 + k] = (uint8_t)k;
-        /* Pseudo-header: home address, VIP, length, 17; then the UDP header and payload
-         * with the checksum, sequence and timestamp fields zero. */
-        uint32_t s = sum16(d + 8, 16, 0);
-        s = sum16(vip, 16, s);
-        s += 8 + PAYLOAD + 17;
-        s = sum16(u, 8 + PAYLOAD, s);
-        base[i] = s;
     }
 
     int fd = socket(AF_PACKET, SOCK_DGRAM, htons(ETH_P_IPV6));

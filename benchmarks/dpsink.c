@@ -35,24 +35,14 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "dpcommon.h"
+
 #define BATCH 256
 #define SNAP 256
 #define MAXSAMPLES (8u << 20)
 
 static volatile sig_atomic_t stop;
 static void on_signal(int sig) { (void)sig; stop = 1; }
-
-static uint64_t now_ns(clockid_t clk) {
-    struct timespec ts;
-    clock_gettime(clk, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static uint32_t sum16(const uint8_t *p, size_t n, uint32_t s) {
-    for (size_t i = 0; i + 1 < n; i += 2) s += (uint32_t)(p[i] << 8 | p[i + 1]);
-    if (n & 1) s += (uint32_t)p[n - 1] << 8;
-    return s;
-}
 
 static int cmp_u32(const void *a, const void *b) {
     uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;

@@ -27,21 +27,9 @@
 #include <string.h>
 #include <time.h>
 
-#define PAYLOAD 64
-#define PKT (40 + 24 + 8 + PAYLOAD)
+#include "dpcommon.h"
+
 #define REPEAT 65536
-
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static uint32_t sum16(const uint8_t *p, size_t n, uint32_t s) {
-    for (size_t i = 0; i + 1 < n; i += 2) s += (uint32_t)(p[i] << 8 | p[i + 1]);
-    if (n & 1) s += (uint32_t)p[n - 1] << 8;
-    return s;
-}
 
 static int mac(const char *text, uint8_t *out) {
     unsigned m[6];
@@ -78,32 +66,10 @@ int main(int argc, char **argv) {
     }
     frame[12] = 0x86;
     frame[13] = 0xdd;
-    uint8_t *p = frame + 14; /* terminal 1, as dpgen.c lays it out */
-    p[0] = 0x60;
-    p[4] = (PKT - 40) >> 8;
-    p[5] = (PKT - 40) & 0xff;
-    p[6] = 60;
-    p[7] = 64;
-    memcpy(p + 8, coa, 16);
-    p[23] = 1;
-    memcpy(p + 24, vip, 16);
-    uint8_t *d = p + 40;
-    d[0] = 17; d[1] = 2; d[2] = 1; d[3] = 2; d[4] = 0; d[5] = 0; d[6] = 0xC9; d[7] = 16;
-    memcpy(d + 8, hoa, 16);
-    d[23] = 1;
-    uint8_t *u = p + 64;
-    u[0] = 4000 >> 8; u[1] = 4000 & 0xff;
-    u[2] = (uint8_t)(port >> 8); u[3] = (uint8_t)port;
-    u[4] = 0; u[5] = 8 + PAYLOAD;
-    memcpy(u + 8, "LBDP", 4);
-    for (int k = 24; k < PAYLOAD; k++) u[8 + k] = (uint8_t)k;
-    uint32_t s = sum16(d + 8, 16, 0); /* pseudo-header: the home address, RFC 6275 */
-    s = sum16(vip, 16, s);
-    s += 8 + PAYLOAD + 17;
-    s = sum16(u, 8 + PAYLOAD, s);
-    while (s >> 16) s = (s & 0xffff) + (s >> 16);
-    uint16_t c = (uint16_t)~s;
+    uint8_t *p = frame + 14;
+    uint16_t c = (uint16_t)~fold(terminal_packet(p, coa, hoa, vip, port, 1));
     if (!c) c = 0xffff;
+    uint8_t *u = p + 64;
     u[6] = (uint8_t)(c >> 8);
     u[7] = (uint8_t)c;
 
@@ -143,8 +109,8 @@ int main(int argc, char **argv) {
         .flags = BPF_F_TEST_XDP_LIVE_FRAMES,
         .batch_size = 64,
     );
-    uint64_t sent = 0, errors = 0, start = now_ns(), stop = start + (uint64_t)(seconds * 1e9);
-    while (now_ns() < stop) {
+    uint64_t sent = 0, errors = 0, start = now_ns(CLOCK_MONOTONIC), stop = start + (uint64_t)(seconds * 1e9);
+    while (now_ns(CLOCK_MONOTONIC) < stop) {
         if (bpf_prog_test_run_opts(bpf_program__fd(prog), &opts)) {
             perror("BPF_PROG_TEST_RUN");
             errors++;
@@ -152,7 +118,7 @@ int main(int argc, char **argv) {
         }
         sent += REPEAT;
     }
-    double elapsed = (double)(now_ns() - start) / 1e9;
+    double elapsed = (double)(now_ns(CLOCK_MONOTONIC) - start) / 1e9;
     printf("{\"sent\": %llu, \"errors\": %llu, \"elapsed\": %.6f}\n", (unsigned long long)sent,
            (unsigned long long)errors, elapsed);
     bpf_object__close(obj);
