@@ -834,7 +834,7 @@ class XdpOffload:
         if share <= 0:
             return
         left = max(1, math.ceil(len(self._synced) * share))
-        while left > 0:
+        for _ in range(2):  # the rest of this pass, then at most one new pass
             if self._rolling is None:
                 self._rolling = self.program.seen.items()
             for item in self._rolling:
@@ -843,8 +843,6 @@ class XdpOffload:
                 if left == 0:
                     return
             self._rolling = None  # the pass ended: the next starts afresh
-            if not self._synced:
-                return
 
     def _fold(self, home: bytes, raw: bytes) -> int:
         """`home`'s stamp `raw` into the table: 1 if its binding was refreshed, plus 2
