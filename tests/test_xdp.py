@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Iterator
 
 from scapy.layers.inet import TCP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrRouting
@@ -269,10 +270,15 @@ class RefreshTests(SynchronousTestCase):
             reads.append(home)
             return lookup(home)
 
-        program.seen.lookup = counted  # type: ignore[method-assign]
-        scans = []
+        scans: list[int] = []
         items = program.seen.items
-        program.seen.items = lambda chunk=256: scans.append(1) or items(chunk)  # type: ignore[method-assign]
+
+        def scanned(chunk: int = 256) -> Iterator[tuple[bytes, bytes]]:
+            scans.append(chunk)
+            return items(chunk)
+
+        program.seen.lookup = counted  # type: ignore[method-assign,assignment]
+        program.seen.items = scanned  # type: ignore[method-assign]
         gone_at = None
         for second in range(1, 1001):
             clock.advance(1)
@@ -299,7 +305,7 @@ class RefreshTests(SynchronousTestCase):
         self.assertLessEqual(reads.count(address(idle)), 3)
         xdp.sync()  # a whole fold: the expiry and the counts catch up
         self.assertEqual((kept.expires, kept.packets), (1000.0 + 300.0, 1 + 20))
-        self.assertEqual(scans, [1])
+        self.assertEqual(len(scans), 1)
 
     def test_a_rolling_share_folds_every_stamp_in_turn(self) -> None:
         """With a rolling share of a quarter, four syncs fold every binding's stamp
