@@ -620,36 +620,6 @@ class StickyTable:
         self.stats.swept += touched
         return removed
 
-    def due(self, until: float) -> list[Binding]:
-        """The bindings whose expiry is at or before `until`: those the sweeps up to
-        `until` would remove, nothing changed.
-
-        For an executor that forwards without the table and keeps its own record of
-        hits (the XDP program's stamps): it folds that record in for these bindings
-        only (`refresh` at the packet's own time) before the sweep, so the sweep keeps
-        exactly the bindings that are in use, at a cost proportional to the bindings
-        coming due rather than to the table.  Probationary bindings are found in the
-        FIFO's order, established ones through the wheels' deadlines.
-        """
-        found: list[Binding] = []
-        for b in self._probation:  # in order of expiry, as `expire` walks it
-            if b._next is _PROBATION:
-                if b.expires > until:
-                    break
-                found.append(b)
-        entries = self._entries
-        grain = self.sweep_grain
-        for heap, wheel in zip(self._heaps, self._wheels, strict=True):
-            for slot in heap:
-                if (slot - 1) * grain > until:
-                    continue  # its filings expire after `until` (or were refreshed)
-                c: Binding | None = wheel[slot][0]
-                while c is not None:
-                    if c.expires <= until and entries.get(c._key) is c:
-                        found.append(c)
-                    c = c._next  # type: ignore[assignment]
-        return found
-
     # -- operators -----------------------------------------------------------------
 
     def get(self, key: Key, now: float | None = None) -> Binding | None:

@@ -74,14 +74,6 @@ __all__ = ["Executing", "ForwarderService", "local_addresses"]
 
 _log = Logger()
 
-#: Seconds within which every stamp of the XDP program is folded into the table: each
-#: sweep folds the stamps of the bindings coming due, and the next slice of all the
-#: others (`XdpOffload.sync`).  What it bounds: how far behind the program the table's
-#: packet counts and the expiries of bindings not yet due are for the readers that take
-#: them from the table (the fleet's store, a periodic save; ``show`` adds what the
-#: program knows).
-ROLLING_SYNC = 30.0
-
 #: One batch as ``recvmmsg`` left it, for an executor: (data, slot, lengths, count,
 #: deliver), where ``deliver(start, length)`` hands one packet to the general path.
 _BatchExecutor = Callable[[memoryview, int, memoryview, int, Callable[[int, int], None]], object]
@@ -393,7 +385,7 @@ class ForwarderService(Service):
             try:
                 self._xdp_next_hops(xdp)
                 xdp.prepare()
-                xdp.sync(2 * self.sweep_interval, self.sweep_interval / ROLLING_SYNC)
+                xdp.sync()
             except Exception:
                 _log.failure("XDP sync failed")
         try:

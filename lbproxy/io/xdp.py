@@ -45,13 +45,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import itertools
-import math
 import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -488,11 +486,8 @@ class XdpOffload:
         # of terminals' packets to it (`set_next_hops`), instead of the kernel's lookup.
         self._next_hops: dict[bytes, tuple[int, bytes, int]] = {}
         self._counted = [0] * len(_COUNTER_NAMES)
-        self._stale_synced = 0  # the program's stale passes when `sync` last looked
         #: Identities not written for want of room in the maps (`_write`).
         self.full = 0
-        # Where the rolling fold stands in lb_seen (`_roll`).
-        self._rolling: Iterator[tuple[bytes, bytes]] | None = None
         self._backend_counted: list[int] = []
         # The correspondent's strict mode: its binding cache (home -> care-of), which a
         # binding's care-of address must match to be written (None: not strict).
@@ -743,7 +738,8 @@ class XdpOffload:
                     i = self._index.get(other.backend.packed)
                     if i is not None:
                         for its in self._homes[other]:
-                            self._write_binding(its, other, i)
+                            if its in self._synced:  # offloaded (`_write` made room)
+                                self._write_binding(its, other, i)
 
     def _route_changed(self, home: bytes, care_of: bytes | None) -> None:
         """`ReturnPaths.listeners`: `home`'s confirmed care-of address, now (None: none)."""
@@ -770,53 +766,42 @@ class XdpOffload:
 
     # -- what the program did -----------------------------------------------------------
 
-    def sync(self, within: float | None = None, rolling: float = 0.0) -> int:
+    def sync(self) -> int:
         """Fold the program's stamps into the table (claim 10) and its counters into the
-        shared `Counters`; returns the bindings refreshed.  Run it before every sweep.
-
-        `within` None folds every stamp (a stop, before a save, the executor contract).
-        A number folds the stamps of the bindings the table would expire within that
-        many seconds (`StickyTable.due`): the sweep after it keeps exactly the bindings
-        in use all the same, at a cost proportional to the bindings coming due instead
-        of to the table -- a whole fold every second was a quarter of a core at 100,000
-        terminals, and held the reactor for a third of a second.  Besides, `rolling`
-        (a share) folds the next such share of all the stamps, going on where the last
-        call stopped: with the forwarder's share (sweep interval / ``ROLLING_SYNC``,
-        `lbproxy.io.forwarder`) every stamp is folded within ``ROLLING_SYNC`` seconds,
-        for the readers that take counts and expiries from the table (the fleet's store,
-        a periodic save; ``show`` adds `seen`), in slices instead of one long call.
-        Every stamp is read when the program handed a packet up as stale since the last
-        sync (expired as far as it knew, or from another care-of address), so that what
-        the table says now is written back and the terminal's next packets stay in the
-        driver."""
+        shared `Counters`; returns the bindings refreshed.  Run it before every sweep."""
         self.flush()
+        table = self.balancer.table
+        get, refresh, stats = table.get, table.refresh, table.stats
+        synced, owner = self._synced, self._owner
         program = self.program
-        stale_now = program.counters.per_cpu_sums(C_STALE)
-        everything = within is None or stale_now != self._stale_synced
-        self._stale_synced = stale_now
-        if everything:
-            stamps: Iterable[tuple[bytes, bytes | None]] = program.seen.items()
-        else:
-            due = self.balancer.table.due(self.clock.seconds() + (within or 0.0))
-            homes = self._homes
-            lookup = program.seen.lookup
-            stamps = itertools.chain(
-                ((home, lookup(home)) for b in due for home in homes.get(b, ())),
-                self._roll(rolling),
-            )
+        unpack = _SEEN.unpack
         refreshed = 0
         stale_homes = []
-        for home, raw in stamps:
-            if raw is None:
+        for home, raw in program.seen.items():
+            seen_ns, _expires, hits, stale, care_of = unpack(raw)
+            before = synced.get(home)
+            if before is None or (hits, stale) == before:
                 continue
-            fold = self._fold(home, raw)
-            refreshed += fold & 1
-            if fold & 2:
+            synced[home] = (hits, stale)
+            new = hits - before[0]
+            if new > 0:
+                at = seen_ns / 1e9
+                # The binding the identity leads to in the table (the listeners keep
+                # `owner` so, and `flush` ran): `StickyTable.lookup` at the stamped time,
+                # without looking the key up again -- unless it is gone since (expired,
+                # evicted, moved).
+                binding = owner.get(home)
+                if binding is not None and binding.expires > at:
+                    refresh(binding, at)
+                    binding.packets += new - 1
+                    stats.hits += new - 1
+                    binding.care_of = care_of
+                    refreshed += 1
+            if stale != before[1]:
                 stale_homes.append(home)
         # Passed up (expired as far as the program knew, or from another care-of
         # address): give the program what the table says now (its expiry, its care-of
         # address), so the terminal's next packets stay in the driver.
-        get = self.balancer.table.get
         for home in stale_homes:
             binding = get(Key("hoa", home))
             if binding is not None and self._owner.get(home) is binding:
@@ -827,49 +812,6 @@ class XdpOffload:
         if not self.fixed_clock:
             self._write_config()  # the clock offset follows the reactor's clock
         return refreshed
-
-    def _roll(self, share: float) -> Iterator[tuple[bytes, bytes]]:
-        """The next `share` of ``lb_seen``'s entries, where the last call stopped (a
-        new pass over the map once one ends)."""
-        if share <= 0:
-            return
-        left = max(1, math.ceil(len(self._synced) * share))
-        for _ in range(2):  # the rest of this pass, then at most one new pass
-            if self._rolling is None:
-                self._rolling = self.program.seen.items()
-            for item in self._rolling:
-                yield item
-                left -= 1
-                if left == 0:
-                    return
-            self._rolling = None  # the pass ended: the next starts afresh
-
-    def _fold(self, home: bytes, raw: bytes) -> int:
-        """`home`'s stamp `raw` into the table: 1 if its binding was refreshed, plus 2
-        if the program passed a packet of it up since the last fold."""
-        seen_ns, _expires, hits, stale, care_of = _SEEN.unpack(raw)
-        synced = self._synced
-        before = synced.get(home)
-        if before is None or (hits, stale) == before:
-            return 0
-        synced[home] = (hits, stale)
-        new = hits - before[0]
-        folded = 0
-        if new > 0:
-            at = seen_ns / 1e9
-            # The binding the identity leads to in the table (the listeners keep
-            # `owner` so, and `flush` ran): `StickyTable.lookup` at the stamped time,
-            # without looking the key up again -- unless it is gone since (expired,
-            # evicted, moved).
-            binding = self._owner.get(home)
-            if binding is not None and binding.expires > at:
-                table = self.balancer.table
-                table.refresh(binding, at)
-                binding.packets += new - 1
-                table.stats.hits += new - 1
-                binding.care_of = care_of
-                folded = 1
-        return folded | (2 if stale != before[1] else 0)
 
     def fold_counters(self) -> None:
         """Add what the program counted since the last fold to the shared `Counters`
