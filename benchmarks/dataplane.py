@@ -252,51 +252,33 @@ class FrameSink:
     XDP program)."""
 
     def __init__(self, path: str, sink_cpus: str | None) -> None:
-        from lbproxy.io import xdp
+        from lbproxy.io.xdp import BpfObject
 
-        lib = xdp._Libbpf.get()
-        self._l = l = lib.lib  # noqa: E741
-        self._obj = l.bpf_object__open_file(path.encode(), None)
-        if not self._obj or l.bpf_object__load(self._obj) < 0:
-            raise RuntimeError(f"cannot load {path}: {' '.join(lib.messages[-3:])}")
-
-        def map_fd(name: bytes) -> int:
-            return int(l.bpf_map__fd(l.bpf_object__find_map_by_name(self._obj, name)))
-
-        self.config = xdp._Map(l, map_fd(b"dpx_config"), 4, 4)
-        self.counts = xdp._Map(l, map_fd(b"dpx_counts"), 4, 8, lib.cpus)
+        self.object = BpfObject(path, ("dpxsink",))
+        self.config = self.object.map("dpx_config", 4, 4)
+        self.counts = self.object.map("dpx_counts", 4, 8, per_cpu=True)
         self.config.update(_u32(1), _u32(PORT))
         self.config.update(_u32(0), _u32(1))  # passing, until a throughput run
-        self._prog = l.bpf_program__fd(l.bpf_object__find_program_by_name(self._obj,
-                                                                          b"dpxsink"))  # fmt: skip
         self._sink_cpus = sink_cpus
-        self.link = -1
         self.napi: set[int] = set()
 
     def attach(self) -> bool:
         """On sink0, its poll threaded on the sink's CPU; False if it already was."""
-        from lbproxy.io import xdp
         from lbproxy.io.rawsocket import _network_namespace
 
-        if self.link >= 0:
+        if self.object.attached:
             return False
-        opts = xdp._LinkCreateOpts(sz=ctypes.sizeof(xdp._LinkCreateOpts),
-                                   flags=xdp.XDP_FLAGS_DRV_MODE)  # fmt: skip
         with _network_namespace(SINK):
-            self.link = self._l.bpf_link_create(self._prog, socket.if_nametoindex("sink0"),
-                                                xdp._BPF_XDP, opts)  # fmt: skip
-        if self.link < 0:
-            raise RuntimeError(f"cannot attach dpxsink to sink0: {os.strerror(ctypes.get_errno())}")
+            self.object.attach("dpxsink", socket.if_nametoindex("sink0"))
         self.napi = thread_napi(self._sink_cpus, SINK, "sink0", realtime=True)
         return True
 
     def detach(self) -> None:
         """Off sink0 (its NAPI context goes with it: the sink's receive work is RPS's
         again)."""
-        if self.link >= 0:
+        if self.object.attached:
             in_ns(SINK, "sh", "-c", "echo 0 > /sys/class/net/sink0/threaded", check=False)
-            os.close(self.link)
-            self.link = -1
+            self.object.detach()
             self.napi = set()
 
     def totals(self) -> tuple[int, int, float]:
@@ -324,11 +306,8 @@ class FrameSink:
                           cpu=after[2] - before[2], lat_p50_us=0, lat_p99_us=0)  # fmt: skip
 
     def close(self) -> None:
-        if getattr(self, "link", -1) >= 0:
-            self.detach()
-        if self._obj:
-            self._l.bpf_object__close(self._obj)
-            self._obj = None
+        self.detach()
+        self.object.close()
 
 
 def _u32(value: int) -> bytes:
@@ -421,7 +400,6 @@ class BpfStats:
     ends: nothing global is left behind)."""
 
     def __init__(self) -> None:
-        import ctypes
 
         self.fd = -1
         if shutil.which("bpftool") is None:

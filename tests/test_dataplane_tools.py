@@ -10,7 +10,6 @@ packets scapy builds, and passes or drops as told.  Needs root, clang, gcc and l
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import ipaddress
 import json
@@ -23,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 from scapy.layers.inet import UDP
 from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt, PadN
@@ -128,36 +126,19 @@ class FrameToolsTests(SynchronousTestCase):
         translated (plain UDP from the home address) or forwarded with the HAO (the
         home address in the pseudo-header); a flipped payload bit, another port, no
         "LBDP", an HAO packet checksummed from its care-of address are not."""
-        from lbproxy.io import xdp
+        from lbproxy.io.xdp import BpfObject
 
         dp = self.dp
-        lib = xdp._Libbpf.get()
-        l = lib.lib  # noqa: E741
-        obj = l.bpf_object__open_file(self.built["dpxsink.bpf.o"].encode(), None)
-        self.assertTrue(obj)
-        self.addCleanup(l.bpf_object__close, obj)
-        self.assertEqual(l.bpf_object__load(obj), 0, lib.messages[-5:])
-
-        def map_(name: bytes, value: int, cpus: int = 0) -> Any:
-            return xdp._Map(l, l.bpf_map__fd(l.bpf_object__find_map_by_name(obj, name)), 4,
-                            value, cpus)  # fmt: skip
-
-        config, counts = map_(b"dpx_config", 4), map_(b"dpx_counts", 8, lib.cpus)
+        sink = BpfObject(self.built["dpxsink.bpf.o"], ("dpxsink",))
+        self.addCleanup(sink.close)
+        config, counts = sink.map("dpx_config", 4, 4), sink.map("dpx_counts", 4, 8, per_cpu=True)
         config.update(dp._u32(1), dp._u32(dp.PORT))
-        program = l.bpf_program__fd(l.bpf_object__find_program_by_name(obj, b"dpxsink"))
 
         def run(frame: bytes) -> tuple[int, int]:
             """The verdict, and whether the frame was counted good."""
             before = counts.per_cpu_sums(1)
-            data = ctypes.create_string_buffer(frame, len(frame))
-            out = ctypes.create_string_buffer(len(frame) + 256)
-            opts = xdp._TestRunOpts(
-                sz=ctypes.sizeof(xdp._TestRunOpts), data_in=ctypes.cast(data, ctypes.c_void_p),
-                data_out=ctypes.cast(out, ctypes.c_void_p), data_size_in=len(frame),
-                data_size_out=len(out), repeat=1,
-            )  # fmt: skip
-            self.assertEqual(l.bpf_prog_test_run_opts(program, opts), 0)
-            return opts.retval, counts.per_cpu_sums(1) - before
+            verdict, _ = sink.test_run("dpxsink", frame)
+            return verdict, counts.per_cpu_sums(1) - before
 
         home, care_of, backend = "2001:db8:d100::5", "2001:db8:d1::1:0:5", "2001:db8:d2::11"
         payload = b"LBDP" + bytes(60)

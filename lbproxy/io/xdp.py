@@ -49,7 +49,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -70,6 +70,7 @@ __all__ = [
     "XDP_PASS",
     "XDP_REDIRECT",
     "XDP_TX",
+    "BpfObject",
     "XdpOffload",
     "XdpProgram",
     "XdpUnavailable",
@@ -302,29 +303,32 @@ class _Map:
         return sum(v for (v,) in struct.iter_unpack("<Q", raw))
 
 
-class XdpProgram:
-    """The compiled object, loaded: its two programs and its maps (no interface yet).
+class BpfObject:
+    """A compiled BPF object loaded through libbpf: its programs by name, its maps,
+    ``BPF_PROG_TEST_RUN``, and XDP attachment through BPF links.
 
-    `max_bindings` sizes the binding maps (the table's bound): two identities each in
-    ``lb_bindings`` and ``lb_seen``, one confirmed care-of address each."""
+    `programs` are looked up after loading; `sizes` (map name -> entries) are set
+    before it.  Any failure to open or load raises `XdpUnavailable` with the reason.
+    `XdpProgram` is the balancer's; the data-path benchmark loads its generator and
+    sink the same way."""
 
-    def __init__(self, path: Path | str = OBJECT, max_bindings: int = 65536) -> None:
+    def __init__(self, path: Path | str, programs: Sequence[str],
+                 sizes: Mapping[str, int] | None = None) -> None:  # fmt: skip
         lib = _Libbpf.get()
         self._lib = lib
         l = lib.lib  # noqa: E741
         path = Path(path)
+        self.path = path
         if not path.is_file():
-            raise XdpUnavailable(f"no BPF object at {path} (make builds it: clang, libbpf-dev)")
+            raise XdpUnavailable(f"no BPF object at {path}")
         lib.messages.clear()
         obj = l.bpf_object__open_file(str(path).encode(), None)
         if not obj:
             raise XdpUnavailable(f"cannot open {path}: {os.strerror(ctypes.get_errno())}")
         self._obj: int | None = obj
+        self.attached: list[int] = []
         try:
-            # A binding's identities: its home address and its care-of address, the
-            # usual terminal; lb_confirmed holds one care-of address per home address.
-            for name, size in (("lb_bindings", 2 * max_bindings), ("lb_seen", 2 * max_bindings),
-                               ("lb_confirmed", max_bindings)):  # fmt: skip
+            for name, size in (sizes or {}).items():
                 m = l.bpf_object__find_map_by_name(obj, name.encode())
                 if not m or l.bpf_map__set_max_entries(m, max(1, size)) < 0:
                     raise XdpUnavailable(f"{path}: no map {name}")
@@ -336,47 +340,24 @@ class XdpProgram:
                     + (f" ({detail})" if detail else "")
                 )
             self.programs: dict[str, int] = {}
-            for name in _PROGRAMS:
+            for name in programs:
                 prog = l.bpf_object__find_program_by_name(obj, name.encode())
                 if not prog:
                     raise XdpUnavailable(f"{path}: no program {name}")
                 self.programs[name] = l.bpf_program__fd(prog)
-            cpus = lib.cpus
-
-            def map_(name: str, ks: int, vs: int, per_cpu: bool = False) -> _Map:
-                m = l.bpf_object__find_map_by_name(obj, name.encode())
-                if not m:
-                    raise XdpUnavailable(f"{path}: no map {name}")
-                return _Map(l, l.bpf_map__fd(m), ks, vs, cpus if per_cpu else 0)
-
-            self.config = map_("lb_config", 4, _CONFIG.size)
-            self.backends = map_("lb_backends", 4, _BACKEND.size)
-            self.backend_ix = map_("lb_backend_ix", 16, 4)
-            self.ports = map_("lb_ports", 2, 1)
-            self.own = map_("lb_own", 16, 1)
-            self.bindings = map_("lb_bindings", 16, _BINDING.size)
-            self.seen = map_("lb_seen", 16, _SEEN.size)
-            self.confirmed = map_("lb_confirmed", 16, 16)
-            self.counters = map_("lb_counters", 4, 8, per_cpu=True)
-            self.backend_packets = map_("lb_backend_packets", 4, 8, per_cpu=True)
         except BaseException:
             self.close()
             raise
-        self.attached: list[int] = []
 
-    def reset(self) -> None:
-        """Empty every map (a program reused for another balancer, in the tests)."""
-        for m in (self.backend_ix, self.ports, self.own, self.bindings, self.seen,
-                  self.confirmed):  # fmt: skip
-            for key, _ in list(m.items()):
-                m.delete(key)
-        self.config.update(_U32.pack(0), bytes(_CONFIG.size))
-        zero = bytes(self.counters.read_size)
-        for i in range(len(_COUNTER_NAMES)):
-            self.counters.update(_U32.pack(i), zero)
-        for i in range(_MAX_BACKENDS):
-            self.backends.update(_U32.pack(i), bytes(_BACKEND.size))
-            self.backend_packets.update(_U32.pack(i), zero)
+    def map(self, name: str, key_size: int, value_size: int, per_cpu: bool = False) -> _Map:
+        """Map `name`, with its key and value sizes (a per-CPU map's values are read
+        for every possible CPU)."""
+        l = self._lib.lib  # noqa: E741
+        m = l.bpf_object__find_map_by_name(self._obj, name.encode())
+        if not m:
+            raise XdpUnavailable(f"{self.path}: no map {name}")
+        return _Map(l, l.bpf_map__fd(m), key_size, value_size,
+                    self._lib.cpus if per_cpu else 0)  # fmt: skip
 
     def test_run(self, program: str, frame: bytes) -> tuple[int, bytes]:
         """Run `program` once on `frame` (an Ethernet frame) through BPF_PROG_TEST_RUN:
@@ -407,7 +388,7 @@ class XdpProgram:
         self.attached.append(fd)
 
     def detach(self) -> None:
-        """Take the program off every interface it was attached to."""
+        """Take the programs off every interface they were attached to."""
         for fd in self.attached:
             os.close(fd)
         self.attached = []
@@ -419,6 +400,52 @@ class XdpProgram:
         if self._obj:
             self._lib.lib.bpf_object__close(self._obj)
             self._obj = None
+
+
+class XdpProgram(BpfObject):
+    """The balancer's compiled object, loaded: its programs and its maps (no interface
+    yet).
+
+    `max_bindings` sizes the binding maps (the table's bound): two identities each in
+    ``lb_bindings`` and ``lb_seen``, one confirmed care-of address each."""
+
+    def __init__(self, path: Path | str = OBJECT, max_bindings: int = 65536) -> None:
+        if not Path(path).is_file():
+            raise XdpUnavailable(f"no BPF object at {path} (make builds it: clang, libbpf-dev)")
+        # A binding's identities: its home address and its care-of address, the usual
+        # terminal; lb_confirmed holds one care-of address per home address.
+        super().__init__(path, _PROGRAMS, {"lb_bindings": 2 * max_bindings,
+                                           "lb_seen": 2 * max_bindings,
+                                           "lb_confirmed": max_bindings})  # fmt: skip
+        try:
+            map_ = self.map
+            self.config = map_("lb_config", 4, _CONFIG.size)
+            self.backends = map_("lb_backends", 4, _BACKEND.size)
+            self.backend_ix = map_("lb_backend_ix", 16, 4)
+            self.ports = map_("lb_ports", 2, 1)
+            self.own = map_("lb_own", 16, 1)
+            self.bindings = map_("lb_bindings", 16, _BINDING.size)
+            self.seen = map_("lb_seen", 16, _SEEN.size)
+            self.confirmed = map_("lb_confirmed", 16, 16)
+            self.counters = map_("lb_counters", 4, 8, per_cpu=True)
+            self.backend_packets = map_("lb_backend_packets", 4, 8, per_cpu=True)
+        except BaseException:
+            self.close()
+            raise
+
+    def reset(self) -> None:
+        """Empty every map (a program reused for another balancer, in the tests)."""
+        for m in (self.backend_ix, self.ports, self.own, self.bindings, self.seen,
+                  self.confirmed):  # fmt: skip
+            for key, _ in list(m.items()):
+                m.delete(key)
+        self.config.update(_U32.pack(0), bytes(_CONFIG.size))
+        zero = bytes(self.counters.read_size)
+        for i in range(len(_COUNTER_NAMES)):
+            self.counters.update(_U32.pack(i), zero)
+        for i in range(_MAX_BACKENDS):
+            self.backends.update(_U32.pack(i), bytes(_BACKEND.size))
+            self.backend_packets.update(_U32.pack(i), zero)
 
 
 def _attach_error(err: int) -> str:
