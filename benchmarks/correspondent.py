@@ -24,19 +24,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import ipaddress
-import statistics
-import subprocess
 import sys
-import time
-import types
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from scapy.layers.inet import UDP
 from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt, MIP6MH_HoTI
 from twisted.internet.task import Clock
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.abtools import balancer_at, balancer_from, compare
 from lbproxy.core.balancer import Balancer
 from lbproxy.core.correspondent import Correspondent, keygen_token, sign
 from lbproxy.core.keys import KeyChain
@@ -61,21 +58,12 @@ CHECK = """        cn = self.correspondent
 def old_balancer(rev: str) -> type[Balancer]:
     """``Balancer`` as of git revision ``rev``, or ("") this tree's without `CHECK`."""
     if rev:
-        source = subprocess.run(
-            ["git", "-C", str(REPO), "show", f"{rev}:lbproxy/core/balancer.py"],
-            capture_output=True, text=True, check=True).stdout  # fmt: skip
-    else:
-        source = (REPO / "lbproxy" / "core" / "balancer.py").read_text()
-        if source.count(CHECK) != 1:
-            raise SystemExit("the correspondent's test is not in lbproxy/core/balancer.py as "
-                             "this script knows it: update CHECK")  # fmt: skip
-        source = source.replace(CHECK, "")
-    module = types.ModuleType("lbproxy.core.balancer_before")
-    module.__file__ = f"<{rev or 'without the test'}:lbproxy/core/balancer.py>"
-    sys.modules[module.__name__] = module
-    exec(compile(source, module.__file__, "exec"), module.__dict__)
-    cls: type[Balancer] = module.Balancer
-    return cls
+        return balancer_at(rev)
+    source = (REPO / "lbproxy" / "core" / "balancer.py").read_text()
+    if source.count(CHECK) != 1:
+        raise SystemExit("the correspondent's test is not in lbproxy/core/balancer.py as "
+                         "this script knows it: update CHECK")  # fmt: skip
+    return balancer_from(source.replace(CHECK, ""), "without the test")
 
 
 def make(cls: type[Balancer], mode: str = "off") -> Balancer:
@@ -116,27 +104,6 @@ def binding_update(cn: Correspondent, i: int, seq: int, forged: bool = False) ->
                                 (mobility.nonce_indices_option(index, index),))  # fmt: skip
     payload = bytes((135, 2, 1, 2, 0, 0, 0xC9, 16)) + hoa + sign(bu, kbm, coa, vip, hoa, vip)
     return bytes(IPv6(src=care_of(i), dst=VIP, nh=60, plen=len(payload)))[:40] + payload
-
-
-def per_packet(fn: Callable[[Any], object], items: Sequence[Any]) -> float:
-    start = time.perf_counter()
-    for item in items:
-        fn(item)
-    return (time.perf_counter() - start) / len(items)
-
-
-def compare(label: str, before: Callable[[Any], object], after: Callable[[Any], object],
-            items: Sequence[Any], rounds: int,
-            after_items: Callable[[int], Sequence[Any]] | None = None) -> None:
-    """``after_items(n)``: round n's items for ``after`` (default: ``items``)."""
-    b, a = [], []
-    for n in range(rounds):
-        b.append(per_packet(before, items))
-        a.append(per_packet(after, items if after_items is None else after_items(n)))
-    print(f"{label:<60} {min(b) * 1e9:7.0f} / {statistics.median(b) * 1e9:7.0f} ns  ->  "
-          f"{min(a) * 1e9:7.0f} / {statistics.median(a) * 1e9:7.0f} ns   "
-          f"ratio best {min(a) / min(b):.3f}, median "
-          f"{statistics.median(a) / statistics.median(b):.3f}")  # fmt: skip
 
 
 def main() -> None:

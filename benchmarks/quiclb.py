@@ -21,21 +21,21 @@ Packets are built once with scapy (tooling, not the data path).
 from __future__ import annotations
 
 import argparse
+import functools
 import ipaddress
-import statistics
-import subprocess
 import sys
-import time
-import types
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import attrs
 from scapy.layers.inet import UDP
 from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
 from twisted.internet.task import Clock
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import abtools
+from benchmarks.abtools import balancer_at
 from lbproxy.core.balancer import Balancer
 from lbproxy.core.keys import KeyChain, SourceAddressStrategy
 from lbproxy.core.quiclb import QuicLbSettings, QuicLbStrategy, encode_cid
@@ -43,22 +43,12 @@ from lbproxy.core.selection import Backend, scheduler_from_name
 from lbproxy.core.table import StickyTable
 from lbproxy.wire.view import parse
 
-REPO = Path(__file__).resolve().parent.parent
 VIP = "2001:db8:5::80"
 BACKENDS = [Backend(f"srv{i}", ipaddress.IPv6Address(f"2001:db8:b0::1{i}")) for i in (1, 2, 3)]
 SETTINGS = QuicLbSettings(server_ids={bytes((0x0B, i)): f"srv{i}" for i in (1, 2, 3)})
 N = 2000
-
-
-def old_balancer(rev: str) -> type[Balancer]:
-    source = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:lbproxy/core/balancer.py"],
-                            capture_output=True, text=True, check=True).stdout  # fmt: skip
-    module = types.ModuleType("lbproxy.core.balancer_before")
-    module.__file__ = f"<{rev}:lbproxy/core/balancer.py>"
-    sys.modules[module.__name__] = module
-    exec(compile(source, module.__file__, "exec"), module.__dict__)
-    cls: type[Balancer] = module.Balancer
-    return cls
+#: The comparison, with this script's label column.
+compare = functools.partial(abtools.compare, width=58)
 
 
 def make(cls: type[Balancer], chain: Sequence[str]) -> Balancer:
@@ -81,26 +71,6 @@ def quic_packets(dport: int = 443, settings: QuicLbSettings = SETTINGS) -> list[
                                + b"\0" * 40))) for i in range(N)]  # fmt: skip
 
 
-def per_packet(fn: Callable[[Any], object], items: Sequence[Any]) -> float:
-    start = time.perf_counter()
-    for item in items:
-        fn(item)
-    return (time.perf_counter() - start) / len(items)
-
-
-def compare(label: str, before: Callable[[Any], object], after: Callable[[Any], object],
-            items: Sequence[Any], rounds: int, after_items: Sequence[Any] | None = None) -> None:
-    b, a = [], []
-    for _ in range(rounds):
-        b.append(per_packet(before, items))
-        a.append(per_packet(after, items if after_items is None else after_items))
-    ratio_best = min(a) / min(b)
-    ratio_median = statistics.median(a) / statistics.median(b)
-    print(f"{label:<58} {min(b) * 1e9:7.0f} / {statistics.median(b) * 1e9:7.0f} ns  ->  "
-          f"{min(a) * 1e9:7.0f} / {statistics.median(a) * 1e9:7.0f} ns   "
-          f"ratio best {ratio_best:.3f}, median {ratio_median:.3f}")  # fmt: skip
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--before", default="50ebf04^", help="the tree before the strategy")
@@ -111,7 +81,7 @@ def main() -> None:
     # 1. Chains without quic: this tree against the one before.
     hao = hao_packets()
     chain = ["hoa", "iid", "spi", "ike", "src"]
-    old, new = make(old_balancer(args.before), chain), make(Balancer, chain)
+    old, new = make(balancer_at(args.before), chain), make(Balancer, chain)
     for b in (old, new):
         for buf in hao:
             b.inbound(bytearray(buf))
@@ -129,7 +99,7 @@ def main() -> None:
     sealed = [(buf, parse(buf)) for buf in quic_packets(settings=encrypted)]
     compare("key_for on a 1-RTT packet: quic -> quic encrypted (3 AES)",
             lambda bv: quic.key_for(*bv), lambda bv: secret.key_for(*bv), views, args.rounds,
-            after_items=sealed)
+            after_items=lambda n: sealed)
     other = [(buf, parse(buf)) for buf in quic_packets(dport=80)]
     compare("key_for on a UDP packet to port 80: src -> quic", lambda bv: src.key_for(*bv),
             lambda bv: quic.key_for(*bv), other, args.rounds)

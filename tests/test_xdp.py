@@ -638,11 +638,28 @@ class AttachedTests(SynchronousTestCase):
         for n in self.NS:
             _sh(f"ip netns del {n} 2>/dev/null || true")
 
-    def test_forwarded_in_the_driver(self) -> None:
+    def through(self, frame: bytes, count: int, seconds: str) -> list[IPv6]:
+        """Send `frame` `count` times from the terminal's link; every IPv6 packet the
+        backend's link received within `seconds`."""
         import subprocess
         import sys
 
-        term, lb, srv = self.NS
+        term, _lb, srv = self.NS
+        receiver = subprocess.Popen(
+            ["ip", "netns", "exec", srv, sys.executable, "-c", _RECEIVE, "b0", seconds],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert receiver.stdout is not None
+        self.assertEqual(receiver.stdout.readline().strip(), "ready")
+        subprocess.run(["ip", "netns", "exec", term, sys.executable, "-c", _SEND, "t0",
+                        frame.hex(), str(count)], check=True)  # fmt: skip
+        out, _ = receiver.communicate(timeout=10)
+        return [IPv6(bytes.fromhex(line)) for line in out.split()]
+
+    def test_forwarded_in_the_driver(self) -> None:
+        import subprocess
+
+        _term, lb, _srv = self.NS
         balancer, clock = make(scheduler="round_robin")
         balancer.set_backends([BACKENDS[0]])
         balancer.sweep()  # the removed backends had no bindings: forgotten
@@ -659,16 +676,7 @@ class AttachedTests(SynchronousTestCase):
             capture_output=True, text=True, check=True,
         ).stdout.strip().replace(":", "")  # fmt: skip
         frame = bytes.fromhex(mac + "020000000001" + "86dd") + bytes(mobile(COA1))
-        receiver = subprocess.Popen(
-            ["ip", "netns", "exec", srv, sys.executable, "-c", _RECEIVE, "b0", "3"],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert receiver.stdout is not None
-        self.assertEqual(receiver.stdout.readline().strip(), "ready")
-        subprocess.run(["ip", "netns", "exec", term, sys.executable, "-c", _SEND, "t0",
-                        frame.hex(), "5"], check=True)  # fmt: skip
-        out, _ = receiver.communicate(timeout=10)
-        got = [IPv6(bytes.fromhex(line)) for line in out.split()]
+        got = self.through(frame, 5, "3")
         ours = [p for p in got if p.dst == str(BACKENDS[0].address) and UDP in p]
         xdp.sync()
         self.assertEqual(len(ours), 5, (xdp.stats(), [p.summary() for p in got]))
@@ -686,9 +694,8 @@ class AttachedTests(SynchronousTestCase):
         forwards without the kernel's neighbour entry; without either, it hands the
         packets up (no route, counted)."""
         import subprocess
-        import sys
 
-        term, lb, srv = self.NS
+        _term, lb, srv = self.NS
         balancer, clock = make(scheduler="round_robin")
         balancer.set_backends([BACKENDS[0]])
         balancer.sweep()
@@ -709,16 +716,7 @@ class AttachedTests(SynchronousTestCase):
         frame = mac + bytes.fromhex("020000000001" "86dd") + bytes(mobile(COA1))
 
         def send(count: int) -> list[IPv6]:
-            receiver = subprocess.Popen(
-                ["ip", "netns", "exec", srv, sys.executable, "-c", _RECEIVE, "b0", "2"],
-                stdout=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            assert receiver.stdout is not None
-            self.assertEqual(receiver.stdout.readline().strip(), "ready")
-            subprocess.run(["ip", "netns", "exec", term, sys.executable, "-c", _SEND, "t0",
-                            frame.hex(), str(count)], check=True)  # fmt: skip
-            out, _ = receiver.communicate(timeout=10)
-            got = [IPv6(bytes.fromhex(line)) for line in out.split()]
+            got = self.through(frame, count, "2")
             return [p for p in got if p.dst == str(BACKENDS[0].address) and UDP in p]
 
         self.assertEqual(send(3), [])  # the kernel has no neighbour: up, no route
