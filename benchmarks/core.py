@@ -27,7 +27,6 @@ import subprocess
 import sys
 import time
 import tracemalloc
-import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,9 @@ from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
 from scapy.layers.ipsec import ESP
 from twisted.internet.task import Clock
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.abtools import module_from, table_at
 from lbproxy.core.balancer import Balancer
 from lbproxy.core.keys import Key, KeyChain
 from lbproxy.core.selection import Backend, Maglev
@@ -141,16 +143,7 @@ def bench_packets() -> None:
 
 def baseline_table(rev: str) -> type[StickyTable]:
     """lbproxy/core/table.py as of `rev`, loaded as a module of its own."""
-    source = subprocess.run(
-        ["git", "-C", str(REPO), "show", f"{rev}:lbproxy/core/table.py"],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    module = types.ModuleType("lbproxy.core.table_baseline")
-    module.__file__ = f"<{rev}:lbproxy/core/table.py>"
-    sys.modules[module.__name__] = module
-    exec(compile(source, module.__file__, "exec"), module.__dict__)
-    table: type[StickyTable] = module.StickyTable
-    return table
+    return table_at(rev)
 
 
 def balancer_copy() -> type[Balancer]:
@@ -158,10 +151,7 @@ def balancer_copy() -> type[Balancer]:
     own), so that two tables measured side by side do not share the interpreter's
     specialised code for the decision."""
     path = REPO / "lbproxy" / "core" / "balancer.py"
-    module = types.ModuleType("lbproxy.core.balancer_copy")
-    module.__file__ = str(path)
-    sys.modules[module.__name__] = module
-    exec(compile(path.read_text(), str(path), "exec"), module.__dict__)
+    module = module_from(path.read_text(), "lbproxy.core.balancer_copy", str(path))
     cls: type[Balancer] = module.Balancer
     return cls
 

@@ -59,7 +59,6 @@ import os
 import subprocess
 import sys
 import time
-import types
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +67,9 @@ from typing import Any
 
 from twisted.internet.task import Clock
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.abtools import table_at
 from lbproxy.core.keys import Key
 from lbproxy.core.selection import Backend
 from lbproxy.core.table import FREQUENT, StickyTable
@@ -96,16 +98,7 @@ def rss() -> int:
 
 def baseline_table(rev: str) -> type[StickyTable]:
     """lbproxy/core/table.py as of `rev`, loaded as a module of its own."""
-    source = subprocess.run(
-        ["git", "-C", str(REPO), "show", f"{rev}:lbproxy/core/table.py"],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    module = types.ModuleType("lbproxy.core.table_baseline")
-    module.__file__ = f"<{rev}:lbproxy/core/table.py>"
-    sys.modules[module.__name__] = module
-    exec(compile(source, module.__file__, "exec"), module.__dict__)
-    table: type[StickyTable] = module.StickyTable
-    return table
+    return table_at(rev)
 
 
 # -- terminals -------------------------------------------------------------------------
