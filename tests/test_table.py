@@ -748,6 +748,177 @@ class TableModelTests(SynchronousTestCase):
         )
 
 
+class Outside:
+    """An executor forwarding packets of the table's bindings outside it (as the XDP
+    program does), which the table hears of only when it asks (`Stamps`): per binding,
+    the expiry its last packet gave and the packets not told yet."""
+
+    def __init__(self, table: StickyTable) -> None:
+        self.table = table
+        self.pending: dict[Binding, tuple[float, int]] = {}
+        self.folds = 0
+        table.stamps = self
+
+    def forward(self, binding: Binding, now: float) -> None:
+        _, count = self.pending.get(binding, (0.0, 0))
+        self.pending[binding] = (now + self.table.lifetime, count + 1)
+
+    def fold(self, binding: Binding) -> None:
+        self.folds += 1
+        told = self.pending.pop(binding, None)
+        if told is not None:
+            self.table.extend(binding, *told)
+
+    def fold_all(self) -> None:
+        for binding in list(self.pending):
+            self.fold(binding)
+
+    def view(self, binding: Binding) -> tuple[float, bool, int]:
+        """`binding`'s expiry, segment and packets once told (without telling)."""
+        expires, count = self.pending.get(binding, (0.0, 0))
+        return (max(binding.expires, expires), binding.established or count > 0,
+                binding.packets + count)  # fmt: skip
+
+
+class StampedTableModel(TableModel):
+    """The model again, with packets also forwarded outside the table (`Outside`):
+    the table, told only when it asks, must decide every lookup, link, sweep and
+    eviction as if each of those packets had been a lookup's hit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outside = Outside(self.table)
+
+    @rule(keys=st.lists(st.sampled_from(TableModel.KEYS), max_size=5))
+    def forwarded_outside(self, keys: list[Key]) -> None:
+        for key in keys:
+            entry = self._live(key)
+            if entry is None:
+                continue  # the executor holds live bindings only (the table tells it)
+            binding = self.table.peek(key)
+            assert binding is not None  # never dropped while its packets are untold
+            self.outside.forward(binding, self.now)
+            entry.expires = self.now + self.LIFE
+            entry.established = True
+            entry.packets += 1
+
+    @rule(keys=st.lists(st.sampled_from(TableModel.KEYS), max_size=5))
+    def refresh_all(self, keys: list[Key]) -> None:
+        """The fast path's batch: a binding live as far as the table knows is refreshed
+        in the batch; one that looks expired goes to the general path (a lookup)."""
+        batch = []
+        for key in keys:
+            b = self.table.peek(key)
+            if b is not None and b.expires > self.now:
+                batch.append(b)
+            else:
+                self.table.lookup(key)
+        self.table.refresh_all(batch, self.now)
+        for key in keys:
+            entry = self._live(key)
+            if entry is not None:
+                entry.expires = self.now + self.LIFE
+                entry.established = True
+                entry.packets += 1
+            else:
+                self.model.pop(key, None)
+
+    @rule(ahead=st.sampled_from([0, 1, 3, 6]))
+    def due(self, ahead: int) -> None:
+        until = self.now + ahead
+        got = self.table.due(until)
+        assert len(got) == len(set(map(id, got)))
+        assert {id(b) for b in got} == {id(b) for _, b in self.table if b.expires <= until}
+
+    @invariant()
+    def same_entries(self) -> None:
+        want = {k: (e.backend, e.expires, e.established, e.packets)
+                for k, e in self.model.items()}
+        got = {k: (b.backend, *self.outside.view(b)) for k, b in self.table}
+        assert got == want, (got, want)
+
+    @invariant()
+    def load_counts_consistent(self) -> None:
+        counts = collections.Counter(b.backend for _, b in self.table)
+        assert dict(self.table.load()) == dict(counts)
+        assert len(self.table) <= self.MAX
+        untold = sum(not b.established and self.outside.view(b)[1] for _, b in self.table)
+        assert self.table.probationary - untold == sum(
+            not e.established for e in self.model.values())
+
+
+class StampedTableTests(TableTestCase):
+    """`StickyTable.stamps`: packets forwarded outside the table, told late."""
+
+    def test_against_model(self) -> None:
+        run_state_machine_as_test(
+            StampedTableModel,
+            settings=settings(max_examples=300, stateful_step_count=40, deadline=None),
+        )
+
+    def test_told_late_the_expiry_is_the_packets_own(self) -> None:
+        """A packet forwarded outside at 20 keeps the binding until 50, not until the
+        lifetime after the table hears of it: an idle terminal does not outlive its
+        lifetime however late the telling."""
+        outside = Outside(self.table)
+        binding = self.table.insert(src(1), A)
+        assert binding is not None
+        self.clock.advance(20)
+        outside.forward(binding, 20)
+        self.clock.advance(25)  # 45: past what the table knew (30)
+        self.assertEqual(self.table.expire(), 0)
+        self.assertEqual((binding.expires, binding.packets, binding.established),
+                         (50.0, 2, True))  # fmt: skip
+        self.clock.advance(6)  # 51
+        self.assertEqual(self.table.expire(), 1)
+        self.assertNotIn(src(1), self.table)
+
+    def test_told_late_never_shortens(self) -> None:
+        """Told after a later hit in the table itself, an earlier packet outside leaves
+        the later expiry (and still counts)."""
+        outside = Outside(self.table)
+        binding = self.table.insert(src(1), A)
+        assert binding is not None
+        self.clock.advance(20)
+        outside.forward(binding, 20)  # gives 50
+        self.clock.advance(2)
+        self.table.lookup(src(1))  # gives 52
+        self.table.catch_up(binding)
+        self.assertEqual((binding.expires, binding.packets), (52.0, 3))
+
+    def test_busy_outside_is_not_evicted_as_a_newcomer(self) -> None:
+        """When the table is full, a terminal whose packets all went outside is judged
+        by them: the idle entry is evicted, not the busy one."""
+        table = StickyTable(self.clock, LIFETIME, max_entries=2)
+        outside = Outside(table)
+        busy = table.insert(src(1), A)
+        self.clock.advance(1)
+        idle = table.insert(src(2), A)
+        assert busy is not None and idle is not None
+        for t in range(2, 12):
+            self.clock.advance(1)
+            outside.forward(busy, t)
+        table.insert(src(3), B)  # full: one must go
+        self.assertIn(src(1), table)
+        self.assertNotIn(src(2), table)
+        self.assertEqual(busy.packets, 11)
+        self.assertGreaterEqual(outside.folds, 1)
+
+    def test_a_lookup_takes_what_was_told(self) -> None:
+        """A lookup past the expiry the table knew, of a binding kept alive outside, is
+        a hit; a link onto its identity is refused (it is bound)."""
+        outside = Outside(self.table)
+        binding = self.table.insert(src(1), A)
+        other = self.table.insert(src(2), B)
+        assert binding is not None and other is not None
+        self.clock.advance(29)
+        outside.forward(binding, 29)
+        self.clock.advance(2)  # 31
+        self.assertFalse(self.table.link(other, src(1)))
+        self.assertIs(self.table.lookup(src(1)), binding)
+        self.assertEqual(self.table.stats.misses, 0)
+
+
 class ListenerTests(TableTestCase):
     """`StickyTable.listeners`: every binding made, re-pointed or gone is told, so an
     executor with its own copy of the table (an XDP map) can mirror it exactly."""

@@ -83,7 +83,7 @@ import math
 import types
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 from lbproxy.core.admission import PrefixAdmission
 from lbproxy.core.keys import Key
@@ -93,12 +93,23 @@ if TYPE_CHECKING:
 
     from lbproxy.core.selection import Backend
 
-__all__ = ["Binding", "StickyTable", "TableStats"]
+__all__ = ["Binding", "Stamps", "StickyTable", "TableStats"]
 
 
 def _as_key(data: bytes) -> Key:
     """The Key whose bytes are `data` (no checks: `data` came from a Key)."""
     return bytes.__new__(Key, data)
+
+
+def _head(fifo: deque[Binding], until: float) -> list[Binding]:
+    """The FIFO's filings from its head up to the first live one expiring after
+    `until` (it is ordered by expiry)."""
+    out = []
+    for b in fifo:
+        if b._next is _PROBATION and b.expires > until:
+            break
+        out.append(b)
+    return out
 
 
 class _Probation:
@@ -185,6 +196,20 @@ class Binding:
             f"<Binding {self.key} -> {self.backend.name} expires={self.expires:.3f}"
             f" packets={self.packets} {'established' if self.established else 'new'}>"
         )
+
+
+class Stamps(Protocol):
+    """What an executor that forwards bindings' packets outside the table (the XDP
+    program) has not told the table yet: its packets' refreshes and counts.
+
+    The table calls `fold` on a binding before it treats it as expired (a lookup, a
+    link, the sweep) or chooses it for eviction, so nothing the executor kept alive is
+    dropped and no busy terminal looks idle; `fold_all` before every binding is read
+    at once (persistence).  Each reports through :meth:`StickyTable.extend`."""
+
+    def fold(self, binding: Binding) -> None: ...
+
+    def fold_all(self) -> None: ...
 
 
 class TableStats:
@@ -283,6 +308,10 @@ class StickyTable:
         #: executor that keeps its own copy of the table (an XDP map) mirrors changes
         #: through.  Not called for refreshes.
         self.listeners: list[Callable[[Binding, bool], object]] = []
+        #: An executor's packets not folded in yet (`Stamps`), or None: then
+        #: ``binding.expires`` is each binding's expiry; with one it is a lower bound
+        #: until `catch_up` (which the table calls itself before expiring or evicting).
+        self.stamps: Stamps | None = None
         #: Each binding by its own key (only those: the dict the fast path reads).
         self._entries: dict[bytes, Binding] = {}
         #: Each binding by its aliases (a key is in one of the two dicts, never both).
@@ -340,7 +369,7 @@ class StickyTable:
             return None
         if now is None:
             now = self.clock.seconds()
-        if b.expires <= now:
+        if b.expires <= now and self._lapsed(b, now):
             self._drop(b)
             self.stats.expirations += 1
             self.stats.misses += 1
@@ -381,6 +410,53 @@ class StickyTable:
                 self._promote(b)
         self.stats.hits += len(bindings)
 
+    def extend(self, b: Binding, expires: float, packets: int) -> None:
+        """`packets` (> 0) packets of `b` that an executor forwarded outside the table
+        (the XDP program), the last of which gave it expiry `expires` (its time rounded
+        as `refresh` rounds, plus the lifetime): what those packets' `refresh` calls
+        would have done, told late -- the expiry is the packets' own, never the time of
+        telling, and never earlier than what `b` has.  A probationary binding becomes
+        established."""
+        if expires > b.expires:
+            b.expires = expires
+        b.packets += packets
+        self.stats.hits += packets
+        if b._next is _PROBATION:
+            self._promote(b)
+
+    def catch_up(self, b: Binding) -> None:
+        """Fold in what the executor outside the table did for `b` (`stamps`), so
+        ``b.expires`` and ``b.packets`` are current: for a reader that takes them as
+        they are (a record's lifetime given to others)."""
+        stamps = self.stamps
+        if stamps is not None:
+            stamps.fold(b)
+
+    def catch_up_all(self) -> None:
+        """`catch_up` for every binding at once (before a snapshot of them all)."""
+        stamps = self.stamps
+        if stamps is not None:
+            stamps.fold_all()
+
+    def due(self, until: float) -> list[Binding]:
+        """The bindings whose expiry is at or before `until` (an executor catches them
+        up before the sweep reaches them): from the probationary FIFO's head and the
+        wheel buckets that can hold them.  Work follows what is filed up to `until`
+        (plus one bucket), not the table's size."""
+        out = [b for b in _head(self._probation, until) if b._next is _PROBATION]
+        entries, grain = self._entries, self.sweep_grain
+        last = math.ceil(until / grain) + 1
+        for heap, wheel in zip(self._heaps, self._wheels, strict=True):
+            for slot in heap:
+                if slot > last:
+                    continue
+                c: Binding | None = wheel[slot][0]
+                while c is not None:
+                    if c.expires <= until and entries.get(c._key) is c:
+                        out.append(c)
+                    c = c._next  # type: ignore[assignment]
+        return out
+
     def repoint(self, b: Binding, backend: Backend) -> None:
         """Send live binding `b` -- with its aliases -- to `backend` (a reassignment, an
         operator's move); its lifetime, counters and segment stay."""
@@ -407,7 +483,7 @@ class StickyTable:
         if found is not None:
             if now is None:
                 now = self.clock.seconds()
-            if found.expires > now:
+            if found.expires > now or not self._lapsed(found, now):
                 return False
             self._take(found, key)
             self.stats.expirations += 1
@@ -450,6 +526,7 @@ class StickyTable:
         established = full = False
         if old is not None:
             # An expired entry, not yet swept, is replaced like an absent one.
+            self.catch_up(old)  # packets it had outside the table count too
             established = old.established and old.expires > now
             full = old._key != key  # an alias makes a binding of its own: room
             self._take(old, key)
@@ -595,6 +672,11 @@ class StickyTable:
             if b._next is _PROBATION:
                 if b.expires > now:
                     break
+                if not self._lapsed(b, now):  # promoted: the FIFO may be compacted
+                    fifo = self._probation
+                    if b._next is _PROBATION:
+                        break  # (`extend` promotes: not reached)
+                    continue
                 self._drop(b)
                 removed += 1
             fifo.popleft()
@@ -611,7 +693,7 @@ class StickyTable:
                     b._next = None
                     if entries.get(b._key) is not b:
                         continue  # removed meanwhile: a stale filing
-                    if b.expires <= now:
+                    if b.expires <= now and self._lapsed(b, now):
                         self._drop(b)
                         removed += 1
                     else:
@@ -663,19 +745,27 @@ class StickyTable:
 
     def __contains__(self, key: object) -> bool:
         """True if `key` has a live entry."""
-        b = self.peek(key) if isinstance(key, bytes) else None
-        return b is not None and b.expires > self.clock.seconds()
+        return isinstance(key, bytes) and self._live(key, self.clock.seconds()) is not None
 
     def __repr__(self) -> str:
         return f"<StickyTable {len(self)}/{self.max_entries} lifetime={self.lifetime}>"
 
     # -- internals -----------------------------------------------------------------
 
-    def _live(self, key: Key, now: float) -> Binding | None:
+    def _live(self, key: bytes, now: float) -> Binding | None:
         b = self.peek(key)
-        if b is None or b.expires <= now:
+        if b is None or (b.expires <= now and self._lapsed(b, now)):
             return None
         return b
+
+    def _lapsed(self, b: Binding, now: float) -> bool:
+        """Whether `b`, whose expiry as the table knows it is past, has lapsed once the
+        executor outside the table has told what it forwarded (`stamps`)."""
+        stamps = self.stamps
+        if stamps is None:
+            return True
+        stamps.fold(b)
+        return b.expires <= now
 
     def _add(
         self,
@@ -793,11 +883,17 @@ class StickyTable:
         frequent ones (1).  False if there is none."""
         p: Binding | None = None
         if not frequent:
-            fifo = self._probation
-            while fifo and fifo[0]._next is not _PROBATION:
-                fifo.popleft()
-                self._p_stale -= 1
-            p = fifo[0] if fifo else None
+            while True:
+                fifo = self._probation
+                while fifo and fifo[0]._next is not _PROBATION:
+                    fifo.popleft()
+                    self._p_stale -= 1
+                p = fifo[0] if fifo else None
+                if p is None or self.stamps is None:
+                    break
+                self.stamps.fold(p)  # packets forwarded outside: no newcomer then
+                if p._next is _PROBATION:
+                    break
         e = self._least_recent(frequent)
         if e is None and p is None:
             return False
@@ -829,17 +925,23 @@ class StickyTable:
         recent."""
         heap, wheel = self._heaps[frequent], self._wheels[frequent]
         entries, grain, threshold = self._entries, self.sweep_grain, self.frequent
+        stamps = self.stamps
+
+        def moved(c: Binding, slot: int) -> bool:  # refreshed since filed, or frequent now
+            return math.ceil(c.expires / grain) > slot or (
+                not frequent and c.packets >= threshold)
+
         while heap:
             slot = heap[0]
             ends = wheel[slot]
             c: Binding | None = ends[0]
             while c is not None:
-                if entries.get(c._key) is c and not (
-                    math.ceil(c.expires / grain) > slot
-                    or (not frequent and c.packets >= threshold)
-                ):
-                    ends[0] = c
-                    return c
+                if entries.get(c._key) is c and not moved(c, slot):
+                    if stamps is not None:
+                        stamps.fold(c)  # its packets outside the table count too
+                    if not moved(c, slot):
+                        ends[0] = c
+                        return c
                 b, c = c, c._next  # type: ignore[assignment]
                 b._next = None
                 if entries.get(b._key) is b:
