@@ -402,7 +402,7 @@ class Balancer:
                 b = peek(key)
                 if b is None:
                     b = peek_alias(key)
-                if b is not None and b.expires > now:
+                if b is not None and (b.expires > now or table.alive(b, now)):
                     if b.backend.name in self.policy.usable_names:
                         # `_hit` when the binding keeps its backend, written out (every
                         # packet of the general path): refreshed, its hit counted (a
@@ -463,7 +463,7 @@ class Balancer:
             # state returned before): the journey records the move with its packet.
             if self.journeys is not None:
                 self.journeys.care_of_changed(winner, winner.care_of, source, buf, now)
-            winner.care_of = source
+            table.set_care_of(winner, source)
         return winner.backend
 
     def _conflict(self, winner: Binding, key: Key, kind: str) -> None:
@@ -507,7 +507,7 @@ class Balancer:
                 b = peek(key)
                 if b is None:
                     b = peek_alias(key)
-                if b is not None and b.expires > now:
+                if b is not None and (b.expires > now or table.alive(b, now)):
                     winner = self._hit(b, key, strategy.kind, now)
                     if winner is None:
                         return None  # dropped, counted
@@ -520,7 +520,7 @@ class Balancer:
             if winner is not None and hao and winner.care_of != source:
                 if self.journeys is not None:
                     self.journeys.care_of_changed(winner, winner.care_of, source, buf, now)
-                winner.care_of = source
+                self.table.set_care_of(winner, source)
             return chosen
         return self._settle(winner, found, buf, view, source, now)
 
@@ -547,13 +547,14 @@ class Balancer:
         seen = [(key, strategy, table.peek(key)) for key, strategy in found]
         anchor: Binding | None = None
         for _, _, b in seen:
-            if b is not None and b.expires > now and (b.backend is chosen or b.backend == chosen):
+            if b is not None and table.alive(b, now) and (b.backend is chosen
+                                                          or b.backend == chosen):
                 anchor = b
                 table.refresh(b, now)
                 break
         if anchor is None:
             for key, _, b in seen:
-                if b is None or b.expires <= now:
+                if b is None or not table.alive(b, now):
                     anchor = table.insert(key, chosen, source=source)
                     if anchor is not None and self.terminal_seen is not None:
                         self.terminal_seen(None, source)
@@ -564,7 +565,7 @@ class Balancer:
             if anchor is not None:
                 if not table.link(anchor, key, now):
                     self._conflict(anchor, key, strategy.kind)
-            elif b is not None and b.expires > now and b.backend != chosen:
+            elif b is not None and table.alive(b, now) and b.backend != chosen:
                 self.counters.conflicts[strategy.kind] += 1
         return anchor
 

@@ -207,7 +207,7 @@ class Stamps(Protocol):
     dropped and no busy terminal looks idle; `fold_all` before every binding is read
     at once (persistence).  Each reports through :meth:`StickyTable.extend`."""
 
-    def fold(self, binding: Binding) -> None: ...
+    def fold(self, binding: Binding) -> object: ...
 
     def fold_all(self) -> None: ...
 
@@ -301,12 +301,13 @@ class StickyTable:
             admission = PrefixAdmission(width=width)
         self.admission: PrefixAdmission | None = admission or None
         self.stats = TableStats()
-        #: Called with (binding, True) when a binding is made, points at another backend
-        #: or gains or loses an alias (its identities are then ``binding.key`` and
-        #: ``binding.aliases``), and (binding, False) when it goes (expiry, eviction,
-        #: removal, replacement; ``aliases`` still lists what went with it): the seam an
-        #: executor that keeps its own copy of the table (an XDP map) mirrors changes
-        #: through.  Not called for refreshes.
+        #: Called with (binding, True) when a binding is made, points at another backend,
+        #: gains or loses an alias (its identities are then ``binding.key`` and
+        #: ``binding.aliases``) or has another care-of address (`set_care_of`), and
+        #: (binding, False) when it goes (expiry, eviction, removal, replacement;
+        #: ``aliases`` still lists what went with it): the seam an executor that keeps
+        #: its own copy of the table (an XDP map) mirrors changes through.  Not called
+        #: for refreshes.
         self.listeners: list[Callable[[Binding, bool], object]] = []
         #: An executor's packets not folded in yet (`Stamps`), or None: then
         #: ``binding.expires`` is each binding's expiry; with one it is a lower bound
@@ -424,6 +425,13 @@ class StickyTable:
         if b._next is _PROBATION:
             self._promote(b)
 
+    def alive(self, b: Binding, now: float) -> bool:
+        """Whether `b` (found with `peek`) is live at `now`, all told: by its expiry as
+        the table knows it, else once the executor outside the table (`stamps`) has
+        told what it forwarded.  A hot loop checks ``b.expires > now`` first and calls
+        this only when that fails."""
+        return b.expires > now or not self._lapsed(b, now)
+
     def catch_up(self, b: Binding) -> None:
         """Fold in what the executor outside the table did for `b` (`stamps`), so
         ``b.expires`` and ``b.packets`` are current: for a reader that takes them as
@@ -456,6 +464,15 @@ class StickyTable:
                         out.append(c)
                     c = c._next  # type: ignore[assignment]
         return out
+
+    def set_care_of(self, b: Binding, care_of: bytes) -> None:
+        """`b`'s terminal seen at `care_of` (its last care-of address).  A change is
+        told to the listeners, so an executor's copy of the binding -- which takes the
+        terminal's packets only from the care-of address the table has -- follows."""
+        if b.care_of != care_of:
+            b.care_of = care_of
+            if self.listeners:
+                self._tell(b, True)
 
     def repoint(self, b: Binding, backend: Backend) -> None:
         """Send live binding `b` -- with its aliases -- to `backend` (a reassignment, an
@@ -650,7 +667,7 @@ class StickyTable:
                 self._requantize(now)
             nb.expires = self._q_expires
             if care_of is not None:
-                nb.care_of = care_of
+                self.set_care_of(nb, care_of)
             if nb._next is _PROBATION:
                 self._promote(nb)
         self.stats.rekeys += 1
