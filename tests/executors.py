@@ -139,12 +139,12 @@ class XdpExecutor:
     a rewritten packet (``XDP_TX``) is what it sends; ``XDP_PASS`` hands the packet, in
     its turn, to the general path, as the raw-socket reader would.
 
-    The program's stamps are folded into the table (`XdpOffload.sync`) before a packet
-    goes to the general path whenever the program forwarded something since the last
-    fold, and at the end of the batch -- the order the packets came in, so the last
-    care-of address seen is the same as the general path's.  The forwarder folds them
-    before each sweep instead (docs/xdp.md: how late the table sees a refresh there).
-    The table's clock is the test's `Clock`, written into the program's configuration.
+    Nothing folds the program's stamps into the table within a batch: the table asks
+    for them where it needs them (`StickyTable.stamps`: a binding that looks expired, an
+    eviction candidate), as it does in the forwarder.  At the end of the batch `sync`
+    runs (as before a sweep) and then a whole fold, so the state compared is the table's
+    with every packet told.  The table's clock is the test's `Clock`, written into the
+    program's configuration.
     """
 
     name: ClassVar[str] = "XDP program"
@@ -171,15 +171,11 @@ class XdpExecutor:
         xdp = self.xdp
         xdp.prepare()
         sent: Sent = []
-        pending = False
         for packet in packets:
             frame = ETHERNET + packet
             verdict, out = xdp.program.test_run(program, frame)
             if verdict == XDP_PASS:
                 assert out == frame, "the program changed a packet it handed up"
-                if pending:
-                    xdp.sync()
-                    pending = False
                 result = handle(bytearray(packet))  # type: ignore[operator]
                 if result is not None:
                     sent.append((bytes(result[24:40]), bytes(result)))
@@ -189,10 +185,10 @@ class XdpExecutor:
                 body = out[14:]
                 sent.append((body[24:40], body))
                 self.offloaded[direction] += 1
-                pending = True
             else:
                 raise AssertionError(f"XDP verdict {verdict} for {packet.hex()}")
         xdp.sync()
+        xdp.fold_all()
         return sent
 
     def inbound(self, packets: list[bytes]) -> Sent:

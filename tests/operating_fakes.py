@@ -93,6 +93,9 @@ class StickyTable:
         binding.packets += 1
         return binding
 
+    def catch_up_all(self) -> None:
+        """No executor forwards outside this table: nothing to fold in."""
+
     def insert(self, key: Key, backend: Backend, care_of: bytes | None = None) -> Binding | None:
         if len(self.entries) >= self.max_entries and key not in self.entries:
             self.stats.refusals += 1

@@ -251,7 +251,9 @@ class RefreshTests(SynchronousTestCase):
     def test_traffic_only_through_xdp_keeps_a_binding(self) -> None:
         """A terminal whose packets after the first all go through the program is not
         expired at its first lifetime's end; an idle one is, by the first sweep after
-        its lifetime; the table's expiry and counts are those the general path gives."""
+        its lifetime; the table's expiry and counts are those the general path gives.
+        The stamps are read when the binding comes due -- by `sync` when it is due
+        within `ahead`, else by the sweep itself -- never before."""
         balancer, clock = make(scheduler="round_robin")
         xdp = offload(balancer, clock)
         idle = "2001:db8:100::2002"
@@ -262,11 +264,16 @@ class RefreshTests(SynchronousTestCase):
             verdict, _out = run(xdp, "lbproxy_inbound", bytes(mobile(COA1)))
             self.assertEqual(verdict, XDP_TX)
         self.assertEqual(xdp.last_seen(address(HOA)), 200.0)
-        self.assertEqual(xdp.sync(), 1)
-        clock.advance(101)  # 301: the first packets' lifetime (300 s) is over
-        balancer.sweep()
+        self.assertEqual(xdp.sync(), 0)  # due at 300: not read yet
         kept = balancer.table.get(Key("hoa", address(HOA)))
         assert kept is not None
+        self.assertEqual((kept.expires, kept.packets), (300.0, 1))
+        clock.advance(99)  # 299
+        self.assertEqual(xdp.sync(ahead=2), 1)  # due within 2 s: folded
+        self.assertEqual((kept.expires, kept.packets), (500.0, 4))
+        clock.advance(2)  # 301: the first packets' lifetime (300 s) is over
+        balancer.sweep()
+        self.assertIs(balancer.table.get(Key("hoa", address(HOA))), kept)
         self.assertEqual(kept.expires, 500.0)
         self.assertEqual((kept.packets, kept.established, kept.care_of), (4, True, address(COA1)))
         self.assertIsNone(balancer.table.get(Key("hoa", address(idle))))
@@ -297,6 +304,111 @@ class RefreshTests(SynchronousTestCase):
         xdp.sync()
         self.assertEqual(run(xdp, "lbproxy_inbound", usual)[0], XDP_TX)
         self.assertEqual(xdp.stats()["stale"], 1)
+
+
+    def test_the_sweep_asks_without_a_sync(self) -> None:
+        """With no `sync` at all, the sweep reads the stamps of what it would expire: the
+        busy terminal lives on at its last packet's expiry, the idle one goes."""
+        balancer, clock = make(scheduler="round_robin")
+        xdp = offload(balancer, clock)
+        idle = "2001:db8:100::2002"
+        for hoa, coa in ((HOA, COA1), (idle, "2001:db8:a1::2002")):
+            assert balancer.inbound(mobile(coa, hoa=hoa)) is not None
+        xdp.flush()
+        clock.advance(200)
+        self.assertEqual(run(xdp, "lbproxy_inbound", bytes(mobile(COA1)))[0], XDP_TX)
+        clock.advance(101)  # 301
+        balancer.sweep()
+        kept = balancer.table.get(Key("hoa", address(HOA)))
+        assert kept is not None
+        self.assertEqual((kept.expires, kept.packets, kept.established), (500.0, 2, True))
+        self.assertIsNone(balancer.table.get(Key("hoa", address(idle))))
+
+    def test_told_late_is_the_packets_own_expiry(self) -> None:
+        """Stamps read long after their packet give the packet's expiry, not the
+        reading's: a terminal last forwarded in the driver at 200 is gone by the sweep
+        after 500, however late that sweep reads it; and a later hit through the
+        general path is not shortened by an earlier stamp."""
+        balancer, clock = make(scheduler="round_robin")
+        xdp = offload(balancer, clock)
+        other = "2001:db8:100::2002"
+        other_coa = "2001:db8:a1::2002"
+        for hoa, coa in ((HOA, COA1), (other, other_coa)):
+            assert balancer.inbound(mobile(coa, hoa=hoa)) is not None
+        xdp.flush()
+        clock.advance(200)
+        for hoa, coa in ((HOA, COA1), (other, other_coa)):
+            self.assertEqual(run(xdp, "lbproxy_inbound", bytes(mobile(coa, hoa=hoa)))[0],
+                             XDP_TX)  # fmt: skip
+        clock.advance(50)  # 250: the general path takes one of the other's packets
+        assert balancer.inbound(mobile(other_coa, hoa=other)) is not None
+        clock.advance(260)  # 510: nothing read the stamps until now
+        balancer.sweep()
+        self.assertIsNone(balancer.table.get(Key("hoa", address(HOA))))
+        later = balancer.table.get(Key("hoa", address(other)))
+        assert later is not None
+        self.assertEqual((later.expires, later.packets), (550.0, 2))  # not due: not read
+        balancer.table.catch_up(later)
+        self.assertEqual((later.expires, later.packets), (550.0, 3))
+
+    def test_a_busy_terminal_in_the_driver_is_not_evicted(self) -> None:
+        """A full table evicts by what the terminals did, the driver's packets
+        included: the idle newcomer goes, not the terminal whose packets (all but its
+        first) stayed in the driver."""
+        balancer, clock = make(scheduler="round_robin", max_entries=2)
+        xdp = offload(balancer, clock)
+        idle = "2001:db8:100::2002"
+        assert balancer.inbound(mobile(COA1)) is not None
+        clock.advance(1)
+        assert balancer.inbound(mobile("2001:db8:a1::2002", hoa=idle)) is not None
+        xdp.flush()
+        for _ in range(10):
+            clock.advance(1)
+            self.assertEqual(run(xdp, "lbproxy_inbound", bytes(mobile(COA1)))[0], XDP_TX)
+        third = "2001:db8:100::3003"
+        assert balancer.inbound(mobile("2001:db8:a3::1", hoa=third)) is not None
+        self.assertIsNone(balancer.table.get(Key("hoa", address(idle))))
+        busy = balancer.table.get(Key("hoa", address(HOA)))
+        assert busy is not None
+        self.assertEqual(busy.packets, 11)
+
+    def test_stale_passes_are_queued_once_per_write(self) -> None:
+        """Packets passed up as stale queue their home address once per write of its
+        entry, however many they are; `sync` writes it again and the next packets stay
+        in the driver.  Were the queue full (here: filled with garbage), the pass is
+        counted as unqueued and `sync` finds it by a whole pass, ignoring the garbage.
+        Throughout, the general path finds the terminal's binding alive by the driver's
+        stamps where the table's own expiry has passed: it is never bound anew."""
+        balancer, clock = make(scheduler="round_robin")
+        xdp = offload(balancer, clock)
+        first = balancer.inbound(mobile(COA1))
+        assert first is not None
+        binding = balancer.table.peek(Key("hoa", address(HOA)))
+        xdp.flush()
+        clock.advance(250)
+        assert balancer.inbound(mobile(COA1)) is not None  # the table only: 550
+        clock.advance(100)  # 350: past what the program was given (300)
+        usual = bytes(mobile(COA1))
+        for _ in range(3):
+            self.assertEqual(run(xdp, "lbproxy_inbound", usual)[0], XDP_PASS)
+        self.assertEqual(xdp.program.stale.pop(), address(HOA))
+        self.assertIsNone(xdp.program.stale.pop())  # once, not three times
+        xdp.program.stale.push(address(HOA))  # put back: what sync reads
+        xdp.sync()
+        self.assertEqual(run(xdp, "lbproxy_inbound", usual)[0], XDP_TX)
+        clock.advance(290)  # 640
+        assert balancer.inbound(mobile(COA1)) is not None  # the table only: 940
+        clock.advance(60)  # 700: stale again (550 and the last packet's 650 passed)
+        for i in range(1000):  # the queue (the table's bound) filled with garbage
+            xdp.program.stale.push((0x2001_0DB8_00FF << 80 | i).to_bytes(16, "big"))
+        self.assertEqual(run(xdp, "lbproxy_inbound", usual)[0], XDP_PASS)
+        xdp.fold_counters()
+        self.assertEqual(xdp.stats()["unqueued"], 1)
+        xdp.sync()
+        self.assertIsNone(xdp.program.stale.pop())
+        self.assertEqual(run(xdp, "lbproxy_inbound", usual)[0], XDP_TX)
+        self.assertIs(balancer.table.peek(Key("hoa", address(HOA))), binding)
+        self.assertEqual(balancer.table.stats.inserts, 1)
 
 
 class ReplyTests(SynchronousTestCase):
@@ -500,7 +612,7 @@ class OperatorViewTests(SynchronousTestCase):
         self.assertEqual((rows[quiet].idle, rows[quiet].left, rows[quiet].packets),
                          (251.0, 49.0, 1))  # fmt: skip
         self.assertIn(" 1.0 ", Control(balancer, clock, offload=lambda: xdp).show())
-        xdp.sync()  # the sweep's fold: the table now agrees
+        xdp.fold_all()  # the whole fold (a snapshot's): the table now agrees
         table = {r.key: r for r in Control(balancer, clock).rows()}
         self.assertEqual((table[busy].left, table[busy].packets), (299.0, 2))
         self.assertEqual(Control(balancer, clock, offload=lambda: xdp).rows()[0], table[busy])
@@ -687,6 +799,7 @@ class AttachedTests(SynchronousTestCase):
         self.assertEqual(xdp.stats()["packets"], 5)
         binding = balancer.table.get(Key("hoa", address(HOA)))
         assert binding is not None
+        balancer.table.catch_up(binding)  # what a sweep or a snapshot asks for
         self.assertEqual(binding.packets, 6)
 
     def test_next_hop_from_user_space(self) -> None:

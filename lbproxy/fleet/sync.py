@@ -298,6 +298,8 @@ class Sync:
         """The op `key`'s record needs, with `mine` updated: ("write", backend, TTL ms),
         ("delete", "", 0) or None."""
         b = self.table.peek(key)
+        if b is not None:
+            self.table.catch_up(b)  # the record's lifetime is the binding's, all told
         live = b is not None and b.expires > now
         if live:
             assert b is not None
@@ -363,6 +365,7 @@ class Sync:
         horizon = self.slack
         count = 0
         for key, b in list(self.mine.items()):
+            self.table.catch_up(b)  # packets forwarded in the driver refresh it too
             if b.expires <= now:
                 continue
             entry = self.replica.binding(key, now)

@@ -27,8 +27,9 @@ reason``, before anything else starts -- and forwards the usual packets of estab
 bindings in the driver; what it hands up arrives here as before.  The service keeps its
 maps in step: the bindings the core made are written after each batch (and, for changes
 made outside a batch, on the next reactor turn), the policy is compared after each batch,
-and the program's last-seen stamps are folded into the table right before each sweep
-(claim 10), with its counters.
+and the program's last-seen stamps of the bindings coming due are folded into the table
+right before each sweep (claim 10; the table asks for any other it would expire or
+evict), with its counters.
 
 It owns the life cycle twistd expects: sockets are opened as root in
 ``privilegedStartService``, reading starts in ``startService``, and a `LoopingCall` on the
@@ -300,6 +301,7 @@ class ForwarderService(Service):
             return
         try:
             xdp.sync()
+            xdp.fold_all()
         except Exception:
             _log.failure("XDP sync failed")
         self._xdp_counts = _xdp_counts(xdp.stats())
@@ -380,12 +382,13 @@ class ForwarderService(Service):
     def _sweep(self) -> None:
         xdp = self.xdp
         if xdp is not None:
-            # Claim 10 through the driver: the bindings the program kept alive are
-            # refreshed (at their last packet's time) before the sweep looks at them.
+            # Claim 10 through the driver: the bindings due before the next sweeps are
+            # refreshed by what the program forwarded (at their last packet's time);
+            # the sweep asks for any other it would expire.
             try:
                 self._xdp_next_hops(xdp)
                 xdp.prepare()
-                xdp.sync()
+                xdp.sync(ahead=2 * self.sweep_interval)
             except Exception:
                 _log.failure("XDP sync failed")
         try:

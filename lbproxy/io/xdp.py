@@ -20,19 +20,29 @@ with the core, using only what every executor uses:
   Type 2 Routing Header of replies, written as each is made or ends (and compared with
   the last copy at each `prepare`).
 
-What the program did comes back at `sync`, which the forwarder runs before every
-sweep (and the contract's executor after every batch):
+What the program did comes back when the table needs it:
 
-- **claim 10**: each hit stamps ``lb_seen`` (time, hits, source).  `sync` folds the
-  stamps into the table with `StickyTable.lookup` at the *stamped* time, so the binding's
-  expiry is what the general path would have given it; the packets beyond the first are
-  added to the binding's and the table's hit counts.  A binding whose traffic never
-  leaves the driver is therefore refreshed before the sweep looks at it;
+- **claim 10**: each hit stamps ``lb_seen`` (time, the expiry it gave, hits).  This
+  executor is the table's `Stamps`: the table asks it to `fold` a binding's stamps
+  before it treats the binding as expired (a lookup, a link, the sweep) or chooses it
+  for eviction, and `fold` tells the table the packets with `StickyTable.extend` -- the
+  expiry the *last packet* gave, as the general path would have; so a binding whose
+  traffic never leaves the driver lives on, an idle one expires on time, and a busy
+  one is never evicted as a newcomer.  The work follows what comes due, not the
+  number of terminals in the driver: `sync`, before every sweep, folds the bindings
+  due before the next sweeps (`StickyTable.due`), so the table's expiries (which the
+  fleet's records and the notifier's subscriptions read) are current where it counts;
+  `fold_all` folds every stamp (before a snapshot, at shutdown);
+- **stale passes**: a packet the program hands up because its entry looked expired or
+  came from another care-of address puts its home address on ``lb_stale`` (once per
+  write of the entry); `sync` writes those entries again from the table, so the
+  terminal's next packets stay in the driver.  Were the queue ever full (counted as
+  ``unqueued``), `sync` finds them by a whole pass instead;
 - the per-CPU counters, into the shared `Counters` (packets in and out, hits,
-  per-backend packets, replies).
+  per-backend packets, replies), at every `sync` and `lbproxyctl stats`.
 
-So the table sees a refresh, the last care-of address and the counts at most one sync
-late (one sweep interval), always with the packet's own time.
+A binding's packet count (and the table's hit count) therefore includes its packets in
+the driver from the next fold on; ``show`` adds those not folded yet.
 
 Without BPF (no ``libbpf.so.1``, no object, no permission) `XdpOffload` raises
 `XdpUnavailable` with the reason; `XdpOffload.open` (what the forwarder calls) also
@@ -91,9 +101,9 @@ _USABLE, _CONFIGURED = 1, 2
 _MAX_BACKENDS: Final = 256
 # lb_counters indices
 C_IN_PACKETS, C_IN_BYTES, C_REPLY_PACKETS, C_REPLY_BYTES = 0, 1, 2, 3
-C_IN_PASSED, C_REPLIES_PASSED, C_STALE, C_NO_ROUTE = 4, 5, 6, 7
+C_IN_PASSED, C_REPLIES_PASSED, C_STALE, C_NO_ROUTE, C_UNQUEUED = 4, 5, 6, 7, 8
 _COUNTER_NAMES: Final = ("packets", "bytes", "replies", "reply_bytes", "passed",
-                         "replies_passed", "stale", "no_route")  # fmt: skip
+                         "replies_passed", "stale", "no_route", "unqueued")  # fmt: skip
 
 #: struct lb_config: vip, flags, pad, lifetime, resolution, clock offset, fixed now.
 _CONFIG = struct.Struct("<16sII QQqQ")
@@ -101,11 +111,12 @@ _CONFIG = struct.Struct("<16sII QQqQ")
 #: hop user space resolved: link index, destination and source MACs, the link's MTU.
 _BACKEND = struct.Struct("<16sIHHI12sHH")
 _NEXT_HOP = 4
-#: struct lb_binding: backend index, flags, expiry (ns), care-of address.
-_BINDING = struct.Struct("<IIQ16s")
+#: struct lb_binding: backend index, flags, expiry (ns), care-of address, which write.
+_BINDING = struct.Struct("<IIQ16sII")
 _HAS_CARE_OF = 1
-#: struct lb_seen: last seen, expiry it gave, hits, stale passes (ns, counts), source.
-_SEEN = struct.Struct("<QQQQ16s")
+#: struct lb_seen: last seen, expiry it gave, hits, stale passes (ns, counts), source,
+#: the write it was queued stale for.
+_SEEN = struct.Struct("<QQQQ16sII")
 _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
 _HOA_KIND: Final = Key("hoa", bytes(16))[:1]
@@ -189,6 +200,7 @@ class _Libbpf:
             ("bpf_map_update_elem", i, [i, vp, vp, u64]),
             ("bpf_map_lookup_elem", i, [i, vp, vp]),
             ("bpf_map_delete_elem", i, [i, vp]),
+            ("bpf_map_lookup_and_delete_elem", i, [i, vp, vp]),
             ("bpf_map_get_next_key", i, [i, vp, vp]),
             ("bpf_map_lookup_batch", i, [i, vp, vp, vp, vp, ctypes.POINTER(u32), vp]),
             ("bpf_prog_test_run_opts", i, [i, ctypes.POINTER(_TestRunOpts)]),
@@ -254,6 +266,19 @@ class _Map:
                 return False
             _check(-1, "map delete")
         return True
+
+    def push(self, value: bytes) -> None:
+        """Add `value` at a queue map's tail."""
+        _check(self.lib.bpf_map_update_elem(self.fd, None, value, _BPF_ANY), "queue push")
+
+    def pop(self) -> bytes | None:
+        """A queue map's oldest value, taken off it (None: empty)."""
+        out = ctypes.create_string_buffer(self.value_size)
+        if self.lib.bpf_map_lookup_and_delete_elem(self.fd, None, out) < 0:
+            if ctypes.get_errno() == errno.ENOENT:
+                return None
+            _check(-1, "queue pop")
+        return out.raw
 
     def items(self, chunk: int = 256) -> Iterator[tuple[bytes, bytes]]:
         """Every (key, value) of a hash map, `chunk` entries per system call
@@ -416,6 +441,7 @@ class XdpProgram(BpfObject):
         # terminal; lb_confirmed holds one care-of address per home address.
         super().__init__(path, _PROGRAMS, {"lb_bindings": 2 * max_bindings,
                                            "lb_seen": 2 * max_bindings,
+                                           "lb_stale": max_bindings,
                                            "lb_confirmed": max_bindings})  # fmt: skip
         try:
             map_ = self.map
@@ -426,6 +452,7 @@ class XdpProgram(BpfObject):
             self.own = map_("lb_own", 16, 1)
             self.bindings = map_("lb_bindings", 16, _BINDING.size)
             self.seen = map_("lb_seen", 16, _SEEN.size)
+            self.stale = map_("lb_stale", 0, 16)
             self.confirmed = map_("lb_confirmed", 16, 16)
             self.counters = map_("lb_counters", 4, 8, per_cpu=True)
             self.backend_packets = map_("lb_backend_packets", 4, 8, per_cpu=True)
@@ -439,6 +466,8 @@ class XdpProgram(BpfObject):
                   self.confirmed):  # fmt: skip
             for key, _ in list(m.items()):
                 m.delete(key)
+        while self.stale.pop() is not None:
+            pass
         self.config.update(_U32.pack(0), bytes(_CONFIG.size))
         zero = bytes(self.counters.read_size)
         for i in range(len(_COUNTER_NAMES)):
@@ -508,6 +537,11 @@ class XdpOffload:
         self._names: list[str] = []
         # Home address -> (hits, stale passes) of lb_seen already folded in.
         self._synced: dict[bytes, tuple[int, int]] = {}
+        # Which write of lb_bindings the last was (the program queues an identity
+        # stale once per write: `_write_binding`).
+        self._written = 0
+        # The program's count of identities it could not queue, when last looked at.
+        self._unqueued = 0
         self._routes: dict[bytes, bytes] = {}
         # Backend address -> (link index, destination + source MAC, MTU): the next hop
         # of terminals' packets to it (`set_next_hops`), instead of the kernel's lookup.
@@ -531,6 +565,7 @@ class XdpOffload:
         for _key, binding in table:
             self._dirty[binding] = None
         table.listeners.append(self._mirror)
+        table.stamps = self
         if balancer.correspondent is not None:  # strict mode: entries follow the cache
             balancer.correspondent.listeners.append(self._cache_changed)
         # A confirmation made or ended (a notification, persistence, its lifetime)
@@ -679,6 +714,7 @@ class XdpOffload:
         changed = [h for h in before if h not in now] + [h for h in now if h not in before]
         for home in before:
             if home not in now and owner.get(home) is binding:
+                self._fold(home, binding)  # its last packets still count
                 del owner[home]
                 program.bindings.delete(home)
                 program.seen.delete(home)
@@ -733,9 +769,10 @@ class XdpOffload:
             self._care_of_users.setdefault(care_of, set()).add(binding)
         usable = care_of is not None and self._owner.get(care_of, binding) is binding and (
             self._strict is None or self._strict.get(home) == care_of)
+        self._written = self._written % 0xFFFFFFFF + 1  # never 0 (lb_seen's "none")
         self.program.bindings.update(home, _BINDING.pack(
             index, _HAS_CARE_OF if usable else 0, _ns(binding.expires),
-            care_of or bytes(16),
+            care_of or bytes(16), self._written, 0,
         ))  # fmt: skip
 
     def _cache_changed(self, home: bytes) -> None:
@@ -793,52 +830,93 @@ class XdpOffload:
 
     # -- what the program did -----------------------------------------------------------
 
-    def sync(self) -> int:
-        """Fold the program's stamps into the table (claim 10) and its counters into the
-        shared `Counters`; returns the bindings refreshed.  Run it before every sweep."""
+    def sync(self, ahead: float = 2.0) -> int:
+        """Before every sweep: the stamps of the bindings due within `ahead` seconds
+        folded into the table (claim 10; make it longer than the sweep interval), the
+        identities the program passed up written again, the counters folded into the
+        shared `Counters`.  Returns the bindings the fold refreshed."""
         self.flush()
+        self._rewrite_stale()
         table = self.balancer.table
-        get, refresh, stats = table.get, table.refresh, table.stats
-        synced, owner = self._synced, self._owner
-        program = self.program
-        unpack = _SEEN.unpack
         refreshed = 0
-        stale_homes = []
-        for home, raw in program.seen.items():
-            seen_ns, _expires, hits, stale, care_of = unpack(raw)
-            before = synced.get(home)
-            if before is None or (hits, stale) == before:
-                continue
-            synced[home] = (hits, stale)
-            new = hits - before[0]
-            if new > 0:
-                at = seen_ns / 1e9
-                # The binding the identity leads to in the table (the listeners keep
-                # `owner` so, and `flush` ran): `StickyTable.lookup` at the stamped time,
-                # without looking the key up again -- unless it is gone since (expired,
-                # evicted, moved).
-                binding = owner.get(home)
-                if binding is not None and binding.expires > at:
-                    refresh(binding, at)
-                    binding.packets += new - 1
-                    stats.hits += new - 1
-                    binding.care_of = care_of
-                    refreshed += 1
-            if stale != before[1]:
-                stale_homes.append(home)
-        # Passed up (expired as far as the program knew, or from another care-of
-        # address): give the program what the table says now (its expiry, its care-of
-        # address), so the terminal's next packets stay in the driver.
-        for home in stale_homes:
-            binding = get(Key("hoa", home))
-            if binding is not None and self._owner.get(home) is binding:
-                i = self._index.get(binding.backend.packed)
-                if i is not None:
-                    self._write_binding(home, binding, i)
+        for binding in table.due(self.clock.seconds() + ahead):
+            refreshed += self.fold(binding)
         self.fold_counters()
         if not self.fixed_clock:
             self._write_config()  # the clock offset follows the reactor's clock
         return refreshed
+
+    def fold(self, binding: Binding) -> bool:
+        """`Stamps.fold`: tell the table the packets the program forwarded for
+        `binding` since the last fold (True if there were any)."""
+        folded = False
+        for home in self._homes.get(binding, ()):
+            folded |= self._fold(home, binding)
+        return folded
+
+    def fold_all(self) -> None:
+        """`Stamps.fold_all`: every stamp at once, in one pass over ``lb_seen``; and the
+        identities whose stale count moved written again (for when the queue lost
+        some)."""
+        self.flush()
+        extend, owner, synced = self.balancer.table.extend, self._owner, self._synced
+        unpack = _SEEN.unpack
+        stale_homes = []
+        for home, raw in self.program.seen.items():
+            _seen_ns, expires_ns, hits, stale, _source, _queued, _ = unpack(raw)
+            before = synced.get(home)
+            if before is None or (hits, stale) == before:
+                continue
+            synced[home] = (hits, stale)
+            binding = owner.get(home)
+            if hits > before[0] and binding is not None:
+                extend(binding, expires_ns / 1e9, hits - before[0])
+            if stale != before[1]:
+                stale_homes.append(home)
+        for home in stale_homes:
+            self._write_again(home)
+
+    def _fold(self, home: bytes, binding: Binding) -> bool:
+        """`home`'s stamp, read now, into `binding` (what it leads to): the packets
+        since the last fold, at the expiry the last of them gave."""
+        before = self._synced.get(home)
+        if before is None or self._owner.get(home) is not binding:
+            return False
+        try:
+            raw = self.program.seen.lookup(home)
+        except OSError as e:  # the table is mid-way through a sweep: never raise into it
+            _log.error("XDP stamp of {home} unreadable: {e}", home=home.hex(), e=e)
+            return False
+        if raw is None:
+            return False
+        _seen_ns, expires_ns, hits, _stale, _source, _queued, _ = _SEEN.unpack(raw)
+        if hits <= before[0]:
+            return False
+        self._synced[home] = (hits, before[1])
+        self.balancer.table.extend(binding, expires_ns / 1e9, hits - before[0])
+        return True
+
+    def _rewrite_stale(self) -> None:
+        """The identities the program passed up (``lb_stale``), written again from what
+        the table says now (its expiry, its care-of address), so the terminal's next
+        packets stay in the driver; a whole pass if the queue was ever full."""
+        queue = self.program.stale
+        done: set[bytes] = set()
+        while (home := queue.pop()) is not None:
+            if home not in done:
+                done.add(home)
+                self._write_again(home)
+        lost = self.program.counters.per_cpu_sums(C_UNQUEUED)
+        if lost != self._unqueued:
+            self._unqueued = lost
+            self.fold_all()
+
+    def _write_again(self, home: bytes) -> None:
+        binding = self._owner.get(home)
+        if binding is not None and home in self._synced:
+            i = self._index.get(binding.backend.packed)
+            if i is not None:
+                self._write_binding(home, binding, i)
 
     def fold_counters(self) -> None:
         """Add what the program counted since the last fold to the shared `Counters`
@@ -877,7 +955,7 @@ class XdpOffload:
 
     def seen(self, binding: Binding) -> tuple[float, float, int] | None:
         """What the program knows of `binding` that the table may not have yet (it
-        folds in at the next sweep): its last hit on any of the binding's address
+        folds in when the table needs it): its last hit on any of the binding's address
         identities as (table-clock time, the expiry that hit gave, hits not yet
         folded in); None when the program never forwarded a packet of it.  The
         operator's ``show`` reads it: a binding whose traffic stays in the driver is
@@ -889,7 +967,7 @@ class XdpOffload:
             raw = self.program.seen.lookup(home)
             if raw is None:
                 continue
-            seen_ns, expires_ns, hits, _stale, _source = _SEEN.unpack(raw)
+            seen_ns, expires_ns, hits, _stale, _source, _queued, _ = _SEEN.unpack(raw)
             if not hits:
                 continue
             new += max(0, hits - synced.get(home, (0, 0))[0])
@@ -907,7 +985,7 @@ class XdpOffload:
 
         def binding(home: bytes) -> tuple[int, int, int, bytes] | None:
             raw = program.bindings.lookup(home)
-            return None if raw is None else _BINDING.unpack(raw)
+            return None if raw is None else _BINDING.unpack(raw)[:4]
 
         def seen_expires(home: bytes) -> int | None:
             raw = program.seen.lookup(home)
@@ -976,9 +1054,11 @@ class XdpOffload:
 
     def close(self) -> None:
         """Stop mirroring, detach and unload."""
-        listeners = self.balancer.table.listeners
-        if self._mirror in listeners:
-            listeners.remove(self._mirror)
+        table = self.balancer.table
+        if self._mirror in table.listeners:
+            table.listeners.remove(self._mirror)
+        if table.stamps is self:
+            table.stamps = None
         routes = self.balancer.return_paths.listeners
         if self._route_changed in routes:
             routes.remove(self._route_changed)

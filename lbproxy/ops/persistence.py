@@ -387,7 +387,9 @@ class RestoreResult:
 
 
 def snapshot(table: StickyTable, now: float) -> list[SavedBinding]:
-    """The live bindings of ``table`` as values, lifetimes relative to ``now``."""
+    """The live bindings of ``table`` as values, lifetimes relative to ``now`` (what an
+    executor forwarded outside the table, the XDP program, folded in first)."""
+    table.catch_up_all()
     out = []
     for key, binding in table:
         left = binding.expires - now

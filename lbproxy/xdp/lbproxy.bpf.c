@@ -15,6 +15,8 @@
  *   lb_bindings    home address -> backend index, table expiry      (user space writes)
  *   lb_seen        home address -> last seen, refreshed expiry, hits, last source
  *                                                                   (this program writes)
+ *   lb_stale       home addresses whose packets went up as stale, once per write of
+ *                  their lb_bindings entry: user space writes them again (a queue)
  *   lb_confirmed   home address -> confirmed care-of address (replies get a Type 2
  *                  Routing Header to it)
  *   lb_counters    per-CPU totals; lb_backend_packets per-CPU packets per backend
@@ -35,7 +37,8 @@
  * hop limit of 1 or less, no route or neighbour for the next hop -- is XDP_PASS,
  * untouched: the raw-socket path (the general path) decides.  This program never
  * creates a binding.  Claim 10 (lifetimes refreshed by traffic) survives: every hit
- * stamps lb_seen, and user space folds the stamps into the table before each sweep.
+ * stamps lb_seen, and user space folds a binding's stamps into the table when the table
+ * needs them: before it expires the binding or chooses it for eviction.
  *
  * Unattached (LB_DRY: BPF_PROG_TEST_RUN in the tests) a rewritten packet is XDP_TX
  * with its Ethernet header untouched; attached, it is redirected to its next hop: for a
@@ -60,11 +63,11 @@
 #define LB_NEXT_HOP 4u   /* ifindex, eth and mtu hold the backend's next hop */
 
 #define LB_MAX_BACKENDS 256
-#define LB_COUNTERS 8
+#define LB_COUNTERS 9
 
 enum {
 	C_IN_PACKETS, C_IN_BYTES, C_REPLY_PACKETS, C_REPLY_BYTES,
-	C_IN_PASSED, C_REPLIES_PASSED, C_STALE, C_NO_ROUTE,
+	C_IN_PASSED, C_REPLIES_PASSED, C_STALE, C_NO_ROUTE, C_UNQUEUED,
 };
 
 #define IPPROTO_ROUTING_ 43
@@ -105,6 +108,8 @@ struct lb_binding {
 	__u32 flags;
 	__u64 expires_ns;     /* the table's expiry when user space last wrote it */
 	struct addr care_of;  /* the binding's care-of address then */
+	__u32 written;        /* which write this is (never 0): lb_stale's once */
+	__u32 _pad;
 };
 
 struct lb_seen {
@@ -114,6 +119,8 @@ struct lb_seen {
 	__u64 stale;      /* packets of this binding passed up: expired here, or from
 			   * another care-of address */
 	struct addr care_of; /* the last hit's source */
+	__u32 queued;        /* lb_bindings' `written` when this was last queued stale */
+	__u32 _pad;
 };
 
 struct {
@@ -177,6 +184,14 @@ struct {
 	__type(key, struct addr);
 	__type(value, struct addr);
 } lb_confirmed SEC(".maps");
+
+/* Sized by the loader to the table's bound: an identity is queued at most once per
+ * write of its entry, and user space drains the queue at every sweep. */
+struct {
+	__uint(type, BPF_MAP_TYPE_QUEUE);
+	__uint(max_entries, 65536);
+	__type(value, struct addr);
+} lb_stale SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -329,6 +344,13 @@ static __always_inline int inbound(struct xdp_md *ctx, const struct lb_config *c
 		 * the table says, so the next packets stay here. */
 		__sync_fetch_and_add(&seen->stale, 1);
 		count(C_STALE, 1);
+		if (seen->queued != binding->written) {
+			/* Once per write: user space writes the entry again from the table
+			 * (a race between CPUs may queue it twice; user space takes it once). */
+			seen->queued = binding->written;
+			if (bpf_map_push_elem(&lb_stale, &hoa, 0))
+				count(C_UNQUEUED, 1);
+		}
 		return XDP_PASS;
 	}
 	index = binding->backend;
