@@ -23,10 +23,10 @@ SECOND = 1_000_000_000
 def view(**changes: object) -> ProgramView:
     """One binding, HOME -> backend 0 (usable, configured) from CARE_OF, live until 300 s;
     now is 100 s."""
-    bindings = {HOME: (0, 1, 300 * SECOND, CARE_OF)}
+    bindings = {HOME: (0, 1, 300 * SECOND, CARE_OF, 0)}
     fields: dict[str, object] = dict(
         flags=INBOUND | REPLIES, vip=VIP, now_ns=100 * SECOND, binding=bindings.get,
-        seen_expires={HOME: 0}.get, backend={0: (BACKEND, 3)}.get,
+        backend={0: (BACKEND, 3)}.get,
         backend_index={BACKEND: 0}.get, port_served=lambda port: True,
         own=lambda a: False, confirmed={}.get, names={0: "b1"}.get,
     )  # fmt: skip
@@ -61,9 +61,10 @@ class DecideTests(SynchronousTestCase):
             (inbound(OTHER), view(), "not the binding's care-of address"),
             (inbound(), view(binding={}.get), "no binding for home address 2001:db8:100::1"),
             (inbound(), view(now_ns=301 * SECOND), "expired"),
-            (inbound(), view(now_ns=301 * SECOND, seen_expires={HOME: 400 * SECOND}.get),
+            (inbound(), view(now_ns=301 * SECOND,
+                             binding={HOME: (0, 1, 300 * SECOND, CARE_OF, 400 * SECOND)}.get),
              "to b1"),  # a hit in the driver refreshed it
-            (inbound(), view(binding={HOME: (0, 0, 300 * SECOND, CARE_OF)}.get),
+            (inbound(), view(binding={HOME: (0, 0, 300 * SECOND, CARE_OF, 0)}.get),
              "no care-of address"),
             (inbound(), view(backend={0: (BACKEND, 2)}.get), "b1 may not take packets"),
             (inbound(), view(flags=INBOUND | REPLIES | 8, port_served=lambda p: p == 443),

@@ -22,7 +22,8 @@ with the core, using only what every executor uses:
 
 What the program did comes back when the table needs it:
 
-- **claim 10**: each hit stamps ``lb_seen`` (time, the expiry it gave, hits).  This
+- **claim 10**: each hit stamps its ``lb_bindings`` entry (time, the expiry it gave,
+  hits: the program's part of the entry, carried over when user space writes it).  This
   executor is the table's `Stamps`: the table asks it to `fold` a binding's stamps
   before it treats the binding as expired (a lookup, a link, the sweep) or chooses it
   for eviction, and `fold` tells the table the packets with `StickyTable.extend` -- the
@@ -111,12 +112,15 @@ _CONFIG = struct.Struct("<16sII QQqQ")
 #: hop user space resolved: link index, destination and source MACs, the link's MTU.
 _BACKEND = struct.Struct("<16sIHHI12sHH")
 _NEXT_HOP = 4
-#: struct lb_binding: backend index, flags, expiry (ns), care-of address, which write.
-_BINDING = struct.Struct("<IIQ16sII")
+#: struct lb_binding: user space's part -- backend index, flags, expiry (ns), care-of
+#: address, which write -- then the program's stamps: the write it queued stale for,
+#: last seen, the expiry that gave (ns), hits, stale passes.
+_BINDING = struct.Struct("<IIQ16sIIQQQQ")
+_STAMPS: Final = 36  # the offset of the program's part
+#: Within it, at _HITS_AT: last seen, the expiry it gave, hits, stale passes.
+_HITS = struct.Struct("<QQQQ")
+_HITS_AT: Final = 40
 _HAS_CARE_OF = 1
-#: struct lb_seen: last seen, expiry it gave, hits, stale passes (ns, counts), source,
-#: the write it was queued stale for.
-_SEEN = struct.Struct("<QQQQ16sII")
 _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
 _HOA_KIND: Final = Key("hoa", bytes(16))[:1]
@@ -432,7 +436,7 @@ class XdpProgram(BpfObject):
     yet).
 
     `max_bindings` sizes the binding maps (the table's bound): two identities each in
-    ``lb_bindings`` and ``lb_seen``, one confirmed care-of address each."""
+    ``lb_bindings``, one confirmed care-of address each."""
 
     def __init__(self, path: Path | str = OBJECT, max_bindings: int = 65536) -> None:
         if not Path(path).is_file():
@@ -440,7 +444,6 @@ class XdpProgram(BpfObject):
         # A binding's identities: its home address and its care-of address, the usual
         # terminal; lb_confirmed holds one care-of address per home address.
         super().__init__(path, _PROGRAMS, {"lb_bindings": 2 * max_bindings,
-                                           "lb_seen": 2 * max_bindings,
                                            "lb_stale": max_bindings,
                                            "lb_confirmed": max_bindings})  # fmt: skip
         try:
@@ -451,7 +454,6 @@ class XdpProgram(BpfObject):
             self.ports = map_("lb_ports", 2, 1)
             self.own = map_("lb_own", 16, 1)
             self.bindings = map_("lb_bindings", 16, _BINDING.size)
-            self.seen = map_("lb_seen", 16, _SEEN.size)
             self.stale = map_("lb_stale", 0, 16)
             self.confirmed = map_("lb_confirmed", 16, 16)
             self.counters = map_("lb_counters", 4, 8, per_cpu=True)
@@ -462,8 +464,7 @@ class XdpProgram(BpfObject):
 
     def reset(self) -> None:
         """Empty every map (a program reused for another balancer, in the tests)."""
-        for m in (self.backend_ix, self.ports, self.own, self.bindings, self.seen,
-                  self.confirmed):  # fmt: skip
+        for m in (self.backend_ix, self.ports, self.own, self.bindings, self.confirmed):
             for key, _ in list(m.items()):
                 m.delete(key)
         while self.stale.pop() is not None:
@@ -535,7 +536,8 @@ class XdpOffload:
         # each index's backend name (for the per-backend counters).
         self._index: dict[bytes, int] = {}
         self._names: list[str] = []
-        # Home address -> (hits, stale passes) of lb_seen already folded in.
+        # Home address -> (hits, stale passes) of its entry's stamps already folded in
+        # (every identity with an entry has one).
         self._synced: dict[bytes, tuple[int, int]] = {}
         # Which write of lb_bindings the last was (the program queues an identity
         # stale once per write: `_write_binding`).
@@ -708,17 +710,13 @@ class XdpOffload:
         """Each of `binding`'s address identities `now` (its key and its address
         aliases: home and care-of addresses) leads to its backend in the program; the
         ones it had before and lost lead nowhere."""
-        program = self.program
         owner, homes_of = self._owner, self._homes
         before = homes_of.pop(binding, ())
         changed = [h for h in before if h not in now] + [h for h in now if h not in before]
         for home in before:
             if home not in now and owner.get(home) is binding:
-                self._fold(home, binding)  # its last packets still count
+                self._drop_entry(home, binding)
                 del owner[home]
-                program.bindings.delete(home)
-                program.seen.delete(home)
-                self._synced.pop(home, None)
         if not now:
             self._forget_care_of(binding)
             self._recheck(changed, binding)
@@ -730,12 +728,9 @@ class XdpOffload:
         for home in now:
             owner[home] = binding
             if i is None:  # no room for another backend: the general path serves it
-                program.bindings.delete(home)
+                self._drop_entry(home, binding)
                 continue
             try:
-                if home not in self._synced:
-                    program.seen.update(home, bytes(_SEEN.size))
-                    self._synced[home] = (0, 0)
                 self._write_binding(home, binding, i)
             except OSError as e:
                 if e.errno != errno.E2BIG:
@@ -743,11 +738,17 @@ class XdpOffload:
                 # The maps are full (two identities per binding of the table's bound:
                 # a terminal that moved a lot has more): this one is not offloaded,
                 # its packets go up to the Python paths, which serve them as before.
-                program.bindings.delete(home)
-                program.seen.delete(home)
                 self._synced.pop(home, None)
                 self._map_full()
         self._recheck(changed, binding)
+
+    def _drop_entry(self, home: bytes, binding: Binding) -> None:
+        """`home` no longer leads to `binding` in the program: its last packets there
+        folded in, its entry deleted."""
+        if home in self._synced:
+            self._fold(home, binding)
+            self.program.bindings.delete(home)
+            del self._synced[home]
 
     def _map_full(self) -> None:
         self.full += 1
@@ -769,11 +770,22 @@ class XdpOffload:
             self._care_of_users.setdefault(care_of, set()).add(binding)
         usable = care_of is not None and self._owner.get(care_of, binding) is binding and (
             self._strict is None or self._strict.get(home) == care_of)
-        self._written = self._written % 0xFFFFFFFF + 1  # never 0 (lb_seen's "none")
-        self.program.bindings.update(home, _BINDING.pack(
-            index, _HAS_CARE_OF if usable else 0, _ns(binding.expires),
-            care_of or bytes(16), self._written, 0,
-        ))  # fmt: skip
+        self._written = self._written % 0xFFFFFFFF + 1  # never 0 (no entry queued yet)
+        entry = _BINDING.pack(index, _HAS_CARE_OF if usable else 0, _ns(binding.expires),
+                              care_of or bytes(16), self._written, 0, 0, 0, 0, 0)
+        bindings = self.program.bindings
+        if home in self._synced:
+            # The program's stamps carried over: read just before, so the hits of a
+            # packet forwarded between the read and the write (microseconds; a write
+            # follows a change of the binding, or a stale pass) are not counted in
+            # the binding's packets -- the per-CPU counters have them.
+            old = bindings.lookup(home)
+            if old is not None:
+                entry = entry[:_STAMPS] + old[_STAMPS:]
+            bindings.update(home, entry)
+        else:
+            bindings.update(home, entry)
+            self._synced[home] = (0, 0)
 
     def _cache_changed(self, home: bytes) -> None:
         """`Correspondent.listeners`: `home`'s binding cache entry was made, changed or
@@ -855,15 +867,15 @@ class XdpOffload:
         return folded
 
     def fold_all(self) -> None:
-        """`Stamps.fold_all`: every stamp at once, in one pass over ``lb_seen``; and the
+        """`Stamps.fold_all`: every stamp at once, in one pass over ``lb_bindings``; and the
         identities whose stale count moved written again (for when the queue lost
         some)."""
         self.flush()
         extend, owner, synced = self.balancer.table.extend, self._owner, self._synced
-        unpack = _SEEN.unpack
+        unpack_from = _HITS.unpack_from
         stale_homes = []
-        for home, raw in self.program.seen.items():
-            _seen_ns, expires_ns, hits, stale, _source, _queued, _ = unpack(raw)
+        for home, raw in self.program.bindings.items():
+            _seen_ns, expires_ns, hits, stale = unpack_from(raw, _HITS_AT)
             before = synced.get(home)
             if before is None or (hits, stale) == before:
                 continue
@@ -883,13 +895,13 @@ class XdpOffload:
         if before is None or self._owner.get(home) is not binding:
             return False
         try:
-            raw = self.program.seen.lookup(home)
+            raw = self.program.bindings.lookup(home)
         except OSError as e:  # the table is mid-way through a sweep: never raise into it
             _log.error("XDP stamp of {home} unreadable: {e}", home=home.hex(), e=e)
             return False
         if raw is None:
             return False
-        _seen_ns, expires_ns, hits, _stale, _source, _queued, _ = _SEEN.unpack(raw)
+        _seen_ns, expires_ns, hits, _stale = _HITS.unpack_from(raw, _HITS_AT)
         if hits <= before[0]:
             return False
         self._synced[home] = (hits, before[1])
@@ -947,10 +959,10 @@ class XdpOffload:
 
     def last_seen(self, home: bytes) -> float | None:
         """The table-clock time of the program's last hit for `home` (None: none yet)."""
-        raw = self.program.seen.lookup(home)
+        raw = self.program.bindings.lookup(home)
         if raw is None:
             return None
-        seen_ns = _SEEN.unpack(raw)[0]
+        seen_ns = _HITS.unpack_from(raw, _HITS_AT)[0]
         return seen_ns / 1e9 if seen_ns else None
 
     def seen(self, binding: Binding) -> tuple[float, float, int] | None:
@@ -964,10 +976,10 @@ class XdpOffload:
         found: tuple[float, float, int] | None = None
         new = 0
         for home in self._homes.get(binding, ()):
-            raw = self.program.seen.lookup(home)
+            raw = self.program.bindings.lookup(home)
             if raw is None:
                 continue
-            seen_ns, expires_ns, hits, _stale, _source, _queued, _ = _SEEN.unpack(raw)
+            seen_ns, expires_ns, hits, _stale = _HITS.unpack_from(raw, _HITS_AT)
             if not hits:
                 continue
             new += max(0, hits - synced.get(home, (0, 0))[0])
@@ -983,13 +995,13 @@ class XdpOffload:
         vip, flags, _pad, _lifetime, _resolution, offset, fixed = _CONFIG.unpack(raw)
         now = fixed if flags & _FIXED_CLOCK else time.monotonic_ns() + offset
 
-        def binding(home: bytes) -> tuple[int, int, int, bytes] | None:
+        def binding(home: bytes) -> tuple[int, int, int, bytes, int] | None:
             raw = program.bindings.lookup(home)
-            return None if raw is None else _BINDING.unpack(raw)[:4]
-
-        def seen_expires(home: bytes) -> int | None:
-            raw = program.seen.lookup(home)
-            return None if raw is None else int(_SEEN.unpack(raw)[1])
+            if raw is None:
+                return None
+            index, flags, expires, care_of, _w, _q, _seen, seen_expires, _h, _s = \
+                _BINDING.unpack(raw)  # fmt: skip
+            return index, flags, expires, care_of, seen_expires
 
         def backend(index: int) -> tuple[bytes, int] | None:
             if not 0 <= index < _MAX_BACKENDS:
@@ -1007,7 +1019,7 @@ class XdpOffload:
 
         policy = self._policy
         return ProgramView(
-            flags=flags, vip=vip, now_ns=now, binding=binding, seen_expires=seen_expires,
+            flags=flags, vip=vip, now_ns=now, binding=binding,
             backend=backend, backend_index=backend_index,
             port_served=lambda port: program.ports.lookup(_U16.pack(port)) is not None,
             own=lambda address: program.own.lookup(address) is not None,

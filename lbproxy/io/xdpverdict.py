@@ -36,20 +36,18 @@ _MOBILE_HEAD = 68
 class ProgramView:
     """What the program reads to decide, as of now.
 
-    ``binding``: home address -> (backend index, flags, expiry ns, care-of address) of
-    ``lb_bindings``; ``seen_expires``: home address -> the expiry its last hit gave
-    (``lb_seen``, None: no entry); ``backend``: index -> (address, flags); ``backend_index``:
-    address -> index (``lb_backend_ix``); ``port_served``, ``own``, ``confirmed``: the
-    ports, this host's addresses, home -> confirmed care-of address; ``now_ns``: the
-    table's clock as the program reads it; ``names``: backend index -> name (for the
-    operator); ``inbound_off``/``replies_off``: the policy's reason when a direction is
-    kept out of the driver."""
+    ``binding``: home address -> (backend index, flags, expiry ns, care-of address, the
+    expiry its last hit in the driver gave) of ``lb_bindings``; ``backend``: index ->
+    (address, flags); ``backend_index``: address -> index (``lb_backend_ix``);
+    ``port_served``, ``own``, ``confirmed``: the ports, this host's addresses, home ->
+    confirmed care-of address; ``now_ns``: the table's clock as the program reads it;
+    ``names``: backend index -> name (for the operator); ``inbound_off``/``replies_off``:
+    the policy's reason when a direction is kept out of the driver."""
 
     flags: int
     vip: bytes
     now_ns: int
-    binding: Callable[[bytes], tuple[int, int, int, bytes] | None]
-    seen_expires: Callable[[bytes], int | None]
+    binding: Callable[[bytes], tuple[int, int, int, bytes, int] | None]
     backend: Callable[[int], tuple[bytes, int] | None]
     backend_index: Callable[[bytes], int | None]
     port_served: Callable[[int], bool]
@@ -127,13 +125,10 @@ def _inbound(p: bytes, view: ProgramView) -> Decision:
     if binding is None:
         return _up(d, f"no binding for home address {_addr(home)} in the program's map "
                       "(a miss: the core makes the binding)")  # fmt: skip
-    index, flags, expires_ns, care_of = binding
-    seen = view.seen_expires(home)
-    if seen is None:
-        return _up(d, f"no last-seen entry for {_addr(home)} in the program's map")
+    index, flags, expires_ns, care_of, seen = binding
     if view.now_ns >= expires_ns and view.now_ns >= seen:
         return _up(d, "the binding has expired as far as the program knows (the core "
-                      "decides; the next sweep writes the table's expiry back)")  # fmt: skip
+                      "decides; the next sync writes the table's expiry back)")  # fmt: skip
     if not flags & _HAS_CARE_OF:
         return _up(d, "the program has no care-of address for the binding (none yet, or "
                       "it is an identity of another binding: the core counts the conflict)")

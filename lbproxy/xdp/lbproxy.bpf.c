@@ -12,9 +12,11 @@
  *   lb_backend_ix  backend address -> index (is a reply's source a backend?)
  *   lb_ports       destination ports served (when the policy restricts them)
  *   lb_own         this host's addresses (server-link packets to them are not replies)
- *   lb_bindings    home address -> backend index, table expiry      (user space writes)
- *   lb_seen        home address -> last seen, refreshed expiry, hits, last source
- *                                                                   (this program writes)
+ *   lb_bindings    home address -> backend index, table expiry, care-of address
+ *                  (user space writes), and the stamps of the hits (this program
+ *                  writes): last seen, the expiry it gave, hits, stale passes -- one
+ *                  entry, so a packet costs one hash lookup (two missed the caches
+ *                  with 100,000 terminals)
  *   lb_stale       home addresses whose packets went up as stale, once per write of
  *                  their lb_bindings entry: user space writes them again (a queue)
  *   lb_confirmed   home address -> confirmed care-of address (replies get a Type 2
@@ -37,7 +39,7 @@
  * hop limit of 1 or less, no route or neighbour for the next hop -- is XDP_PASS,
  * untouched: the raw-socket path (the general path) decides.  This program never
  * creates a binding.  Claim 10 (lifetimes refreshed by traffic) survives: every hit
- * stamps lb_seen, and user space folds a binding's stamps into the table when the table
+ * stamps its entry, and user space folds a binding's stamps into the table when the table
  * needs them: before it expires the binding or chooses it for eviction.
  *
  * Unattached (LB_DRY: BPF_PROG_TEST_RUN in the tests) a rewritten packet is XDP_TX
@@ -104,23 +106,19 @@ struct lb_backend {
 #define LB_CARE_OF 1u /* lb_binding.care_of holds the binding's care-of address */
 
 struct lb_binding {
+	/* user space's: written whole, carrying over the stamps it read just before */
 	__u32 backend;
 	__u32 flags;
 	__u64 expires_ns;     /* the table's expiry when user space last wrote it */
 	struct addr care_of;  /* the binding's care-of address then */
 	__u32 written;        /* which write this is (never 0): lb_stale's once */
-	__u32 _pad;
-};
-
-struct lb_seen {
-	__u64 seen_ns;    /* table clock of the last hit */
-	__u64 expires_ns; /* the expiry that hit gave (the table gets it at the next sync) */
-	__u64 hits;       /* packets forwarded here, since the entry was made */
-	__u64 stale;      /* packets of this binding passed up: expired here, or from
-			   * another care-of address */
-	struct addr care_of; /* the last hit's source */
-	__u32 queued;        /* lb_bindings' `written` when this was last queued stale */
-	__u32 _pad;
+	/* this program's stamps */
+	__u32 queued;         /* `written` when this identity was last queued stale */
+	__u64 seen_ns;        /* table clock of the last hit */
+	__u64 seen_expires_ns; /* the expiry that hit gave (the table's when it asks) */
+	__u64 hits;           /* packets forwarded here, since the entry was made */
+	__u64 stale;          /* packets passed up: expired here, or from another
+			       * care-of address */
 };
 
 struct {
@@ -168,14 +166,6 @@ struct {
 	__type(key, struct addr);
 	__type(value, struct lb_binding);
 } lb_bindings SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct addr);
-	__type(value, struct lb_seen);
-} lb_seen SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -293,7 +283,6 @@ static __always_inline int inbound(struct xdp_md *ctx, const struct lb_config *c
 	__u64 n = (__u64)(data_end - data) - sizeof(*eth);
 	struct lb_binding *binding;
 	struct lb_backend *backend;
-	struct lb_seen *seen;
 	__u8 eth_out[12];
 	__u32 ifindex = 0, csum_at, index;
 	__u16 csum;
@@ -332,22 +321,19 @@ static __always_inline int inbound(struct xdp_md *ctx, const struct lb_config *c
 	binding = bpf_map_lookup_elem(&lb_bindings, &hoa);
 	if (!binding)
 		return XDP_PASS;
-	seen = bpf_map_lookup_elem(&lb_seen, &hoa);
-	if (!seen)
-		return XDP_PASS;
 	now = table_now(cfg);
-	if ((now >= binding->expires_ns && now >= seen->expires_ns) ||
+	if ((now >= binding->expires_ns && now >= binding->seen_expires_ns) ||
 	    !(binding->flags & LB_CARE_OF) || !same(&src, &binding->care_of)) {
 		/* Expired as far as this program knows, or from a care-of address that is
 		 * not the binding's: the table decides (the general path may have refreshed
 		 * it; a new care-of address is linked there).  User space then writes what
 		 * the table says, so the next packets stay here. */
-		__sync_fetch_and_add(&seen->stale, 1);
+		__sync_fetch_and_add(&binding->stale, 1);
 		count(C_STALE, 1);
-		if (seen->queued != binding->written) {
+		if (binding->queued != binding->written) {
 			/* Once per write: user space writes the entry again from the table
 			 * (a race between CPUs may queue it twice; user space takes it once). */
-			seen->queued = binding->written;
+			binding->queued = binding->written;
 			if (bpf_map_push_elem(&lb_stale, &hoa, 0))
 				count(C_UNQUEUED, 1);
 		}
@@ -376,10 +362,9 @@ static __always_inline int inbound(struct xdp_md *ctx, const struct lb_config *c
 	/* Claim 10: the binding's lifetime starts again (the table's rounding: up to a
 	 * multiple of the resolution). */
 	end = (now + cfg->resolution_ns - 1) / cfg->resolution_ns * cfg->resolution_ns;
-	seen->seen_ns = now;
-	seen->expires_ns = end + cfg->lifetime_ns;
-	seen->care_of = src;
-	__sync_fetch_and_add(&seen->hits, 1);
+	binding->seen_ns = now;
+	binding->seen_expires_ns = end + cfg->lifetime_ns;
+	__sync_fetch_and_add(&binding->hits, 1);
 	count(C_IN_PACKETS, 1);
 	count(C_IN_BYTES, n);
 	{
