@@ -125,7 +125,8 @@ def _xdp_counts(counted: dict[str, int]) -> dict[str, int]:
     names = (("forwarded", "packets"), ("forwarded_bytes", "bytes"), ("replies", "replies"),
              ("reply_bytes", "reply_bytes"), ("passed", "passed"),
              ("replies_passed", "replies_passed"), ("stale", "stale"),
-             ("no_route", "no_route"), ("map_full", "full"))  # fmt: skip
+             ("no_route", "no_route"), ("map_full", "full"),
+             ("stale_unqueued", "unqueued"))  # fmt: skip
     return {shown: counted.get(name, 0) for shown, name in names}
 
 
