@@ -676,7 +676,7 @@ def warm_up(tools: Tools, terminals: int, balancer: Lbproxy | None = None) -> No
         finish(sink)
         if balancer is None:
             return
-        time.sleep(1.2)  # a sweep: the XDP program's stamps folded in
+        time.sleep(1.2)  # a sweep: bindings written to the program, counters folded
         size = balancer.stats()["table"]["size"]
         if size >= terminals:
             return

@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from lbproxy.core.keys import Key
 from lbproxy.core.selection import Backend
-from lbproxy.core.table import Binding, StickyTable
+from lbproxy.core.table import _PROBATION, Binding, StickyTable
 
 LIFETIME = 30.0
 A = Backend("a", ipaddress.IPv6Address("2001:db8:ffff::a"))
@@ -885,6 +885,30 @@ class StampedTableTests(TableTestCase):
         self.table.lookup(src(1))  # gives 52
         self.table.catch_up(binding)
         self.assertEqual((binding.expires, binding.packets), (52.0, 3))
+
+    def test_told_too_late_while_the_fifo_compacts(self) -> None:
+        """A probationary binding told at the sweep of packets whose own expiry is past
+        too (a sync missed: a stalled reactor, a clock step): promoted by them, which
+        compacts the FIFO under the sweep's walk, then dropped -- and the table's count
+        of stale FIFO filings stays true."""
+        table = StickyTable(self.clock, LIFETIME, max_entries=100_000, admission=False)
+        outside = Outside(table)
+        bindings = [table.insert(src(i), A) for i in range(1100)]
+        head = bindings[0]
+        assert head is not None
+        outside.pending[head] = (LIFETIME + 0.5, 1)
+        self.clock.advance(1)
+        for b in bindings[50:1074]:  # 1024 promotions: one more compacts the FIFO
+            assert b is not None
+            table.lookup(b.key)
+        self.clock.advance(LIFETIME)  # 31: the head's expiry and its stamp's both past
+        table.expire()
+        self.clock.advance(1)
+        table.expire()  # the promoted head, dropped by its wheel within a grain
+        fifo = table._probation
+        self.assertEqual(table._p_stale, sum(b._next is not _PROBATION for b in fifo))
+        self.assertEqual(table.probationary, sum(b._next is _PROBATION for b in fifo))
+        self.assertNotIn(src(0), table)
 
     def test_busy_outside_is_not_evicted_as_a_newcomer(self) -> None:
         """When the table is full, a terminal whose packets all went outside is judged

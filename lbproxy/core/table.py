@@ -689,11 +689,15 @@ class StickyTable:
             if b._next is _PROBATION:
                 if b.expires > now:
                     break
-                if not self._lapsed(b, now):  # promoted: the FIFO may be compacted
+                lapsed = self._lapsed(b, now)
+                if b._next is not _PROBATION:
+                    # Promoted by packets forwarded outside: filed in a wheel now (whose
+                    # sweep drops it if it lapsed anyway), and the FIFO may have been
+                    # compacted under this walk.
                     fifo = self._probation
-                    if b._next is _PROBATION:
-                        break  # (`extend` promotes: not reached)
                     continue
+                if not lapsed:
+                    break  # (`extend` promotes: not reached)
                 self._drop(b)
                 removed += 1
             fifo.popleft()
