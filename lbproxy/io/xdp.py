@@ -35,10 +35,10 @@ What the program did comes back when the table needs it:
   fleet's records and the notifier's subscriptions read) are current where it counts;
   `fold_all` folds every stamp (before a snapshot, at shutdown);
 - **stale passes**: a packet the program hands up because its entry looked expired or
-  came from another care-of address puts its home address on ``lb_stale`` (once per
-  write of the entry); `sync` writes those entries again from the table, so the
-  terminal's next packets stay in the driver.  Were the queue ever full (counted as
-  ``unqueued``), `sync` finds them by a whole pass instead;
+  came from another care-of address puts its home address in ``lb_stale`` (a set, sized
+  like ``lb_bindings``: repeats cost nothing); `sync` writes those entries again from
+  the table, so the terminal's next packets stay in the driver.  Were one ever not
+  recorded (counted as ``unqueued``), `sync` finds them by a whole pass instead;
 - the per-CPU counters, into the shared `Counters` (packets in and out, hits,
   per-backend packets, replies), at every `sync` and `lbproxyctl stats`.
 
@@ -113,13 +113,11 @@ _CONFIG = struct.Struct("<16sII QQqQ")
 _BACKEND = struct.Struct("<16sIHHI12sHH")
 _NEXT_HOP = 4
 #: struct lb_binding: user space's part -- backend index, flags, expiry (ns), care-of
-#: address, which write -- then the program's stamps: the write it queued stale for,
-#: last seen, the expiry that gave (ns), hits, stale passes.
-_BINDING = struct.Struct("<IIQ16sIIQQQQ")
-_STAMPS: Final = 36  # the offset of the program's part
-#: Within it, at _HITS_AT: last seen, the expiry it gave, hits, stale passes.
+#: address -- then, at _STAMPS, the program's: last seen, the expiry that gave (ns),
+#: hits, stale passes (_HITS).
+_BINDING = struct.Struct("<IIQ16sQQQQ")
+_STAMPS: Final = 32
 _HITS = struct.Struct("<QQQQ")
-_HITS_AT: Final = 40
 _HAS_CARE_OF = 1
 _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
@@ -204,7 +202,6 @@ class _Libbpf:
             ("bpf_map_update_elem", i, [i, vp, vp, u64]),
             ("bpf_map_lookup_elem", i, [i, vp, vp]),
             ("bpf_map_delete_elem", i, [i, vp]),
-            ("bpf_map_lookup_and_delete_elem", i, [i, vp, vp]),
             ("bpf_map_get_next_key", i, [i, vp, vp]),
             ("bpf_map_lookup_batch", i, [i, vp, vp, vp, vp, ctypes.POINTER(u32), vp]),
             ("bpf_prog_test_run_opts", i, [i, ctypes.POINTER(_TestRunOpts)]),
@@ -270,19 +267,6 @@ class _Map:
                 return False
             _check(-1, "map delete")
         return True
-
-    def push(self, value: bytes) -> None:
-        """Add `value` at a queue map's tail."""
-        _check(self.lib.bpf_map_update_elem(self.fd, None, value, _BPF_ANY), "queue push")
-
-    def pop(self) -> bytes | None:
-        """A queue map's oldest value, taken off it (None: empty)."""
-        out = ctypes.create_string_buffer(self.value_size)
-        if self.lib.bpf_map_lookup_and_delete_elem(self.fd, None, out) < 0:
-            if ctypes.get_errno() == errno.ENOENT:
-                return None
-            _check(-1, "queue pop")
-        return out.raw
 
     def items(self, chunk: int = 256) -> Iterator[tuple[bytes, bytes]]:
         """Every (key, value) of a hash map, `chunk` entries per system call
@@ -444,7 +428,7 @@ class XdpProgram(BpfObject):
         # A binding's identities: its home address and its care-of address, the usual
         # terminal; lb_confirmed holds one care-of address per home address.
         super().__init__(path, _PROGRAMS, {"lb_bindings": 2 * max_bindings,
-                                           "lb_stale": max_bindings,
+                                           "lb_stale": 2 * max_bindings,
                                            "lb_confirmed": max_bindings})  # fmt: skip
         try:
             map_ = self.map
@@ -454,7 +438,7 @@ class XdpProgram(BpfObject):
             self.ports = map_("lb_ports", 2, 1)
             self.own = map_("lb_own", 16, 1)
             self.bindings = map_("lb_bindings", 16, _BINDING.size)
-            self.stale = map_("lb_stale", 0, 16)
+            self.stale = map_("lb_stale", 16, 1)
             self.confirmed = map_("lb_confirmed", 16, 16)
             self.counters = map_("lb_counters", 4, 8, per_cpu=True)
             self.backend_packets = map_("lb_backend_packets", 4, 8, per_cpu=True)
@@ -464,11 +448,10 @@ class XdpProgram(BpfObject):
 
     def reset(self) -> None:
         """Empty every map (a program reused for another balancer, in the tests)."""
-        for m in (self.backend_ix, self.ports, self.own, self.bindings, self.confirmed):
+        for m in (self.backend_ix, self.ports, self.own, self.bindings, self.stale,
+                  self.confirmed):  # fmt: skip
             for key, _ in list(m.items()):
                 m.delete(key)
-        while self.stale.pop() is not None:
-            pass
         self.config.update(_U32.pack(0), bytes(_CONFIG.size))
         zero = bytes(self.counters.read_size)
         for i in range(len(_COUNTER_NAMES)):
@@ -539,10 +522,7 @@ class XdpOffload:
         # Home address -> (hits, stale passes) of its entry's stamps already folded in
         # (every identity with an entry has one).
         self._synced: dict[bytes, tuple[int, int]] = {}
-        # Which write of lb_bindings the last was (the program queues an identity
-        # stale once per write: `_write_binding`).
-        self._written = 0
-        # The program's count of identities it could not queue, when last looked at.
+        # The program's count of stale passes it could not record, when last looked at.
         self._unqueued = 0
         self._routes: dict[bytes, bytes] = {}
         # Backend address -> (link index, destination + source MAC, MTU): the next hop
@@ -770,9 +750,8 @@ class XdpOffload:
             self._care_of_users.setdefault(care_of, set()).add(binding)
         usable = care_of is not None and self._owner.get(care_of, binding) is binding and (
             self._strict is None or self._strict.get(home) == care_of)
-        self._written = self._written % 0xFFFFFFFF + 1  # never 0 (no entry queued yet)
         entry = _BINDING.pack(index, _HAS_CARE_OF if usable else 0, _ns(binding.expires),
-                              care_of or bytes(16), self._written, 0, 0, 0, 0, 0)
+                              care_of or bytes(16), 0, 0, 0, 0)
         bindings = self.program.bindings
         if home in self._synced:
             # The program's stamps carried over: read just before, so the hits of a
@@ -875,7 +854,7 @@ class XdpOffload:
         unpack_from = _HITS.unpack_from
         stale_homes = []
         for home, raw in self.program.bindings.items():
-            _seen_ns, expires_ns, hits, stale = unpack_from(raw, _HITS_AT)
+            _seen_ns, expires_ns, hits, stale = unpack_from(raw, _STAMPS)
             before = synced.get(home)
             if before is None or (hits, stale) == before:
                 continue
@@ -901,7 +880,7 @@ class XdpOffload:
             return False
         if raw is None:
             return False
-        _seen_ns, expires_ns, hits, _stale = _HITS.unpack_from(raw, _HITS_AT)
+        _seen_ns, expires_ns, hits, _stale = _HITS.unpack_from(raw, _STAMPS)
         if hits <= before[0]:
             return False
         self._synced[home] = (hits, before[1])
@@ -911,13 +890,13 @@ class XdpOffload:
     def _rewrite_stale(self) -> None:
         """The identities the program passed up (``lb_stale``), written again from what
         the table says now (its expiry, its care-of address), so the terminal's next
-        packets stay in the driver; a whole pass if the queue was ever full."""
-        queue = self.program.stale
-        done: set[bytes] = set()
-        while (home := queue.pop()) is not None:
-            if home not in done:
-                done.add(home)
-                self._write_again(home)
+        packets stay in the driver; a whole pass if the program could not record some.
+        Each is taken off the set before it is written: one passed up again meanwhile
+        is back in the set for the next sync."""
+        stale = self.program.stale
+        for home, _ in list(stale.items()):
+            stale.delete(home)
+            self._write_again(home)
         lost = self.program.counters.per_cpu_sums(C_UNQUEUED)
         if lost != self._unqueued:
             self._unqueued = lost
@@ -962,7 +941,7 @@ class XdpOffload:
         raw = self.program.bindings.lookup(home)
         if raw is None:
             return None
-        seen_ns = _HITS.unpack_from(raw, _HITS_AT)[0]
+        seen_ns = _HITS.unpack_from(raw, _STAMPS)[0]
         return seen_ns / 1e9 if seen_ns else None
 
     def seen(self, binding: Binding) -> tuple[float, float, int] | None:
@@ -979,7 +958,7 @@ class XdpOffload:
             raw = self.program.bindings.lookup(home)
             if raw is None:
                 continue
-            seen_ns, expires_ns, hits, _stale = _HITS.unpack_from(raw, _HITS_AT)
+            seen_ns, expires_ns, hits, _stale = _HITS.unpack_from(raw, _STAMPS)
             if not hits:
                 continue
             new += max(0, hits - synced.get(home, (0, 0))[0])
@@ -999,8 +978,7 @@ class XdpOffload:
             raw = program.bindings.lookup(home)
             if raw is None:
                 return None
-            index, flags, expires, care_of, _w, _q, _seen, seen_expires, _h, _s = \
-                _BINDING.unpack(raw)  # fmt: skip
+            index, flags, expires, care_of, _seen, seen_expires, _h, _s = _BINDING.unpack(raw)
             return index, flags, expires, care_of, seen_expires
 
         def backend(index: int) -> tuple[bytes, int] | None:

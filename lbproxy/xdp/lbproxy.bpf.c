@@ -17,8 +17,8 @@
  *                  writes): last seen, the expiry it gave, hits, stale passes -- one
  *                  entry, so a packet costs one hash lookup (two missed the caches
  *                  with 100,000 terminals)
- *   lb_stale       home addresses whose packets went up as stale, once per write of
- *                  their lb_bindings entry: user space writes them again (a queue)
+ *   lb_stale       home addresses whose packets went up as stale (a set): user space
+ *                  writes their entries again from the table, and empties it
  *   lb_confirmed   home address -> confirmed care-of address (replies get a Type 2
  *                  Routing Header to it)
  *   lb_counters    per-CPU totals; lb_backend_packets per-CPU packets per backend
@@ -72,6 +72,7 @@ enum {
 	C_IN_PASSED, C_REPLIES_PASSED, C_STALE, C_NO_ROUTE, C_UNQUEUED,
 };
 
+#define EEXIST_ 17
 #define IPPROTO_ROUTING_ 43
 #define IPPROTO_DSTOPTS_ 60
 #define IPPROTO_UDP_ 17
@@ -111,9 +112,7 @@ struct lb_binding {
 	__u32 flags;
 	__u64 expires_ns;     /* the table's expiry when user space last wrote it */
 	struct addr care_of;  /* the binding's care-of address then */
-	__u32 written;        /* which write this is (never 0): lb_stale's once */
 	/* this program's stamps */
-	__u32 queued;         /* `written` when this identity was last queued stale */
 	__u64 seen_ns;        /* table clock of the last hit */
 	__u64 seen_expires_ns; /* the expiry that hit gave (the table's when it asks) */
 	__u64 hits;           /* packets forwarded here, since the entry was made */
@@ -175,12 +174,14 @@ struct {
 	__type(value, struct addr);
 } lb_confirmed SEC(".maps");
 
-/* Sized by the loader to the table's bound: an identity is queued at most once per
- * write of its entry, and user space drains the queue at every sweep. */
+/* Sized by the loader like lb_bindings: a set of identities that have an entry there,
+ * so it cannot fill up with repeats however many packets go up. */
 struct {
-	__uint(type, BPF_MAP_TYPE_QUEUE);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
-	__type(value, struct addr);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct addr);
+	__type(value, __u8);
 } lb_stale SEC(".maps");
 
 struct {
@@ -326,17 +327,18 @@ static __always_inline int inbound(struct xdp_md *ctx, const struct lb_config *c
 	    !(binding->flags & LB_CARE_OF) || !same(&src, &binding->care_of)) {
 		/* Expired as far as this program knows, or from a care-of address that is
 		 * not the binding's: the table decides (the general path may have refreshed
-		 * it; a new care-of address is linked there).  User space then writes what
-		 * the table says, so the next packets stay here. */
+		 * it; a new care-of address is linked there).  The identity goes into
+		 * lb_stale (once: no allocation when it is there already), and user space
+		 * writes what the table says at its next sync, so the next packets stay
+		 * here. */
+		__u8 one = 1;
+		long rc;
+
 		__sync_fetch_and_add(&binding->stale, 1);
 		count(C_STALE, 1);
-		if (binding->queued != binding->written) {
-			/* Once per write: user space writes the entry again from the table
-			 * (a race between CPUs may queue it twice; user space takes it once). */
-			binding->queued = binding->written;
-			if (bpf_map_push_elem(&lb_stale, &hoa, 0))
-				count(C_UNQUEUED, 1);
-		}
+		rc = bpf_map_update_elem(&lb_stale, &hoa, &one, BPF_NOEXIST);
+		if (rc && rc != -EEXIST_)
+			count(C_UNQUEUED, 1);
 		return XDP_PASS;
 	}
 	index = binding->backend;
