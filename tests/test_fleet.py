@@ -290,6 +290,26 @@ class PropagationTests(FleetTestCase):
         self.assertIsNotNone(self.stored(key), "the record lapsed under a live binding")
         self.assertGreater(fa.stats()["writes"], 1)
 
+    async def test_packets_in_the_driver_keep_the_record(self) -> None:
+        """A binding whose packets an executor outside the table forwards (XDP: the
+        table hears of them when it asks) keeps its record too: the refresh asks."""
+        from tests.test_table import Outside
+
+        a = self.balancer(lifetime=2.0)
+        outside = Outside(a.table)
+        fa = await self.fleet(a, "lb-a")
+        key = addr("2001:db8:100::1001")
+        actions.move(a, key, not_maglev(key))
+        await self.until(lambda: self.stored(key) is not None, what="written")
+        binding = a.table.peek(key)
+        assert binding is not None
+        for _ in range(12):  # 3.6 s of traffic in the driver: longer than the lifetime
+            outside.forward(binding, reactor.seconds())
+            fa.sync.refresh()
+            await task.deferLater(reactor, 0.3)
+        self.assertIsNotNone(self.stored(key), "the record lapsed under a live binding")
+        self.assertGreater(fa.stats()["writes"], 1)
+
     async def test_operator_move_reaches_every_balancer(self) -> None:
         """`lbproxyctl move` on A: B, which holds the terminal too, re-points it (with its
         aliases), and C, which never saw it, sends its first packet there."""

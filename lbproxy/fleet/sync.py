@@ -364,11 +364,17 @@ class Sync:
         now = self.clock.seconds()
         horizon = self.slack
         count = 0
+        caught_up: set[Binding] = set()
         for key, b in list(self.mine.items()):
-            self.table.catch_up(b)  # packets forwarded in the driver refresh it too
+            entry = self.replica.binding(key, now)
+            if entry is not None and entry.field == b.backend.name \
+                    and entry.expires >= now + self.lifetime - horizon:
+                continue  # fresh whatever the binding's expiry (at most now + lifetime)
+            if b not in caught_up:  # packets forwarded in the driver refresh it too
+                caught_up.add(b)
+                self.table.catch_up(b)
             if b.expires <= now:
                 continue
-            entry = self.replica.binding(key, now)
             if entry is None or entry.field != b.backend.name \
                     or entry.expires < min(b.expires, now + self.lifetime) - horizon:
                 self._mark(key)  # fmt: skip
