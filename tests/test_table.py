@@ -650,6 +650,16 @@ class TableModel(RuleBasedStateMachine):
         entry = self.model.get(key)
         return entry if entry is not None and entry.expires > self.now else None
 
+    def _hit(self, key: Key) -> Entry | None:
+        """A lookup's hit on `key` in the model: its live entry refreshed and counted
+        (None: it has none)."""
+        entry = self._live(key)
+        if entry is not None:
+            entry.expires = self.now + self.LIFE
+            entry.established = True
+            entry.packets += 1
+        return entry
+
     @rule(key=st.sampled_from(KEYS), backend=st.sampled_from(BACKENDS))
     def insert(self, key: Key, backend: Backend) -> None:
         binding = self.table.insert(key, backend)
@@ -664,15 +674,12 @@ class TableModel(RuleBasedStateMachine):
     @rule(key=st.sampled_from(KEYS))
     def lookup(self, key: Key) -> None:
         binding = self.table.lookup(key)
-        entry = self._live(key)
+        entry = self._hit(key)
         if entry is None:
             self.model.pop(key, None)
             assert binding is None
         else:
             assert binding is not None and binding.backend == entry.backend
-            entry.expires = self.now + self.LIFE
-            entry.established = True
-            entry.packets += 1
 
     @rule(keys=st.lists(st.sampled_from(KEYS), max_size=5))
     def refresh_all(self, keys: list[Key]) -> None:
@@ -682,11 +689,7 @@ class TableModel(RuleBasedStateMachine):
         hits = self.table.stats.hits
         self.table.refresh_all(live, self.now)
         for key in keys:
-            entry = self._live(key)
-            if entry is not None:
-                entry.expires = self.now + self.LIFE
-                entry.established = True
-                entry.packets += 1
+            self._hit(key)
         assert self.table.stats.hits == hits + len(live)
 
     @rule(old=st.sampled_from(KEYS), new=st.sampled_from(KEYS))
@@ -792,15 +795,12 @@ class StampedTableModel(TableModel):
     @rule(keys=st.lists(st.sampled_from(TableModel.KEYS), max_size=5))
     def forwarded_outside(self, keys: list[Key]) -> None:
         for key in keys:
-            entry = self._live(key)
-            if entry is None:
+            if self._live(key) is None:
                 continue  # the executor holds live bindings only (the table tells it)
             binding = self.table.peek(key)
             assert binding is not None  # never dropped while its packets are untold
             self.outside.forward(binding, self.now)
-            entry.expires = self.now + self.LIFE
-            entry.established = True
-            entry.packets += 1
+            self._hit(key)
 
     @rule(keys=st.lists(st.sampled_from(TableModel.KEYS), max_size=5))
     def refresh_all(self, keys: list[Key]) -> None:
@@ -815,12 +815,7 @@ class StampedTableModel(TableModel):
                 self.table.lookup(key)
         self.table.refresh_all(batch, self.now)
         for key in keys:
-            entry = self._live(key)
-            if entry is not None:
-                entry.expires = self.now + self.LIFE
-                entry.established = True
-                entry.packets += 1
-            else:
+            if self._hit(key) is None:
                 self.model.pop(key, None)
 
     @rule(ahead=st.sampled_from([0, 1, 3, 6]))
