@@ -65,6 +65,13 @@ identity leads.  A binding keeps at most ``max_aliases`` aliases, the oldest dro
 first, so no terminal (and no forger) can make one binding hold an unbounded number of
 identities.
 
+*Packets forwarded outside the table.*  An executor that forwards established bindings'
+packets itself (the XDP program) tells the table of them late, when the table asks
+(`Stamps`, :attr:`StickyTable.stamps`): the table asks before it treats a binding as
+expired, replaces it or chooses it for eviction, and :meth:`StickyTable.extend` applies
+what it is told at the packets' own expiry.  ``binding.expires`` is then a lower bound
+until asked (`catch_up`), which is why every expiry decision goes through the table.
+
 *Stale filings*: a filing whose binding has moved on or been removed is skipped and
 dropped when reached, so nothing is searched on removal.  A binding in the FIFO is
 current while its ``_next`` is the probation marker; one in a wheel chain while the
@@ -782,10 +789,7 @@ class StickyTable:
     def _lapsed(self, b: Binding, now: float) -> bool:
         """Whether `b`, whose expiry as the table knows it is past, has lapsed once the
         executor outside the table has told what it forwarded (`stamps`)."""
-        stamps = self.stamps
-        if stamps is None:
-            return True
-        stamps.fold(b)
+        self.catch_up(b)
         return b.expires <= now
 
     def _add(
@@ -910,9 +914,9 @@ class StickyTable:
                     fifo.popleft()
                     self._p_stale -= 1
                 p = fifo[0] if fifo else None
-                if p is None or self.stamps is None:
+                if p is None:
                     break
-                self.stamps.fold(p)  # packets forwarded outside: no newcomer then
+                self.catch_up(p)  # packets forwarded outside: no newcomer then
                 if p._next is _PROBATION:
                     break
         e = self._least_recent(frequent)
@@ -946,7 +950,6 @@ class StickyTable:
         recent."""
         heap, wheel = self._heaps[frequent], self._wheels[frequent]
         entries, grain, threshold = self._entries, self.sweep_grain, self.frequent
-        stamps = self.stamps
 
         def moved(c: Binding, slot: int) -> bool:  # refreshed since filed, or frequent now
             return math.ceil(c.expires / grain) > slot or (
@@ -958,8 +961,7 @@ class StickyTable:
             c: Binding | None = ends[0]
             while c is not None:
                 if entries.get(c._key) is c and not moved(c, slot):
-                    if stamps is not None:
-                        stamps.fold(c)  # its packets outside the table count too
+                    self.catch_up(c)  # its packets outside the table count too
                     if not moved(c, slot):
                         ends[0] = c
                         return c

@@ -761,10 +761,8 @@ class XdpOffload:
             old = bindings.lookup(home)
             if old is not None:
                 entry = entry[:_STAMPS] + old[_STAMPS:]
-            bindings.update(home, entry)
-        else:
-            bindings.update(home, entry)
-            self._synced[home] = (0, 0)
+        bindings.update(home, entry)
+        self._synced.setdefault(home, (0, 0))
 
     def _cache_changed(self, home: bytes) -> None:
         """`Correspondent.listeners`: `home`'s binding cache entry was made, changed or
@@ -846,9 +844,9 @@ class XdpOffload:
         return folded
 
     def fold_all(self) -> None:
-        """`Stamps.fold_all`: every stamp at once, in one pass over ``lb_bindings``; and the
-        identities whose stale count moved written again (for when the queue lost
-        some)."""
+        """`Stamps.fold_all`: every stamp at once, in one pass over ``lb_bindings``; and
+        the identities whose stale count moved written again (for when ``lb_stale``
+        could not record some)."""
         self.flush()
         extend, owner, synced = self.balancer.table.extend, self._owner, self._synced
         unpack_from = _HITS.unpack_from
@@ -978,8 +976,8 @@ class XdpOffload:
             raw = program.bindings.lookup(home)
             if raw is None:
                 return None
-            index, flags, expires, care_of, _seen, seen_expires, _h, _s = _BINDING.unpack(raw)
-            return index, flags, expires, care_of, seen_expires
+            entry = _BINDING.unpack(raw)  # (index, flags, expiry, care-of, then stamps)
+            return entry[0], entry[1], entry[2], entry[3], entry[5]
 
         def backend(index: int) -> tuple[bytes, int] | None:
             if not 0 <= index < _MAX_BACKENDS:
