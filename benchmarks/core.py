@@ -147,8 +147,10 @@ def baseline_table(rev: str) -> type[StickyTable]:
     interface this tree's `Balancer` calls where the revision predates it (ee58dd0, the
     default, does): a table that kept aliases in its one dictionary answers
     `peek_primary` with its `peek` (which finds aliases too) and `peek_alias` with
-    nothing, and a table without admission takes `insert` without the packet's source.
-    Without this `make bench` stopped here (the balancer called both since)."""
+    nothing, a table without admission takes `insert` without the packet's source, and
+    one without executors' stamps answers `alive` by its expiry and sets a care-of
+    address without telling anyone.  Without this `make bench` stopped here (the balancer
+    has called each since)."""
     old = table_at(rev)
 
     class Adapted(old):  # type: ignore[misc,valid-type]
@@ -162,6 +164,16 @@ def baseline_table(rev: str) -> type[StickyTable]:
             if "source" in inspect.signature(old.insert).parameters:
                 kwargs["source"] = source
             return super().insert(*args, **kwargs)
+
+        if not hasattr(old, "alive"):  # no executor outside that table: its expiry is all
+
+            def alive(self, b: Any, now: float) -> bool:
+                return bool(b.expires > now)
+
+        if not hasattr(old, "set_care_of"):
+
+            def set_care_of(self, b: Any, care_of: bytes) -> None:
+                b.care_of = care_of
 
     return Adapted
 
