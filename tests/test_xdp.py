@@ -396,6 +396,33 @@ class RefreshTests(SynchronousTestCase):
         balancer.table.catch_up(binding)  # told once
         self.assertEqual(binding.packets, 5)
 
+    def test_an_identity_moving_takes_no_packets_with_it(self) -> None:
+        """An address identity that moves to another binding (here flushed before the
+        binding it leaves is written again) leaves the driver's packets it carried with
+        the binding they were forwarded for."""
+        balancer, clock = make(scheduler="round_robin")
+        xdp = offload(balancer, clock)
+        table = balancer.table
+        moving = "2001:db8:a8::9"
+        first = table.insert(Key("hoa", address(HOA)), BACKENDS[0])
+        second = table.insert(Key("hoa", address("2001:db8:100::2")), BACKENDS[1])
+        assert first is not None and second is not None
+        table.set_care_of(first, address(COA1))
+        table.link(first, Key("hoa", address(moving)))
+        table.set_care_of(second, address(COA2))
+        table.link(second, Key("hoa", address("2001:db8:a9::3")))
+        xdp.flush()
+        clock.advance(5)
+        for _ in range(4):  # packets whose home address option names the alias
+            verdict, _out = run(xdp, "lbproxy_inbound", bytes(mobile(COA1, hoa=moving)))
+            self.assertEqual(verdict, XDP_TX)
+        table.repoint(second, BACKENDS[2])  # the second binding is marked first
+        table.rekey(Key("hoa", address("2001:db8:a9::3")), Key("hoa", address(moving)))
+        xdp.flush()
+        xdp.fold_all()
+        self.assertIs(table.peek(Key("hoa", address(moving))), second)
+        self.assertEqual((first.packets, second.packets), (5, 1))
+
     def test_stale_passes_are_recorded_once(self) -> None:
         """Packets passed up as stale record their home address in ``lb_stale`` once,
         however many they are; `sync` writes the entry again, empties the set, and the

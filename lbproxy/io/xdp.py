@@ -706,6 +706,9 @@ class XdpOffload:
         if i is not None and not self._names[i]:
             self._names[i] = binding.backend.name
         for home in now:
+            previous = owner.get(home)
+            if previous is not None and previous is not binding:
+                self._fold(home, previous)  # its packets there are the binding it left's
             owner[home] = binding
             if i is None:  # no room for another backend: the general path serves it
                 self._drop_entry(home, binding)
