@@ -213,6 +213,32 @@ class FullMapTests(SynchronousTestCase):
         self.assertEqual(IPv6(out).src, HOA)
 
 
+    def test_an_identity_left_out_is_written_once_there_is_room(self) -> None:
+        """An identity left out of full maps is written at the first sync after an
+        entry was deleted, and its terminal's packets then stay in the driver; it is
+        counted once however often it is tried."""
+        from lbproxy.core import actions
+
+        balancer, clock = make(scheduler="round_robin")
+        program = XdpProgram(max_bindings=1)  # room for two identities
+        self.addCleanup(program.close)
+        xdp = XdpOffload(balancer, clock, fixed_clock=True, program=program)
+        other = "2001:db8:100::2002"
+        assert balancer.inbound(mobile(COA1)) is not None  # home + COA1: the two
+        xdp.flush()
+        assert balancer.inbound(mobile("2001:db8:a1::2002", hoa=other)) is not None
+        xdp.flush()
+        self.assertEqual(xdp.stats()["full"], 2)
+        usual = bytes(mobile("2001:db8:a1::2002", hoa=other))
+        self.assertEqual(run(xdp, "lbproxy_inbound", usual)[0], XDP_PASS)
+        xdp.sync()  # no room made: nothing tried
+        self.assertEqual(xdp.stats()["full"], 2)
+        actions.forget(balancer, Key("hoa", address(HOA)))  # two entries deleted
+        xdp.sync()
+        verdict, out = run(xdp, "lbproxy_inbound", usual)
+        self.assertEqual((verdict, IPv6(out).src), (XDP_TX, other))
+        self.assertEqual(xdp.stats()["full"], 2)
+
     def test_a_conflict_ending_rewrites_only_what_is_offloaded(self) -> None:
         """A conflict that ends makes the other binding's identities be written again --
         only those in the maps: one left out for want of room stays out (its write

@@ -529,8 +529,12 @@ class XdpOffload:
         # of terminals' packets to it (`set_next_hops`), instead of the kernel's lookup.
         self._next_hops: dict[bytes, tuple[int, bytes, int]] = {}
         self._counted = [0] * len(_COUNTER_NAMES)
-        #: Identities not written for want of room in the maps (`_write`).
+        #: Identities not written for want of room in the maps (`_write`), each once.
         self.full = 0
+        # Those identities now, with the binding each leads to: written again at the
+        # first sync after an entry was deleted (room made).
+        self._left_out: dict[bytes, Binding] = {}
+        self._room_made = False
         self._backend_counted: list[int] = []
         # The correspondent's strict mode: its binding cache (home -> care-of), which a
         # binding's care-of address must match to be written (None: not strict).
@@ -697,6 +701,7 @@ class XdpOffload:
             if home not in now and owner.get(home) is binding:
                 self._drop_entry(home, binding)
                 del owner[home]
+                self._left_out.pop(home, None)
         if not now:
             self._forget_care_of(binding)
             self._recheck(changed, binding)
@@ -719,10 +724,15 @@ class XdpOffload:
                 if e.errno != errno.E2BIG:
                     raise
                 # The maps are full (two identities per binding of the table's bound:
-                # a terminal that moved a lot has more): this one is not offloaded,
-                # its packets go up to the Python paths, which serve them as before.
+                # a terminal that moved a lot has more): this one is not offloaded
+                # until room is made, its packets go up to the Python paths, which
+                # serve them as before.
                 self._synced.pop(home, None)
-                self._map_full()
+                if home not in self._left_out:
+                    self._map_full()
+                self._left_out[home] = binding
+            else:
+                self._left_out.pop(home, None)
         self._recheck(changed, binding)
 
     def _drop_entry(self, home: bytes, binding: Binding) -> None:
@@ -732,6 +742,7 @@ class XdpOffload:
             self._fold(home, binding)
             self.program.bindings.delete(home)
             del self._synced[home]
+            self._room_made = True
 
     def _map_full(self) -> None:
         self.full += 1
@@ -827,6 +838,11 @@ class XdpOffload:
         folded into the table (claim 10; make it longer than the sweep interval), the
         identities the program passed up written again, the counters folded into the
         shared `Counters`.  Returns the bindings the fold refreshed."""
+        if self._room_made:  # identities left out for want of room: tried again
+            self._room_made = False
+            for home, binding in self._left_out.items():
+                if self._owner.get(home) is binding:
+                    self._dirty[binding] = None
         self.flush()
         self._rewrite_stale()
         table = self.balancer.table
