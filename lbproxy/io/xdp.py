@@ -867,19 +867,17 @@ class XdpOffload:
         the identities whose stale count moved written again (for when ``lb_stale``
         could not record some)."""
         self.flush()
-        extend, owner, synced = self.balancer.table.extend, self._owner, self._synced
-        unpack_from = _HITS.unpack_from
+        owner, synced = self._owner, self._synced
         stale_homes = []
         for home, raw in self.program.bindings.items():
-            _seen_ns, expires_ns, hits, stale = unpack_from(raw, _STAMPS)
-            before = synced.get(home)
-            if before is None or (hits, stale) == before:
-                continue
-            synced[home] = (hits, stale)
             binding = owner.get(home)
-            if hits > before[0] and binding is not None:
-                extend(binding, expires_ns / 1e9, hits - before[0])
+            before = synced.get(home)
+            if binding is None or before is None:
+                continue
+            self._tell(home, binding, raw)
+            stale = _HITS.unpack_from(raw, _STAMPS)[3]
             if stale != before[1]:
+                synced[home] = (synced[home][0], stale)
                 stale_homes.append(home)
         for home in stale_homes:
             self._write_again(home)
@@ -887,21 +885,24 @@ class XdpOffload:
     def _fold(self, home: bytes, binding: Binding) -> bool:
         """`home`'s stamp, read now, into `binding` (what it leads to): the packets
         since the last fold, at the expiry the last of them gave."""
-        before = self._synced.get(home)
-        if before is None or self._owner.get(home) is not binding:
+        if home not in self._synced or self._owner.get(home) is not binding:
             return False
         try:
             raw = self.program.bindings.lookup(home)
         except OSError as e:  # the table is mid-way through a sweep: never raise into it
             _log.error("XDP stamp of {home} unreadable: {e}", home=home.hex(), e=e)
             return False
-        if raw is None:
-            return False
+        return raw is not None and self._tell(home, binding, raw)
+
+    def _tell(self, home: bytes, binding: Binding, raw: bytes) -> bool:
+        """`home`'s entry as read (`raw`) told to the table for `binding`: the hits
+        since the last fold, at the expiry the last of them gave (True if any)."""
         _seen_ns, expires_ns, hits, _stale = _HITS.unpack_from(raw, _STAMPS)
-        if hits <= before[0]:
+        told, stale = self._synced[home]
+        if hits <= told:
             return False
-        self._synced[home] = (hits, before[1])
-        self.balancer.table.extend(binding, expires_ns / 1e9, hits - before[0])
+        self._synced[home] = (hits, stale)
+        self.balancer.table.extend(binding, expires_ns / 1e9, hits - told)
         return True
 
     def _rewrite_stale(self) -> None:
